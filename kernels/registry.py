@@ -1,0 +1,168 @@
+"""Backend registry: every backend declares what it can run, dispatch checks before it calls.
+
+A backend module registers itself once::
+
+    backend = register_backend("cpu", priority=20, description="torch._int_mm / onednn int8 kernels")
+
+    def _linear_supports(x, pw, bias, act):      # same arguments as the op
+        if x.device.type != "cpu":
+            return False, f"x is on {x.device}, cpu backend needs cpu tensors"
+        return True, ""
+
+    @backend.op("linear", supports=_linear_supports)
+    def linear(x, pw, bias, act): ...
+
+Dispatch (:func:`dispatch`) picks the highest-priority enabled backend whose ``supports(*args)`` returns
+``(True, "")``. There is no try/except fallback: a backend that accepts a call must run it. When nothing fits,
+:class:`NoBackendError` lists every backend and the reason it refused.
+
+Environment (read at every call, so tests can monkeypatch it):
+    LOWBIT_BACKEND=<name>             force one backend; error if it refuses
+    LOWBIT_DISABLE_BACKENDS=a,b       never use these
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+__all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "backends", "dispatch", "run_on",
+           "select", "forced_backend"]
+
+Verdict = Tuple[bool, str]
+
+
+class NoBackendError(RuntimeError):
+    """No registered backend accepted an op call. ``refusals`` maps backend name -> reason."""
+
+    def __init__(self, op: str, refusals: Dict[str, str], hint: str = ""):
+        self.op = op
+        self.refusals = dict(refusals)
+        lines = [f"lowbit.kernels: no backend can run `{op}` for these arguments:"]
+        lines += [f"  - {name}: {why}" for name, why in refusals.items()]
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class _OpEntry:
+    impl: Callable
+    supports: Callable[..., Verdict]
+
+
+@dataclass
+class Backend:
+    """One backend: a name, a priority (higher wins) and its ops, each with a ``supports`` check."""
+
+    name: str
+    priority: int
+    description: str = ""
+    ops: Dict[str, _OpEntry] = field(default_factory=dict)
+
+    def op(self, op_name: str, supports: Optional[Callable[..., Verdict]] = None):
+        """Decorator registering ``fn`` as this backend's implementation of ``op_name``.
+
+        ``supports`` takes the op's arguments and returns ``(ok, reason)``; omitted means "always".
+        """
+
+        def deco(fn):
+            self.ops[op_name] = _OpEntry(fn, supports or _always)
+            return fn
+
+        return deco
+
+    def check(self, op_name: str, *args, **kwargs) -> Verdict:
+        entry = self.ops.get(op_name)
+        if entry is None:
+            return False, f"does not implement `{op_name}`"
+        return entry.supports(*args, **kwargs)
+
+
+def _always(*args, **kwargs) -> Verdict:
+    return True, ""
+
+
+_BACKENDS: Dict[str, Backend] = {}
+_forced_stack: List[str] = []
+
+
+def register_backend(name: str, priority: int, description: str = "") -> Backend:
+    """Create and register a backend (re-registering a name replaces it, which keeps module reloads harmless)."""
+    b = Backend(name, priority, description)
+    _BACKENDS[name] = b
+    return b
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise KeyError(f"lowbit.kernels: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def backends() -> List[Backend]:
+    """Registered backends, highest priority first."""
+    return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def _disabled() -> set:
+    return {s.strip() for s in os.environ.get("LOWBIT_DISABLE_BACKENDS", "").split(",") if s.strip()}
+
+
+def _forced() -> Optional[str]:
+    if _forced_stack:
+        return _forced_stack[-1]
+    name = os.environ.get("LOWBIT_BACKEND", "").strip()
+    return name or None
+
+
+@contextmanager
+def forced_backend(name: str):
+    """Context manager: like ``LOWBIT_BACKEND=name`` for the calls made inside the block."""
+    get_backend(name)
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def select(op: str, *args, **kwargs) -> Backend:
+    """The backend :func:`dispatch` would use for this call (raises :class:`NoBackendError` if none)."""
+    forced = _forced()
+    disabled = _disabled()
+    if forced is not None:
+        if forced not in _BACKENDS:
+            raise NoBackendError(op, {forced: "not a registered backend"},
+                                 f"LOWBIT_BACKEND={forced!r}; registered backends: {sorted(_BACKENDS)}")
+        if forced in disabled:
+            raise NoBackendError(op, {forced: "forced by LOWBIT_BACKEND but also listed in LOWBIT_DISABLE_BACKENDS"})
+        ok, why = _BACKENDS[forced].check(op, *args, **kwargs)
+        if not ok:
+            raise NoBackendError(op, {forced: why}, f"The backend is forced by LOWBIT_BACKEND={forced}; unset it to let "
+                                                    "dispatch choose.")
+        return _BACKENDS[forced]
+    refusals = {}
+    for b in backends():
+        if b.name in disabled:
+            refusals[b.name] = "disabled by LOWBIT_DISABLE_BACKENDS"
+            continue
+        ok, why = b.check(op, *args, **kwargs)
+        if ok:
+            return b
+        refusals[b.name] = why
+    raise NoBackendError(op, refusals)
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on the highest-priority backend that accepts these arguments."""
+    return select(op, *args, **kwargs).ops[op].impl(*args, **kwargs)
+
+
+def run_on(name: str, op: str, *args, **kwargs):
+    """Run ``op`` on the named backend (cross-backend tests, benchmarks); raises if that backend refuses."""
+    ok, why = get_backend(name).check(op, *args, **kwargs)
+    if not ok:
+        raise NoBackendError(op, {name: why})
+    return _BACKENDS[name].ops[op].impl(*args, **kwargs)

@@ -1,0 +1,18 @@
+"""LowBit core: host-agnostic quantization of diffusion UNets.
+
+Verbs (everything else is private):
+  quantize(model, QuantConfig, calib)        naive PTQ baseline -> quantized copy (fake-quant mode)
+  quantize_(model, QuantConfig, calib)       the same, in place (swapped in only on success)
+  deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels / back to fake-quant
+  save(qmodel, path) / load(model, path)     safetensors + versioned JSON header
+  CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
+"""
+from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, QuantConfig, ReconConfig,
+                     ACT_BITS_NONE)
+from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalError
+from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output
+from .context import QuantContext, get_context
+from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
+from .api import (calibrate_activations, deploy_, model_summary, quantize, quantize_, structural_copy, undeploy_,
+                  weight_bytes)
+from .io import load, save, read_header, register_extra

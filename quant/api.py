@@ -1,0 +1,170 @@
+"""The verbs: ``quantize`` (naive PTQ baseline), ``quantize_`` (in place), ``deploy_``, ``model_summary``.
+
+PTQD reconstruction/correction (``ptqd.py``) and EfficientDM fine-tuning (``efficientdm.py``) start from a
+model returned by ``quantize``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from .calib import Call, run_calls
+from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig
+from .context import QuantContext, attach_context, get_context
+from .errors import ConfigError
+from .layers import QuantLayer, qlayer_class_for, quant_layers
+from .policy import plan_layers
+from .progress import Stage
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """Deep copy that shares (does not duplicate) the weights of Conv2d/Linear layers, which the
+    quantized layers replace anyway; everything else (norms, embeddings, buffers) is copied."""
+    memo = {}
+    for m in model.modules():
+        if qlayer_class_for(m) is not None and not isinstance(m, QuantLayer):
+            memo[id(m.weight)] = m.weight
+    return copy.deepcopy(model, memo)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module):
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _validate_model(model: nn.Module):
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module (a UNet), got {type(model).__name__}")
+    if get_context(model) is not None or any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ConfigError("this model is already quantized by LowBit; pass the full-precision model "
+                          "(quantizing twice would compound the error)")
+    if not any(qlayer_class_for(m) is not None for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize; "
+                          "is this the UNet (diffusion model) and not a wrapper or a VAE?")
+
+
+def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] = None, *,
+             schedule: Optional[BitwidthSchedule] = None, num_train_timesteps: int = 1000,
+             progress=None) -> nn.Module:
+    """Return a quantized copy of ``model`` (fake-quant mode; ``deploy_`` packs it). ``model`` is not changed.
+
+    Naive post-training quantization: weight step sizes by ``config.w_init`` (min/max or the L_p search),
+    static activation ranges from ``calib`` (UNet calls recorded along full-precision trajectories, see
+    ``calib.CallRecorder``), one set per timestep bin when ``config.time_bins > 1``, one per bit-width of
+    ``schedule``.
+    """
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    _validate_model(model)
+    static_act = config.a_bits != ACT_BITS_NONE and not config.a_dynamic
+    if static_act and not calib:
+        raise ConfigError(f"{config.name} with static activation scales needs calibration data: record UNet calls "
+                          "with lowbit.quant.CallRecorder during a full-precision sampling run (or use a_dynamic=True "
+                          "or a weight-only format such as W4A16)")
+    bits_set = (config.a_bits,)
+    if schedule is not None:
+        if config.a_bits == ACT_BITS_NONE:
+            raise ConfigError("a BitwidthSchedule switches activation bits; it cannot be used with weight-only "
+                              f"{config.name}")
+        bits_set = tuple(sorted(set(schedule.bits_used) | {config.a_bits}))
+
+    plans = [p for p in plan_layers(model, config) if p.mode != "fp"]
+    qmodel = structural_copy(model)
+    ctx = attach_context(qmodel, QuantContext(num_train_timesteps))
+    ctx.schedule = schedule
+    with Stage(progress, len(plans), "quantize weights") as st:
+        for p in plans:
+            src = qmodel.get_submodule(p.name)
+            cls = qlayer_class_for(src)
+            special = p.mode == "w8a8"
+            layer = cls(src, w_bits=p.w_bits, a_bits=p.a_bits, group_size=p.group_size,
+                        a_dynamic=config.a_dynamic and p.a_bits != ACT_BITS_NONE, ctx=ctx,
+                        a_bits_set=(p.a_bits,) if special else bits_set, time_bins=config.time_bins,
+                        w_init=config.w_init, name=p.name, scheduled=not special)
+            _set_module(qmodel, p.name, layer)
+            st.step()
+    qmodel._lowbit_config = config
+    qmodel._lowbit_schedule = schedule
+    if static_act:
+        calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
+    qmodel.eval()
+    return qmodel
+
+
+def calibrate_activations(qmodel: nn.Module, calib: List[Call], method: str = "lp", progress=None):
+    """(Re)compute the static activation step sizes of every quantized layer from ``calib``.
+
+    Weights are fake-quantized while observing, so each layer sees the inputs the quantized model gives it.
+    """
+    ctx = get_context(qmodel)
+    ctx.observing = True
+    try:
+        with Stage(progress, len(calib), "calibrate activations") as st:
+            run_calls(qmodel, calib, progress=lambda i, n: st.step())
+    finally:
+        ctx.observing = False
+    for _, layer in quant_layers(qmodel):
+        if layer.act is not None:
+            layer.act.finish_observation(method)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Module:
+    """In-place variant: the quantized layers are swapped into ``model`` only after everything succeeded,
+    so an error or a cancellation leaves ``model`` untouched."""
+    q = quantize(model, config, calib, **kw)
+    for name, layer in quant_layers(q):
+        _set_module(model, name, layer)
+    for k in ("_lowbit_ctx", "_lowbit_config", "_lowbit_schedule"):
+        setattr(model, k, getattr(q, k))
+    # the timestep hook lives on the copy's root; move it to the model
+    for h in q._forward_pre_hooks.values():
+        model.register_forward_pre_hook(h, with_kwargs=True)
+    return model
+
+
+def deploy_(qmodel: nn.Module) -> nn.Module:
+    """Pack every quantized layer into integers (drops the float weights); computes through kernels."""
+    for _, layer in quant_layers(qmodel):
+        layer.deploy()
+    return qmodel
+
+
+def undeploy_(qmodel: nn.Module) -> nn.Module:
+    for _, layer in quant_layers(qmodel):
+        layer.undeploy()
+    return qmodel
+
+
+def weight_bytes(model: nn.Module, only_quantized_layers: bool = False) -> int:
+    """Bytes of weights: packed integers + scales for quantized layers, storage bytes for the rest."""
+    total = 0
+    qnames = set()
+    for name, layer in quant_layers(model):
+        total += layer.weight_bytes()
+        qnames.add(name)
+    if only_quantized_layers:
+        return total
+    for name, m in model.named_modules():
+        if name in qnames or isinstance(m, QuantLayer):
+            continue
+        for p in m.parameters(recurse=False):
+            total += p.numel() * p.element_size()
+        for b in m.buffers(recurse=False):
+            total += b.numel() * b.element_size()
+    # the quantized layers' own non-weight tensors (bias, activation tables)
+    for _, layer in quant_layers(model):
+        if layer.bias is not None:
+            total += layer.bias.numel() * 4
+    return total
+
+
+def model_summary(qmodel: nn.Module) -> List[dict]:
+    rows = []
+    for name, layer in quant_layers(qmodel):
+        rows.append(dict(name=name, w_bits=layer.w_bits, a_bits=layer.a_bits, group=layer.group_size,
+                         mode=layer.mode, shape=layer.weight_shape))
+    return rows

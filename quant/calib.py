@@ -1,0 +1,137 @@
+"""Calibration data: the UNet's own inputs recorded along full-precision sampling trajectories.
+
+The recorder hooks the model (not a sampler), so any sampler, guidance mode or host works: every call of
+the UNet during sampling is one record (x_t, timestep, conditioning, ...), stored in fp16 on the CPU.
+``timestep_aware_subset`` then keeps records from timesteps spread uniformly over the trajectory
+(Q-Diffusion's timestep-aware calibration, ALGORITHMS.md A4).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .context import timestep_of_call
+from .errors import ConfigError, NumericalError
+
+
+def _to_store(v, dtype):
+    if torch.is_tensor(v):
+        v = v.detach()
+        if v.is_floating_point():
+            if not torch.isfinite(v).all():
+                raise NumericalError("NaN/Inf in a UNet input recorded for calibration; the float model or the "
+                                     "sampler produced non-finite values — fix the model/settings and retry")
+            v = v.to(dtype)
+        return v.cpu()
+    if isinstance(v, dict):
+        return {k: _to_store(x, dtype) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_store(x, dtype) for x in v)
+    return v
+
+
+def _to_model(v, device, dtype):
+    if torch.is_tensor(v):
+        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+    if isinstance(v, dict):
+        return {k: _to_model(x, device, dtype) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_model(x, device, dtype) for x in v)
+    return v
+
+
+@dataclass
+class Call:
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    t: Optional[float]
+    step: int = 0  # index of the sampling step within its trajectory
+
+    def to(self, device, dtype):
+        return _to_model(self.args, device, dtype), _to_model(self.kwargs, device, dtype)
+
+
+class CallRecorder:
+    """``with CallRecorder(unet) as rec: run_any_sampler(unet)``; then ``rec.calls``.
+
+    ``skip_keys``: keyword arguments not to store (e.g. host objects such as ComfyUI's transformer_options
+    are kept by reference only when they contain no tensors).
+    """
+
+    def __init__(self, model: torch.nn.Module, store_dtype=torch.float16, max_calls: int = 100000):
+        self.model, self.store_dtype, self.max_calls = model, store_dtype, max_calls
+        self.calls: List[Call] = []
+        self._handle = None
+        self._last_t = None
+        self._step = -1
+
+    def _hook(self, module, args, kwargs):
+        if len(self.calls) >= self.max_calls:
+            return None
+        t = timestep_of_call(args, kwargs)
+        if t != self._last_t:
+            self._step += 1
+            self._last_t = t
+        self.calls.append(Call(_to_store(args, self.store_dtype), _to_store(kwargs, self.store_dtype), t, self._step))
+        return None
+
+    def new_trajectory(self):
+        self._last_t = None
+        self._step = -1
+
+    def __enter__(self):
+        self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def timestep_aware_subset(calls: List[Call], n_timesteps: int) -> List[Call]:
+    """Keep the calls of ``n_timesteps`` timesteps chosen uniformly over the recorded range of t."""
+    if n_timesteps < 1:
+        raise ConfigError(f"calibration timesteps must be >= 1, got {n_timesteps}")
+    ts = sorted({c.t for c in calls if c.t is not None}, reverse=True)
+    if not ts:
+        return list(calls)
+    if n_timesteps >= len(ts):
+        keep = set(ts)
+    else:
+        idx = [round(i * (len(ts) - 1) / max(n_timesteps - 1, 1)) for i in range(n_timesteps)]
+        keep = {ts[i] for i in idx}
+    return [c for c in calls if c.t in keep]
+
+
+def model_device_dtype(model: torch.nn.Module):
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def run_calls(model, calls: List[Call], progress=None, fn=None):
+    """Run ``model`` on each recorded call (no grad); ``fn(call, output)`` sees each output."""
+    device, dtype = model_device_dtype(model)
+    with torch.no_grad():
+        for i, c in enumerate(calls):
+            args, kwargs = c.to(device, dtype)
+            out = model(*args, **kwargs)
+            if fn is not None:
+                fn(c, out)
+            if progress is not None:
+                progress(i + 1, len(calls))
+
+
+def unet_output(out) -> torch.Tensor:
+    """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple)."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")

@@ -1,0 +1,77 @@
+"""The per-model quantization context: which timestep the UNet is at, which activation bits apply.
+
+A forward pre-hook on the root module reads the timestep argument of the UNet call (diffusers
+``forward(sample, timestep, ...)``, ComfyUI/Forge ``forward(x, timesteps, ...)``) and stores it here; every
+quantized layer reads it to pick its per-timestep activation scales and its bits. Nothing depends on a
+call counter (the fault of EfficientDM's TALSQ, ALGORITHMS.md section E), so classifier-free guidance in
+one or two calls, multi-evaluation samplers, img2img and any step count all pick the same scales for the
+same timestep.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import BitwidthSchedule
+
+_T_KWARGS = ("timestep", "timesteps", "t")
+
+
+class QuantContext:
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.num_train_timesteps = num_train_timesteps
+        self.t: Optional[float] = None
+        self.a_bits_override: Optional[int] = None
+        self.schedule: Optional[BitwidthSchedule] = None
+        self.observing = False  # calibration: layers record activation statistics
+        self.quant_enabled = True  # False: quantized layers behave like their float originals (fake mode only)
+
+    def a_bits_for(self, default: int) -> int:
+        if self.a_bits_override is not None:
+            return self.a_bits_override
+        if self.schedule is not None and self.t is not None and default != 16:
+            return self.schedule.a_bits_at(self.t)
+        return default
+
+
+def timestep_of_call(args, kwargs) -> Optional[float]:
+    t = None
+    for k in _T_KWARGS:
+        if k in kwargs and kwargs[k] is not None:
+            t = kwargs[k]
+            break
+    if t is None and len(args) > 1:
+        t = args[1]
+    if t is None:
+        return None
+    if torch.is_tensor(t):
+        if t.numel() == 0:
+            return None
+        # A batch shares one timestep in every sampler we know (cond and uncond are evaluated at the same
+        # t); with mixed timesteps the median is used for the activation scale.
+        return float(t.detach().float().flatten().median())
+    return float(t)
+
+
+class TimestepHook:
+    """Forward pre-hook object (deep-copies together with the model and its context)."""
+
+    def __init__(self, ctx: QuantContext):
+        self.ctx = ctx
+
+    def __call__(self, module, args, kwargs):
+        t = timestep_of_call(args, kwargs)
+        if t is not None:
+            self.ctx.t = t
+        return None
+
+
+def attach_context(model: torch.nn.Module, ctx: QuantContext) -> QuantContext:
+    model._lowbit_ctx = ctx
+    model.register_forward_pre_hook(TimestepHook(ctx), with_kwargs=True)
+    return ctx
+
+
+def get_context(model: torch.nn.Module) -> Optional[QuantContext]:
+    return getattr(model, "_lowbit_ctx", None)

@@ -1,0 +1,358 @@
+"""Quantized Conv2d / Linear layers with two modes.
+
+* ``fake`` mode (calibration, reconstruction, fine-tuning): keeps the float weight (shared, never mutated)
+  and a step size; the forward pass quantizes and dequantizes weights and input activations with
+  straight-through rounding. Optional weight modifiers (AdaRound offsets, QALoRA adapters) plug in here.
+* ``deployed`` mode: stores packed integers (two int4 per byte, or int8) plus step sizes, and computes
+  through ``kernels.ops`` (real integer kernels where a backend supports the format).
+
+Both modes compute the same function on the same step sizes: deployed(x) == fake(x) up to float rounding.
+
+A registry maps float layer types to their quantized class (``@register_qlayer(nn.Conv2d)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ACT_BITS_NONE
+from .context import QuantContext
+from .quantizer import (act_scale_search, fake_quant_act, fake_quant_weight, quantize_weight_int, weight_scale,
+                        a_qmax)
+
+QLAYERS: Dict[type, type] = {}
+
+RESERVOIR = 1 << 15  # activation values kept per (layer, time bin) for the L_p range search
+
+
+def register_qlayer(float_type):
+    def deco(cls):
+        QLAYERS[float_type] = cls
+        cls.float_type = float_type
+        return cls
+
+    return deco
+
+
+def qlayer_class_for(module: nn.Module):
+    for t in type(module).__mro__:
+        if t in QLAYERS:
+            return QLAYERS[t]
+    return None
+
+
+class ActQuantizer(nn.Module):
+    """Static asymmetric activation quantizer with per-timestep tables, one table per supported bit-width.
+
+    Buffers/parameters (K = number of table entries):
+      tgrid      fp32 [K]     timesteps of the table entries (sorted); lookups interpolate linearly in t
+      scale_<b>  fp32 [K]     step size for ``b``-bit activations (learnable: TALSQ, step-size calibration)
+      zero_<b>   fp32 [K]     zero point (rounded in the forward pass, so deployment matches exactly)
+    """
+
+    def __init__(self, bits_set, num_train_timesteps: int = 1000, time_bins: int = 1):
+        super().__init__()
+        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
+        self.num_train_timesteps = num_train_timesteps
+        grid = self._grid(time_bins, num_train_timesteps)
+        self.register_buffer("tgrid", grid)
+        for b in self.bits_set:
+            self.register_parameter(f"scale_{b}", nn.Parameter(torch.ones(len(grid)), requires_grad=False))
+            self.register_parameter(f"zero_{b}", nn.Parameter(torch.zeros(len(grid)), requires_grad=False))
+        self.initialized = False
+        self._obs = None
+
+    @staticmethod
+    def _grid(k: int, T: int) -> torch.Tensor:
+        return (torch.arange(k, dtype=torch.float32) + 0.5) * (T / k) if k > 1 else torch.tensor([T / 2.0])
+
+    def table(self, bits: int):
+        return getattr(self, f"scale_{bits}"), getattr(self, f"zero_{bits}")
+
+    def lookup(self, t: Optional[float], bits: int):
+        """(scale, zero) at timestep t, linear interpolation over the table (scalar tensors)."""
+        scale, zero = self.table(bits)
+        if scale.numel() == 1 or t is None:
+            return scale[0] if t is not None or scale.numel() == 1 else scale.mean(), \
+                zero[0] if t is not None or zero.numel() == 1 else zero.mean()
+        g = self.tgrid
+        tt = min(max(float(t), float(g[0])), float(g[-1]))
+        i = int(torch.searchsorted(g, torch.tensor(tt), right=True).clamp(1, len(g) - 1)) - 1
+        w = (tt - float(g[i])) / max(float(g[i + 1] - g[i]), 1e-12)
+        return scale[i] * (1 - w) + scale[i + 1] * w, zero[i] * (1 - w) + zero[i + 1] * w
+
+    def retable(self, time_bins: int):
+        """Resample every table onto ``time_bins`` entries (interpolation), e.g. to start TALSQ."""
+        new = self._grid(time_bins, self.num_train_timesteps).to(self.tgrid.device)
+        for b in self.bits_set:
+            s_old, z_old = self.table(b)
+            s = torch.stack([self.lookup(float(t), b)[0].detach() for t in new])
+            z = torch.stack([self.lookup(float(t), b)[1].detach() for t in new])
+            setattr(self, f"scale_{b}", nn.Parameter(s.clone(), requires_grad=s_old.requires_grad))
+            setattr(self, f"zero_{b}", nn.Parameter(z.clone(), requires_grad=z_old.requires_grad))
+        self.tgrid = new
+
+    # ---- calibration statistics (bounded memory: exact min/max + a fixed-size random reservoir) ----
+    def observe(self, x: torch.Tensor, t: Optional[float]):
+        if self._obs is None:
+            self._obs = {}
+        k = len(self.tgrid)
+        b = 0 if (t is None or k == 1) else min(int(float(t) / self.num_train_timesteps * k), k - 1)
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            from .errors import NumericalError
+
+            raise NumericalError("NaN/Inf in an activation during calibration (timestep %s); check the "
+                                 "calibration inputs and the float model" % t)
+        flat = x.detach().reshape(-1)
+        n = min(flat.numel(), RESERVOIR // 4)
+        idx = torch.randint(0, flat.numel(), (n,), device=flat.device)
+        smp = flat[idx].float().cpu()
+        st = self._obs.get(b)
+        if st is None:
+            self._obs[b] = [lo, hi, smp]
+        else:
+            st[0], st[1] = min(st[0], lo), max(st[1], hi)
+            st[2] = torch.cat([st[2], smp])
+            if st[2].numel() > RESERVOIR:
+                st[2] = st[2][torch.randperm(st[2].numel())[:RESERVOIR]]
+
+    def finish_observation(self, method: str):
+        if not self._obs:
+            return False
+        k = len(self.tgrid)
+        filled = sorted(self._obs)
+        for bits in self.bits_set:
+            s_tab, z_tab = self.table(bits)
+            vals = {}
+            for b in filled:
+                lo, hi, smp = self._obs[b]
+                vals[b] = act_scale_search(smp, lo, hi, bits, method)
+            # bins without data take the nearest observed bin
+            for j in range(k):
+                nearest = min(filled, key=lambda b: abs(b - j))
+                s_tab.data[j] = vals[nearest][0]
+                z_tab.data[j] = vals[nearest][1]
+        self._obs = None
+        self.initialized = True
+        return True
+
+    def extra_repr(self):
+        return f"bits={self.bits_set}, entries={len(self.tgrid)}"
+
+
+class QuantLayer(nn.Module):
+    """Common part of the quantized Linear / Conv2d. Subclasses define ``_op`` and ``_kernel``."""
+
+    float_type = None
+
+    def __init__(self, src: nn.Module, w_bits: int, a_bits: int, group_size=None, a_dynamic=False,
+                 ctx: Optional[QuantContext] = None, a_bits_set=None, time_bins: int = 1, w_init: str = "lp",
+                 name: str = "", scheduled: bool = True, init_scale: bool = True):
+        super().__init__()
+        self.w_bits, self.a_bits, self.group_size, self.a_dynamic = w_bits, a_bits, group_size, a_dynamic
+        self.name = name
+        self.mode = "fake"
+        self.weight_shape = tuple(src.weight.shape)
+        # The float weight is shared with the source model (never mutated) to avoid a copy.
+        self.weight = nn.Parameter(src.weight.detach(), requires_grad=False)
+        self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone().float(), requires_grad=False)
+        self.scheduled = scheduled  # follows the BitwidthSchedule (False for the layers kept at W8A8)
+        scale = weight_scale(src.weight, w_bits, group_size, w_init) if init_scale else torch.ones(1)
+        self.w_scale = nn.Parameter(scale, requires_grad=False)
+        self.act = None
+        if a_bits != ACT_BITS_NONE and not a_dynamic:
+            self.act = ActQuantizer(a_bits_set or (a_bits,), ctx.num_train_timesteps if ctx else 1000, time_bins)
+        self.modifier = None  # AdaRound / QALoRA: a module with ``weight(layer) -> fake-quantized weight``
+        self._ctx = [ctx]  # list: keeps the context out of the module tree
+        self._packed = None
+
+    # ---- context -------------------------------------------------------------------------------------
+    @property
+    def ctx(self) -> Optional[QuantContext]:
+        return self._ctx[0]
+
+    def set_context(self, ctx):
+        self._ctx = [ctx]
+
+    def current_a_bits(self) -> int:
+        ctx = self.ctx
+        return ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled) else self.a_bits
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def weight_int(self) -> torch.Tensor:
+        """Integer weights (int8 tensor of the logical shape), including any modifier (AdaRound, LoRA)."""
+        if self.mode == "deployed":
+            from ..kernels import ops
+
+            return ops.unpack_weight(self.packed_weight())
+        if self.modifier is not None:
+            return self.modifier.weight_int(self)
+        return quantize_weight_int(self.weight, self.w_scale.detach(), self.w_bits, self.group_size)
+
+    def fake_weight(self) -> torch.Tensor:
+        if self.modifier is not None:
+            return self.modifier.fake_weight(self)
+        return fake_quant_weight(self.weight.float(), self.w_scale, self.w_bits, self.group_size)
+
+    def packed_weight(self):
+        from ..kernels import PackedWeight
+
+        if self._packed is None or self._packed.qdata is not self.qdata:
+            self._packed = PackedWeight(qdata=self.qdata, scale=self.w_scale_buf, bits=self.w_bits,
+                                        shape=self.weight_shape, group_size=self.group_size)
+        return self._packed
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None  # backend caches (prepacked forms) follow the device/dtype of the buffers
+        return super()._apply(fn, *args, **kwargs)
+
+    def deploy(self):
+        """fake -> deployed: pack the integers (merging any modifier) and drop the float weight."""
+        if self.mode == "deployed":
+            return self
+        from ..kernels import ops
+
+        w_int = self.weight_int()
+        scale = self.w_scale.detach().float().clone()
+        pw = ops.pack_weight(w_int, self.w_bits, scale, self.group_size)
+        del self.weight
+        del self.w_scale
+        self.modifier = None
+        self.register_buffer("qdata", pw.qdata)
+        self.register_buffer("w_scale_buf", pw.scale)
+        self.mode = "deployed"
+        self._packed = None
+        if self.act is not None:
+            for b in self.act.bits_set:  # integer zero points in the deployed model
+                z = self.act.table(b)[1]
+                z.data.round_()
+            self.act.requires_grad_(False)
+        return self
+
+    def undeploy(self):
+        """deployed -> fake, exactly: the float weight is the dequantized integer grid (EfficientDM's W0)."""
+        if self.mode == "fake":
+            return self
+        from ..kernels import ops
+
+        w0 = ops.dequantize_weight(self.packed_weight())
+        scale = self.w_scale_buf.clone()
+        del self.qdata
+        del self.w_scale_buf
+        self.weight = nn.Parameter(w0, requires_grad=False)
+        self.w_scale = nn.Parameter(scale, requires_grad=False)
+        self.mode = "fake"
+        self._packed = None
+        return self
+
+    # ---- activations ---------------------------------------------------------------------------------
+    def act_params(self):
+        """(bits, scale, zero) of the static activation quantizer at the current timestep, or None."""
+        if self.act is None:
+            return None
+        bits = self.current_a_bits()
+        if bits == ACT_BITS_NONE:
+            return None
+        if bits not in self.act.bits_set:
+            raise RuntimeError(f"layer {self.name!r} has no activation scales for {bits} bits (calibrated for "
+                               f"{self.act.bits_set}); re-quantize with a schedule that includes {bits} bits")
+        ctx = self.ctx
+        s, z = self.act.lookup(ctx.t if ctx is not None else None, bits)
+        return bits, s, z
+
+    def _fake_act(self, x):
+        if self.a_dynamic:
+            return _fake_dynamic(x, self.a_bits, per_token=self.float_type is nn.Linear)
+        p = self.act_params()
+        if p is None:
+            return x
+        bits, s, z = p
+        return fake_quant_act(x, s.to(x.dtype), z.to(x.dtype), bits)
+
+    def forward(self, x):
+        ctx = self.ctx
+        if ctx is not None and ctx.observing and self.act is not None:
+            self.act.observe(x, ctx.t)
+        if self.mode == "deployed":
+            return self._deployed_forward(x)
+        if ctx is not None and not ctx.quant_enabled:
+            return self._op(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = self.fake_weight().to(x.dtype)
+        xq = x if (ctx is not None and ctx.observing) else self._fake_act(x)
+        return self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _deployed_forward(self, x):
+        from ..kernels import ActQuant
+
+        if self.a_dynamic:
+            aq = ActQuant(bits=self.a_bits, scale=None, zero_point=0, dynamic=True)
+        else:
+            p = self.act_params()
+            aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
+        y = self._kernel(x.float(), self.packed_weight(), self.bias, aq)
+        return y.to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        if self.mode == "deployed":
+            return self.qdata.numel() * self.qdata.element_size() + self.w_scale_buf.numel() * 4
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        return math.ceil(n * self.w_bits / 8) + self.w_scale.numel() * 4
+
+    def extra_repr(self):
+        a = "fp" if self.a_bits == ACT_BITS_NONE else ("dyn" if self.a_dynamic else self.a_bits)
+        g = f", group={self.group_size}" if self.group_size else ""
+        return f"{self.name!r}, W{self.w_bits}A{a}{g}, {self.mode}, shape={self.weight_shape}"
+
+
+def _fake_dynamic(x, bits, per_token: bool):
+    dims = (-1,) if per_token else tuple(range(1, x.dim()))
+    lo = x.detach().amin(dim=dims, keepdim=True).clamp_max(0)
+    hi = x.detach().amax(dim=dims, keepdim=True).clamp_min(0)
+    s = ((hi - lo) / a_qmax(bits)).clamp_min(1e-8)
+    z = torch.round(-lo / s)
+    return fake_quant_act(x, s, z, bits)
+
+
+@register_qlayer(nn.Linear)
+class QuantLinear(QuantLayer):
+    def __init__(self, src: nn.Linear, **kw):
+        super().__init__(src, **kw)
+        self.in_features, self.out_features = src.in_features, src.out_features
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def _kernel(self, x, pw, bias, aq):
+        from ..kernels import ops
+
+        return ops.linear(x, pw, bias, aq)
+
+
+@register_qlayer(nn.Conv2d)
+class QuantConv2d(QuantLayer):
+    def __init__(self, src: nn.Conv2d, **kw):
+        if src.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={src.padding_mode!r} is not supported by quantized convolutions")
+        super().__init__(src, **kw)
+        self.stride, self.padding, self.dilation, self.groups = src.stride, src.padding, src.dilation, src.groups
+        self.in_channels, self.out_channels = src.in_channels, src.out_channels
+
+    def _op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _kernel(self, x, pw, bias, aq):
+        from ..kernels import ops
+
+        return ops.conv2d(x, pw, bias, self.stride, self.padding, self.dilation, self.groups, aq)
+
+
+def quant_layers(model: nn.Module):
+    """(name, layer) for every quantized layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]

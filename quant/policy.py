@@ -1,0 +1,57 @@
+"""Layer policy: which Conv2d/Linear layers get the target bits, which stay at W8A8, which stay float.
+
+Rules are regular expressions on the module's qualified name (first match wins, ``QuantConfig.rules``).
+Independently of names, the first and the last Conv2d of the model are kept at W8A8 (the input and output
+convolutions of every diffusion UNet we know), so an unknown architecture is handled sensibly too.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List
+
+import torch.nn as nn
+
+from .config import ACT_BITS_NONE, QuantConfig
+from .layers import qlayer_class_for
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: str  # "conv" | "linear"
+    mode: str  # "quant" | "w8a8" | "fp"
+    w_bits: int
+    a_bits: int
+    group_size: object
+    reason: str
+
+
+def _kind(m):
+    return "conv" if isinstance(m, nn.Conv2d) else "linear"
+
+
+def plan_layers(model: nn.Module, cfg: QuantConfig) -> List[LayerPlan]:
+    cands = [(n, m) for n, m in model.named_modules() if qlayer_class_for(m) is not None and n]
+    convs = [n for n, m in cands if isinstance(m, nn.Conv2d)]
+    edge = {convs[0], convs[-1]} if convs else set()
+    plans = []
+    for name, m in cands:
+        kind = _kind(m)
+        mode, reason = "quant", "default"
+        for r in cfg.rules:
+            if r.kind in ("any", kind) and re.search(r.pattern, name):
+                mode, reason = r.mode, f"rule {r.pattern!r}"
+                break
+        else:
+            if name in edge:
+                mode, reason = "w8a8", "first/last convolution"
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.weight.dim() != 4):
+            mode, reason = "fp", "unsupported padding mode"
+        if mode == "w8a8":
+            # weight-only configs keep special layers weight-only too (W8A16)
+            w, a, g = 8, (ACT_BITS_NONE if cfg.a_bits == ACT_BITS_NONE else 8), None
+        else:
+            w, a, g = cfg.w_bits, cfg.a_bits, cfg.w_group_size
+        plans.append(LayerPlan(name, kind, mode, w, a, g, reason))
+    return plans
