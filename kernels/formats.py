@@ -146,7 +146,7 @@ class ActQuant:
     static  (dynamic=False): one scalar ``scale`` (float > 0) and ``zero_point`` (int in [0, 2^bits-1]) per tensor:
             ``q = clamp(round(x / scale) + zero_point, 0, 2^bits - 1)``, ``x_hat = (q - zero_point) * scale``.
     dynamic (dynamic=True): scale/zero_point are computed inside the op per token (rows of the last dim, Linear)
-            or per sample (Conv2d); ``scale``/``zero_point`` must be None. With lo = min(min(x_row), 0),
+            or per sample (Conv2d); ``scale`` must be None (``zero_point`` None or 0, stored as None). With lo = min(min(x_row), 0),
             hi = max(max(x_row), 0): ``scale = (hi - lo) / (2^bits - 1)`` (1.0 if that is 0),
             ``zero_point = clamp(round(-lo / scale), 0, 2^bits - 1)``.
     Rounding is ``torch.round`` (half to even) and ``x / scale`` is a true fp32 division, on every backend.
@@ -161,8 +161,10 @@ class ActQuant:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"ActQuant: bits must be in 2..8, got {self.bits}")
         if self.dynamic:
-            if self.scale is not None or self.zero_point is not None:
-                raise ValueError("ActQuant: a dynamic quantizer computes scale/zero_point per token; pass None for both")
+            if self.scale is not None or self.zero_point not in (None, 0):
+                raise ValueError("ActQuant: a dynamic quantizer computes scale/zero_point per token; pass scale=None "
+                                 "(zero_point None or 0)")
+            object.__setattr__(self, "zero_point", None)
         else:
             if self.scale is None or self.zero_point is None:
                 raise ValueError("ActQuant: a static quantizer needs a scale and a zero_point")

@@ -66,6 +66,9 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, fi
     dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
     out = torch.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    for oy in range(2 * p + 1):
+        for ox in range(2 * p + 1):
+            sel = (dy == oy) & (dx == ox)
+            if sel.any():
+                out[sel] = padded[sel, :, oy : oy + h, ox : ox + w]
     return out

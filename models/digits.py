@@ -133,6 +133,7 @@ _CLASSIFIER_SCHEMA = {
     "feature_dim": lambda v: _is_int(v, 1, 4096),
     "num_classes": lambda v: _is_int(v, 2, 1000),
     "image_size": lambda v: _is_int(v, 4, 256) and v % 4 == 0,
+    "feature_scale": lambda v: isinstance(v, float) and 0 < v < 1e6,
 }
 
 
@@ -168,6 +169,7 @@ def save_with_header(tensors: dict, path, type_name: str, data: dict) -> None:
     header = {"_type": type_name, "_version": FORMAT_VERSION, "_data": data}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
+    Path(path).chmod(0o644)
 
 
 def read_header(path, expected_type: str) -> dict:

@@ -16,3 +16,8 @@ from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
 from .api import (calibrate_activations, deploy_, model_summary, quantize, quantize_, structural_copy, undeploy_,
                   weight_bytes)
 from .io import load, save, read_header, register_extra
+from . import ptqd, sampling
+from .ptqd import PTQDStats, attach_stats, collect_stats, get_stats
+from .sampling import guided_eps_fn, sample, SAMPLERS
+from .schedule import auto_schedule, measure_snr
+from .recon import reconstruct

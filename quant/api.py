@@ -48,7 +48,7 @@ def _validate_model(model: nn.Module):
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] = None, *,
-             schedule: Optional[BitwidthSchedule] = None, num_train_timesteps: int = 1000,
+             schedule: Optional[BitwidthSchedule] = None, a_bits_candidates=(), num_train_timesteps: int = 1000,
              progress=None) -> nn.Module:
     """Return a quantized copy of ``model`` (fake-quant mode; ``deploy_`` packs it). ``model`` is not changed.
 
@@ -65,12 +65,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
         raise ConfigError(f"{config.name} with static activation scales needs calibration data: record UNet calls "
                           "with lowbit.quant.CallRecorder during a full-precision sampling run (or use a_dynamic=True "
                           "or a weight-only format such as W4A16)")
-    bits_set = (config.a_bits,)
+    bits_set = tuple(sorted({config.a_bits} | {int(b) for b in a_bits_candidates}))
+    if a_bits_candidates and config.a_bits == ACT_BITS_NONE:
+        raise ConfigError(f"a_bits_candidates need quantized activations; {config.name} is weight-only")
     if schedule is not None:
         if config.a_bits == ACT_BITS_NONE:
             raise ConfigError("a BitwidthSchedule switches activation bits; it cannot be used with weight-only "
                               f"{config.name}")
-        bits_set = tuple(sorted(set(schedule.bits_used) | {config.a_bits}))
+        bits_set = tuple(sorted(set(schedule.bits_used) | set(bits_set)))
 
     plans = [p for p in plan_layers(model, config) if p.mode != "fp"]
     qmodel = structural_copy(model)

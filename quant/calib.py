@@ -25,7 +25,8 @@ def _to_store(v, dtype):
                 raise NumericalError("NaN/Inf in a UNet input recorded for calibration; the float model or the "
                                      "sampler produced non-finite values — fix the model/settings and retry")
             v = v.to(dtype)
-        return v.cpu()
+        # contiguous: channels_last tensors from oneDNN convs crashed conv backward later (torch 2.13 CPU)
+        return v.cpu().contiguous()
     if isinstance(v, dict):
         return {k: _to_store(x, dtype) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

@@ -262,9 +262,16 @@ class FinetuneConfig:
     time_bins: int = 25
     grad_checkpointing: bool = False
     seed: int = 0
+    targets: str = ""  # regex on layer names for QALoRA/TALSQ; "" = every quantized layer not kept at W8A8
     version: int = 1
 
     def __post_init__(self):
+        import re
+
+        try:
+            re.compile(self.targets)
+        except re.error as exc:
+            raise ConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}") from None
         _check_int("steps", self.steps, 1, 1_000_000)
         _check_int("rank", self.rank, 1, 1024)
         _check_float("lr_scale_factor", self.lr_scale_factor, 0, 10, lo_open=True)

@@ -26,6 +26,8 @@ class QuantContext:
         self.schedule: Optional[BitwidthSchedule] = None
         self.observing = False  # calibration: layers record activation statistics
         self.quant_enabled = True  # False: quantized layers behave like their float originals (fake mode only)
+        self.act_enabled = True  # False: weights quantized, activations float (BRECQ's weight pass)
+        self.ptqd_active = False  # the output hook applies PTQD correction (set by ptqd.attach_stats)
 
     def a_bits_for(self, default: int) -> int:
         if self.a_bits_override is not None:

@@ -283,7 +283,7 @@ class QuantLayer(nn.Module):
         if ctx is not None and not ctx.quant_enabled:
             return self._op(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         w = self.fake_weight().to(x.dtype)
-        xq = x if (ctx is not None and ctx.observing) else self._fake_act(x)
+        xq = x if (ctx is not None and (ctx.observing or not ctx.act_enabled)) else self._fake_act(x)
         return self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _deployed_forward(self, x):
@@ -345,7 +345,8 @@ class QuantConv2d(QuantLayer):
         self.in_channels, self.out_channels = src.in_channels, src.out_channels
 
     def _op(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        # contiguous: a channels_last input made oneDNN's conv backward segfault (torch 2.13 CPU, 4x4 maps)
+        return F.conv2d(x.contiguous(), w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _kernel(self, x, pw, bias, aq):
         from ..kernels import ops

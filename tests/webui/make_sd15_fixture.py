@@ -225,7 +225,10 @@ def build(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: _tensor(k, shape, kind) for k, (shape, kind) in sd15_spec().items()}
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"lowbit_fixture": FIXTURE_VERSION, "format": "pt"})
+    # One metadata key only: safetensors writes metadata from a hash map, so with two keys their order (and
+    # the file's sha256, which the WebUI shows as the model hash) would change from run to run.
+    save_file(tensors, str(tmp), metadata={"lowbit_fixture": FIXTURE_VERSION})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     return out
 

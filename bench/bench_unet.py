@@ -1,0 +1,234 @@
+"""Whole-UNet benchmark: SD1.5-architecture UNet2DConditionModel with random weights (no download).
+
+    python -m lowbit.bench.bench_unet [--latent 64|32] [--repeats 3] [--threads N] [--variants fp32,W8A8,...]
+
+Each variant runs in its own subprocess (so peak RSS is per variant): build the UNet (seed 0), quantize, one
+warm-up forward, ``--repeats`` timed forwards (median). Reports time / fp32, resident weight bytes / fp32
+(parameters + buffers + packed data, scales and backend caches; tensor subclasses flattened), peak RSS, and the
+relative error of the output against fp32. Writes bench/results/unet.json.
+
+Our formats are quantized through the core library (``lowbit.quant.quantize_`` + ``deploy_``); torchao's int8
+configs run when ``torchao`` imports (they quantize Linear layers only).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+OURS = {  # name -> (QuantConfig preset, overrides)
+    "W8A8": ("W8A8", {}),
+    "W8A8-dyn": ("W8A8", {"a_dynamic": True}),
+    "W4A8": ("W4A8", {}),
+    "W4A16": ("W4A16", {}),
+}
+TORCHAO = ["torchao-int8wo-fp32", "torchao-int8wo-bf16", "torchao-int8dq-fp32", "torchao-int8dq-bf16"]
+DEFAULT_VARIANTS = ["fp32", "bf16", *OURS, *TORCHAO]
+
+
+def build_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    cfg = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+               block_out_channels=(320, 640, 1280, 1280),
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=768, attention_head_dim=8)
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def inputs(latent: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(1, 4, latent, latent, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 77, 768, generator=g))
+
+
+def tensor_bytes(t) -> int:
+    """Storage bytes of a tensor; tensor subclasses (torchao) are flattened into their inner tensors."""
+    if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def resident_weight_bytes(model) -> int:
+    """Parameters + buffers of every module, plus the backend caches of packed weights (onednn blobs, ...)."""
+    total = sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
+    for m in model.modules():
+        pw = getattr(m, "_packed", None)  # lowbit.quant deployed layers keep their PackedWeight here
+        if pw is not None and hasattr(pw, "nbytes"):
+            total += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ quantizers
+def _quantize_ours(model, fmt: str, latent: int):
+    """Quantize through the core library: record one full-precision UNet call as calibration data, then
+    ``lowbit.quant.quantize_`` (min/max ranges: this bench measures speed and bytes, not quality) and ``deploy_``
+    (packs the integers; the deployed layers call ``lowbit.kernels.ops``)."""
+    import torch
+
+    if __package__:
+        from ..quant import CallRecorder, QuantConfig, deploy_, quantize_
+    else:
+        from lowbit.quant import CallRecorder, QuantConfig, deploy_, quantize_
+    preset, over = OURS[fmt]
+    cfg = QuantConfig.preset(preset, w_init="minmax", a_init="minmax", **over)
+    sample, t, text = inputs(latent)
+    with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
+        model(sample, t, encoder_hidden_states=text)
+    quantize_(model, cfg, calib=rec.calls)
+    deploy_(model)
+    return model
+
+
+def _quantize_torchao(model, name: str):
+    import torch
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    if name.endswith("bf16"):
+        model = model.to(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig() if "int8wo" in name else Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ one variant
+def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: str):
+    import torch
+
+    torch.set_num_threads(threads)
+    model = build_unet()
+    t0 = time.perf_counter()
+    if name == "bf16":
+        model = model.to(torch.bfloat16)
+    elif name in OURS:
+        model = _quantize_ours(model, name, latent)
+    elif name.startswith("torchao"):
+        model = _quantize_torchao(model, name)
+    elif name != "fp32":
+        raise SystemExit(f"unknown variant {name!r}; known: {DEFAULT_VARIANTS}")
+    quant_s = time.perf_counter() - t0
+    dtype = next(model.parameters()).dtype if name in ("bf16",) or name.endswith("bf16") else torch.float32
+    sample, t, text = inputs(latent)
+    sample, text = sample.to(dtype), text.to(dtype)
+    times = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(sample, t, encoder_hidden_states=text).sample
+        first = time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model(sample, t, encoder_hidden_states=text).sample
+            times.append(time.perf_counter() - t0)
+    from safetensors.torch import save_file
+
+    save_file({"out": out.float().contiguous()}, out_path)
+    backends = {}
+    if name in OURS:
+        from collections import Counter
+
+        if __package__:
+            from ..kernels import ops
+        else:
+            from lowbit.kernels import ops
+        del ops  # (imported so that the report can name the registered backends)
+        for m in model.modules():
+            pw = getattr(m, "_packed", None)
+            if pw is not None:
+                for key in pw.cache:
+                    backends[str(key[0] if isinstance(key, tuple) else key).split(".")[0]] = 1
+        backends = dict(Counter(backends))
+    return dict(variant=name, median_s=statistics.median(times), times_s=times, first_s=first, quantize_s=quant_s,
+                weight_bytes=resident_weight_bytes(model),
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                backend_caches=sorted(backends))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latent", type=int, default=64, choices=[32, 64], help="latent side (64 = 512x512 images)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "unet.json"))
+    p.add_argument("--_child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._child:
+        res = run_variant(a._child[0], a.latent, a.repeats, a.threads, a._child[1])
+        print("RESULT " + json.dumps(res))
+        return
+    variants = [v for v in a.variants.split(",") if v]
+    if "fp32" not in variants:
+        variants.insert(0, "fp32")
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        dropped = [v for v in variants if v.startswith("torchao")]
+        variants = [v for v in variants if not v.startswith("torchao")]
+        if dropped:
+            print(f"torchao is not installed: skipping {dropped} (pip install torchao --no-deps)")
+    rows, outs = [], {}
+    tmp = tempfile.mkdtemp(prefix="lowbit_unet_")
+    for v in variants:
+        path = os.path.join(tmp, f"{v}.safetensors")
+        cmd = [sys.executable, "-m", "lowbit.bench.bench_unet", "--latent", str(a.latent), "--repeats", str(a.repeats),
+               "--threads", str(a.threads), "--_child", v, path]
+        print(f"[{v}] running ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"[{v}] FAILED: {err}")
+            rows.append(dict(variant=v, error=err))
+            continue
+        r = json.loads(line[0][7:])
+        outs[v] = path
+        rows.append(r)
+        print(f"[{v}] {r['median_s']:.2f} s/forward, weights {r['weight_bytes'] / 1e6:.0f} MB, "
+              f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    from safetensors.torch import load_file
+
+    ref = load_file(outs["fp32"])["out"] if "fp32" in outs else None
+    base = next((r for r in rows if r["variant"] == "fp32" and "error" not in r), None)
+    for r in rows:
+        if "error" in r or base is None:
+            continue
+        r["time_ratio"] = r["median_s"] / base["median_s"]
+        r["weight_ratio"] = r["weight_bytes"] / base["weight_bytes"]
+        o = load_file(outs[r["variant"]])["out"]
+        r["rel_err_vs_fp32"] = ((o - ref).norm() / ref.norm()).item()
+    print(f"\nSD1.5 UNet, latent 1x4x{a.latent}x{a.latent}, text 1x77x768, threads={a.threads}, "
+          f"median of {a.repeats}")
+    print(f"{'variant':22s} {'s/fwd':>7s} {'x fp32':>7s} {'weights MB':>11s} {'x fp32':>7s} {'peak RSS GB':>11s} {'rel err':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:22s} FAILED: {r['error']}")
+            continue
+        print(f"{r['variant']:22s} {r['median_s']:7.2f} {r.get('time_ratio', float('nan')):7.2f} "
+              f"{r['weight_bytes'] / 1e6:11.0f} {r.get('weight_ratio', float('nan')):7.3f} "
+              f"{r['peak_rss_bytes'] / 1e9:11.2f} {r.get('rel_err_vs_fp32', float('nan')):8.1e}")
+    import torch
+
+    meta = dict(latent=a.latent, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""CPU integer kernels: two backends.
+
+``onednn`` (priority 30): oneDNN int8 ops with fused dequant + bias epilogue.
+    conv2d : ``onednn::qconv_prepack`` + ``onednn::qconv2d_pointwise`` (uint8 activations, scalar activation scale,
+             per-channel int8 weights, fp32 output). Dynamic per-sample activations run one call per sample.
+    linear : ``onednn::qlinear_prepack`` + ``onednn::qlinear_pointwise``, static per-tensor activations only
+             (onednn rejects per-token activation scales).
+    Refuses: group-wise weights, activations wider than 8 bit, weight-only calls, and int4 weights unless
+    ``LOWBIT_CPU_CACHE_INT4=1`` (the prepacked blob is an int8 copy, so caching it costs int8 memory; prepacking
+    at every call costs more than the conv).
+
+``cpu`` (priority 20): ``torch._int_mm`` (uint8 activations x int8 weights -> int32) for W8A8 / W4A8 / W4A4,
+    Linear (static or per-token dynamic) and Conv2d (uint8 im2col, groups == 1). The activation zero point is
+    removed by the compensation term ``zp * rowsum(W_int)`` (rowsum cached per weight):
+
+        out[m, n] = sx[m] * sw[n] * (acc[m, n] - zp[m] * rowsum[n]) + bias[n],  acc = q_x @ W_int^T
+
+    Weight-only (act None): int4 Linear through ``aten._weight_int4pack_mm_for_cpu`` (bf16) for small M,
+    otherwise the weight is dequantized to bf16 at each call and a bf16 GEMM / conv runs (faster than the
+    int4pack GEMM at M >= 64 on AVX512-BF16 CPUs, see bench/README.md).
+
+Activations are quantized as in the reference (``kernels/eager.py``), except that the static 8-bit path uses the
+fused ``torch.quantize_per_tensor`` (multiplies by 1/scale: a handful of values per million land one step away).
+
+Memory: int4 weights are unpacked to int8 at every call unless ``LOWBIT_CPU_CACHE_INT4=1``; onednn blobs of 8-bit
+weights are always cached (``PackedWeight.cache``) and counted by ``PackedWeight.nbytes()``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .eager import dynamic_qparams, expand_scale
+from .formats import ActQuant, PackedWeight, unpack_int4
+from .registry import register_backend
+
+onednn = register_backend("onednn", priority=30, description="oneDNN int8 conv / static-activation linear (CPU)")
+cpu = register_backend("cpu", priority=20, description="torch._int_mm int8 GEMM, int4pack weight-only (CPU)")
+
+# The quantized-tensor constructors print a deprecation notice; we only use them as a fused uint8 quantizer.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+
+_HAS_ONEDNN = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+               and torch.backends.mkldnn.is_available())
+_HAS_QPT = hasattr(torch, "quantize_per_tensor")
+_HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+_INT4PACK_GROUPS = (256, 128, 64, 32)
+# below this many rows the int4pack GEMV (reads 4-bit weights) beats dequantize + bf16 GEMM
+INT4PACK_MAX_M = 32
+
+
+def cache_int4() -> bool:
+    """``LOWBIT_CPU_CACHE_INT4=1``: keep int8 copies of int4 weights (faster, int8 memory)."""
+    return os.environ.get("LOWBIT_CPU_CACHE_INT4", "0") not in ("", "0", "false", "False")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_x(x) -> str:
+    if x.device.type != "cpu":
+        return f"x is on {x.device}; this backend runs on CPU tensors"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"x dtype {x.dtype} (supported: float32, bfloat16)"
+    if x.numel() == 0:
+        return "empty input"
+    return ""
+
+
+def _check_w_int(pw: PackedWeight) -> str:
+    if pw.device.type != "cpu":
+        return f"weight is on {pw.device}"
+    if pw.group_size is not None and pw.group_size < pw.K:
+        return (f"group-wise weight (group_size={pw.group_size}) with integer activations needs per-group int32 "
+                "partial sums; this backend does per-channel only (use group_size=None, or the triton backend)")
+    return ""
+
+
+def _per_channel_scale(pw: PackedWeight) -> torch.Tensor:
+    return pw.scale if pw.group_size is None else pw.scale[:, 0].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _int8_weight(pw: PackedWeight) -> torch.Tensor:
+    """int8 [N, K]: qdata itself (bits > 4) or the unpacked nibbles (cached only if LOWBIT_CPU_CACHE_INT4=1)."""
+    if pw.bits > 4:
+        return pw.qdata
+    w = pw.cache.get("cpu.int8")
+    if w is None:
+        w = unpack_int4(pw.qdata, pw.K).contiguous()
+        if cache_int4():
+            pw.cache["cpu.int8"] = w
+    return w
+
+
+def _rowsum(pw: PackedWeight, w8: torch.Tensor) -> torch.Tensor:
+    r = pw.cache.get("cpu.rowsum")
+    if r is None:
+        r = pw.cache["cpu.rowsum"] = w8.sum(1, dtype=torch.int32)
+    return r
+
+
+# ----------------------------------------------------------------------------------------------- activations
+def _u8_view(q: torch.Tensor) -> torch.Tensor:
+    # zero-copy uint8 view of a quint8 tensor (int_repr() copies and is ~10x slower than the quantization)
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
+def _quant_static(xf: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """fp32 x -> uint8 q = clamp(round(x / scale) + zp, 0, qmax), same shape."""
+    if _HAS_QPT:
+        q = _u8_view(torch.quantize_per_tensor(xf.contiguous(), act.scale, act.zero_point, torch.quint8))
+        return q.clamp_(max=act.qmax) if act.bits < 8 else q
+    return torch.round(xf / act.scale).add_(act.zero_point).clamp_(0, act.qmax).to(torch.uint8)
+
+
+def _quant_rows(x2: torch.Tensor, bits: int):
+    """fp32 rows [R, L] -> (uint8 [R, L], scale fp32 [R], zp fp32 [R]) with the reference dynamic parameters."""
+    scale, zp = dynamic_qparams(x2, bits)
+    q = torch.div(x2, scale[:, None]).round_().add_(zp[:, None]).clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    return q, scale, zp
+
+
+# ----------------------------------------------------------------------------------------------- epilogue
+def _epilogue(acc, pw, w8, sx, zp, bias, dynamic: bool):
+    """int32 acc [M, N] -> fp32 [M, N] = sx * sw * (acc - zp * rowsum) + bias.
+
+    static : sx, zp python scalars; folded into one fused addcmul (per-column constants)
+    dynamic: sx, zp fp32 [M] per row; the compensation is an exact int32 rank-1 update
+    """
+    sw = _per_channel_scale(pw)
+    r = _rowsum(pw, w8)
+    if not dynamic:
+        s = sw * sx
+        c = r.to(torch.float32).mul_(s).mul_(-zp)
+        if bias is not None:
+            c.add_(bias.to(torch.float32))
+        return torch.addcmul(c, acc, s)
+    acc.addr_(zp.to(torch.int32), r, alpha=-1)
+    y = acc * sw
+    if bias is not None:
+        return torch.addcmul(bias.to(torch.float32), y, sx[:, None])
+    return y.mul_(sx[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- cpu: linear
+def _cpu_linear_supports(x, pw, bias, act):
+    why = _check_x(x)
+    if why:
+        return False, why
+    if pw.device.type != "cpu":
+        return False, f"weight is on {pw.device}"
+    if act is None:
+        return True, ""
+    why = _check_w_int(pw)
+    return (False, why) if why else (True, "")
+
+
+@cpu.op("linear", supports=_cpu_linear_supports)
+def cpu_linear(x, pw, bias=None, act=None):
+    if act is None:
+        return _weight_only_linear(x, pw, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if act.dynamic:
+        q, sx, zp = _quant_rows(x2, act.bits)
+    else:
+        q, sx, zp = _quant_static(x2, act), act.scale, act.zero_point
+    w8 = _int8_weight(pw)
+    acc = torch._int_mm(q, w8.t())
+    out = _epilogue(acc, pw, w8, sx, zp, bias, act.dynamic)
+    return out.reshape(*lead, pw.N).to(x.dtype)
+
+
+def _int4pack_group(pw: PackedWeight):
+    """Group size usable by _weight_int4pack_mm_for_cpu for this weight, or None."""
+    if pw.group_size is None:
+        return next((g for g in _INT4PACK_GROUPS if pw.K % g == 0), None)
+    if pw.group_size in _INT4PACK_GROUPS and pw.K % pw.group_size == 0:
+        return pw.group_size
+    return None
+
+
+def _weight_only_linear(x, pw, bias):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.K).to(torch.bfloat16)
+    g = _int4pack_group(pw) if (pw.bits <= 4 and _HAS_INT4PACK and pw.N % 16 == 0) else None
+    if g is not None and x2.shape[0] <= INT4PACK_MAX_M:
+        packed = pw.cache.get("cpu.int4pack")
+        if packed is None:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(pw.qdata, pw.K).to(torch.int32) + 8, 2)
+            scale = expand_scale(pw).expand(pw.N, pw.K)[:, ::g].t()  # [K/g, N]
+            sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).to(torch.bfloat16).contiguous()
+            packed = (packed, sz)
+            if cache_int4():
+                pw.cache["cpu.int4pack"] = packed
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed[0], g, packed[1])
+        if bias is not None:
+            out = out + bias.to(torch.bfloat16)
+    else:
+        w = _dequant_bf16(pw)
+        out = F.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
+    return out.reshape(*lead, pw.N).to(x.dtype)
+
+
+def _dequant_bf16(pw: PackedWeight) -> torch.Tensor:
+    """bf16 weight of logical shape, rebuilt at every call (never cached: that would be a 16-bit copy)."""
+    q = unpack_int4(pw.qdata, pw.K) if pw.bits <= 4 else pw.qdata
+    return (q.to(torch.float32) * expand_scale(pw)).to(torch.bfloat16).reshape(pw.shape)
+
+
+# ----------------------------------------------------------------------------------------------- cpu: conv2d
+def _conv_common_supports(x, pw, padding) -> str:
+    why = _check_x(x)
+    if why:
+        return why
+    if pw.device.type != "cpu":
+        return f"weight is on {pw.device}"
+    if isinstance(padding, str):
+        return f"string padding {padding!r} (pass explicit integers)"
+    return ""
+
+
+def _cpu_conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
+    why = _conv_common_supports(x, pw, padding)
+    if why:
+        return False, why
+    if act is None:
+        return True, ""
+    if groups != 1:
+        return False, f"groups={groups}: the im2col + _int_mm path does groups == 1 only"
+    why = _check_w_int(pw)
+    return (False, why) if why else (True, "")
+
+
+def _im2col_u8(q, kh, kw, stride, dilation):
+    """uint8 [B, C, Hp, Wp] (already padded) -> uint8 [B*Ho*Wo, C*kh*kw] in (c, kh, kw) order, plus (Ho, Wo)."""
+    b, c, hp, wp = q.shape
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    sb, sc, sh, sw = q.stride()
+    cols = q.as_strided((b, ho, wo, c, kh, kw),
+                        (sb, sh * stride[0], sw * stride[1], sc, sh * dilation[0], sw * dilation[1]))
+    return cols.reshape(b * ho * wo, c * kh * kw), ho, wo
+
+
+@cpu.op("conv2d", supports=_cpu_conv_supports)
+def cpu_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
+    if act is None:
+        out = F.conv2d(x.to(torch.bfloat16), _dequant_bf16(pw), None if bias is None else bias.to(torch.bfloat16),
+                       stride, padding, dilation, groups)
+        return out.to(x.dtype)
+    xf = x.to(torch.float32)
+    if padding != (0, 0):
+        # zero padding in float == zero point after quantization; it never changes a dynamic range (which includes 0)
+        xf = F.pad(xf, (padding[1], padding[1], padding[0], padding[0]))
+    b = xf.shape[0]
+    if act.dynamic:
+        q, sx, zp = _quant_rows(xf.reshape(b, -1), act.bits)
+        q = q.reshape(xf.shape)
+    else:
+        q, sx, zp = _quant_static(xf, act), act.scale, act.zero_point
+    kh, kw = pw.shape[2], pw.shape[3]
+    cols, ho, wo = _im2col_u8(q, kh, kw, stride, dilation)
+    w8 = _int8_weight(pw)
+    acc = torch._int_mm(cols, w8.t())
+    if act.dynamic:
+        sx = sx.repeat_interleave(ho * wo)
+        zp = zp.repeat_interleave(ho * wo)
+    out = _epilogue(acc, pw, w8, sx, zp, bias, act.dynamic)
+    # [B*Ho*Wo, N] is already channels_last memory: a permuted view, no copy
+    return out.reshape(b, ho, wo, pw.N).permute(0, 3, 1, 2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- onednn
+def _onednn_common(x, pw, act) -> str:
+    if not _HAS_ONEDNN:
+        return "this torch build has no onednn int8 ops (torch.ops.onednn.qconv2d_pointwise)"
+    if act is None:
+        return "weight-only call (onednn int8 ops need quantized activations)"
+    why = _check_w_int(pw)
+    if why:
+        return why
+    if pw.bits <= 4 and not cache_int4():
+        return ("int4 weight: onednn needs an int8 prepacked copy; prepacking at every call costs more than the op. "
+                "Set LOWBIT_CPU_CACHE_INT4=1 to cache it (int8 memory)")
+    return ""
+
+
+def _onednn_linear_supports(x, pw, bias, act):
+    why = _check_x(x) or _onednn_common(x, pw, act)
+    if not why and act.dynamic:
+        why = "per-token dynamic activations: onednn qlinear takes one scalar activation scale"
+    return (False, why) if why else (True, "")
+
+
+def _onednn_wscale(pw):
+    return _per_channel_scale(pw), pw.cache.setdefault("onednn.wzp", torch.zeros(pw.N, dtype=torch.int64))
+
+
+@onednn.op("linear", supports=_onednn_linear_supports)
+def onednn_linear(x, pw, bias=None, act=None):
+    packed = pw.cache.get("onednn.linear")
+    if packed is None:
+        packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw), None)
+    sw, wzp = _onednn_wscale(pw)
+    lead = x.shape[:-1]
+    q = _quant_static(x.reshape(-1, pw.K).to(torch.float32), act)
+    b = None if bias is None else bias.to(torch.float32)
+    out = torch.ops.onednn.qlinear_pointwise(q, act.scale, act.zero_point, packed, sw, wzp, b, 1.0, 0,
+                                             torch.float32, "none", [], "")
+    return out.reshape(*lead, pw.N).to(x.dtype)
+
+
+def _onednn_conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
+    why = _conv_common_supports(x, pw, padding) or _onednn_common(x, pw, act)
+    return (False, why) if why else (True, "")
+
+
+@onednn.op("conv2d", supports=_onednn_conv_supports)
+def onednn_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
+    key = ("onednn.conv", stride, padding, dilation, groups)
+    packed = pw.cache.get(key)
+    if packed is None:
+        # the blob does not depend on the activation scale / zero point passed here (verified: any later pair works)
+        packed = pw.cache[key] = torch.ops.onednn.qconv_prepack(
+            _int8_weight(pw).reshape(pw.shape), _per_channel_scale(pw), 1.0, 0, list(stride), list(padding),
+            list(dilation), groups, None)
+    sw, wzp = _onednn_wscale(pw)
+    b = None if bias is None else bias.to(torch.float32)
+    xf = x.to(torch.float32)
+
+    def run(q, sx, zp):
+        return torch.ops.onednn.qconv2d_pointwise(q, sx, zp, packed, sw, wzp, b, list(stride), list(padding),
+                                                  list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+
+    if not act.dynamic:
+        out = run(_quant_static(xf, act), act.scale, act.zero_point)
+    else:
+        q, sx, zp = _quant_rows(xf.reshape(xf.shape[0], -1), act.bits)
+        q = q.reshape(xf.shape)
+        outs = [run(q[i:i + 1], float(sx[i]), int(zp[i])) for i in range(xf.shape[0])]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.to(x.dtype)

@@ -1,0 +1,335 @@
+"""Triton backend (CUDA GPUs; CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
+
+Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
+
+``_act_quant_kernel``  x fp32/bf16/fp16 [R, L] -> q int8 [R, L] holding (q_u8 - 128), scale fp32 [R], zp fp32 [R].
+    Rows are tokens (Linear) or samples (Conv2d). Static: the ActQuant constants are written to every row.
+    Unsigned activations are stored shifted by -128 because ``tl.dot`` multiplies int8 x int8; the GEMM adds
+    ``(128 - zp) * colsum(W)`` back, which also removes the zero point.
+``_int_gemm_kernel``   W8A8 / W4A8 / W4A4 Linear and implicit-GEMM Conv2d (groups == 1, any stride/padding/dilation).
+    A: the int8 activations above ([M, K] for Linear; the NCHW int8 input for Conv2d, gathered per (c, kh, kw)).
+    W: int8 [N, K] (bits > 4) or uint8 [N, ceil(K/2)] nibbles unpacked in registers with arithmetic shifts.
+    int32 ``tl.dot`` over K-blocks of BK >= 32 (int8 MMA needs K >= 32). Per-channel weights accumulate in int32 over
+    all of K; group-wise weights (group_size % BK == 0) flush each block into fp32 scaled by its group's scale.
+    Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]``, fp32 written
+    [M, N] (Linear) or NCHW (Conv2d).
+``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32 accumulation.
+
+Rounding is half-to-even (``(y + 1.5*2^23) - 1.5*2^23`` after clamping |y| <= 512) and the division is ``div_rn``,
+so the activation quantization matches ``torch.round(x / scale)`` of the eager reference bit for bit.
+
+The kernels are written as plain functions and jitted on first use (:func:`kernel`), so that a test can set
+``TRITON_INTERPRET=1`` after this module was imported; :func:`jit_function` gives the compilable form for AOT tests.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import PackedWeight
+from .registry import register_backend
+
+backend = register_backend("triton", priority=40, description="Triton int8-MMA kernels (CUDA; CPU under TRITON_INTERPRET=1)")
+
+_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |y| < 2**22 half to even
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, R, L, s_static, zp_static,
+                      QMAX: tl.constexpr, DYNAMIC: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < R
+    if DYNAMIC:
+        lo = tl.zeros((BR,), dtype=tl.float32)
+        hi = tl.zeros((BR,), dtype=tl.float32)
+        for l0 in range(0, L, BL):
+            cols = l0 + tl.arange(0, BL)
+            m = rmask[:, None] & (cols < L)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.min(x, axis=1))
+            hi = tl.maximum(hi, tl.max(x, axis=1))
+        scale = tl.math.div_rn(hi - lo, tl.full((BR,), QMAX, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        z = tl.math.div_rn(-lo, scale)
+        z = tl.minimum(tl.maximum((z + _RNE) - _RNE, 0.0), QMAX)
+    else:
+        scale = tl.full((BR,), 1.0, tl.float32) * s_static
+        z = tl.full((BR,), 1.0, tl.float32) * zp_static
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    tl.store(zp_ptr + rows, z, mask=rmask)
+    for l0 in range(0, L, BL):
+        cols = l0 + tl.arange(0, BL)
+        m = rmask[:, None] & (cols < L)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, scale[:, None])
+        y = tl.minimum(tl.maximum(y, -512.0), 512.0)
+        q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
+        tl.store(q_ptr + rows[:, None] * L + cols[None, :], (q - 128.0).to(tl.int8), mask=m)
+
+
+def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
+                     M, N, K, K_W, G, GROUP_SIZE, ROWS_PER_SCALE,
+                     C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW,
+                     W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    sidx = rm // ROWS_PER_SCALE
+    sx = tl.load(xs_ptr + sidx, mask=mmask, other=1.0)
+    zpx = tl.load(xzp_ptr + sidx, mask=mmask, other=128.0)
+    comp = 128 - zpx.to(tl.int32)  # q_u8 = a + 128, minus the zero point
+    if IS_CONV:
+        bidx = rm // (HO * WO)
+        pix = rm % (HO * WO)
+        oh = pix // WO
+        ow = pix % WO
+        pad_val = (zpx - 128.0).to(tl.int8)  # float 0 == zero point, shifted
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    csum = tl.zeros((BN,), dtype=tl.int32)
+    accf = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K
+        if IS_CONV:
+            c = rk // (KH * KW)
+            rs = rk % (KH * KW)
+            ih = oh[:, None] * SH - PH + (rs // KW)[None, :] * DH
+            iw = ow[:, None] * SW - PW + (rs % KW)[None, :] * DW
+            inb = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            addr = bidx[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
+            a = tl.load(a_ptr + addr, mask=mmask[:, None] & kmask[None, :] & inb, other=0)
+            a = tl.where(inb, a, pad_val[:, None])
+        else:
+            a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+        if W4:
+            rkk = k0 // 2 + tl.arange(0, BK // 2)
+            p = tl.load(w_ptr + rn[None, :] * K_W + rkk[:, None], mask=(rkk < K_W)[:, None] & nmask[None, :], other=0)
+            p8 = p.to(tl.int8, bitcast=True)
+            lo = (p8 << 4) >> 4  # arithmetic shifts sign-extend each nibble
+            hi = p8 >> 4
+            b = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))  # row 2*kk + j  <-  k = k0 + 2*kk + j
+        else:
+            b = tl.load(w_ptr + rn[None, :] * K_W + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+        cs = tl.sum(b.to(tl.int32), axis=0)
+        if GROUPED:
+            part = tl.dot(a, b, out_dtype=tl.int32) + comp[:, None] * cs[None, :]
+            wsg = tl.load(ws_ptr + rn * G + k0 // GROUP_SIZE, mask=nmask, other=0.0)
+            accf += part.to(tl.float32) * wsg[None, :]
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            csum += cs
+    if GROUPED:
+        out = accf * sx[:, None]
+    else:
+        sw = tl.load(ws_ptr + rn, mask=nmask, other=0.0)
+        out = (acc + comp[:, None] * csum[None, :]).to(tl.float32) * sw[None, :] * sx[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if IS_CONV:
+        optr = out_ptr + bidx[:, None] * (N * HO * WO) + rn[None, :] * (HO * WO) + pix[:, None]
+    else:
+        optr = out_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(optr, out, mask=omask)
+
+
+def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GROUP_SIZE,
+                    W4: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K
+        a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if W4:
+            rkk = k0 // 2 + tl.arange(0, BK // 2)
+            p = tl.load(w_ptr + rn[None, :] * K_W + rkk[:, None], mask=(rkk < K_W)[:, None] & nmask[None, :], other=0)
+            p8 = p.to(tl.int8, bitcast=True)
+            b = tl.reshape(tl.permute(tl.join((p8 << 4) >> 4, p8 >> 4), (0, 2, 1)), (BK, BN))
+        else:
+            b = tl.load(w_ptr + rn[None, :] * K_W + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+        bf = b.to(tl.float32)
+        if GROUPED:
+            bf = bf * tl.load(ws_ptr + rn * G + k0 // GROUP_SIZE, mask=nmask, other=0.0)[None, :]
+        acc = tl.dot(a, bf.to(a.dtype), acc)
+    if not GROUPED:
+        acc = acc * tl.load(ws_ptr + rn, mask=nmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+KERNELS = {"act_quant": _act_quant_kernel, "int_gemm": _int_gemm_kernel, "wo_gemm": _wo_gemm_kernel}
+_jitted = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel(name: str):
+    """The launchable kernel, jitted (or wrapped for the interpreter when TRITON_INTERPRET=1) on first use."""
+    key = (name, _interpret())
+    if key not in _jitted:
+        _jitted[key] = triton.jit(KERNELS[name])
+    return _jitted[key]
+
+
+def jit_function(name: str):
+    """A compilable ``JITFunction`` of a kernel, whatever TRITON_INTERPRET says (for ``triton.compile``)."""
+    return triton.runtime.jit.JITFunction(KERNELS[name])
+
+
+# ----------------------------------------------------------------------------------------------- checks
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_device(x, pw) -> str:
+    if x.device.type == "cuda":
+        if pw.device != x.device:
+            return f"weight on {pw.device}, x on {x.device}"
+        return ""
+    if x.device.type == "cpu" and _interpret():
+        return "" if pw.device.type == "cpu" else f"weight on {pw.device}"
+    return f"x is on {x.device}; triton runs on CUDA (CPU only under TRITON_INTERPRET=1)"
+
+
+def _block_k(pw: PackedWeight) -> int:
+    if pw.group_size is not None and pw.group_size < pw.K:
+        return 64 if pw.group_size % 64 == 0 else 32
+    return 64 if pw.K > 32 else 32
+
+
+def _check_common(x, pw, act) -> str:
+    why = _check_device(x, pw)
+    if why:
+        return why
+    if x.dtype not in _FLOATS:
+        return f"x dtype {x.dtype} (supported: fp32, bf16, fp16)"
+    if x.numel() == 0:
+        return "empty input"
+    if pw.group_size is not None and pw.group_size < pw.K and pw.group_size % 32:
+        return f"group_size={pw.group_size}: the kernels need group_size % 32 == 0 (int8 MMA K-blocks are >= 32)"
+    return ""
+
+
+def _linear_supports(x, pw, bias, act):
+    why = _check_common(x, pw, act)
+    return (False, why) if why else (True, "")
+
+
+def _conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
+    why = _check_common(x, pw, act)
+    if not why and act is None:
+        why = "weight-only conv has no triton kernel (eager dequantizes)"
+    if not why and groups != 1:
+        why = f"groups={groups}: the implicit-GEMM conv does groups == 1 only"
+    if not why and isinstance(padding, str):
+        why = f"string padding {padding!r}"
+    return (False, why) if why else (True, "")
+
+
+def _fq_supports(x, act, granularity="token"):
+    if act is None:
+        return False, "no activation quantizer"
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpret()):
+        return False, f"x is on {x.device}; triton runs on CUDA (CPU only under TRITON_INTERPRET=1)"
+    if x.dtype not in _FLOATS:
+        return False, f"x dtype {x.dtype}"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _out(shape, device):
+    # under the interpreter (tests) outputs are poisoned with NaN so that an unwritten element cannot pass
+    if _interpret():
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def quantize_rows(x2: torch.Tensor, act):
+    """x2 float [R, L] contiguous -> (int8 [R, L] = q - 128, scale fp32 [R], zero point fp32 [R])."""
+    r, l = x2.shape
+    q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device) if _interpret() else \
+        torch.empty((r, l), dtype=torch.int8, device=x2.device)
+    scale, zp = _out((r,), x2.device), _out((r,), x2.device)
+    br = 16
+    bl = min(1024, triton.next_power_of_2(l))
+    s_static = 1.0 if act.dynamic else act.scale
+    zp_static = 0.0 if act.dynamic else float(act.zero_point)
+    kernel("act_quant")[(triton.cdiv(r, br),)](x2, q, scale, zp, r, l, s_static, zp_static,
+                                               QMAX=act.qmax, DYNAMIC=act.dynamic, BR=br, BL=bl)
+    return q, scale, zp
+
+
+@backend.op("fake_quant_act", supports=_fq_supports)
+def fake_quant_act(x, act, granularity="token"):
+    x2 = (x.reshape(-1, x.shape[-1]) if granularity == "token" else x.reshape(x.shape[0], -1)).contiguous()
+    q, scale, zp = quantize_rows(x2, act)
+    return ((q.to(torch.float32) + 128.0 - zp[:, None]) * scale[:, None]).reshape(x.shape).to(x.dtype)
+
+
+def _tiles(m, n, pw):
+    return (32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)
+
+
+def _weight_args(pw):
+    grouped = pw.group_size is not None and pw.group_size < pw.K
+    return pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, (pw.group_size or pw.K), grouped
+
+
+@backend.op("linear", supports=_linear_supports)
+def linear(x, pw, bias=None, act=None):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.K).contiguous()
+    m, n, k = x2.shape[0], pw.N, pw.K
+    w, ws, k_w, g, gs, grouped = _weight_args(pw)
+    out = _out((m, n), x.device)
+    b = bias.to(torch.float32).contiguous() if bias is not None else out
+    bm, bn, bk = _tiles(m, n, pw)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    if act is None:
+        kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
+                                HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk)
+    else:
+        q, sx, zp = quantize_rows(x2, act)
+        kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
+                                 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1,
+                                 W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, HAS_BIAS=bias is not None,
+                                 BM=bm, BN=bn, BK=bk)
+    return out.reshape(*lead, n).to(x.dtype)
+
+
+@backend.op("conv2d", supports=_conv_supports)
+def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
+    x = x.contiguous()
+    bsz, c, h, wd = x.shape
+    kh, kw = pw.shape[2], pw.shape[3]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    q, sx, zp = quantize_rows(x.reshape(bsz, -1), act)
+    m, n, k = bsz * ho * wo, pw.N, pw.K
+    w, ws, k_w, g, gs, grouped = _weight_args(pw)
+    out = _out((bsz, n, ho, wo), x.device)
+    b = bias.to(torch.float32).contiguous() if bias is not None else out
+    bm, bn, bk = _tiles(m, n, pw)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, ho * wo,
+                             c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
+                             dilation[0], dilation[1],
+                             W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, HAS_BIAS=bias is not None,
+                             BM=bm, BN=bn, BK=bk)
+    return out.to(x.dtype)

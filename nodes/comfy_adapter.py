@@ -1,0 +1,478 @@
+"""The only module of the pack that knows ComfyUI's objects (ModelPatcher, BaseModel, samplers, folder_paths).
+
+Every ComfyUI import is inside a function, so the node modules import (and their contracts can be tested)
+without ComfyUI. Facts about ComfyUI used here were read in v0.3.64 and checked by the integration tests:
+
+* A MODEL is a ``ModelPatcher``; ``clone()`` shares the torch module, so a quantized UNet is installed on a
+  clone with ``add_object_patch("diffusion_model", q_unet)``; the input MODEL stays usable and unchanged.
+* ``patcher.get_model_object("diffusion_model")`` is the UNet that patcher runs (its object patch, else the
+  original, also while another clone's object patch is applied).
+* ``BaseModel.apply_model`` calls ``diffusion_model(x_in, t, context=..., transformer_options=...)`` with
+  ``t = model_sampling.timestep(sigma)``: the quantized UNet reads its timestep from that call.
+* ``patcher.pre_run()`` runs the ``ON_PRE_RUN`` callbacks right before every sampling run, after the model
+  was loaded and its object patches applied; ``ON_LOAD`` runs at the end of every (re)load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import List, Optional
+
+import torch
+
+from ..quant.calib import CallRecorder
+from ..quant.context import get_context
+from ..quant.layers import QuantLayer, quant_layers
+from . import lora as lora_side
+from .common import NodeInputError
+
+log = logging.getLogger("lowbit.nodes")
+
+LOWBIT_FOLDER = "lowbit"  # models/lowbit/ (folder_paths key)
+CALLBACK_KEY = "lowbit"
+
+
+# ---------------------------------------------------------------------------------------------- progress
+class NodeProgress:
+    """Core progress callback ``(done, total, info)`` -> ComfyUI progress bar, plus the interrupt check
+    (raises ComfyUI's InterruptProcessingException when the user presses Cancel)."""
+
+    def __init__(self, total: int = 1):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(max(int(total), 1))
+        self.last_info = {}
+
+    def __call__(self, done, total, info=None):
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.last_info = info or {}
+        self.bar.update_absolute(int(done), int(total))
+
+
+def check_interrupt():
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# ------------------------------------------------------------------------------------------------- models
+def unet_of(model):
+    """The UNet this MODEL runs (its object patch if it has one)."""
+    if not hasattr(model, "get_model_object"):
+        raise NodeInputError(f"expected a MODEL (ComfyUI ModelPatcher), got {type(model).__name__}")
+    return model.get_model_object("diffusion_model")
+
+
+def is_quantized(unet) -> bool:
+    return get_context(unet) is not None or any(isinstance(m, QuantLayer) for m in unet.modules())
+
+
+def require_fp_unet(model, what="model"):
+    unet = unet_of(model)
+    if is_quantized(unet):
+        raise NodeInputError(f"{what} is already quantized by LowBit; connect the full-precision MODEL "
+                             "(e.g. straight from the checkpoint loader)")
+    return unet
+
+
+def require_quantized_unet(model, what="model"):
+    unet = unet_of(model)
+    if get_context(unet) is None:
+        raise NodeInputError(f"{what} is not a LowBit quantized model; connect the output of Quantize UNet "
+                             "(LowBit) or Load Quantized UNet (LowBit)")
+    return unet
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def num_train_timesteps(model) -> int:
+    ms = model_sampling(model)
+    sig = getattr(ms, "sigmas", None)
+    return int(sig.shape[0]) if torch.is_tensor(sig) and sig.dim() == 1 else 1000
+
+
+def percent_to_timestep_fn(model):
+    """percent of the run (0 = start) -> the DDPM timestep the UNet sees at that point."""
+    ms = model_sampling(model)
+
+    def f(p: float) -> float:
+        sigma = ms.percent_to_sigma(float(p))
+        return float(ms.timestep(torch.tensor(float(sigma))).float())
+
+    return f
+
+
+def load_model(model):
+    """Load (and weight-patch) the MODEL the way sampling would, so its UNet weights include any LoRA."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+
+
+def attach_quantized_unet(model, q_unet):
+    """A clone of ``model`` that runs ``q_unet``; ``model`` itself is not changed."""
+    import comfy.model_management
+
+    fp_unet = unet_of(model)
+    m = model.clone()
+    m.add_object_patch("diffusion_model", q_unet)
+    # A new patches_uuid makes ComfyUI reload when switching between this clone and the float one (otherwise
+    # an already-loaded float model with the same uuid is reused without moving/patching the quantized UNet).
+    m.patches_uuid = uuid.uuid4()
+    # Memory estimate: ModelPatcher.size is cached from the float model; the clone holds the quantized UNet
+    # (packed integers) instead of the float one. The float UNet stays in RAM as the object-patch backup.
+    try:
+        size = model.model_size() - comfy.model_management.module_size(fp_unet) + \
+            comfy.model_management.module_size(q_unet)
+        if size > 0:
+            m.size = size
+    except Exception as exc:  # an estimate only; never fail the node on it
+        log.debug("LowBit: model size estimate skipped (%s)", exc)
+    install_lora_support(m, q_unet)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def _has_tensor(v) -> bool:
+    if torch.is_tensor(v):
+        return True
+    if isinstance(v, dict):
+        return any(_has_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def sanitize_calls(calls):
+    """Keep only tensor-free transformer_options entries (patch lists, cond_or_uncond...) in the recorded calls:
+    the sigma tables in there are per-run bookkeeping, and the UNet adds its own keys on every call."""
+    for c in calls:
+        to = c.kwargs.get("transformer_options")
+        if isinstance(to, dict):
+            c.kwargs["transformer_options"] = {k: v for k, v in to.items() if not _has_tensor(v)}
+    return calls
+
+
+def empty_latent(model, width: int, height: int, batch: int = 1):
+    import comfy.sample
+
+    lat = torch.zeros([batch, 4, height // 8, width // 8], device="cpu")
+    return comfy.sample.fix_empty_latent_channels(model, lat)
+
+
+def record_unet_calls(model, positive, negative, *, steps: int, samples: int, seed: int, cfg: float,
+                      width: int, height: int, progress=None, sampler_name: str = "euler",
+                      scheduler: str = "normal"):
+    """Sample ``samples`` images with ComfyUI's own sampler and the float MODEL, recording every UNet call
+    (its input x_t, timestep, context...). Returns the core's ``Call`` list."""
+    import comfy.sample
+
+    unet = unet_of(model)
+    latent = empty_latent(model, width, height)
+    total = steps * samples
+    rec = CallRecorder(unet)
+    with rec:
+        for i in range(samples):
+            rec.new_trajectory()
+            noise = comfy.sample.prepare_noise(latent, seed + i)
+
+            def cb(step, x0, x, total_steps, _i=i):
+                if progress is not None:
+                    progress(_i * steps + step + 1, total, {"stage": "calibration sampling"})
+
+            comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                denoise=1.0, callback=cb, disable_pbar=True, seed=seed + i)
+    if not rec.calls:
+        raise NodeInputError("calibration recorded no UNet calls; check that the MODEL is a UNet-based model "
+                             "(SD1.x/SD2.x/SDXL) and that calibration_steps > 0")
+    return sanitize_calls(rec.calls)
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    return v
+
+
+def plain_calls(calls):
+    """Copies of recorded calls made outside inference mode (see ``training_mode``)."""
+    import dataclasses
+
+    return [dataclasses.replace(c, args=_plain(c.args), kwargs=_plain(c.kwargs)) for c in calls]
+
+
+class training_mode:
+    """ComfyUI runs every node under ``torch.inference_mode()``; tensors made there (the checkpoint, recorded
+    calls) cannot be saved for backward. Training code runs inside this block on copies made inside it."""
+
+    def __enter__(self):
+        self._stack = [torch.inference_mode(False), torch.enable_grad()]
+        for c in self._stack:
+            c.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for c in reversed(self._stack):
+            c.__exit__(*exc)
+        return False
+
+
+def alphas_cumprod(model) -> torch.Tensor:
+    """abar_t of the model's discrete schedule, from its sigmas (abar = 1 / (1 + sigma^2))."""
+    sig = model_sampling(model).sigmas.detach().float().cpu()
+    return 1.0 / (1.0 + sig ** 2)
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+class _WeightKeyState:
+    """State-dict hook on a deployed quantized layer: reports a zero-byte ``<layer>.weight`` placeholder so that
+    ComfyUI's LoRA loader maps and accepts patches for it (it checks keys against ``state_dict()``, which
+    reflects whichever UNet is attached at that moment). Zero bytes: memory estimates stay right."""
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        if "weight" not in module._parameters and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = torch.empty(0, device="meta")
+        return state_dict
+
+
+def install_lora_support(patcher, q_unet):
+    if not getattr(q_unet, "_lowbit_lora_ready", False):
+        for _, layer in quant_layers(q_unet):
+            layer._register_state_dict_hook(_WeightKeyState())
+            lora_side.ensure_hook(layer)
+        q_unet._lowbit_lora_ready = True
+    import comfy.patcher_extension as pe
+
+    for kind in (pe.CallbacksMP.ON_PRE_RUN, pe.CallbacksMP.ON_LOAD):
+        existing = patcher.callbacks.get(kind, {}).get(CALLBACK_KEY, [])
+        if not existing:
+            patcher.add_callback_with_key(kind, CALLBACK_KEY, _sync_callback)
+
+
+def _sync_callback(patcher, *args):
+    sync_lora_side_paths(patcher)
+
+
+def _is_plain_lora(entry) -> bool:
+    strength, v, strength_model, offset, function = entry
+    w = getattr(v, "weights", None)
+    return (getattr(v, "name", None) == "lora" and isinstance(w, (tuple, list)) and len(w) >= 6
+            and w[3] is None and w[4] is None and w[5] is None and offset is None and function is None
+            and strength_model == 1.0)
+
+
+def _dense_delta(patches, base: torch.Tensor, key: str) -> torch.Tensor:
+    import comfy.lora
+
+    out = comfy.lora.calculate_weight(patches, base.clone(), key)
+    return out - base
+
+
+def side_paths_for(layer, weight_patches, bias_patches, key: str, device) -> List[lora_side.SidePath]:
+    """ComfyUI patch entries for one quantized layer -> side paths (low-rank when exact, else dense)."""
+    from ..kernels import ops
+
+    paths = []
+    if weight_patches:
+        plain = [_is_plain_lora(e) for e in weight_patches]
+        factored = []
+        if all(plain):
+            for strength, v, *_ in weight_patches:
+                up, down, alpha = v.weights[0], v.weights[1], v.weights[2]
+                fu = lora_side.check_conv_low_rank(layer, down.float(), up.float())
+                if fu is None:
+                    factored = None
+                    break
+                rank = down.shape[0]
+                scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+                factored.append(lora_side.SidePath(down=fu[0], up=fu[1], scale=scale))
+        if all(plain) and factored is not None:
+            paths += factored
+        else:
+            w0 = ops.dequantize_weight(layer.packed_weight()).float().to(device)
+            paths.append(lora_side.SidePath(delta_w=_dense_delta(weight_patches, w0, key + ".weight")))
+    if bias_patches and layer.bias is not None:
+        b0 = layer.bias.detach().float().to(device)
+        paths.append(lora_side.SidePath(delta_b=_dense_delta(bias_patches, b0, key + ".bias")))
+    return [p.to(device) for p in paths]
+
+
+def sync_lora_side_paths(patcher):
+    """Make the quantized UNet of ``patcher`` carry exactly the LoRA patches of ``patcher`` as side paths.
+
+    Called before every sampling run and after every load, so switching between a clone with a LoRA and one
+    without restores the quantized output exactly. Cheap when nothing changed (keyed by ``patches_uuid``).
+    """
+    q = patcher.get_model_object("diffusion_model")
+    if get_context(q) is None:
+        return
+    device = patcher.load_device
+    layers = quant_layers(q)
+    here = next((b.device for b in q.buffers()), None)
+    if here is not None and here != torch.device(device):
+        # ComfyUI's partial (lowvram) loader skips modules whose parameters live in children (our layers keep
+        # their activation tables in a child); the quantized UNet is small, so move it whole.
+        q.to(device)
+    state = (patcher.patches_uuid, str(device))
+    if getattr(q, "_lowbit_lora_state", None) == state:
+        return
+    lora_side.clear_side_paths(q)
+    n = 0
+    for name, layer in layers:
+        key = f"diffusion_model.{name}"
+        wp = patcher.patches.get(key + ".weight")
+        # ComfyUI patches the bias itself when it loads the layer as a leaf (no activation quantizer child)
+        bp = patcher.patches.get(key + ".bias") if layer.act is not None else None
+        if wp or bp:
+            lora_side.set_side_paths(layer, side_paths_for(layer, wp, bp, key, device))
+            n += 1
+    q._lowbit_lora_state = state
+    if n:
+        log.info("LowBit: %d quantized layers carry LoRA side paths", n)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+class PTQDView:
+    """What a sampler needs to apply PTQD variance-schedule calibration at a given sigma."""
+
+    def __init__(self, model_sampling, stats, corrected: bool, eps_prediction: bool):
+        self.model_sampling, self.stats, self.corrected, self.eps_prediction = \
+            model_sampling, stats, corrected, eps_prediction
+
+    def timestep(self, sigma) -> float:
+        s = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
+        return float(self.model_sampling.timestep(s.reshape(1)).float()[0])
+
+    def residual_var(self, sigma) -> float:
+        return self.stats.residual_var_at(self.timestep(sigma), corrected=self.corrected)
+
+
+_warned = set()
+
+
+def ptqd_view(model_k) -> Optional[PTQDView]:
+    """PTQD statistics of the UNet being sampled, or None.
+
+    The sampler function receives ComfyUI's ``KSamplerX0Inpaint``; its ``.inner_model`` is the guider
+    (``CFGGuider``) whose ``.inner_model`` is the ``BaseModel`` with this run's object patches applied, so
+    ``.diffusion_model`` is the quantized UNet actually called and ``.model_sampling`` the active sigma
+    schedule. We read the statistics from that UNet (they are attached to it by Quantize/Load) rather than
+    from ``extra_args["model_options"]``: model options are deep-copied on every clone, the UNet is not.
+    """
+    from ..quant.ptqd import get_stats
+
+    guider = getattr(model_k, "inner_model", None)
+    base = getattr(guider, "inner_model", None)
+    unet = getattr(base, "diffusion_model", None)
+    ms = getattr(base, "model_sampling", None)
+    if unet is None or ms is None:
+        return None
+    stats = get_stats(unet)
+    if stats is None:
+        if "nostats" not in _warned:
+            log.warning("LowBit PTQD Sampler: the model has no PTQD statistics (quantize with method 'ptqd'); "
+                        "sampling without variance correction")
+            _warned.add("nostats")
+        return None
+    import comfy.model_sampling as cms
+
+    eps = isinstance(ms, cms.EPS) and not isinstance(ms, (cms.V_PREDICTION, cms.X0, cms.CONST))
+    if not eps:
+        if "noneps" not in _warned:
+            log.warning("LowBit PTQD Sampler: variance correction is derived for eps-prediction models; "
+                        "this model is %s, so it is skipped", type(ms).__name__)
+            _warned.add("noneps")
+        return None
+    ctx = get_context(unet)
+    return PTQDView(ms, stats, bool(getattr(ctx, "ptqd_active", False)), eps)
+
+
+def ksampler(sampler_function, extra_options: dict):
+    import comfy.samplers
+
+    return comfy.samplers.KSAMPLER(sampler_function, extra_options=extra_options)
+
+
+def scheduler_names() -> List[str]:
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:  # outside ComfyUI (contract tests)
+        return ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+
+
+def sample_with_sampler(model, sampler, seed: int, steps: int, cfg: float, scheduler: str, positive, negative,
+                        latent_image: dict, denoise: float):
+    """KSampler's behaviour (noise from seed, sigmas from scheduler + denoise, preview callback) with a custom
+    SAMPLER object, through comfy.sample.sample_custom."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+    batch_inds = latent_image.get("batch_index")
+    noise = comfy.sample.prepare_noise(latent, seed, batch_inds)
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, total).cpu()
+    sigmas = sigmas[-(steps + 1):]
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                         noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent_image.copy()
+    out["samples"] = samples
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- images
+def save_preview(images, prefix: str = "lowbit_compare"):
+    """Save an IMAGE batch to ComfyUI's temp folder the way PreviewImage does; returns the ui image records."""
+    import importlib
+
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own top-level nodes.py (not this package)
+    return comfy_nodes.PreviewImage().save_images(images, filename_prefix=prefix)["ui"]["images"]
+
+
+# ------------------------------------------------------------------------------------------------- files
+def lowbit_folder() -> str:
+    """models/lowbit (registered with folder_paths, .safetensors only); created if missing."""
+    import folder_paths
+
+    if LOWBIT_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[LOWBIT_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, LOWBIT_FOLDER)], {".safetensors"})
+    d = folder_paths.get_folder_paths(LOWBIT_FOLDER)[0]
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def lowbit_files() -> List[str]:
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    lowbit_folder()
+    return folder_paths.get_filename_list(LOWBIT_FOLDER)
+
+
+def lowbit_file_path(name: str) -> str:
+    import folder_paths
+
+    lowbit_folder()
+    path = folder_paths.get_full_path(LOWBIT_FOLDER, name)
+    if path is None:
+        raise NodeInputError(f"quantized UNet file {name!r} is not in {folder_paths.get_folder_paths(LOWBIT_FOLDER)}; "
+                             "save one with Save Quantized UNet (LowBit) or copy it into models/lowbit/, then "
+                             "refresh the browser (R)")
+    return path

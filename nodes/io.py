@@ -1,0 +1,134 @@
+"""The "Save Quantized UNet" and "Load Quantized UNet" nodes: ``models/lowbit/<prefix>_NNNNN.safetensors`` via quant.io.
+
+The file holds only the quantized UNet (packed integers, scales, activation tables, PTQD statistics) with a
+versioned JSON header; it is applied to the same full-precision checkpoint's MODEL when loading.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Tuple
+
+from . import comfy_adapter as adapter
+from .common import CATEGORY, SOCKET, NodeInputError
+
+COUNTER_DIGITS = 5
+
+
+def split_prefix(prefix: str) -> Tuple[str, str]:
+    """'sub/dir/name' -> ('sub/dir', 'name'); rejects absolute paths, '..' and empty names."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise NodeInputError("filename_prefix is empty; give a name such as 'lowbit/sd15_w4a8'")
+    p = prefix.strip().replace("\\", "/")
+    if p.startswith("/") or re.match(r"^[A-Za-z]:", p):
+        raise NodeInputError(f"filename_prefix {prefix!r} is an absolute path; give a name relative to models/lowbit/")
+    parts = [x for x in p.split("/") if x not in ("", ".")]
+    if any(x == ".." for x in parts):
+        raise NodeInputError(f"filename_prefix {prefix!r} leaves models/lowbit/ ('..'); remove the '..'")
+    if not parts:
+        raise NodeInputError(f"filename_prefix {prefix!r} has no file name")
+    if parts[-1].lower().endswith(".safetensors"):
+        parts[-1] = parts[-1][: -len(".safetensors")]
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def next_free_path(folder: str, prefix: str) -> str:
+    """``<folder>/<subdir>/<name>_NNNNN.safetensors`` with NNNNN one above the highest existing counter."""
+    sub, name = split_prefix(prefix)
+    d = os.path.join(folder, sub) if sub else folder
+    os.makedirs(d, exist_ok=True)
+    pat = re.compile(re.escape(name) + r"_(\d{%d,})\.safetensors$" % COUNTER_DIGITS)
+    used = [int(m.group(1)) for f in os.listdir(d) if (m := pat.match(f))]
+    n = max(used, default=0) + 1
+    while True:
+        path = os.path.join(d, f"{name}_{n:0{COUNTER_DIGITS}d}.safetensors")
+        if not os.path.exists(path):
+            return path
+        n += 1
+
+
+def save_unet(model, filename_prefix: str, folder: str) -> str:
+    from ..quant.io import save
+
+    q = adapter.require_quantized_unet(model)
+    for _ in range(100):  # never overwrite: another save may take the name between the scan and the write
+        path = next_free_path(folder, filename_prefix)
+        try:
+            return save(q, path, overwrite=False)
+        except FileExistsError:
+            continue
+    raise NodeInputError(f"could not find a free file name for {filename_prefix!r} in {folder}")
+
+
+class LowBitSaveQuantizedUNet:
+    DESCRIPTION = ("Save the quantized UNet of a MODEL (from Quantize UNet or EfficientDM Fine-tune) to "
+                   "models/lowbit/<prefix>_NNNNN.safetensors: packed integer weights, scales, activation tables "
+                   "and PTQD statistics, with a versioned header. Never overwrites. LoRAs applied on top are not "
+                   "saved. Load it later with Load Quantized UNet on the same checkpoint.")
+    CATEGORY = f"{CATEGORY}/io"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": SOCKET("MODEL", "A quantized MODEL (output of Quantize UNet or EfficientDM Fine-tune)."),
+            "filename_prefix": ("STRING", {"default": "lowbit/unet", "tooltip":
+                                           "File name under models/lowbit/; '_00001.safetensors' etc. is appended. "
+                                           "May contain subfolders ('sd15/w4a8')."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        if filename_prefix is None:
+            return True
+        try:
+            split_prefix(filename_prefix)
+        except NodeInputError as exc:
+            return str(exc)
+        return True
+
+    def save(self, model, filename_prefix):
+        folder = adapter.lowbit_folder()
+        path = save_unet(model, filename_prefix, folder)
+        rel = os.path.relpath(path, folder).replace(os.sep, "/")
+        return {"ui": {"text": [f"saved models/lowbit/{rel}"], "lowbit_files": [rel]}, "result": ()}
+
+
+class LowBitLoadQuantizedUNet:
+    DESCRIPTION = ("Apply a quantized UNet saved by Save Quantized UNet to a full-precision MODEL of the same "
+                   "checkpoint architecture. Returns a clone that runs the quantized UNet (with its PTQD "
+                   "statistics if the file has them); the input MODEL is unchanged. A file made from another "
+                   "architecture is refused with the layer that does not match.")
+    CATEGORY = f"{CATEGORY}/io"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model running the loaded quantized UNet.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = adapter.lowbit_files()
+        return {"required": {
+            "model": SOCKET("MODEL", "The full-precision model the file was made from (same checkpoint "
+                                     "architecture)."),
+            "unet_name": (files, {"tooltip": "A file in models/lowbit/ (press R in the browser after saving "
+                                             "a new one)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, model=None, unet_name=None):
+        try:
+            st = os.stat(adapter.lowbit_file_path(unet_name))
+            return f"{unet_name}:{st.st_size}:{st.st_mtime_ns}"
+        except Exception:
+            return unet_name
+
+    def load(self, model, unet_name):
+        from ..quant.io import load
+
+        path = adapter.lowbit_file_path(unet_name)
+        fp_unet = adapter.require_fp_unet(model, "the MODEL to load into")
+        q_unet = load(fp_unet, path)
+        return (adapter.attach_quantized_unet(model, q_unet),)
+

@@ -1,0 +1,217 @@
+"""The "Quantize UNet" node: calibrate on the float model's own sampling runs, quantize, deploy, PTQD.
+
+Steps (all on copies; the input MODEL is never changed):
+1. calibration: ComfyUI's own sampler (euler, "normal" schedule) runs the float MODEL ``calibration_samples``
+   times with the given conditioning while ``CallRecorder`` records every UNet call;
+2. ``quant.quantize`` (weights + static activation scales from the recorded calls, per bit-width of the
+   schedule) and ``quant.deploy_`` (packed integers, kernels);
+3. method "ptqd": ``collect_stats`` (float vs quantized output on the same calls) + ``attach_stats`` — the
+   quantized UNet then corrects its own output, and the PTQD samplers read the residual variance;
+4. the result is a clone of the MODEL with ``add_object_patch("diffusion_model", quantized_unet)``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from . import comfy_adapter as adapter
+from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, SOCKET, NodeInputError, check_choice,
+                     check_float, check_int, core_function, validation_result)
+from .schedule import MODE_AUTO, ScheduleSpec, auto_schedule_function, check_schedule_with_bits
+
+log = logging.getLogger("lowbit.nodes")
+
+METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "ptqd", "ptqd+recon"
+WEIGHT_INITS = ("lp", "minmax")
+
+
+def reconstruct_function():
+    """``quant.recon.reconstruct`` (BRECQ block reconstruction) if the core has it."""
+    return core_function("recon", "reconstruct")
+
+
+def available_methods():
+    return [METHOD_NAIVE, METHOD_PTQD] + ([METHOD_RECON] if reconstruct_function() is not None else [])
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    bits: str = "W4A8"
+    method: str = METHOD_PTQD
+    calibration_steps: int = 10
+    calibration_samples: int = 4
+    seed: int = 0
+    cfg: float = 7.0
+    calibration_width: int = 512
+    calibration_height: int = 512
+    calibration_timesteps: int = 0
+    time_bins: int = 1
+    recon_iters: int = 200
+    weight_init: str = "lp"
+
+    @property
+    def needs_calls(self) -> bool:
+        return not (self.method == METHOD_NAIVE and self.bits.endswith("A16"))
+
+
+def check_quantize_settings(bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
+                            cfg=None, calibration_width=None, calibration_height=None, calibration_timesteps=None,
+                            time_bins=None, recon_iters=None, weight_init=None):
+    if bits is not None:
+        check_choice("bits", bits, BITS_PRESETS)
+    if method is not None:
+        check_choice("method", method, available_methods(),
+                     "'ptqd+recon' needs lowbit.quant.recon.reconstruct" if method == METHOD_RECON else "")
+    if calibration_steps is not None:
+        check_int("calibration_steps", calibration_steps, 1, 1000)
+    if calibration_samples is not None:
+        check_int("calibration_samples", calibration_samples, 1, 1024)
+    if seed is not None:
+        check_int("seed", seed, 0, 0xffffffffffffffff)
+    if cfg is not None:
+        check_float("cfg", cfg, 0.0, 100.0)
+    for name, v in (("calibration_width", calibration_width), ("calibration_height", calibration_height)):
+        if v is not None:
+            check_int(name, v, 16, 16384)
+            if v % 8:
+                raise NodeInputError(f"{name}={v} must be a multiple of 8 (latents are 1/8 of the image size)")
+    if calibration_timesteps is not None:
+        check_int("calibration_timesteps", calibration_timesteps, 0, 1000,
+                  "0 keeps every recorded timestep; N keeps N timesteps spread over the run.")
+    if time_bins is not None:
+        check_int("time_bins", time_bins, 1, 1000)
+    if recon_iters is not None:
+        check_int("recon_iters", recon_iters, 0, 1_000_000)
+    if weight_init is not None:
+        check_choice("weight_init", weight_init, WEIGHT_INITS)
+
+
+def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
+                   progress=None):
+    """The node's work; returns the quantized MODEL (a clone)."""
+    from ..quant import QuantConfig, ReconConfig, attach_stats, collect_stats, deploy_, quantize, timestep_aware_subset
+
+    check_schedule_with_bits(schedule, settings.bits)
+    fp_unet = adapter.require_fp_unet(model)
+    progress = progress or adapter.NodeProgress()
+    T = adapter.num_train_timesteps(model)
+    config = QuantConfig.preset(settings.bits, time_bins=settings.time_bins, w_init=settings.weight_init)
+    auto = schedule is not None and schedule.mode == MODE_AUTO
+    if auto and auto_schedule_function() is None:
+        raise NodeInputError("the 'auto (SNR)' schedule needs lowbit.quant.schedule.auto_schedule, which this "
+                             "LowBit does not have; use 'fixed percent split'")
+
+    calls = []
+    if settings.needs_calls or auto:
+        calls = adapter.record_unet_calls(
+            model, positive, negative, steps=settings.calibration_steps, samples=settings.calibration_samples,
+            seed=settings.seed, cfg=settings.cfg, width=settings.calibration_width,
+            height=settings.calibration_height, progress=progress)
+        if settings.calibration_timesteps:
+            calls = timestep_aware_subset(calls, settings.calibration_timesteps)
+    adapter.load_model(model)  # quantize the weights the float model runs with (LoRA patches merged)
+
+    core_schedule, candidates = None, ()
+    if auto:
+        candidates = schedule.bits_used  # both bit-widths get scales; the SNR rule picks one per timestep
+    elif schedule is not None:
+        core_schedule = schedule.to_schedule(adapter.percent_to_timestep_fn(model), T)
+
+    q_unet = quantize(fp_unet, config, calls if calls else None, schedule=core_schedule, a_bits_candidates=candidates,
+                      num_train_timesteps=T, progress=progress)
+    adapter.check_interrupt()
+    if settings.method == METHOD_RECON:
+        with adapter.training_mode():  # AdaRound trains: work on plain (non-inference) copies
+            q_unet = copy.deepcopy(q_unet)
+            plain = adapter.plain_calls(calls)
+            q_unet = reconstruct_function()(fp_unet, q_unet, plain,
+                                            ReconConfig(weight_iters=settings.recon_iters), progress=progress,
+                                            seed=settings.seed)
+    deploy_(q_unet)
+    if auto:
+        core_schedule, _ = auto_schedule_function()(fp_unet, q_unet, calls, adapter.alphas_cumprod(model),
+                                                    candidates=candidates, progress=progress)
+    if settings.method in (METHOD_PTQD, METHOD_RECON):
+        stats = collect_stats(fp_unet, q_unet, calls, progress=progress)
+        attach_stats(q_unet, stats)
+    log.info("LowBit: quantized the UNet to %s (%s) with %d calibration calls%s", settings.bits, settings.method,
+             len(calls), f", schedule {core_schedule.segments}" if core_schedule is not None else "")
+    return adapter.attach_quantized_unet(model, q_unet)
+
+
+class LowBitQuantizeUNet:
+    DESCRIPTION = ("Quantize the MODEL's UNet to low-bit integers (W8A8, W4A8, W4A4, or weight-only W4A16). "
+                   "Calibration runs this model with ComfyUI's own sampler on your conditioning and records the "
+                   "UNet's inputs; activation ranges (and PTQD noise statistics with method 'ptqd') come from "
+                   "them. Outputs a quantized copy; the input MODEL stays usable for comparison. Use the PTQD "
+                   "Sampler to also apply PTQD's variance correction.")
+    CATEGORY = f"{CATEGORY}/quantize"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The quantized model (a clone; the input MODEL is unchanged).",)
+    FUNCTION = "quantize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        methods = available_methods()
+        return {"required": {
+            "model": SOCKET("MODEL", "The full-precision model to quantize (e.g. from Load Checkpoint)."),
+            "positive": SOCKET("CONDITIONING", "Calibration prompt: use prompts like the ones you will generate "
+                                               "with; activation ranges are measured on them."),
+            "negative": SOCKET("CONDITIONING", "Negative calibration prompt (used with cfg, as in KSampler)."),
+            "bits": COMBO(BITS_PRESETS, "W4A8", "Weight and activation bits. W8A8: near-lossless. W4A8: 4-bit "
+                                               "weights, the usual trade-off. W4A4: aggressive. W4A16: weight-only "
+                                               "int4 (activations stay float, no activation calibration)."),
+            "method": COMBO(methods, METHOD_PTQD,
+                            "naive: plain post-training quantization. ptqd: naive + PTQD noise statistics; the "
+                            "quantized UNet corrects its own output (bias and correlated noise) and the PTQD "
+                            "Sampler reduces injected noise by the residual." +
+                            (" ptqd+recon: ptqd after BRECQ block reconstruction (slow)." if METHOD_RECON in methods
+                             else "")),
+            "calibration_steps": INT(10, 1, 1000, "Sampling steps per calibration image. Every step is one "
+                                                  "recorded UNet call (timestep)."),
+            "calibration_samples": INT(4, 1, 1024, "Number of calibration images (each a full sampling run with "
+                                                   "seed, seed+1, ...). More = more robust ranges, slower."),
+            "seed": INT(0, 0, 0xffffffffffffffff, "Seed of the calibration runs (fixed: the result is reproducible).",
+                        control_after_generate=False),
+            "cfg": FLOAT(7.0, 0.0, 100.0, "Guidance scale of the calibration runs; match what you sample with.",
+                         step=0.1, round=0.01),
+        }, "optional": {
+            "bitwidth_schedule": SOCKET(SCHEDULE_TYPE, "Optional step-aware activation bits from Bitwidth Schedule "
+                                                       "(LowBit); scales are calibrated for every bit-width it uses. "
+                                                       "Not for W4A16."),
+            "calibration_width": INT(512, 16, 16384, "Width of the calibration images in pixels (multiple of 8). "
+                                                     "Use your generation size.", step=8, advanced=True),
+            "calibration_height": INT(512, 16, 16384, "Height of the calibration images in pixels (multiple of 8).",
+                                      step=8, advanced=True),
+            "calibration_timesteps": INT(0, 0, 1000, "Keep only this many timesteps spread over the run "
+                                                     "(timestep-aware subset); 0 keeps all.", advanced=True),
+            "time_bins": INT(1, 1, 1000, "Activation scale tables per timestep range (1 = one scale per layer). "
+                                         "More bins follow the timestep-dependent activation ranges.",
+                             advanced=True),
+            "weight_init": COMBO(WEIGHT_INITS, "lp", "How weight step sizes are chosen. lp: per channel, the clipping "
+                                 "that minimises the L2.4 rounding error (better; the slowest part of quantizing "
+                                 "on a CPU). minmax: no clipping (fast, a bit worse at 4 bits).", advanced=True),
+            "recon_iters": INT(200, 0, 1_000_000, "Only for method ptqd+recon: AdaRound iterations per block "
+                                                  "(BRECQ uses 20000; slow on CPU).", advanced=True),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
+                        cfg=None, calibration_width=None, calibration_height=None, calibration_timesteps=None,
+                        time_bins=None, recon_iters=None, weight_init=None):
+        return validation_result(check_quantize_settings, bits=bits, method=method,
+                                 calibration_steps=calibration_steps, calibration_samples=calibration_samples,
+                                 seed=seed, cfg=cfg, calibration_width=calibration_width,
+                                 calibration_height=calibration_height, calibration_timesteps=calibration_timesteps,
+                                 time_bins=time_bins, recon_iters=recon_iters, weight_init=weight_init)
+
+    def quantize(self, model, positive, negative, bits, method, calibration_steps, calibration_samples, seed, cfg,
+                 bitwidth_schedule=None, calibration_width=512, calibration_height=512, calibration_timesteps=0,
+                 time_bins=1, recon_iters=200, weight_init="lp"):
+        settings = QuantizeSettings(bits, method, calibration_steps, calibration_samples, seed, cfg,
+                                    calibration_width, calibration_height, calibration_timesteps, time_bins,
+                                    recon_iters, weight_init)
+        check_quantize_settings(**settings.__dict__)
+        return (quantize_model(model, positive, negative, settings, bitwidth_schedule),)

@@ -1,0 +1,264 @@
+"""PTQD: quantization-noise statistics, their correction, and variance-schedule calibration (ALGORITHMS.md A5).
+
+Noise model (per timestep t, per output channel c):   eps_q = (1 + k_t) * eps_fp + b_{t,c} + r,
+with r zero-mean and uncorrelated with eps_fp, variance v_t.
+
+Statistics are collected on full-precision trajectories: both models see the same UNet input x_t (recorded
+from any sampler with ``CallRecorder``). They are accumulated as streaming sufficient statistics per
+timestep (bounded memory), keyed by t and interpolated, so they serve any step count, schedule or sampler.
+
+Departures from the official code (section E), on purpose:
+* k_t is fitted jointly with the per-channel bias (OLS with a per-channel intercept); the bias is then the
+  intercept (the mean of the residual), not the mean of the total error (which also contains k*mean(eps));
+* the residual variance is pooled over all elements, not an average of per-sample standard deviations;
+* negative k is kept (clipped at -0.5 for safety), not silently set to 0;
+* statistics are on the raw UNet output of each call (cond and uncond alike), so they do not depend on the
+  guidance scale: with guidance s the combined error (1-s)·e_u + s·e_c equals e when both branches share the
+  correlated error, which holds because both see the same x_t;
+* the variance calibration solves for the new noise level self-consistently (the official code computed the
+  coefficient with the old sigma while the update used the new one).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from .calib import Call, model_device_dtype, unet_output
+from .config import PTQDConfig
+from .context import get_context
+from .progress import Stage
+
+K_MIN = -0.5
+
+
+class PTQDStats:
+    """Per-timestep tables: t [S], k [S], bias [S, C], var [S] (residual variance before correction)."""
+
+    def __init__(self, t: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, var: torch.Tensor,
+                 config: PTQDConfig = PTQDConfig()):
+        order = torch.argsort(t)
+        self.t, self.k, self.bias, self.var = t[order].float(), k[order].float(), bias[order].float(), var[order].float()
+        self.config = config
+
+    # ---- interpolation over t -------------------------------------------------------------------------
+    def _interp(self, table: torch.Tensor, t: float) -> torch.Tensor:
+        g = self.t
+        if len(g) == 1:
+            return table[0]
+        tt = min(max(float(t), float(g[0])), float(g[-1]))
+        i = int(torch.searchsorted(g, torch.tensor(tt), right=True).clamp(1, len(g) - 1)) - 1
+        w = (tt - float(g[i])) / max(float(g[i + 1] - g[i]), 1e-12)
+        return table[i] * (1 - w) + table[i + 1] * w
+
+    def k_at(self, t: float) -> float:
+        return max(float(self._interp(self.k, t)), K_MIN)
+
+    def bias_at(self, t: float) -> torch.Tensor:
+        return self._interp(self.bias, t)
+
+    def residual_var_at(self, t: float, corrected: bool = True) -> float:
+        """Variance of the uncorrelated quantization noise of the (corrected) prediction at t."""
+        v = max(float(self._interp(self.var, t)), 0.0)
+        if corrected and self.config.correlation_correction:
+            v = v / (1.0 + self.k_at(t)) ** 2
+        return v
+
+    def correct(self, eps: torch.Tensor, t: float) -> torch.Tensor:
+        """eps_c = (eps_q - bias_t) / (1 + k_t), per the enabled parts of the config (BC, CNC)."""
+        if self.config.bias_correction:
+            b = self.bias_at(t).to(eps.device, eps.dtype)
+            eps = eps - b.reshape((1, -1) + (1,) * (eps.dim() - 2))
+        if self.config.correlation_correction:
+            eps = eps / (1.0 + self.k_at(t))
+        return eps
+
+    def with_config(self, config: PTQDConfig) -> "PTQDStats":
+        return PTQDStats(self.t, self.k, self.bias, self.var, config)
+
+    # ---- (de)serialisation into the quantized model file ---------------------------------------------
+    def state(self):
+        from .config import to_json_obj
+
+        return {"config": to_json_obj(self.config)}, {"t": self.t, "k": self.k, "bias": self.bias, "var": self.var}
+
+    @classmethod
+    def from_state(cls, meta, tensors):
+        from .config import from_json_obj
+
+        cfg = from_json_obj(meta["config"])
+        t, k, bias, var = (tensors[n] for n in ("t", "k", "bias", "var"))
+        S = t.shape[0]
+        if t.dim() != 1 or k.shape != (S,) or var.shape != (S,) or bias.dim() != 2 or bias.shape[0] != S:
+            raise ValueError("PTQD tables have inconsistent shapes")
+        return cls(t, k, bias, var, cfg)
+
+
+class _Accum:
+    """Streaming sufficient statistics per timestep and output channel."""
+
+    def __init__(self):
+        self.d: Dict[float, Dict[str, torch.Tensor]] = {}
+
+    def add(self, t: float, fp: torch.Tensor, err: torch.Tensor):
+        C = fp.shape[1]
+        x = fp.transpose(0, 1).reshape(C, -1).double()
+        y = err.transpose(0, 1).reshape(C, -1).double()
+        s = self.d.setdefault(t, {k: torch.zeros(C, dtype=torch.float64) for k in ("n", "x", "y", "xx", "xy", "yy")})
+        s["n"] += x.shape[1]
+        s["x"] += x.sum(1)
+        s["y"] += y.sum(1)
+        s["xx"] += (x * x).sum(1)
+        s["xy"] += (x * y).sum(1)
+        s["yy"] += (y * y).sum(1)
+
+    def finish(self, config: PTQDConfig) -> PTQDStats:
+        ts, ks, bs, vs = [], [], [], []
+        for t in sorted(self.d):
+            s = self.d[t]
+            n = s["n"]
+            sxx = s["xx"] - s["x"] ** 2 / n
+            sxy = s["xy"] - s["x"] * s["y"] / n
+            syy = s["yy"] - s["y"] ** 2 / n
+            k = float(sxy.sum() / sxx.sum().clamp_min(1e-30))
+            bias = s["y"] / n - k * s["x"] / n
+            ss = (syy - 2 * k * sxy + k * k * sxx).sum()
+            var = float(ss / n.sum())
+            ts.append(t)
+            ks.append(max(k, K_MIN))
+            bs.append(bias.float())
+            vs.append(max(var, 0.0))
+        return PTQDStats(torch.tensor(ts), torch.tensor(ks), torch.stack(bs), torch.tensor(vs), config)
+
+
+def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQDConfig(),
+                  progress=None) -> PTQDStats:
+    """Fit k_t, bias_t and residual variance from UNet calls on full-precision trajectories."""
+    if not calls:
+        raise ValueError("PTQD statistics need recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    acc = _Accum()
+    ctx = get_context(qmodel)
+    saved = getattr(ctx, "ptqd_active", False)
+    ctx.ptqd_active = False  # measure the raw quantized output
+    dev, dt = model_device_dtype(fp_model)
+    qdev, qdt = model_device_dtype(qmodel)
+    try:
+        with torch.no_grad(), Stage(progress, len(calls), "PTQD statistics") as st:
+            for c in calls:
+                a, kw = c.to(dev, dt)
+                fp = unet_output(fp_model(*a, **kw)).float()
+                a, kw = c.to(qdev, qdt)
+                q = unet_output(qmodel(*a, **kw)).float().to(fp.device)
+                acc.add(float(c.t), fp.cpu(), (q - fp).cpu())
+                st.step()
+    finally:
+        ctx.ptqd_active = saved
+    return acc.finish(config)
+
+
+class PTQDOutputHook:
+    """Forward hook on the quantized UNet: applies bias and correlation correction to its raw output at
+    the call's timestep, so every sampler (ComfyUI KSampler, diffusers pipelines) gets corrected
+    predictions. The variance calibration needs the sampler (see ``sampling.py`` and the PTQD Sampler)."""
+
+    def __call__(self, module, args, kwargs, out):
+        ctx = get_context(module)
+        stats = getattr(module, "_lowbit_ptqd", None)
+        if stats is None or ctx is None or not getattr(ctx, "ptqd_active", False) or ctx.t is None:
+            return None
+        if torch.is_tensor(out):
+            return stats.correct(out, ctx.t)
+        if hasattr(out, "sample"):
+            out.sample = stats.correct(out.sample, ctx.t)
+            return out
+        if isinstance(out, tuple):
+            return (stats.correct(out[0], ctx.t),) + tuple(out[1:])
+        return None
+
+
+def attach_stats(qmodel, stats: Optional[PTQDStats], active: bool = True):
+    """Store ``stats`` on the quantized model and switch the automatic correction on/off."""
+    ctx = get_context(qmodel)
+    qmodel._lowbit_ptqd = stats
+    ctx.ptqd_active = active and stats is not None
+    if not getattr(qmodel, "_lowbit_ptqd_hooked", False):
+        qmodel.register_forward_hook(PTQDOutputHook(), with_kwargs=True)
+        qmodel._lowbit_ptqd_hooked = True
+    return qmodel
+
+
+def get_stats(qmodel) -> Optional[PTQDStats]:
+    return getattr(qmodel, "_lowbit_ptqd", None)
+
+
+# ---- variance-schedule calibration ------------------------------------------------------------------------
+
+def ddim_vsc_sigma(a_t: float, a_prev: float, sigma: float, var_q: float) -> float:
+    """New DDIM noise level sigma' for residual quantization variance ``var_q`` of eps.
+
+    DDIM step: x_prev = sqrt(a_prev)·x0(eps) + sqrt(1 - a_prev - sigma²)·eps + sigma·z, with
+    x0(eps) = (x_t - sqrt(1-a_t)·eps)/sqrt(a_t). The eps coefficient is
+        c(sigma) = sqrt(1 - a_prev - sigma²) - sqrt(a_prev (1 - a_t) / a_t),
+    so a residual r in eps adds c(sigma)²·var_q of variance. Keeping the total stochastic variance at sigma²
+    means solving sigma'² + c(sigma')²·var_q = sigma² for sigma' in [0, sigma] (bisection; f is continuous
+    and f(sigma) >= 0). If even sigma' = 0 leaves more than sigma², sigma' = 0.
+    With eta = 0 (sigma = 0) this is a no-op: deterministic samplers cannot absorb the noise.
+    """
+    if sigma <= 0 or var_q <= 0:
+        return sigma
+    B = math.sqrt(a_prev * (1 - a_t) / a_t)
+
+    def f(s):
+        c = math.sqrt(max(1 - a_prev - s * s, 0.0)) - B
+        return s * s + c * c * var_q - sigma * sigma
+
+    if f(0.0) >= 0:
+        return 0.0
+    lo, hi = 0.0, sigma
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if f(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def ddpm_vsc_sigma(a_t: float, a_prev: float, sigma: float, var_q: float) -> float:
+    """DDPM (posterior-mean) step: x_prev = (x_t - beta/sqrt(1-a_t)·eps)/sqrt(alpha) + sigma·z with
+    alpha = a_t/a_prev, beta = 1 - alpha. The eps coefficient beta/(sqrt(alpha)·sqrt(1-a_t)) does not depend
+    on sigma, so sigma'² = max(sigma² - coef²·var_q, 0)."""
+    if sigma <= 0 or var_q <= 0:
+        return sigma
+    alpha = a_t / a_prev
+    coef = (1 - alpha) / (math.sqrt(alpha) * math.sqrt(1 - a_t))
+    return math.sqrt(max(sigma * sigma - coef * coef * var_q, 0.0))
+
+
+def ancestral_vsc_sigma_up(sigma: float, sigma_down: float, sigma_up: float, var_q: float) -> float:
+    """Euler-ancestral step in k-diffusion (sigma) space, eps form: x' = x + eps·(sigma_down - sigma) +
+    sigma_up·z. The eps residual enters with coefficient (sigma_down - sigma), so the injected noise
+    becomes sqrt(max(sigma_up² - (sigma - sigma_down)²·var_q, 0)); sigma_down (the deterministic part) is
+    unchanged. No-op for non-ancestral (deterministic) Euler, DPM++ 2M etc."""
+    if sigma_up <= 0 or var_q <= 0:
+        return sigma_up
+    return math.sqrt(max(sigma_up * sigma_up - (sigma - sigma_down) ** 2 * var_q, 0.0))
+
+
+def _to_state(qmodel):
+    stats = get_stats(qmodel)
+    return None if stats is None else stats.state()
+
+
+def _from_state(qmodel, meta, tensors):
+    attach_stats(qmodel, PTQDStats.from_state(meta, tensors), active=True)
+
+
+def _register():
+    from .io import register_extra
+
+    register_extra("ptqd", _to_state, _from_state)
+
+
+_register()

@@ -1,0 +1,197 @@
+"""BRECQ-style block reconstruction with AdaRound weight rounding (ALGORITHMS.md A2, A3).
+
+Units: the top-most modules whose class is a registered block type (ResNet blocks, transformer blocks,
+attention blocks of diffusers, ComfyUI/LDM and Forge UNets); quantized layers outside any block are
+reconstructed alone. For each unit, in model order:
+  inputs  = the unit's inputs in the *quantized* model (weights quantized up to here; PTQD's ``asym``),
+  targets = the unit's outputs in the *full-precision* model on the same UNet call,
+and the AdaRound variables of the unit's layers minimise ||unit_q(inputs) - targets||² plus the rounding
+regulariser, with activations left in float (the weight pass). Then activation step sizes are recomputed
+with the L_p (p=2.4) search on the reconstructed model.
+
+Memory stays bounded: only one unit's inputs/targets are cached at a time (fp16, CPU), recomputed by
+partial forward passes that stop right after the unit (never every block's activations at once).
+Departures from the papers' code: the rounding regulariser covers every AdaRound variable (Q-Diffusion
+skipped the second split half), and every calibration sample is used (PTQD's randperm(960) dropped 64).
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from .calib import Call, _to_store, _to_model, model_device_dtype
+from .config import ReconConfig
+from .context import get_context
+from .layers import QuantLayer, quant_layers
+from .progress import Stage
+from .quantizer import expand_weight_scale, w_qrange
+
+BLOCK_TYPES = {"ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "SpatialTransformer",
+               "AttentionBlock", "CrossAttention", "Transformer2DModel"}
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRound(nn.Module):
+    """Learned rounding: W_int = clamp(floor(W/s) + h(alpha)), h a rectified sigmoid (A2)."""
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        s = expand_weight_scale(layer.w_scale.detach(), layer.weight.shape, layer.group_size)
+        wf = layer.weight.detach().float() / s
+        floor = wf.floor()
+        frac = (wf - floor).clamp(0.01, 0.99)
+        self.register_buffer("floor", floor)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
+        self.soft = True
+
+    def h(self):
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def _int(self, layer, soft):
+        qmin, qmax = w_qrange(layer.w_bits)
+        off = self.h() if soft else (self.alpha >= 0).float()
+        return torch.clamp(self.floor + off, qmin, qmax)
+
+    def fake_weight(self, layer):
+        s = expand_weight_scale(layer.w_scale, layer.weight.shape, layer.group_size)
+        return self._int(layer, self.soft) * s
+
+    def weight_int(self, layer):
+        return self._int(layer, False).to(torch.int8)
+
+    def regulariser(self, beta):
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class _Stop(Exception):
+    pass
+
+
+def find_units(qmodel: nn.Module, call: Call = None):
+    """Reconstruction units in execution order (diffusers registers mid_block after up_blocks)."""
+    units = _units_by_registration(qmodel)
+    if call is None:
+        return units
+    order, hooks = {}, []
+    for name, m in units:
+        hooks.append(m.register_forward_pre_hook(lambda mod, a, n=name: (order.setdefault(n, len(order)), None)[1]))
+    dev, dt = model_device_dtype(qmodel)
+    try:
+        a, kw = call.to(dev, dt)
+        with torch.no_grad():
+            qmodel(*a, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(units, key=lambda u: order.get(u[0], len(order)))
+
+
+def _units_by_registration(qmodel):
+    units, covered = [], set()
+    for name, m in qmodel.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        if type(m).__name__ in BLOCK_TYPES and any(isinstance(x, QuantLayer) for x in m.modules()):
+            units.append((name, m))
+            covered.add(name)
+        elif isinstance(m, QuantLayer):
+            units.append((name, m))
+            covered.add(name)
+    return units
+
+
+def _first_tensor(out):
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"unit returned {type(out).__name__}")
+
+
+def _capture(model, unit_name, call: Call, want: str):
+    """Run ``model`` on ``call`` until unit ``unit_name``; return its (args, kwargs) or its output."""
+    unit = model.get_submodule(unit_name)
+    box = {}
+
+    def pre(mod, args, kwargs):
+        if want == "input":
+            box["v"] = (_to_store(args, torch.float16), _to_store(kwargs, torch.float16))
+            raise _Stop
+
+    def post(mod, args, kwargs, out):
+        if want == "output":
+            box["v"] = _first_tensor(out).detach().to(torch.float16).cpu()
+            raise _Stop
+
+    h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = unit.register_forward_hook(post, with_kwargs=True)
+    dev, dt = model_device_dtype(model)
+    try:
+        a, kw = call.to(dev, dt)
+        with torch.no_grad():
+            model(*a, **kw)
+    except _Stop:
+        pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return box.get("v")
+
+
+def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
+                progress=None, seed: int = 0) -> nn.Module:
+    """AdaRound/BRECQ weight reconstruction of ``qmodel`` in place (it must be a fresh ``quantize`` result in
+    fake mode), then activation re-calibration. Returns ``qmodel``."""
+    from .api import calibrate_activations
+
+    ctx = get_context(qmodel)
+    units = find_units(qmodel, calls[0])
+    g = torch.Generator().manual_seed(seed)
+    dev, dt = model_device_dtype(qmodel)
+    layers_done = 0
+    with Stage(progress, len(units) * max(config.weight_iters, 1), "reconstruct (AdaRound)") as st:
+        for uname, unit in units:
+            layers = [m for m in unit.modules() if isinstance(m, QuantLayer)] if not isinstance(unit, QuantLayer) else [unit]
+            layers = [l for l in layers if l.mode == "fake" and l.modifier is None]
+            if not layers or config.weight_iters == 0:
+                st.step(max(config.weight_iters, 1))
+                continue
+            ctx.act_enabled = False
+            try:
+                inputs = [_capture(qmodel, uname, c, "input") for c in calls]
+                targets = [_capture(fp_model, uname, c, "output") for c in calls]
+                for l in layers:
+                    l.modifier = AdaRound(l).to(l.weight.device)
+                params = [l.modifier.alpha for l in layers]
+                opt = torch.optim.Adam(params, lr=config.weight_lr)
+                warm = int(config.warmup * config.weight_iters)
+                for it in range(config.weight_iters):
+                    i = int(torch.randint(len(calls), (1,), generator=g))
+                    a, kw = _to_model(inputs[i], dev, dt)
+                    tgt = targets[i].to(dev, torch.float32)
+                    out = _first_tensor(unit(*a, **kw)).float()
+                    rec = (out - tgt).pow(2).sum(1).mean() if out.dim() > 1 else (out - tgt).pow(2).mean()
+                    if it < warm:
+                        loss = rec
+                    else:
+                        frac = (it - warm) / max(config.weight_iters - warm, 1)
+                        beta = config.beta_start + (config.beta_end - config.beta_start) * frac
+                        loss = rec + config.round_weight * sum(l.modifier.regulariser(beta) for l in layers)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    st.step(loss=float(rec.detach()))
+                for l in layers:
+                    l.modifier.soft = False
+                    l.modifier.alpha.requires_grad_(False)
+                layers_done += len(layers)
+            finally:
+                ctx.act_enabled = True
+    if any(l.act is not None for _, l in quant_layers(qmodel)):
+        calibrate_activations(qmodel, calls, method="lp", progress=progress)
+    return qmodel

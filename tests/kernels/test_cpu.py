@@ -1,0 +1,96 @@
+"""cpu / onednn backends against the eager reference (integer paths ~1e-5, bf16 paths ~2e-2)."""
+import pytest
+import torch
+
+from kernels_testutil import rel_err
+from lowbit.kernels import ActQuant, ops
+from lowbit.kernels import cpu as cpu_mod
+
+INT_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onednn"])
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("act", [ActQuant(8, 0.04, 131), ActQuant(8, dynamic=True), ActQuant(4, 0.3, 6),
+                                 ActQuant(4, dynamic=True)])
+def test_linear_int(clean_env, backend, wbits, act):
+    clean_env.setenv("LOWBIT_CPU_CACHE_INT4", "1")  # lets onednn take int4 weights too
+    x = torch.randn(3, 41, 96)
+    pw = ops.quantize_weight(torch.randn(80, 96) * 0.05, wbits)
+    bias = torch.randn(80)
+    ref = ops.run_on("eager", "linear", x, pw, bias, act)
+    if backend == "onednn" and act.dynamic:
+        pytest.raises(Exception, ops.run_on, backend, "linear", x, pw, bias, act)
+        return
+    out = ops.run_on(backend, "linear", x, pw, bias, act)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) < INT_TOL
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onednn"])
+@pytest.mark.parametrize("k,stride,pad,dil", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 1, 2, 2)])
+@pytest.mark.parametrize("act", [ActQuant(8, 0.05, 100), ActQuant(8, dynamic=True)])
+def test_conv_int(clean_env, backend, k, stride, pad, dil, act):
+    x = torch.randn(2, 12, 11, 9)
+    pw = ops.quantize_weight(torch.randn(20, 12, k, k) * 0.05, 8)
+    bias = torch.randn(20)
+    ref = ops.run_on("eager", "conv2d", x, pw, bias, stride, pad, dil, 1, act)
+    out = ops.run_on(backend, "conv2d", x, pw, bias, stride, pad, dil, 1, act)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < INT_TOL
+
+
+def test_onednn_grouped_conv(clean_env):
+    x = torch.randn(1, 8, 7, 7)
+    pw = ops.quantize_weight(torch.randn(16, 4, 3, 3), 8)
+    act = ActQuant(8, 0.05, 120)
+    ref = ops.run_on("eager", "conv2d", x, pw, None, 1, 1, 1, 2, act)
+    assert rel_err(ops.conv2d(x, pw, None, 1, 1, 1, 2, act), ref) < INT_TOL
+
+
+def test_int4_unpacked_per_call_unless_cache_enabled(clean_env):
+    x = torch.randn(8, 64)
+    pw = ops.quantize_weight(torch.randn(32, 64), 4)
+    act = ActQuant(8, dynamic=True)
+    base = pw.nbytes()
+    ops.run_on("cpu", "linear", x, pw, None, act)
+    assert "cpu.int8" not in pw.cache and pw.nbytes() <= base + 4 * 32  # only the int32 rowsum was added
+    ok, why = cpu_mod.onednn.check("linear", x, pw, None, ActQuant(8, 0.1, 100))
+    assert not ok and "LOWBIT_CPU_CACHE_INT4=1" in why
+    clean_env.setenv("LOWBIT_CPU_CACHE_INT4", "1")
+    ops.run_on("cpu", "linear", x, pw, None, act)
+    assert pw.cache["cpu.int8"].dtype == torch.int8 and pw.nbytes() >= base + 32 * 64
+
+
+@pytest.mark.parametrize("m", [4, 200])  # int4pack GEMV path and dequantize + bf16 GEMM path
+@pytest.mark.parametrize("gs", [None, 64, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_linear(clean_env, m, gs, dtype):
+    x = torch.randn(m, 128, dtype=dtype)
+    pw = ops.quantize_weight(torch.randn(48, 128), 4, gs)
+    bias = torch.randn(48)
+    ref = ops.run_on("eager", "linear", x, pw, bias, None)
+    out = ops.run_on("cpu", "linear", x, pw, bias, None)
+    assert out.dtype == dtype and rel_err(out, ref) < BF16_TOL
+
+
+def test_weight_only_conv_and_int8(clean_env):
+    x = torch.randn(1, 16, 8, 8)
+    for bits in (4, 8):
+        pw = ops.quantize_weight(torch.randn(32, 16, 3, 3), bits)
+        ref = ops.run_on("eager", "conv2d", x, pw, None, 1, 1, 1, 1, None)
+        assert rel_err(ops.run_on("cpu", "conv2d", x, pw, None, 1, 1, 1, 1, None), ref) < BF16_TOL
+        xl = torch.randn(5, 48)
+        pwl = ops.quantize_weight(torch.randn(32, 48), bits)
+        refl = ops.run_on("eager", "linear", xl, pwl, None, None)
+        assert rel_err(ops.run_on("cpu", "linear", xl, pwl, None, None), refl) < BF16_TOL
+
+
+def test_bf16_input_int_path(clean_env):
+    x = torch.randn(16, 64).bfloat16()
+    pw = ops.quantize_weight(torch.randn(32, 64), 8)
+    act = ActQuant(8, 0.03, 128)
+    out = ops.linear(x, pw, None, act)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ops.run_on("eager", "linear", x, pw, None, act)) < 1e-2

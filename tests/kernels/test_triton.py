@@ -1,0 +1,116 @@
+"""Triton kernels: numerics in the interpreter (CPU tensors, outputs poisoned with NaN before launch) and
+ahead-of-time compilation for CUDA targets (no GPU needed) to catch what the interpreter accepts but ptxas does not
+(e.g. int8 tl.dot with K < 32)."""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kernels_testutil import rel_err
+from lowbit.kernels import ActQuant, ops
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.mark.parametrize("act", [ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True), ActQuant(4, dynamic=True),
+                                 ActQuant(3, 0.25, 2)])
+def test_act_quant_kernel_bit_exact(triton_interpret, act):
+    from lowbit.kernels import triton_gpu
+    from lowbit.kernels.eager import quantize_act
+
+    x = torch.randn(37, 300) * torch.rand(37, 1) * 3
+    x[0] = 0.0
+    x[1, :4] = torch.tensor([0.01, 0.03, -0.01, 0.05])  # exact ties x/scale = k + 0.5 for the static 0.02 case
+    q, scale, zp = triton_gpu.quantize_rows(x, act)
+    q_ref, s_ref, z_ref = quantize_act(x, act, "token")
+    assert torch.equal(q.to(torch.float32) + 128, q_ref)
+    if act.dynamic:
+        assert torch.equal(scale, s_ref) and torch.equal(zp, z_ref)
+
+
+@pytest.mark.parametrize("wbits,gs", [(4, None), (4, 64), (8, 32), (2, None)])
+def test_linear_masked_shapes(triton_interpret, wbits, gs):
+    # M, N not multiples of the tiles, odd K (a padded nibble), K not a multiple of the group
+    x = torch.randn(45, 131)
+    pw = ops.quantize_weight(torch.randn(70, 131) * 0.05, wbits, gs)
+    bias = torch.randn(70)
+    for act in (ActQuant(8, dynamic=True), None):
+        ref = ops.run_on("eager", "linear", x, pw, bias, act)
+        out = ops.run_on("triton", "linear", x, pw, bias, act)
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_conv_dilation_batch_and_bf16(triton_interpret):
+    x = torch.randn(2, 5, 8, 7)
+    pw = ops.quantize_weight(torch.randn(24, 5, 3, 3) * 0.05, 4, 32)
+    act = ActQuant(8, dynamic=True)
+    ref = ops.run_on("eager", "conv2d", x, pw, None, (1, 2), (2, 1), (2, 1), 1, act)
+    out = ops.run_on("triton", "conv2d", x, pw, None, (1, 2), (2, 1), (2, 1), 1, act)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+    xb = x.bfloat16()
+    ref = ops.run_on("eager", "conv2d", xb, pw, None, 1, 1, 1, 1, act)
+    out = ops.run_on("triton", "conv2d", xb, pw, None, 1, 1, 1, 1, act)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+
+
+def test_refuses_cpu_without_interpreter(clean_env):
+    from lowbit.kernels.registry import get_backend
+
+    pw = ops.quantize_weight(torch.randn(32, 64), 8)
+    ok, why = get_backend("triton").check("linear", torch.randn(4, 64), pw, None, None)
+    assert not ok and "CUDA" in why
+
+
+_AOT_SCRIPT = textwrap.dedent(r"""
+    import re, sys, triton
+    from triton.backends.compiler import GPUTarget
+    from lowbit.kernels import triton_gpu as tg
+
+    PTRS = {"a_ptr": "*i8", "w_ptr": "*u8", "x_ptr": "*bf16", "q_ptr": "*i8", "out_ptr": "*fp32"}
+
+    def compile_(name, cap, ptr_over, **const):
+        fn = tg.jit_function(name)
+        sig = {a: ("constexpr" if a in const else ptr_over.get(a, PTRS.get(a, "*fp32" if a.endswith("_ptr") else "i32")))
+               for a in fn.arg_names}
+        for a in ("s_static", "zp_static"):
+            if a in sig:
+                sig[a] = "fp32"
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
+        return triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["ptx"]
+
+    for cap in (80, 86, 89, 90):
+        for cfg in (dict(W4=True, GROUPED=True, IS_CONV=True), dict(W4=False, GROUPED=False, IS_CONV=False)):
+            if cap != 80 and not cfg["W4"]:
+                continue
+            ptx = compile_("int_gemm", cap, {"w_ptr": "*u8" if cfg["W4"] else "*i8"}, HAS_BIAS=True,
+                           BM=64, BN=64, BK=32, **cfg)
+            mma = sorted(set(re.findall(r"\w*mma[\w.:]*\.s32\.s8\.s8[\w.]*", ptx)))
+            print("RESULT", cap, cfg["W4"], mma)
+    compile_("act_quant", 80, {"x_ptr": "*fp32"}, QMAX=255, DYNAMIC=True, BR=16, BL=1024)
+    ptx = compile_("wo_gemm", 80, {"w_ptr": "*u8"}, W4=True, GROUPED=True, HAS_BIAS=False, BM=64, BN=64, BK=64)
+    print("RESULT wo", sorted(set(re.findall(r"mma[\w.:]*bf16[\w.]*", ptx))))
+""")
+
+
+def test_aot_compile_for_cuda_targets():
+    """Compile in a fresh process (this one imported triton for the interpreter) for sm_80/86/89/90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        if any(s in proc.stderr for s in ("ptxas", "No such file", "CUDA_HOME", "libcuda")) and "CompilationError" not in proc.stderr:
+            pytest.skip("cannot compile for CUDA here: " + " | ".join(tail))
+        pytest.fail("AOT compilation failed:\n" + proc.stderr[-3000:])
+    res = {tuple(l.split(None, 3)[1:3]): l.split(None, 3)[3] for l in proc.stdout.splitlines()
+           if l.startswith("RESULT") and not l.startswith("RESULT wo")}
+    for cap in ("80", "86", "89"):
+        assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[(cap, "True")], res
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[("80", "False")]
+    assert "wgmma.mma_async.sync.aligned" in res[("90", "True")] and ".s32.s8.s8" in res[("90", "True")]
+    wo = [l for l in proc.stdout.splitlines() if l.startswith("RESULT wo")][0]
+    assert "bf16" in wo

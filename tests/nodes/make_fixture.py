@@ -1,0 +1,205 @@
+"""A small, deterministic, randomly initialised SD1.5-class checkpoint for the ComfyUI integration tests.
+
+Nothing is downloaded. The UNet is ComfyUI's own ``UNetModel`` with the SD1.5 numbers that ComfyUI's model
+detection keys on (``model_channels=320``, ``context_dim=768``, conv ``proj_in`` i.e. no linear-in-transformer,
+no ``adm_in_channels``) but reduced depth, the text encoder is ComfyUI's own CLIP-L (``comfy/sd1_clip_config.json``,
+the one size ComfyUI accepts for SD1.x) and the VAE is ComfyUI's TAESD (``first_stage_model.taesd_encoder.*`` /
+``taesd_decoder.*``). Everything is written in the original LDM key layout (``model.diffusion_model.``,
+``cond_stage_model.transformer.text_model.``, ``first_stage_model.``) as one fp16 safetensors file, so
+``CheckpointLoaderSimple`` detects it as SD15 and loads MODEL, CLIP and VAE from it.
+
+Weights are initialised explicitly (ComfyUI's ``disable_weight_init`` ops leave them as ``torch.empty``): each
+tensor comes from its own CPU generator seeded by (FIXTURE_VERSION, seed, key), so the bytes depend only on the
+key table and torch's CPU RNG. Linear/conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm scales
+1 + N(0, 0.05^2), embeddings ~ N(0, 0.02^2): non-degenerate activations everywhere (no zero-initialised output
+layers), which is what quantization tests need.
+
+Variants (UNet only; CLIP-L ~246 MB fp16 dominates the file):
+    micro  channel_mult [1],    1 res block, attention at the level and in the middle   (~26 M UNet params)
+    tiny   channel_mult [1, 2], 1 res block per level, attention everywhere           (~107 M UNet params)
+
+Must run with ComfyUI's python (it imports ``comfy``). Usage:
+
+    $COMFYUI_PYTHON tests/nodes/make_fixture.py --comfyui-dir $COMFYUI_DIR [--variant micro] [--seed 0]
+        [--cache-dir DIR] [--out PATH] [--force]
+
+It prints the path of the checkpoint as the last line of stdout. Without ``--out`` the file is cached as
+``<cache-dir>/lowbit-comfy-sd15-<variant>-<FIXTURE_VERSION>-s<seed>.safetensors``; the cache dir is
+``--cache-dir``, else ``$LOWBIT_FIXTURE_CACHE``, else ``<tempdir>/lowbit-fixtures``. A cached file is reused.
+
+This module has no top-level imports of torch or comfy, so the test harness (which may run in another python)
+can import it for ``fixture_path()``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Bump when the architecture table or the initialisation changes: the cache file name carries it.
+FIXTURE_VERSION = "v1"
+
+VARIANTS = {
+    # UNetModel kwargs that differ per variant. transformer_depth has one entry per input res block,
+    # transformer_depth_output one per output res block (num_res_blocks + 1 per level).
+    "micro": dict(channel_mult=[1], num_res_blocks=[1], transformer_depth=[1],
+                  transformer_depth_output=[1, 1], transformer_depth_middle=1),
+    "tiny": dict(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                 transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1),
+}
+DEFAULT_VARIANT = "micro"
+
+# SD1.5 values shared by every variant (comfy.supported_models.SD15 + model_detection).
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, context_dim=768,
+                 num_heads=8, num_head_channels=-1, use_spatial_transformer=True, use_linear_in_transformer=False,
+                 legacy=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False)
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."   # + text_model.*
+VAE_PREFIX = "first_stage_model."
+TAESD_SD15_SCALE = 0.18215                      # what nodes.VAELoader.load_taesd sets for "taesd"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_FIXTURE_CACHE") or Path(tempfile.gettempdir()) / "lowbit-fixtures")
+
+
+def fixture_name(variant: str = DEFAULT_VARIANT, seed: int = 0) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return f"lowbit-comfy-sd15-{variant}-{FIXTURE_VERSION}-s{seed}.safetensors"
+
+
+def fixture_path(variant: str = DEFAULT_VARIANT, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / fixture_name(variant, seed)
+
+
+# --------------------------------------------------------------------------------------------- building
+def _import_comfy(comfyui_dir: str | None):
+    if comfyui_dir:
+        comfyui_dir = os.path.abspath(comfyui_dir)
+        if comfyui_dir not in sys.path:
+            sys.path.insert(0, comfyui_dir)
+    try:
+        import comfy.cli_args  # parses no argv unless comfy.options.args_parsing is set
+    except ImportError as exc:
+        raise SystemExit(f"make_fixture.py needs ComfyUI's python and source (--comfyui-dir or COMFYUI_DIR): {exc}")
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (HOSTS.md §5.4)
+    import comfy.ops
+    import comfy.clip_model
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    return comfy, UNetModel
+
+
+def _generator(seed: int, key: str):
+    import torch
+    digest = hashlib.sha256(f"{FIXTURE_VERSION}/{seed}/{key}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
+def _init_module(module, prefix: str, seed: int) -> None:
+    """Fill every parameter (and float buffer) of `module` in place, one generator per full key."""
+    import torch
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for mod_name, mod in module.named_modules():
+            for p_name, p in list(mod.named_parameters(recurse=False)):
+                key = f"{prefix}{mod_name}.{p_name}" if mod_name else f"{prefix}{p_name}"
+                g = _generator(seed, key)
+                t = torch.empty(p.shape, dtype=torch.float32)
+                if isinstance(mod, norm_types):
+                    t.normal_(0.0, 0.05, generator=g)
+                    if p_name == "weight":
+                        t += 1.0
+                elif isinstance(mod, torch.nn.Embedding):
+                    t.normal_(0.0, 0.02, generator=g)
+                elif p_name == "bias" or p.dim() < 2:
+                    t.normal_(0.0, 0.02, generator=g)
+                else:
+                    fan_in = 1
+                    for s in p.shape[1:]:
+                        fan_in *= s
+                    t.normal_(0.0, fan_in ** -0.5, generator=g)
+                p.data = t.to(p.dtype)
+
+
+def build_state_dict(variant: str = DEFAULT_VARIANT, seed: int = 0, comfyui_dir: str | None = None) -> dict:
+    """The fp16 LDM-layout state dict (needs ComfyUI importable)."""
+    import torch
+    comfy, UNetModel = _import_comfy(comfyui_dir)
+    ops = comfy.ops.disable_weight_init
+    sd: dict[str, torch.Tensor] = {}
+
+    unet = UNetModel(**SD15_UNET, **VARIANTS[variant], dtype=torch.float32, device="cpu", operations=ops)
+    _init_module(unet, UNET_PREFIX, seed)
+    sd.update({UNET_PREFIX + k: v for k, v in unet.state_dict().items()})
+    del unet
+
+    cfg_path = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"  # comfy is a namespace package
+    clip_cfg = json.loads(cfg_path.read_text())
+    clip = comfy.clip_model.CLIPTextModel(clip_cfg, dtype=torch.float32, device="cpu", operations=ops)
+    _init_module(clip, CLIP_PREFIX, seed)
+    for k, v in clip.state_dict().items():
+        if k.startswith("text_model."):      # SD1.5 checkpoints carry no text_projection / logit_scale
+            sd[CLIP_PREFIX + k] = v
+    del clip
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_module(taesd, VAE_PREFIX, seed)
+    for k, v in taesd.state_dict().items():
+        sd[VAE_PREFIX + k] = v
+    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(TAESD_SD15_SCALE)
+    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0)
+
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+
+
+def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, comfyui_dir: str | None = None,
+                 force: bool = False) -> Path:
+    """Build (or reuse) the checkpoint and return its path. Writes atomically (tmp file + rename)."""
+    path = Path(out) if out else fixture_path(variant, seed, cache_dir)
+    if path.is_file() and not force:
+        return path
+    from safetensors.torch import save_file
+    sd = build_state_dict(variant, seed, comfyui_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # One metadata key: safetensors writes the metadata map in hash order, so several keys would make the
+    # header (and the file's bytes) differ from run to run.
+    meta = {"lowbit_fixture": json.dumps({"version": FIXTURE_VERSION, "variant": variant, "seed": seed,
+            "architecture": "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)"}, sort_keys=True)}
+    try:
+        save_file(sd, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"),
+                    help="ComfyUI source tree to import comfy from (default: $COMFYUI_DIR, else sys.path)")
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=None, help="write here instead of the cache")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the file exists")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    path = make_fixture(a.variant, a.seed, a.out, a.cache_dir, a.comfyui_dir, a.force)
+    print(f"# fixture ready in {time.perf_counter() - t0:.1f}s ({path.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

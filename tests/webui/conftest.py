@@ -1,0 +1,47 @@
+"""Fixtures for the WebUI (Forge) integration tests. See forge_harness.py and setup_forge.sh."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from forge_harness import SKIP_REASON, ForgeServer, forge_paths  # noqa: E402
+from make_sd15_fixture import ensure_fixture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def forge_server(tmp_path_factory):
+    """A running headless Forge with this repo as its `lowbit` extension (skips without FORGE_DIR)."""
+    paths = forge_paths()
+    if paths is None:
+        pytest.skip(SKIP_REASON)
+    forge_dir, python = paths
+    checkpoint = ensure_fixture()
+    log_path = Path(os.environ.get("FORGE_LOG") or tmp_path_factory.mktemp("forge") / "forge.log")
+    server = ForgeServer(forge_dir, python, checkpoint=checkpoint, log_path=log_path,
+                         startup_timeout=float(os.environ.get("FORGE_STARTUP_TIMEOUT", "600")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def forge(forge_server):
+    """ForgeClient of the session's Forge: txt2img(payload) -> list[PIL.Image], scripts(), get(), post()."""
+    return forge_server.client
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and "forge_server" in getattr(item, "fixturenames", ()):
+        server = item.funcargs.get("forge_server")
+        if server is not None:
+            rep.sections.append((f"Forge log tail ({server.log_path})", server.log_tail(120)))

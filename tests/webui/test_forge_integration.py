@@ -1,0 +1,103 @@
+"""Integration tests against a real headless Forge (skipped unless FORGE_DIR is set).
+
+    bash tests/webui/setup_forge.sh /work/forge          # once (about 10 min, 6.6 GB venv)
+    FORGE_DIR=/work/forge pytest tests/webui -v          # about 1.5 min on 2 CPU cores
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forge_harness import EXTENSION_NAME, REPO_ROOT
+from make_sd15_fixture import FIXTURE_VERSION, sd15_spec
+
+BASELINE = {"prompt": "a photo of a cat", "negative_prompt": "", "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7, "seed": 1, "batch_size": 1}
+
+
+def _extension_script_files() -> list[Path]:
+    return sorted(p for p in (REPO_ROOT / "scripts").glob("*.py") if not p.name.startswith("_"))
+
+
+# -- the fixture checkpoint (no Forge needed) ---------------------------------------------------------------
+
+def test_fixture_layout_matches_diffusers_converters():
+    """The hand-written LDM key/shape table is exactly what diffusers' LDM converters and the SD1.5 configs
+    expect (UNet, KL VAE, CLIP-L), checked on the meta device: no 2 GB file is built here."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    spec = sd15_spec()
+    ckpt = {k: torch.empty(shape, device="meta", dtype=torch.float16) for k, (shape, _) in spec.items()}
+    assert sum(t.numel() for k, t in ckpt.items() if k.startswith("model.diffusion_model.")) == 859_520_964
+
+    def same(model_sd: dict, converted: dict, what: str) -> None:
+        model_sd = {k: v for k, v in model_sd.items() if not k.endswith("position_ids")}
+        assert set(model_sd) == set(converted), (what, sorted(set(model_sd) ^ set(converted))[:10])
+        bad = [k for k in model_sd if tuple(model_sd[k].shape) != tuple(converted[k].shape)]
+        assert not bad, (what, bad[:10])
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4)
+        clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77))
+    same(unet.state_dict(), sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), "unet")
+    same(vae.state_dict(), sfu.convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), "vae")
+    prefix = "cond_stage_model.transformer.text_model."
+    text_model = getattr(clip, "text_model", clip)  # transformers 5 flattened CLIPTextModel
+    same(text_model.state_dict(), {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}, "clip")
+    assert len(spec) == len(ckpt) == 686 + 196 + 248
+
+
+# -- a real Forge -------------------------------------------------------------------------------------------
+
+@pytest.mark.forge
+@pytest.mark.slow
+def test_txt2img_baseline(forge):
+    """The random SD1.5 fixture loads and a 64x64, 2-step txt2img answers with one valid RGB image."""
+    images = forge.txt2img(dict(BASELINE))
+    assert len(images) == 1
+    im = images[0]
+    assert im.size == (64, 64) and im.mode == "RGB"
+    extrema = im.getextrema()
+    assert any(hi > lo for lo, hi in extrema), f"constant image {extrema} (NaN in the UNet/VAE?)"
+    assert forge.last_info.get("sd_model_name") == f"lowbit-{FIXTURE_VERSION}", forge.last_info.get("sd_model_name")
+
+
+@pytest.mark.forge
+@pytest.mark.slow
+def test_extension_loaded_without_errors(forge, forge_server):
+    """Forge saw extensions/lowbit and logged no traceback through it or through the `lowbit` package
+    (script import, ui()/ui_settings/ui_tabs callbacks, which --nowebui runs too while building the API)."""
+    link = forge_server.forge_dir / "extensions" / EXTENSION_NAME
+    assert link.resolve() == REPO_ROOT
+    errors = forge_server.error_blocks()
+    assert not errors, "\n\n".join(errors[:5])
+
+
+@pytest.mark.forge
+@pytest.mark.slow
+def test_extension_scripts_discovered(forge):
+    """Every extension script is listed by GET /sdapi/v1/scripts. Convention: the titles of LowBit's
+    scripts contain "LowBit" (the API lists titles lower-cased)."""
+    files = _extension_script_files()
+    if not files:
+        pytest.skip(f"{REPO_ROOT / 'scripts'} has no scripts yet")
+    listed = forge.scripts()
+    ours = {tab: [t for t in titles if "lowbit" in t] for tab, titles in listed.items()}
+    assert ours["txt2img"], f"no script titled '*LowBit*' among txt2img scripts {listed['txt2img']}"
+    alwayson = [s for s in forge.script_info() if "lowbit" in s["name"] and s["is_alwayson"]]
+    assert alwayson, "LowBit's script is listed but not AlwaysVisible"
