@@ -226,6 +226,15 @@ class training_mode:
         return False
 
 
+def copy_quantized(q_unet):
+    """Deep copy of a quantized UNet without the kernels' prepacked caches (``PackedWeight.cache`` may hold
+    opaque oneDNN tensors, which cannot be deep-copied; the copy rebuilds them on first use)."""
+    import copy
+
+    memo = {id(layer._packed): None for _, layer in quant_layers(q_unet) if getattr(layer, "_packed", None) is not None}
+    return copy.deepcopy(q_unet, memo)
+
+
 def alphas_cumprod(model) -> torch.Tensor:
     """abar_t of the model's discrete schedule, from its sigmas (abar = 1 / (1 + sigma^2))."""
     sig = model_sampling(model).sigmas.detach().float().cpu()

@@ -9,7 +9,6 @@ fine-tuned UNet, and the loss curve as an IMAGE.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import List
@@ -134,7 +133,7 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
     # inference tensors, which autograd may not save for backward. Train on a plain copy of the (small,
     # deployed) quantized UNet and of the calls; the shared input UNet is not touched.
     with adapter.training_mode():
-        q_train = copy.deepcopy(q)
+        q_train = adapter.copy_quantized(q)
         lora_side.clear_side_paths(q_train)  # a user LoRA side path must not be trained into the student
         q_train._lowbit_lora_state = None
         calls = adapter.plain_calls(calls)

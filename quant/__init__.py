@@ -21,3 +21,5 @@ from .ptqd import PTQDStats, attach_stats, collect_stats, get_stats
 from .sampling import guided_eps_fn, sample, SAMPLERS
 from .schedule import auto_schedule, measure_snr
 from .recon import reconstruct
+from . import efficientdm
+from .efficientdm import finetune, merge_, save_adapters, load_adapters

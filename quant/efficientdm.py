@@ -409,6 +409,10 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
     with the same model. The loss checked for divergence is the average over ranks (all ranks stop together).
 
     Raises ``NumericalError`` (naming the step) on a NaN/Inf loss or a loss above 100x the first step's.
+
+    ``config.sampling_steps / guidance / eta`` describe the trajectories a host should record (the calls carry
+    their own timesteps and conditioning, so finetune itself does not read them). The returned model records
+    ``_lowbit_finetune`` (config, first/last loss, ranks), which ``quant.io.save`` writes into the file header.
     """
     cfg = FinetuneConfig() if config is None else config
     if not isinstance(cfg, FinetuneConfig):

@@ -42,6 +42,12 @@ def qlayer_class_for(module: nn.Module):
     for t in type(module).__mro__:
         if t in QLAYERS:
             return QLAYERS[t]
+    # Hosts with their own Linear that is not an nn.Linear subclass (Forge's ForgeOperations.Linear):
+    # recognised by shape of the interface, i.e. in/out features and a 2-D weight.
+    w = getattr(module, "weight", None)
+    if (type(module).__name__ == "Linear" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return QLAYERS.get(nn.Linear)
     return None
 
 
@@ -298,8 +304,8 @@ class QuantLayer(nn.Module):
         return y.to(x.dtype)
 
     def weight_bytes(self) -> int:
-        if self.mode == "deployed":
-            return self.qdata.numel() * self.qdata.element_size() + self.w_scale_buf.numel() * 4
+        if self.mode == "deployed":  # resident bytes, including backend-prepacked copies (e.g. oneDNN blobs)
+            return self.packed_weight().nbytes(include_cache=True)
         n = 1
         for d in self.weight_shape:
             n *= d

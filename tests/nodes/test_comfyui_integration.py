@@ -78,3 +78,290 @@ def test_baseline_sd15_graph_runs(comfy, record_property):
     assert img.mode == "RGB"
     lo, hi = img.convert("L").getextrema()
     assert hi > lo, "decoded image is constant"
+
+
+# =====================================================================================================
+# LowBit nodes end to end (added with the node pack). Small on purpose: 64x64, 2 sampling steps, one or two
+# calibration runs, minmax weight scales; every Quantize UNet node below uses the same settings, so ComfyUI's
+# node cache quantizes once per session.
+# =====================================================================================================
+import json as _json
+import struct as _struct
+from pathlib import Path as _Path
+
+LOWBIT_NODES = ("LowBitQuantizeUNet", "LowBitBitwidthSchedule", "LowBitPTQDSampler", "LowBitPTQDKSampler",
+                "LowBitEfficientDMFinetune", "LowBitSaveQuantizedUNet", "LowBitLoadQuantizedUNet",
+                "LowBitCompareImages")
+EXAMPLES = _Path(__file__).resolve().parents[2] / "example_workflows"
+SMALL = dict(size=64, steps=2)
+QUANT_SETTINGS = dict(bits="W4A8", method="ptqd", calibration_steps=2, calibration_samples=1, seed=0, cfg=7.0,
+                      calibration_width=64, calibration_height=64, calibration_timesteps=0, time_bins=1,
+                      weight_init="minmax", recon_iters=0)
+
+
+def _text_graph(ckpt):
+    """Nodes "1" loader, "2"/"3" positive/negative, "4" 64x64 empty latent (API format)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SMALL["size"], "height": SMALL["size"],
+                                                            "batch_size": 1}},
+    }
+
+
+def _quantize(graph, node_id="10", model=("1", 0), **over):
+    graph[node_id] = {"class_type": "LowBitQuantizeUNet",
+                      "inputs": dict(QUANT_SETTINGS, model=list(model), positive=["2", 0], negative=["3", 0], **over)}
+    return [node_id, 0]
+
+
+def _sampler_custom(graph, node_id, model, sampler_id, seed=5):
+    """SamplerCustom (+ BasicScheduler) with the given SAMPLER node; returns the output-latent link."""
+    graph[node_id + "s"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal",
+                                                                       "steps": SMALL["steps"], "denoise": 1.0}}
+    graph[node_id] = {"class_type": "SamplerCustom", "inputs": {
+        "model": model, "add_noise": True, "noise_seed": seed, "cfg": 7.0, "positive": ["2", 0],
+        "negative": ["3", 0], "sampler": [sampler_id, 0], "sigmas": [node_id + "s", 0], "latent_image": ["4", 0]}}
+    return [node_id, 0]
+
+
+def _ptqd_sampler(graph, node_id="20", name="euler_ancestral"):
+    graph[node_id] = {"class_type": "LowBitPTQDSampler", "inputs": {"sampler_name": name, "eta": 1.0,
+                                                                    "s_noise": 1.0, "variance_correction": True}}
+    return node_id
+
+
+def test_object_info_lists_every_lowbit_node_with_tooltips(comfy):
+    info = comfy.object_info()
+    missing = [n for n in LOWBIT_NODES if n not in info]
+    assert not missing, f"not registered: {missing}"
+    for name in LOWBIT_NODES:
+        d = info[name]
+        assert d.get("description"), f"{name} has no DESCRIPTION in /object_info"
+        assert d["category"].startswith("LowBit")
+        for section in ("required", "optional"):
+            for inp, spec in d["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                assert opts.get("tooltip"), f"{name}.{inp} has no tooltip in /object_info"
+    assert "BITWIDTH_SCHEDULE" in info["LowBitQuantizeUNet"]["input"]["optional"]["bitwidth_schedule"][0]
+    js = comfy.get("/extensions")
+    assert any(u.endswith("/lowbit_compare.js") for u in js), f"compare slider JS not served: {js}"
+
+
+def test_quantize_ptqd_sampler_compare_graph(comfy):
+    """CheckpointLoaderSimple -> Quantize UNet (W4A8, ptqd) -> SamplerCustom + PTQD Sampler -> VAEDecode ->
+    Compare, against the same graph on the float model."""
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g)
+    s = _ptqd_sampler(g)
+    lat_fp = _sampler_custom(g, "30", ["1", 0], s)
+    lat_q = _sampler_custom(g, "31", q, s)
+    g["40"] = {"class_type": "VAEDecode", "inputs": {"samples": lat_fp, "vae": ["1", 2]}}
+    g["41"] = {"class_type": "VAEDecode", "inputs": {"samples": lat_q, "vae": ["1", 2]}}
+    g["50"] = {"class_type": "LowBitCompareImages", "inputs": {"image_a": ["40", 0], "image_b": ["41", 0]}}
+    g["51"] = {"class_type": "PreviewImage", "inputs": {"images": ["50", 0]}}
+    hist = comfy.run(g, timeout=1800)
+    out = hist["outputs"]["50"]
+    assert len(out["a_images"]) == 1 and len(out["b_images"]) == 1, out
+    a = comfy.image(**{k: out["a_images"][0][k] for k in ("filename", "subfolder", "type")})
+    b = comfy.image(**{k: out["b_images"][0][k] for k in ("filename", "subfolder", "type")})
+    assert a.size == b.size == (64, 64)
+    assert "PSNR" in out["text"][0] and "SSIM" in out["text"][0]
+    assert len(out["ssim"]) == 1 and -1.0 <= out["ssim"][0] <= 1.0
+    heat = comfy.images(hist, "51")
+    assert len(heat) == 1 and heat[0].size == (64, 64)
+
+
+def test_quantize_rejects_bad_settings_before_running(comfy):
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g, calibration_width=60)
+    g["60"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "x"}}
+    with pytest.raises(AssertionError, match="multiple of 8"):
+        comfy.queue_prompt(g)
+
+
+def test_efficientdm_node_runs_a_few_steps(comfy):
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g)
+    g["70"] = {"class_type": "LowBitEfficientDMFinetune", "inputs": {
+        "fp_model": ["1", 0], "quantized_model": q, "positive": ["2", 0], "negative": ["3", 0], "steps": 3,
+        "rank": 2, "lr_scale": 1.0, "seed": 0, "samples": 1, "sampling_steps": 2, "cfg": 7.0, "width": 64,
+        "height": 64, "batch_size": 2, "act_lr": 5e-4}}
+    g["71"] = {"class_type": "PreviewImage", "inputs": {"images": ["70", 1]}}
+    s = _ptqd_sampler(g)
+    lat = _sampler_custom(g, "72", ["70", 0], s)
+    g["73"] = {"class_type": "VAEDecode", "inputs": {"samples": lat, "vae": ["1", 2]}}
+    g["74"] = {"class_type": "PreviewImage", "inputs": {"images": ["73", 0]}}
+    hist = comfy.run(g, timeout=1800)
+    curve = comfy.images(hist, "71")
+    assert len(curve) == 1 and curve[0].size == (640, 360)
+    assert len(comfy.images(hist, "74")) == 1
+    assert "fine-tune done (3 steps" in comfy.server.log_text()
+
+
+def _fixture_unet_shapes(ckpt_path):
+    """{layer name: weight shape} of the fixture's UNet, from the safetensors header (stdlib only)."""
+    with open(ckpt_path, "rb") as f:
+        (n,) = _struct.unpack("<Q", f.read(8))
+        header = _json.loads(f.read(n))
+    pre = "model.diffusion_model."
+    return {k[len(pre):-len(".weight")]: v["shape"] for k, v in header.items()
+            if k.startswith(pre) and k.endswith(".weight")}
+
+
+def _write_lora(path, shapes):
+    """A random kohya-style LoRA on a Linear, a 1x1 conv and a 3x3 conv of the UNet, plus a LoHa layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name in ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.proj_in",
+                 "input_blocks.1.0.in_layers.2"):
+        shp, r = shapes[name], 4
+        k = "lora_unet_" + name.replace(".", "_")
+        sd[k + ".lora_down.weight"] = torch.randn([r] + shp[1:], generator=g) * 0.05
+        sd[k + ".lora_up.weight"] = torch.randn([shp[0], r] + ([1, 1] if len(shp) == 4 else []), generator=g) * 0.05
+        sd[k + ".alpha"] = torch.tensor(2.0)
+    name = "middle_block.1.transformer_blocks.0.attn2.to_v"
+    shp, k = shapes[name], "lora_unet_" + name.replace(".", "_")
+    for a, b in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")):
+        sd[f"{k}.{a}"] = torch.randn(shp[0], 2, generator=g) * 0.1
+        sd[f"{k}.{b}"] = torch.randn(2, shp[1], generator=g) * 0.1
+    sd[k + ".alpha"] = torch.tensor(2.0)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def _latent(comfy, hist, node_id):
+    from safetensors.torch import load_file
+
+    rec = hist["outputs"][node_id]["latents"][0]
+    path = comfy.server.base_dir / "output" / rec["subfolder"] / rec["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_lora_on_quantized_model_changes_output_and_unpatch_restores_it(comfy, sd15_fixture):
+    import torch
+
+    loras = comfy.server.base_dir / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    _write_lora(loras / "lowbit_test_lora.safetensors", _fixture_unet_shapes(sd15_fixture))
+
+    def graph(with_lora: bool, advanced: bool, prefix: str):
+        g = _text_graph(comfy.checkpoint)
+        model = _quantize(g)
+        if with_lora:
+            g["80"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": model, "lora_name": "lowbit_test_lora.safetensors", "strength_model": 1.0}}
+            model = ["80", 0]
+        g["81"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        if advanced:  # same computation as SamplerCustom, different node: not served from ComfyUI's cache
+            g["82s"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal",
+                                                                   "steps": SMALL["steps"], "denoise": 1.0}}
+            g["83"] = {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["2", 0],
+                                                             "negative": ["3", 0], "cfg": 7.0}}
+            g["84"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+            g["82"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["84", 0], "guider": ["83", 0], "sampler": ["81", 0], "sigmas": ["82s", 0],
+                "latent_image": ["4", 0]}}
+            lat = ["82", 0]
+        else:
+            lat = _sampler_custom(g, "82", model, "81")
+        g["85"] = {"class_type": "SaveLatent", "inputs": {"samples": lat, "filename_prefix": f"latents/{prefix}"}}
+        return g
+
+    plain = _latent(comfy, comfy.run(graph(False, False, "lowbit_plain"), timeout=1800), "85")
+    with_lora = _latent(comfy, comfy.run(graph(True, False, "lowbit_lora"), timeout=1800), "85")
+    assert "NOT LOADED" not in comfy.server.log_text(), "LoRA keys were dropped for the quantized model"
+    assert (with_lora - plain).abs().max() > 1e-3, "the LoRA did not change the quantized model's output"
+    again = _latent(comfy, comfy.run(graph(False, True, "lowbit_plain_again"), timeout=1800), "85")
+    assert torch.equal(again, plain), "removing the LoRA did not restore the quantized output bit for bit"
+
+
+def test_save_and_load_quantized_unet_round_trip(comfy):
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g)
+    g["90"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/unet"}}
+    hist = comfy.run(g, timeout=1800)
+    rel = hist["outputs"]["90"]["lowbit_files"][0]
+    assert rel.startswith("it/unet_") and rel.endswith(".safetensors")
+    assert (comfy.server.base_dir / "models" / "lowbit" / rel).is_file()
+    files = comfy.object_info("LowBitLoadQuantizedUNet")["LowBitLoadQuantizedUNet"]["input"]["required"]["unet_name"][0]
+    assert rel in files
+
+    g2 = _text_graph(comfy.checkpoint)
+    g2["91"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": {"model": ["1", 0], "unet_name": rel}}
+    s = _ptqd_sampler(g2)
+    lat = _sampler_custom(g2, "92", ["91", 0], s)
+    g2["93"] = {"class_type": "VAEDecode", "inputs": {"samples": lat, "vae": ["1", 2]}}
+    g2["94"] = {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}}
+    assert len(comfy.images(comfy.run(g2, timeout=1800), "94")) == 1
+
+
+# ---------------------------------------------------------------------------------- example workflows
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format (frontend-saved) workflow to the API format /prompt accepts.
+
+    Widget values are matched to the node's widget inputs in /object_info's input order; an INT input with
+    a "control after generate" widget (``control_after_generate`` or the legacy names seed / noise_seed)
+    has one extra value in widgets_values. Links come from the ``links`` table.
+    """
+    links = {l[0]: l for l in workflow["links"]}
+    api = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        cls = node["type"]
+        if cls not in object_info:
+            raise AssertionError(f"workflow node {node['id']} has unknown type {cls!r}")
+        info = object_info[cls]
+        order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                spec = info["input"][section][name]
+                opts = spec[1] if len(spec) > 1 else {}
+                widget = (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                    and not opts.get("forceInput")
+                if widget and values:
+                    v = values.pop(0)
+                    if spec[0] == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
+                        values.pop(0)
+                    inputs[name] = v
+                if name in linked:
+                    l = linked[name]
+                    inputs[name] = [str(l[1]), l[2]]
+        api[str(node["id"])] = {"class_type": cls, "inputs": inputs}
+    return api
+
+
+def shrink_for_test(api: dict, ckpt: str) -> dict:
+    """Same graph, test-sized: fixture checkpoint, 64x64, 2 steps, one calibration run, a few training steps."""
+    small = {
+        "CheckpointLoaderSimple": dict(ckpt_name=ckpt),
+        "EmptyLatentImage": dict(width=64, height=64),
+        "KSampler": dict(steps=2),
+        "BasicScheduler": dict(steps=2),
+        "LowBitPTQDKSampler": dict(steps=2),
+        "LowBitQuantizeUNet": dict(calibration_steps=2, calibration_samples=1, calibration_width=64,
+                                   calibration_height=64, weight_init="minmax"),
+        "LowBitEfficientDMFinetune": dict(steps=2, samples=1, sampling_steps=2, width=64, height=64, batch_size=2),
+    }
+    for node in api.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+    return api
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.json")))
+def test_example_workflow_runs(comfy, name):
+    wf = _json.loads((EXAMPLES / f"{name}.json").read_text())
+    assert (EXAMPLES / f"{name}.jpg").is_file(), f"{name}.json has no thumbnail"
+    api = shrink_for_test(ui_to_api(wf, comfy.object_info()), comfy.checkpoint)
+    hist = comfy.run(api, timeout=2400)
+    assert hist["status"]["status_str"] == "success"
+    produced = [nid for nid, out in hist["outputs"].items() if out.get("images") or out.get("a_images")
+                or out.get("lowbit_files")]
+    assert produced, f"{name} produced no output"

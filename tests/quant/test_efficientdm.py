@@ -206,6 +206,17 @@ def test_cancel_and_success_leave_inputs_bit_identical(setup):
     assert same(snapshot(unet), t0) and same(snapshot(q), q0)
 
 
+def test_student_shares_frozen_storage(setup):
+    """No second full-precision copy: the student's frozen tensors are the teacher's / qmodel's storage."""
+    unet, q, calls, held, s = setup
+    for n, l in quant_layers(s):
+        assert l.weight.data_ptr() == q.get_submodule(n).weight.data_ptr() == unet.get_submodule(n).weight.data_ptr()
+        assert not l.weight.requires_grad
+        assert l.act.tgrid.data_ptr() != q.get_submodule(n).act.tgrid.data_ptr() or not l.scheduled
+    norm = "down_blocks.0.resnets.0.norm1"
+    assert s.get_submodule(norm).weight.data_ptr() == q.get_submodule(norm).weight.data_ptr()
+
+
 def test_grad_checkpointing_same_result(setup):
     unet, q, calls, held, _ = setup
     cfg = dict(FAST, steps=3)

@@ -1,0 +1,196 @@
+"""Recipes: the main jobs on the embedded default model, shared by the CLI, the gradio UI and the benches.
+
+Each recipe is a few calls into ``lowbit.quant`` (the core) and ``lowbit.models`` (the default model).
+Methods are registered in ``METHODS``; every one starts from the same recorded calibration calls.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .quant import (BitwidthSchedule, CallRecorder, PTQDConfig, QuantConfig, ReconConfig, attach_stats, auto_schedule,
+                    collect_stats, deploy_, get_stats, guided_eps_fn, quantize, reconstruct, sample,
+                    timestep_aware_subset, weight_bytes)
+from .quant.errors import ConfigError
+
+GUIDANCE = 2.0  # classifier-free guidance used for the default model everywhere
+
+
+@dataclass
+class Setup:
+    unet: torch.nn.Module
+    alphas_cumprod: torch.Tensor
+    null_label: int
+    image_shape: tuple
+
+
+def default_setup() -> Setup:
+    from .models import IMAGE_SIZE, NULL_CLASS, default_scheduler, load_default_unet
+
+    unet = load_default_unet()
+    return Setup(unet, default_scheduler().alphas_cumprod.float(), NULL_CLASS, (1, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def labels_for(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def generate(setup: Setup, model, n: int, steps: int = 25, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+             guidance: float = GUIDANCE, batch: int = 100, var_fn=None, progress=None, split_guidance=False):
+    """(images [n,1,H,W] in [-1,1], labels) sampled with the same seeds for any model."""
+    labels = labels_for(n)
+    out = []
+    for i in range(0, n, batch):
+        lab = labels[i:i + batch]
+        eps_fn = guided_eps_fn(model, lab, guidance, setup.null_label, split_guidance=split_guidance)
+        out.append(sample(eps_fn, (len(lab),) + setup.image_shape, setup.alphas_cumprod, steps=steps,
+                          sampler=sampler, eta=eta, seed=seed * 1000 + i, var_fn=var_fn, progress=progress))
+    return torch.cat(out).clamp(-1, 1), labels
+
+
+def record_calibration(setup: Setup, n_samples: int = 32, steps: int = 25, seed: int = 1234, eta: float = 0.0,
+                       progress=None):
+    """UNet calls recorded along full-precision trajectories (cond + uncond batched, CFG)."""
+    with CallRecorder(setup.unet) as rec:
+        generate(setup, setup.unet, n_samples, steps=steps, eta=eta, seed=seed, batch=n_samples, progress=progress)
+    return rec.calls
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    var_fn: Optional[Callable] = None  # PTQD variance calibration (None: not used)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def _vsc(q):
+    st = get_stats(q)
+    return None if st is None else st.residual_var_at
+
+
+def _naive(setup, cfg, calls, opts):
+    return Built(quantize(setup.unet, cfg, calls))
+
+
+def _recon(setup, cfg, calls, opts):
+    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "lp"})
+    q = quantize(setup.unet, cfgl, calls)
+    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
+    return Built(q)
+
+
+def _with_ptqd(base, vsc: bool, bc_cnc: bool = True):
+    def build(setup, cfg, calls, opts):
+        b = METHODS[base](setup, cfg, calls, opts)
+        pcfg = PTQDConfig(bias_correction=bc_cnc, correlation_correction=bc_cnc, variance_calibration=vsc)
+        stats = collect_stats(setup.unet, b.model, opts.get("stat_calls", calls), pcfg)
+        attach_stats(b.model, stats, active=bc_cnc)
+        b.var_fn = _vsc(b.model) if vsc else None
+        return b
+
+    return build
+
+
+def _mixed(setup, cfg, calls, opts):
+    """Step-aware mixed precision: activation bits per timestep from measured SNR (candidates: cfg.a_bits, 8)."""
+    cands = tuple(sorted({cfg.a_bits, 8}))
+    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "lp"})
+    q = quantize(setup.unet, cfgl, calls, a_bits_candidates=cands)
+    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
+    sched, info = auto_schedule(setup.unet, q, calls, setup.alphas_cumprod, candidates=cands)
+    stats = collect_stats(setup.unet, q, opts.get("stat_calls", calls), PTQDConfig())
+    attach_stats(q, stats)
+    return Built(q, _vsc(q), info={"schedule": sched.segments})
+
+
+METHODS: Dict[str, Callable] = {
+    "naive": _naive,
+    "recon": _recon,
+}
+METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
+METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)
+METHODS["naive+ptqd"] = _with_ptqd("naive", vsc=False)
+METHODS["recon+ptqd+vsc+mixed"] = _mixed
+
+
+def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, **opts) -> Built:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    cfg = QuantConfig.preset(bits, w_init="minmax", a_init="minmax") if method.startswith("naive") \
+        else QuantConfig.preset(bits)
+    t0 = time.time()
+    b = METHODS[method](setup, cfg, calls, opts)
+    if deploy:
+        deploy_(b.model)
+    b.seconds = time.time() - t0
+    return b
+
+
+def evaluate(setup: Setup, model, n: int = 1000, steps: int = 25, eta: float = 0.0, var_fn=None, seed: int = 7,
+             progress=None) -> dict:
+    """FID (classifier feature space, vs held-out real digits) and class accuracy of ``n`` samples."""
+    from .models import class_accuracy, fid
+
+    t0 = time.time()
+    imgs, labels = generate(setup, model, n, steps=steps, eta=eta, seed=seed, var_fn=var_fn, progress=progress)
+    dt = time.time() - t0
+    return dict(fid=fid(imgs), acc=class_accuracy(imgs, labels), seconds=dt, images=imgs)
+
+
+def image_grid(rows: List[torch.Tensor], scale: int = 4):
+    """PIL image: one row per tensor [N,1,H,W] in [-1,1] (difference rows may be in [0,1])."""
+    from PIL import Image
+
+    import numpy as np
+
+    tiles = []
+    for r in rows:
+        r = r.detach().float()
+        if r.min() < 0:
+            r = (r + 1) / 2
+        r = r.clamp(0, 1)
+        tiles.append(torch.cat(list(r[:, 0]), dim=1))
+    grid = torch.cat(tiles, dim=0)
+    arr = (grid.numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr, mode="L")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
+         methods=("naive",)) -> dict:
+    """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid and
+    return the table rows."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    setup = default_setup()
+    calls = timestep_aware_subset(record_calibration(setup, progress=progress), 10)
+    rows = []
+    fp = evaluate(setup, setup.unet, n=n_eval, steps=steps, progress=progress)
+    rows.append(dict(model="full precision", bits="fp32", weight_bytes=weight_bytes(setup.unet), fid=fp["fid"],
+                     acc=fp["acc"], seconds=fp["seconds"]))
+    grid_rows = [fp["images"][:10]]
+    for bits in bits_list:
+        for method in methods:
+            b = build(setup, method, bits, calls)
+            ev = evaluate(setup, b.model, n=n_eval, steps=steps, var_fn=b.var_fn, progress=progress)
+            rows.append(dict(model=method, bits=bits, weight_bytes=weight_bytes(b.model), fid=ev["fid"], acc=ev["acc"],
+                             seconds=ev["seconds"]))
+            grid_rows += [ev["images"][:10], (ev["images"][:10] - fp["images"][:10]).abs() / 2]
+    path = os.path.join(out_dir, "demo_grid.png")
+    image_grid(grid_rows).save(path)
+    return dict(rows=rows, grid=path)
+
+
+def format_table(rows: List[dict], fp_bytes: Optional[int] = None) -> str:
+    fp_bytes = fp_bytes or rows[0]["weight_bytes"]
+    lines = ["| model | bits | weight bytes (x fp32) | FID (classifier space) | class acc | sampling s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['bits']} | {r['weight_bytes']:,} ({r['weight_bytes'] / fp_bytes:.3f}) | "
+                     f"{r['fid']:.2f} | {r['acc']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,353 @@
+"""Contracts of the ComfyUI node classes, checked WITHOUT ComfyUI.
+
+The node modules import ComfyUI only inside functions (nodes/comfy_adapter.py), so they load in any python
+with torch. These tests check what ComfyUI and its frontend read from a V1 node class (INPUT_TYPES with a
+tooltip on every input, RETURN_TYPES, FUNCTION, CATEGORY, DESCRIPTION, ...), the VALIDATE_INPUTS messages,
+the pure math (PSNR/SSIM, the PTQD sampler steps, the LoRA side path) and the save-name rules.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+
+nodes_pkg = importlib.import_module("lowbit.nodes")
+from lowbit.nodes import compare, io as nio, lora as side, sampler as smp, schedule as sch  # noqa: E402
+from lowbit.nodes.quantize import check_quantize_settings  # noqa: E402
+
+MAPPINGS = nodes_pkg.NODE_CLASS_MAPPINGS
+EXPECTED_IDS = {"LowBitQuantizeUNet", "LowBitBitwidthSchedule", "LowBitPTQDSampler", "LowBitPTQDKSampler",
+                "LowBitEfficientDMFinetune", "LowBitSaveQuantizedUNet", "LowBitLoadQuantizedUNet",
+                "LowBitCompareImages"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def all_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}, f"{cls.__name__}: unknown INPUT_TYPES sections {set(spec)}"
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            yield section, name, entry
+
+
+# ------------------------------------------------------------------------------------------ registration
+def test_every_node_is_registered_with_a_display_name():
+    assert set(MAPPINGS) == EXPECTED_IDS
+    assert set(nodes_pkg.NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED_IDS
+    for node_id, cls in MAPPINGS.items():
+        assert node_id.startswith("LowBit")
+        assert "LowBit" in nodes_pkg.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+
+
+def test_nodes_package_does_not_import_comfyui():
+    # importing the pack's node modules must not pull in ComfyUI (the adapter imports it lazily)
+    src = "\n".join(p.read_text() for p in (REPO / "nodes").glob("*.py"))
+    top_level = [ln for ln in src.splitlines() if ln.startswith(("import comfy", "from comfy", "import folder_paths",
+                                                                  "import nodes", "from nodes", "import latent_preview"))]
+    assert not top_level, f"module-level ComfyUI imports in nodes/: {top_level}"
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_IDS))
+def test_node_class_contract(node_id):
+    cls = MAPPINGS[node_id]
+    for attr in ("RETURN_TYPES", "FUNCTION", "CATEGORY", "DESCRIPTION"):
+        assert hasattr(cls, attr), f"{node_id} lacks {attr}"
+    assert isinstance(cls.RETURN_TYPES, tuple)
+    assert cls.CATEGORY.startswith("LowBit")
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    fn = getattr(cls, cls.FUNCTION)
+    assert callable(fn)
+    if hasattr(cls, "RETURN_NAMES"):
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    if hasattr(cls, "OUTPUT_TOOLTIPS"):
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    if not cls.RETURN_TYPES:
+        assert getattr(cls, "OUTPUT_NODE", False), f"{node_id} returns nothing, so it must be an OUTPUT_NODE"
+
+    params = inspect.signature(fn).parameters
+    seen = []
+    for section, name, entry in all_inputs(cls):
+        seen.append(name)
+        assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, f"{node_id}.{name}: bad spec {entry!r}"
+        opts = entry[1] if len(entry) > 1 else {}
+        tip = opts.get("tooltip")
+        assert isinstance(tip, str) and len(tip) >= 10, f"{node_id}.{name} has no tooltip"
+        kind = entry[0]
+        if isinstance(kind, list):
+            if kind:  # an empty file list is legal (no saved files yet)
+                assert opts.get("default", kind[0]) in kind, f"{node_id}.{name}: default not in its options"
+        elif kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name}: default out of range"
+        assert name in params, f"{node_id}.{cls.FUNCTION}() has no parameter {name!r}"
+        if section == "optional":
+            assert params[name].default is not inspect.Parameter.empty, \
+                f"{node_id}.{name} is optional, so {cls.FUNCTION}() needs a default for it"
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_IDS))
+def test_validate_inputs_accepts_the_defaults(node_id):
+    cls = MAPPINGS[node_id]
+    v = getattr(cls, "VALIDATE_INPUTS", None)
+    if v is None:
+        return
+    argnames = inspect.signature(v).parameters
+    defaults = {}
+    for _, name, entry in all_inputs(cls):
+        if name in argnames and len(entry) > 1 and "default" in entry[1]:
+            defaults[name] = entry[1]["default"]
+    assert v(**defaults) is True
+    assert v() is True  # linked (not yet known) inputs arrive as missing arguments
+
+
+# ----------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(bits="W3A5"), ["bits", "W4A8"]),
+    (dict(method="gptq"), ["method", "ptqd"]),
+    (dict(calibration_steps=0), ["calibration_steps", "1..1000"]),
+    (dict(calibration_width=500), ["multiple of 8"]),
+    (dict(cfg=-1.0), ["cfg"]),
+    (dict(weight_init="mse"), ["weight_init", "lp"]),
+])
+def test_quantize_rejects_bad_settings(kwargs, words):
+    msg = MAPPINGS["LowBitQuantizeUNet"].VALIDATE_INPUTS(**kwargs)
+    assert isinstance(msg, str)
+    for w in words:
+        assert w in msg, msg
+    with pytest.raises(ValueError):
+        check_quantize_settings(**kwargs)
+
+
+def test_schedule_rejects_bad_settings_and_weight_only_bits():
+    v = MAPPINGS["LowBitBitwidthSchedule"].VALIDATE_INPUTS
+    assert "switch_percent" in v(switch_percent=1.5)
+    assert "early_bits" in v(early_bits=1)
+    assert "late_bits" in v(late_bits=9)
+    assert "mode" in v(mode="cosine")
+    spec = sch.ScheduleSpec(sch.MODE_FIXED, 0.5, 4, 8)
+    with pytest.raises(ValueError, match="W4A16"):
+        sch.check_schedule_with_bits(spec, "W4A16")
+    sch.check_schedule_with_bits(spec, "W4A8")
+
+
+def test_sampler_rejects_bad_settings():
+    assert "eta" in MAPPINGS["LowBitPTQDSampler"].VALIDATE_INPUTS(eta=2.0)
+    assert "sampler_name" in MAPPINGS["LowBitPTQDSampler"].VALIDATE_INPUTS(sampler_name="dpmpp_2m")
+    assert "denoise" in MAPPINGS["LowBitPTQDKSampler"].VALIDATE_INPUTS(denoise=1.5)
+    assert "scheduler" in MAPPINGS["LowBitPTQDKSampler"].VALIDATE_INPUTS(scheduler="nope")
+
+
+def test_finetune_rejects_bad_settings():
+    v = MAPPINGS["LowBitEfficientDMFinetune"].VALIDATE_INPUTS
+    assert "rank" in v(rank=0)
+    assert "lr_scale" in v(lr_scale=0.0)
+    assert "multiple of 8" in v(width=100)
+
+
+def test_save_prefix_rules(tmp_path):
+    v = MAPPINGS["LowBitSaveQuantizedUNet"].VALIDATE_INPUTS
+    assert "'..'" in v(filename_prefix="../evil")
+    assert "absolute" in v(filename_prefix="/etc/unet")
+    assert "empty" in v(filename_prefix="  ")
+    assert v(filename_prefix="sd15/w4a8") is True
+    assert nio.split_prefix("a/b/c.safetensors") == ("a/b", "c")
+    p1 = nio.next_free_path(str(tmp_path), "sd/unet")
+    assert p1.endswith(os.path.join("sd", "unet_00001.safetensors"))
+    Path(p1).write_bytes(b"x")
+    (tmp_path / "sd" / "unet_00007.safetensors").write_bytes(b"x")
+    assert nio.next_free_path(str(tmp_path), "sd/unet").endswith("unet_00008.safetensors")  # never overwrites
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def test_schedule_percent_maps_through_the_model_timesteps():
+    spec = sch.ScheduleSpec(sch.MODE_FIXED, 0.25, 4, 8)
+    s = spec.to_schedule(lambda p: (1.0 - p) * 999.0)  # a linear percent -> t map, as ComfyUI's discrete models
+    assert s.a_bits_at(999) == 4 and s.a_bits_at(800) == 4  # first quarter of the run: early bits
+    assert s.a_bits_at(700) == 8 and s.a_bits_at(0) == 8
+    assert sch.ScheduleSpec(sch.MODE_FIXED, 0.0, 4, 8).to_schedule(lambda p: 0).bits_used == (8,)
+    assert sch.ScheduleSpec(sch.MODE_FIXED, 1.0, 4, 8).to_schedule(lambda p: 0).bits_used == (4,)
+
+
+# ------------------------------------------------------------------------------------------ compare
+def _img(h=32, w=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, h, w, 3, generator=g)
+
+
+def test_psnr_known_values():
+    a = torch.full((1, 16, 16, 3), 0.5)
+    assert compare.psnr(a, a) == [float("inf")]
+    assert compare.psnr(a, a + 0.1)[0] == pytest.approx(20.0, abs=1e-4)  # MSE 0.01
+    assert compare.psnr(a, a + 0.01)[0] == pytest.approx(40.0, abs=1e-3)
+
+
+def _ssim_reference(x, y, size=11, sigma=1.5):
+    """Direct per-window SSIM (loops; independent of the conv-based implementation)."""
+    g = compare.gaussian_window(size, sigma)
+    H, W = x.shape
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    vals = []
+    for i in range(H - size + 1):
+        for j in range(W - size + 1):
+            px, py = x[i:i + size, j:j + size], y[i:i + size, j:j + size]
+            mx, my = (g * px).sum(), (g * py).sum()
+            vx = (g * (px - mx) ** 2).sum()
+            vy = (g * (py - my) ** 2).sum()
+            cxy = (g * (px - mx) * (py - my)).sum()
+            vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    return float(torch.stack(vals).mean())
+
+
+def test_ssim_matches_a_direct_reference_and_known_limits():
+    a = _img(24, 20, 0)
+    b = (a + 0.1 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert compare.ssim(a, a)[0] == pytest.approx(1.0, abs=1e-9)
+    ya, yb = compare.luminance(a)[0, 0], compare.luminance(b)[0, 0]
+    assert compare.ssim(a, b)[0] == pytest.approx(_ssim_reference(ya, yb), abs=1e-9)
+    assert compare.ssim(a, b)[0] < 0.99
+    # a constant image vs itself shifted: luminance term only, (2*m1*m2 + C1) / (m1^2 + m2^2 + C1)
+    c1 = 0.01 ** 2
+    s = compare.ssim(torch.full((1, 16, 16, 3), 0.2), torch.full((1, 16, 16, 3), 0.6))[0]
+    assert s == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.04 + 0.36 + c1), abs=1e-6)
+
+
+def test_compare_checks_shapes_and_heatmap():
+    with pytest.raises(ValueError, match="same size"):
+        compare.psnr(_img(16, 16), _img(32, 32))
+    with pytest.raises(ValueError, match="equal batches"):
+        compare.psnr(torch.rand(2, 8, 8, 3), torch.rand(3, 8, 8, 3))
+    a = torch.zeros(1, 8, 8, 3)
+    b = a.clone()
+    b[0, 2, 3] = 0.5
+    heat, peak = compare.difference_map(a, b)
+    assert heat.shape == (1, 8, 8, 3) and peak == pytest.approx(0.5)
+    assert torch.equal(heat[0, 2, 3], torch.ones(3)) and heat[0, 0, 0].sum() == 0
+    assert "SSIM" in compare.report([20.0], [0.9], peak)
+    assert len(compare.psnr(torch.rand(3, 8, 8, 3), torch.rand(1, 8, 8, 3))) == 3  # broadcast one side
+
+
+# ------------------------------------------------------------------------------------- PTQD sampler
+class _Denoiser:
+    """A fake ComfyUI model_k: denoised = x * c (no ``inner_model``, so no PTQD statistics are found)."""
+
+    def __init__(self, c=0.5):
+        self.c = c
+
+    def __call__(self, x, sigma, **kw):
+        return x * self.c
+
+
+def test_ptqd_sampler_without_stats_is_the_plain_sampler():
+    sig = torch.tensor([10.0, 3.0, 1.0, 0.0])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 10
+    # euler without stats: x' = denoised + eps * sigma_next with eps = (x - denoised)/sigma
+    out = smp.sample_ptqd(_Denoiser(), x.clone(), sig, method="euler")
+    ref = x.clone()
+    for i in range(3):
+        d = ref * 0.5
+        ref = d + (ref - d) / sig[i] * sig[i + 1]
+    assert torch.allclose(out, ref)
+    rep = []
+    smp.sample_ptqd(_Denoiser(), x.clone(), sig, {"seed": 3}, method="euler_ancestral", report=rep)
+    assert all(r["noise_before"] == r["noise_after"] for r in rep)  # no stats: VSC is a no-op
+    a = smp.sample_ptqd(_Denoiser(), x.clone(), sig, {"seed": 3}, method="ddpm")
+    b = smp.sample_ptqd(_Denoiser(), x.clone(), sig, {"seed": 3}, method="ddpm")
+    assert torch.equal(a, b)  # seeded
+
+
+def test_ancestral_step_keeps_total_noise():
+    for s, sn in ((14.6, 7.0), (2.0, 1.0), (1.0, 0.1)):
+        down, up = smp.ancestral_step(s, sn, 1.0)
+        assert down ** 2 + up ** 2 == pytest.approx(sn ** 2)
+    assert smp.ancestral_step(2.0, 1.0, 0.0) == (1.0, 0.0)
+
+
+def test_ptqd_sampler_reduces_injected_noise_with_stats(monkeypatch):
+    class View:
+        def residual_var(self, sigma):
+            return 0.01
+
+    monkeypatch.setattr(smp.adapter, "ptqd_view", lambda model: View())
+    sig = torch.tensor([10.0, 3.0, 1.0, 0.0])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for method in ("euler_ancestral", "ddpm", "ddim"):
+        rep = []
+        smp.sample_ptqd(_Denoiser(), x.clone(), sig, {"seed": 0}, method=method, eta=1.0, report=rep)
+        stochastic = [r for r in rep if r["noise_before"] > 0]
+        assert stochastic and all(r["noise_after"] < r["noise_before"] for r in stochastic), (method, rep)
+    rep = []
+    smp.sample_ptqd(_Denoiser(), x.clone(), sig, method="euler", report=rep)
+    assert all(r["noise_before"] == r["noise_after"] == 0 for r in rep)  # deterministic: no-op
+
+
+# --------------------------------------------------------------------------------------- LoRA side path
+class _FakeLinear:
+    weight_shape = (6, 5)
+
+
+class _FakeConv:
+    weight_shape = (6, 3, 3, 3)
+    stride, padding, dilation, groups = (1, 1), (1, 1), (1, 1), 1
+
+
+def test_low_rank_side_path_equals_the_merged_delta():
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)
+    x = torch.randn(4, 5, generator=g)
+    lin = side.SidePath(down=down, up=up, scale=0.7)
+    assert torch.allclose(lin(_FakeLinear(), x), F.linear(x, 0.7 * up @ down), atol=1e-5)
+    dconv, uconv = torch.randn(2, 3, 3, 3, generator=g), torch.randn(6, 2, 1, 1, generator=g)
+    xc = torch.randn(1, 3, 9, 9, generator=g)
+    f = side.check_conv_low_rank(_FakeConv(), dconv, uconv)
+    conv = side.SidePath(down=f[0], up=f[1], scale=0.5)
+    delta = 0.5 * (uconv.flatten(1) @ dconv.flatten(1)).reshape(6, 3, 3, 3)  # ComfyUI's LoRA merge formula
+    assert torch.allclose(conv(_FakeConv(), xc), F.conv2d(xc, delta, None, 1, 1), atol=1e-4)
+    dense = side.SidePath(delta_w=delta, delta_b=torch.ones(6))
+    assert torch.allclose(dense(_FakeConv(), xc), F.conv2d(xc, delta, torch.ones(6), 1, 1), atol=1e-5)
+
+
+def test_side_path_hook_is_exactly_removable():
+    layer = torch.nn.Linear(5, 6)
+    layer.weight_shape = (6, 5)
+    x = torch.randn(3, 5)
+    before = layer(x)
+    side.set_side_paths(layer, [side.SidePath(down=torch.randn(2, 5), up=torch.randn(6, 2))])
+    assert not torch.equal(layer(x), before)
+    assert side.side_path_count(layer) == 1
+    assert side.clear_side_paths(layer) == 1
+    assert torch.equal(layer(x), before)
+
+
+# ------------------------------------------------------------------------------------- misc pure parts
+def test_loss_curve_image():
+    from lowbit.nodes.finetune import loss_curve_image
+
+    img = loss_curve_image([1.0, 0.5, 0.2, 0.1, 0.05, 0.04])
+    assert img.shape == (1, 360, 640, 3) and img.dtype == torch.float32
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    assert loss_curve_image([]).shape == (1, 360, 640, 3)
+
+
+def test_web_extension_and_help_pages_exist():
+    js = (REPO / "web" / "js" / "lowbit_compare.js").read_text()
+    assert "registerExtension" in js and "LowBitCompareImages" in js and "a_images" in js
+    for node_id in EXPECTED_IDS:
+        page = REPO / "web" / "docs" / f"{node_id}.md"
+        assert page.is_file(), f"missing help page {page}"
+        assert len(page.read_text()) > 200
+
+
+def test_example_workflows_have_thumbnails():
+    wf = sorted((REPO / "example_workflows").glob("*.json"))
+    assert len(wf) >= 3
+    for p in wf:
+        assert p.with_suffix(".jpg").is_file(), f"{p.name} has no same-name .jpg thumbnail"

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from lowbit.quant import (ConfigError, QuantConfig, deploy_, get_context, quant_layers, quantize, quantize_,
+                          weight_bytes)
+
+from conftest import assert_same_state, state_copy
+
+X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+LAB = torch.tensor([1, 2, 3, 10])
+
+
+def out(m, t=300):
+    with torch.no_grad():
+        return m(X, torch.tensor([t] * 4), class_labels=LAB).sample
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8", "W4A4", "W4A16"])
+def test_quantize_leaves_input_untouched_and_deploy_matches_fake(unet, calls, preset):
+    before = state_copy(unet)
+    q = quantize(unet, QuantConfig.preset(preset, time_bins=2), calls)
+    assert_same_state(unet, before)
+    y = out(unet)
+    yf = out(q)
+    rel = float((yf - y).norm() / y.norm())
+    assert 0 < rel < (0.05 if preset == "W8A8" else 0.6)
+    deploy_(q)
+    yd = out(q)
+    # same step sizes, integer kernels vs float fake-quant: agree to float rounding (stated tolerance 1e-4)
+    assert float((yd - yf).norm() / yf.norm()) < 1e-4
+    assert_same_state(unet, before)
+
+
+def test_policy_keeps_edges_at_8_bits(unet, calls):
+    q = quantize(unet, QuantConfig.preset("W4A4"), calls)
+    bits = {n: (l.w_bits, l.a_bits) for n, l in quant_layers(q)}
+    for n in ("conv_in", "conv_out", "time_embedding.linear_1", "down_blocks.0.downsamplers.0.conv"):
+        assert bits[n] == (8, 8), n
+    assert bits["down_blocks.0.resnets.0.conv1"] == (4, 4)
+
+
+def test_weight_bytes_shrink(unet, calls):
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls))
+    assert weight_bytes(q) < 0.2 * weight_bytes(unet)
+
+
+def test_static_activations_need_calibration_and_errors_are_clear(unet):
+    with pytest.raises(ConfigError, match="calibration data"):
+        quantize(unet, QuantConfig.preset("W4A8"))
+    with pytest.raises(ConfigError, match="w_bits=9"):
+        quantize(unet, QuantConfig(w_bits=9))
+    with pytest.raises(ConfigError, match="no Conv2d or Linear"):
+        quantize(torch.nn.GroupNorm(2, 4), QuantConfig.preset("W8A16"))
+    q = quantize(unet, QuantConfig.preset("W8A16"))  # weight-only needs no calibration
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(q, QuantConfig.preset("W8A16"))
+
+
+def test_dynamic_activations(unet):
+    q = quantize(unet, QuantConfig.preset("W8A8", a_dynamic=True))
+    yf = out(q)
+    deploy_(q)
+    assert float((out(q) - yf).norm() / yf.norm()) < 1e-4
+
+
+def test_quantize_inplace_swaps_only_on_success(calls):
+    from conftest import tiny_unet
+
+    m = tiny_unet()
+    before = state_copy(m)
+    with pytest.raises(ConfigError):
+        quantize_(m, QuantConfig.preset("W4A8"), calls=None) if False else quantize_(m, QuantConfig.preset("W4A8"))
+    assert_same_state(m, before)
+    quantize_(m, QuantConfig.preset("W4A8"), calls)
+    assert len(quant_layers(m)) > 10 and get_context(m) is not None
+    with torch.no_grad():
+        m(X, torch.tensor([123] * 4), class_labels=LAB)
+    assert get_context(m).t == 123.0
+
+
+def test_per_timestep_scales_follow_the_call_not_a_counter(unet, calls):
+    q = quantize(unet, QuantConfig.preset("W4A8", time_bins=8), calls)
+    a = out(q, 300)
+    for t in (900, 50, 700):
+        out(q, t)
+    b = out(q, 300)
+    assert torch.equal(a, b)
+    # two timesteps with different tables give different scales
+    layer = dict(quant_layers(q))["down_blocks.0.resnets.0.conv1"]
+    s1 = layer.act.lookup(50.0, 8)[0]
+    s2 = layer.act.lookup(900.0, 8)[0]
+    assert not torch.isclose(s1, s2)

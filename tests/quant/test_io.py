@@ -1,0 +1,110 @@
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from lowbit.quant import LoadError, QuantConfig, deploy_, load, quant_layers, quantize, save
+
+from conftest import assert_same_state, state_copy, tiny_unet
+
+X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def out(m):
+    with torch.no_grad():
+        return m(X, torch.tensor([400] * 2), class_labels=torch.tensor([4, 10])).sample
+
+
+@pytest.fixture(scope="module")
+def saved(unet, calls, tmp_path_factory):
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A8", time_bins=3), calls))
+    p = str(tmp_path_factory.mktemp("io") / "q.safetensors")
+    save(q, p)
+    return q, p
+
+
+def test_round_trip_identical(unet, saved):
+    q, p = saved
+    before = state_copy(unet)
+    q2 = load(unet, p)
+    assert torch.equal(out(q), out(q2))
+    assert_same_state(unet, before)
+
+
+def test_packed_w4_bytes_from_the_file(unet, saved):
+    """Packed W4 weights of the 4-bit layers take at most 0.15x the bytes of the same layers in fp32."""
+    from safetensors import safe_open
+
+    _, p = saved
+    with safe_open(p, "pt") as f:
+        meta = json.loads(f.metadata()["lowbit"])
+        packed = fp32 = 0
+        for name, lm in meta["layers"].items():
+            if lm["w_bits"] != 4:
+                continue
+            packed += sum(f.get_tensor(f"{name}.{k}").numel() * f.get_tensor(f"{name}.{k}").element_size()
+                          for k in ("qdata", "w_scale"))
+            n = 1
+            for d in lm["shape"]:
+                n *= d
+            fp32 += 4 * n
+    assert fp32 > 0 and packed / fp32 <= 0.15, packed / fp32
+
+
+def test_truncated_file(unet, saved, tmp_path):
+    _, p = saved
+    bad = tmp_path / "trunc.safetensors"
+    data = open(p, "rb").read()
+    bad.write_bytes(data[: len(data) - 100])
+    before = state_copy(unet)
+    with pytest.raises(LoadError, match="trunc"):
+        load(unet, str(bad))
+    assert_same_state(unet, before)
+
+
+def test_file_for_another_model(saved):
+    _, p = saved
+    from diffusers import UNet2DModel
+
+    other = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8)
+    before = state_copy(other)
+    with pytest.raises(LoadError, match="does not match this model|shape"):
+        load(other, p)
+    assert_same_state(other, before)
+
+
+def test_unknown_version_and_not_lowbit(unet, saved, tmp_path):
+    _, p = saved
+    raw = open(p, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    lb = json.loads(header["__metadata__"]["lowbit"])
+    lb["format_version"] = 99
+    header["__metadata__"]["lowbit"] = json.dumps(lb)
+    hb = json.dumps(header).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    bad = tmp_path / "v99.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+    with pytest.raises(LoadError, match="version 99"):
+        load(unet, str(bad))
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(LoadError, match="no LowBit metadata"):
+        load(unet, str(plain))
+    with pytest.raises(LoadError, match="no such file"):
+        load(unet, str(tmp_path / "missing.safetensors"))
+
+
+def test_save_never_overwrites(saved):
+    q, p = saved
+    mtime = os.path.getmtime(p)
+    with pytest.raises(FileExistsError):
+        save(q, p)
+    assert os.path.getmtime(p) == mtime
+    assert not [f for f in os.listdir(os.path.dirname(p)) if f.endswith(".tmp")]

@@ -1,0 +1,419 @@
+"""What the gradio app asks of a host: the ``Backend`` adapter, its setting checks, and the default-model one.
+
+The app (``app.build_blocks``) only talks to a ``Backend``; a backend only calls the host-agnostic core
+(``lowbit.quant``, ``lowbit.recipes``) plus, for the WebUI, a few host functions (``ui/webui.py``). Every
+public method validates its settings first (``SettingError`` names the setting and the allowed range),
+returns a status line, and runs under one lock so two jobs never mutate the same model at once.
+
+Images travel as ComfyUI-style IMAGE tensors: float [B, H, W, 3] in [0, 1].
+
+Subclasses implement five hooks:
+  fp_unet()                                    the full-precision UNet to quantize (never modified)
+  make_setup()                                 recipes.Setup for recipes.build (UNet, alphas_cumprod, ...)
+  record_calls(samples, steps, progress)       UNet calls recorded along full-precision sampling runs
+  render(model, subject, seed, steps, count, size, progress)   images from model (None = full precision)
+  default_calib()                              (samples, steps) used when calls are needed but missing
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from ..quant.errors import ConfigError, Interrupted, LowBitError
+
+log = logging.getLogger("lowbit.ui")
+
+BITS_CHOICES = ("W8A8", "W4A8", "W4A4", "W4A16")
+SAVE_SUFFIX = ".safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# setting -> (label shown in messages, lowest, highest)
+LIMITS = {
+    "calib_samples": ("calibration samples", 1, 256),
+    "calib_steps": ("calibration steps", 1, 200),
+    "seed": ("seed", 0, 2 ** 32 - 1),
+    "steps": ("sampling steps", 1, 1000),
+    "count": ("images", 1, 16),
+    "size": ("image size", 64, 2048),
+    "ft_steps": ("fine-tune steps", 1, 100_000),
+    "ft_rank": ("LoRA rank", 1, 256),
+    "ft_batch": ("fine-tune batch size", 1, 1024),
+}
+
+
+class SettingError(ConfigError):
+    """A setting in the UI is out of range; raised before any work starts."""
+
+
+def check_int(key: str, value) -> int:
+    label, lo, hi = LIMITS[key]
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{label} must be a whole number in {lo}..{hi}, got {value!r}") from None
+    if math.isnan(f) or f != int(f):
+        raise SettingError(f"{label} must be a whole number in {lo}..{hi}, got {value!r}")
+    v = int(f)
+    if not lo <= v <= hi:
+        raise SettingError(f"{label} = {v} is out of range: allowed {lo}..{hi}")
+    return v
+
+
+def check_choice(label: str, value, choices) -> str:
+    if value not in choices:
+        raise SettingError(f"{label} {value!r} is not available; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_name(name) -> str:
+    """A file name for the models folder: letters, digits, '.', '_', '-' (no folders), '.safetensors' added."""
+    name = (name or "").strip()
+    if name.endswith(SAVE_SUFFIX):
+        name = name[: -len(SAVE_SUFFIX)]
+    if not _NAME_RE.match(name):
+        raise SettingError(f"file name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit (no folders)")
+    return name + SAVE_SUFFIX
+
+
+@dataclass
+class Comparison:
+    fp: torch.Tensor  # IMAGE [B, H, W, 3] in [0, 1]
+    q: torch.Tensor
+    diff: torch.Tensor  # heat map IMAGE
+    psnr: List[float]
+    ssim: List[float]
+    text: str
+
+
+def compare_images(fp: torch.Tensor, q: torch.Tensor, title: str = "") -> Comparison:
+    # The metric code is the Compare node's (host-free math in nodes/compare.py; nothing there imports ComfyUI).
+    from ..nodes.compare import difference_map, psnr, report, ssim
+
+    p, s = psnr(fp, q), ssim(fp, q)
+    heat, peak = difference_map(fp, q)
+    text = report(p, s, peak)
+    return Comparison(fp, q, heat, p, s, f"{title}\n{text}" if title else text)
+
+
+def to_pil_row(images: torch.Tensor, min_height: int = 256):
+    """IMAGE [B, H, W, 3] -> one PIL image (a row), enlarged by an integer factor (nearest) to >= min_height."""
+    from PIL import Image
+
+    import numpy as np
+
+    row = torch.cat(list(images.detach().float().clamp(0, 1)), dim=1)  # [H, B*W, 3]
+    arr = (row.cpu().numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr, mode="RGB")
+    f = max(1, -(-min_height // img.height))
+    return img.resize((img.width * f, img.height * f), Image.NEAREST) if f > 1 else img
+
+
+def pil_to_image(pils) -> torch.Tensor:
+    """PIL images (same size) -> IMAGE [B, H, W, 3] in [0, 1]."""
+    import numpy as np
+
+    return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pils])
+
+
+class Backend:
+    """Base adapter: settings checks, the current quantized model, save/load, stop, progress plumbing."""
+
+    title = "LowBit"
+    subject_label = "Prompt"
+    subject_default = ""
+    show_size = False  # the app shows width/height only when the host renders at a chosen size
+    default_bits = "W8A8"
+    default_method = "naive"
+    default_compare_steps = 25
+
+    def __init__(self, models_dir: str):
+        self.models_dir = os.path.abspath(models_dir)
+        self.qmodel = None
+        self.calls = None
+        self.info = {}  # bits, method, source of the current quantized model
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def fp_unet(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_setup(self):
+        raise NotImplementedError
+
+    def record_calls(self, samples: int, steps: int, progress=None):
+        raise NotImplementedError
+
+    def render(self, model, subject: str, seed: int, steps: int, count: int, size: int, progress=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def default_calib(self) -> Tuple[int, int]:
+        return 8, 10
+
+    def methods(self) -> List[str]:
+        from ..recipes import METHODS
+
+        return list(METHODS)
+
+    def check_subject(self, subject) -> str:
+        return "" if subject is None else str(subject)
+
+    def var_fn(self, model) -> Optional[Callable]:
+        """PTQD variance calibration for samplers that support it (the default model's); None elsewhere."""
+        return None
+
+    # ---- plumbing ----------------------------------------------------------------------------------------
+    def stop(self) -> str:
+        self._stop.set()
+        return "stop requested: the running job stops at its next step"
+
+    def _job(self):
+        backend = self
+
+        class _Guard:
+            def __enter__(self):
+                if not backend._lock.acquire(blocking=False):
+                    raise SettingError("another LowBit job is running; wait for it to finish or press Stop")
+                backend._stop.clear()
+
+            def __exit__(self, *exc):
+                backend._lock.release()
+                return False
+
+        return _Guard()
+
+    def progress_fn(self, report: Optional[Callable], what: str):
+        """Core progress ``(done, total, info)`` -> ``report(fraction, text)``; raises Interrupted on Stop."""
+
+        def cb(done, total, info=None):
+            if self._stop.is_set():
+                raise Interrupted(f"{what} stopped by the user; the previous model is unchanged")
+            if report is not None:
+                info = info or {}
+                extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in info.items() if k in ("loss", "stage"))
+                report(min(float(done) / max(float(total), 1.0), 1.0),
+                       f"{what}: {int(done)}/{int(total)}" + (f" ({extra})" if extra else ""))
+
+        return cb
+
+    def _require_q(self):
+        if self.qmodel is None:
+            raise SettingError("no quantized UNet yet: press Quantize (or load a saved one) first")
+        return self.qmodel
+
+    def _calls(self, samples, steps, progress):
+        if self.calls is None:
+            samples, steps = (samples, steps) if samples else self.default_calib()
+            self.calls = self.record_calls(samples, steps, progress=self.progress_fn(progress, "calibration run"))
+        return self.calls
+
+    def status(self) -> str:
+        if self.qmodel is None:
+            return "no quantized UNet yet"
+        from ..quant import get_stats, weight_bytes
+
+        stats = get_stats(self.qmodel)
+        parts = [f"quantized UNet: {self.info.get('bits', '?')} ({self.info.get('method', '?')})",
+                 f"weights {weight_bytes(self.qmodel) / 2 ** 20:.2f} MiB",
+                 "PTQD correction on" if stats is not None else "no PTQD statistics"]
+        if self.info.get("finetuned"):
+            parts.append(f"EfficientDM fine-tuned ({self.info['finetuned']} steps)")
+        if self.info.get("file"):
+            parts.append(f"file {self.info['file']}")
+        return "; ".join(parts)
+
+    # ---- the jobs ------------------------------------------------------------------------------------------
+    def quantize(self, bits, method, calib_samples, calib_steps, progress=None) -> str:
+        bits = check_choice("bits", bits, BITS_CHOICES)
+        method = check_choice("method", method, self.methods())
+        samples, steps = check_int("calib_samples", calib_samples), check_int("calib_steps", calib_steps)
+        from ..recipes import build
+
+        with self._job():
+            fp = self.fp_unet()  # noqa: F841  (fails early with the host's message if there is no model)
+            calls = self.record_calls(samples, steps, progress=self.progress_fn(progress, "calibration run"))
+            if progress is not None:
+                progress(0.0, f"quantizing to {bits} ({method})")
+            self._stop_check("quantization")
+            built = build(self.make_setup(), method, bits, calls)
+            self.qmodel, self.calls = built.model, calls
+            self.info = {"bits": bits, "method": method}
+            return f"quantized in {built.seconds:.1f} s from {len(calls)} recorded UNet calls. {self.status()}"
+
+    def ptqd(self, bias_correction=True, correlation_correction=True, variance_calibration=True,
+             calib_samples=None, calib_steps=None, progress=None) -> str:
+        samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
+        steps = None if calib_steps is None else check_int("calib_steps", calib_steps)
+        from ..quant import PTQDConfig, attach_stats, collect_stats
+
+        with self._job():
+            q = self._require_q()
+            cfg = PTQDConfig(bias_correction=bool(bias_correction), correlation_correction=bool(correlation_correction),
+                             variance_calibration=bool(variance_calibration))
+            calls = self._calls(samples, steps, progress)
+            stats = collect_stats(self.fp_unet(), q, calls, cfg, progress=self.progress_fn(progress, "PTQD statistics"))
+            attach_stats(q, stats, active=cfg.bias_correction or cfg.correlation_correction)
+            k = ", ".join(f"t={t:.0f}: k={kk:+.4f}" for t, kk in list(zip(stats.t.tolist(), stats.k.tolist()))[:4])
+            return f"PTQD statistics from {len(calls)} calls ({k}{', ...' if len(stats.t) > 4 else ''}). {self.status()}"
+
+    def finetune(self, ft_steps, ft_rank, ft_batch, calib_samples=None, calib_steps=None, progress=None) -> str:
+        steps, rank, batch = check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank), check_int("ft_batch", ft_batch)
+        samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
+        csteps = None if calib_steps is None else check_int("calib_steps", calib_steps)
+        from ..quant import FinetuneConfig, attach_stats, collect_stats, deploy_, get_stats
+        from ..quant import efficientdm
+
+        with self._job():
+            q = self._require_q()
+            cfg = FinetuneConfig(steps=steps, rank=rank, batch_size=batch)
+            calls = self._calls(samples, csteps, progress)
+            fp = self.fp_unet()
+            tuned = efficientdm.finetune(q, fp, calls, cfg, progress=self.progress_fn(progress, "EfficientDM fine-tune"))
+            last = getattr(tuned, "_lowbit_finetune", {})
+            efficientdm.merge_(tuned)
+            deploy_(tuned)
+            old = get_stats(q)
+            msg = ""
+            if old is not None:  # the statistics describe the old model's error: measure them again
+                stats = collect_stats(fp, tuned, calls, old.config, progress=self.progress_fn(progress, "PTQD statistics"))
+                attach_stats(tuned, stats)
+                msg = " PTQD statistics re-collected."
+            self.qmodel = tuned
+            self.info = dict(self.info, finetuned=steps, file=None)
+            return (f"fine-tuned {last.get('layers', '?')} layers for {steps} steps: distillation loss "
+                    f"{last.get('first_loss', float('nan')):.4g} -> {last.get('last_loss', float('nan')):.4g}.{msg} "
+                    f"{self.status()}")
+
+    def compare(self, subject, seed, steps, count=1, size=None, progress=None) -> Comparison:
+        subject = self.check_subject(subject)
+        seed, steps, count = check_int("seed", seed), check_int("steps", steps), check_int("count", count)
+        size = check_int("size", size) if (self.show_size and size is not None) else None
+        with self._job():
+            q = self._require_q()
+            fp_img = self.render(None, subject, seed, steps, count, size,
+                                 progress=self.progress_fn(progress, "full precision"))
+            q_img = self.render(q, subject, seed, steps, count, size,
+                                progress=self.progress_fn(progress, f"quantized {self.info.get('bits', '')}"))
+            return compare_images(fp_img, q_img, f"full precision vs {self.info.get('bits', '?')} "
+                                                 f"({self.info.get('method', '?')}), seed {seed}, {steps} steps")
+
+    def _stop_check(self, what):
+        if self._stop.is_set():
+            raise Interrupted(f"{what} stopped by the user; the previous model is unchanged")
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def list_saved(self) -> List[str]:
+        if not os.path.isdir(self.models_dir):
+            return []
+        return sorted(f for f in os.listdir(self.models_dir) if f.endswith(SAVE_SUFFIX))
+
+    def save(self, name) -> str:
+        fname = check_name(name)
+        from ..quant import save
+
+        with self._job():
+            q = self._require_q()
+            path = os.path.join(self.models_dir, fname)
+            if os.path.exists(path):
+                raise SettingError(f"{path} already exists; LowBit never overwrites a file: choose another name")
+            os.makedirs(self.models_dir, exist_ok=True)
+            save(q, path)
+            self.info = dict(self.info, file=fname)
+            return f"saved {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)"
+
+    def load(self, name) -> str:
+        if not name:
+            raise SettingError(f"choose a saved file from {self.models_dir} (press Refresh to list them)")
+        fname = check_name(name)
+        from ..quant import load, read_header
+
+        with self._job():
+            path = os.path.join(self.models_dir, fname)
+            if not os.path.isfile(path):
+                raise SettingError(f"{path} does not exist; press Refresh and choose one of {self.list_saved() or 'none'}")
+            header, _ = read_header(path)
+            q = load(self.fp_unet(), path)
+            cfg = header.get("config") or {}
+            data = cfg.get("_data", {}) if isinstance(cfg, dict) else {}
+            bits = f"W{data.get('w_bits', '?')}A{data.get('a_bits', '?')}" if data else "?"
+            self.qmodel = q
+            self.info = {"bits": bits, "method": "loaded", "file": fname}
+            return f"loaded {path}. {self.status()}"
+
+
+# ------------------------------------------------------------------------------------------ default model
+class DefaultModelBackend(Backend):
+    """The embedded default model (class-conditional DDPM on 16x16 digits) through ``lowbit.recipes``."""
+
+    title = "LowBit: embedded default model (16x16 digits)"
+    subject_label = "Digit (class label 0-9)"
+    subject_default = "3"
+    default_compare_steps = 25
+
+    def __init__(self, models_dir: Optional[str] = None, setup=None):
+        super().__init__(models_dir or os.environ.get("LOWBIT_MODELS_DIR") or os.path.join(os.getcwd(), "models", "lowbit"))
+        self._setup = setup
+
+    def setup(self):
+        if self._setup is None:
+            from ..recipes import default_setup
+
+            self._setup = default_setup()
+        return self._setup
+
+    def fp_unet(self):
+        return self.setup().unet
+
+    def make_setup(self):
+        return self.setup()
+
+    def default_calib(self):
+        return 8, 10
+
+    def record_calls(self, samples, steps, progress=None):
+        from ..recipes import record_calibration
+
+        return record_calibration(self.setup(), n_samples=samples, steps=steps, progress=progress)
+
+    def check_subject(self, subject) -> str:
+        s = str(subject).strip() if subject is not None else ""
+        if not re.fullmatch(r"\d", s):
+            raise SettingError(f"digit (class label) must be one of 0..9, got {subject!r}")
+        return s
+
+    def var_fn(self, model):
+        from ..quant import get_stats
+
+        st = get_stats(model)
+        return st.residual_var_at if (st is not None and st.config.variance_calibration) else None
+
+    def render(self, model, subject, seed, steps, count, size, progress=None):
+        from ..quant import guided_eps_fn, sample
+        from ..recipes import GUIDANCE
+
+        s = self.setup()
+        net = s.unet if model is None else model
+        labels = torch.full((count,), int(subject), dtype=torch.long)
+        eps_fn = guided_eps_fn(net, labels, GUIDANCE, s.null_label)
+        x = sample(eps_fn, (count,) + tuple(s.image_shape), s.alphas_cumprod, steps=steps, sampler="ddim",
+                   seed=seed, var_fn=None if model is None else self.var_fn(model), progress=progress)
+        img = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # [B, H, W, 1]
+        return img.expand(*img.shape[:-1], 3).contiguous()
+
+
+def user_message(exc: BaseException) -> str:
+    """The line shown in the status box for an exception from a backend call."""
+    if isinstance(exc, (LowBitError, FileExistsError, FileNotFoundError)):
+        return f"Error: {exc}"
+    if isinstance(exc, (ValueError, TypeError)):
+        return f"Error: {exc}"
+    return f"Error: unexpected {type(exc).__name__}: {exc} (details in the console log)"
