@@ -5,8 +5,9 @@
 // canvas and, while the pointer is over the image, image B to the right of the pointer (a vertical divider
 // follows the pointer). Several images per side: click the small "<" ">" labels to step through the pairs.
 // The metrics text (PSNR / SSIM) is drawn under the image.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+// Served at /extensions/<pack>/js/lowbit_compare.js (WEB_DIRECTORY = ./web), hence three levels up to /scripts.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NODE_ID = "LowBitCompareImages";
 const WIDGET_NAME = "lowbit_compare_view";

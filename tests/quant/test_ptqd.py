@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from lowbit.quant import (CallRecorder, PTQDConfig, QuantConfig, QuantContext, attach_stats, collect_stats, deploy_,
+                          get_stats, guided_eps_fn, load, quantize, sample, save)
+from lowbit.quant.context import attach_context
+from lowbit.quant.ptqd import ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma
+from lowbit.quant.sampling import timesteps_for
+
+
+class Eps(torch.nn.Module):
+    def forward(self, x, t):
+        t = t.float().view(-1, 1, 1, 1) if torch.is_tensor(t) else t
+        return torch.sin(3 * x) + 0.001 * t
+
+
+class Noisy(torch.nn.Module):
+    """eps_q = (1 + k) eps + b_c + r with known k, per-channel b, residual std 0.05."""
+
+    def __init__(self, k=0.1):
+        super().__init__()
+        self.fp, self.k = Eps(), k
+        self.b = torch.tensor([0.2, -0.1, 0.05])
+        attach_context(self, QuantContext())
+
+    def forward(self, x, t):
+        g = torch.Generator().manual_seed(int(x.abs().sum() * 1000) % 10000)
+        return (1 + self.k) * self.fp(x, t) + self.b.view(1, 3, 1, 1) + 0.05 * torch.randn(x.shape, generator=g)
+
+
+def _calls(model, ts=(900, 500, 100)):
+    with CallRecorder(model) as rec:
+        for t in ts:
+            for s in range(3):
+                model(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(s + t)), torch.tensor([t, t]))
+    return rec.calls
+
+
+def test_stats_recover_the_noise_model_and_correct():
+    q = Noisy(k=0.1)
+    stats = collect_stats(q.fp, q, _calls(q.fp))
+    assert torch.allclose(stats.k, torch.full((3,), 0.1), atol=0.01)
+    assert torch.allclose(stats.bias, q.b.expand(3, 3), atol=0.01)
+    assert torch.allclose(stats.var, torch.full((3,), 0.0025), rtol=0.1)
+    # interpolation between the collected timesteps
+    assert abs(stats.k_at(300) - 0.1) < 0.01
+    x = torch.randn(2, 3, 8, 8)
+    eps_q = q(x, torch.tensor([300, 300]))
+    fp = q.fp(x, torch.tensor([300, 300]))
+    assert (stats.correct(eps_q, 300) - fp).pow(2).mean() < 0.5 * (eps_q - fp).pow(2).mean()
+    assert abs(stats.residual_var_at(300) - 0.0025 / 1.1 ** 2) < 3e-4
+
+
+def test_vsc_formulas():
+    a_t, a_prev, v = 0.5, 0.6, 0.01
+    assert ddim_vsc_sigma(a_t, a_prev, 0.0, v) == 0.0  # deterministic DDIM: no-op
+    sigma = 0.3 * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    s2 = ddim_vsc_sigma(a_t, a_prev, sigma, v)
+    c = math.sqrt(1 - a_prev - s2 ** 2) - math.sqrt(a_prev * (1 - a_t) / a_t)
+    assert s2 < sigma and abs(s2 ** 2 + c ** 2 * v - sigma ** 2) < 1e-9  # total variance preserved
+    s3 = ddpm_vsc_sigma(a_t, a_prev, sigma, v)
+    coef = (1 - a_t / a_prev) / (math.sqrt(a_t / a_prev) * math.sqrt(1 - a_t))
+    assert abs(s3 ** 2 - (sigma ** 2 - coef ** 2 * v)) < 1e-12
+    assert ancestral_vsc_sigma_up(2.0, 1.0, 0.0, v) == 0.0  # non-ancestral Euler: no-op
+    assert abs(ancestral_vsc_sigma_up(2.0, 1.0, 0.8, v) ** 2 - (0.64 - 1.0 * v)) < 1e-12
+    assert ddim_vsc_sigma(a_t, a_prev, sigma, 1e6) == 0.0
+
+
+def test_samplers_run_and_vsc_changes_only_stochastic_samplers(unet):
+    ac = torch.linspace(0.9999, 0.005, 1000).cumprod(0).clamp_min(1e-5)
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    eps_fn = guided_eps_fn(unet, torch.tensor([1, 2]), 2.0, 10)
+    for name, eta in (("ddim", 0.0), ("ddim", 1.0), ("ddpm", 1.0), ("euler_a", 1.0)):
+        a = sample(eps_fn, (2, 1, 16, 16), ac, steps=4, sampler=name, eta=eta, seed=3)
+        b = sample(eps_fn, (2, 1, 16, 16), ac, steps=4, sampler=name, eta=eta, seed=3, var_fn=lambda t: 0.05)
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b) == (name == "ddim" and eta == 0.0), name
+
+
+def test_stats_travel_in_the_saved_file(unet, calls, tmp_path):
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A4"), calls))
+    attach_stats(q, collect_stats(unet, q, calls, PTQDConfig(variance_calibration=False)))
+    p = save(q, str(tmp_path / "q.safetensors"))
+    q2 = load(unet, p)
+    s1, s2 = get_stats(q), get_stats(q2)
+    assert torch.equal(s1.k, s2.k) and torch.equal(s1.bias, s2.bias) and s2.config == s1.config
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        y1 = q(x, torch.tensor([500, 500]), class_labels=torch.tensor([1, 10])).sample
+        y2 = q2(x, torch.tensor([500, 500]), class_labels=torch.tensor([1, 10])).sample
+    assert torch.equal(y1, y2)
+
+
+def test_stats_from_50_steps_help_at_20_steps():
+    """Statistics collected along 50-step trajectories correct a 20-step run at least as well as no correction."""
+    from lowbit.recipes import default_setup, generate
+
+    setup = default_setup()
+    def rec(steps, seed):
+        with CallRecorder(setup.unet) as r:
+            generate(setup, setup.unet, 10, steps=steps, seed=seed, batch=10)
+        return r.calls
+
+    calib = rec(50, 1)[::3]
+    q = deploy_(quantize(setup.unet, QuantConfig.preset("W4A4"), calib[::4]))
+    stats = collect_stats(setup.unet, q, calib)
+    test_calls = rec(20, 2)
+    err_raw = err_cor = 0.0
+    with torch.no_grad():
+        for c in test_calls:
+            a, kw = c.to("cpu", torch.float32)
+            fp = setup.unet(*a, **kw).sample
+            eq = q(*a, **kw).sample
+            err_raw += float((eq - fp).pow(2).sum())
+            err_cor += float((stats.correct(eq, c.t) - fp).pow(2).sum())
+    assert timesteps_for(20, 1000)[1] not in {c.t for c in calib}  # really other timesteps
+    assert err_cor <= err_raw, (err_cor, err_raw)

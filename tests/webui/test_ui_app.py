@@ -1,0 +1,144 @@
+"""The gradio app (lowbit.ui.app) and its default-model backend, without a browser.
+
+Jobs run with the smallest settings. "embedded" uses the trained default model (skipped until
+models/digits_ddpm.safetensors exists); "random" is the same architecture with random weights, so the UI
+plumbing is tested everywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+torch = pytest.importorskip("torch")
+
+from lowbit.ui.app import build_blocks  # noqa: E402
+from lowbit.ui.backend import DefaultModelBackend, SettingError, check_name  # noqa: E402
+
+
+def _random_setup():
+    from diffusers import DDPMScheduler
+
+    from lowbit.models.digits import IMAGE_SIZE, NULL_CLASS, SCHEDULER_CONFIG, UNET_CONFIG, build_unet
+    from lowbit.recipes import Setup
+
+    torch.manual_seed(0)
+    unet = build_unet(dict(UNET_CONFIG)).eval().requires_grad_(False)
+    return Setup(unet, DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float(), NULL_CLASS, (1, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def _embedded_setup():
+    from lowbit.models.digits import DDPM_PATH
+
+    if not DDPM_PATH.exists():
+        pytest.skip(f"the embedded default model is not trained yet ({DDPM_PATH} missing)")
+    from lowbit.recipes import default_setup
+
+    return default_setup()
+
+
+@pytest.fixture(scope="module", params=["embedded", "random"])
+def quantized(request, tmp_path_factory):
+    """A backend that has quantized its model once (W8A8 naive, 2 calibration runs x 3 steps)."""
+    setup = _embedded_setup() if request.param == "embedded" else _random_setup()
+    b = DefaultModelBackend(models_dir=str(tmp_path_factory.mktemp("models")), setup=setup)
+    seen = []
+    status = b.quantize("W8A8", "naive", 2, 3, progress=lambda f, text: seen.append((f, text)))
+    b._test_kind, b._test_progress = request.param, seen
+    assert "quantized" in status and "W8A8" in status, status
+    return b
+
+
+def test_build_blocks_constructs_on_default_backend(tmp_path):
+    """The Blocks builds without touching the model (weights load lazily on the first job)."""
+    b = DefaultModelBackend(models_dir=str(tmp_path))
+    demo = build_blocks(b)
+    assert isinstance(demo, gr.Blocks)
+    assert b._setup is None  # building the UI loaded nothing
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda b: b.quantize("W3A3", "naive", 2, 3), ["bits", "W8A8", "W4A16"]),
+    (lambda b: b.quantize("W8A8", "no-such-method", 2, 3), ["method", "naive"]),
+    (lambda b: b.quantize("W8A8", "naive", 0, 3), ["calibration samples", "1..256"]),
+    (lambda b: b.quantize("W8A8", "naive", 2, 500), ["calibration steps", "1..200"]),
+    (lambda b: b.quantize("W8A8", "naive", 2.5, 3), ["calibration samples", "whole number"]),
+    (lambda b: b.compare("12", 1, 5, 1), ["digit", "0..9"]),
+    (lambda b: b.compare("3", -1, 5, 1), ["seed"]),
+    (lambda b: b.compare("3", 1, 0, 1), ["sampling steps", "1..1000"]),
+    (lambda b: b.finetune(0, 4, 2), ["fine-tune steps"]),
+    (lambda b: b.save("../escape"), ["file name"]),
+])
+def test_settings_are_validated_before_any_work(tmp_path, call, words):
+    """Every message names the setting and the allowed range/choices; no model is loaded to say so."""
+    b = DefaultModelBackend(models_dir=str(tmp_path))
+    with pytest.raises(SettingError) as ei:
+        call(b)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+    assert b._setup is None
+
+
+def test_jobs_need_a_quantized_model_first(tmp_path):
+    b = DefaultModelBackend(models_dir=str(tmp_path), setup=object())  # never touched
+    for call in (lambda: b.compare("3", 1, 5, 1), lambda: b.ptqd(), lambda: b.save("x")):
+        with pytest.raises(SettingError, match="Quantize"):
+            call()
+
+
+def test_quantize_reports_progress(quantized):
+    assert quantized._test_progress and all(0.0 <= f <= 1.0 for f, _ in quantized._test_progress)
+    assert any("calibration" in t for _, t in quantized._test_progress)
+
+
+def test_compare_returns_images_and_metrics(quantized):
+    c = quantized.compare("3", 1, 4, 2)
+    assert c.fp.shape == c.q.shape == c.diff.shape == (2, 16, 16, 3)
+    assert float(c.fp.min()) >= 0.0 and float(c.fp.max()) <= 1.0
+    assert "PSNR" in c.text and "SSIM" in c.text and len(c.psnr) == len(c.ssim) == 2
+    assert all(-1.0 <= s <= 1.0 for s in c.ssim)
+    if quantized._test_kind == "embedded":  # a trained model at W8A8 stays close to full precision
+        assert min(c.psnr) > 15.0 and not any(math.isinf(p) for p in c.psnr), c.text
+    from lowbit.ui.backend import to_pil_row
+
+    img = to_pil_row(c.fp)
+    assert img.height >= 256 and img.width == 2 * img.height  # two 16x16 images, enlarged
+
+
+def test_ptqd_attaches_statistics(quantized):
+    status = quantized.ptqd(True, True, True)
+    assert "PTQD statistics" in status and "PTQD correction on" in status
+    from lowbit.quant import get_stats
+
+    assert get_stats(quantized.qmodel) is not None
+
+
+def test_save_never_overwrites_and_load_restores(quantized):
+    msg = quantized.save("unit-test")
+    assert "unit-test.safetensors" in msg and quantized.list_saved() == ["unit-test.safetensors"]
+    with pytest.raises(SettingError, match="never overwrites"):
+        quantized.save("unit-test.safetensors")
+    before = quantized.compare("5", 3, 3, 1)
+    assert "loaded" in quantized.load("unit-test.safetensors")
+    after = quantized.compare("5", 3, 3, 1)
+    assert torch.allclose(before.q, after.q, atol=1e-5)  # same integers, same tables, same PTQD statistics
+    with pytest.raises(SettingError, match="does not exist"):
+        quantized.load("missing.safetensors")
+
+
+def test_finetune_runs_with_progress(quantized):
+    if quantized._test_kind != "embedded":
+        pytest.skip("a random UNet's distillation loss is not meaningful")
+    seen = []
+    status = quantized.finetune(2, 2, 2, progress=lambda f, text: seen.append(text))
+    assert "fine-tuned" in status and "EfficientDM fine-tuned (2 steps)" in status, status
+    assert any("loss" in t for t in seen), seen
+
+
+def test_check_name():
+    assert check_name("a-b_c.1") == "a-b_c.1.safetensors"
+    assert check_name("x.safetensors") == "x.safetensors"
+    for bad in ("", "/abs", "a/b", "..", ".hidden", "x" * 101):
+        with pytest.raises(SettingError):
+            check_name(bad)
