@@ -31,6 +31,10 @@ OURS = {  # name -> (QuantConfig preset, overrides)
     "W8A8-dyn": ("W8A8", {"a_dynamic": True}),
     "W4A8": ("W4A8", {}),
     "W4A16": ("W4A16", {}),
+    # the same, with everything that is not a quantized layer (norms, attention) in bf16: model.to(bfloat16)
+    # keeps LowBit's integer weights and fp32 scales (QuantLayer._apply) and casts only the float parts
+    "W8A8-bf16": ("W8A8", {}),
+    "W8A8-dyn-bf16": ("W8A8", {"a_dynamic": True}),
 }
 TORCHAO = ["torchao-int8wo-fp32", "torchao-int8wo-bf16", "torchao-int8dq-fp32", "torchao-int8dq-bf16"]
 DEFAULT_VARIANTS = ["fp32", "bf16", *OURS, *TORCHAO]
@@ -117,6 +121,8 @@ def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: st
         model = model.to(torch.bfloat16)
     elif name in OURS:
         model = _quantize_ours(model, name, latent)
+        if name.endswith("-bf16"):
+            model = model.to(torch.bfloat16)
     elif name.startswith("torchao"):
         model = _quantize_torchao(model, name)
     elif name != "fp32":

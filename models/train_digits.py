@@ -175,16 +175,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit.models.train_digits", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=_HERE)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2400, help="DDPM optimizer steps")
+    p.add_argument("--steps", type=int, default=1000, help="DDPM optimizer steps")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--shift", type=int, default=0, help="DDPM random-shift augmentation in pixels")
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--eval-per-class", type=int, default=100, help="final evaluation samples per class (0: skip)")
     p.add_argument("--eval-every", type=int, default=0, help="quick EMA evaluation every N steps (0: off)")
-    p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                      {"config": clf.config, "training": {**clf_info, **split}, "features": "embed (penultimate, pre-ReLU) * feature_scale"})
 
     def quick_eval(model, step):
-        r = _evaluate(model, clf, x_he, n_per_class=20, steps=20, guidance=args.eval_guidance[-1], seed=123)
+        r = _evaluate(model, clf, x_he, n_per_class=20, steps=20, guidance=args.eval_guidance[0], seed=123)
         _log(f"  eval @ {step}: FID {r['fid_vs_heldout']:.2f} acc {r['class_accuracy']:.3f} "
              f"(200 samples, 20 DDIM steps, guidance {r['guidance']})")
 

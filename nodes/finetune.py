@@ -97,10 +97,19 @@ def loss_curve_image(losses: List[float], width: int = 640, height: int = 360, t
             val = 10 ** val if log_scale else val
             d.text((4, y - 6), f"{val:.3g}", fill=(170, 170, 180))
         pts = [xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
+        smooth = n >= 10  # the loss depends strongly on the batch's timestep: show a moving average too
         if len(pts) == 1:
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(255, 170, 60))
         else:
-            d.line(pts, fill=(255, 170, 60), width=2)
+            d.line(pts, fill=(120, 90, 50) if smooth else (255, 170, 60), width=1 if smooth else 2)
+        if smooth:
+            ema, avg, k = [], None, 2.0 / (min(max(n // 10, 5), 100) + 1)
+            for i, v in enumerate(losses):
+                if math.isfinite(v):
+                    avg = v if avg is None else avg + k * (v - avg)
+                    ema.append(xy(i, avg))
+            if len(ema) > 1:
+                d.line(ema, fill=(255, 190, 80), width=2)
         d.text((left, bottom + 8), f"step 1", fill=(170, 170, 180))
         d.text((right - 90, bottom + 8), f"step {n}", fill=(170, 170, 180))
         d.text((left + 150, 8), f"first {losses[0]:.4g}  last {losses[-1]:.4g}" + ("  (log y)" if log_scale else ""),

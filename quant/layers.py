@@ -213,9 +213,23 @@ class QuantLayer(nn.Module):
                                         shape=self.weight_shape, group_size=self.group_size)
         return self._packed
 
+    def __getstate__(self):
+        # backend caches (e.g. oneDNN opaque blobs) cannot be copied; they are rebuilt on the next call
+        state = dict(self.__dict__)
+        state["_packed"] = None
+        return state
+
     def _apply(self, fn, *args, **kwargs):
-        self._packed = None  # backend caches (prepacked forms) follow the device/dtype of the buffers
-        return super()._apply(fn, *args, **kwargs)
+        # Device moves apply; dtype casts do not: scales, tables and bias stay fp32 and integers stay
+        # integers, so `model.to(torch.bfloat16)` runs the float parts (norms, attention) in bf16 while the
+        # quantized layers keep exact scales (their outputs follow the input dtype).
+        self._packed = None  # backend caches (prepacked forms) follow the device of the buffers
+
+        def keep_dtype(t):
+            out = fn(t)
+            return out.to(t.dtype) if out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, *args, **kwargs)
 
     def deploy(self):
         """fake -> deployed: pack the integers (merging any modifier) and drop the float weight."""

@@ -66,6 +66,20 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
+class FixedInt(nn.Module):
+    """Reconstructed integer weights kept as int8 (1 byte a weight) instead of AdaRound's two fp32 tensors."""
+
+    def __init__(self, w_int: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w_int", w_int.to(torch.int8))
+
+    def fake_weight(self, layer):
+        return self.w_int.float() * expand_weight_scale(layer.w_scale, layer.weight.shape, layer.group_size)
+
+    def weight_int(self, layer):
+        return self.w_int
+
+
 class _Stop(Exception):
     pass
 
@@ -186,9 +200,9 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
                     loss.backward()
                     opt.step()
                     st.step(loss=float(rec.detach()))
-                for l in layers:
-                    l.modifier.soft = False
-                    l.modifier.alpha.requires_grad_(False)
+                for l in layers:  # hard rounding, stored compactly (bounded memory on large UNets)
+                    l.modifier = FixedInt(l.modifier.weight_int(l))
+                del inputs, targets, opt
                 layers_done += len(layers)
             finally:
                 ctx.act_enabled = True
