@@ -29,6 +29,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--remote-allow-origins=*", "--remote-debugging-port=0", "--window-size=1400,2000"]
 JOB_TIMEOUT = float(os.environ.get("LOWBIT_BROWSER_TIMEOUT", "900"))
+# The server's interpreter: set LOWBIT_UI_PYTHON=/work/forge-venv/bin/python to serve the app with Forge's
+# gradio 4.40 + gradio_imageslider instead of this interpreter's gradio.
+UI_PYTHON = os.environ.get("LOWBIT_UI_PYTHON") or sys.executable
 
 # `lowbit ui` needs the trained default model; until it exists the same app is served on a random-weights
 # UNet of the same architecture (the UI path under test is identical).
@@ -39,8 +42,13 @@ from lowbit.models.digits import IMAGE_SIZE, NULL_CLASS, SCHEDULER_CONFIG, UNET_
 from lowbit.recipes import Setup
 from lowbit.ui.app import launch
 from lowbit.ui.backend import DefaultModelBackend
+from diffusers import UNet2DModel
+import inspect
+config = dict(UNET_CONFIG)
+if "mid_block_type" not in inspect.signature(UNet2DModel.__init__).parameters:
+    config.pop("mid_block_type", None)  # older diffusers (Forge's 0.31): the default mid block anyway
 torch.manual_seed(0)
-unet = build_unet(dict(UNET_CONFIG)).eval().requires_grad_(False)
+unet = build_unet(config).eval().requires_grad_(False)
 setup = Setup(unet, DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float(), NULL_CLASS, (1, IMAGE_SIZE, IMAGE_SIZE))
 launch(sys.argv[1], int(sys.argv[2]), backend=DefaultModelBackend(setup=setup))
 """
@@ -150,9 +158,9 @@ def ui_server(tmp_path):
     env = dict(os.environ, LOWBIT_MODELS_DIR=str(tmp_path / "models"), GRADIO_ANALYTICS_ENABLED="False",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     if DDPM_PATH.exists():
-        cmd = [sys.executable, "-m", "lowbit", "ui", "--host", HOST, "--port", str(port)]
+        cmd = [UI_PYTHON, "-m", "lowbit", "ui", "--host", HOST, "--port", str(port)]
     else:
-        cmd = [sys.executable, "-c", RANDOM_MODEL_APP, HOST, str(port)]
+        cmd = [UI_PYTHON, "-c", RANDOM_MODEL_APP, HOST, str(port)]
     log = tmp_path / "ui.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -226,5 +234,5 @@ def test_quantize_then_compare_in_the_browser(ui_server, browser, tmp_path):
     out = REPO_ROOT / "out"
     out.mkdir(exist_ok=True)
     shutil.copy(shot, out / "ui_screenshot.png")
-    print(f"\nscreenshot: {shot} (copied to {out / 'ui_screenshot.png'}); model: "
+    print(f"\nscreenshot: {shot} (copied to {out / 'ui_screenshot.png'}); server python {UI_PYTHON}; model: "
           f"{'embedded' if embedded else 'random weights (embedded model not trained yet)'}")
