@@ -13,6 +13,8 @@ import sys
 # Spin-waiting OpenMP threads make 2-core machines up to 5x slower when shared (CPU_FACTS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .quant.errors import ConfigError  # noqa: E402  (after the OpenMP setting: this imports torch)
+
 
 def _cmd_demo(a):
     from .recipes import demo, format_table
@@ -24,9 +26,14 @@ def _cmd_demo(a):
 
 
 def _cmd_quantize(a):
-    from .quant import save, timestep_aware_subset
-    from .recipes import build, default_setup, record_calibration
+    from .quant import QuantConfig, save, timestep_aware_subset
+    from .recipes import METHODS, build, default_setup, record_calibration
 
+    QuantConfig.preset(a.bits)  # cheap checks before any work
+    if a.method not in METHODS:
+        raise ConfigError(f"unknown method {a.method!r}; choose one of {sorted(METHODS)}")
+    if os.path.exists(a.output) and not a.overwrite:
+        raise FileExistsError(f"{a.output} already exists; choose another name or pass --overwrite")
     setup = default_setup()
     if a.unet:
         from diffusers import UNet2DModel
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
 
     try:
         return a.fn(a)
-    except LowBitError as exc:
+    except (LowBitError, FileExistsError) as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
 
