@@ -1,6 +1,6 @@
 """End-to-end tests against a real ComfyUI (CPU, headless). Skipped unless COMFYUI_DIR is set:
 
-    bash tests/nodes/setup_comfyui.sh /work/ComfyUI          # once: checkout + venv (../comfy-venv)
+    (set up once as in README, "Testing inside real hosts")
     COMFYUI_DIR=/work/ComfyUI python -m pytest tests/nodes/test_comfyui_integration.py -x -q
 """
 from __future__ import annotations

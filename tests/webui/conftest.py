@@ -1,4 +1,4 @@
-"""Fixtures for the WebUI (Forge) integration tests. See forge_harness.py and setup_forge.sh."""
+"""Fixtures for the WebUI (Forge) integration tests. See forge_harness.py."""
 from __future__ import annotations
 
 import os
