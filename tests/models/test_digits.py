@@ -1,6 +1,8 @@
 """Embedded default model (digits DDPM), its loaders, reference DDIM sampler and classifier-feature FID.
 
-Thresholds were measured on the committed weights (see the numbers in the comments) and given a margin.
+Thresholds were measured on the committed weights (numbers in the comments) and given a margin. FID here is
+"FID in the classifier's feature space" (lowbit.models.metrics); it depends on the sample counts, so every
+comparison below uses fixed counts.
 """
 import json
 
@@ -23,12 +25,14 @@ from lowbit.models import digits as D
 
 N_PER_CLASS = 20  # 200 samples
 STEPS = 25
-GUIDANCE = 2.0
+GUIDANCE = 1.0
 
-# measured on the committed weights (200 samples, 25 DDIM steps, guidance 2, seed 0; FID vs the 400 held-out)
-FP_FID_MAX = None  # filled below
-FP_ACC_MIN = None
-REAL_VS_REAL_MAX = None
+# Measured on the committed weights: 200 samples, 25 DDIM steps, eta 0, guidance 1, FID vs the 400 held-out:
+# seeds 0/1/2 -> FID 0.72/0.88/1.00, accuracy 0.955/0.955/0.96 (200 real training digits vs held-out: FID 0.99).
+FP_FID_MAX = 2.0
+FP_ACC_MIN = 0.90
+# held-out halves (200 vs 200): 2.10; vs upside-down halves 14.2; vs uniform noise 47.9.
+REAL_VS_REAL_MAX = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +191,9 @@ def test_fid_real_vs_real_is_small(heldout):
     x, y = heldout
     first, rest = _halves(y)
     rvr = fid(x[first], x[rest])
-    noisy = (x[rest] + 0.4 * torch.randn(x[rest].shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
-    assert rvr < REAL_VS_REAL_MAX
-    assert fid(x[first], noisy) > 3 * rvr
-    assert fid(x[first], torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1) > 20 * rvr
+    assert rvr < REAL_VS_REAL_MAX, rvr
+    assert fid(x[first], x[rest].flip(2)) > 4 * rvr  # upside-down digits
+    assert fid(x[first], torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1) > 10 * rvr
 
 
 def test_fp_model_quality(fp_samples, labels):
@@ -202,7 +205,9 @@ def test_fp_model_quality(fp_samples, labels):
 
 
 def test_degraded_model_is_clearly_worse(unet, fp_samples, labels):
-    """Weights rounded to 2 bits per tensor (symmetric, levels {-1.5, -0.5, 0.5, 1.5} * max/1.5) destroy it."""
+    """Weights rounded to 2 bits per tensor (symmetric, levels {-1.5, -0.5, 0.5, 1.5} * max/1.5) ruin it.
+
+    Measured (100 samples): FP FID 0.88, accuracy 0.95; 2-bit FID 19.6, accuracy 0.52."""
     bad = load_default_unet()
     with torch.no_grad():
         for p in bad.parameters():
@@ -215,4 +220,4 @@ def test_degraded_model_is_clearly_worse(unet, fp_samples, labels):
     fp_f, deg_f = fid(fp_samples[idx]), fid(deg)
     fp_acc, deg_acc = class_accuracy(fp_samples[idx], labels[idx]), class_accuracy(deg, labels[idx])
     assert deg.shape[0] == n
-    assert deg_f > 2 * fp_f and deg_acc < fp_acc - 0.3, (fp_f, deg_f, fp_acc, deg_acc)
+    assert deg_f > 5 * fp_f and deg_acc < fp_acc - 0.25, (fp_f, deg_f, fp_acc, deg_acc)

@@ -4,7 +4,7 @@ import torch
 from lowbit.quant import (ConfigError, QuantConfig, deploy_, get_context, quant_layers, quantize, quantize_,
                           weight_bytes)
 
-from conftest import assert_same_state, state_copy
+from qutil import assert_same_state, state_copy
 
 X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
 LAB = torch.tensor([1, 2, 3, 10])
@@ -83,7 +83,7 @@ def test_dynamic_activations(unet):
 
 
 def test_quantize_inplace_swaps_only_on_success(calls):
-    from conftest import tiny_unet
+    from qutil import tiny_unet
 
     m = tiny_unet()
     before = state_copy(m)

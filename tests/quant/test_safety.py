@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lowbit.quant import (CallRecorder, ConfigError, Interrupted, LoadError, NumericalError, QuantConfig, deploy_,
                           load, quantize, save)
 
-from conftest import assert_same_state, state_copy
+from qutil import assert_same_state, state_copy
 
 
 @pytest.fixture(scope="module")
