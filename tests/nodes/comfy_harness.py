@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]          # the pack folder (this repository's root has the ComfyUI __init__.py)
 PACK_NAME = "lowbit"
 
-SKIP_MESSAGE = ("set COMFYUI_DIR to a ComfyUI checkout (see README, "Testing inside real hosts") "
+SKIP_MESSAGE = ("set COMFYUI_DIR to a ComfyUI checkout (see the README section 'Testing inside real hosts') "
                 "to run the ComfyUI integration tests")
 
 # What a broken pack import looks like in ComfyUI's log (nodes.py load_custom_node / init_external_custom_nodes)

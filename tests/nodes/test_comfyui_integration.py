@@ -1,6 +1,6 @@
 """End-to-end tests against a real ComfyUI (CPU, headless). Skipped unless COMFYUI_DIR is set:
 
-    (set up once as in README, "Testing inside real hosts")
+    (set up once as in the README section 'Testing inside real hosts')
     COMFYUI_DIR=/work/ComfyUI python -m pytest tests/nodes/test_comfyui_integration.py -x -q
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run a real Stable-Diffusion-WebUI Forge headless (API only, CPU) for the integration tests.
 
-    FORGE_DIR=/work/forge pytest tests/webui          # after setting it up as in README, "Testing inside real hosts"
+    FORGE_DIR=/work/forge pytest tests/webui          # after setting it up as in the README section 'Testing inside real hosts'
 
 `ForgeServer` links this repository into `$FORGE_DIR/extensions/lowbit`, puts the random SD1.5 fixture in
 `models/Stable-diffusion/`, starts `launch.py --nowebui` on a free loopback port in its own process group,
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_NAME = "lowbit"
 HOST = "127.0.0.1"
-SKIP_REASON = ("set FORGE_DIR to a Forge checkout (see README, "Testing inside real hosts") "
+SKIP_REASON = ("set FORGE_DIR to a Forge checkout (see the README section 'Testing inside real hosts') "
                "to run the Forge integration tests")
 
 # HOSTS.md 6.2: --skip-prepare-environment/--skip-install keep launch.py offline (no git clones, no pip).
@@ -47,10 +47,10 @@ def forge_paths() -> tuple[Path, Path] | None:
     forge_dir = Path(d).resolve()
     py = Path(os.environ.get("FORGE_PYTHON") or forge_dir.parent / "forge-venv" / "bin" / "python")
     if not (forge_dir / "launch.py").is_file():
-        raise ForgeError(f"FORGE_DIR={forge_dir} has no launch.py; set it up as in README, "Testing inside real hosts"")
+        raise ForgeError(f"FORGE_DIR={forge_dir} has no launch.py; set it up as in the README section 'Testing inside real hosts'")
     if not py.exists():
         raise ForgeError(f"Forge's python {py} does not exist; set FORGE_PYTHON or run: "
-                         f"(README, "Testing inside real hosts")")
+                         f"(README section 'Testing inside real hosts')")
     return forge_dir, py
 
 

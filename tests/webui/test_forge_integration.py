@@ -1,6 +1,6 @@
 """Integration tests against a real headless Forge (skipped unless FORGE_DIR is set).
 
-    (set up once as in README, "Testing inside real hosts")
+    (set up once as in the README section 'Testing inside real hosts')
     FORGE_DIR=/work/forge pytest tests/webui -v          # about 1.5 min on 2 CPU cores
 """
 from __future__ import annotations
