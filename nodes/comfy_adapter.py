@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from ..quant.calib import CallRecorder
+from ..quant.calib import CallRecorder, sanitize_calls
 from ..quant.context import get_context
 from ..quant.layers import QuantLayer, quant_layers
 from . import lora as lora_side
@@ -138,26 +138,6 @@ def attach_quantized_unet(model, q_unet):
 
 
 # ---------------------------------------------------------------------------------------------- calibration
-def _has_tensor(v) -> bool:
-    if torch.is_tensor(v):
-        return True
-    if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
-    return False
-
-
-def sanitize_calls(calls):
-    """Keep only tensor-free transformer_options entries (patch lists, cond_or_uncond...) in the recorded calls:
-    the sigma tables in there are per-run bookkeeping, and the UNet adds its own keys on every call."""
-    for c in calls:
-        to = c.kwargs.get("transformer_options")
-        if isinstance(to, dict):
-            c.kwargs["transformer_options"] = {k: v for k, v in to.items() if not _has_tensor(v)}
-    return calls
-
-
 def empty_latent(model, width: int, height: int, batch: int = 1):
     import comfy.sample
 

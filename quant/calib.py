@@ -136,3 +136,24 @@ def unet_output(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
+
+
+def _has_tensor(v) -> bool:
+    if torch.is_tensor(v):
+        return True
+    if isinstance(v, dict):
+        return any(_has_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def sanitize_calls(calls: List[Call], key: str = "transformer_options") -> List[Call]:
+    """Keep only the tensor-free entries of a host's per-call options dict (ComfyUI's and Forge's
+    ``transformer_options``): the sigma tables and cond marks in there are per-run bookkeeping of the host's
+    sampler, and the UNet adds its own keys at every call."""
+    for c in calls:
+        to = c.kwargs.get(key)
+        if isinstance(to, dict):
+            c.kwargs[key] = {k: v for k, v in to.items() if not _has_tensor(v)}
+    return calls

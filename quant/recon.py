@@ -22,7 +22,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_store, _to_model, model_device_dtype
+from .calib import Call, _to_model, _to_store, model_device_dtype, unet_output
 from .config import ReconConfig
 from .context import get_context
 from .layers import QuantLayer, quant_layers
@@ -117,14 +117,7 @@ def _units_by_registration(qmodel):
     return units
 
 
-def _first_tensor(out):
-    if torch.is_tensor(out):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"unit returned {type(out).__name__}")
+_first_tensor = unet_output  # a block's output tensor, read like a UNet's
 
 
 def _capture(model, unit_name, call: Call, want: str):
