@@ -280,6 +280,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
                 setattr(layer.act, f"scale_{b}", nn.Parameter(tensors[f"{n}.act.scale_{b}"], requires_grad=False))
                 setattr(layer.act, f"zero_{b}", nn.Parameter(tensors[f"{n}.act.zero_{b}"], requires_grad=False))
             layer.act.initialized = True
+        layer._params_to_buffers()
         _set_module(qmodel, n, layer)
     qmodel._lowbit_config = cfg
     qmodel._lowbit_schedule = sched

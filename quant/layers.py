@@ -251,8 +251,31 @@ class QuantLayer(nn.Module):
             for b in self.act.bits_set:  # integer zero points in the deployed model
                 z = self.act.table(b)[1]
                 z.data.round_()
-            self.act.requires_grad_(False)
+        self._params_to_buffers()
         return self
+
+    def _params_to_buffers(self):
+        """Deployed layers hold no parameters (bias and activation tables become buffers): they stay fp32
+        under ``model.to(bf16)``, and hosts that read a model's dtype from its first parameter (diffusers'
+        ``ModelMixin.dtype``) see the float parts' dtype, not ours."""
+        mods = [self] + ([self.act] if self.act is not None else [])
+        for m in mods:
+            for name, p in list(m._parameters.items()):
+                del m._parameters[name]
+                if p is not None:
+                    m.register_buffer(name, p.detach())
+                else:
+                    m.register_buffer(name, None)
+
+    def _buffers_to_params(self):
+        mods = [self] + ([self.act] if self.act is not None else [])
+        names = {self: ("bias",), self.act: tuple(n for n in (self.act._buffers if self.act is not None else {})
+                                                   if n != "tgrid")}
+        for m in mods:
+            for name in names[m]:
+                if name in m._buffers:
+                    t = m._buffers.pop(name)
+                    setattr(m, name, None if t is None else nn.Parameter(t, requires_grad=False))
 
     def undeploy(self):
         """deployed -> fake, exactly: the float weight is the dequantized integer grid (EfficientDM's W0)."""
@@ -264,6 +287,7 @@ class QuantLayer(nn.Module):
         scale = self.w_scale_buf.clone()
         del self.qdata
         del self.w_scale_buf
+        self._buffers_to_params()
         self.weight = nn.Parameter(w0, requires_grad=False)
         self.w_scale = nn.Parameter(scale, requires_grad=False)
         self.mode = "fake"
