@@ -306,8 +306,10 @@ class ForgeBackend(Backend):
         return int(opt("lowbit_calib_samples", 2)), int(opt("lowbit_calib_steps", 8))
 
     def patcher(self):
-        from modules import shared
+        from modules import sd_models, shared
 
+        if getattr(shared.sd_model, "forge_objects", None) is None:
+            sd_models.forge_model_reload()  # Forge loads the selected checkpoint lazily (first generation)
         sd_model = shared.sd_model
         objs = getattr(sd_model, "forge_objects_original", None) or getattr(sd_model, "forge_objects", None)
         if objs is None or getattr(objs, "unet", None) is None:

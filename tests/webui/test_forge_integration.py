@@ -176,12 +176,20 @@ def forge_ui(tmp_path):
         def command(self):
             return ["--api" if a == "--nowebui" else a for a in super().command()]
 
+    # The gradio UI mounts repositories/stable-diffusion-webui-assets (fonts, icons), a git clone launch.py makes
+    # online; an empty folder lets the page load offline (cosmetic assets missing). Removed again if made here.
+    assets = paths[0] / "repositories" / "stable-diffusion-webui-assets"
+    made_assets = not assets.exists()
+    if made_assets:
+        assets.mkdir(parents=True)
     server = ForgeWithUI(*paths, checkpoint=ensure_fixture(), log_path=tmp_path / "forge-ui.log")
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()
+        if made_assets:
+            assets.rmdir()
 
 
 @pytest.mark.forge
