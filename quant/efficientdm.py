@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from .calib import Call, CallRecorder, _to_model, model_device_dtype, unet_output
 from .config import FinetuneConfig, to_json_obj
+from .context import timestep_of_call
 from .context import get_context
 from .errors import ConfigError, LoadError, NumericalError
 from .layers import ActQuantizer, QuantLayer, quant_layers
@@ -450,6 +451,20 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
     return student
 
 
+def _initial_loss(net, trainable, init, args, kwargs, target) -> float:
+    """Loss of the student with its trainable tensors at their initial values (restored afterwards)."""
+    now = [p.detach().clone() for p in trainable]
+    with torch.no_grad():
+        for p, v in zip(trainable, init):
+            p.copy_(v)
+        try:
+            out = unet_output(net(*args, **kwargs)).float()
+            return float((out - target.to(out.device)).pow(2).mean())
+        finally:
+            for p, v in zip(trainable, now):
+                p.copy_(v)
+
+
 def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, progress, dist, rank, world):
     """The distillation loop over ``groups`` (AdamW param groups with their lrs). Returns (first, last) loss."""
     trainable = [p for g in groups for p in g["params"]]
@@ -471,6 +486,10 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
         net = DDP(student, find_unused_parameters=multi)
     dev, dt = model_device_dtype(student)
     first = lval = None
+    # Divergence is judged per timestep bin against the loss of the *initial* student on the first batch of
+    # that bin (losses differ by orders of magnitude across timesteps, so one global reference misfires).
+    ref = {}
+    init = [p.detach().clone() for p in trainable]
     try:
         with _eval_mode(teacher), Stage(progress, cfg.steps, "fine-tune") as st:
             student.eval()
@@ -487,9 +506,14 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                     lval /= world
                 lval = float(lval)
                 first = lval if first is None else first
-                if not math.isfinite(lval) or lval > MAX_LOSS_GROWTH * max(first, 1e-12):
+                t = timestep_of_call(args, kwargs)
+                tbin = None if t is None else int(t // 100)
+                if tbin not in ref:
+                    ref[tbin] = _initial_loss(net, trainable, init, args, kwargs, target)
+                base = ref[tbin]
+                if not math.isfinite(lval) or lval > MAX_LOSS_GROWTH * max(base, 1e-12):
                     what = "NaN/Inf" if not math.isfinite(lval) else \
-                        f"{lval:.4g}, above {MAX_LOSS_GROWTH:g}x the first loss {first:.4g}"
+                        f"{lval:.4g}, above {MAX_LOSS_GROWTH:g}x the loss before fine-tuning at this timestep ({base:.4g})"
                     raise NumericalError(
                         f"EfficientDM fine-tune diverged at step {step}/{cfg.steps}: loss {what}; lower "
                         f"FinetuneConfig.lr_scale_factor (now {cfg.lr_scale_factor:g}) or act_lr (now {cfg.act_lr:g})")

@@ -12,16 +12,15 @@ Facts used here (read in Forge's source, checked by tests/webui/test_forge_integ
   with ``t = predictor.timestep(sigma)`` (the DDPM timestep): the quantized UNet reads its per-step tables
   (activation scales, PTQD statistics, bitwidth schedule) from that argument. Nothing counts steps.
 * The UNet is an ``IntegratedUNet2DConditionModel`` whose Linear layers are ``backend.operations``'
-  ``ForgeOperations.Linear`` -- a plain ``nn.Module``, not a ``torch.nn.Linear`` subclass -- so the core would
-  not see them. ``linear_view`` makes a module tree that shares every weight with Forge's UNet but has real
-  ``nn.Linear`` layers (casting their weight to the input dtype like Forge does); that view is quantized.
+  ``ForgeOperations.Linear`` -- not ``torch.nn.Linear`` subclasses; the core recognises them by interface
+  (``quant.layers.qlayer_class_for``), so the Forge UNet itself is quantized. ``check_float_weights`` refuses
+  NF4/FP4/GGUF/scaled-fp8 loads ("Diffusion in Low Bits") with the fix in the message.
 * Loading a clone unloads the other patchers of the same model (``unload_model_clones``), which removes
   their object patches: after a LowBit generation the float UNet is back in place for the next one.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import logging
 import os
@@ -30,9 +29,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..quant.calib import CallRecorder
+from ..quant.calib import CallRecorder, sanitize_calls
 from ..quant.context import get_context
 from ..quant.errors import ConfigError, Interrupted
 from .backend import BITS_CHOICES, Backend, SettingError, pil_to_image
@@ -58,43 +56,20 @@ def opt(name: str, default):
     return getattr(shared.opts, name, default)
 
 
-# ------------------------------------------------------------------------------------------ the UNet views
-class _CastLinear(nn.Linear):
-    """A ``torch.nn.Linear`` over a Forge Linear's parameters (shared, not copied); casts like Forge."""
-
-    def forward(self, x):
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
-
-
-def _is_foreign_linear(m: nn.Module) -> bool:
-    return (type(m).__name__ == "Linear" and not isinstance(m, nn.Linear)
-            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)
-
-
-def linear_view(unet: nn.Module) -> nn.Module:
-    """A copy of ``unet`` that shares every Conv/Linear weight and has ``nn.Linear`` for Forge's Linear."""
-    memo = {}
+# ------------------------------------------------------------------------------------------ the float UNet
+def check_float_weights(unet: nn.Module) -> nn.Module:
+    """``unet`` if every Linear/Conv weight is a plain float tensor; a ConfigError naming the layer otherwise."""
     for name, m in unet.named_modules():
-        if _is_foreign_linear(m):
-            w = m.weight
-            if type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point():  # NF4/FP4/GGUF tensors
-                raise ConfigError(f"layer {name} holds a {type(w).__name__} weight ({getattr(w, 'dtype', '?')}): "
-                                  "LowBit quantizes fp16/bf16/fp32 checkpoints. Set 'Diffusion in Low Bits' to "
-                                  "Automatic (not NF4/FP4/GGUF) and reload the model")
-            if getattr(m, "scale_weight", None) is not None:
-                raise ConfigError(f"layer {name} is a scaled-fp8 weight; LowBit needs an fp16/bf16/fp32 checkpoint")
-            lin = _CastLinear.__new__(_CastLinear)
-            nn.Module.__init__(lin)
-            lin.in_features, lin.out_features = int(w.shape[1]), int(w.shape[0])
-            lin.weight = w
-            lin.bias = m.bias
-            memo[id(m)] = lin
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            memo[id(m.weight)] = m.weight
-            if m.bias is not None:
-                memo[id(m.bias)] = m.bias
-    return copy.deepcopy(unet, memo)
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() not in (2, 4):
+            continue
+        if type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point():  # NF4/FP4/GGUF tensors
+            raise ConfigError(f"layer {name} holds a {type(w).__name__} weight ({getattr(w, 'dtype', '?')}): "
+                              "LowBit quantizes fp16/bf16/fp32 checkpoints. Set 'Diffusion in Low Bits' to "
+                              "Automatic (not NF4/FP4/GGUF) and reload the model")
+        if getattr(m, "scale_weight", None) is not None:
+            raise ConfigError(f"layer {name} is a scaled-fp8 weight; LowBit needs an fp16/bf16/fp32 checkpoint")
+    return unet
 
 
 def is_lowbit(unet) -> bool:
@@ -121,26 +96,6 @@ def alphas_cumprod_of(patcher) -> torch.Tensor:
     if ac is None:
         ac = 1.0 / (1.0 + pred.sigmas.float() ** 2)
     return ac.detach().float().cpu()
-
-
-def _has_tensor(v) -> bool:
-    if torch.is_tensor(v):
-        return True
-    if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
-    return False
-
-
-def sanitize_calls(calls):
-    """Keep only tensor-free ``transformer_options`` entries: the sigma/cond-mark tensors in there are per-run
-    bookkeeping of Forge's sampler, and the UNet adds its own keys at every call."""
-    for c in calls:
-        to = c.kwargs.get("transformer_options")
-        if isinstance(to, dict):
-            c.kwargs["transformer_options"] = {k: v for k, v in to.items() if not _has_tensor(v)}
-    return calls
 
 
 def install(p, qunet, label: str):
@@ -232,7 +187,7 @@ def calibrate_in_generation(p, samples: int, steps: int, kwargs):
 def build_for(patcher, calls, bits: str, method: str):
     from ..recipes import Setup, build
 
-    setup = Setup(linear_view(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
+    setup = Setup(check_float_weights(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
     return build(setup, method, bits, calls).model
 
 
@@ -323,7 +278,7 @@ class ForgeBackend(Backend):
         from ..recipes import Setup
 
         patcher = self.patcher()
-        return Setup(linear_view(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
+        return Setup(check_float_weights(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
 
     def _job(self):
         base = super()._job()

@@ -142,3 +142,74 @@ def test_check_name():
     for bad in ("", "/abs", "a/b", "..", ".hidden", "x" * 101):
         with pytest.raises(SettingError):
             check_name(bad)
+
+
+# -- scripts/lowbit_webui.py: how the WebUI script finds the package (no WebUI needed: `modules` is stubbed) ---
+
+_STUB_MODULES = {
+    "modules/__init__.py": "",
+    "modules/script_callbacks.py": (
+        "registered = []\n"
+        "def _reg(kind):\n"
+        "    return lambda fn, **kw: registered.append(kind)\n"
+        "on_ui_settings = _reg('ui_settings'); on_ui_tabs = _reg('ui_tabs'); on_model_loaded = _reg('model_loaded')\n"
+        "on_list_unets = _reg('list_unets')\n"),
+    "modules/scripts.py": "AlwaysVisible = object()\nclass Script:\n    pass\n",
+    "modules/shared.py": "class _O: pass\nopts = _O()\n",
+}
+
+_LOAD_SCRIPT = r"""
+import importlib.util, json, sys
+mode = sys.argv[1]
+if mode == "hidden":  # no `lowbit` importable (the extension folder is not pip-installed)
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name == "lowbit":
+                raise ModuleNotFoundError("hidden for the test")
+            return None
+    sys.meta_path.insert(0, Hide())
+spec = importlib.util.spec_from_file_location("lowbit_webui.py", sys.argv[2])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+from modules import script_callbacks
+print(json.dumps({"pkg": m.lowbit.__name__, "file": m.lowbit.__file__, "webui": m.webui.__name__,
+                  "lowbit_is": None if mode == "hidden" else importlib.import_module("lowbit").__file__,
+                  "scripts": [n for n, v in vars(m).items() if isinstance(v, type) and issubclass(v, m.scripts.Script)
+                              and v is not m.scripts.Script],
+                  "callbacks": script_callbacks.registered}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["installed", "hidden", "other"])
+def test_webui_script_imports_the_package(tmp_path, mode):
+    """installed: `lowbit` is this folder -> import lowbit. hidden: nothing called lowbit -> this folder is loaded as
+    `lowbit`. other: a different `lowbit` is installed -> this folder is loaded as `lowbit_webui_ext` and the
+    other one is left alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    for rel, text in _STUB_MODULES.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    path = [str(tmp_path)]
+    if mode == "other":
+        (tmp_path / "other" / "lowbit").mkdir(parents=True)
+        (tmp_path / "other" / "lowbit" / "__init__.py").write_text("OTHER = True\n")
+        path.insert(0, str(tmp_path / "other"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    res = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, mode, str(repo / "scripts" / "lowbit_webui.py")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    expected = {"installed": "lowbit", "hidden": "lowbit", "other": "lowbit_webui_ext"}[mode]
+    assert out["pkg"] == expected and out["webui"] == f"{expected}.ui.webui", out
+    assert Path(out["file"]).resolve() == repo / "__init__.py"
+    if mode == "other":
+        assert out["lowbit_is"] == str(tmp_path / "other" / "lowbit" / "__init__.py")  # not shadowed
+    assert out["scripts"] == ["LowBitScript"]
+    assert out["callbacks"][:3] == ["ui_settings", "ui_tabs", "model_loaded"]
+    assert "list_unets" in out["callbacks"]  # no `modules_forge` here: the A1111 SD Unet options are registered
