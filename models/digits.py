@@ -207,9 +207,17 @@ def _header(path, expected_type) -> dict:
 # ------------------------------------------------------------------------------------------- loaders
 def build_unet(config: dict | None = None):
     """A fresh (randomly initialised) ``UNet2DModel`` from a validated config (default ``UNET_CONFIG``)."""
+    import inspect
+
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**_validate_unet_config(dict(UNET_CONFIG if config is None else config)))
+    cfg = _validate_unet_config(dict(UNET_CONFIG if config is None else config))
+    # Older diffusers (Forge pins 0.31) have no `mid_block_type` argument; their only mid block is the
+    # same UNetMidBlock2D, so the key is dropped there.
+    if "mid_block_type" not in inspect.signature(UNet2DModel.__init__).parameters and \
+            cfg.get("mid_block_type") in ("UNetMidBlock2D", None):
+        cfg.pop("mid_block_type", None)
+    return UNet2DModel(**cfg)
 
 
 def load_default_unet(path=None):
