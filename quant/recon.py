@@ -16,7 +16,6 @@ skipped the second split half), and every calibration sample is used (PTQD's ran
 """
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
@@ -160,7 +159,6 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
     units = find_units(qmodel, calls[0])
     g = torch.Generator().manual_seed(seed)
     dev, dt = model_device_dtype(qmodel)
-    layers_done = 0
     with Stage(progress, len(units) * max(config.weight_iters, 1), "reconstruct (AdaRound)") as st:
         for uname, unit in units:
             layers = [m for m in unit.modules() if isinstance(m, QuantLayer)] if not isinstance(unit, QuantLayer) else [unit]
@@ -196,7 +194,6 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
                 for l in layers:  # hard rounding, stored compactly (bounded memory on large UNets)
                     l.modifier = FixedInt(l.modifier.weight_int(l))
                 del inputs, targets, opt
-                layers_done += len(layers)
             finally:
                 ctx.act_enabled = True
     if any(l.act is not None for _, l in quant_layers(qmodel)):
