@@ -83,10 +83,19 @@ def _recon(setup, cfg, calls, opts):
     return Built(q)
 
 
-def _with_ptqd(base, vsc: bool, bc_cnc: bool = True):
+def _recon_act(setup, cfg, calls, opts):
+    """Reconstruction followed by BRECQ's activation pass (learned step sizes; ``act_iters`` in opts)."""
+    import dataclasses
+
+    rc = dataclasses.replace(opts.get("recon", ReconConfig()), act_iters=opts.get("act_iters", 100))
+    return _recon(setup, cfg, calls, dict(opts, recon=rc))
+
+
+def _with_ptqd(base, vsc: bool, bc_cnc: bool = True, paper: bool = False):
     def build(setup, cfg, calls, opts):
         b = METHODS[base](setup, cfg, calls, opts)
-        pcfg = PTQDConfig(bias_correction=bc_cnc, correlation_correction=bc_cnc, variance_calibration=vsc)
+        pcfg = PTQDConfig(bias_correction=bc_cnc, correlation_correction=bc_cnc, variance_calibration=vsc,
+                          input_correlation=not paper)
         stats = collect_stats(setup.unet, b.model, opts.get("stat_calls", calls), pcfg)
         attach_stats(b.model, stats, active=bc_cnc)
         b.var_fn = _vsc(b.model) if vsc else None
@@ -111,6 +120,8 @@ METHODS: Dict[str, Callable] = {
     "naive": _naive,
     "recon": _recon,
 }
+METHODS["recon+act"] = _recon_act
+METHODS["recon+ptqd(paper)"] = _with_ptqd("recon", vsc=False, paper=True)  # eps-only noise model
 METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
 METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)
 METHODS["naive+ptqd"] = _with_ptqd("naive", vsc=False)

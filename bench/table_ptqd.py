@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from lowbit.quant import ReconConfig, timestep_aware_subset  # noqa: E402
 from lowbit.recipes import build, default_setup, evaluate, record_calibration  # noqa: E402
 
-LADDER = ["naive", "recon", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed"]
+LADDER = ["naive", "recon", "recon+act", "recon+ptqd(paper)", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed"]
 
 
 def main(argv=None):
@@ -32,7 +32,9 @@ def main(argv=None):
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
     p.add_argument("--methods", nargs="+", default=LADDER)
     p.add_argument("--etas", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--recon-iters", type=int, default=300)
+    p.add_argument("--recon-iters", type=int, default=300, help="AdaRound steps per unit")
+    p.add_argument("--act-iters", type=int, default=100,
+                   help="steps per unit of BRECQ's activation pass (method recon+act only)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--deployed", action="store_true",
                    help="sample with the packed integer kernels (default: fake-quant mode, the same function "
@@ -52,7 +54,7 @@ def main(argv=None):
     for bits in a.bits:
         for m in a.methods:
             t0 = time.time()
-            b = build(setup, m, bits, calib, deploy=a.deployed, recon=recon, stat_calls=calls_all)
+            b = build(setup, m, bits, calib, deploy=a.deployed, recon=recon, stat_calls=calls_all, act_iters=a.act_iters)
             for eta in a.etas:
                 ev = evaluate(setup, b.model, n=a.samples, steps=a.steps, eta=eta, var_fn=b.var_fn)
                 rows.append(dict(bits=bits, method=m, eta=eta, fid=ev["fid"], acc=ev["acc"], build_s=b.seconds,

@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .policy import plan_layers
 from .progress import Stage
+from .split import apply_splits, find_concat_convs
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
@@ -74,8 +75,13 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
                               f"{config.name}")
         bits_set = tuple(sorted(set(schedule.bits_used) | set(bits_set)))
 
-    plans = [p for p in plan_layers(model, config) if p.mode != "fp"]
     qmodel = structural_copy(model)
+    splits = {}
+    if static_act and config.split_concat:
+        convs = [p.name for p in plan_layers(qmodel, config) if p.mode != "fp" and p.kind == "conv"]
+        splits = find_concat_convs(qmodel, calib[0], convs)
+        apply_splits(qmodel, splits)
+    plans = [p for p in plan_layers(qmodel, config) if p.mode != "fp"]
     ctx = attach_context(qmodel, QuantContext(num_train_timesteps))
     ctx.schedule = schedule
     with Stage(progress, len(plans), "quantize weights") as st:
@@ -91,6 +97,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
             st.step()
     qmodel._lowbit_config = config
     qmodel._lowbit_schedule = schedule
+    qmodel._lowbit_splits = splits
     if static_act:
         calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
     qmodel.eval()
@@ -118,9 +125,11 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Mod
     """In-place variant: the quantized layers are swapped into ``model`` only after everything succeeded,
     so an error or a cancellation leaves ``model`` untouched."""
     q = quantize(model, config, calib, **kw)
+    for name in q._lowbit_splits:  # split convolutions first: their parts are set with them
+        _set_module(model, name, q.get_submodule(name))
     for name, layer in quant_layers(q):
         _set_module(model, name, layer)
-    for k in ("_lowbit_ctx", "_lowbit_config", "_lowbit_schedule"):
+    for k in ("_lowbit_ctx", "_lowbit_config", "_lowbit_schedule", "_lowbit_splits"):
         setattr(model, k, getattr(q, k))
     # the timestep hook lives on the copy's root; move it to the model
     for h in q._forward_pre_hooks.values():

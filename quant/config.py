@@ -96,6 +96,9 @@ class QuantConfig:
         (calibrated); ``a_bits=16`` keeps activations in floating point (weight-only W4A16/W8A16).
     a_dynamic: per-token dynamic activation scales instead of calibrated static ones (A8 only).
     time_bins: number of timestep bins with their own activation scales (1 = one scale for all steps).
+    split_concat: split convolutions that read a channel concatenation (decoder skip connections) into one
+        convolution per concatenated tensor, each with its own activation and weight scales (Q-Diffusion's
+        shortcut split; found by tracing one calibration call, see ``split.py``).
     """
 
     w_bits: int = 4
@@ -105,6 +108,7 @@ class QuantConfig:
     a_init: str = "lp"
     a_dynamic: bool = False
     time_bins: int = 1
+    split_concat: bool = True
     rules: Tuple[LayerRule, ...] = DEFAULT_RULES
     version: int = 1
 
@@ -211,19 +215,32 @@ class BitwidthSchedule:
 @register_config
 @dataclass(frozen=True)
 class ReconConfig:
-    """BRECQ/AdaRound block reconstruction (ALGORITHMS.md A2, A3). Defaults are the papers' scaled by ``quick``."""
+    """BRECQ/AdaRound block reconstruction (ALGORITHMS.md A2, A3).
+
+    weight_iters: Adam steps per unit (block or loose layer) of the weight pass (AdaRound). The papers use
+        10 000-20 000 on 400M-parameter LDMs; the default is a tenth of that, ``ReconConfig.quick()`` a hundredth
+        (the benches on the small default model use 100).
+    act_iters: Adam steps per unit of BRECQ's activation pass (learned step sizes after the L_p search; the
+        papers use 5 000). Off by default: on the default model it made W4A4 worse (README, "recon+act" row).
+    batch_size: samples per step, drawn from one recorded call (a call holds a whole sampling batch).
+    """
 
     weight_iters: int = 2000
-    act_iters: int = 500
+    act_iters: int = 0
     batch_size: int = 16
     weight_lr: float = 1e-3
-    act_lr: float = 4e-4
+    act_lr: float = 4e-3  # relative to each layer's activation step size (see recon.reconstruct_activations)
     round_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
     p_act: float = 2.4
     version: int = 1
+
+    @classmethod
+    def quick(cls, **overrides) -> "ReconConfig":
+        """A fast setting for previews: 200 AdaRound steps per unit."""
+        return cls(**{**dict(weight_iters=200), **overrides})
 
     def __post_init__(self):
         _check_int("weight_iters", self.weight_iters, 0, 1_000_000)
@@ -232,16 +249,23 @@ class ReconConfig:
         _check_float("weight_lr", self.weight_lr, 0, 1, lo_open=True)
         _check_float("act_lr", self.act_lr, 0, 1, lo_open=True)
         _check_float("warmup", self.warmup, 0, 1)
+        _check_float("p_act", self.p_act, 1, 4)
 
 
 @register_config
 @dataclass(frozen=True)
 class PTQDConfig:
-    """PTQD noise correction (ALGORITHMS.md A5). Which corrections to apply at sampling time."""
+    """PTQD noise correction (ALGORITHMS.md A5). Which corrections to apply at sampling time.
+
+    input_correlation: also fit (and remove) the part of the error that is linear in the UNet input x_t, i.e.
+        eps_q = (1 + k_t)·eps + m_t·x_t + b_t + r (our extension; False gives the paper's model, m_t = 0).
+        The quantization error of a low-bit UNet follows the image content (x_t carries it), not only eps.
+    """
 
     bias_correction: bool = True
     correlation_correction: bool = True
     variance_calibration: bool = True
+    input_correlation: bool = True
     version: int = 1
 
 

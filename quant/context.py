@@ -56,6 +56,19 @@ def timestep_of_call(args, kwargs) -> Optional[float]:
     return float(t)
 
 
+_X_KWARGS = ("sample", "x", "hidden_states")
+
+
+def sample_of_call(args, kwargs) -> Optional[torch.Tensor]:
+    """The noisy input x_t of a UNet call: the first positional tensor, or the ``sample``/``x`` keyword."""
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    for k in _X_KWARGS:
+        if torch.is_tensor(kwargs.get(k)):
+            return kwargs[k]
+    return None
+
+
 class TimestepHook:
     """Forward pre-hook object (deep-copies together with the model and its context)."""
 

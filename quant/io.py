@@ -29,6 +29,7 @@ from . import config as C
 from .context import QuantContext, attach_context
 from .errors import ConfigError, LoadError
 from .layers import ActQuantizer, QuantLayer, qlayer_class_for, quant_layers
+from .split import ChannelSplitConv2d, apply_splits
 
 FORMAT = "lowbit.quantized_unet"
 FORMAT_VERSION = 1
@@ -106,6 +107,7 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False) -> str:
                   schedule=C.to_json_obj(sched) if sched is not None else None,
                   num_train_timesteps=ctx.num_train_timesteps if ctx else 1000,
                   layers=lmeta, model=dict(cls=type(qmodel).__name__, fingerprint=model_fingerprint(qmodel)),
+                  splits={n: list(m.sizes) for n, m in qmodel.named_modules() if isinstance(m, ChannelSplitConv2d)},
                   extras=extras)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -211,7 +213,20 @@ def load(model: nn.Module, path: str) -> nn.Module:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
-    mods = dict(model.named_modules())
+    splits = header.get("splits") or {}
+    if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(isinstance(d, int) and d > 0 for d in v)
+                                             for v in splits.values())):
+        _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
+    fmods = dict(model.named_modules())
+    for n, sizes in splits.items():
+        m = fmods.get(n)
+        if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.in_channels != sum(sizes):
+            _fail(path, f"it does not match this model: split convolution {n!r} with {sum(sizes)} input channels is "
+                        f"{'missing' if m is None else type(m).__name__ + ' ' + str(tuple(m.weight.shape))} here",
+                  "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
+    qmodel = structural_copy(model)  # never modify ``model``
+    apply_splits(qmodel, splits)
+    mods = dict(qmodel.named_modules())
     missing = [n for n in layers if n not in mods]
     kinds = {c.__name__: c for c in QLAYERS}
     if missing:
@@ -260,7 +275,6 @@ def load(model: nn.Module, path: str) -> nn.Module:
         if v.is_floating_point() and not torch.isfinite(v).all():
             _fail(path, f"tensor {k!r} contains NaN/Inf", "the file is corrupt or was saved from a diverged run")
 
-    qmodel = structural_copy(model)
     ctx = attach_context(qmodel, QuantContext(int(header.get("num_train_timesteps", 1000))))
     ctx.schedule = sched
     for n, (w_bits, a_bits, g, dyn, bits_set, tb, scheduled) in expected.items():
@@ -284,6 +298,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
         _set_module(qmodel, n, layer)
     qmodel._lowbit_config = cfg
     qmodel._lowbit_schedule = sched
+    qmodel._lowbit_splits = {n: tuple(v) for n, v in splits.items()}
     for ename, meta in (header.get("extras") or {}).items():
         if ename not in EXTRAS:
             continue  # unknown extras are ignored (never executed)

@@ -116,16 +116,26 @@ class ActQuantizer(nn.Module):
                                  "calibration inputs and the float model" % t)
         flat = x.detach().reshape(-1)
         n = min(flat.numel(), RESERVOIR // 4)
-        idx = torch.randint(0, flat.numel(), (n,), device=flat.device)
+        if getattr(self, "_gen", None) is None:  # fixed seed: the same calibration data gives the same scales
+            self._gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, flat.numel(), (n,), generator=self._gen).to(flat.device)
         smp = flat[idx].float().cpu()
         st = self._obs.get(b)
         if st is None:
-            self._obs[b] = [lo, hi, smp]
+            self._obs[b] = [lo, hi, smp, flat.numel()]
         else:
             st[0], st[1] = min(st[0], lo), max(st[1], hi)
-            st[2] = torch.cat([st[2], smp])
-            if st[2].numel() > RESERVOIR:
-                st[2] = st[2][torch.randperm(st[2].numel())[:RESERVOIR]]
+            # weighted merge: each part keeps a share proportional to the values it stands for, so the
+            # sample stays uniform over all calls (a plain concat-and-subsample favours the latest calls)
+            seen, new = st[3], flat.numel()
+            st[3] = seen + new
+            if st[2].numel() + smp.numel() <= RESERVOIR:
+                keep_old, keep_new = st[2].numel(), smp.numel()
+            else:
+                keep_old = min(st[2].numel(), round(RESERVOIR * seen / (seen + new)))
+                keep_new = min(smp.numel(), RESERVOIR - keep_old)
+            old = st[2] if keep_old == st[2].numel() else st[2][torch.randperm(st[2].numel(), generator=self._gen)[:keep_old]]
+            st[2] = torch.cat([old, smp[:keep_new]])
 
     def finish_observation(self, method: str):
         if not self._obs:
@@ -136,7 +146,7 @@ class ActQuantizer(nn.Module):
             s_tab, z_tab = self.table(bits)
             vals = {}
             for b in filled:
-                lo, hi, smp = self._obs[b]
+                lo, hi, smp = self._obs[b][:3]
                 vals[b] = act_scale_search(smp, lo, hi, bits, method)
             # bins without data take the nearest observed bin
             for j in range(k):
@@ -144,6 +154,7 @@ class ActQuantizer(nn.Module):
                 s_tab.data[j] = vals[nearest][0]
                 z_tab.data[j] = vals[nearest][1]
         self._obs = None
+        self._gen = None
         self.initialized = True
         return True
 

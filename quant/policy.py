@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .config import ACT_BITS_NONE, QuantConfig
 from .layers import qlayer_class_for
+from .split import split_parent
 
 
 @dataclass(frozen=True)
@@ -33,18 +34,19 @@ def _kind(m):
 
 def plan_layers(model: nn.Module, cfg: QuantConfig) -> List[LayerPlan]:
     cands = [(n, m) for n, m in model.named_modules() if qlayer_class_for(m) is not None and n]
-    convs = [n for n, m in cands if isinstance(m, nn.Conv2d)]
+    convs = [split_parent(n) for n, m in cands if isinstance(m, nn.Conv2d)]
     edge = {convs[0], convs[-1]} if convs else set()
     plans = []
     for name, m in cands:
         kind = _kind(m)
         mode, reason = "quant", "default"
+        rname = split_parent(name)  # the parts of a split convolution follow the rules of the convolution
         for r in cfg.rules:
-            if r.kind in ("any", kind) and re.search(r.pattern, name):
+            if r.kind in ("any", kind) and re.search(r.pattern, rname):
                 mode, reason = r.mode, f"rule {r.pattern!r}"
                 break
         else:
-            if name in edge:
+            if rname in edge:
                 mode, reason = "w8a8", "first/last convolution"
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.weight.dim() != 4):
             mode, reason = "fp", "unsupported padding mode"

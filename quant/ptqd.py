@@ -1,14 +1,18 @@
 """PTQD: quantization-noise statistics, their correction, and variance-schedule calibration (ALGORITHMS.md A5).
 
-Noise model (per timestep t, per output channel c):   eps_q = (1 + k_t) * eps_fp + b_{t,c} + r,
-with r zero-mean and uncorrelated with eps_fp, variance v_t.
+Noise model (per timestep t, per output channel c):   eps_q = (1 + k_t) * eps_fp + m_t * x_t + b_{t,c} + r,
+with r zero-mean and uncorrelated with eps_fp and x_t, variance v_t. The paper's model is m_t = 0
+(``PTQDConfig.input_correlation=False``). The input term is our extension: on the default model at W4A4 the
+error is content-dependent (late steps: +0.025 on digit strokes, -0.046 on the background; mean -0.022), so
+removing a spatially constant bias moves error onto the strokes; x_t carries the content and is known at
+sampling time, so the correction eps_c = (eps_q - m_t·x_t - b_t) / (1 + k_t) stays computable.
 
 Statistics are collected on full-precision trajectories: both models see the same UNet input x_t (recorded
 from any sampler with ``CallRecorder``). They are accumulated as streaming sufficient statistics per
 timestep (bounded memory), keyed by t and interpolated, so they serve any step count, schedule or sampler.
 
 Departures from the official code (section E), on purpose:
-* k_t is fitted jointly with the per-channel bias (OLS with a per-channel intercept); the bias is then the
+* k_t (and m_t) are fitted jointly with the per-channel bias (OLS with a per-channel intercept); the bias is then the
   intercept (the mean of the residual), not the mean of the total error (which also contains k*mean(eps));
 * the residual variance is pooled over all elements, not an average of per-sample standard deviations;
 * negative k is kept (clipped at -0.5 for safety), not silently set to 0;
@@ -27,19 +31,21 @@ import torch
 
 from .calib import Call, model_device_dtype, unet_output
 from .config import PTQDConfig
-from .context import get_context
+from .context import get_context, sample_of_call
 from .progress import Stage
 
 K_MIN = -0.5
 
 
 class PTQDStats:
-    """Per-timestep tables: t [S], k [S], bias [S, C], var [S] (residual variance before correction)."""
+    """Per-timestep tables: t [S], k [S], bias [S, C], var [S] (residual variance before correction) and
+    m [S] (input correlation; zeros for the paper's model)."""
 
     def __init__(self, t: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, var: torch.Tensor,
-                 config: PTQDConfig = PTQDConfig()):
+                 config: PTQDConfig = PTQDConfig(), m: Optional[torch.Tensor] = None):
         order = torch.argsort(t)
         self.t, self.k, self.bias, self.var = t[order].float(), k[order].float(), bias[order].float(), var[order].float()
+        self.m = torch.zeros_like(self.k) if m is None else m[order].float()
         self.config = config
 
     # ---- interpolation over t -------------------------------------------------------------------------
@@ -55,6 +61,9 @@ class PTQDStats:
     def k_at(self, t: float) -> float:
         return max(float(self._interp(self.k, t)), K_MIN)
 
+    def m_at(self, t: float) -> float:
+        return float(self._interp(self.m, t)) if self.config.input_correlation else 0.0
+
     def bias_at(self, t: float) -> torch.Tensor:
         return self._interp(self.bias, t)
 
@@ -65,8 +74,14 @@ class PTQDStats:
             v = v / (1.0 + self.k_at(t)) ** 2
         return v
 
-    def correct(self, eps: torch.Tensor, t: float) -> torch.Tensor:
-        """eps_c = (eps_q - bias_t) / (1 + k_t), per the enabled parts of the config (BC, CNC)."""
+    def correct(self, eps: torch.Tensor, t: float, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps_c = (eps_q - m_t·x_t - bias_t) / (1 + k_t), per the enabled parts of the config (BC, CNC);
+        ``x`` is the UNet input x_t (the input term is skipped when it is not given or its shape differs)."""
+        m = self.m_at(t) if self.config.bias_correction else 0.0
+        if m != 0.0:
+            if x is None or x.shape != eps.shape:
+                raise ValueError("these PTQD statistics have an input term: pass the UNet input x_t (shaped like eps)")
+            eps = eps - m * x.to(eps.dtype)
         if self.config.bias_correction:
             b = self.bias_at(t).to(eps.device, eps.dtype)
             eps = eps - b.reshape((1, -1) + (1,) * (eps.dim() - 2))
@@ -75,13 +90,14 @@ class PTQDStats:
         return eps
 
     def with_config(self, config: PTQDConfig) -> "PTQDStats":
-        return PTQDStats(self.t, self.k, self.bias, self.var, config)
+        return PTQDStats(self.t, self.k, self.bias, self.var, config, self.m)
 
     # ---- (de)serialisation into the quantized model file ---------------------------------------------
     def state(self):
         from .config import to_json_obj
 
-        return {"config": to_json_obj(self.config)}, {"t": self.t, "k": self.k, "bias": self.bias, "var": self.var}
+        return {"config": to_json_obj(self.config)}, {"t": self.t, "k": self.k, "bias": self.bias, "var": self.var,
+                                                        "m": self.m}
 
     @classmethod
     def from_state(cls, meta, tensors):
@@ -90,46 +106,59 @@ class PTQDStats:
         cfg = from_json_obj(meta["config"])
         t, k, bias, var = (tensors[n] for n in ("t", "k", "bias", "var"))
         S = t.shape[0]
-        if t.dim() != 1 or k.shape != (S,) or var.shape != (S,) or bias.dim() != 2 or bias.shape[0] != S:
+        m = tensors.get("m", torch.zeros(S))
+        if t.dim() != 1 or k.shape != (S,) or var.shape != (S,) or m.shape != (S,) or bias.dim() != 2 \
+                or bias.shape[0] != S:
             raise ValueError("PTQD tables have inconsistent shapes")
-        return cls(t, k, bias, var, cfg)
+        return cls(t, k, bias, var, cfg, m)
 
 
 class _Accum:
-    """Streaming sufficient statistics per timestep and output channel."""
+    """Streaming sufficient statistics per timestep and output channel: eps_fp (x), UNet input x_t (u), error (y)."""
+
+    KEYS = ("n", "x", "u", "y", "xx", "uu", "xu", "xy", "uy", "yy")
 
     def __init__(self):
         self.d: Dict[float, Dict[str, torch.Tensor]] = {}
 
-    def add(self, t: float, fp: torch.Tensor, err: torch.Tensor):
+    def add(self, t: float, fp: torch.Tensor, err: torch.Tensor, inp: Optional[torch.Tensor] = None):
         C = fp.shape[1]
         x = fp.transpose(0, 1).reshape(C, -1).double()
         y = err.transpose(0, 1).reshape(C, -1).double()
-        s = self.d.setdefault(t, {k: torch.zeros(C, dtype=torch.float64) for k in ("n", "x", "y", "xx", "xy", "yy")})
+        u = inp.transpose(0, 1).reshape(C, -1).double() if inp is not None and inp.shape == fp.shape \
+            else torch.zeros_like(x)  # no input term when the output is not shaped like the input
+        s = self.d.setdefault(t, {k: torch.zeros(C, dtype=torch.float64) for k in self.KEYS})
         s["n"] += x.shape[1]
-        s["x"] += x.sum(1)
-        s["y"] += y.sum(1)
-        s["xx"] += (x * x).sum(1)
-        s["xy"] += (x * y).sum(1)
-        s["yy"] += (y * y).sum(1)
+        for k, v in (("x", x), ("u", u), ("y", y)):
+            s[k] += v.sum(1)
+        for k, a, b in (("xx", x, x), ("uu", u, u), ("xu", x, u), ("xy", x, y), ("uy", u, y), ("yy", y, y)):
+            s[k] += (a * b).sum(1)
 
     def finish(self, config: PTQDConfig) -> PTQDStats:
-        ts, ks, bs, vs = [], [], [], []
+        """Pooled OLS of the error on eps (and x_t) with a per-channel intercept, per timestep."""
+        ts, ks, ms, bs, vs = [], [], [], [], []
         for t in sorted(self.d):
             s = self.d[t]
             n = s["n"]
-            sxx = s["xx"] - s["x"] ** 2 / n
-            sxy = s["xy"] - s["x"] * s["y"] / n
-            syy = s["yy"] - s["y"] ** 2 / n
-            k = float(sxy.sum() / sxx.sum().clamp_min(1e-30))
-            bias = s["y"] / n - k * s["x"] / n
-            ss = (syy - 2 * k * sxy + k * k * sxx).sum()
-            var = float(ss / n.sum())
+
+            def cs(a, b):  # centred cross-sum within each channel, pooled over channels
+                return float((s[a + b] - s[a] * s[b] / n).sum())
+
+            sxx, suu, sxu, sxy, suy, syy = cs("x", "x"), cs("u", "u"), cs("x", "u"), cs("x", "y"), cs("u", "y"), \
+                cs("y", "y")
+            k, m = sxy / max(sxx, 1e-30), 0.0
+            det = sxx * suu - sxu * sxu
+            if config.input_correlation and suu > 0 and det > 1e-9 * sxx * suu:
+                k, m = (sxy * suu - suy * sxu) / det, (suy * sxx - sxy * sxu) / det
+            bias = (s["y"] - k * s["x"] - m * s["u"]) / n
+            ss = syy - 2 * k * sxy - 2 * m * suy + k * k * sxx + m * m * suu + 2 * k * m * sxu
             ts.append(t)
             ks.append(max(k, K_MIN))
+            ms.append(m)
             bs.append(bias.float())
-            vs.append(max(var, 0.0))
-        return PTQDStats(torch.tensor(ts), torch.tensor(ks), torch.stack(bs), torch.tensor(vs), config)
+            vs.append(max(ss / float(n.sum()), 0.0))
+        return PTQDStats(torch.tensor(ts), torch.tensor(ks), torch.stack(bs), torch.tensor(vs), config,
+                         torch.tensor(ms))
 
 
 def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQDConfig(),
@@ -150,7 +179,7 @@ def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQD
                 fp = unet_output(fp_model(*a, **kw)).float()
                 a, kw = c.to(qdev, qdt)
                 q = unet_output(qmodel(*a, **kw)).float().to(fp.device)
-                acc.add(float(c.t), fp.cpu(), (q - fp).cpu())
+                acc.add(float(c.t), fp.cpu(), (q - fp).cpu(), sample_of_call(a, kw).float().cpu())
                 st.step()
     finally:
         ctx.ptqd_active = saved
@@ -167,13 +196,14 @@ class PTQDOutputHook:
         stats = getattr(module, "_lowbit_ptqd", None)
         if stats is None or ctx is None or not getattr(ctx, "ptqd_active", False) or ctx.t is None:
             return None
+        x = sample_of_call(args, kwargs)
         if torch.is_tensor(out):
-            return stats.correct(out, ctx.t)
+            return stats.correct(out, ctx.t, x)
         if hasattr(out, "sample"):
-            out.sample = stats.correct(out.sample, ctx.t)
+            out.sample = stats.correct(out.sample, ctx.t, x)
             return out
         if isinstance(out, tuple):
-            return (stats.correct(out[0], ctx.t),) + tuple(out[1:])
+            return (stats.correct(out[0], ctx.t, x),) + tuple(out[1:])
         return None
 
 

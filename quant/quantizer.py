@@ -118,12 +118,24 @@ def act_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int):
     return scale, zero
 
 
+def act_shrink_factors() -> torch.Tensor:
+    """Range shrink factors tried by the activation L_p search: 1.00 ... 0.21 in steps of 0.01 (the papers'),
+    then geometric steps of 5% down to 0.01."""
+    lin = 1.0 - 0.01 * torch.arange(N_CANDIDATES, dtype=torch.float32)
+    geo = lin[-1] * torch.pow(torch.tensor(0.95), torch.arange(1, 200, dtype=torch.float32))
+    return torch.cat([lin, geo[geo >= 0.01]])
+
+
 def act_scale_search(sample: torch.Tensor, lo: float, hi: float, bits: int, method: str = "lp"):
     """(scale, zero) for one activation tensor population.
 
     ``sample``: 1-D subsample of the activation values; ``lo``/``hi``: exact min and max seen.
-    "lp" shrinks both ends of [lo, hi] together by 1.00 ... 0.21 and keeps the candidate with the least
-    mean |x - q(x)|^2.4 on the sample (A1), evaluated for all candidates in one batched pass.
+    "lp" shrinks both ends of [lo, hi] together and keeps the candidate with the least mean |x - q(x)|^2.4 on
+    the sample (A1), evaluated for all candidates in one batched pass. The papers' grid (1.00, 0.99, ... 0.21)
+    is extended geometrically down to 0.01 (``act_shrink_factors``): activations have rare outliers, and
+    with more calibration data the exact min/max grows until the best range lies below 0.21 of it (on the
+    default model at W4A4, 256 instead of 32 calibration trajectories made naive PTQ's FID 4x worse with
+    the papers' grid).
     """
     lo_t = torch.tensor(float(lo))
     hi_t = torch.tensor(float(hi))
@@ -131,10 +143,10 @@ def act_scale_search(sample: torch.Tensor, lo: float, hi: float, bits: int, meth
         s, z = act_range_params(lo_t, hi_t, bits)
         return float(s), float(z)
     x = sample.float().reshape(1, -1)
-    f = 1.0 - 0.01 * torch.arange(N_CANDIDATES, dtype=torch.float32)
+    f = act_shrink_factors()
     s, z = act_range_params(lo_t * f, hi_t * f, bits)  # [C]
     s, z = s[:, None], z[:, None]
-    err = torch.zeros(N_CANDIDATES)
+    err = torch.zeros(len(f))
     for chunk in torch.split(x, 65536, dim=1):
         q = (torch.clamp(torch.round(chunk / s) + z, 0, a_qmax(bits)) - z) * s
         err += (chunk - q).abs().pow(LP_NORM).sum(dim=1)

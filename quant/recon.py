@@ -6,8 +6,9 @@ reconstructed alone. For each unit, in model order:
   inputs  = the unit's inputs in the *quantized* model (weights quantized up to here; PTQD's ``asym``),
   targets = the unit's outputs in the *full-precision* model on the same UNet call,
 and the AdaRound variables of the unit's layers minimise ||unit_q(inputs) - targets||² plus the rounding
-regulariser, with activations left in float (the weight pass). Then activation step sizes are recomputed
-with the L_p (p=2.4) search on the reconstructed model.
+regulariser, with activations left in float (the weight pass). Then activation step sizes are initialised
+with the L_p (p=2.4) search on the reconstructed model and learned unit by unit (the activation pass,
+``reconstruct_activations``).
 
 Memory stays bounded: only one unit's inputs/targets are cached at a time (fp16, CPU), recomputed by
 partial forward passes that stop right after the unit (never every block's activations at once).
@@ -149,6 +150,26 @@ def _capture(model, unit_name, call: Call, want: str):
     return box.get("v")
 
 
+def _rows(tree, idx, n):
+    """Rows ``idx`` of every tensor in ``tree`` whose leading dimension is the batch size ``n``."""
+    if torch.is_tensor(tree):
+        return tree[idx] if tree.dim() > 0 and tree.shape[0] == n else tree
+    if isinstance(tree, dict):
+        return {k: _rows(v, idx, n) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_rows(v, idx, n) for v in tree)
+    return tree
+
+
+def _minibatch(inp, tgt, batch_size, g):
+    """A random mini-batch of ``batch_size`` samples of one cached call (all of it when it is smaller)."""
+    n = tgt.shape[0] if tgt.dim() > 0 else 1
+    if batch_size >= n:
+        return inp, tgt
+    idx = torch.randperm(n, generator=g)[:batch_size]
+    return _rows(inp, idx, n), tgt[idx]
+
+
 def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
                 progress=None, seed: int = 0) -> nn.Module:
     """AdaRound/BRECQ weight reconstruction of ``qmodel`` in place (it must be a fresh ``quantize`` result in
@@ -177,8 +198,9 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
                 warm = int(config.warmup * config.weight_iters)
                 for it in range(config.weight_iters):
                     i = int(torch.randint(len(calls), (1,), generator=g))
-                    a, kw = _to_model(inputs[i], dev, dt)
-                    tgt = targets[i].to(dev, torch.float32)
+                    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
+                    a, kw = _to_model(inp, dev, dt)
+                    tgt = tgt.to(dev, torch.float32)
                     out = _first_tensor(unit(*a, **kw)).float()
                     rec = (out - tgt).pow(2).sum(1).mean() if out.dim() > 1 else (out - tgt).pow(2).mean()
                     if it < warm:
@@ -198,4 +220,75 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
                 ctx.act_enabled = True
     if any(l.act is not None for _, l in quant_layers(qmodel)):
         calibrate_activations(qmodel, calls, method="lp", progress=progress)
+        if config.act_iters > 0:
+            reconstruct_activations(fp_model, qmodel, calls, config, units, progress=progress, seed=seed)
+    return qmodel
+
+
+def lp_loss(pred: torch.Tensor, tgt: torch.Tensor, p: float) -> torch.Tensor:
+    """Sum over channels (dim 1) of |pred - tgt|^p, mean over everything else (A2)."""
+    d = (pred - tgt).abs().pow(p)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig,
+                            units=None, progress=None, seed: int = 0) -> nn.Module:
+    """BRECQ's activation pass (A3): per unit, in model order, learn the activation step sizes of its layers
+    (zero points fixed; weights fixed at their reconstructed integers) by Adam on the L_p (p = ``p_act``) distance
+    between the unit's output and the full-precision one, with cosine annealing to 0. The learning rate of a layer
+    is ``act_lr`` times its mean step size (a relative rate; the papers' absolute 4e-4 assumes LDM-size ranges).
+
+    Inputs come from the *quantized* model (activations on, as at deployment), targets from the float model.
+    Each step size is the entry of the layer's per-timestep table at the call's timestep (linear interpolation,
+    so neighbouring entries share the gradient); only the tables of the layer's own bit-width are learned.
+    """
+    ctx = get_context(qmodel)
+    units = units or find_units(qmodel, calls[0])
+    g = torch.Generator().manual_seed(seed + 1)
+    dev, dt = model_device_dtype(qmodel)
+    with Stage(progress, len(units) * config.act_iters, "reconstruct (activation steps)") as st:
+        for uname, unit in units:
+            layers = [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
+            scales, groups = [], []
+            for l in layers:
+                if l.mode == "fake" and l.act is not None and l.a_bits in l.act.bits_set:
+                    sc = l.act.table(l.a_bits)[0]
+                    sc.requires_grad_(True)
+                    scales.append(sc)
+                    # lr relative to the layer's step size: activation ranges differ by orders of magnitude
+                    # across layers, and Adam moves every parameter by about lr per step whatever its size
+                    groups.append(dict(params=[sc], lr=config.act_lr * float(sc.detach().mean())))
+            if not scales:
+                st.step(config.act_iters)
+                continue
+            inputs = [_capture(qmodel, uname, c, "input") for c in calls]
+            targets = [_capture(fp_model, uname, c, "output") for c in calls]
+            opt = torch.optim.Adam(groups)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.act_iters, eta_min=0.0)
+            saved_t = ctx.t
+            try:
+                for _ in range(config.act_iters):
+                    i = int(torch.randint(len(calls), (1,), generator=g))
+                    ctx.t = calls[i].t  # the step size at this call's timestep
+                    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
+                    a, kw = _to_model(inp, dev, dt)
+                    out = _first_tensor(unit(*a, **kw)).float()
+                    tgt = tgt.to(dev, torch.float32)
+                    # relative to the target's own size: otherwise calls near t = 0, whose block outputs and
+                    # errors are largest but matter least for the image, decide every step size
+                    loss = lp_loss(out, tgt, config.p_act) / lp_loss(tgt, torch.zeros_like(tgt), config.p_act).clamp_min(1e-12)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        for sc in scales:
+                            sc.clamp_(min=1e-8)
+                    st.step(loss=float(loss.detach()))
+            finally:
+                ctx.t = saved_t
+                for sc in scales:
+                    sc.requires_grad_(False)
+                    sc.grad = None
+            del inputs, targets, opt
     return qmodel

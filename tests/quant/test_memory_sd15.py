@@ -40,7 +40,7 @@ CHILD = textwrap.dedent('''
         for t in (900, 300):
             unet(torch.randn(2, 4, 8, 8), torch.tensor([t, t]), encoder_hidden_states=torch.randn(2, 77, 768))
     q = quantize(unet, QuantConfig.preset("W4A8", w_init="minmax"), rec.calls)
-    reconstruct(unet, q, rec.calls, ReconConfig(weight_iters=1))
+    reconstruct(unet, q, rec.calls, ReconConfig(weight_iters=1, act_iters=1))
     attach_stats(q, collect_stats(unet, q, rec.calls))
     deploy_(q)
     peak[0] = max(peak[0], rss())

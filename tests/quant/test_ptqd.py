@@ -49,8 +49,43 @@ def test_stats_recover_the_noise_model_and_correct():
     x = torch.randn(2, 3, 8, 8)
     eps_q = q(x, torch.tensor([300, 300]))
     fp = q.fp(x, torch.tensor([300, 300]))
-    assert (stats.correct(eps_q, 300) - fp).pow(2).mean() < 0.5 * (eps_q - fp).pow(2).mean()
+    assert stats.m.abs().max() < 0.01  # no input term in this noise model
+    assert (stats.correct(eps_q, 300, x) - fp).pow(2).mean() < 0.5 * (eps_q - fp).pow(2).mean()
     assert abs(stats.residual_var_at(300) - 0.0025 / 1.1 ** 2) < 3e-4
+
+
+class ContentNoisy(Noisy):
+    """eps_q = (1 + k) eps + m x + b_c + r: the error follows the input (content), as low-bit UNets do."""
+
+    def __init__(self, k=0.05, m=0.2):
+        super().__init__(k)
+        self.m = m
+
+    def forward(self, x, t):
+        return super().forward(x, t) + self.m * x
+
+
+def test_input_correlation_is_recovered_and_removed():
+    q = ContentNoisy(k=0.05, m=0.2)
+    calls = _calls(q.fp)
+    stats = collect_stats(q.fp, q, calls)
+    assert torch.allclose(stats.k, torch.full((3,), 0.05), atol=0.01)
+    assert torch.allclose(stats.m, torch.full((3,), 0.2), atol=0.01)
+    assert torch.allclose(stats.var, torch.full((3,), 0.0025), rtol=0.1)
+    paper = collect_stats(q.fp, q, calls, PTQDConfig(input_correlation=False))
+    assert paper.m.abs().max() == 0 and paper.var.min() > 10 * stats.var.max()  # the x term left in the residual
+    x = torch.randn(4, 3, 8, 8)
+    tt = torch.tensor([300] * 4)
+    eps_q, fp = q(x, tt), q.fp(x, tt)
+    err_ours = (stats.correct(eps_q, 300, x) - fp).pow(2).mean()
+    err_paper = (paper.correct(eps_q, 300, x) - fp).pow(2).mean()
+    assert err_ours < 0.2 * err_paper
+    # through the output hook: the UNet input is read from the call
+    attach_stats(q, stats)
+    q._lowbit_ctx.t = 300.0
+    with torch.no_grad():
+        hooked = q(x, tt)
+    assert torch.allclose(hooked, stats.correct(eps_q, 300, x), atol=1e-5)
 
 
 def test_vsc_formulas():
@@ -114,6 +149,6 @@ def test_stats_from_50_steps_help_at_20_steps():
             fp = setup.unet(*a, **kw).sample
             eq = q(*a, **kw).sample
             err_raw += float((eq - fp).pow(2).sum())
-            err_cor += float((stats.correct(eq, c.t) - fp).pow(2).sum())
+            err_cor += float((stats.correct(eq, c.t, a[0]) - fp).pow(2).sum())
     assert timesteps_for(20, 1000)[1] not in {c.t for c in calib}  # really other timesteps
     assert err_cor <= err_raw, (err_cor, err_raw)

@@ -28,7 +28,39 @@ def test_units_in_execution_order(unet, calls):
 def test_adaround_reconstruction_reduces_output_error(unet, calls):
     naive = quantize(unet, QuantConfig.preset("W4A8", w_init="minmax"), calls)
     rec = quantize(unet, QuantConfig.preset("W4A8", w_init="minmax"), calls)
-    reconstruct(unet, rec, calls, ReconConfig(weight_iters=60))
+    reconstruct(unet, rec, calls, ReconConfig(weight_iters=60, act_iters=0))
     assert _weight_err(unet, rec, calls) < _weight_err(unet, naive, calls)
     mods = [l.modifier for _, l in quant_layers(rec)]
     assert all(isinstance(m, FixedInt) for m in mods)  # hard rounding, compact int8 storage
+
+
+def _full_err(fp, q, calls):
+    with torch.no_grad():
+        return sum(float((q(*a, **kw).sample - fp(*a, **kw).sample).pow(2).sum())
+                   for a, kw in (c.to("cpu", torch.float32) for c in calls))
+
+
+def test_activation_pass_learns_step_sizes_and_lowers_the_error(unet, calls):
+    """BRECQ's activation pass: step sizes move away from the L_p search and the W4A4 output error drops."""
+    from lowbit.quant.recon import reconstruct_activations
+
+    q = quantize(unet, QuantConfig.preset("W4A4", time_bins=4), calls)
+    reconstruct(unet, q, calls, ReconConfig(weight_iters=20, act_iters=0))
+    before = {n: l.act.table(4)[0].clone() for n, l in quant_layers(q) if l.act is not None and 4 in l.act.bits_set}
+    err0 = _full_err(unet, q, calls)
+    reconstruct_activations(unet, q, calls, ReconConfig(act_iters=40, act_lr=1e-3))
+    after = {n: l.act.table(4)[0] for n, l in quant_layers(q) if n in before}
+    moved = [n for n in before if not torch.allclose(before[n], after[n])]
+    assert len(moved) > len(before) // 2
+    assert all(not t.requires_grad and bool((t > 0).all()) for t in after.values())
+    assert _full_err(unet, q, calls) < err0
+
+
+def test_minibatch_takes_rows_of_batched_tensors_only():
+    from lowbit.quant.recon import _minibatch
+
+    inp = ((torch.arange(6.).view(6, 1), torch.tensor(5.)), {"emb": torch.arange(12.).view(6, 2), "k": 3})
+    tgt = torch.arange(6.) * 10
+    (a, kw), t = _minibatch(inp, tgt, 2, torch.Generator().manual_seed(0))
+    assert a[0].shape == (2, 1) and a[1].dim() == 0 and kw["emb"].shape == (2, 2) and kw["k"] == 3
+    assert torch.equal(t, a[0].view(-1) * 10) and torch.equal(kw["emb"][:, 0], a[0].view(-1) * 2)

@@ -1,0 +1,134 @@
+"""Shortcut splitting (Q-Diffusion, ALGORITHMS.md A4): convolutions that read a channel concatenation.
+
+In a UNet decoder each ResNet block reads ``cat([h_deep, h_skip], dim=1)``; its skip (shortcut) convolution
+sees the raw concatenation, whose two halves have very different ranges. One activation scale for both wastes
+most of the levels on one half. The fix: split the convolution along its input channels,
+
+    conv(cat([a, b]), W) == conv(a, W[:, :Ca]) + conv(b, W[:, Ca:])      (exact, any kernel, groups=1)
+
+so each half gets its own activation quantizer and its own per-output-channel weight scales.
+
+Which convolutions read a concatenation is found by running one calibration call under a ``TorchFunctionMode``
+that notes every ``torch.cat`` along the channel dimension and a pre-hook on each candidate convolution that
+checks whether its input *is* such a tensor. No model-specific names: it works for diffusers, ComfyUI/LDM and
+Forge UNets alike. The split is a float-exact structural change applied before quantization; the saved file
+lists the splits so ``load`` rebuilds the same structure.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+class ChannelSplitConv2d(nn.Module):
+    """A Conv2d computed as the sum of convolutions over consecutive input-channel groups (``parts``).
+
+    ``parts.i`` are ordinary ``nn.Conv2d`` (replaced by quantized convolutions by ``quantize``); only part 0
+    carries the bias. Attributes of the original convolution are kept for code that reads them.
+    """
+
+    def __init__(self, conv: nn.Conv2d, sizes: Sequence[int]):
+        super().__init__()
+        sizes = tuple(int(s) for s in sizes)
+        if sum(sizes) != conv.in_channels or conv.groups != 1 or min(sizes) < 1:
+            raise ValueError(f"cannot split a conv with {conv.in_channels} input channels (groups={conv.groups}) "
+                             f"into {sizes}")
+        self.sizes = sizes
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        parts, off = [], 0
+        for i, s in enumerate(sizes):
+            p = nn.Conv2d(s, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                          bias=(i == 0 and conv.bias is not None), device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                p.weight.copy_(conv.weight[:, off:off + s])
+                if p.bias is not None:
+                    p.bias.copy_(conv.bias)
+            p.requires_grad_(conv.weight.requires_grad)
+            parts.append(p)
+            off += s
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        xs = torch.split(x, self.sizes, dim=1)
+        y = self.parts[0](xs[0])
+        for p, xi in zip(self.parts[1:], xs[1:]):
+            y = y + p(xi)
+        return y
+
+    def extra_repr(self):
+        return f"split={self.sizes}"
+
+
+class _CatProbe(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.cats: Dict[int, Tuple[torch.Tensor, Tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CATS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+            tensors = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim < 0:
+                dim += out.dim()
+            if dim == 1 and isinstance(tensors, (list, tuple)) and len(tensors) >= 2:
+                self.cats[id(out)] = (out, tuple(int(t.shape[1]) for t in tensors))
+        return out
+
+
+def find_concat_convs(model: nn.Module, call, names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """{conv name: channel sizes} for the convolutions among ``names`` whose input, on ``call`` (a recorded UNet
+    call), is a channel concatenation of two or more tensors."""
+    from .calib import model_device_dtype
+
+    probe = _CatProbe()
+    found, hooks = {}, []
+
+    def pre(name):
+        def hook(mod, args):
+            x = args[0] if args else None
+            hit = probe.cats.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if hit is not None and hit[0] is x and mod.groups == 1:
+                found[name] = hit[1]
+        return hook
+
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_pre_hook(pre(n)))
+    dev, dt = model_device_dtype(model)
+    try:
+        a, kw = call.to(dev, dt)
+        with torch.no_grad(), probe:
+            model(*a, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+        probe.cats.clear()
+    return found
+
+
+def apply_splits(model: nn.Module, splits: Dict[str, Sequence[int]]):
+    """Replace each named Conv2d of ``model`` by its ``ChannelSplitConv2d`` (in place; float-exact)."""
+    from .api import _set_module
+
+    for name, sizes in splits.items():
+        conv = model.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{name!r} is a {type(conv).__name__}, not a Conv2d")
+        _set_module(model, name, ChannelSplitConv2d(conv, sizes))
+    return model
+
+
+def split_parent(name: str) -> str:
+    """``a.b.parts.1`` -> ``a.b`` (the name of the split convolution a part belongs to); other names unchanged."""
+    head, sep, tail = name.rpartition(".parts.")
+    return head if sep and tail.isdigit() else name
