@@ -21,7 +21,6 @@ from .common import CATEGORY, FLOAT, INT, SOCKET, NodeInputError, check_float, c
 
 log = logging.getLogger("lowbit.nodes")
 
-DEFAULT_LR_SCALE_FACTOR = 1.0 / 2500  # FinetuneConfig's default (EfficientDM's lr / step-size ratio)
 
 
 def check_finetune_settings(steps=None, rank=None, lr_scale=None, seed=None, samples=None, sampling_steps=None,
@@ -31,8 +30,8 @@ def check_finetune_settings(steps=None, rank=None, lr_scale=None, seed=None, sam
     if rank is not None:
         check_int("rank", rank, 1, 1024, "Typical ranks are 4..64.")
     if lr_scale is not None:
-        check_float("lr_scale", lr_scale, 1e-6, 1000.0, "1.0 is EfficientDM's learning rate; lower it if the loss "
-                                                        "diverges.")
+        check_float("lr_scale", lr_scale, 1e-6, 100.0, "1.0 is the automatic scale-aware learning rate; lower it "
+                                                       "if the loss diverges.")
     if seed is not None:
         check_int("seed", seed, 0, 0xffffffffffffffff)
     if samples is not None:
@@ -129,7 +128,7 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
     if model_fingerprint(teacher) != model_fingerprint(q):
         raise NodeInputError("quantized_model was not made from fp_model's architecture (their layers differ); "
                              "connect the same checkpoint's MODEL to fp_model and to Quantize UNet")
-    config = FinetuneConfig(steps=steps, rank=rank, lr_scale_factor=DEFAULT_LR_SCALE_FACTOR * lr_scale,
+    config = FinetuneConfig(steps=steps, rank=rank, lr_multiplier=lr_scale,
                             act_lr=act_lr, batch_size=batch_size, sampling_steps=sampling_steps, guidance=cfg,
                             seed=seed)
     progress = progress or adapter.NodeProgress()
@@ -186,9 +185,10 @@ class LowBitEfficientDMFinetune:
                                             "timestep). EfficientDM uses thousands; a few hundred already help."),
             "rank": INT(8, 1, 1024, "LoRA rank of the adapters (merged into the integers afterwards, so it only "
                                     "costs training memory)."),
-            "lr_scale": FLOAT(1.0, 1e-6, 1000.0, "Multiplier on EfficientDM's scale-aware learning rate "
-                                                 "(each layer: mean weight step size / 2500). Lower it if the "
-                                                 "loss curve rises.", step=0.05),
+            "lr_scale": FLOAT(1.0, 1e-6, 100.0, "Multiplier on the scale-aware LoRA learning rate (each layer: "
+                                                "its mean weight step size x a factor chosen from the steps, rank "
+                                                "and layer size so the adapters can move the integer weights). "
+                                                "Lower it if the loss curve rises.", step=0.05),
             "seed": INT(0, 0, 0xffffffffffffffff, "Seed of the teacher's runs, adapter init and batch order.",
                         control_after_generate=False),
         }, "optional": {

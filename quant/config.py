@@ -276,7 +276,11 @@ class FinetuneConfig:
 
     steps: int = 200
     rank: int = 8
-    lr_scale_factor: float = 1.0 / 2500  # LoRA lr per layer = mean weight step size x this (A10)
+    # LoRA lr per layer = mean weight step size x lr_scale_factor (A10). None (default): chosen per layer so that
+    # B·A can reach about one weight step within ``steps`` (see efficientdm.lora_lr); the paper's 1/2500 is
+    # tuned for 16 000 steps and leaves the integers unchanged in a few hundred.
+    lr_scale_factor: Optional[float] = None
+    lr_multiplier: float = 1.0  # scales the LoRA learning rates (either rule)
     act_lr: float = 5e-4
     weight_decay: float = 0.0  # the official code's AdamW 0.01 on LoRA/scales is a quirk (section E)
     batch_size: int = 8
@@ -298,7 +302,9 @@ class FinetuneConfig:
             raise ConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}") from None
         _check_int("steps", self.steps, 1, 1_000_000)
         _check_int("rank", self.rank, 1, 1024)
-        _check_float("lr_scale_factor", self.lr_scale_factor, 0, 10, lo_open=True)
+        if self.lr_scale_factor is not None:
+            _check_float("lr_scale_factor", self.lr_scale_factor, 0, 10, lo_open=True)
+        _check_float("lr_multiplier", self.lr_multiplier, 0, 100, lo_open=True)
         _check_float("act_lr", self.act_lr, 0, 1)
         _check_float("weight_decay", self.weight_decay, 0, 1)
         _check_int("batch_size", self.batch_size, 1, 4096)

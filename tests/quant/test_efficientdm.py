@@ -232,7 +232,8 @@ def test_grad_checkpointing_same_result(setup):
 def test_diverging_run_raises(setup):
     unet, q, calls, held, _ = setup
     with pytest.raises(NumericalError, match=r"step \d+/"):
-        E.finetune(q, unet, calls, FinetuneConfig(**dict(FAST, steps=30, lr_scale_factor=10.0, act_lr=1.0)))
+        E.finetune(q, unet, calls, FinetuneConfig(**dict(FAST, steps=30, lr_scale_factor=10.0, lr_multiplier=100.0,
+                                                               act_lr=1.0)))
 
 
 def test_nan_loss_raises(setup, monkeypatch):
