@@ -83,6 +83,14 @@ def _recon(setup, cfg, calls, opts):
     return Built(q)
 
 
+def _recon_minmax_act(setup, cfg, calls, opts):
+    """Reconstruction with min/max activation ranges (no clipping): isolates the effect of range clipping."""
+    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "minmax"})
+    q = quantize(setup.unet, cfgl, calls)
+    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
+    return Built(q)
+
+
 def _recon_act(setup, cfg, calls, opts):
     """Reconstruction followed by BRECQ's activation pass (learned step sizes; ``act_iters`` in opts)."""
     import dataclasses
@@ -121,6 +129,7 @@ METHODS: Dict[str, Callable] = {
     "recon": _recon,
 }
 METHODS["recon+act"] = _recon_act
+METHODS["recon(minmax acts)"] = _recon_minmax_act
 METHODS["recon+ptqd(paper)"] = _with_ptqd("recon", vsc=False, paper=True)  # eps-only noise model
 METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
 METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)

@@ -6,9 +6,9 @@ reconstructed alone. For each unit, in model order:
   inputs  = the unit's inputs in the *quantized* model (weights quantized up to here; PTQD's ``asym``),
   targets = the unit's outputs in the *full-precision* model on the same UNet call,
 and the AdaRound variables of the unit's layers minimise ||unit_q(inputs) - targets||² plus the rounding
-regulariser, with activations left in float (the weight pass). Then activation step sizes are initialised
-with the L_p (p=2.4) search on the reconstructed model and learned unit by unit (the activation pass,
-``reconstruct_activations``).
+regulariser, with activations left in float (the weight pass). Then activation step sizes are recomputed on
+the reconstructed model (the model's ``a_init``: the L_p (p=2.4) search by default) and, if
+``ReconConfig.act_iters`` > 0, learned unit by unit (the activation pass, ``reconstruct_activations``).
 
 Memory stays bounded: only one unit's inputs/targets are cached at a time (fp16, CPU), recomputed by
 partial forward passes that stop right after the unit (never every block's activations at once).
@@ -219,7 +219,8 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
             finally:
                 ctx.act_enabled = True
     if any(l.act is not None for _, l in quant_layers(qmodel)):
-        calibrate_activations(qmodel, calls, method="lp", progress=progress)
+        cfg = getattr(qmodel, "_lowbit_config", None)
+        calibrate_activations(qmodel, calls, method=cfg.a_init if cfg is not None else "lp", progress=progress)
         if config.act_iters > 0:
             reconstruct_activations(fp_model, qmodel, calls, config, units, progress=progress, seed=seed)
     return qmodel
