@@ -193,7 +193,8 @@ def _attach(student: nn.Module, cfg: FinetuneConfig) -> List[tuple]:
     return targets
 
 
-AUTO_LR_REACH = 2.0  # in weight steps: how far B·A may move a weight over a run under the automatic rule
+AUTO_LR_REACH = 1.0  # in weight steps: how far B·A may move a weight over a run under the automatic rule
+AUTO_LR_MIN_STEPS = 300  # shorter runs keep the rate of a 300-step run (a larger one makes the first steps diverge)
 
 
 def lora_lr(layer, cfg: FinetuneConfig) -> float:
@@ -202,7 +203,8 @@ def lora_lr(layer, cfg: FinetuneConfig) -> float:
     With ``lr_scale_factor`` given, that factor (the paper: 1/2500 for 16 000 steps). Otherwise automatic: Adam
     moves B by about lr per step, so after ``steps`` steps with linear decay |B| ~ lr·steps/2, and B·A sums r
     products with A ~ U(±1/sqrt(fan_in)) (std 1/sqrt(3·fan_in)), i.e. |B·A| ~ lr·steps/2·sqrt(r/(3·fan_in)).
-    Asking for ``AUTO_LR_REACH`` weight steps gives factor = 2·REACH·sqrt(3·fan_in/r)/steps. Merged weights
+    Asking for ``AUTO_LR_REACH`` weight steps gives factor = 2·REACH·sqrt(3·fan_in/r)/steps (steps at least
+    ``AUTO_LR_MIN_STEPS``: shorter runs move the weights less rather than diverge). Merged weights
     only change where |B·A| passes half a step, so a rate far below this trains nothing but TALSQ: on the default
     model at W4A4, 300 steps at the paper-derived factor 0.004 changed 0.3% of the integers and not the FID.
     """
@@ -213,7 +215,7 @@ def lora_lr(layer, cfg: FinetuneConfig) -> float:
         fan_in = 1
         for d in layer.weight_shape[1:]:
             fan_in *= d
-        factor = AUTO_LR_REACH * math.sqrt(3.0 * fan_in / cfg.rank) / cfg.steps
+        factor = 2 * AUTO_LR_REACH * math.sqrt(3.0 * fan_in / cfg.rank) / max(cfg.steps, AUTO_LR_MIN_STEPS)
     return step * factor * cfg.lr_multiplier
 
 

@@ -44,9 +44,17 @@ def register_extra(name: str, to_state: Callable, from_state: Callable):
 
 
 def model_fingerprint(model: nn.Module) -> str:
+    """Names and weight shapes of the quantizable layers: equal for a float UNet and its quantized copy (a split
+    convolution counts as the convolution it replaces)."""
     h = hashlib.sha256()
+    splits = set()
     for n, m in model.named_modules():
-        if qlayer_class_for(m) is not None and not isinstance(m, QuantLayer):
+        if any(n.startswith(s + ".") for s in splits):
+            continue
+        if isinstance(m, ChannelSplitConv2d):
+            splits.add(n)
+            h.update(f"{n}:{(m.out_channels, m.in_channels) + tuple(m.kernel_size)};".encode())
+        elif qlayer_class_for(m) is not None and not isinstance(m, QuantLayer):
             h.update(f"{n}:{tuple(m.weight.shape)};".encode())
         elif isinstance(m, QuantLayer):
             h.update(f"{n}:{m.weight_shape};".encode())

@@ -52,6 +52,9 @@ def test_decoder_skip_convs_are_split(unet, calls):
     assert not torch.equal(s0, s1)
     assert parts[0].bias is not None and parts[1].bias is None
     assert unet.get_submodule(name).__class__ is nn.Conv2d  # the float model is untouched
+    from lowbit.quant.io import model_fingerprint
+
+    assert model_fingerprint(q) == model_fingerprint(unet)  # hosts check "made from this model" with it
 
 
 def _out_err(q, unet, calls):
