@@ -7,7 +7,7 @@ process. A sampling thread records the resident memory; what the pipeline adds o
 Stated bound: the quantized copy shares the float weights, AdaRound state (alpha, floor, Adam moments)
 exists for one block at a time, reconstructed integers are kept as int8 (0.25x), packed weights add 0.13x,
 cached block inputs are fp16 for one block at a time; the rest is allocator slack from per-layer
-temporaries. Measured here: 1.44x. Without streaming (every block's activations for every sample cached, as
+temporaries. Measured here: 1.51x. Without streaming (every block's activations for every sample cached, as
 in the papers' code) memory grows with samples x blocks instead."""
 import json
 import subprocess
