@@ -135,6 +135,8 @@ METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
 METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)
 METHODS["naive+ptqd"] = _with_ptqd("naive", vsc=False)
 METHODS["recon+ptqd+vsc+mixed"] = _mixed
+# ablations for the benches (the paper's variant, components that do not help here): not offered in the UIs
+BENCH_ONLY = frozenset({"recon+act", "recon(minmax acts)", "recon+ptqd(paper)"})
 
 
 def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, **opts) -> Built:

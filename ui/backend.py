@@ -159,9 +159,9 @@ class Backend:
         return 8, 10
 
     def methods(self) -> List[str]:
-        from ..recipes import METHODS
+        from ..recipes import BENCH_ONLY, METHODS
 
-        return list(METHODS)
+        return [m for m in METHODS if m not in BENCH_ONLY]
 
     def check_subject(self, subject) -> str:
         return "" if subject is None else str(subject)
