@@ -45,3 +45,11 @@ def test_schedule_validation_and_lookup():
         BitwidthSchedule(((0.0, 600.0, 8), (500.0, 999.0, 4)))
     with pytest.raises(ConfigError, match="a_bits"):
         BitwidthSchedule(((0.0, 999.0, 1),))
+
+
+def test_recon_quick_preset():
+    from lowbit.quant import ReconConfig
+
+    q = ReconConfig.quick()
+    assert q.weight_iters < ReconConfig().weight_iters and q.act_iters == 0
+    assert ReconConfig.quick(weight_iters=7).weight_iters == 7

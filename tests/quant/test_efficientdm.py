@@ -298,3 +298,20 @@ def test_deployed_input_model(setup, tmp_path):
     s = E.finetune(qd, unet, calls, FinetuneConfig(**dict(FAST, steps=2)))
     assert same(snapshot(qd), before)
     assert all(l.mode == "fake" for _, l in quant_layers(s))
+
+
+def test_automatic_lora_lr_follows_steps_rank_and_fan_in(setup):
+    """lr = step x 2·sqrt(3·fan_in/r)/max(steps, 300): B·A can reach about one weight step within the run."""
+    import math
+
+    _, q, _, _, _ = setup
+    name, layer = next((n, l) for n, l in quant_layers(q) if l.scheduled and len(l.weight_shape) == 4)
+    fan_in = math.prod(layer.weight_shape[1:])
+    step = float(layer.w_scale.mean())
+    lr = lambda **kw: E.lora_lr(layer, FinetuneConfig(**kw))  # noqa: E731
+    assert math.isclose(lr(steps=300, rank=8), step * 2 * math.sqrt(3 * fan_in / 8) / 300, rel_tol=1e-6)
+    assert math.isclose(lr(steps=600, rank=8), lr(steps=300, rank=8) / 2, rel_tol=1e-6)
+    assert lr(steps=30, rank=8) == lr(steps=300, rank=8)  # short runs keep the 300-step rate
+    assert math.isclose(lr(steps=300, rank=32), lr(steps=300, rank=8) / 2, rel_tol=1e-6)
+    assert math.isclose(lr(steps=300, lr_scale_factor=1 / 2500), step / 2500, rel_tol=1e-6)  # the paper's rule
+    assert math.isclose(lr(steps=300, rank=8, lr_multiplier=0.5), lr(steps=300, rank=8) / 2, rel_tol=1e-6)
