@@ -6,6 +6,7 @@ Methods are registered in ``METHODS``; every one starts from the same recorded c
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -76,16 +77,8 @@ def _naive(setup, cfg, calls, opts):
     return Built(quantize(setup.unet, cfg, calls))
 
 
-def _recon(setup, cfg, calls, opts):
-    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "lp"})
-    q = quantize(setup.unet, cfgl, calls)
-    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
-    return Built(q)
-
-
-def _recon_minmax_act(setup, cfg, calls, opts):
-    """Reconstruction with min/max activation ranges (no clipping): isolates the effect of range clipping."""
-    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "minmax"})
+def _recon(setup, cfg, calls, opts, a_init: str = "lp"):
+    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": a_init})
     q = quantize(setup.unet, cfgl, calls)
     reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
     return Built(q)
@@ -129,7 +122,7 @@ METHODS: Dict[str, Callable] = {
     "recon": _recon,
 }
 METHODS["recon+act"] = _recon_act
-METHODS["recon(minmax acts)"] = _recon_minmax_act
+METHODS["recon(minmax acts)"] = partial(_recon, a_init="minmax")  # isolates the effect of range clipping
 METHODS["recon+ptqd(paper)"] = _with_ptqd("recon", vsc=False, paper=True)  # eps-only noise model
 METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
 METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)

@@ -54,8 +54,7 @@ import torch.nn as nn
 
 from .calib import Call, CallRecorder, _to_model, model_device_dtype, unet_output
 from .config import FinetuneConfig, to_json_obj
-from .context import timestep_of_call
-from .context import get_context
+from .context import get_context, timestep_of_call
 from .errors import ConfigError, LoadError, NumericalError
 from .layers import ActQuantizer, QuantLayer, quant_layers
 from .progress import Stage
@@ -212,9 +211,7 @@ def lora_lr(layer, cfg: FinetuneConfig) -> float:
     if cfg.lr_scale_factor is not None:
         factor = cfg.lr_scale_factor
     else:
-        fan_in = 1
-        for d in layer.weight_shape[1:]:
-            fan_in *= d
+        fan_in = math.prod(layer.weight_shape[1:])
         factor = 2 * AUTO_LR_REACH * math.sqrt(3.0 * fan_in / cfg.rank) / max(cfg.steps, AUTO_LR_MIN_STEPS)
     return step * factor * cfg.lr_multiplier
 

@@ -71,6 +71,7 @@ class ActQuantizer(nn.Module):
             self.register_parameter(f"zero_{b}", nn.Parameter(torch.zeros(len(grid)), requires_grad=False))
         self.initialized = False
         self._obs = None
+        self._gen = None  # seeded sampler of the calibration reservoir (only while observing)
 
     @staticmethod
     def _grid(k: int, T: int) -> torch.Tensor:
@@ -116,7 +117,7 @@ class ActQuantizer(nn.Module):
                                  "calibration inputs and the float model" % t)
         flat = x.detach().reshape(-1)
         n = min(flat.numel(), RESERVOIR // 4)
-        if getattr(self, "_gen", None) is None:  # fixed seed: the same calibration data gives the same scales
+        if self._gen is None:  # fixed seed: the same calibration data gives the same scales
             self._gen = torch.Generator().manual_seed(0)
         idx = torch.randint(0, flat.numel(), (n,), generator=self._gen).to(flat.device)
         smp = flat[idx].float().cpu()

@@ -170,6 +170,24 @@ def _minibatch(inp, tgt, batch_size, g):
     return _rows(inp, idx, n), tgt[idx]
 
 
+def _unit_layers(unit):
+    return [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
+
+
+def _unit_data(fp_model, qmodel, uname, calls):
+    """The unit's cached inputs in the quantized model and its outputs in the float model, one per call."""
+    return ([_capture(qmodel, uname, c, "input") for c in calls],
+            [_capture(fp_model, uname, c, "output") for c in calls])
+
+
+def _draw(inputs, targets, config: ReconConfig, g, dev, dt):
+    """(call index, args, kwargs, target) of a random mini-batch of a random cached call."""
+    i = int(torch.randint(len(inputs), (1,), generator=g))
+    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
+    a, kw = _to_model(inp, dev, dt)
+    return i, a, kw, tgt.to(dev, torch.float32)
+
+
 def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
                 progress=None, seed: int = 0) -> nn.Module:
     """AdaRound/BRECQ weight reconstruction of ``qmodel`` in place (it must be a fresh ``quantize`` result in
@@ -182,27 +200,21 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
     dev, dt = model_device_dtype(qmodel)
     with Stage(progress, len(units) * max(config.weight_iters, 1), "reconstruct (AdaRound)") as st:
         for uname, unit in units:
-            layers = [m for m in unit.modules() if isinstance(m, QuantLayer)] if not isinstance(unit, QuantLayer) else [unit]
-            layers = [l for l in layers if l.mode == "fake" and l.modifier is None]
+            layers = [l for l in _unit_layers(unit) if l.mode == "fake" and l.modifier is None]
             if not layers or config.weight_iters == 0:
                 st.step(max(config.weight_iters, 1))
                 continue
             ctx.act_enabled = False
             try:
-                inputs = [_capture(qmodel, uname, c, "input") for c in calls]
-                targets = [_capture(fp_model, uname, c, "output") for c in calls]
+                inputs, targets = _unit_data(fp_model, qmodel, uname, calls)
                 for l in layers:
                     l.modifier = AdaRound(l).to(l.weight.device)
                 params = [l.modifier.alpha for l in layers]
                 opt = torch.optim.Adam(params, lr=config.weight_lr)
                 warm = int(config.warmup * config.weight_iters)
                 for it in range(config.weight_iters):
-                    i = int(torch.randint(len(calls), (1,), generator=g))
-                    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
-                    a, kw = _to_model(inp, dev, dt)
-                    tgt = tgt.to(dev, torch.float32)
-                    out = _first_tensor(unit(*a, **kw)).float()
-                    rec = (out - tgt).pow(2).sum(1).mean() if out.dim() > 1 else (out - tgt).pow(2).mean()
+                    _, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
+                    rec = lp_loss(_first_tensor(unit(*a, **kw)).float(), tgt, 2.0)
                     if it < warm:
                         loss = rec
                     else:
@@ -249,9 +261,8 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
     dev, dt = model_device_dtype(qmodel)
     with Stage(progress, len(units) * config.act_iters, "reconstruct (activation steps)") as st:
         for uname, unit in units:
-            layers = [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
             scales, groups = [], []
-            for l in layers:
+            for l in _unit_layers(unit):
                 if l.mode == "fake" and l.act is not None and l.a_bits in l.act.bits_set:
                     sc = l.act.table(l.a_bits)[0]
                     sc.requires_grad_(True)
@@ -262,19 +273,15 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
             if not scales:
                 st.step(config.act_iters)
                 continue
-            inputs = [_capture(qmodel, uname, c, "input") for c in calls]
-            targets = [_capture(fp_model, uname, c, "output") for c in calls]
+            inputs, targets = _unit_data(fp_model, qmodel, uname, calls)
             opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.act_iters, eta_min=0.0)
             saved_t = ctx.t
             try:
                 for _ in range(config.act_iters):
-                    i = int(torch.randint(len(calls), (1,), generator=g))
+                    i, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
                     ctx.t = calls[i].t  # the step size at this call's timestep
-                    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
-                    a, kw = _to_model(inp, dev, dt)
                     out = _first_tensor(unit(*a, **kw)).float()
-                    tgt = tgt.to(dev, torch.float32)
                     # relative to the target's own size: otherwise calls near t = 0, whose block outputs and
                     # errors are largest but matter least for the image, decide every step size
                     loss = lp_loss(out, tgt, config.p_act) / lp_loss(tgt, torch.zeros_like(tgt), config.p_act).clamp_min(1e-12)
