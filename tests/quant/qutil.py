@@ -31,3 +31,16 @@ def assert_same_state(m, before):
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), f"{k} changed"
+
+
+def output_error(fp, q, calls, mean=False):
+    """Squared error of ``q``'s UNet outputs against ``fp``'s on ``calls`` (summed, or the mean per call)."""
+    from lowbit.quant.calib import unet_output
+
+    err = 0.0
+    with torch.no_grad():
+        for c in calls:
+            a, kw = c.to("cpu", torch.float32)
+            d = (unet_output(q(*a, **kw)) - unet_output(fp(*a, **kw))).pow(2)
+            err += float(d.mean() if mean else d.sum())
+    return err

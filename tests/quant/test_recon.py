@@ -3,19 +3,16 @@ import torch
 from lowbit.quant import QuantConfig, ReconConfig, get_context, quant_layers, quantize, reconstruct
 from lowbit.quant.recon import FixedInt, find_units
 
+from qutil import output_error
+
 
 def _weight_err(fp, q, calls):
     ctx = get_context(q)
     ctx.act_enabled = False
-    err = 0.0
     try:
-        with torch.no_grad():
-            for c in calls:
-                a, kw = c.to("cpu", torch.float32)
-                err += float((q(*a, **kw).sample - fp(*a, **kw).sample).pow(2).sum())
+        return output_error(fp, q, calls)
     finally:
         ctx.act_enabled = True
-    return err
 
 
 def test_units_in_execution_order(unet, calls):
@@ -34,12 +31,6 @@ def test_adaround_reconstruction_reduces_output_error(unet, calls):
     assert all(isinstance(m, FixedInt) for m in mods)  # hard rounding, compact int8 storage
 
 
-def _full_err(fp, q, calls):
-    with torch.no_grad():
-        return sum(float((q(*a, **kw).sample - fp(*a, **kw).sample).pow(2).sum())
-                   for a, kw in (c.to("cpu", torch.float32) for c in calls))
-
-
 def test_activation_pass_learns_step_sizes_and_lowers_the_error(unet, calls):
     """BRECQ's activation pass: step sizes move away from the L_p search and the W4A4 output error drops."""
     from lowbit.quant.recon import reconstruct_activations
@@ -47,13 +38,13 @@ def test_activation_pass_learns_step_sizes_and_lowers_the_error(unet, calls):
     q = quantize(unet, QuantConfig.preset("W4A4", time_bins=4), calls)
     reconstruct(unet, q, calls, ReconConfig(weight_iters=20, act_iters=0))
     before = {n: l.act.table(4)[0].clone() for n, l in quant_layers(q) if l.act is not None and 4 in l.act.bits_set}
-    err0 = _full_err(unet, q, calls)
+    err0 = output_error(unet, q, calls)
     reconstruct_activations(unet, q, calls, ReconConfig(act_iters=40, act_lr=1e-3))
     after = {n: l.act.table(4)[0] for n, l in quant_layers(q) if n in before}
     moved = [n for n in before if not torch.allclose(before[n], after[n])]
     assert len(moved) > len(before) // 2
     assert all(not t.requires_grad and bool((t > 0).all()) for t in after.values())
-    assert _full_err(unet, q, calls) < err0
+    assert output_error(unet, q, calls) < err0
 
 
 def test_minibatch_takes_rows_of_batched_tensors_only():

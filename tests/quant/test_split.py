@@ -7,7 +7,7 @@ from lowbit.quant import LoadError, QuantConfig, deploy_, load, quant_layers, qu
 from lowbit.quant.calib import unet_output
 from lowbit.quant.split import ChannelSplitConv2d, find_concat_convs
 
-from qutil import assert_same_state, state_copy, tiny_unet
+from qutil import assert_same_state, output_error, state_copy, tiny_unet
 
 
 def test_split_conv_is_float_exact():
@@ -57,22 +57,13 @@ def test_decoder_skip_convs_are_split(unet, calls):
     assert model_fingerprint(q) == model_fingerprint(unet)  # hosts check "made from this model" with it
 
 
-def _out_err(q, unet, calls):
-    e = 0.0
-    with torch.no_grad():
-        for c in calls:
-            a, kw = c.to("cpu", torch.float32)
-            e += float((unet_output(q(*a, **kw)) - unet_output(unet(*a, **kw))).pow(2).mean())
-    return e
-
-
 def test_split_lowers_the_error_of_a_4bit_skip_conv(unet, calls):
     """Quantizing the skip convolutions to W4A4 as Q-Diffusion does: with the split their error is lower."""
     rules = tuple(r for r in QuantConfig().rules if "shortcut" not in r.pattern)
     errs = {}
     for split in (True, False):
         q = quantize(unet, QuantConfig.preset("W4A4", rules=rules, split_concat=split), calls)
-        errs[split] = _out_err(q, unet, calls)
+        errs[split] = output_error(unet, q, calls, mean=True)
     assert errs[True] < errs[False], errs
 
 
