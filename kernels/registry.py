@@ -33,7 +33,10 @@ __all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "back
 Verdict = Tuple[bool, str]
 
 
-class NoBackendError(RuntimeError):
+from .._errors import LowBitError  # noqa: E402  (the root of the error family; imports nothing)
+
+
+class NoBackendError(LowBitError, RuntimeError):
     """No registered backend accepted an op call. ``refusals`` maps backend name -> reason."""
 
     def __init__(self, op: str, refusals: Dict[str, str], hint: str = ""):

@@ -1,8 +1,11 @@
-"""Error types. Every message names the thing, the reason and the fix (STYLE lesson 8)."""
+"""Error types. Every message names the thing, the reason and the fix, on one line.
 
+:class:`LowBitError` lives in ``lowbit/_errors.py`` (no imports) so that ``lowbit.kernels`` can derive
+``NoBackendError`` from it without importing the core; it is the same class here.
+"""
+from .._errors import LowBitError
 
-class LowBitError(Exception):
-    """Base class of every error LowBit raises on purpose."""
+__all__ = ["LowBitError", "ConfigError", "LoadError", "NumericalError", "Interrupted"]
 
 
 class ConfigError(LowBitError, ValueError):
