@@ -1,0 +1,49 @@
+"""Files saved by an earlier release keep loading (issue 13 item 2): ``tests/fixtures/fmt1_*.safetensors`` were written
+by commit f3f11e8 (file format 1, QuantConfig version 1) with ``tests/fixtures/make_fixtures.py``, together with
+the outputs that release computed from them; the current loader must reproduce those outputs."""
+import os
+
+import pytest
+import torch
+
+from lowbit.kernels.registry import forced_backend
+from lowbit.quant import load, quant_layers
+
+FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+NAMES = ("w4a8_ptqd", "w8a8", "w4a16")
+
+
+@pytest.fixture(scope="module")
+def default_unet():
+    from lowbit.models import load_default_unet
+
+    return load_default_unet().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(FIX, "fmt1_expected.safetensors"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_release_file_loads_and_computes_the_same(default_unet, expected, name):
+    q = load(default_unet, os.path.join(FIX, f"fmt1_{name}.safetensors"))
+    layers = quant_layers(q)
+    assert layers and all(m.mode == "deployed" for _, m in layers)
+    x, t, lab = expected["x"], expected["t"], expected["labels"]
+    with torch.no_grad(), forced_backend("eager"):
+        out = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
+    want = expected[f"out_{name}"]
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+def test_release_file_keeps_its_ptqd_statistics(default_unet):
+    from lowbit.quant import get_stats
+
+    q = load(default_unet, os.path.join(FIX, "fmt1_w4a8_ptqd.safetensors"))
+    st = get_stats(q)
+    assert st is not None and st.bias.shape[1] == 1 and st.t.numel() == 5
+    assert get_stats(load(default_unet, os.path.join(FIX, "fmt1_w8a8.safetensors"))) is None
