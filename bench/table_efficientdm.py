@@ -46,11 +46,13 @@ if __package__:
     from ..quant import (CallRecorder, FinetuneConfig, QuantConfig, deploy_, load, quant_layers, quantize, save,
                           undeploy_)
     from ..quant import efficientdm as E
+    from ..quant.context import get_context
 else:  # python bench/table_efficientdm.py
     from lowbit import models as M
     from lowbit.quant import (CallRecorder, FinetuneConfig, QuantConfig, deploy_, load, quant_layers, quantize, save,
                               undeploy_)
     from lowbit.quant import efficientdm as E
+    from lowbit.quant.context import get_context
 
 try:
     if __package__:
@@ -120,7 +122,7 @@ def qat_finetune(qmodel, teacher, calls, cfg, lr_factor):
                 groups.append(dict(params=[s, z], lr=cfg.act_lr))
                 scales.append(s)
     first, last = E._train(student, teacher, list(calls), cfg, groups, scales, None, None, 0, 1)
-    student._lowbit_finetune = dict(method="qat", steps=cfg.steps, first_loss=first, last_loss=last)
+    get_context(student).finetune_info = dict(method="qat", steps=cfg.steps, first_loss=first, last_loss=last)
     return student
 
 
@@ -157,7 +159,7 @@ def worker(args):
     stop.set()
     th.join()
     peak[0] = max(peak[0], _rss_bytes())
-    info = dict(model.__dict__.get("_lowbit_finetune", {}))
+    info = dict(get_context(model).finetune_info or {})
     trainable = (sum(l.modifier.lora_A.numel() + l.modifier.lora_B.numel() for _, l in E.lora_layers(model))
                  if args.worker == "edm" else sum(l.weight.numel() for _, l in quant_layers(model)))
     if args.worker == "edm":

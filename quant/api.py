@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .calib import Call, run_calls
 from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig
-from .context import QuantContext, attach_context, get_context
+from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .policy import plan_layers
@@ -95,9 +95,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
                         w_init=config.w_init, name=p.name, scheduled=not special)
             _set_module(qmodel, p.name, layer)
             st.step()
-    qmodel._lowbit_config = config
-    qmodel._lowbit_schedule = schedule
-    qmodel._lowbit_splits = splits
+    ctx.config = config
+    ctx.splits = dict(splits)
     if static_act:
         calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
     qmodel.eval()
@@ -125,15 +124,12 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Mod
     """In-place variant: the quantized layers are swapped into ``model`` only after everything succeeded,
     so an error or a cancellation leaves ``model`` untouched."""
     q = quantize(model, config, calib, **kw)
-    for name in q._lowbit_splits:  # split convolutions first: their parts are set with them
+    ctx = get_context(q)
+    for name in ctx.splits:  # split convolutions first: their parts are set with them
         _set_module(model, name, q.get_submodule(name))
     for name, layer in quant_layers(q):
         _set_module(model, name, layer)
-    for k in ("_lowbit_ctx", "_lowbit_config", "_lowbit_schedule", "_lowbit_splits"):
-        setattr(model, k, getattr(q, k))
-    # the timestep hook lives on the copy's root; move it to the model
-    for h in q._forward_pre_hooks.values():
-        model.register_forward_pre_hook(h, with_kwargs=True)
+    move_context(q, model)  # only LowBit's timestep hook moves; the user's hooks stay as they were registered
     return model
 
 

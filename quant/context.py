@@ -28,6 +28,13 @@ class QuantContext:
         self.quant_enabled = True  # False: quantized layers behave like their float originals (fake mode only)
         self.act_enabled = True  # False: weights quantized, activations float (BRECQ's weight pass)
         self.ptqd_active = False  # the output hook applies PTQD correction (set by ptqd.attach_stats)
+        # What the model was built with: the one home of per-model state (saved with the model by ``io.save``).
+        self.config = None  # QuantConfig
+        self.splits: dict = {}  # split convolution name -> input-channel sizes (``split.py``)
+        self.ptqd = None  # PTQDStats (``ptqd.attach_stats``)
+        self.finetune_info: Optional[dict] = None  # EfficientDM provenance (``efficientdm.finetune``)
+        self.profile: Optional[str] = None  # name of the model profile (``profiles/``)
+        self.report: list = []  # per-layer precision decisions with their reasons (``pipeline``/``sensitivity``)
 
     def a_bits_for(self, default: int) -> int:
         if self.a_bits_override is not None:
@@ -83,10 +90,33 @@ class TimestepHook:
 
 
 def attach_context(model: torch.nn.Module, ctx: QuantContext) -> QuantContext:
-    model._lowbit_ctx = ctx
+    """Install ``ctx`` on ``model`` through its timestep hook (the hook *is* the model's link to its state:
+    it is copied by ``copy.deepcopy`` with the model, and no attribute is set on any module)."""
+    if get_context(model) is not None:
+        raise ValueError("this model already has a LowBit quantization context")
     model.register_forward_pre_hook(TimestepHook(ctx), with_kwargs=True)
     return ctx
 
 
+def _timestep_hook(model: torch.nn.Module):
+    for hid, h in getattr(model, "_forward_pre_hooks", {}).items():
+        if isinstance(h, TimestepHook):
+            return hid, h
+    return None, None
+
+
 def get_context(model: torch.nn.Module) -> Optional[QuantContext]:
-    return getattr(model, "_lowbit_ctx", None)
+    """The model's ``QuantContext`` (None for a model LowBit did not quantize)."""
+    _, h = _timestep_hook(model)
+    return None if h is None else h.ctx
+
+
+def move_context(src: torch.nn.Module, dst: torch.nn.Module) -> QuantContext:
+    """Move the context of ``src`` to ``dst`` (``quantize_``): only LowBit's own hook moves, so the user's
+    hooks on either model keep their registration (and their calling convention)."""
+    hid, h = _timestep_hook(src)
+    if h is None:
+        raise ValueError("source model has no LowBit context")
+    del src._forward_pre_hooks[hid]
+    src._forward_pre_hooks_with_kwargs.pop(hid, None)
+    return attach_context(dst, h.ctx)

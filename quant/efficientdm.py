@@ -166,12 +166,11 @@ def _shared_copy(qmodel: nn.Module) -> nn.Module:
         layer._packed = None
         if layer.mode == "deployed":
             layer.undeploy()  # new float W0 = dequantized grid; the shared packed buffers are only read
-    if getattr(student, "_lowbit_ptqd", None) is not None:
+    ctx = get_context(student)
+    if ctx is not None and ctx.ptqd is not None:
         # PTQD statistics describe the error of the model *before* fine-tuning; collect them again afterwards
-        student._lowbit_ptqd = None
-        ctx = get_context(student)
-        if ctx is not None:
-            ctx.ptqd_active = False
+        ctx.ptqd = None
+        ctx.ptqd_active = False
     return student
 
 
@@ -437,7 +436,7 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
 
     ``config.sampling_steps / guidance / eta`` describe the trajectories a host should record (the calls carry
     their own timesteps and conditioning, so finetune itself does not read them). The returned model records
-    ``_lowbit_finetune`` (config, first/last loss, ranks), which ``quant.io.save`` writes into the file header.
+    ``finetune_info`` in its context (config, first/last loss, ranks), which ``quant.io.save`` writes into the file header.
     """
     cfg = FinetuneConfig() if config is None else config
     if not isinstance(cfg, FinetuneConfig):
@@ -469,7 +468,7 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
     act_scales = [l.act.table(b)[0] for _, l in targets if l.act is not None for b in l.act.bits_set
                   if l.act.table(b)[0].requires_grad]
     first, last = _train(student, teacher, shard, cfg, groups, act_scales, progress, dist, rank, world)
-    student._lowbit_finetune = dict(config=to_json_obj(cfg), steps=cfg.steps, first_loss=first, last_loss=last,
+    get_context(student).finetune_info = dict(config=to_json_obj(cfg), steps=cfg.steps, first_loss=first, last_loss=last,
                                     world_size=world, calls=len(calls), shard=len(shard), rank=rank,
                                     layers=len(targets))
     return student
@@ -652,7 +651,7 @@ def save_adapters(model: nn.Module, directory: str, overwrite: bool = False) -> 
                 tables[f"{n}.act.scale_{b}"] = s.detach().float().contiguous().cpu()
                 tables[f"{n}.act.zero_{b}"] = z.detach().float().contiguous().cpu()
     meta = dict(format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION, rank=r,
-                finetune=getattr(model, "_lowbit_finetune", {}).get("config"))
+                finetune=(get_context(model).finetune_info or {}).get("config"))
     with tempfile.TemporaryDirectory(dir=directory, prefix=".lowbit-") as tmp:
         lcfg.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt", "lowbit": json.dumps(meta)})
@@ -747,14 +746,14 @@ def load_adapters(qmodel: nn.Module, directory: str) -> nn.Module:
 
 # ------------------------------------------------------------------- provenance in saved quantized models
 def _to_state(qmodel):
-    info = getattr(qmodel, "_lowbit_finetune", None)
+    info = get_context(qmodel).finetune_info
     return None if not info else (dict(info), {})
 
 
 def _from_state(qmodel, meta, tensors):
     if not isinstance(meta, dict):
         raise ValueError("efficientdm metadata must be an object")
-    qmodel._lowbit_finetune = meta
+    get_context(qmodel).finetune_info = meta
 
 
 def _register():

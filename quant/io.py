@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import config as C
-from .context import QuantContext, attach_context
+from .context import QuantContext, attach_context, get_context
 from .errors import ConfigError, LoadError
 from .layers import ActQuantizer, QuantLayer, qlayer_class_for, quant_layers
 from .split import ChannelSplitConv2d, apply_splits
@@ -107,9 +107,9 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False) -> str:
         extras[ename] = meta
         for k, v in ts.items():
             tensors[f"__extra__.{ename}.{k}"] = v.detach().contiguous().cpu()
-    cfg = getattr(qmodel, "_lowbit_config", None)
-    sched = getattr(qmodel, "_lowbit_schedule", None)
-    ctx = getattr(qmodel, "_lowbit_ctx", None)
+    ctx = get_context(qmodel)
+    cfg = ctx.config if ctx else None
+    sched = ctx.schedule if ctx else None
     header = dict(format=FORMAT, format_version=FORMAT_VERSION,
                   config=C.to_json_obj(cfg) if cfg is not None else None,
                   schedule=C.to_json_obj(sched) if sched is not None else None,
@@ -304,9 +304,8 @@ def load(model: nn.Module, path: str) -> nn.Module:
             layer.act.initialized = True
         layer._params_to_buffers()
         _set_module(qmodel, n, layer)
-    qmodel._lowbit_config = cfg
-    qmodel._lowbit_schedule = sched
-    qmodel._lowbit_splits = {n: tuple(v) for n, v in splits.items()}
+    ctx.config = cfg
+    ctx.splits = {n: tuple(v) for n, v in splits.items()}
     for ename, meta in (header.get("extras") or {}).items():
         if ename not in EXTRAS:
             continue  # unknown extras are ignored (never executed)

@@ -193,7 +193,7 @@ class PTQDOutputHook:
 
     def __call__(self, module, args, kwargs, out):
         ctx = get_context(module)
-        stats = getattr(module, "_lowbit_ptqd", None)
+        stats = None if ctx is None else ctx.ptqd
         if stats is None or ctx is None or not getattr(ctx, "ptqd_active", False) or ctx.t is None:
             return None
         x = sample_of_call(args, kwargs)
@@ -210,16 +210,16 @@ class PTQDOutputHook:
 def attach_stats(qmodel, stats: Optional[PTQDStats], active: bool = True):
     """Store ``stats`` on the quantized model and switch the automatic correction on/off."""
     ctx = get_context(qmodel)
-    qmodel._lowbit_ptqd = stats
+    ctx.ptqd = stats
     ctx.ptqd_active = active and stats is not None
-    if not getattr(qmodel, "_lowbit_ptqd_hooked", False):
+    if not any(isinstance(h, PTQDOutputHook) for h in qmodel._forward_hooks.values()):
         qmodel.register_forward_hook(PTQDOutputHook(), with_kwargs=True)
-        qmodel._lowbit_ptqd_hooked = True
     return qmodel
 
 
 def get_stats(qmodel) -> Optional[PTQDStats]:
-    return getattr(qmodel, "_lowbit_ptqd", None)
+    ctx = get_context(qmodel)
+    return None if ctx is None else ctx.ptqd
 
 
 # ---- variance-schedule calibration ------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
             finally:
                 ctx.act_enabled = True
     if any(l.act is not None for _, l in quant_layers(qmodel)):
-        cfg = getattr(qmodel, "_lowbit_config", None)
+        cfg = get_context(qmodel).config
         calibrate_activations(qmodel, calls, method=cfg.a_init if cfg is not None else "lp", progress=progress)
         if config.act_iters > 0:
             reconstruct_activations(fp_model, qmodel, calls, config, units, progress=progress, seed=seed)

@@ -89,5 +89,4 @@ def auto_schedule(fp_model, qmodel, calls: List[Call], alphas_cumprod: torch.Ten
     sched = schedule_from_picks(picks, len(alphas_cumprod))
     ctx = get_context(qmodel)
     ctx.schedule = sched
-    qmodel._lowbit_schedule = sched
     return sched, {"snr": snr, "picks": picks}

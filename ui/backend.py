@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..quant.errors import ConfigError, Interrupted, LowBitError
+from ..quant.context import get_context
 
 log = logging.getLogger("lowbit.ui")
 
@@ -278,7 +279,7 @@ class Backend:
             calls = self._calls(samples, csteps, progress)
             fp = self.fp_unet()
             tuned = efficientdm.finetune(q, fp, calls, cfg, progress=self.progress_fn(progress, "EfficientDM fine-tune"))
-            last = getattr(tuned, "_lowbit_finetune", {})
+            last = get_context(tuned).finetune_info or {}
             efficientdm.merge_(tuned)
             deploy_(tuned)
             old = get_stats(q)

@@ -109,3 +109,25 @@ def test_per_timestep_scales_follow_the_call_not_a_counter(unet, calls):
     s1 = layer.act.lookup(50.0, 8)[0]
     s2 = layer.act.lookup(900.0, 8)[0]
     assert not torch.isclose(s1, s2)
+
+
+def test_user_forward_pre_hooks_keep_working_after_quantize_(unet, calls):
+    """quantize_ moves only LowBit's own timestep hook: a user's 2-argument hook and a with_kwargs hook keep
+    their calling convention, and the model's state lives in its context (no attributes on modules)."""
+    import copy
+
+    m = copy.deepcopy(unet)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(("plain", len(args))))
+    m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(("kw", sorted(kwargs))), with_kwargs=True)
+    quantize_(m, QuantConfig.preset("W8A8"), calls)
+    seen.clear()  # (calibration ran the copy, hooks included)
+    out(m)
+    assert seen == [("plain", 2), ("kw", ["class_labels"])]
+    ctx = get_context(m)
+    assert ctx is not None and ctx.config == QuantConfig.preset("W8A8")
+    assert not [k for mod in m.modules() for k in vars(mod) if k.startswith("_lowbit")]
+    # hooks registered after quantize_ work too, and the quantized model still reads its timestep
+    m.register_forward_pre_hook(lambda mod, args: seen.append(("late", len(args))))
+    out(m, t=123)
+    assert seen[-1] == ("late", 2) and ctx.t == 123.0

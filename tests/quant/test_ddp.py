@@ -17,6 +17,7 @@ WORKER = textwrap.dedent('''
     from test_efficientdm import tiny_unet, record
     from lowbit.quant import FinetuneConfig, QuantConfig, quantize
     from lowbit.quant import efficientdm as E
+    from lowbit.quant.context import get_context
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -30,7 +31,7 @@ WORKER = textwrap.dedent('''
                    progress=lambda d, n, info: seen.append(info["loss"]))
     out = os.path.join({outdir!r}, "rank%d" % rank)
     E.save_adapters(s, out)
-    json.dump(dict(losses=seen, **{{k: v for k, v in s._lowbit_finetune.items() if k != "config"}}),
+    json.dump(dict(losses=seen, **{{k: v for k, v in get_context(s).finetune_info.items() if k != "config"}}),
               open(os.path.join(out, "info.json"), "w"))
     dist.destroy_process_group()
 ''')

@@ -10,6 +10,7 @@ import torch
 
 from lowbit.quant import CallRecorder, FinetuneConfig, QuantConfig, deploy_, load, quant_layers, quantize, save
 from lowbit.quant import efficientdm as E
+from lowbit.quant.context import get_context
 from lowbit.quant.errors import ConfigError, Interrupted, NumericalError
 from lowbit.quant.quantizer import quantize_weight_int
 
@@ -147,7 +148,7 @@ def test_merge_is_exact_and_deploys(setup, tmp_path):
     # saved like any quantized model (quant.io), with the fine-tune recorded in the header
     path = save(s, str(tmp_path / "ft.safetensors"))
     back = load(unet, path)
-    assert back._lowbit_finetune["steps"] == FAST["steps"]
+    assert get_context(back).finetune_info["steps"] == FAST["steps"]
     for n, l in quant_layers(dep):
         assert torch.equal(back.get_submodule(n).weight_int(), l.weight_int()), n
 

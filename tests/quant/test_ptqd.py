@@ -5,7 +5,7 @@ import torch
 
 from lowbit.quant import (CallRecorder, PTQDConfig, QuantConfig, QuantContext, attach_stats, collect_stats, deploy_,
                           get_stats, guided_eps_fn, load, quantize, sample, save)
-from lowbit.quant.context import attach_context
+from lowbit.quant.context import attach_context, get_context
 from lowbit.quant.ptqd import ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma
 from lowbit.quant.sampling import timesteps_for
 
@@ -82,7 +82,7 @@ def test_input_correlation_is_recovered_and_removed():
     assert err_ours < 0.2 * err_paper
     # through the output hook: the UNet input is read from the call
     attach_stats(q, stats)
-    q._lowbit_ctx.t = 300.0
+    get_context(q).t = 300.0
     with torch.no_grad():
         hooked = q(x, tt)
     assert torch.allclose(hooked, stats.correct(eps_q, 300, x), atol=1e-5)

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from lowbit.quant import LoadError, QuantConfig, deploy_, load, quant_layers, quantize, quantize_, save
 from lowbit.quant.calib import unet_output
+from lowbit.quant.context import get_context
 from lowbit.quant.split import ChannelSplitConv2d, find_concat_convs
 
 from qutil import assert_same_state, output_error, state_copy, tiny_unet
@@ -42,7 +43,7 @@ def test_found_by_tracing_not_by_name():
 
 def test_decoder_skip_convs_are_split(unet, calls):
     q = quantize(unet, QuantConfig.preset("W4A4"), calls)
-    splits = q._lowbit_splits
+    splits = get_context(q).splits
     assert splits and all(n.startswith("up_blocks.") and n.endswith("conv_shortcut") for n in splits)
     name, sizes = next(iter(splits.items()))
     parts = [q.get_submodule(f"{name}.parts.{i}") for i in range(len(sizes))]
@@ -73,13 +74,13 @@ def test_save_load_and_in_place_keep_the_split(unet, calls, tmp_path):
     before = state_copy(unet)
     q2 = load(unet, p)
     assert_same_state(unet, before)
-    assert q2._lowbit_splits == q._lowbit_splits
+    assert get_context(q2).splits == get_context(q).splits
     a, kw = calls[0].to("cpu", torch.float32)
     with torch.no_grad():
         assert torch.equal(unet_output(q(*a, **kw)), unet_output(q2(*a, **kw)))
     # a model without that concatenation (other architecture) is refused before anything is built
     other = tiny_unet(seed=0)
-    name = next(iter(q._lowbit_splits))
+    name = next(iter(get_context(q).splits))
     parent, _, attr = name.rpartition(".")
     setattr(other.get_submodule(parent), attr, nn.Conv2d(5, 5, 1))
     with pytest.raises(LoadError, match="split convolution"):
@@ -88,4 +89,4 @@ def test_save_load_and_in_place_keep_the_split(unet, calls, tmp_path):
     m = tiny_unet(seed=0)
     quantize_(m, QuantConfig.preset("W4A8"), calls)
     assert isinstance(m.get_submodule(name), ChannelSplitConv2d)
-    assert sum(1 for n, _ in quant_layers(m) if ".parts." in n) == 2 * len(q._lowbit_splits)
+    assert sum(1 for n, _ in quant_layers(m) if ".parts." in n) == 2 * len(get_context(q).splits)
