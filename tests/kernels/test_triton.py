@@ -114,3 +114,13 @@ def test_aot_compile_for_cuda_targets():
     assert "wgmma.mma_async.sync.aligned" in res[("90", "True")] and ".s32.s8.s8" in res[("90", "True")]
     wo = [l for l in proc.stdout.splitlines() if l.startswith("RESULT wo")][0]
     assert "bf16" in wo
+
+
+def test_gpu_check_correctness_cases_in_interpreter(triton_interpret):
+    """The GPU check's own correctness code (bench/gpu_check.py) runs and passes on the small cases in the
+    interpreter, so a CUDA run does not fail on a bug in the check itself."""
+    from lowbit.bench import gpu_check
+
+    res = gpu_check.correctness_checks("cpu", large=False)
+    assert len(res) == 4 + 4 * 4 + 2 * 2
+    assert [r for r in res if not r["ok"]] == []

@@ -1,0 +1,510 @@
+"""GPU check, ready to run on a CUDA machine (issue 16, item 3).
+
+    python -m lowbit.bench.gpu_check [--out bench/results/gpu_check.json] [--budget 420] [--no-unet]
+
+On a CUDA machine, in one process and within ``--budget`` seconds (default 7 minutes):
+
+1. **Correctness**: the Triton kernels' cases of ``tests/kernels/test_triton.py`` (bit-exact activation
+   quantization, masked Linear shapes with int4/int8/int2 and group-wise weights, strided/dilated/batched/bf16
+   Conv2d) plus SD-sized Linear and Conv2d, run on the GPU (no ``TRITON_INTERPRET``) against the eager reference
+   on the same GPU (TF32 off).
+2. **Kernel timings** at SD1.5 (512x512, batch 2) and SDXL (1024x1024, batch 2) shapes: Linear and 3x3 Conv2d in
+   W8A8, W4A8, W4A4 (4-bit weights unpacked in registers, int8 MMA: Triton has no int4 MMA) and W4A16
+   (Linear only; the Triton backend has no weight-only conv), against torch bf16 (cuBLAS / cuDNN) and
+   ``torch._int_mm`` (int8 GEMM alone; for a conv at its implicit-GEMM shape M = B*Ho*Wo, K = C*kh*kw).
+3. **Whole UNet**: an SD1.5-architecture ``UNet2DConditionModel`` (random weights, latent 64, batch 2, text
+   77x768) in bf16 and deployed W8A8 / W4A8 through ``lowbit.quant`` (min/max ranges from one recorded call;
+   float parts in bf16).
+
+Prints ratio tables (time / bf16 time: < 1 is faster) and writes JSON. Without CUDA it prints one line and
+exits 0. Setup on a fresh machine (bench/README.md): ``pip install torch triton diffusers safetensors && pip
+install -e . --no-deps``.
+
+Everything that needs no GPU (shape lists, the timing driver with an injected timer, the ratio table, the JSON
+file) is plain Python and tested on CPU (``tests/bench/test_gpu_check.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_check.json"
+SKIP_MESSAGE = ("gpu_check: skipped, no CUDA device (torch.cuda.is_available() is False); run it on a CUDA "
+                "machine: python -m lowbit.bench.gpu_check")
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+@dataclass(frozen=True)
+class LinearCase:
+    model: str
+    name: str
+    M: int  # tokens (batch included)
+    K: int
+    N: int
+
+    @property
+    def kind(self):
+        return "linear"
+
+    def flops(self) -> float:
+        return 2.0 * self.M * self.K * self.N
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    model: str
+    name: str
+    B: int
+    C: int
+    H: int
+    W: int
+    N: int
+    k: int = 3
+
+    @property
+    def kind(self):
+        return "conv"
+
+    def gemm_shape(self):
+        """(M, K, N) of the implicit GEMM (stride 1, same padding)."""
+        return self.B * self.H * self.W, self.C * self.k * self.k, self.N
+
+    def flops(self) -> float:
+        m, k, n = self.gemm_shape()
+        return 2.0 * m * k * n
+
+
+def linear_cases(batch: int = 2) -> List[LinearCase]:
+    """Linear layers of SD1.5 (512x512: latent 64, tokens 4096 / 1024 / 256, text 77x768) and SDXL
+    (1024x1024: latent 128, attention at 64x64 and 32x32, text 77x2048), ``batch`` images (2 = CFG)."""
+    b = batch
+    return [
+        LinearCase("sd15", "attn q/k/v/o 4096x320", b * 4096, 320, 320),
+        LinearCase("sd15", "ff geglu 4096x320->2560", b * 4096, 320, 2560),
+        LinearCase("sd15", "ff out 4096x1280->320", b * 4096, 1280, 320),
+        LinearCase("sd15", "attn 1024x640", b * 1024, 640, 640),
+        LinearCase("sd15", "attn 256x1280", b * 256, 1280, 1280),
+        LinearCase("sd15", "cross k/v 77x768->320", b * 77, 768, 320),
+        LinearCase("sdxl", "attn 4096x640", b * 4096, 640, 640),
+        LinearCase("sdxl", "ff geglu 4096x640->5120", b * 4096, 640, 5120),
+        LinearCase("sdxl", "ff out 4096x2560->640", b * 4096, 2560, 640),
+        LinearCase("sdxl", "attn 1024x1280", b * 1024, 1280, 1280),
+        LinearCase("sdxl", "ff geglu 1024x1280->10240", b * 1024, 1280, 10240),
+        LinearCase("sdxl", "cross k/v 77x2048->1280", b * 77, 2048, 1280),
+    ]
+
+
+def conv_cases(batch: int = 2) -> List[ConvCase]:
+    """3x3 convolutions (ResNet blocks) of SD1.5 at latent 64 and SDXL at latent 128."""
+    b = batch
+    return [
+        ConvCase("sd15", "conv 320@64x64", b, 320, 64, 64, 320),
+        ConvCase("sd15", "conv 640@32x32", b, 640, 32, 32, 640),
+        ConvCase("sd15", "conv 1280@16x16", b, 1280, 16, 16, 1280),
+        ConvCase("sd15", "conv 1280@8x8", b, 1280, 8, 8, 1280),
+        ConvCase("sdxl", "conv 320@128x128", b, 320, 128, 128, 320),
+        ConvCase("sdxl", "conv 640@64x64", b, 640, 64, 64, 640),
+        ConvCase("sdxl", "conv 1280@32x32", b, 1280, 32, 32, 1280),
+    ]
+
+
+# Our formats: name -> (weight bits, activation bits or None, weight group size or None)
+FORMATS = {
+    "W8A8": (8, 8, None),
+    "W4A8": (4, 8, None),
+    "W4A4": (4, 4, None),
+    "W4A16": (4, None, 64),
+}
+BASELINE = "bf16"
+
+
+# ------------------------------------------------------------------------------------------------ timing driver
+def median_timer_factory(sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter,
+                         warmup: int = 3, min_iters: int = 5, max_iters: int = 50, min_time: float = 0.2):
+    """A timer ``timer(fn) -> seconds per call`` (median of batches), synchronising with ``sync`` around each."""
+
+    def timer(fn):
+        for _ in range(warmup):
+            fn()
+        sync()
+        times = []
+        t_total = 0.0
+        while len(times) < min_iters or (t_total < min_time and len(times) < max_iters):
+            t0 = clock()
+            fn()
+            sync()
+            dt = clock() - t0
+            times.append(dt)
+            t_total += dt
+        return statistics.median(times)
+
+    return timer
+
+
+def run_timings(cases, variants: Dict[str, Callable], timer: Callable[[Callable], float],
+                deadline: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                log: Callable[[str], None] = print) -> List[dict]:
+    """Time every variant on every case.
+
+    variants : name -> ``make(case) -> fn | None`` (None: the variant does not apply, e.g. weight-only conv);
+               ``make`` may raise: the error is recorded in the row, the other variants still run.
+    returns  : one row per (case, variant): dict(model, case, kind, variant, seconds | error | skipped, tops)
+    """
+    rows = []
+    for case in cases:
+        for vname, make in variants.items():
+            row = dict(model=case.model, case=case.name, kind=case.kind, variant=vname)
+            if deadline is not None and clock() > deadline:
+                row["skipped"] = "time budget spent"
+                rows.append(row)
+                continue
+            try:
+                fn = make(case)
+                if fn is None:
+                    row["skipped"] = "not applicable"
+                else:
+                    s = float(timer(fn))
+                    row["seconds"] = s
+                    row["tops"] = case.flops() / s / 1e12 if s > 0 else None
+            except Exception as exc:  # one failing variant must not hide the others
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            rows.append(row)
+        log("  " + case.model + " " + case.name + ": " + ", ".join(
+            f"{r['variant']} {r['seconds'] * 1e3:.3f} ms" if "seconds" in r else f"{r['variant']} -"
+            for r in rows if r["case"] == case.name and r["model"] == case.model))
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: List[dict], baseline: str = BASELINE, second: str = "int_mm") -> List[dict]:
+    """Adds ``x_<baseline>`` and ``x_<second>`` (time / that variant's time on the same case) to every timed row."""
+    by_case = {}
+    for r in rows:
+        if "seconds" in r:
+            by_case.setdefault((r["model"], r["case"]), {})[r["variant"]] = r["seconds"]
+    for r in rows:
+        if "seconds" not in r:
+            continue
+        ref = by_case[(r["model"], r["case"])]
+        for b in (baseline, second):
+            if b in ref and ref[b] > 0:
+                r[f"x_{b}"] = r["seconds"] / ref[b]
+    return rows
+
+
+def ratio_table(rows: List[dict], baseline: str = BASELINE) -> str:
+    """Markdown table: one line per case, one column per variant, ``ms (x baseline)``."""
+    variants = []
+    for r in rows:
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    cases = []
+    for r in rows:
+        key = (r["model"], r["case"])
+        if key not in cases:
+            cases.append(key)
+    cell = {(r["model"], r["case"], r["variant"]): r for r in rows}
+    lines = ["| model | case | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for model, case in cases:
+        vals = []
+        for v in variants:
+            r = cell.get((model, case, v))
+            if r is None:
+                vals.append("")
+            elif "seconds" in r:
+                x = r.get(f"x_{baseline}")
+                vals.append(f"{r['seconds'] * 1e3:.3f} ms" + (f" ({x:.2f})" if x is not None else ""))
+            elif "error" in r:
+                vals.append("error")
+            else:
+                vals.append("-")
+        lines.append(f"| {model} | {case} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, report: dict) -> Path:
+    """Writes ``report`` as indented JSON (parents created; a temporary file renamed, so no partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ GPU parts
+def _rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> List[dict]:
+    """The Triton cases of tests/kernels/test_triton.py (and, with ``large``, SD-sized ones) on ``device`` against
+    eager there. (On CPU under TRITON_INTERPRET=1 with ``large=False``, this is what the test suite runs.)"""
+    import torch
+
+    from ..kernels import ActQuant, ops
+    from ..kernels import triton_gpu
+    from ..kernels.eager import quantize_act
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    results = []
+
+    def record(name, fn):
+        t0 = time.perf_counter()
+        try:
+            ok, detail = fn()
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        results.append(dict(check=name, ok=bool(ok), detail=detail, seconds=time.perf_counter() - t0))
+
+    for act in (ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True), ActQuant(4, dynamic=True), ActQuant(3, 0.25, 2)):
+        def aq(act=act):
+            x = rnd(37, 300) * torch.rand(37, 1, generator=g).to(device) * 3
+            x[0] = 0.0
+            x[1, :4] = torch.tensor([0.01, 0.03, -0.01, 0.05], device=device)
+            q, scale, zp = triton_gpu.quantize_rows(x.contiguous(), act)
+            q_ref, s_ref, z_ref = quantize_act(x, act, "token")
+            diff = int(((q.float() + 128) != q_ref).sum())
+            ok = diff == 0 and (not act.dynamic or (torch.equal(scale, s_ref) and torch.equal(zp, z_ref)))
+            return ok, f"{diff} of {q.numel()} codes differ"
+        record(f"act_quant bit-exact {act}", aq)
+
+    lin = [(45, 131, 70, 4, None), (45, 131, 70, 4, 64), (45, 131, 70, 8, 32), (45, 131, 70, 2, None),
+           (2 * 4096, 320, 320, 8, None), (2 * 1024, 640, 640, 4, None), (2 * 77, 768, 320, 4, 64)][:None if large else 4]
+    for m, k, n, wbits, gs in lin:
+        for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.05, 128), ActQuant(4, dynamic=True), None):
+            def lc(m=m, k=k, n=n, wbits=wbits, gs=gs, act=act):
+                x = rnd(m, k)
+                pw = ops.quantize_weight(rnd(n, k) * 0.05, wbits, gs)
+                bias = rnd(n)
+                ref = ops.run_on("eager", "linear", x, pw, bias, act)
+                out = ops.run_on("triton", "linear", x, pw, bias, act)
+                e = _rel_err(out, ref)
+                return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
+            record(f"linear {m}x{k}x{n} W{wbits} g{gs} act={act}", lc)
+
+    convs = [((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 2), (2, 1), (2, 1), torch.float32),
+             ((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 1), (1, 1), (1, 1), torch.bfloat16),
+             ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (1, 1), (1, 1), (1, 1), torch.float32),
+             ((2, 640, 32, 32), (640, 640, 3, 3), 4, None, (1, 1), (1, 1), (1, 1), torch.float32),
+             ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (2, 2), (1, 1), (1, 1), torch.float32)][:None if large else 2]
+    for xs, ws, wbits, gs, st, pad, dil, dt in convs:
+        for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.05, 128)):
+            def cc(xs=xs, ws=ws, wbits=wbits, gs=gs, st=st, pad=pad, dil=dil, dt=dt, act=act):
+                x = rnd(*xs).to(dt)
+                pw = ops.quantize_weight(rnd(*ws) * 0.05, wbits, gs)
+                bias = rnd(ws[0])
+                ref = ops.run_on("eager", "conv2d", x, pw, bias, st, pad, dil, 1, act)
+                out = ops.run_on("triton", "conv2d", x, pw, bias, st, pad, dil, 1, act)
+                e = _rel_err(out.float(), ref.float())
+                lim = 1e-2 if dt == torch.bfloat16 else tol
+                return e < lim and out.shape == ref.shape and out.dtype == dt, f"rel err {e:.2e}"
+            record(f"conv x{list(xs)} w{list(ws)} W{wbits} g{gs} s{st} p{pad} d{dil} {dt} act={act}", cc)
+    return results
+
+
+def kernel_variants(device="cuda"):
+    """name -> make(case) -> fn for the kernel timing table (inputs built once per case, outside the timing)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..kernels import ActQuant, ops
+
+    def data(case):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        if case.kind == "linear":
+            x = torch.randn(case.M, case.K, generator=g).to(device)
+            w = (torch.randn(case.N, case.K, generator=g) * 0.05).to(device)
+        else:
+            x = torch.randn(case.B, case.C, case.H, case.W, generator=g).to(device)
+            w = (torch.randn(case.N, case.C, case.k, case.k, generator=g) * 0.05).to(device)
+        return x, w, torch.randn(case.N, generator=g).to(device)
+
+    def bf16(case):
+        x, w, b = (t.to(torch.bfloat16) for t in data(case))
+        if case.kind == "linear":
+            return lambda: F.linear(x, w, b)
+        return lambda: F.conv2d(x, w, b, 1, case.k // 2)
+
+    def int_mm(case):
+        m, k, n = (case.M, case.K, case.N) if case.kind == "linear" else case.gemm_shape()
+        a = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=device)
+        bt = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=device)
+        return lambda: torch._int_mm(a, bt.t())
+
+    def ours(fmt):
+        wbits, abits, gs = FORMATS[fmt]
+
+        def make(case):
+            x, w, b = data(case)
+            if case.kind == "conv" and abits is None:
+                return None  # no weight-only conv kernel in the triton backend
+            pw = ops.quantize_weight(w, wbits, gs)
+            # static activation quantizer (one scale, as deployed W8A8 / W4A4 layers with calibrated ranges)
+            act = None if abits is None else ActQuant(abits, float(x.abs().max()) * 2 / ((1 << abits) - 1),
+                                                      (1 << (abits - 1)))
+            xb = x.to(torch.bfloat16)  # deployed layers in a bf16 model receive bf16 activations
+            if case.kind == "linear":
+                return lambda: ops.run_on("triton", "linear", xb, pw, b, act)
+            return lambda: ops.run_on("triton", "conv2d", xb, pw, b, (1, 1), (case.k // 2,) * 2, (1, 1), 1, act)
+
+        return make
+
+    v = {"bf16": bf16, "int_mm": int_mm}
+    for fmt in FORMATS:
+        v[fmt] = ours(fmt)
+    return v
+
+
+def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2, formats=("W8A8", "W4A8"),
+                 deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768) -> List[dict]:
+    """Whole SD1.5-architecture UNet forward: bf16 and our deployed formats (float parts bf16).
+    ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model; tests pass a tiny one."""
+    import torch
+
+    from ..quant import CallRecorder, QuantConfig, deploy_, quantize_
+    from .bench_unet import build_unet
+
+    build = build or build_unet
+    cuda = torch.device(device).type == "cuda"
+
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t = torch.tensor([500.0] * batch, device=device)
+    text = torch.randn(batch, 77, text_dim, generator=g).to(device)
+    rows = []
+    ref = None
+    for name in ("bf16", *formats):
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append(dict(variant=name, skipped="time budget spent"))
+            continue
+        row = dict(variant=name)
+        model = None
+        try:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            model = build().to(device)
+            if name != "bf16":
+                cfg = QuantConfig.preset(name, w_init="minmax", a_init="minmax")
+                with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
+                    model(sample, t, encoder_hidden_states=text)
+                quantize_(model, cfg, calib=rec.calls)
+                deploy_(model)
+            model = model.to(torch.bfloat16)
+            row["setup_s"] = time.perf_counter() - t0
+            xs, xt = sample.to(torch.bfloat16), text.to(torch.bfloat16)
+            with torch.no_grad():
+                out = model(xs, t, encoder_hidden_states=xt).sample.float()
+                row["seconds"] = float(timer(lambda: model(xs, t, encoder_hidden_states=xt)))
+            if cuda:
+                row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+            if ref is None:
+                ref = out
+            else:
+                row["rel_err_vs_bf16"] = _rel_err(out, ref)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(traceback.format_exc(limit=3))
+        finally:
+            del model
+        rows.append(row)
+        log(f"  unet {name}: " + (f"{row['seconds'] * 1e3:.1f} ms/forward" if "seconds" in row
+                                  else row.get("error", row.get("skipped", ""))))
+    base = next((r["seconds"] for r in rows if r["variant"] == "bf16" and "seconds" in r), None)
+    for r in rows:
+        if base and "seconds" in r:
+            r["x_bf16"] = r["seconds"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for everything after setup (default 420)")
+    p.add_argument("--no-unet", action="store_true", help="skip the whole-UNet forward")
+    p.add_argument("--only", choices=["linear", "conv"], default=None)
+    a = p.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: skipped, torch is not installed")
+        return 0
+    if not torch.cuda.is_available():
+        print(SKIP_MESSAGE)
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        print("gpu_check: triton is not installed; pip install triton (it ships with CUDA torch wheels)")
+        return 1
+    start = time.monotonic()
+    deadline = start + a.budget
+    from .. import kernels  # noqa: F401  (registers the triton backend)
+    from ..kernels import registry
+
+    if "triton" not in [b.name for b in registry.backends()]:
+        print("gpu_check: the triton backend did not register (see the warning above); fix the triton install")
+        return 1
+    dev = torch.cuda.get_device_properties(0)
+    meta = dict(gpu=dev.name, capability=f"sm_{dev.major}{dev.minor}", torch=torch.__version__,
+                triton=__import__("triton").__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), budget_s=a.budget)
+    print(f"gpu_check on {dev.name} ({meta['capability']}), torch {meta['torch']}, triton {meta['triton']}")
+    report = dict(meta=meta)
+
+    print("1. correctness (triton on GPU vs eager on GPU)")
+    checks = correctness_checks("cuda")
+    report["correctness"] = checks
+    bad = [c for c in checks if not c["ok"]]
+    print(f"   {len(checks) - len(bad)}/{len(checks)} passed")
+    for c in bad:
+        print(f"   FAILED {c['check']}: {c['detail']}")
+    write_json(a.out, report)
+
+    timer = median_timer_factory(torch.cuda.synchronize)
+    variants = kernel_variants("cuda")
+    print("2. kernels (ms per call, ratio to bf16)")
+    cases = ([] if a.only == "conv" else linear_cases()) + ([] if a.only == "linear" else conv_cases())
+    unet_reserve = 0 if a.no_unet else 150.0
+    rows = run_timings(cases, variants, timer, deadline=deadline - unet_reserve)
+    report["kernels"] = rows
+    print(ratio_table(rows))
+    write_json(a.out, report)
+
+    if not a.no_unet:
+        print("3. SD1.5-architecture UNet forward, latent 64, batch 2 (bf16 float parts)")
+        report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline)
+        print("| variant | ms/forward | x bf16 | peak GPU GB | rel err vs bf16 |")
+        print("|---|---|---|---|---|")
+        for r in unet_rows:
+            if "seconds" in r:
+                print(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r.get('x_bf16', 1.0):.2f} | "
+                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.2f} | {r.get('rel_err_vs_bf16', 0.0):.1e} |")
+            else:
+                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | |")
+    report["meta"]["wall_s"] = time.monotonic() - start
+    path = write_json(a.out, report)
+    print(f"wrote {path} ({report['meta']['wall_s']:.0f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
