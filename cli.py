@@ -1,89 +1,524 @@
 """The ``lowbit`` command line (also ``python -m lowbit``).
 
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
-  lowbit quantize ...    quantize the default model (or a diffusers UNet folder) and save it
+  lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
+  lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, method, configs
   lowbit ui              serve the gradio app on localhost
+
+Every input is checked before any work starts: a bad one prints one line (the problem and the fix) and exits
+with status 2. Failures during the work print one line and exit with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
 import os
+import struct
 import sys
+import tempfile
+import time
 
-# Spin-waiting OpenMP threads make 2-core machines up to 5x slower when shared (CPU_FACTS.md).
+# Spin-waiting OpenMP threads make 2-core machines up to 5x slower when shared. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .quant.errors import ConfigError  # noqa: E402  (after the OpenMP setting: this imports torch)
+_PKG = __package__ or "lowbit"
+SUFFIX = ".safetensors"
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+MAX_ST_HEADER = 100 * 1024 * 1024  # a safetensors header above this is refused when checking an input file
 
 
-def _cmd_demo(a):
+class UsageError(Exception):
+    """A bad command-line input, found before any work: one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ light imports
+
+def _core(name: str):
+    """``lowbit.quant.<name>`` for a module that needs no torch (``config``, ``errors``), without running
+    ``quant/__init__.py`` (which imports torch, about 2 s): ``lowbit --help`` and the input checks stay fast.
+
+    The submodule is imported under a temporary bare ``lowbit.quant`` package that is removed again, so a later
+    ``import lowbit.quant`` runs the real ``__init__`` and reuses the same submodule (same classes)."""
+    full, pkg = f"{_PKG}.quant.{name}", f"{_PKG}.quant"
+    if full in sys.modules or pkg in sys.modules:
+        return importlib.import_module(full)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant")
+    spec = importlib.util.spec_from_file_location(pkg, os.path.join(here, "__init__.py"),
+                                                  submodule_search_locations=[here])
+    sys.modules[pkg] = importlib.util.module_from_spec(spec)
+    try:
+        return importlib.import_module(full)
+    finally:
+        del sys.modules[pkg]
+
+
+def _quant():
+    """The real ``lowbit.quant`` (imports torch); re-attaches submodules loaded early by :func:`_core`."""
+    q = importlib.import_module(f"{_PKG}.quant")
+    for sub in ("config", "errors"):
+        m = sys.modules.get(f"{_PKG}.quant.{sub}")
+        if m is not None and getattr(q, sub, None) is not m:
+            setattr(q, sub, m)
+    return q
+
+
+def _arg_spec(name):
+    return _core("config").arg_spec(name)
+
+
+# --------------------------------------------------------------------------------------- option building
+
+def _range_hint(spec) -> str:
+    return spec.range_text() or ", ".join(map(str, spec.choices))
+
+
+def _int_type(spec, flag):
+    def parse(text):
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: use {_range_hint(spec)} "
+                                             f"(default {spec.default})") from None
+        if not spec.lo <= v <= spec.hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {_range_hint(spec)} (default {spec.default})")
+        return v
+
+    parse.__name__ = flag
+    return parse
+
+
+def _bits_type(text):
+    """A format the project supports; for other W<b>A<b> the reason (out of range, or valid but untested)."""
+    spec = _arg_spec("bits")
+    name = text.strip().upper()
+    if name in spec.choices:
+        return name
+    C = _core("config")
+    try:
+        C.QuantConfig.preset(text)
+    except C.ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a format: {exc}; choose one of "
+                                         f"{', '.join(spec.choices)}") from None
+    raise argparse.ArgumentTypeError(f"{text!r} is not a supported format (the library builds it, the tested "
+                                     f"formats are {', '.join(spec.choices)}); choose one of those")
+
+
+def _method_type(text):
+    spec = _arg_spec("method")
+    if text not in spec.choices:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}: choose one of {', '.join(spec.choices)}")
+    return text
+
+
+def _add(p, flag, spec_name, *, default=None, help=None, **kw):
+    """An option whose limits, default and help come from ``quant.config`` (``ARGS``)."""
+    spec = _arg_spec(spec_name)
+    default = spec.default if default is None else default
+    if spec.kind == "int":
+        kw.setdefault("type", _int_type(spec, flag))
+        kw.setdefault("metavar", "N")
+        limits = spec.range_text()
+    else:
+        limits = "one of " + ", ".join(spec.choices)
+        kw.setdefault("metavar", spec.name.upper())
+    shown = " ".join(default) if isinstance(default, (list, tuple)) else default
+    p.add_argument(flag, default=default, help=f"{help or spec.help}; {limits}, default: {shown}", **kw)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,inspect,ui}")
+
+    d = sub.add_parser("demo", help="quantize the embedded default model and compare it with full precision",
+                       description="Quantize the embedded default model, sample the same seeds with full "
+                                   "precision and quantized models, print a table and write a PNG grid.")
+    d.add_argument("--out", default="out", metavar="DIR",
+                   help="folder for demo_grid.png (created if missing; its parent must exist); default: out")
+    _add(d, "--samples", "samples")
+    _add(d, "--steps", "steps", help="DDIM sampling steps")
+    _add(d, "--bits", "bits", default=["W8A8", "W4A8"], nargs="+", type=_bits_type,
+         help="formats to compare")
+    _add(d, "--methods", "method", default=["naive"], nargs="+", type=_method_type, help="methods to compare")
+    d.set_defaults(fn=_cmd_demo, check=_check_demo)
+
+    q = sub.add_parser("quantize", help="quantize the default model (or a diffusers UNet folder) and save it",
+                       description="Quantize the embedded default model (or --unet) and save it as one "
+                                   ".safetensors file (packed integers, scales, configs).")
+    q.add_argument("output", metavar="OUTPUT.safetensors",
+                   help="file to write; its folder must exist and be writable")
+    _add(q, "--bits", "bits", type=_bits_type)
+    _add(q, "--method", "method", type=_method_type)
+    q.add_argument("--unet", default=None, metavar="DIR",
+                   help="a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) with "
+                        "the embedded model's inputs (1x16x16, 11 class embeddings); default: the embedded model")
+    _add(q, "--calib-samples", "calib_samples")
+    _add(q, "--calib-steps", "calib_steps")
+    q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists; default: refuse")
+    q.set_defaults(fn=_cmd_quantize, check=_check_quantize)
+
+    i = sub.add_parser("inspect", help="show what a saved LowBit file holds (no model needed)",
+                       description="Format, model, configs, method, and every layer's precision and bytes of a "
+                                   "file saved by LowBit. Reads only the header.")
+    i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit")
+    i.add_argument("--layers", action="store_true", help="list every layer; default: a summary by precision")
+    i.add_argument("--json", action="store_true", help="print the raw LowBit header as JSON; default: off")
+    i.set_defaults(fn=_cmd_inspect, check=_check_inspect)
+
+    u = sub.add_parser("ui", help="serve the gradio app on localhost",
+                       description="Serve the LowBit gradio app (needs: pip install 'lowbit[ui]').")
+    u.add_argument("--host", default="127.0.0.1", help="interface to listen on; default: 127.0.0.1")
+    _add(u, "--port", "port")
+    u.set_defaults(fn=_cmd_ui, check=_check_ui)
+    return p
+
+
+# -------------------------------------------------------------------------------------------- input checks
+
+def _writable_dir(d: str) -> bool:
+    """True when a file can be created in ``d`` (tried, not guessed: os.access is wrong for root, ACLs, RO mounts)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lowbit-probe-", dir=d)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
+
+
+def _check_safetensors(path: str, what: str):
+    """A real safetensors file (8-byte size, JSON header inside the file), read without torch."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            ok = 2 <= n <= min(MAX_ST_HEADER, size - 8)
+            header = json.loads(f.read(n).decode("utf-8")) if ok else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise UsageError(f"{what} {path} is not a safetensors file (no valid header); give a file saved as "
+                         "safetensors (LowBit never reads pickle checkpoints)")
+    return header
+
+
+def _check_output_file(path: str, overwrite: bool):
+    if not path.endswith(SUFFIX):
+        raise UsageError(f"output {path!r} must end in {SUFFIX} (LowBit saves safetensors only), e.g. "
+                         f"{os.path.splitext(path)[0] or 'model'}{SUFFIX}")
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a folder; give a file name such as {os.path.join(path, 'model' + SUFFIX)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another "
+                         "output path")
+    if os.path.lexists(path) and not overwrite:
+        raise UsageError(f"{path} already exists; choose another name or pass --overwrite")
+    if not _writable_dir(parent):
+        raise UsageError(f"cannot write to folder {parent} (permission denied or read-only); choose a writable "
+                         "output path")
+
+
+def _check_out_dir(path: str):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path} is a file, not a folder; choose a folder name")
+    d = os.path.abspath(path)
+    if not os.path.isdir(d):
+        parent = os.path.dirname(d)
+        if not os.path.isdir(parent):
+            raise UsageError(f"--out {path}: folder {parent} does not exist; create it first or choose another "
+                             "--out")
+        d = parent
+    if not _writable_dir(d):
+        raise UsageError(f"--out {path}: cannot write to {d} (permission denied or read-only); choose a writable "
+                         "folder with --out")
+
+
+# what --unet must share with the embedded model: the CLI samples it with the embedded model's setup
+_UNET_IO_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")
+
+
+def _embedded_unet_config() -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "digits_ddpm" + SUFFIX)
+    try:
+        meta = _check_safetensors(path, "embedded model").get("__metadata__", {})
+        return json.loads(meta["lowbit"])["_data"]["unet_config"]
+    except (UsageError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def _check_unet(path: str):
+    fix = "give a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)"
+    if not os.path.exists(path):
+        raise UsageError(f"--unet {path}: no such folder; {fix}")
+    if not os.path.isdir(path):
+        raise UsageError(f"--unet {path} is a file; {fix}")
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--unet {path} has no config.json; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--unet {cfg_path} is not a JSON object; {fix}")
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UsageError(f"--unet {path} holds a {cfg.get('_class_name')!r}; the CLI quantizes UNet2DModel only "
+                         "(use the library, the ComfyUI nodes or the WebUI for other UNets)")
+    weights = os.path.join(path, "diffusion_pytorch_model" + SUFFIX)
+    if not os.path.isfile(weights):
+        raise UsageError(f"--unet {path} has no diffusion_pytorch_model{SUFFIX} (pickle .bin checkpoints are not "
+                         "read); save the model with safe_serialization=True")
+    _check_safetensors(weights, "--unet weights")
+    ref = _embedded_unet_config()
+    bad = [f"{k}={cfg.get(k)!r} (needs {ref[k]!r})" for k in _UNET_IO_KEYS if k in ref and cfg.get(k) != ref[k]]
+    if bad:
+        raise UsageError(f"--unet {path} does not fit the CLI's sampling setup: {', '.join(bad)}; the CLI calibrates "
+                         "with the embedded model's inputs (use the library for other models)")
+
+
+def _check_quantize(a):
+    _check_output_file(a.output, a.overwrite)
+    if a.unet:
+        _check_unet(a.unet)
+
+
+def _check_demo(a):
+    _check_out_dir(a.out)
+
+
+def _check_inspect(a):
+    if not os.path.isfile(a.file):
+        raise UsageError(f"{a.file}: no such file; give a .safetensors file saved by LowBit")
+    _check_safetensors(a.file, "file")
+
+
+def _check_ui(a):
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError("the ui needs gradio, which is not installed; pip install 'lowbit[ui]'")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+class Progress:
+    """The core's ``progress=`` callback for a terminal: one line per stage (its name, count, elapsed time) on
+    stderr; redrawn in place on a terminal, printed at start, every 30 s and at the end otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.time()
+        self.stage, self.t_stage, self.t_print, self.open = None, 0.0, 0.0, False
+
+    def _write(self, text, end="\n"):
+        self.stream.write(("\r" + text + "\033[K" if self.tty else text) + end)
+        self.stream.flush()
+
+    def _close_line(self):
+        if self.open and self.tty:
+            self.stream.write("\n")
+        self.open = False
+
+    def banner(self, text: str):
+        """A stage of the job (a line of its own)."""
+        self._close_line()
+        self.stage = None
+        self._write(f"[{time.time() - self.t0:6.1f} s] {text}")
+
+    def __call__(self, done, total, info):
+        now = time.time()
+        stage = info.get("stage") or "working"
+        if stage != self.stage:
+            self._close_line()
+            self.stage, self.t_stage, self.t_print = stage, now, 0.0
+        extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}"
+                        for k, v in info.items() if k != "stage")
+        line = f"  {stage}: {done}/{total} ({now - self.t_stage:.1f} s){extra}"
+        if done >= total:
+            self._write(line)
+            self.open, self.stage = False, None
+        elif self.tty and now - self.t_print > 0.2:
+            self._write(line, end="")
+            self.open, self.t_print = True, now
+        elif not self.tty and (self.t_print == 0.0 or now - self.t_print > 30):
+            self._write(line)
+            self.t_print = now
+
+
+# -------------------------------------------------------------------------------------------------- jobs
+# The jobs compose recipes.py here and only here; the core pipeline verb will replace this section.
+
+def _pass_progress(fn, *args, progress=None, **kw):
+    """Call ``fn`` with ``progress=`` when it accepts one (recipes.build does not yet)."""
+    import inspect
+
+    if "progress" in inspect.signature(fn).parameters:
+        kw["progress"] = progress
+    return fn(*args, **kw)
+
+
+def _cmd_demo(a, prog: Progress):
     from .recipes import demo, format_table
 
-    res = demo(a.out, n_eval=a.samples, steps=a.steps, bits_list=tuple(a.bits), methods=tuple(a.methods))
+    prog.banner(f"demo: {', '.join(a.bits)} x {', '.join(a.methods)}; {a.samples} samples per model, "
+                f"{a.steps} steps")
+    res = demo(a.out, n_eval=a.samples, steps=a.steps, bits_list=tuple(a.bits), methods=tuple(a.methods),
+               progress=prog)
+    prog.banner("done")
     print(format_table(res["rows"]))
     print(f"\nside-by-side grid (rows: full precision, then per format: quantized, |difference|): {res['grid']}")
     return 0
 
 
-def _cmd_quantize(a):
-    from .quant import QuantConfig, save, timestep_aware_subset
-    from .recipes import METHODS, build, default_setup, record_calibration
+def _cmd_quantize(a, prog: Progress):
+    prog.banner("loading torch and the model")
+    q = _quant()
+    from . import recipes
 
-    QuantConfig.preset(a.bits)  # cheap checks before any work
-    if a.method not in METHODS:
-        raise ConfigError(f"unknown method {a.method!r}; choose one of {sorted(METHODS)}")
-    if os.path.exists(a.output) and not a.overwrite:
-        raise FileExistsError(f"{a.output} already exists; choose another name or pass --overwrite")
-    setup = default_setup()
+    setup = recipes.default_setup()
     if a.unet:
         from diffusers import UNet2DModel
 
-        setup.unet = UNet2DModel.from_pretrained(a.unet).eval()
-    calls = timestep_aware_subset(record_calibration(setup, n_samples=a.calib_samples, progress="tqdm"), a.calib_steps)
-    b = build(setup, a.method, a.bits, calls)
-    save(b.model, a.output, overwrite=a.overwrite)
-    print(f"saved {a.bits} ({a.method}) to {a.output} in {b.seconds:.1f} s")
+        setup.unet = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+    prog.banner(f"recording calibration: {a.calib_samples} full-precision sampling runs")
+    calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
+    calls = q.timestep_aware_subset(calls, a.calib_steps)
+    prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
+    b = _pass_progress(recipes.build, setup, a.method, a.bits, calls, progress=prog)
+    prog.banner(f"saving {a.output}")
+    q.save(b.model, a.output, overwrite=a.overwrite)
+    print(f"saved {a.bits} ({a.method}) to {a.output} in {time.time() - prog.t0:.1f} s")
     return 0
 
 
-def _cmd_ui(a):
+def _cmd_ui(a, prog: Progress):
     from .ui.app import launch
 
     launch(host=a.host, port=a.port)
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="quantize the embedded default model and compare it with full precision")
-    d.add_argument("--out", default="out", help="folder for the PNG grid (default: out)")
-    d.add_argument("--samples", type=int, default=200, help="samples per model for FID/accuracy (default 200)")
-    d.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    d.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"], help="formats (default: W8A8 W4A8)")
-    d.add_argument("--methods", nargs="+", default=["naive"], help="methods (default: naive); see recipes.METHODS")
-    d.set_defaults(fn=_cmd_demo)
-    q = sub.add_parser("quantize", help="quantize the default model (or a diffusers UNet folder) and save it")
-    q.add_argument("output", help="output .safetensors path")
-    q.add_argument("--bits", default="W4A8")
-    q.add_argument("--method", default="recon+ptqd+vsc")
-    q.add_argument("--unet", default=None, help="diffusers UNet2DModel folder (default: the embedded model)")
-    q.add_argument("--calib-samples", type=int, default=32)
-    q.add_argument("--calib-steps", type=int, default=10)
-    q.add_argument("--overwrite", action="store_true")
-    q.set_defaults(fn=_cmd_quantize)
-    u = sub.add_parser("ui", help="serve the gradio app on localhost")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=7870)
-    u.set_defaults(fn=_cmd_ui)
-    a = p.parse_args(argv)
-    from .quant.errors import LowBitError
+# ---------------------------------------------------------------------------------------------- inspect
 
+def _nbytes(index: dict, prefix: str) -> int:
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in index.items() if k.startswith(prefix))
+
+
+def _precision(m: dict) -> str:
+    a = m.get("a_bits")
+    a = "16" if a == 16 else ("dyn8" if m.get("a_dynamic") else str(a))
+    g = f" g{m['group_size']}" if m.get("group_size") else ""
+    return f"W{m.get('w_bits')}A{a}{g}"
+
+
+def _config_text(obj) -> str:
+    if not isinstance(obj, dict) or "_data" not in obj:
+        return "none"
+    data = obj["_data"] if isinstance(obj["_data"], dict) else {}
+    parts = [f"{k}={len(v)} rules" if k == "rules" else f"{k}={v}" for k, v in data.items()]
+    return f"{obj.get('_type')} v{obj.get('_version')}: " + ", ".join(parts)
+
+
+def inspect_text(path: str, layers: bool = False) -> str:
+    """The human-readable summary printed by ``lowbit inspect`` (header only; no model, no tensor data read)."""
+    q = _quant()
+    header, index = q.read_header(path)
+    lm = header.get("layers") if isinstance(header.get("layers"), dict) else {}
+    model = header.get("model") if isinstance(header.get("model"), dict) else {}
+    extras = header.get("extras") if isinstance(header.get("extras"), dict) else {}
+    total = os.path.getsize(path)
+    cfg = header.get("config") if isinstance(header.get("config"), dict) else None
+    name = None
+    if cfg and isinstance(cfg.get("_data"), dict):
+        d = cfg["_data"]
+        name = f"W{d.get('w_bits')}A{d.get('a_bits')}"
+    method = ["quantized (" + (name or "?") + ")"]
+    if "ptqd" in extras:
+        method.append("PTQD statistics")
+    if header.get("schedule"):
+        method.append("step-aware bit schedule")
+    if header.get("splits"):
+        method.append(f"shortcut split ({len(header['splits'])} convs)")
+    method += [k for k in extras if k != "ptqd"]
+    out = [f"file       {path} ({total:,} bytes)",
+           f"format     {header.get('format')} v{header.get('format_version')}",
+           f"model      {model.get('cls')} (fingerprint {model.get('fingerprint')}), "
+           f"{header.get('num_train_timesteps')} training timesteps",
+           f"method     {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
+           f"config     {_config_text(cfg)}",
+           f"schedule   {_config_text(header.get('schedule'))}"]
+    for k, meta in extras.items():
+        cfgs = [_config_text(v) for v in meta.values() if isinstance(v, dict) and "_type" in v] \
+            if isinstance(meta, dict) else []
+        tensors = _nbytes(index, f"__extra__.{k}.")
+        out.append(f"extra      {k}: {tensors:,} bytes" + (f"; {'; '.join(cfgs)}" if cfgs else ""))
+    groups = {}
+    for lname, m in lm.items():
+        m = m if isinstance(m, dict) else {}
+        g = groups.setdefault(_precision(m), [0, 0, 0])
+        g[0] += 1
+        g[1] += _nbytes(index, f"{lname}.qdata") + _nbytes(index, f"{lname}.w_scale")
+        g[2] += _nbytes(index, f"{lname}.act.") + _nbytes(index, f"{lname}.bias")
+    out.append(f"layers     {len(lm)} quantized layers")
+    out.append(f"  {'precision':<14}{'layers':>7}{'weight bytes':>16}{'other bytes':>14}")
+    for prec, (n, wb, ob) in sorted(groups.items()):
+        out.append(f"  {prec:<14}{n:>7}{wb:>16,}{ob:>14,}")
+    if layers:
+        out.append(f"  {'layer':<48}{'kind':<8}{'shape':<20}{'precision':<14}{'bytes':>10}")
+        for lname, m in lm.items():
+            m = m if isinstance(m, dict) else {}
+            shape = "x".join(map(str, m.get("shape") or []))
+            out.append(f"  {lname:<48}{str(m.get('kind')):<8}{shape:<20}{_precision(m):<14}"
+                       f"{_nbytes(index, lname + '.'):>10,}")
+    return "\n".join(out)
+
+
+def _cmd_inspect(a, prog: Progress):
+    if a.json:
+        header, _ = _quant().read_header(a.file)
+        print(json.dumps(header, indent=2, sort_keys=True))
+    else:
+        print(inspect_text(a.file, layers=a.layers))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def _one_line(exc) -> str:
+    text = " ".join(s.strip() for s in str(exc).splitlines() if s.strip())
+    return text or type(exc).__name__
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)  # bad option values exit here with status 2 (one line, see _Parser.error)
+    prog_name = f"lowbit {a.cmd}"
+    errors = _core("errors")
     try:
-        return a.fn(a)
-    except (LowBitError, FileExistsError) as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
+        a.check(a)
+    except (UsageError, errors.LowBitError) as exc:
+        print(f"{prog_name}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return a.fn(a, Progress())
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of the job
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"\n{prog_name}: interrupted; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (errors.LowBitError, OSError) as exc:
+        kind = "error" if isinstance(exc, errors.LoadError) else "failed"
+        print(f"{prog_name}: {kind}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, errors.LoadError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ LAYER_KINDS = ("any", "conv", "linear")
 # ``QuantConfig.preset`` builds any W<b>A<b> the field limits allow (library use, e.g. W3A8, W2A8).
 PRESETS = ("W8A8", "W4A8", "W4A4", "W4A16", "W8A16")
 
+# The quantization methods offered to users (CLI, hosts): the one vocabulary; bench-only ablations are not here.
+METHODS = ("naive", "naive+ptqd", "recon", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed")
+
 SPEC_KEY = "lowbit_spec"
 
 
@@ -356,17 +359,10 @@ class LayerRule(_Config):
     version: int = _version(1)
 
 
-# Which layers stay at W8A8 by default (docs/ARCHITECTURE.md, "layer policy"). Names cover diffusers
-# (UNet2DModel, UNet2DConditionModel), ComfyUI/LDM (`input_blocks.0.0`, `out.2`, `time_embed`,
-# `skip_connection`, `.op`) and Forge's IntegratedUNet2DConditionModel. The first and last conv of any model are
-# also caught structurally (see policy.py), so unknown architectures keep their input/output convs at 8 bits too.
-DEFAULT_RULES: Tuple[LayerRule, ...] = (
-    LayerRule(r"(^|\.)(conv_in|input_blocks\.0\.0)$", "w8a8"),
-    LayerRule(r"(^|\.)(conv_out|out\.2)$", "w8a8"),
-    LayerRule(r"(^|\.)(time_embedding|time_embed|class_embedding|label_emb|add_embedding)(\.|$)", "w8a8"),
-    LayerRule(r"(conv_shortcut|skip_connection)$", "w8a8"),
-    LayerRule(r"(downsamplers\.\d+\.conv|\.op)$", "w8a8"),
-)
+# User rules come first (first match wins); then the model profile's own edge rules (``profiles/``: conv_in,
+# conv_out, embeddings, skip and downsample convolutions of each family), then the structural first/last
+# convolution rule. So the default is no user rule.
+DEFAULT_RULES: Tuple[LayerRule, ...] = ()
 
 
 @register_config
@@ -582,6 +578,10 @@ ARGS: Dict[str, Spec] = {n: Spec(name=n, **kw) for n, kw in dict(
     bits=dict(kind="choice", default="W4A8", choices=PRESETS, label="bits",
               help="weight and activation bits: W8A8 near-lossless, W4A8 the usual trade-off, W4A4 aggressive, "
                    "W4A16/W8A16 weight-only"),
+    method=dict(kind="choice", default="recon+ptqd+vsc", choices=METHODS, label="method",
+                help="naive: min/max post-training quantization; recon: BRECQ/AdaRound block reconstruction "
+                     "(slow); +ptqd: PTQD noise statistics (bias and correlated-noise correction); +vsc: PTQD "
+                     "variance calibration in the sampler; +mixed: step-aware activation bits from measured SNR"),
     num_train_timesteps=dict(kind="int", default=1000, lo=2, hi=100_000,
                              help="training timesteps T of the model's noise schedule"),
     calib_samples=dict(kind="int", default=32, lo=1, hi=1024, label="calibration samples",
