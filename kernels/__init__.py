@@ -2,6 +2,8 @@
 
     from lowbit.kernels import ops, PackedWeight, ActQuant
 
+Weight formats are registered objects, one file each in ``formats/`` (``register_format``; see formats/__init__.py).
+
 Backends (highest priority first): ``triton`` (CUDA; CPU only under TRITON_INTERPRET=1), ``onednn`` (CPU int8 conv /
 static-activation linear), ``cpu`` (torch._int_mm, int4pack weight-only), ``eager`` (reference, everything).
 ``LOWBIT_BACKEND=name`` forces one, ``LOWBIT_DISABLE_BACKENDS=a,b`` disables some. See kernels/README.md.
@@ -12,7 +14,7 @@ import logging
 from . import eager  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the cpu and onednn backends)
 from . import ops
-from .formats import ActQuant, PackedWeight
+from .formats import FORMATS, ActQuant, PackedWeight, WeightFormat, get_format, register_format
 from .registry import NoBackendError
 
 _log = logging.getLogger("lowbit.kernels")
@@ -23,4 +25,5 @@ if importlib.util.find_spec("triton") is not None:
     except Exception as exc:  # a broken optional dependency disables one backend, not the package
         _log.warning("lowbit.kernels: triton backend disabled, importing it failed: %s", exc)
 
-__all__ = ["ops", "PackedWeight", "ActQuant", "NoBackendError"]
+__all__ = ["ops", "PackedWeight", "ActQuant", "NoBackendError", "WeightFormat", "FORMATS", "register_format",
+           "get_format"]

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import registry
-from .formats import ActQuant, PackedWeight, int_range
+from . import autotune, registry
+from .formats import ActQuant, PackedWeight, default_format, get_format, int_range
 
 __all__ = ["pack_weight", "unpack_weight", "dequantize_weight", "fake_quant_act", "linear", "conv2d",
            "quantize_weight", "available_backends", "backend_for", "run_on", "weight_nbytes"]
@@ -31,20 +31,31 @@ def _pair(v: IntPair):
     return v * 2 if len(v) == 1 else v
 
 
-def pack_weight(w_int: torch.Tensor, bits: int, scale: torch.Tensor, group_size: Optional[int] = None) -> PackedWeight:
+def pack_weight(w_int: torch.Tensor, bits: int, scale: torch.Tensor, group_size: Optional[int] = None,
+                format: Optional[str] = None) -> PackedWeight:
     """Pack integer weights (int tensor of logical shape (N, ...), values in [-2^(b-1), 2^(b-1)-1]) with their fp32
-    scale [N] or [N, ceil(K/group_size)] into a :class:`PackedWeight`."""
-    return registry.dispatch("pack_weight", w_int, int(bits), scale, group_size)
+    scale [N] or [N, ceil(K/group_size)] into a :class:`PackedWeight` of the registered ``format`` (default: the
+    kernel layout of ``bits``/``group_size``, packed by the backends)."""
+    fmt = get_format(format or default_format(int(bits), group_size))
+    if fmt.backends is None:
+        pw = registry.dispatch("pack_weight", w_int, int(bits), scale, group_size)
+        if pw.format != fmt.name:
+            raise ValueError(f"pack_weight: format {fmt.name!r} does not store {bits}-bit weights with "
+                             f"group_size={group_size} (that is {pw.format!r})")
+        return pw
+    return fmt.pack(w_int, int(bits), scale, group_size)
 
 
 def unpack_weight(pw: PackedWeight) -> torch.Tensor:
     """int8 tensor of logical shape ``pw.shape``."""
-    return registry.dispatch("unpack_weight", pw)
+    fmt = pw.fmt
+    return registry.dispatch("unpack_weight", pw) if fmt.backends is None else fmt.unpack(pw)
 
 
 def dequantize_weight(pw: PackedWeight) -> torch.Tensor:
-    """fp32 tensor of logical shape ``pw.shape``: q * scale (per channel or per group)."""
-    return registry.dispatch("dequantize_weight", pw)
+    """fp32 tensor of logical shape ``pw.shape``: q * scale (per channel or per group), or the format's own rule."""
+    fmt = pw.fmt
+    return registry.dispatch("dequantize_weight", pw) if fmt.backends is None else fmt.dequantize(pw)
 
 
 def fake_quant_act(x: torch.Tensor, act: Optional[ActQuant], granularity: str = "token") -> torch.Tensor:
@@ -58,6 +69,8 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = Non
     """== F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias), computed with integer kernels where a backend can."""
     if x.shape[-1] != pw.K or len(pw.shape) != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1]}] does not match weight shape {list(pw.shape)}")
+    if _tuned(pw):
+        return autotune.run("linear", x, pw, bias, act)
     return registry.dispatch("linear", x, pw, bias, act)
 
 
@@ -68,7 +81,15 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = Non
     if len(pw.shape) != 4 or x.dim() != 4 or x.shape[1] != pw.shape[1] * groups:
         raise ValueError(f"conv2d: x {list(x.shape)} with groups={groups} does not match weight shape {list(pw.shape)}")
     padding = padding if isinstance(padding, str) else _pair(padding)
+    if _tuned(pw):
+        return autotune.run("conv2d", x, pw, bias, _pair(stride), padding, _pair(dilation), int(groups), act)
     return registry.dispatch("conv2d", x, pw, bias, _pair(stride), padding, _pair(dilation), int(groups), act)
+
+
+def _tuned(pw: PackedWeight) -> bool:
+    """Whether a call on ``pw`` goes through the autotuner (kernels/autotune.py): the weight was attached at
+    deployment, tuning is on (LOWBIT_AUTOTUNE) and no backend is forced (LOWBIT_BACKEND / forced_backend)."""
+    return autotune.enabled() and registry._forced() is None and autotune.is_attached(pw)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: Optional[int] = None) -> PackedWeight:

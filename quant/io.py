@@ -1,26 +1,39 @@
-"""Save and load quantized UNets: one safetensors file, packed integers + scales + a versioned JSON header.
+"""Save and load quantized UNets: one safetensors file, each layer's weight in its registered format + activation
+tables + a versioned JSON header.
 
-Loading is safe by construction: the header is parsed by us with a size limit before anything else is
-read, configs are rebuilt only from the allowlist in ``config.py``, every tensor's name, dtype and shape is
-checked against the target model before anything is assigned, and the target model is never modified
-(a new quantized module tree is returned). No pickle, no code execution.
+Loading checks meaning, not only bytes, before anything is built: the header is parsed by us with size, depth and
+integer-size limits; configs are rebuilt only from the allowlist in ``config.py`` (and must be of the type their slot
+holds); every layer's kind and shape must match the target model; every tensor's dtype and shape follows from the
+layer's format and settings; scales are finite and positive, zero points integers in range, time grids sorted,
+activation bits match their tables, group sizes divide; PTQD tables have the model's output channels. Tensors the
+loader does not need are never read. Every failure is a ``LoadError`` naming the field and the fix; the target model
+is never modified (a new quantized module tree is returned). No pickle, no code execution.
 
 File layout (tensor names; L = qualified layer name):
-  L.qdata        int8 [N, K] (bits 5..8) or uint8 [N, ceil(K/2)] (bits <= 4, two nibbles per byte)
-  L.w_scale      fp32 [N] or [N, G]
+  L.<storage>    the weight in format ``layers[L].w_format`` (``kernels/formats``); the kernel layouts store
+                 L.qdata (int8 [N, K] or uint8 [N, ceil(K/2)]) and L.w_scale (fp32 [N] or [N, G])
   L.bias         fp32 [N]                              (if the layer has a bias)
   L.act.tgrid    fp32 [K_t]; L.act.scale_<b>, L.act.zero_<b> fp32 [K_t]   (static activation tables)
   __extra__.<name>.<key>                               (PTQD statistics etc., see EXTRAS)
-Header: ``__metadata__["lowbit"]`` = JSON {format, format_version, config, schedule, layers{...}, model{...}, extras{...}}
+Header: ``__metadata__["lowbit"]`` = JSON {format, format_version, config, schedule, num_train_timesteps,
+layers{L: {kind, shape, w_format, w_bits, a_bits, group_size, a_dynamic, a_bits_set, time_bins, has_bias, scheduled}},
+model{...}, splits{...}, extras{...}}. Older format versions are upgraded on load by ``MIGRATIONS``.
+
+Saving is atomic and never clobbers: the data goes to a temporary file ``.<name>.lowbit-<pid>-<rand>.tmp`` (mode from
+the umask) in the destination folder, which is then linked to the final name (``link`` fails if the name exists, so
+there is no check-then-rename race) or, with ``overwrite=True``, renamed over it. Temporary files of processes that no
+longer run (a save killed by SIGKILL) are removed by the next save into that folder; the loader never reads them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import struct
-import tempfile
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -28,12 +41,16 @@ import torch.nn as nn
 from . import config as C
 from .context import QuantContext, attach_context, get_context
 from .errors import ConfigError, LoadError
-from .layers import ActQuantizer, QuantLayer, qlayer_class_for, quant_layers
+from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .split import ChannelSplitConv2d, apply_splits
 
 FORMAT = "lowbit.quantized_unet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # nesting of any JSON value in the header
+MAX_INT_DIGITS = 18  # integers in the header: |n| < 10^18
+MAX_TIME_BINS = 100_000
+MAX_EXTRA_TENSORS = 256
 
 # name -> (to_state(qmodel) -> (meta dict, tensors dict) | None, from_state(qmodel, meta, tensors) -> None)
 EXTRAS: Dict[str, tuple] = {}
@@ -43,6 +60,52 @@ def register_extra(name: str, to_state: Callable, from_state: Callable):
     EXTRAS[name] = (to_state, from_state)
 
 
+# ------------------------------------------------------------------------------------------ per-model state
+def _get_state(qmodel: nn.Module) -> dict:
+    """What the file records about the model besides its layers (one place, so the state's home can move)."""
+    ctx = get_context(qmodel)
+    return dict(config=getattr(ctx, "config", None), schedule=getattr(ctx, "schedule", None),
+                num_train_timesteps=ctx.num_train_timesteps if ctx is not None else 1000)
+
+
+def _set_state(qmodel: nn.Module, ctx: QuantContext, config, schedule, splits) -> None:
+    ctx.config = config
+    ctx.schedule = schedule
+    ctx.splits = {n: tuple(v) for n, v in splits.items()}
+
+
+# ------------------------------------------------------------------------------------------ migrations
+def _migrate_1_to_2(header: dict) -> dict:
+    """Version 1 keyed the weight layout by its bit count; version 2 names the registered format per layer."""
+    from ..kernels.formats import default_format
+
+    layers = header.get("layers")
+    if isinstance(layers, dict):
+        for lm in layers.values():
+            if isinstance(lm, dict) and "w_format" not in lm:
+                bits, g = lm.get("w_bits"), lm.get("group_size")
+                if isinstance(bits, int) and not isinstance(bits, bool):
+                    lm["w_format"] = default_format(bits, g)
+    header["format_version"] = 2
+    return header
+
+
+# version n -> function(header) -> header of version n + 1 (tensor names are unchanged so far)
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2}
+
+
+def migrate(header: dict, path: str = "<header>") -> dict:
+    v = header.get("format_version")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
+        _fail(path, f"format version {v!r} is not supported (this LowBit reads 1..{FORMAT_VERSION})",
+              "upgrade LowBit or re-save the file with this version")
+    while v < FORMAT_VERSION:
+        header = MIGRATIONS[v](header)
+        v += 1
+    return header
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
 def model_fingerprint(model: nn.Module) -> str:
     """Names and weight shapes of the quantizable layers: equal for a float UNet and its quantized copy (a split
     convolution counts as the convolution it replaces)."""
@@ -62,33 +125,54 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def _layer_meta(layer: QuantLayer) -> dict:
-    return dict(kind=layer.float_type.__name__, shape=list(layer.weight_shape), w_bits=layer.w_bits,
-                a_bits=layer.a_bits, group_size=layer.group_size, a_dynamic=layer.a_dynamic,
+    return dict(kind=layer.float_type.__name__, shape=list(layer.weight_shape), w_format=layer.w_format,
+                w_bits=layer.w_bits, a_bits=layer.a_bits, group_size=layer.group_size, a_dynamic=layer.a_dynamic,
                 a_bits_set=list(layer.act.bits_set) if layer.act is not None else [],
                 time_bins=len(layer.act.tgrid) if layer.act is not None else 0,
                 has_bias=layer.bias is not None, scheduled=layer.scheduled)
 
 
-def save(qmodel: nn.Module, path: str, overwrite: bool = False) -> str:
-    """Write ``qmodel`` to ``path`` (atomically: temporary file, then rename). Returns the path."""
-    from safetensors.torch import save_file
+# ------------------------------------------------------------------------------------------ save
+_TMP_RE = re.compile(r"^\..*\.lowbit-(\d+)-[0-9a-f]{8}\.tmp$")
 
-    from ..kernels import ops
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: keep its file
+    return True
+
+
+def clean_stale_temps(folder: str) -> list:
+    """Remove temporary files of interrupted saves (``.<name>.lowbit-<pid>-<rand>.tmp`` whose process is gone)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for f in names:
+        m = _TMP_RE.match(f)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, f))
+                removed.append(f)
+            except OSError:
+                pass
+    return removed
+
+
+def _collect(qmodel: nn.Module):
     layers = quant_layers(qmodel)
-    if not layers:
-        raise ConfigError("this model has no LowBit quantized layers; quantize it before saving")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     tensors, lmeta = {}, {}
     for name, layer in layers:
-        if layer.mode == "deployed":
-            pw = layer.packed_weight()
-        else:
-            with torch.no_grad():
-                pw = ops.pack_weight(layer.weight_int(), layer.w_bits, layer.w_scale.detach().float(), layer.group_size)
-        tensors[f"{name}.qdata"] = pw.qdata.contiguous().cpu()
-        tensors[f"{name}.w_scale"] = pw.scale.float().contiguous().cpu()
+        pw = layer.packed_weight()
+        for k, t in pw.fmt.to_storage(pw).items():
+            tensors[f"{name}.{k}"] = t.detach().contiguous().cpu()
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().contiguous().cpu()
         if layer.act is not None:
@@ -107,30 +191,66 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False) -> str:
         extras[ename] = meta
         for k, v in ts.items():
             tensors[f"__extra__.{ename}.{k}"] = v.detach().contiguous().cpu()
-    ctx = get_context(qmodel)
-    cfg = ctx.config if ctx else None
-    sched = ctx.schedule if ctx else None
+    state = _get_state(qmodel)
+    cfg, sched = state["config"], state["schedule"]
     header = dict(format=FORMAT, format_version=FORMAT_VERSION,
                   config=C.to_json_obj(cfg) if cfg is not None else None,
                   schedule=C.to_json_obj(sched) if sched is not None else None,
-                  num_train_timesteps=ctx.num_train_timesteps if ctx else 1000,
+                  num_train_timesteps=state["num_train_timesteps"],
                   layers=lmeta, model=dict(cls=type(qmodel).__name__, fingerprint=model_fingerprint(qmodel)),
                   splits={n: list(m.sizes) for n, m in qmodel.named_modules() if isinstance(m, ChannelSplitConv2d)},
                   extras=extras)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lowbit-", suffix=".tmp", dir=d)
+    return tensors, header
+
+
+def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool = False) -> str:
+    """Write ``qmodel`` to ``path`` atomically, never replacing an existing file unless ``overwrite=True``.
+    The destination folder must exist (``make_dirs=True`` creates it). Returns the path."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not quant_layers(qmodel):
+        raise ConfigError("this model has no LowBit quantized layers; quantize it before saving")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if not make_dirs:
+            raise FileNotFoundError(f"cannot save {path}: folder {folder} does not exist; create it or pass "
+                                    "make_dirs=True")
+        os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save {path}: it is a folder; give a file name ending in .safetensors")
+    if not overwrite and os.path.lexists(path):  # early answer only; the link below is the real no-clobber check
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    clean_stale_temps(folder)
+    tensors, header = _collect(qmodel)
+    tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"lowbit": json.dumps(header, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
+            except OSError:  # file systems without hard links: claim the name exclusively, then replace it
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") \
+                        from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        raise
     return path
 
 
+# ------------------------------------------------------------------------------------------ header
 def _fail(path, problem, fix):
     raise LoadError(f"cannot load {path}: {problem}. {fix}")
 
@@ -140,8 +260,42 @@ _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": tor
 _DSIZE = {"I8": 1, "U8": 1, "F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}
 
 
+def _bounded_int(s: str) -> int:
+    if len(s.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer with {len(s)} digits")
+    return int(s)
+
+
+def _no_constant(s: str):
+    raise ValueError(f"{s} is not valid JSON")
+
+
+def _json_depth_ok(s: str) -> bool:
+    """Nesting of brackets outside strings is at most MAX_JSON_DEPTH (checked before parsing: no RecursionError)."""
+    depth = 0
+    for ch in re.sub(r'"(?:[^"\\]|\\.)*"', '""', s):
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _parse_json(path, text: str, what: str):
+    if not _json_depth_ok(text):
+        _fail(path, f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", "the file is corrupt or crafted")
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        _fail(path, f"{what} is not valid JSON ({str(exc)[:120]})", "the file is corrupt or not safetensors")
+
+
 def read_header(path: str):
-    """(lowbit header dict, tensor index) after checking the file is a complete safetensors file."""
+    """(lowbit header dict, migrated to the current version; tensor index) after checking the file is a complete
+    safetensors file."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         _fail(path, "no such file", "check the path (quantized UNets are .safetensors files saved by LowBit)")
     size = os.path.getsize(path)
@@ -155,51 +309,206 @@ def read_header(path: str):
         if 8 + n > size:
             _fail(path, "header runs past the end of the file", "the file is truncated; save or download it again")
         try:
-            index = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            _fail(path, f"header is not valid JSON ({exc})", "the file is corrupt or not safetensors")
+            text = f.read(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(path, f"header is not UTF-8 ({exc})", "the file is corrupt or not safetensors")
+    index = _parse_json(path, text, "the safetensors header")
     if not isinstance(index, dict):
         _fail(path, "header is not a JSON object", "the file is corrupt or not safetensors")
     meta = index.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or "lowbit" not in meta:
         _fail(path, "it has no LowBit metadata (it may be a regular checkpoint or LoRA)",
               "load it with the host's normal loader, or pick a file saved by LowBit's Save Quantized UNet")
-    try:
-        header = json.loads(meta["lowbit"]) if isinstance(meta["lowbit"], str) else None
-    except json.JSONDecodeError as exc:
-        header = None
+    if not isinstance(meta["lowbit"], str):
+        _fail(path, "the LowBit metadata is not a JSON string", "the file is corrupt; save it again")
+    header = _parse_json(path, meta["lowbit"], "the LowBit metadata")
     if not isinstance(header, dict):
         _fail(path, "the LowBit metadata is not a JSON object", "the file is corrupt; save it again")
     if header.get("format") != FORMAT:
-        _fail(path, f"unknown format {header.get('format')!r}", "this file was not written by LowBit")
-    if header.get("format_version") != FORMAT_VERSION:
-        _fail(path, f"format version {header.get('format_version')!r} is not supported (this LowBit reads "
-                    f"{FORMAT_VERSION})", "upgrade LowBit or re-save the file with this version")
+        _fail(path, f"unknown format {str(header.get('format'))[:80]!r}", "this file was not written by LowBit")
+    header = migrate(header, path)
     end = 0
     for k, e in index.items():
         if not (isinstance(e, dict) and e.get("dtype") in _DTYPES and isinstance(e.get("shape"), list)
                 and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
-            _fail(path, f"tensor {k!r} has a malformed or unsupported entry", "the file is corrupt")
+            _fail(path, f"tensor {k[:200]!r} has a malformed or unsupported entry", "the file is corrupt")
         a, b = e["data_offsets"]
         numel = 1
         for d in e["shape"]:
-            if not isinstance(d, int) or d < 0:
-                _fail(path, f"tensor {k!r} has an invalid shape", "the file is corrupt")
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                _fail(path, f"tensor {k[:200]!r} has an invalid shape", "the file is corrupt")
             numel *= d
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b) or b - a != numel * _DSIZE[e["dtype"]]:
-            _fail(path, f"tensor {k!r} has inconsistent offsets", "the file is corrupt")
+        if not (isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and not isinstance(b, bool)
+                and 0 <= a <= b) or b - a != numel * _DSIZE[e["dtype"]]:
+            _fail(path, f"tensor {k[:200]!r} has inconsistent offsets", "the file is corrupt")
         end = max(end, b)
     if 8 + n + end != size:
         _fail(path, f"expected {8 + n + end} bytes, found {size}", "the file is truncated or padded; save it again")
     return header, index
 
 
+# ------------------------------------------------------------------------------------------ load
 def _expect(path, index, key, dtype, shape):
     e = index.get(key)
     if e is None:
         _fail(path, f"tensor {key!r} is missing", "the file is incomplete or for another LowBit version")
     if _DTYPES[e["dtype"]] != dtype or tuple(e["shape"]) != tuple(shape):
         _fail(path, f"tensor {key!r} is {e['dtype']}{e['shape']}, expected {dtype}{list(shape)}", "the file is corrupt")
+
+
+def _int_field(path, n, lm, key, lo, hi, allow_none=False):
+    v = lm.get(key)
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        _fail(path, f"layer {n!r}: {key}={str(v)[:40]!r} is not an integer in {lo}..{hi}", "the file is corrupt")
+    return v
+
+
+def _bool_field(path, n, lm, key, default):
+    v = lm.get(key, default)
+    if not isinstance(v, bool):
+        _fail(path, f"layer {n!r}: {key}={str(v)[:40]!r} is not true/false", "the file is corrupt")
+    return v
+
+
+def _plan_layer(path, n, lm, mod, kinds):
+    """Checked settings of one layer and the tensors it needs: {key: (dtype, shape)}."""
+    from ..kernels.formats import get_format
+
+    if not isinstance(lm, dict):
+        _fail(path, f"layer {n!r} has malformed metadata (not an object)", "the file is corrupt")
+    kind, shape = lm.get("kind"), lm.get("shape")
+    if not isinstance(kind, str) or kind not in kinds or not isinstance(mod, kinds[kind]):
+        _fail(path, f"layer {n!r} is a {type(mod).__name__} in this model but a {str(kind)[:40]} in the file",
+              "pick the file made from this model's architecture")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        _fail(path, f"layer {n!r}: shape is not a list of integers", "the file is corrupt")
+    shape = tuple(shape)
+    if tuple(mod.weight.shape) != shape:
+        _fail(path, f"layer {n!r} has shape {tuple(mod.weight.shape)} in this model but {shape} in the file",
+              "pick the file made from this checkpoint's architecture (e.g. SD1.5 vs SDXL), or re-quantize")
+    w_bits = _int_field(path, n, lm, "w_bits", 2, 8)
+    a_bits = _int_field(path, n, lm, "a_bits", 2, 16)
+    if 8 < a_bits < 16:
+        _fail(path, f"layer {n!r}: a_bits={a_bits} (allowed 2..8, or 16 for float activations)", "the file is corrupt")
+    g = _int_field(path, n, lm, "group_size", 1, 1 << 30, allow_none=True)
+    fname = lm.get("w_format")
+    try:
+        fmt = get_format(fname)
+        fmt.check(w_bits, g, shape)
+    except ValueError as exc:
+        _fail(path, f"layer {n!r}: {exc}", "load it with the LowBit version (or format plug-in) that wrote it")
+    dyn = _bool_field(path, n, lm, "a_dynamic", False)
+    has_bias = _bool_field(path, n, lm, "has_bias", False)
+    scheduled = _bool_field(path, n, lm, "scheduled", True)
+    bits_set = lm.get("a_bits_set", [])
+    if not (isinstance(bits_set, list) and len(bits_set) <= 7
+            and all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in bits_set)
+            and len(set(bits_set)) == len(bits_set)):
+        _fail(path, f"layer {n!r}: a_bits_set is not a list of distinct bit widths in 2..8", "the file is corrupt")
+    tb = _int_field(path, n, lm, "time_bins", 0, MAX_TIME_BINS)
+    static = a_bits != 16 and not dyn
+    if dyn and a_bits == 16:
+        _fail(path, f"layer {n!r}: dynamic activations with a_bits=16", "the file is corrupt")
+    if static and (a_bits not in bits_set or tb < 1):
+        _fail(path, f"layer {n!r}: static {a_bits}-bit activations but tables for bits {bits_set} over {tb} steps",
+              "the file is corrupt; re-quantize and save again")
+    if not static and (bits_set or tb):
+        _fail(path, f"layer {n!r}: activation tables for a layer without static activation quantization",
+              "the file is corrupt")
+    if has_bias != (getattr(mod, "bias", None) is not None):
+        _fail(path, f"layer {n!r}: {'a' if has_bias else 'no'} bias in the file but {'none' if has_bias else 'one'} "
+                    "in this model", "pick the file made from this model's architecture")
+    need = {f"{n}.{k}": v for k, v in fmt.storage(shape, w_bits, g).items()}
+    if has_bias:
+        need[f"{n}.bias"] = (torch.float32, (shape[0],))
+    if bits_set:
+        need[f"{n}.act.tgrid"] = (torch.float32, (tb,))
+        for b in bits_set:
+            need[f"{n}.act.scale_{b}"] = (torch.float32, (tb,))
+            need[f"{n}.act.zero_{b}"] = (torch.float32, (tb,))
+    settings = dict(w_format=fmt.name, w_bits=w_bits, a_bits=a_bits, group_size=g, a_dynamic=dyn,
+                    a_bits_set=tuple(bits_set), time_bins=tb, scheduled=scheduled, has_bias=has_bias, shape=shape)
+    return settings, need
+
+
+def _check_layer_values(path, n, st, tensors, num_train_timesteps):
+    from ..kernels.formats import get_format
+
+    fmt = get_format(st["w_format"])
+    wt = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".") and not k[len(n) + 1:].startswith("act.")
+          and k[len(n) + 1:] != "bias"}
+    problem = fmt.check_values(wt, st["w_bits"], st["group_size"])
+    if problem:
+        _fail(path, f"layer {n!r}: {problem}", "the file is corrupt or was saved from a diverged run")
+    if st["has_bias"] and not torch.isfinite(tensors[f"{n}.bias"]).all():
+        _fail(path, f"layer {n!r}: bias contains NaN/Inf", "the file is corrupt or was saved from a diverged run")
+    if st["a_bits_set"]:
+        g = tensors[f"{n}.act.tgrid"]
+        if not torch.isfinite(g).all() or (g < 0).any() or (g > num_train_timesteps).any() \
+                or (len(g) > 1 and not (g[1:] > g[:-1]).all()):
+            _fail(path, f"layer {n!r}: act.tgrid must be increasing timesteps in [0, {num_train_timesteps}]",
+                  "the file is corrupt")
+        for b in st["a_bits_set"]:
+            s, z = tensors[f"{n}.act.scale_{b}"], tensors[f"{n}.act.zero_{b}"]
+            if not (torch.isfinite(s).all() and (s > 0).all()):
+                _fail(path, f"layer {n!r}: act.scale_{b} holds a zero, negative, NaN or infinite step size",
+                      "the file is corrupt or was saved from a diverged run")
+            if not (torch.isfinite(z).all() and torch.equal(z, z.round()) and (z >= 0).all()
+                    and (z <= (1 << b) - 1).all()):
+                _fail(path, f"layer {n!r}: act.zero_{b} must hold integers in [0, {(1 << b) - 1}]", "the file is corrupt")
+
+
+def _model_out_channels(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    oc = getattr(cfg, "out_channels", None) if cfg is not None else None
+    if oc is None and isinstance(cfg, dict):
+        oc = cfg.get("out_channels")
+    if isinstance(oc, int):
+        return oc
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            last = m
+    return None if last is None else last.out_channels
+
+
+def _check_ptqd(path, meta, index, model, T):
+    """PTQD tables: t [S] (increasing, in [0, T)), k/var/m [S], bias [S, C] with C the model's output channels."""
+    pref = "__extra__.ptqd."
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        _fail(path, "its ptqd metadata is malformed (no config object)", "the file is corrupt; save it again")
+    shp = {k[len(pref):]: index[k]["shape"] for k in index if k.startswith(pref)}
+    for k in ("t", "k", "bias", "var"):
+        if k not in shp:
+            _fail(path, f"its PTQD table {k!r} is missing", "the file is corrupt; save it again")
+    S = shp["t"][0] if len(shp["t"]) == 1 else -1
+    if S < 1:
+        _fail(path, "its PTQD timestep table is empty or not 1-D", "the file is corrupt; re-collect the statistics")
+    for k in ("k", "var", "m"):
+        if k in shp and shp[k] != [S]:
+            _fail(path, f"its PTQD table {k!r} has shape {shp[k]}, expected [{S}]", "the file is corrupt")
+    C_out = _model_out_channels(model)
+    if len(shp["bias"]) != 2 or shp["bias"][0] != S or (C_out is not None and shp["bias"][1] != C_out):
+        _fail(path, f"its PTQD bias table has shape {shp['bias']}, expected [{S}, {C_out}] (steps, output channels of "
+                    "this model)", "pick the file made from this model, or re-collect the PTQD statistics")
+    for k in shp:
+        if k not in ("t", "k", "bias", "var", "m"):
+            _fail(path, f"its PTQD data has an unknown table {k!r}", "the file is corrupt")
+        if index[pref + k]["dtype"] != "F32":
+            _fail(path, f"its PTQD table {k!r} is {index[pref + k]['dtype']}, expected F32", "the file is corrupt")
+
+
+def _check_ptqd_values(path, ts, T):
+    for k, v in ts.items():
+        if not torch.isfinite(v).all():
+            _fail(path, f"its PTQD table {k!r} contains NaN/Inf", "the file is corrupt or was saved from a diverged run")
+    t = ts["t"]
+    if (t < 0).any() or (t > T).any() or (len(t) > 1 and not (t.sort().values[1:] > t.sort().values[:-1]).all()):
+        _fail(path, f"its PTQD timesteps must be distinct values in [0, {T}]", "the file is corrupt")
+    if (ts["var"] < 0).any():
+        _fail(path, "its PTQD residual variances are negative", "the file is corrupt")
 
 
 def load(model: nn.Module, path: str) -> nn.Module:
@@ -210,20 +519,36 @@ def load(model: nn.Module, path: str) -> nn.Module:
     from .api import _set_module, structural_copy
     from .layers import QLAYERS
 
+    path = os.fspath(path)
     header, index = read_header(path)
-    try:
-        cfg = C.from_json_obj(header["config"]) if header.get("config") else None
-        sched = C.from_json_obj(header["schedule"]) if header.get("schedule") else None
-    except ConfigError as exc:
-        _fail(path, f"its config is not valid ({exc})", "the file is corrupt or from an incompatible LowBit")
+    cfg = sched = None
+    for slot, typ in (("config", C.QuantConfig), ("schedule", C.BitwidthSchedule)):
+        obj = header.get(slot)
+        if obj is None:
+            continue
+        try:
+            val = C.from_json_obj(obj)
+        except (ConfigError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            _fail(path, f"its {slot} is not valid ({str(exc)[:200]})", "the file is corrupt or from an incompatible LowBit")
+        if not isinstance(val, typ):
+            _fail(path, f"its {slot} slot holds a {type(val).__name__}, expected a {typ.__name__}", "the file is corrupt")
+        if slot == "config":
+            cfg = val
+        else:
+            sched = val
+    T = header.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 100_000:
+        _fail(path, f"num_train_timesteps={str(T)[:40]!r} is not an integer in 1..100000", "the file is corrupt")
+    if sched is not None and sched.num_train_timesteps != T:
+        _fail(path, f"its schedule is for {sched.num_train_timesteps} timesteps, the model for {T}", "the file is corrupt")
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
     splits = header.get("splits") or {}
-    if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(isinstance(d, int) and d > 0 for d in v)
-                                             for v in splits.values())):
+    if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
         _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
     fmods = dict(model.named_modules())
     for n, sizes in splits.items():
@@ -232,88 +557,80 @@ def load(model: nn.Module, path: str) -> nn.Module:
             _fail(path, f"it does not match this model: split convolution {n!r} with {sum(sizes)} input channels is "
                         f"{'missing' if m is None else type(m).__name__ + ' ' + str(tuple(m.weight.shape))} here",
                   "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
+    # the plan on a throwaway structure first: every check runs before the copy that is returned is built
     qmodel = structural_copy(model)  # never modify ``model``
     apply_splits(qmodel, splits)
     mods = dict(qmodel.named_modules())
     missing = [n for n in layers if n not in mods]
-    kinds = {c.__name__: c for c in QLAYERS}
     if missing:
         _fail(path, f"it does not match this model: {len(missing)} of its {len(layers)} layers are not in "
-                    f"{type(model).__name__} (e.g. {missing[0]!r})",
+                    f"{type(model).__name__} (e.g. {missing[0][:200]!r})",
               "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
-    # plan: check every layer's type and shape before touching anything
-    expected = {}
+    kinds = {c.__name__: c for c in QLAYERS}
+    plan, need = {}, {}
     for n, lm in layers.items():
-        try:
-            kind, shape = lm["kind"], tuple(int(d) for d in lm["shape"])
-            w_bits, a_bits = int(lm["w_bits"]), int(lm["a_bits"])
-            g = None if lm["group_size"] is None else int(lm["group_size"])
-            bits_set = tuple(int(b) for b in lm["a_bits_set"])
-            tb = int(lm["time_bins"])
-        except (KeyError, TypeError, ValueError):
-            _fail(path, f"layer {n!r} has malformed metadata", "the file is corrupt")
-        if kind not in kinds or not isinstance(mods[n], kinds[kind]):
-            _fail(path, f"layer {n!r} is a {type(mods[n]).__name__} in this model but a {kind} in the file",
-                  "pick the file made from this model's architecture")
-        if tuple(mods[n].weight.shape) != shape:
-            _fail(path, f"layer {n!r} has shape {tuple(mods[n].weight.shape)} in this model but {shape} in the file",
-                  "pick the file made from this checkpoint's architecture (e.g. SD1.5 vs SDXL), or re-quantize")
-        if not (2 <= w_bits <= 8) or not (a_bits == 16 or 2 <= a_bits <= 8):
-            _fail(path, f"layer {n!r} has unsupported bits W{w_bits}A{a_bits}", "the file is corrupt")
-        N, K = shape[0], 1
-        for d in shape[1:]:
-            K *= d
-        qshape = (N, K) if w_bits > 4 else (N, (K + 1) // 2)
-        _expect(path, index, f"{n}.qdata", torch.int8 if w_bits > 4 else torch.uint8, qshape)
-        _expect(path, index, f"{n}.w_scale", torch.float32, (N,) if g is None else (N, (K + g - 1) // g))
-        if lm.get("has_bias"):
-            _expect(path, index, f"{n}.bias", torch.float32, (N,))
-        if bits_set:
-            _expect(path, index, f"{n}.act.tgrid", torch.float32, (tb,))
-            for b in bits_set:
-                _expect(path, index, f"{n}.act.scale_{b}", torch.float32, (tb,))
-                _expect(path, index, f"{n}.act.zero_{b}", torch.float32, (tb,))
-        expected[n] = (w_bits, a_bits, g, bool(lm.get("a_dynamic")), bits_set, tb, bool(lm.get("scheduled", True)))
+        plan[n], nd = _plan_layer(path, n, lm, mods[n], kinds)
+        need.update(nd)
+    for key, (dt, shp) in need.items():
+        _expect(path, index, key, dt, shp)
+    extras = header.get("extras") or {}
+    if not isinstance(extras, dict):
+        _fail(path, "its extras are not an object", "the file is corrupt")
+    extra_keys = [k for k in index if k.startswith("__extra__.")]
+    if len(extra_keys) > MAX_EXTRA_TENSORS:
+        _fail(path, f"it has {len(extra_keys)} extra tensors (at most {MAX_EXTRA_TENSORS})", "the file is corrupt")
+    unknown = [k for k in index if k not in need and not k.startswith("__extra__.")]
+    if unknown:
+        _fail(path, f"it holds {len(unknown)} tensors no layer uses (e.g. {unknown[0][:200]!r})",
+              "the file is corrupt or crafted; save it again with LowBit")
+    if "ptqd" in extras and "ptqd" in EXTRAS:
+        _check_ptqd(path, extras["ptqd"], index, model, T)
+    wanted = list(need) + [k for k in extra_keys if k.split(".")[1] in extras and k.split(".")[1] in EXTRAS]
     try:
         with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in wanted}  # tensors no one uses are never read
     except Exception as exc:  # safetensors raises its own error types for corrupt data
-        _fail(path, f"reading tensors failed ({exc})", "the file is corrupt; save it again")
-    for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            _fail(path, f"tensor {k!r} contains NaN/Inf", "the file is corrupt or was saved from a diverged run")
+        _fail(path, f"reading tensors failed ({str(exc)[:200]})", "the file is corrupt; save it again")
+    for n, st in plan.items():
+        _check_layer_values(path, n, st, tensors, T)
+    if "ptqd" in extras and "ptqd" in EXTRAS:
+        _check_ptqd_values(path, {k[len("__extra__.ptqd."):]: v for k, v in tensors.items()
+                                  if k.startswith("__extra__.ptqd.")}, T)
 
-    ctx = attach_context(qmodel, QuantContext(int(header.get("num_train_timesteps", 1000))))
-    ctx.schedule = sched
-    for n, (w_bits, a_bits, g, dyn, bits_set, tb, scheduled) in expected.items():
+    from ..kernels.formats import get_format
+
+    ctx = attach_context(qmodel, QuantContext(T))
+    for n, st in plan.items():
         src = qmodel.get_submodule(n)
         cls = qlayer_class_for(src)
-        layer = cls(src, w_bits=w_bits, a_bits=a_bits, group_size=g, a_dynamic=dyn, ctx=ctx,
-                    a_bits_set=bits_set or None, time_bins=max(tb, 1), name=n, scheduled=scheduled, init_scale=False)
-        del layer.weight
-        del layer.w_scale
-        layer.register_buffer("qdata", tensors[f"{n}.qdata"])
-        layer.register_buffer("w_scale_buf", tensors[f"{n}.w_scale"])
-        layer.mode = "deployed"
-        layer.bias = nn.Parameter(tensors[f"{n}.bias"], requires_grad=False) if f"{n}.bias" in tensors else None
+        layer = cls(src, w_bits=st["w_bits"], a_bits=st["a_bits"], group_size=st["group_size"],
+                    a_dynamic=st["a_dynamic"], ctx=ctx, a_bits_set=st["a_bits_set"] or None,
+                    time_bins=max(st["time_bins"], 1), name=n, scheduled=st["scheduled"], init_scale=False,
+                    w_format=st["w_format"])
+        fmt = get_format(st["w_format"])
+        wt = {k: tensors[f"{n}.{k}"] for k in fmt.storage(st["shape"], st["w_bits"], st["group_size"])}
+        try:
+            layer.set_packed(fmt.from_storage(wt, st["shape"], st["w_bits"], st["group_size"]))
+        except ValueError as exc:
+            _fail(path, f"layer {n!r}: {exc}", "the file is corrupt")
+        layer.bias = nn.Parameter(tensors[f"{n}.bias"], requires_grad=False) if st["has_bias"] else None
         if layer.act is not None:
             layer.act.tgrid = tensors[f"{n}.act.tgrid"]
-            for b in bits_set:
+            for b in st["a_bits_set"]:
                 setattr(layer.act, f"scale_{b}", nn.Parameter(tensors[f"{n}.act.scale_{b}"], requires_grad=False))
                 setattr(layer.act, f"zero_{b}", nn.Parameter(tensors[f"{n}.act.zero_{b}"], requires_grad=False))
             layer.act.initialized = True
         layer._params_to_buffers()
         _set_module(qmodel, n, layer)
-    ctx.config = cfg
-    ctx.splits = {n: tuple(v) for n, v in splits.items()}
-    for ename, meta in (header.get("extras") or {}).items():
+    _set_state(qmodel, ctx, cfg, sched, splits)
+    for ename, meta in extras.items():
         if ename not in EXTRAS:
-            continue  # unknown extras are ignored (never executed)
+            continue  # unknown extras are ignored (never read, never executed)
         pref = f"__extra__.{ename}."
         ts = {k[len(pref):]: v for k, v in tensors.items() if k.startswith(pref)}
         try:
             EXTRAS[ename][1](qmodel, meta, ts)
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            _fail(path, f"its {ename} data is malformed ({exc})", "the file is corrupt; save it again")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, ConfigError) as exc:
+            _fail(path, f"its {ename} data is malformed ({str(exc)[:200]})", "the file is corrupt; save it again")
     qmodel.eval()
     return qmodel

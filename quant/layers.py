@@ -3,8 +3,9 @@
 * ``fake`` mode (calibration, reconstruction, fine-tuning): keeps the float weight (shared, never mutated)
   and a step size; the forward pass quantizes and dequantizes weights and input activations with
   straight-through rounding. Optional weight modifiers (AdaRound offsets, QALoRA adapters) plug in here.
-* ``deployed`` mode: stores packed integers (two int4 per byte, or int8) plus step sizes, and computes
-  through ``kernels.ops`` (real integer kernels where a backend supports the format).
+* ``deployed`` mode: holds one packed weight object (``layer.packed``, a ``kernels.PackedWeight`` in the layer's
+  registered weight format ``layer.w_format``) and computes through ``kernels.ops`` (real integer kernels where a
+  backend supports the format; formats no backend runs compute ``op(fake_quant_act(x), dequantize(w))``).
 
 Both modes compute the same function on the same step sizes: deployed(x) == fake(x) up to float rounding.
 
@@ -170,24 +171,63 @@ class QuantLayer(nn.Module):
 
     def __init__(self, src: nn.Module, w_bits: int, a_bits: int, group_size=None, a_dynamic=False,
                  ctx: Optional[QuantContext] = None, a_bits_set=None, time_bins: int = 1, w_init: str = "lp",
-                 name: str = "", scheduled: bool = True, init_scale: bool = True):
+                 name: str = "", scheduled: bool = True, init_scale: bool = True, w_format: Optional[str] = None):
         super().__init__()
+        from ..kernels.formats import default_format, get_format
+        from .errors import ConfigError
+
         self.w_bits, self.a_bits, self.group_size, self.a_dynamic = w_bits, a_bits, group_size, a_dynamic
         self.name = name
-        self.mode = "fake"
+        if w_format is None and ctx is not None:  # the config names the format (QuantConfig.w_format)
+            w_format = getattr(getattr(ctx, "config", None), "w_format", None)
+        self.w_format = w_format or default_format(w_bits, group_size)
+        try:
+            get_format(self.w_format).check(w_bits, group_size, tuple(src.weight.shape))
+        except ValueError as exc:
+            raise ConfigError(f"layer {name!r}: {exc}; pick a w_format that stores W{w_bits}"
+                              f"{'' if group_size is None else f' with group size {group_size}'}") from None
         self.weight_shape = tuple(src.weight.shape)
         # The float weight is shared with the source model (never mutated) to avoid a copy.
         self.weight = nn.Parameter(src.weight.detach(), requires_grad=False)
         self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone().float(), requires_grad=False)
         self.scheduled = scheduled  # follows the BitwidthSchedule (False for the layers kept at W8A8)
         scale = weight_scale(src.weight, w_bits, group_size, w_init) if init_scale else torch.ones(1)
+        if init_scale:
+            scale = self.fmt.constrain_scale(scale)
         self.w_scale = nn.Parameter(scale, requires_grad=False)
         self.act = None
         if a_bits != ACT_BITS_NONE and not a_dynamic:
             self.act = ActQuantizer(a_bits_set or (a_bits,), ctx.num_train_timesteps if ctx else 1000, time_bins)
         self.modifier = None  # AdaRound / QALoRA: a module with ``weight(layer) -> fake-quantized weight``
         self._ctx = [ctx]  # list: keeps the context out of the module tree
-        self._packed = None
+        self.register_module("packed", None)  # deployed: the PackedWeight (float weight and w_scale are gone)
+
+    # ---- state ---------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """"deployed" when the layer holds a packed weight, "fake" otherwise (derived, never stored)."""
+        return "fake" if self._modules.get("packed") is None else "deployed"
+
+    @property
+    def fmt(self):
+        from ..kernels.formats import get_format
+
+        return get_format(self.w_format)
+
+    @property
+    def _packed(self):
+        # Legacy slot (a separate cache object before weight formats were modules): always None now; PackedWeight
+        # drops its backend caches itself on deepcopy/pickle/device moves.
+        return None
+
+    @_packed.setter
+    def _packed(self, value):
+        pass
+
+    @property
+    def w_scale_buf(self):
+        """Deprecated alias: the deployed weight's step sizes as the fake layer holds them (``packed_weight()``)."""
+        return self.fmt.fake_scale(self.packed)
 
     # ---- context -------------------------------------------------------------------------------------
     @property
@@ -218,24 +258,23 @@ class QuantLayer(nn.Module):
         return fake_quant_weight(self.weight.float(), self.w_scale, self.w_bits, self.group_size)
 
     def packed_weight(self):
-        from ..kernels import PackedWeight
+        """The layer's PackedWeight: the one it holds when deployed, else a freshly packed one (modifiers merged)."""
+        if self.packed is not None:
+            return self.packed
+        with torch.no_grad():
+            return self._pack()
 
-        if self._packed is None or self._packed.qdata is not self.qdata:
-            self._packed = PackedWeight(qdata=self.qdata, scale=self.w_scale_buf, bits=self.w_bits,
-                                        shape=self.weight_shape, group_size=self.group_size)
-        return self._packed
+    def _pack(self):
+        from ..kernels import ops
 
-    def __getstate__(self):
-        # backend caches (e.g. oneDNN opaque blobs) cannot be copied; they are rebuilt on the next call
-        state = dict(self.__dict__)
-        state["_packed"] = None
-        return state
+        return ops.pack_weight(self.weight_int(), self.w_bits, self.w_scale.detach().float().clone(), self.group_size,
+                               format=self.w_format)
 
     def _apply(self, fn, *args, **kwargs):
         # Device moves apply; dtype casts do not: scales, tables and bias stay fp32 and integers stay
         # integers, so `model.to(torch.bfloat16)` runs the float parts (norms, attention) in bf16 while the
-        # quantized layers keep exact scales (their outputs follow the input dtype).
-        self._packed = None  # backend caches (prepacked forms) follow the device of the buffers
+        # quantized layers keep exact scales (their outputs follow the input dtype). The packed weight drops its
+        # backend caches (prepacked forms follow the device of the buffers).
 
         def keep_dtype(t):
             out = fn(t)
@@ -247,23 +286,28 @@ class QuantLayer(nn.Module):
         """fake -> deployed: pack the integers (merging any modifier) and drop the float weight."""
         if self.mode == "deployed":
             return self
-        from ..kernels import ops
-
-        w_int = self.weight_int()
-        scale = self.w_scale.detach().float().clone()
-        pw = ops.pack_weight(w_int, self.w_bits, scale, self.group_size)
-        del self.weight
-        del self.w_scale
-        self.modifier = None
-        self.register_buffer("qdata", pw.qdata)
-        self.register_buffer("w_scale_buf", pw.scale)
-        self.mode = "deployed"
-        self._packed = None
+        with torch.no_grad():
+            pw = self._pack()
+        self.set_packed(pw)
         if self.act is not None:
             for b in self.act.bits_set:  # integer zero points in the deployed model
                 z = self.act.table(b)[1]
                 z.data.round_()
         self._params_to_buffers()
+        return self
+
+    def set_packed(self, pw):
+        """Hold ``pw`` (a PackedWeight of this layer's shape and format) as the weight: drops the float weight, its
+        step sizes and any modifier. Used by ``deploy`` and the loader."""
+        if tuple(pw.shape) != self.weight_shape or pw.format != self.w_format or pw.bits != self.w_bits \
+                or pw.group_size != self.group_size:
+            raise ValueError(f"layer {self.name!r}: packed weight {pw.format} W{pw.bits} {list(pw.shape)} does not match "
+                             f"{self.w_format} W{self.w_bits} {list(self.weight_shape)}")
+        for n in ("weight", "w_scale"):
+            if n in self._parameters:
+                del self._parameters[n]
+        self.modifier = None
+        self.packed = pw
         return self
 
     def _params_to_buffers(self):
@@ -295,15 +339,13 @@ class QuantLayer(nn.Module):
             return self
         from ..kernels import ops
 
-        w0 = ops.dequantize_weight(self.packed_weight())
-        scale = self.w_scale_buf.clone()
-        del self.qdata
-        del self.w_scale_buf
+        pw = self.packed
+        w0 = ops.dequantize_weight(pw)
+        scale = self.fmt.fake_scale(pw).float().clone()
+        self.packed = None
         self._buffers_to_params()
         self.weight = nn.Parameter(w0, requires_grad=False)
         self.w_scale = nn.Parameter(scale, requires_grad=False)
-        self.mode = "fake"
-        self._packed = None
         return self
 
     # ---- activations ---------------------------------------------------------------------------------
@@ -350,7 +392,15 @@ class QuantLayer(nn.Module):
         else:
             p = self.act_params()
             aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
-        y = self._kernel(x.float(), self.packed_weight(), self.bias, aq)
+        pw = self.packed
+        if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
+            y = self._kernel(x.float(), pw, self.bias, aq)
+        else:  # a format no kernel reads: the reference semantics, x quantized-dequantized times the weight
+            from ..kernels import ops
+
+            gran = "token" if self.float_type is nn.Linear else "sample"
+            xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
+            y = self._op(xq, ops.dequantize_weight(pw), self.bias)
         return y.to(x.dtype)
 
     def weight_bytes(self) -> int:
@@ -364,7 +414,7 @@ class QuantLayer(nn.Module):
     def extra_repr(self):
         a = "fp" if self.a_bits == ACT_BITS_NONE else ("dyn" if self.a_dynamic else self.a_bits)
         g = f", group={self.group_size}" if self.group_size else ""
-        return f"{self.name!r}, W{self.w_bits}A{a}{g}, {self.mode}, shape={self.weight_shape}"
+        return f"{self.name!r}, W{self.w_bits}A{a}{g}, {self.w_format}, {self.mode}, shape={self.weight_shape}"
 
 
 def _fake_dynamic(x, bits, per_token: bool):
