@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,11 @@ _INT4PACK_GROUPS = (256, 128, 64, 32)
 INT4PACK_MAX_M = 32
 
 
-def cache_int4() -> bool:
-    """``LOWBIT_CPU_CACHE_INT4=1``: keep int8 copies of int4 weights (faster, int8 memory)."""
+def cache_int4(pw: Optional[PackedWeight] = None) -> bool:
+    """Keep int8 copies of int4 weights (faster, int8 memory): ``LOWBIT_CPU_CACHE_INT4=1`` for every weight, or
+    per weight when ``pw.cache["cache_int4"]`` is set (the autotuner does that, see kernels/autotune.py)."""
+    if pw is not None and pw.cache.get("cache_int4"):
+        return True
     return os.environ.get("LOWBIT_CPU_CACHE_INT4", "0") not in ("", "0", "false", "False")
 
 
@@ -91,7 +95,7 @@ def _int8_weight(pw: PackedWeight) -> torch.Tensor:
     w = pw.cache.get("cpu.int8")
     if w is None:
         w = unpack_int4(pw.qdata, pw.K).contiguous()
-        if cache_int4():
+        if cache_int4(pw):
             pw.cache["cpu.int8"] = w
     return w
 
@@ -195,7 +199,7 @@ def _weight_only_linear(x, pw, bias):
             scale = expand_scale(pw).expand(pw.N, pw.K)[:, ::g].t()  # [K/g, N]
             sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).to(torch.bfloat16).contiguous()
             packed = (packed, sz)
-            if cache_int4():
+            if cache_int4(pw):
                 pw.cache["cpu.int4pack"] = packed
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed[0], g, packed[1])
         if bias is not None:
@@ -237,14 +241,35 @@ def _cpu_conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
 
 
 def _im2col_u8(q, kh, kw, stride, dilation):
-    """uint8 [B, C, Hp, Wp] (already padded) -> uint8 [B*Ho*Wo, C*kh*kw] in (c, kh, kw) order, plus (Ho, Wo)."""
+    """uint8 [B, C, Hp, Wp] (already padded, any memory format) -> uint8 [B*Ho*Wo, kh*kw*C] in (kh, kw, c) order,
+    plus (Ho, Wo).
+
+    The input is made channels-last first, so every gathered piece is a contiguous run of C (or, for stride-1
+    undilated width, kw*C) bytes: 5-30x faster than gathering from NCHW (bench on SD1.5 shapes: 158 -> 7 ms)."""
     b, c, hp, wp = q.shape
+    q = q.permute(0, 2, 3, 1).contiguous()  # NHWC
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    sb, sc, sh, sw = q.stride()
-    cols = q.as_strided((b, ho, wo, c, kh, kw),
-                        (sb, sh * stride[0], sw * stride[1], sc, sh * dilation[0], sw * dilation[1]))
-    return cols.reshape(b * ho * wo, c * kh * kw), ho, wo
+    sb, sh, sw, _ = q.stride()
+    if stride[1] == 1 and dilation[1] == 1:
+        cols = q.as_strided((b, ho, wo, kh, kw * c), (sb, sh * stride[0], sw, sh * dilation[0], 1))
+    else:
+        cols = q.as_strided((b, ho, wo, kh, kw, c),
+                            (sb, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], 1))
+    return cols.reshape(b * ho * wo, kh * kw * c), ho, wo
+
+
+def _int8_weight_hwc(pw: PackedWeight) -> torch.Tensor:
+    """int8 [N, kh*kw*C] (the conv weight in (kh, kw, c) order, matching :func:`_im2col_u8`). Cached when int8
+    copies are cached (``cache_int4(pw)``); otherwise rebuilt per call (a weight-sized copy, small next to the
+    im2col of the activations)."""
+    w = pw.cache.get("cpu.int8_hwc")
+    if w is not None:
+        return w
+    w = _int8_weight(pw).reshape(pw.shape).permute(0, 2, 3, 1).reshape(pw.N, pw.K).contiguous()
+    if pw.bits <= 4 and cache_int4(pw):
+        pw.cache["cpu.int8_hwc"] = w
+    return w
 
 
 @cpu.op("conv2d", supports=_cpu_conv_supports)
@@ -265,7 +290,7 @@ def cpu_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
         q, sx, zp = _quant_static(xf, act), act.scale, act.zero_point
     kh, kw = pw.shape[2], pw.shape[3]
     cols, ho, wo = _im2col_u8(q, kh, kw, stride, dilation)
-    w8 = _int8_weight(pw)
+    w8 = _int8_weight_hwc(pw)
     acc = torch._int_mm(cols, w8.t())
     if act.dynamic:
         sx = sx.repeat_interleave(ho * wo)
@@ -284,7 +309,7 @@ def _onednn_common(x, pw, act) -> str:
     why = _check_w_int(pw)
     if why:
         return why
-    if pw.bits <= 4 and not cache_int4():
+    if pw.bits <= 4 and not cache_int4(pw):
         return ("int4 weight: onednn needs an int8 prepacked copy; prepacking at every call costs more than the op. "
                 "Set LOWBIT_CPU_CACHE_INT4=1 to cache it (int8 memory)")
     return ""

@@ -1,0 +1,322 @@
+"""Per-shape kernel choice by measured speed (issue 16: a quantized model is never slower than float).
+
+Deployment attaches the tuner to a weight (:func:`attach`, or :func:`attach_model` for every packed weight of a
+model). From then on ``ops.linear`` / ``ops.conv2d`` on that weight do not take the registry's priority order but the
+backend that was **measured** fastest for the call's shape on this machine:
+
+* candidates: every enabled backend that accepts the call (``supports``), except the eager reference (it
+  dequantizes at every call; ``dense`` does the same float computation with the weight dequantized once), plus
+  ``dense`` (:mod:`.dense`, the float path of the same quantized weights) unless float fallback is off;
+* measurement: each candidate runs once (building its caches: oneDNN blobs, int8 copies of int4 weights, the
+  float copy), then ``rounds`` rounds in which the candidates alternate (so the load of a shared machine hits
+  all alike); the minimum per candidate counts. The call that tuned returns the winner's output;
+* cache: in memory, keyed by (candidate backends, format, shapes, dtype, threads, device); optionally also a JSON
+  file (``LOWBIT_AUTOTUNE_CACHE=1`` for ``$XDG_CACHE_HOME/lowbit/autotune.json``, or a path), keyed in addition
+  by the CPU model and torch version, so a second process skips the measurements;
+* memory: the losers' caches are dropped from the weight. With tuning, int4 weights keep an int8 copy (needed by
+  oneDNN and to avoid unpacking at every call: +1 byte per weight), and a layer that falls back to float keeps a
+  float copy (+4 bytes per weight for fp32 inputs, +2 for bf16). :func:`summary` reports the bytes.
+
+``LOWBIT_AUTOTUNE=0`` turns tuning off (registry order, as before); ``LOWBIT_AUTOTUNE_DENSE=0`` keeps the integer
+kernels only (no float copies: memory first); ``LOWBIT_BACKEND`` / ``forced_backend`` always win over the tuner.
+
+Report: ``summary(model)`` -> dict (layers per backend, per-layer measured times, cache bytes) and
+``format_summary(summary(model))`` -> a few lines a CLI or a node can print.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import dense  # noqa: F401  (registers the dense backend)
+from . import registry
+
+__all__ = ["attach", "attach_model", "is_attached", "run", "summary", "format_summary", "clear", "decisions",
+           "enabled", "ROUNDS"]
+
+ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
+_SLOW_CALL_S = 0.5  # a candidate slower than this gets one timed round only
+_KEEP_CACHE = ("autotune", "cache_int4")
+
+_DECISIONS: Dict[str, dict] = {}  # key -> {"backend": name, "times": {name: seconds}}
+_FILE_LOADED: Dict[str, bool] = {}
+_LOCK = threading.RLock()
+
+
+# ----------------------------------------------------------------------------------------------- switches
+def enabled() -> bool:
+    return os.environ.get("LOWBIT_AUTOTUNE", "1") not in ("0", "false", "False", "off")
+
+
+def _dense_allowed() -> bool:
+    return os.environ.get("LOWBIT_AUTOTUNE_DENSE", "1") not in ("0", "false", "False", "off")
+
+
+def attach(pw, cache_int4: bool = True):
+    """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc)."""
+    pw.cache["autotune"] = True
+    if cache_int4 and pw.bits <= 4:
+        pw.cache["cache_int4"] = True
+    try:  # survives a cache reset on device moves (PackedWeight._apply) when the weight is a module
+        pw._lowbit_autotune = (True, cache_int4)
+    except Exception:
+        pass
+    return pw
+
+
+def is_attached(pw) -> bool:
+    if pw.cache.get("autotune"):
+        return True
+    flag = getattr(pw, "_lowbit_autotune", None)
+    if flag:  # the cache was reset (device move): re-arm
+        attach(pw, flag[1])
+        return True
+    return False
+
+
+def _packed_weights(model):
+    """(name, PackedWeight) of every deployed quantized layer of ``model`` (duck-typed: the kernels never import
+    the quant package)."""
+    from .formats import PackedWeight
+
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        pw = None
+        if isinstance(m, PackedWeight):
+            pw = m
+            name = name.rsplit(".", 1)[0] if "." in name else name
+        elif getattr(m, "mode", None) == "deployed" and callable(getattr(m, "packed_weight", None)):
+            pw = m.packed_weight()
+        if pw is not None and id(pw) not in seen:
+            seen.add(id(pw))
+            out.append((name, pw))
+    return out
+
+
+def attach_model(model, cache_int4: bool = True):
+    """:func:`attach` every packed weight of a deployed model; returns the model."""
+    for _, pw in _packed_weights(model):
+        attach(pw, cache_int4)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- keys
+def _fmt_key(pw, act) -> str:
+    a = "none" if act is None else f"a{act.bits}{'dyn' if act.dynamic else 'st'}"
+    return f"{getattr(pw, 'format', '')}:w{pw.bits}g{pw.group_size}:{a}"
+
+
+def _call_key(op: str, args) -> tuple:
+    """Shape part of the key (no tensor values, no activation scale: those change per timestep)."""
+    x, pw, bias, act = args[0], args[1], args[2], args[-1]
+    conv = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in args[3:-1]) if op == "conv2d" else ()
+    return (op, _fmt_key(pw, act), tuple(x.shape), tuple(pw.shape), conv, bias is not None, str(x.dtype),
+            x.device.type, torch.get_num_threads())
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}|torch {torch.__version__}"
+
+
+def _cache_file() -> Optional[Path]:
+    v = os.environ.get("LOWBIT_AUTOTUNE_CACHE", "").strip()
+    if not v or v in ("0", "false", "off"):
+        return None
+    if v in ("1", "true", "on"):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return base / "lowbit" / "autotune.json"
+    return Path(v)
+
+
+def _load_file(path: Path):
+    if _FILE_LOADED.get(str(path)):
+        return
+    _FILE_LOADED[str(path)] = True
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("decisions"), dict):
+        for k, v in data["decisions"].items():
+            if isinstance(v, dict) and isinstance(v.get("backend"), str):
+                _DECISIONS.setdefault(k, v)
+
+
+def _save_file(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = {}
+        if path.exists():
+            try:
+                old = json.loads(path.read_text()).get("decisions", {})
+            except ValueError:
+                old = {}
+        old.update(_DECISIONS)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": 1, "decisions": old}, indent=0))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home must not break inference
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+def _candidates(op: str, args) -> List[str]:
+    disabled = registry._disabled()
+    names = []
+    for b in registry.backends():
+        if b.name in disabled or b.name == "eager" or (b.name == "dense" and not _dense_allowed()):
+            continue
+        ok, _ = b.check(op, *args)
+        if ok:
+            names.append(b.name)
+    return names
+
+
+def _sync(x):
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def _measure(op: str, names: List[str], args):
+    """-> (times {name: min seconds}, output of the fastest). Candidates alternate round by round."""
+    impls = {n: registry.get_backend(n).ops[op].impl for n in names}
+    x = args[0]
+    outs, times = {}, {n: float("inf") for n in names}
+    for n in names:  # warm-up: caches (prepacking, int8 copies, float copy), first-call allocations
+        t0 = time.perf_counter()
+        outs[n] = impls[n](*args)
+        _sync(x)
+        times[n] = time.perf_counter() - t0
+    rounds = 1 if max(times.values()) > _SLOW_CALL_S else ROUNDS
+    times = {n: float("inf") for n in names}
+    for _ in range(rounds):
+        for n in names:
+            t0 = time.perf_counter()
+            outs[n] = impls[n](*args)
+            _sync(x)
+            times[n] = min(times[n], time.perf_counter() - t0)
+    best = min(names, key=lambda n: times[n])
+    return times, outs[best]
+
+
+def _drop_loser_caches(pw):
+    winners = {d["backend"] for d in pw.cache.get("autotune.calls", {}).values()}
+    keep = set(_KEEP_CACHE) | winners | {"autotune.calls", "autotune.fast"}
+    if winners & {"cpu", "onednn"}:
+        keep.add("cpu")  # int8 copies / rowsums (cpu.*) serve both CPU integer backends
+    for k in list(pw.cache):
+        prefix = (k[0] if isinstance(k, tuple) else str(k)).split(".")[0]
+        if k not in keep and prefix not in keep:
+            del pw.cache[k]
+
+
+def run(op: str, *args):
+    """Run ``op`` (normalized arguments, as the registry gets them) on the backend measured fastest for this shape."""
+    pw = args[1]
+    ck = _call_key(op, args)
+    fast = pw.cache.get("autotune.fast")
+    if fast is not None:
+        hit = fast.get(ck)
+        if hit is not None:
+            return hit(*args)
+    names = _candidates(op, args)
+    if not names:  # nothing but the reference accepts it
+        return registry.dispatch(op, *args)
+    key = "|".join(map(str, ck)) + "|" + ",".join(names)
+    path = _cache_file()
+    with _LOCK:
+        if path is not None:
+            _load_file(path)
+            key = _machine() + "|" + key
+        dec = _DECISIONS.get(key)
+        out = None
+        if dec is None or dec["backend"] not in names:
+            if len(names) == 1:
+                dec = {"backend": names[0], "times": {}}
+            else:
+                times, out = _measure(op, names, args)
+                dec = {"backend": min(times, key=times.get), "times": times}
+            _DECISIONS[key] = dec
+            if path is not None:
+                _save_file(path)
+        impl = registry.get_backend(dec["backend"]).ops[op].impl
+        pw.cache.setdefault("autotune.fast", {})[ck] = impl
+        pw.cache.setdefault("autotune.calls", {})[ck] = dec
+        _drop_loser_caches(pw)
+    return out if out is not None else impl(*args)
+
+
+def clear():
+    """Forget every decision held in memory (the file cache, if any, stays)."""
+    with _LOCK:
+        _DECISIONS.clear()
+        _FILE_LOADED.clear()
+
+
+def decisions() -> Dict[str, dict]:
+    return dict(_DECISIONS)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def summary(model) -> dict:
+    """What the tuner chose for a deployed model (after at least one forward).
+
+    returns dict(layers={backend: count}, untuned=count, cache_bytes, dense_bytes, packed_bytes,
+                 rows=[dict(name, backend, shape, times_ms={backend: ms})])
+    """
+    layers, rows = {}, []
+    untuned = cache_b = dense_b = packed_b = 0
+    for name, pw in _packed_weights(model):
+        packed_b += pw.nbytes(include_cache=False)
+        cache_b += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
+        for k, v in pw.cache.items():
+            if isinstance(k, str) and k.startswith("dense.w."):
+                dense_b += v.numel() * v.element_size()
+        calls = pw.cache.get("autotune.calls")
+        if not calls:
+            untuned += 1
+            continue
+        dec = list(calls.values())[-1]
+        layers[dec["backend"]] = layers.get(dec["backend"], 0) + 1
+        rows.append(dict(name=name, backend=dec["backend"], shape=list(pw.shape), calls=len(calls),
+                         times_ms={b: round(t * 1e3, 4) for b, t in dec["times"].items()}))
+    return dict(layers=layers, untuned=untuned, cache_bytes=cache_b, dense_bytes=dense_b, packed_bytes=packed_b,
+                rows=rows)
+
+
+def format_summary(s: dict, max_rows: int = 0) -> str:
+    """A few lines: layers per kernel, measured time of the chosen vs the other candidates, memory."""
+    tuned = sum(s["layers"].values())
+    parts = ", ".join(f"{b} {n}" for b, n in sorted(s["layers"].items(), key=lambda kv: -kv[1]))
+    lines = [f"kernel choice (measured on this machine): {tuned} layers: {parts or 'none yet (run a forward)'}"
+             + (f"; {s['untuned']} not called yet" if s["untuned"] else "")]
+    chosen = sum(r["times_ms"].get(r["backend"], 0.0) for r in s["rows"] if r["times_ms"])
+    ints = [min((t for b, t in r["times_ms"].items() if b != "dense"), default=None) for r in s["rows"]]
+    dens = [r["times_ms"].get("dense") for r in s["rows"]]
+    if any(t is not None for t in ints) and all(t is not None for t in dens) and s["rows"]:
+        tot_int = sum(t if t is not None else d for t, d in zip(ints, dens))
+        lines.append(f"  sum over layers of one call: chosen {chosen:.2f} ms, integer kernels only {tot_int:.2f} ms, "
+                     f"float path only {sum(dens):.2f} ms")
+    lines.append(f"  memory: packed weights {s['packed_bytes'] / 1e6:.2f} MB, backend caches "
+                 f"{s['cache_bytes'] / 1e6:.2f} MB (of which float copies for the float path "
+                 f"{s['dense_bytes'] / 1e6:.2f} MB)")
+    for r in s["rows"][:max_rows]:
+        ts = ", ".join(f"{b} {t:.3f}" for b, t in r["times_ms"].items())
+        lines.append(f"  {r['name']}: {r['backend']} ({ts} ms)")
+    return "\n".join(lines)
