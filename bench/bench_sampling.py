@@ -1,0 +1,183 @@
+"""Deployed sampling time against full precision (issue 16, item 2: never slower than float).
+
+    python -m lowbit.bench.bench_sampling [--models embedded,rgb,...] [--bits W8A8,W4A8] [--samples 250]
+                                          [--steps 20] [--repeats 3] [--threads N] [--no-untuned]
+
+For each model (the embedded digits model ``lowbit.models``, then every model of ``lowbit.models.zoo`` that
+exists), in one process: quantize (min/max ranges from one short recorded float sampling run; this bench measures
+time, not quality), deploy, and time whole sampling runs (``--samples`` images, ``--steps`` steps) with the runs
+**alternating** between full precision and each deployed variant, ``--repeats`` rounds, median per variant. Variants:
+
+* ``<bits>``: deployed with the kernel autotuner (``kernels/autotune.py``: per-shape measured choice between the
+  integer kernels and the float path of the same quantized weights). Its tuning happens in a warm-up run that
+  is not timed (a cached decision costs nothing later); the choice summary is printed.
+* ``<bits> untuned``: deployed, registry priority order (``LOWBIT_AUTOTUNE`` semantics off for these weights),
+  what the kernels did before the autotuner.
+
+Writes ``bench/results/sampling.json``. Target: tuned deployed time / full precision <= 1.0.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sampling.json"
+
+
+class _Subject:
+    """One model to time: ``float_model``, and ``run(model, seed)`` that samples with a given denoiser."""
+
+    def __init__(self, name, float_model, run, calib_run):
+        self.name, self.float_model, self.run, self.calib_run = name, float_model, run, calib_run
+
+
+def embedded_subject(samples: int, steps: int) -> _Subject:
+    from .. import models as M
+
+    fp = M.load_default_unet()
+    labels = torch.arange(samples) % 10
+
+    def run(model, seed=0):
+        return M.sample(model, labels, steps=steps, eta=0.0, guidance=1.0, seed=seed, batch_size=samples)
+
+    def calib(model):
+        return M.sample(model, labels[:32], steps=4, eta=0.0, guidance=1.0, seed=123, batch_size=32)
+
+    return _Subject("embedded", fp, run, calib)
+
+
+def zoo_subjects(names, samples: int, steps: int, log=print):
+    """Zoo models that exist now (the zoo is being built; missing models are skipped with a message)."""
+    try:
+        from ..models.zoo import ZOO_NAMES, load
+    except ImportError as exc:
+        log(f"lowbit.models.zoo not importable ({exc}); zoo models skipped")
+        return []
+    out = []
+    for name in ZOO_NAMES:
+        if names is not None and name not in names:
+            continue
+        try:
+            zm = load(name)
+        except Exception as exc:  # a model still being written or trained
+            log(f"zoo model {name!r} skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        steps_z = steps or zm.default_steps
+
+        def run(model, seed=0, zm=zm, steps_z=steps_z):
+            return zm.sample(model, n=samples, seed=seed, steps=steps_z, guidance=zm.default_guidance)
+
+        def calib(model, zm=zm):
+            return zm.sample(model, n=min(samples, 16), seed=123, steps=4, guidance=zm.default_guidance)
+
+        out.append(_Subject(f"zoo:{name}", zm.denoiser, run, calib))
+    return out
+
+
+def deployed(subject: _Subject, bits: str, tune: bool):
+    from ..kernels import autotune
+    from ..quant import CallRecorder, QuantConfig, deploy_, quantize
+
+    with CallRecorder(subject.float_model) as rec, torch.no_grad():
+        subject.calib_run(subject.float_model)
+    q = quantize(subject.float_model, QuantConfig.preset(bits, w_init="minmax", a_init="minmax"), rec.calls)
+    q = deploy_(q)
+    for _, pw in autotune._packed_weights(q):
+        if tune:
+            autotune.attach(pw)
+        else:  # registry order, whatever deploy_ attached
+            pw.cache.pop("autotune", None)
+            pw.cache.pop("cache_int4", None)
+            if hasattr(pw, "_lowbit_autotune"):
+                pw._lowbit_autotune = None
+    return q
+
+
+def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print) -> dict:
+    from ..kernels import autotune
+
+    variants = {"fp32": subject.float_model}
+    for bits in bits_list:
+        variants[bits] = deployed(subject, bits, tune=True)
+        if untuned:
+            variants[f"{bits} untuned"] = deployed(subject, bits, tune=False)
+    warm = {}
+    with torch.no_grad():
+        for name, m in variants.items():  # warm-up run: tuning, prepacking, allocator
+            t0 = time.perf_counter()
+            subject.run(m, seed=0)
+            warm[name] = time.perf_counter() - t0
+        times = {k: [] for k in variants}
+        for r in range(repeats):
+            for name, m in variants.items():
+                t0 = time.perf_counter()
+                subject.run(m, seed=r + 1)
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["fp32"])
+    rows = []
+    for name, ts in times.items():
+        row = dict(variant=name, median_s=statistics.median(ts), times_s=ts, warmup_s=warm[name],
+                   x_fp32=statistics.median(ts) / base)
+        if name in bits_list:
+            s = autotune.summary(variants[name])
+            row["kernel_choice"] = {k: v for k, v in s.items() if k != "rows"}
+            row["kernel_choice_rows"] = s["rows"]
+            log(f"[{subject.name} {name}] " + autotune.format_summary(s))
+        rows.append(row)
+    return dict(model=subject.name, rows=rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None, help="comma list: embedded and/or zoo names (default: all there are)")
+    p.add_argument("--bits", default="W8A8,W4A8")
+    p.add_argument("--samples", type=int, default=250)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-untuned", action="store_true", help="skip the registry-order (untuned) variants")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    names = None if a.models is None else {s.strip() for s in a.models.split(",") if s.strip()}
+    bits_list = [b for b in a.bits.split(",") if b]
+    subjects = []
+    if names is None or "embedded" in names:
+        subjects.append(embedded_subject(a.samples, a.steps))
+    subjects += zoo_subjects(None if names is None else names - {"embedded"}, a.samples, a.steps)
+    results = []
+    for s in subjects:
+        print(f"[{s.name}] timing {', '.join(['fp32', *bits_list])} ({a.repeats} alternating rounds) ...", flush=True)
+        try:
+            results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned))
+        except Exception as exc:
+            print(f"[{s.name}] FAILED: {type(exc).__name__}: {exc}")
+            results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))
+    print(f"\nsampling time, {a.samples} samples x {a.steps} steps, threads={a.threads}, median of {a.repeats} "
+          "alternating rounds")
+    print("| model | variant | s / sampling run | x fp32 |")
+    print("|---|---|---|---|")
+    for res in results:
+        for r in res.get("rows", []):
+            print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} |")
+        if "error" in res:
+            print(f"| {res['model']} | FAILED | {res['error']} | |")
+    meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                load_avg=os.getloadavg())
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

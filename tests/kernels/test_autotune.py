@@ -1,0 +1,169 @@
+"""kernels/autotune.py and the dense (float path) backend: per-shape choice by measured speed, cached."""
+import json
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kernels_testutil import rel_err
+from lowbit.kernels import ActQuant, ops, autotune, registry
+
+
+@pytest.fixture
+def tune_env(clean_env):
+    for v in ("LOWBIT_AUTOTUNE", "LOWBIT_AUTOTUNE_DENSE", "LOWBIT_AUTOTUNE_CACHE"):
+        clean_env.delenv(v, raising=False)
+    autotune.clear()
+    yield clean_env
+    autotune.clear()
+
+
+@pytest.fixture
+def fake_backend(tune_env):
+    """A high-priority backend named 'fake' computing the reference, with a settable delay and a call counter."""
+    b = registry.register_backend("fake", priority=99, description="test")
+    state = dict(delay=0.0, calls=0)
+
+    def impl(x, pw, bias=None, act=None):
+        state["calls"] += 1
+        time.sleep(state["delay"])
+        return ops.run_on("eager", "linear", x, pw, bias, act)
+
+    b.op("linear", supports=lambda x, pw, bias, act: (x.device.type == "cpu", "cpu only"))(impl)
+    yield state
+    registry._BACKENDS.pop("fake", None)
+
+
+@pytest.mark.parametrize("act", [None, ActQuant(8, 0.05, 128), ActQuant(8, dynamic=True), ActQuant(4, 0.3, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_backend_is_the_reference(tune_env, act, dtype):
+    x = torch.randn(2, 8, 9, 7).to(dtype)
+    pw = ops.quantize_weight(torch.randn(16, 8, 3, 3) * 0.1, 4)
+    bias = torch.randn(16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ref = ops.run_on("eager", "conv2d", x, pw, bias, 1, 1, 1, 1, act)
+    out = ops.run_on("dense", "conv2d", x, pw, bias, 1, 1, 1, 1, act)
+    assert out.dtype == dtype and rel_err(out.float(), ref.float()) < tol
+    xl = torch.randn(5, 3, 40).to(dtype)
+    pwl = ops.quantize_weight(torch.randn(24, 40) * 0.1, 8, 8)
+    ref = ops.run_on("eager", "linear", xl, pwl, None, act)
+    out = ops.run_on("dense", "linear", xl, pwl, None, act)
+    assert out.shape == ref.shape and rel_err(out.float(), ref.float()) < tol
+    assert ("dense.w.bf16" if dtype == torch.bfloat16 else "dense.w.fp32") in pwl.cache
+
+
+def test_plain_dispatch_never_picks_dense(tune_env):
+    pw = ops.quantize_weight(torch.randn(32, 64), 4, group_size=32)
+    assert ops.backend_for("linear", torch.randn(4, 64), pw, None, ActQuant(8, 0.1, 100)) == "eager"
+
+
+@pytest.mark.parametrize("slow", ["fake", "dense"])
+def test_picks_the_measured_faster_and_caches_the_choice(fake_backend, slow):
+    x = torch.randn(6, 64)
+    pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    act = ActQuant(8, 0.05, 128)
+    if slow == "fake":
+        fake_backend["delay"] = 0.02
+    else:  # make the float path slow instead
+        import lowbit.kernels.dense as D
+
+        orig = registry.get_backend("dense").ops["linear"].impl
+
+        def slow_dense(*a):
+            time.sleep(0.02)
+            return orig(*a)
+        registry.get_backend("dense").ops["linear"].impl = slow_dense
+    try:
+        out = ops.linear(x, pw, None, act)
+        ref = ops.run_on("eager", "linear", x, pw, None, act)
+        assert rel_err(out, ref) < 1e-5
+        calls = pw.cache["autotune.calls"]
+        (dec,) = calls.values()
+        assert set(dec["times"]) >= {"fake", "dense", "cpu"}
+        assert dec["backend"] != slow and dec["times"][slow] >= 0.02
+        n = fake_backend["calls"]
+        for _ in range(3):
+            ops.linear(x, pw, None, act)
+        per_call = 1 if dec["backend"] == "fake" else 0
+        assert fake_backend["calls"] == n + 3 * per_call  # no re-measuring
+        # another weight of the same shape and format reuses the decision (no measurement)
+        pw2 = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+        ops.linear(x, pw2, None, ActQuant(8, 0.07, 120))
+        assert fake_backend["calls"] == n + 4 * per_call
+        # a new shape is measured anew
+        ops.linear(torch.randn(7, 64), pw, None, act)
+        assert len(pw.cache["autotune.calls"]) == 2
+    finally:
+        if slow == "dense":
+            registry.get_backend("dense").ops["linear"].impl = orig
+
+
+def test_forced_backend_and_switch_off_win_over_the_tuner(fake_backend):
+    x = torch.randn(6, 64)
+    pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    fake_backend["delay"] = 0.01
+    with registry.forced_backend("fake"):
+        ops.linear(x, pw, None, None)
+    assert fake_backend["calls"] == 1 and "autotune.calls" not in pw.cache
+    fake_backend["calls"] = 0
+    fake_backend["delay"] = 0.0
+    # with tuning off, registry order: fake (priority 99) is the pick
+    fake_backend_env = fake_backend
+    import os
+    os.environ["LOWBIT_AUTOTUNE"] = "0"
+    try:
+        ops.linear(x, pw, None, None)
+    finally:
+        del os.environ["LOWBIT_AUTOTUNE"]
+    assert fake_backend_env["calls"] == 1 and "autotune.calls" not in pw.cache
+
+
+def test_dense_fallback_can_be_switched_off(fake_backend, tune_env):
+    tune_env.setenv("LOWBIT_AUTOTUNE_DENSE", "0")
+    pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    ops.linear(torch.randn(6, 64), pw, None, ActQuant(8, 0.05, 128))
+    (dec,) = pw.cache["autotune.calls"].values()
+    assert "dense" not in dec["times"] and not any(str(k).startswith("dense") for k in pw.cache)
+
+
+def test_json_cache_file_reused_by_a_new_process_state(fake_backend, tune_env, tmp_path):
+    path = tmp_path / "tune.json"
+    tune_env.setenv("LOWBIT_AUTOTUNE_CACHE", str(path))
+    fake_backend["delay"] = 0.005
+    x = torch.randn(6, 64)
+    pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    ops.linear(x, pw, None, None)
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and len(data["decisions"]) == 1
+    (dec,) = data["decisions"].values()
+    autotune.clear()  # as if a new process: only the file knows
+    fake_backend["calls"] = 0
+    pw2 = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    ops.linear(x, pw2, None, None)
+    assert fake_backend["calls"] == (1 if dec["backend"] == "fake" else 0)
+
+
+def test_loser_caches_dropped_and_summary(tune_env):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = autotune.attach(ops.quantize_weight(torch.randn(32, 16, 3, 3) * 0.1, 4))
+            self.b = autotune.attach(ops.quantize_weight(torch.randn(8, 32) * 0.1, 8))
+
+    m = M()
+    assert m.a.cache.get("cache_int4") and not m.b.cache.get("cache_int4")
+    x = torch.randn(1, 16, 12, 12)
+    y = ops.conv2d(x, m.a, None, 1, 1, act=ActQuant(8, 0.05, 128))
+    ops.linear(y.mean((2, 3)), m.b, None, ActQuant(8, dynamic=True))
+    for pw in (m.a, m.b):
+        (dec,) = pw.cache["autotune.calls"].values()
+        prefixes = {(k[0] if isinstance(k, tuple) else k).split(".")[0] for k in pw.cache}
+        for loser in set(dec["times"]) - {dec["backend"]}:
+            if loser == "dense" or {loser, dec["backend"]} != {"cpu", "onednn"}:
+                assert loser not in prefixes, (loser, dec, list(pw.cache))
+    s = autotune.summary(m)
+    assert sum(s["layers"].values()) == 2 and s["untuned"] == 0
+    assert {r["name"] for r in s["rows"]} == {"a", "b"}
+    text = autotune.format_summary(s, max_rows=2)
+    assert text.startswith("kernel choice (measured on this machine): 2 layers:") and "memory:" in text
