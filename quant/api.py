@@ -50,7 +50,7 @@ def _validate_model(model: nn.Module):
 
 def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] = None, *,
              schedule: Optional[BitwidthSchedule] = None, a_bits_candidates=(), num_train_timesteps: int = 1000,
-             progress=None) -> nn.Module:
+             profile: Optional[str] = None, progress=None) -> nn.Module:
     """Return a quantized copy of ``model`` (fake-quant mode; ``deploy_`` packs it). ``model`` is not changed.
 
     Naive post-training quantization: weight step sizes by ``config.w_init`` (min/max or the L_p search),
@@ -75,14 +75,19 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
                               f"{config.name}")
         bits_set = tuple(sorted(set(schedule.bits_used) | set(bits_set)))
 
+    from .profiles import get_profile, profile_for
+
+    prof = profile_for(model) if profile is None else get_profile(profile)
     qmodel = structural_copy(model)
     splits = {}
     if static_act and config.split_concat:
-        convs = [p.name for p in plan_layers(qmodel, config) if p.mode != "fp" and p.kind == "conv"]
+        convs = [p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
         splits = find_concat_convs(qmodel, calib[0], convs)
         apply_splits(qmodel, splits)
-    plans = [p for p in plan_layers(qmodel, config) if p.mode != "fp"]
-    ctx = attach_context(qmodel, QuantContext(num_train_timesteps))
+    plans = [p for p in plan_layers(qmodel, config, prof) if p.mode != "fp"]
+    ctx = QuantContext(num_train_timesteps)
+    ctx.profile = prof.name
+    ctx = attach_context(qmodel, ctx)
     ctx.schedule = schedule
     with Stage(progress, len(plans), "quantize weights") as st:
         for p in plans:
@@ -97,6 +102,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
             st.step()
     ctx.config = config
     ctx.splits = dict(splits)
+    ctx.report = [dict(name=p.name, kind=p.kind, w_bits=p.w_bits, a_bits=p.a_bits, reason=p.reason)
+                  for p in plan_layers(qmodel, config, prof) if p.mode != "quant"]
     if static_act:
         calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
     qmodel.eval()
@@ -107,17 +114,31 @@ def calibrate_activations(qmodel: nn.Module, calib: List[Call], method: str = "l
     """(Re)compute the static activation step sizes of every quantized layer from ``calib``.
 
     Weights are fake-quantized while observing, so each layer sees the inputs the quantized model gives it.
+    Transactional: cancelled (``progress`` raising, ``KeyboardInterrupt``) or failing (``NumericalError`` for
+    NaN/Inf in an activation or a resulting scale), ``qmodel`` is left bit-identical (no stale observations), so
+    a retry equals a clean run. Observations left by anything else are discarded first.
     """
+    from .transaction import check_finite, transaction
+
     ctx = get_context(qmodel)
-    ctx.observing = True
-    try:
-        with Stage(progress, len(calib), "calibrate activations") as st:
-            run_calls(qmodel, calib, progress=lambda i, n: st.step())
-    finally:
-        ctx.observing = False
-    for _, layer in quant_layers(qmodel):
-        if layer.act is not None:
-            layer.act.finish_observation(method)
+    if ctx is None:
+        raise ConfigError("calibrate_activations needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
+    if not calib:
+        raise ConfigError("calibrate_activations needs recorded UNet calls (CallRecorder around a full-precision "
+                          "sampling run)")
+    acts = [layer.act for _, layer in quant_layers(qmodel) if layer.act is not None]
+    with transaction(qmodel):
+        for act in acts:  # every observation comes from this call
+            act._obs, act._gen = None, None
+        ctx.observing = True
+        try:
+            with Stage(progress, len(calib), "calibrate activations") as st:
+                run_calls(qmodel, calib, progress=lambda i, n: st.step())
+        finally:
+            ctx.observing = False
+        for act in acts:
+            act.finish_observation(method)
+        check_finite(qmodel, "calibrate_activations")
 
 
 def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Module:
@@ -156,8 +177,8 @@ def weight_bytes(model: nn.Module, only_quantized_layers: bool = False) -> int:
     if only_quantized_layers:
         return total
     for name, m in model.named_modules():
-        if name in qnames or isinstance(m, QuantLayer):
-            continue
+        if name in qnames or isinstance(m, QuantLayer) or any(name.startswith(q + ".") for q in qnames):
+            continue  # a quantized layer's own submodules (packed weight, activation tables) are counted above
         for p in m.parameters(recurse=False):
             total += p.numel() * p.element_size()
         for b in m.buffers(recurse=False):

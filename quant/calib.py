@@ -1,7 +1,8 @@
 """Calibration data: the UNet's own inputs recorded along full-precision sampling trajectories.
 
 The recorder hooks the model (not a sampler), so any sampler, guidance mode or host works: every call of
-the UNet during sampling is one record (x_t, timestep, conditioning, ...), stored in fp16 on the CPU.
+the UNet during sampling is one record (x_t, timestep, conditioning, ...), stored in fp16 on the CPU (a tensor
+with values beyond fp16's range keeps its own dtype: storing never turns a finite value into an infinity).
 ``timestep_aware_subset`` then keeps records from timesteps spread uniformly over the trajectory
 (Q-Diffusion's timestep-aware calibration, ALGORITHMS.md A4).
 """
@@ -17,20 +18,32 @@ from .context import timestep_of_call
 from .errors import ConfigError, NumericalError
 
 
-def _to_store(v, dtype):
+_RECORD_WHAT = "a UNet input recorded for calibration"
+_RECORD_FIX = "the float model or the sampler produced non-finite values — fix the model/settings and retry"
+
+
+def _store_tensor(v: torch.Tensor, dtype, what: str = _RECORD_WHAT, fix: str = _RECORD_FIX) -> torch.Tensor:
+    """``v`` detached on the CPU in ``dtype``, or in its own dtype where ``dtype`` cannot hold a value (a finite
+    7e4 would become Inf in fp16): storing never turns finite values into infinities. NaN/Inf in ``v`` raise
+    ``NumericalError``."""
+    v = v.detach()
+    if v.is_floating_point():
+        if not torch.isfinite(v).all():
+            raise NumericalError(f"NaN/Inf in {what}; {fix}")
+        if dtype is not None and dtype != v.dtype:
+            c = v.to(dtype)
+            v = c if bool(torch.isfinite(c).all()) else v  # out of range of ``dtype``: keep the wider dtype
+    # contiguous: channels_last tensors from oneDNN convs crashed conv backward later (torch 2.13 CPU)
+    return v.cpu().contiguous()
+
+
+def _to_store(v, dtype, what: str = _RECORD_WHAT, fix: str = _RECORD_FIX):
     if torch.is_tensor(v):
-        v = v.detach()
-        if v.is_floating_point():
-            if not torch.isfinite(v).all():
-                raise NumericalError("NaN/Inf in a UNet input recorded for calibration; the float model or the "
-                                     "sampler produced non-finite values — fix the model/settings and retry")
-            v = v.to(dtype)
-        # contiguous: channels_last tensors from oneDNN convs crashed conv backward later (torch 2.13 CPU)
-        return v.cpu().contiguous()
+        return _store_tensor(v, dtype, what, fix)
     if isinstance(v, dict):
-        return {k: _to_store(x, dtype) for k, x in v.items()}
+        return {k: _to_store(x, dtype, what, fix) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return type(v)(_to_store(x, dtype) for x in v)
+        return type(v)(_to_store(x, dtype, what, fix) for x in v)
     return v
 
 
@@ -63,7 +76,10 @@ class CallRecorder:
     """
 
     def __init__(self, model: torch.nn.Module, store_dtype=torch.float16, max_calls: int = 100000):
+        from .profiles import profile_for
+
         self.model, self.store_dtype, self.max_calls = model, store_dtype, max_calls
+        self._profile = profile_for(model)  # the timestep's keyword and scale (the tables' [0, T) convention)
         self.calls: List[Call] = []
         self._handle = None
         self._last_t = None
@@ -72,7 +88,7 @@ class CallRecorder:
     def _hook(self, module, args, kwargs):
         if len(self.calls) >= self.max_calls:
             return None
-        t = timestep_of_call(args, kwargs)
+        t = timestep_of_call(args, kwargs, self._profile)
         if t != self._last_t:
             self._step += 1
             self._last_t = t

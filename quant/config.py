@@ -401,9 +401,21 @@ class QuantConfig(_Config):
                                      "(Q-Diffusion's shortcut split)", label="split concatenations")
     rules: Tuple[LayerRule, ...] = _field("items", DEFAULT_RULES, "which layers keep 8 bits or float, by name "
                                                                   "pattern", item=LayerRule)
+    w_format: Optional[str] = _field("str", None, "registered weight format of the quantized layers (None: the "
+                                                  "kernel layout of the bits, e.g. int4_channel); layers it cannot "
+                                                  "store (those kept at 8 bits) use the kernel layout",
+                                     optional=True, max_len=100, label="weight format")
     version: int = _version(1)
 
     def _check_combinations(self):
+        if self.w_format is not None:
+            from ..kernels.formats import get_format
+
+            try:
+                get_format(self.w_format).check(self.w_bits, self.w_group_size)
+            except ValueError as exc:
+                raise ConfigError(f"QuantConfig: w_format={self.w_format!r}: {exc}; pick a registered format that "
+                                  "stores these bits, or w_format=None") from None
         if self.a_dynamic and self.a_bits != 8:
             raise ConfigError(f"QuantConfig: a_dynamic=True needs a_bits=8 (dynamic per-token scales are A8 only), "
                               f"got a_bits={self.a_bits}; set a_bits=8 or a_dynamic=False")

@@ -15,8 +15,6 @@ import torch
 
 from .config import BitwidthSchedule
 
-_T_KWARGS = ("timestep", "timesteps", "t")
-
 
 class QuantContext:
     def __init__(self, num_train_timesteps: int = 1000):
@@ -44,9 +42,18 @@ class QuantContext:
         return default
 
 
-def timestep_of_call(args, kwargs) -> Optional[float]:
+def _profile(profile):
+    from .profiles import get_profile
+
+    return profile if profile is not None and not isinstance(profile, str) else get_profile(profile)
+
+
+def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
+    """The timestep of a model call on the [0, T) scale of the per-timestep tables (``profile``: a
+    ``ModelProfile`` or its name, giving the keyword names and the scale; None: the generic convention)."""
+    p = _profile(profile)
     t = None
-    for k in _T_KWARGS:
+    for k in p.timestep_kwargs:
         if k in kwargs and kwargs[k] is not None:
             t = kwargs[k]
             break
@@ -59,18 +66,15 @@ def timestep_of_call(args, kwargs) -> Optional[float]:
             return None
         # A batch shares one timestep in every sampler we know (cond and uncond are evaluated at the same
         # t); with mixed timesteps the median is used for the activation scale.
-        return float(t.detach().float().flatten().median())
-    return float(t)
+        t = float(t.detach().float().flatten().median())
+    return float(t) * p.timestep_scale
 
 
-_X_KWARGS = ("sample", "x", "hidden_states")
-
-
-def sample_of_call(args, kwargs) -> Optional[torch.Tensor]:
-    """The noisy input x_t of a UNet call: the first positional tensor, or the ``sample``/``x`` keyword."""
+def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:
+    """The noisy input x_t of a model call: the first positional tensor, or the profile's sample keyword."""
     if args and torch.is_tensor(args[0]):
         return args[0]
-    for k in _X_KWARGS:
+    for k in _profile(profile).sample_kwargs:
         if torch.is_tensor(kwargs.get(k)):
             return kwargs[k]
     return None
@@ -83,7 +87,7 @@ class TimestepHook:
         self.ctx = ctx
 
     def __call__(self, module, args, kwargs):
-        t = timestep_of_call(args, kwargs)
+        t = timestep_of_call(args, kwargs, self.ctx.profile)
         if t is not None:
             self.ctx.t = t
         return None
@@ -94,6 +98,10 @@ def attach_context(model: torch.nn.Module, ctx: QuantContext) -> QuantContext:
     it is copied by ``copy.deepcopy`` with the model, and no attribute is set on any module)."""
     if get_context(model) is not None:
         raise ValueError("this model already has a LowBit quantization context")
+    if ctx.profile is None:
+        from .profiles import profile_for
+
+        ctx.profile = profile_for(model).name
     model.register_forward_pre_hook(TimestepHook(ctx), with_kwargs=True)
     return ctx
 

@@ -59,6 +59,7 @@ from .errors import ConfigError, LoadError, NumericalError
 from .layers import ActQuantizer, QuantLayer, quant_layers
 from .progress import Stage
 from .quantizer import expand_weight_scale, quantize_weight_int, round_ste, w_qrange
+from .transaction import check_finite, transaction
 
 __all__ = ["finetune", "merge_", "save_adapters", "load_adapters", "distillation_loss", "QALoRA", "lora_layers"]
 
@@ -446,6 +447,13 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
                           "full-precision UNet as teacher")
     if teacher is qmodel or get_context(teacher) is not None:
         raise ConfigError("the teacher must be the full-precision UNet, not a quantized one")
+    with transaction(qmodel, readonly=(teacher,)):  # the student is a copy; this covers what it shares
+        student = _finetune(qmodel, teacher, calls, cfg, progress)
+        check_finite(student, "finetune")
+    return student
+
+
+def _finetune(qmodel, teacher, calls, cfg: FinetuneConfig, progress):
     if callable(calls) and not isinstance(calls, (list, tuple)):
         with _eval_mode(teacher):
             calls = _record(teacher, calls)
@@ -529,7 +537,7 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                     lval /= world
                 lval = float(lval)
                 first = lval if first is None else first
-                t = timestep_of_call(args, kwargs)
+                t = timestep_of_call(args, kwargs, get_context(student).profile)
                 tbin = None if t is None else int(t // 100)
                 if tbin not in ref:
                     ref[tbin] = _initial_loss(net, trainable, init, args, kwargs, target)
@@ -588,7 +596,17 @@ def _dist():
 def merge_(model: nn.Module) -> nn.Module:
     """Fold every QALoRA adapter into the layer's integer weights, in place: W_int' = clamp(W_int + round(B·A /
     step)) (exact, W0 being on the grid), stored as the dequantized grid W_int'·step; the adapter is dropped and
-    the activation zero points are rounded. ``deploy_`` then packs the integers like any quantized model."""
+    the activation zero points are rounded. ``deploy_`` then packs the integers like any quantized model.
+    Transactional: on an error (a deployed layer with an adapter, NaN/Inf in the result) ``model`` is left as it
+    was."""
+    with transaction(model):
+        check_finite(model, "merge_")  # NaN adapters would round to arbitrary integers
+        _merge(model)
+        check_finite(model, "merge_")
+    return model
+
+
+def _merge(model: nn.Module):
     for name, layer in quant_layers(model):
         if isinstance(layer.modifier, QALoRA):
             if layer.mode != "fake":
@@ -604,7 +622,6 @@ def merge_(model: nn.Module) -> nn.Module:
                 s_tab, z_tab = layer.act.table(b)
                 z_tab.data = z_tab.data.round()  # new storage: tables shared with another model stay as they were
             layer.act.requires_grad_(False)
-    return model
 
 
 # -------------------------------------------------------------------------------------- save / load

@@ -32,18 +32,24 @@ def _kind(m):
     return "conv" if isinstance(m, nn.Conv2d) else "linear"
 
 
-def plan_layers(model: nn.Module, cfg: QuantConfig) -> List[LayerPlan]:
+def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None) -> List[LayerPlan]:
+    """One plan per Conv2d/Linear: the user's rules (``cfg.rules``) first, then the profile's edge rules, then
+    (if the profile asks for it) the first and last convolution at W8A8."""
+    from .profiles import get_profile, profile_for
+
+    profile = profile_for(model) if profile is None else get_profile(profile) if isinstance(profile, str) else profile
     cands = [(n, m) for n, m in model.named_modules() if qlayer_class_for(m) is not None and n]
     convs = [split_parent(n) for n, m in cands if isinstance(m, nn.Conv2d)]
-    edge = {convs[0], convs[-1]} if convs else set()
+    edge = {convs[0], convs[-1]} if convs and profile.structural_edges else set()
+    rules = [(r, "rule") for r in cfg.rules] + [(r, f"{profile.name} edge") for r in profile.edge_rules]
     plans = []
     for name, m in cands:
         kind = _kind(m)
         mode, reason = "quant", "default"
         rname = split_parent(name)  # the parts of a split convolution follow the rules of the convolution
-        for r in cfg.rules:
+        for r, origin in rules:
             if r.kind in ("any", kind) and re.search(r.pattern, rname):
-                mode, reason = r.mode, f"rule {r.pattern!r}"
+                mode, reason = r.mode, f"{origin} {r.pattern!r}"
                 break
         else:
             if rname in edge:

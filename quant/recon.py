@@ -25,12 +25,12 @@ import torch.nn as nn
 from .calib import Call, _to_model, _to_store, model_device_dtype, unet_output
 from .config import ReconConfig
 from .context import get_context
+from .errors import ConfigError
 from .layers import QuantLayer, quant_layers
 from .progress import Stage
 from .quantizer import expand_weight_scale, w_qrange
+from .transaction import check_finite, transaction
 
-BLOCK_TYPES = {"ResnetBlock2D", "BasicTransformerBlock", "Attention", "ResBlock", "SpatialTransformer",
-               "AttentionBlock", "CrossAttention", "Transformer2DModel"}
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -104,11 +104,14 @@ def find_units(qmodel: nn.Module, call: Call = None):
 
 
 def _units_by_registration(qmodel):
+    from .profiles import get_profile
+
+    block_types = set(get_profile(get_context(qmodel).profile).block_types)  # the model family's blocks
     units, covered = [], set()
     for name, m in qmodel.named_modules():
         if any(name.startswith(c + ".") for c in covered):
             continue
-        if type(m).__name__ in BLOCK_TYPES and any(isinstance(x, QuantLayer) for x in m.modules()):
+        if type(m).__name__ in block_types and any(isinstance(x, QuantLayer) for x in m.modules()):
             units.append((name, m))
             covered.add(name)
         elif isinstance(m, QuantLayer):
@@ -125,14 +128,18 @@ def _capture(model, unit_name, call: Call, want: str):
     unit = model.get_submodule(unit_name)
     box = {}
 
+    which = "quantized" if get_context(model) is not None else "full-precision"
+    what = f"the {want} of block {unit_name!r} in the {which} model (timestep {call.t})"
+    fix = "the model diverges on the calibration data; check its weights and the calibration inputs"
+
     def pre(mod, args, kwargs):
         if want == "input":
-            box["v"] = (_to_store(args, torch.float16), _to_store(kwargs, torch.float16))
+            box["v"] = (_to_store(args, torch.float16, what, fix), _to_store(kwargs, torch.float16, what, fix))
             raise _Stop
 
     def post(mod, args, kwargs, out):
         if want == "output":
-            box["v"] = _first_tensor(out).detach().to(torch.float16).cpu()
+            box["v"] = _to_store(_first_tensor(out), torch.float16, what, fix)
             raise _Stop
 
     h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
@@ -191,7 +198,30 @@ def _draw(inputs, targets, config: ReconConfig, g, dev, dt):
 def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
                 progress=None, seed: int = 0) -> nn.Module:
     """AdaRound/BRECQ weight reconstruction of ``qmodel`` in place (it must be a fresh ``quantize`` result in
-    fake mode), then activation re-calibration. Returns ``qmodel``."""
+    fake mode), then activation re-calibration. Returns ``qmodel``.
+
+    Transactional: cancelled (``progress`` raising, ``KeyboardInterrupt``) or failing (``NumericalError``: NaN/Inf
+    in a block's data or in the result), ``qmodel`` is left bit-identical to what it was (no AdaRound state, no
+    half-collected observations), so a retry equals a clean run."""
+    _check_args(fp_model, qmodel, calls, config, "reconstruct")
+    with transaction(qmodel, readonly=(fp_model,)):
+        _reconstruct(fp_model, qmodel, calls, config, progress, seed)
+        check_finite(qmodel, "reconstruct")
+    return qmodel
+
+
+def _check_args(fp_model, qmodel, calls, config, verb):
+    if not isinstance(config, ReconConfig):
+        raise ConfigError(f"{verb}: config must be a ReconConfig, got {type(config).__name__}")
+    if get_context(qmodel) is None:
+        raise ConfigError(f"{verb} needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
+    if not isinstance(fp_model, nn.Module) or get_context(fp_model) is not None:
+        raise ConfigError(f"{verb} needs the full-precision UNet as fp_model (the one qmodel was quantized from)")
+    if not calls:
+        raise ConfigError(f"{verb} needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+
+
+def _reconstruct(fp_model, qmodel, calls, config, progress, seed):
     from .api import calibrate_activations
 
     ctx = get_context(qmodel)
@@ -234,8 +264,7 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
         cfg = get_context(qmodel).config
         calibrate_activations(qmodel, calls, method=cfg.a_init if cfg is not None else "lp", progress=progress)
         if config.act_iters > 0:
-            reconstruct_activations(fp_model, qmodel, calls, config, units, progress=progress, seed=seed)
-    return qmodel
+            _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, seed)
 
 
 def lp_loss(pred: torch.Tensor, tgt: torch.Tensor, p: float) -> torch.Tensor:
@@ -254,7 +283,16 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
     Inputs come from the *quantized* model (activations on, as at deployment), targets from the float model.
     Each step size is the entry of the layer's per-timestep table at the call's timestep (linear interpolation,
     so neighbouring entries share the gradient); only the tables of the layer's own bit-width are learned.
+    Transactional like ``reconstruct``.
     """
+    _check_args(fp_model, qmodel, calls, config, "reconstruct_activations")
+    with transaction(qmodel, readonly=(fp_model,)):
+        _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, seed)
+        check_finite(qmodel, "reconstruct_activations")
+    return qmodel
+
+
+def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, seed):
     ctx = get_context(qmodel)
     units = units or find_units(qmodel, calls[0])
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,0 +1,84 @@
+"""Model profiles: what LowBit needs to know about one architecture family, in one file per family.
+
+A profile says which layers are the model's edges (kept at higher precision unless measured otherwise),
+which modules are reconstruction blocks (BRECQ units), how the timestep (or sigma) reaches the model and on
+which scale, and where the output's channels are. ``profile_for(model)`` picks the first registered profile
+that matches (most specific first); ``generic`` matches anything. Adding an architecture is one new file in
+this folder that calls ``register_profile`` (or, from outside the package, any module that does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch.nn as nn
+
+from ..config import LayerRule
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the core needs to know about one architecture family.
+
+    name: registry key, stored in saved files.
+    matches: ``model -> bool``; class names are the usual test (no host import needed).
+    edge_rules: name rules of layers that stay at W8A8 by default (input/output projections, embeddings);
+        applied after the user's ``QuantConfig.rules``.
+    structural_edges: keep the first and last Conv2d at W8A8 even if no rule names them (unknown UNets).
+    block_types: class names of the reconstruction units (BRECQ blocks) and of the blocks that EfficientDM
+        checkpoints.
+    timestep_kwargs / sample_kwargs: keyword names of the timestep (or sigma) and of the noisy input; the
+        positional convention ``forward(sample, timestep, ...)`` is the fallback.
+    timestep_scale: multiplies the received timestep so that per-timestep tables are keyed in [0, T)
+        (1000 for models called with sigma or t/T in [0, 1], e.g. diffusers' Flux and SD3 transformers).
+    prediction: what the output is ("epsilon", "v_prediction", "flow"); None: read from the host.
+    channel_dim: dimension of the output that holds channels (PTQD statistics are per channel).
+    host_option_keys: call keywords holding the host's per-run bookkeeping (dropped from recorded calls).
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    edge_rules: Tuple[LayerRule, ...] = ()
+    structural_edges: bool = True
+    block_types: Tuple[str, ...] = ()
+    timestep_kwargs: Tuple[str, ...] = ("timestep", "timesteps", "t")
+    sample_kwargs: Tuple[str, ...] = ("sample", "x", "hidden_states")
+    timestep_scale: float = 1.0
+    prediction: Optional[str] = None
+    channel_dim: int = 1
+    host_option_keys: Tuple[str, ...] = ("transformer_options",)
+    priority: int = 0  # higher is tried first
+    description: str = field(default="", compare=False)
+
+
+PROFILES: Dict[str, ModelProfile] = {}
+
+
+def register_profile(profile: ModelProfile) -> ModelProfile:
+    if not isinstance(profile, ModelProfile):
+        raise TypeError("register_profile takes a ModelProfile")
+    PROFILES[profile.name] = profile
+    return profile
+
+
+def class_named(*names: str) -> Callable[[nn.Module], bool]:
+    """A ``matches`` function: the model's class (or one of its bases) has one of ``names``."""
+    wanted = set(names)
+    return lambda model: any(c.__name__ in wanted for c in type(model).__mro__)
+
+
+def profile_for(model: nn.Module) -> ModelProfile:
+    """The most specific registered profile that matches ``model`` (``generic`` when none does)."""
+    for p in sorted(PROFILES.values(), key=lambda p: -p.priority):
+        if p.name != "generic" and p.matches(model):
+            return p
+    return PROFILES["generic"]
+
+
+def get_profile(name: Optional[str]) -> ModelProfile:
+    """A registered profile by name (a saved file stores the name); unknown names fall back to generic."""
+    return PROFILES.get(name or "generic", PROFILES["generic"])
+
+
+# the built-in families, one file each (each registers itself on import)
+from . import generic, diffusers_unet, ldm_unet, dit  # noqa: E402,F401

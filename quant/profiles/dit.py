@@ -1,0 +1,33 @@
+"""Diffusion transformers (SD3/Flux class): Linear layers only, flow matching, sigma-keyed.
+
+diffusers' ``FluxTransformer2DModel`` and ``SD3Transformer2DModel`` receive ``timestep`` = sigma in [0, 1]
+(the pipelines divide by 1000), so tables are keyed by 1000·sigma; ``DiTTransformer2DModel`` and
+``PixArtTransformer2DModel`` get DDPM timesteps in [0, T). ComfyUI's ``Flux`` and ``MMDiT`` receive
+``timesteps`` from ``model_sampling.timestep(sigma)``: sigma for Flux (scale 1000 here), 1000·sigma for SD3.
+Edges: the input and output projections and the timestep/text/guidance embedders. Outputs are NCHW for the
+diffusers models (unpatchified), so channels are dimension 1.
+"""
+from ..config import LayerRule
+from . import ModelProfile, class_named, register_profile
+
+_EDGES = (
+    LayerRule(r"(^|\.)(x_embedder|img_in|pos_embed\.proj|context_embedder|txt_in)$", "w8a8"),
+    LayerRule(r"(^|\.)(proj_out|final_layer\.linear|norm_out\.linear|final_layer\.adaLN_modulation\.\d+)$",
+              "w8a8"),
+    LayerRule(r"(^|\.)(time_text_embed|time_in|vector_in|guidance_in|t_embedder|y_embedder|timestep_embedder)"
+              r"(\.|$)", "w8a8"),
+)
+_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock", "BasicTransformerBlock",
+           "DoubleStreamBlock", "SingleStreamBlock", "JointBlock")
+
+SIGMA_DIT = register_profile(ModelProfile(
+    name="dit-flow", matches=class_named("FluxTransformer2DModel", "SD3Transformer2DModel", "Flux"), priority=20,
+    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep", "timesteps"),
+    sample_kwargs=("hidden_states", "x"), timestep_scale=1000.0, prediction="flow",
+    description="Flux / SD3 transformers called with sigma in [0, 1] (diffusers; ComfyUI Flux)"))
+
+TIMESTEP_DIT = register_profile(ModelProfile(
+    name="dit", matches=class_named("DiTTransformer2DModel", "PixArtTransformer2DModel", "MMDiT"), priority=20,
+    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep", "timesteps"),
+    sample_kwargs=("hidden_states", "x"),
+    description="transformers called with a timestep in [0, T) (DiT, PixArt, ComfyUI MMDiT/SD3)"))
