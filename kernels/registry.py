@@ -33,7 +33,11 @@ __all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "back
 Verdict = Tuple[bool, str]
 
 
-from .._errors import LowBitError  # noqa: E402  (the root of the error family; imports nothing)
+try:  # the root of LowBit's error family (lowbit/_errors.py imports nothing)
+    from .._errors import LowBitError
+except ImportError:  # this folder imported as a top-level `kernels` (repo root on sys.path, e.g. diffusers probing
+    class LowBitError(Exception):  # for Hugging Face's `kernels` package): not inside lowbit, no shared base
+        pass
 
 
 class NoBackendError(LowBitError, RuntimeError):

@@ -1,30 +1,225 @@
+"""The command line: each bad input is refused in a fresh process with one line naming the problem and the fix,
+exit status 2, before any work (before torch is even imported) and without writing anything; --help is fast
+and shows choices and defaults; inspect reads a saved file; quantize and demo report their stages."""
+import json
 import os
+import struct
+import subprocess
+import sys
+import time
 
+import pytest
+
+from lowbit.cli import build_parser, main
+
+# Runs main() in a child and reports whether torch got imported (the proof that no work started).
+CHILD = r"""
+import json, os, sys
 from lowbit.cli import main
+rc = 0
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code if isinstance(e.code, int) else 1
+with open(os.environ["LOWBIT_TEST_REPORT"], "w") as f:
+    json.dump({"torch": "torch" in sys.modules}, f)
+sys.exit(rc)
+"""
+FAST_S = 15.0  # generous for a loaded 2-core machine; a refusal takes ~0.3 s, any real work takes far longer
+
+
+def _safetensors(path, metadata=None):
+    header = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"\0\0\0\0")
+
+
+def _unet_dir(root, name, config=None, weights="text"):
+    d = root / name
+    d.mkdir()
+    cfg = {"_class_name": "UNet2DModel", "in_channels": 1, "out_channels": 1, "sample_size": 16,
+           "num_class_embeds": 11}
+    cfg.update(config or {})
+    (d / "config.json").write_text(json.dumps(cfg))
+    if weights == "text":
+        (d / "diffusion_pytorch_model.safetensors").write_text("this is not a tensor file\n")
+    elif weights == "bin":
+        (d / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    elif weights == "ok":
+        _safetensors(d / "diffusion_pytorch_model.safetensors")
+    return d
+
+
+@pytest.fixture
+def ws(tmp_path):
+    """A working folder with the inputs the bad cases point at."""
+    w = tmp_path / "ws"
+    w.mkdir()
+    (w / "text.safetensors").write_text("plain text, named like a tensor file\n")
+    (w / "exists.safetensors").write_bytes(b"keep me")
+    (w / "adir.safetensors").mkdir()
+    (w / "afile").write_text("x")
+    _unet_dir(w, "unet_text_weights")
+    _unet_dir(w, "unet_pickle", weights="bin")
+    _unet_dir(w, "unet_cond", config={"_class_name": "UNet2DConditionModel"}, weights="ok")
+    _unet_dir(w, "unet_rgb", config={"in_channels": 4, "out_channels": 4}, weights="ok")
+    (w / "unet_noconfig").mkdir()
+    _safetensors(w / "plain.safetensors", metadata={"format": "pt"})
+    return w
+
+
+def _snapshot(root):
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+BAD = [
+    # (argv, words the one line must contain)
+    (["quantize", "q.safetensors", "--unet", "missing_dir"], ["--unet", "no such folder", "UNet2DModel folder"]),
+    (["quantize", "q.safetensors", "--unet", "text.safetensors"], ["--unet", "is a file"]),
+    (["quantize", "q.safetensors", "--unet", "unet_text_weights"], ["not a safetensors file"]),
+    (["quantize", "q.safetensors", "--unet", "unet_pickle"], ["pickle", "safe_serialization=True"]),
+    (["quantize", "q.safetensors", "--unet", "unet_noconfig"], ["config.json"]),
+    (["quantize", "q.safetensors", "--unet", "unet_cond"], ["UNet2DConditionModel", "UNet2DModel only"]),
+    (["quantize", "q.safetensors", "--unet", "unet_rgb"], ["in_channels=4", "needs 1"]),
+    (["quantize", "q.safetensors", "--calib-samples", "0"], ["--calib-samples", "0 is out of range", "1..1024"]),
+    (["quantize", "q.safetensors", "--calib-samples", "-5"], ["--calib-samples", "-5 is out of range"]),
+    (["quantize", "q.safetensors", "--calib-samples", "many"], ["--calib-samples", "not a whole number"]),
+    (["quantize", "q.safetensors", "--calib-steps", "-5"], ["--calib-steps", "out of range", "1..1000"]),
+    (["quantize", "q.safetensors", "--bits", "W9A8"], ["--bits", "w_bits=9", "W4A8"]),
+    (["quantize", "q.safetensors", "--bits", "W3A8"], ["--bits", "not a supported format", "W4A8"]),
+    (["quantize", "q.safetensors", "--bits", "int4"], ["--bits", "W<bits>A<bits>"]),
+    (["quantize", "q.safetensors", "--method", "best"], ["--method", "unknown method 'best'", "recon+ptqd"]),
+    (["quantize", "q.txt"], ["must end in .safetensors", "q.safetensors"]),
+    (["quantize", "no_such_dir/q.safetensors"], ["does not exist", "mkdir -p"]),
+    (["quantize", "exists.safetensors"], ["already exists", "--overwrite"]),
+    (["quantize", "adir.safetensors"], ["is a folder"]),
+    (["quantize", "afile/q.safetensors"], ["does not exist"]),
+    (["quantize"], ["required", "OUTPUT.safetensors"]),
+    (["demo", "--samples", "0"], ["--samples", "out of range"]),
+    (["demo", "--steps", "0"], ["--steps", "out of range", "1..1000"]),
+    (["demo", "--out", "afile"], ["--out", "is a file"]),
+    (["demo", "--out", "no_such_dir/out"], ["--out", "does not exist"]),
+    (["demo", "--bits", "W8A8", "W9A8"], ["--bits", "w_bits=9"]),
+    (["demo", "--methods", "naive", "magic"], ["--methods", "unknown method 'magic'"]),
+    (["ui", "--port", "99999"], ["--port", "out of range", "1..65535"]),
+    (["ui", "--port", "0"], ["--port", "out of range"]),
+    (["inspect", "missing.safetensors"], ["no such file"]),
+    (["inspect", "text.safetensors"], ["not a safetensors file"]),
+    (["frobnicate"], ["invalid choice", "quantize"]),
+    ([], ["required"]),
+]
+if os.path.isdir("/proc") and not os.access("/proc", os.W_OK):  # a read-only place even for root
+    BAD += [(["quantize", "/proc/q.safetensors"], ["cannot write", "writable"]),
+            (["demo", "--out", "/proc/lowbit-demo"], ["--out", "cannot write", "writable"])]
+
+
+def _run(argv, cwd, tmp_path):
+    report = tmp_path / "report.json"
+    env = dict(os.environ, LOWBIT_TEST_REPORT=str(report))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    dt = time.monotonic() - t0
+    rep = json.loads(report.read_text())
+    report.unlink()
+    return r, dt, rep
+
+
+@pytest.mark.parametrize("argv,words", BAD, ids=[" ".join(a) or "<none>" for a, _ in BAD])
+def test_bad_input_one_line_exit_2_before_any_work(ws, tmp_path, argv, words):
+    before = _snapshot(ws)
+    r, dt, rep = _run(argv, ws, tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stdout == ""
+    err = r.stderr.rstrip("\n")
+    assert err and "\n" not in err, f"not one line:\n{r.stderr}"
+    assert err.startswith("lowbit") and "error:" in err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    assert dt < FAST_S, f"took {dt:.1f} s"
+    assert not rep["torch"], "torch was imported: work started before the input was checked"
+    assert _snapshot(ws) == before, "something was written"
+
+
+def test_non_lowbit_file_is_refused_by_inspect_in_one_line(ws, tmp_path):
+    # a valid safetensors without LowBit metadata: the core's reader refuses it (this one imports torch)
+    before = _snapshot(ws)
+    r, dt, _ = _run(["inspect", "plain.safetensors"], ws, tmp_path)
+    err = r.stderr.rstrip("\n")
+    assert r.returncode == 2 and r.stdout == "" and "\n" not in err
+    assert "no LowBit metadata" in err
+    assert _snapshot(ws) == before
+
+
+def test_help_is_fast_lists_choices_and_defaults(tmp_path):
+    report = tmp_path / "r.json"
+    for argv in ([], ["demo"], ["quantize"], ["inspect"], ["ui"]):
+        r, dt, rep = _run(argv + ["--help"], tmp_path, tmp_path)
+        assert r.returncode == 0 and "usage: lowbit" in r.stdout
+        assert not rep["torch"], "--help imported torch (slow): keep the CLI's imports lazy"
+        assert dt < FAST_S
+    assert not report.exists()
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sp in subs.choices.items():
+        for act in sp._actions:
+            if act.option_strings and act.dest != "help":
+                assert act.help and "default" in act.help, (name, act.option_strings, act.help)
+    q = subs.choices["quantize"].format_help()
+    for w in ("W8A8", "W4A8", "W4A16", "recon+ptqd+vsc", "naive", "1..1024", "default: 32"):
+        assert w in q, w
 
 
 def test_demo_writes_table_and_grid(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--samples", "20", "--steps", "5", "--bits", "W8A8", "W4A8"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "| full precision | fp32 |" in out and "| naive | W4A8 |" in out
+    cap = capsys.readouterr()
+    assert "| full precision | fp32 |" in cap.out and "| naive | W4A8 |" in cap.out
     assert os.path.getsize(tmp_path / "demo_grid.png") > 100
+    assert "sample (ddim)" in cap.err  # the core's stage names reach the terminal
 
 
-def test_quantize_command_saves_and_refuses_overwrite(tmp_path, capsys):
+def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tmp_path, capsys):
     p = str(tmp_path / "q.safetensors")
     args = ["quantize", p, "--bits", "W8A8", "--method", "naive", "--calib-samples", "4", "--calib-steps", "3"]
     assert main(args) == 0
     assert os.path.exists(p)
+    err = capsys.readouterr().err
+    for stage in ("recording calibration", "sample (ddim)", "quantizing to W8A8 with naive", "saving"):
+        assert stage in err, stage
     mtime = os.path.getmtime(p)
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert os.path.getmtime(p) == mtime
 
+    from lowbit.quant import read_header
+
+    header, _ = read_header(p)
+    assert main(["inspect", p]) == 0
+    out = capsys.readouterr().out
+    assert "lowbit.quantized_unet" in out and f"{len(header['layers'])} quantized layers" in out
+    assert "QuantConfig" in out and "w_bits=8" in out and "W8A8" in out
+    assert main(["inspect", p, "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in header["layers"])
+    assert main(["inspect", p, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == header["layers"]
+
 
 def test_bad_bits_give_a_clear_error(tmp_path, capsys):
-    rc = main(["quantize", str(tmp_path / "x.safetensors"), "--bits", "W9A8", "--calib-samples", "2",
-               "--calib-steps", "2"])
-    assert rc == 2
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tmp_path / "x.safetensors"), "--bits", "W9A8", "--calib-samples", "2",
+              "--calib-steps", "2"])
+    assert e.value.code == 2
     assert "w_bits=9" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.safetensors")
