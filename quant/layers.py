@@ -178,8 +178,13 @@ class QuantLayer(nn.Module):
 
         self.w_bits, self.a_bits, self.group_size, self.a_dynamic = w_bits, a_bits, group_size, a_dynamic
         self.name = name
-        if w_format is None and ctx is not None:  # the config names the format (QuantConfig.w_format)
-            w_format = getattr(getattr(ctx, "config", None), "w_format", None)
+        if w_format is None and ctx is not None:  # the config names the format (QuantConfig.w_format) ...
+            cfg_fmt = getattr(getattr(ctx, "config", None), "w_format", None)
+            try:  # ... for the layers it can store (not those kept at 8 bits by a 4-bit layout)
+                get_format(cfg_fmt).check(w_bits, group_size)
+                w_format = cfg_fmt
+            except ValueError:
+                pass
         self.w_format = w_format or default_format(w_bits, group_size)
         try:
             get_format(self.w_format).check(w_bits, group_size, tuple(src.weight.shape))
