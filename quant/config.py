@@ -42,7 +42,9 @@ LAYER_KINDS = ("any", "conv", "linear")
 PRESETS = ("W8A8", "W4A8", "W4A4", "W4A16", "W8A16")
 
 # The quantization methods offered to users (CLI, hosts): the one vocabulary; bench-only ablations are not here.
-METHODS = ("naive", "naive+ptqd", "recon", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed")
+# The method vocabulary every host offers (grammar and meaning: ``pipeline.py``).
+METHODS = ("naive", "naive+ptqd", "lp", "lp+ptqd", "recon", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed",
+           "efficientdm", "efficientdm+ptqd")
 
 SPEC_KEY = "lowbit_spec"
 
@@ -68,7 +70,8 @@ def _num(x) -> str:
 
 @dataclass(frozen=True)
 class Spec:
-    """The limits of one setting: ``kind`` (int, float, bool, choice, regex, str, items, segments, version),
+    """The limits of one setting: ``kind`` (int, float, bool, choice, regex, str, items, segments, config (an
+    instance of ``item``), version; ``any`` = checked by the class itself),
     ``lo``/``hi`` (closed unless ``lo_open``), ``choices``, ``extra`` (values accepted outside lo..hi, e.g.
     a_bits=16 for floating-point activations), ``optional`` (None accepted), ``multiple_of``, ``item`` (the
     class of each element of an ``items`` tuple), ``default`` and ``help``."""
@@ -126,6 +129,8 @@ class Spec:
             s = f"a tuple of {getattr(self.item, '__name__', self.item)}"
         elif k == "segments":
             s = "a tuple of (t_lo, t_hi, a_bits)"
+        elif k == "config":
+            s = f"a {getattr(self.item, '__name__', self.item)}"
         else:
             s = f"a {k}"
         if self.extra:
@@ -237,6 +242,12 @@ def _chk_segments(spec: Spec, v, where):
     return tuple(out)
 
 
+def _chk_config(spec: Spec, v, where):
+    if not isinstance(v, spec.item):
+        spec.fail(v, f"must be a {spec.item.__name__}" + (" or None" if spec.optional else ""), where)
+    return v
+
+
 def _chk_version(spec: Spec, v, where):
     if isinstance(v, bool) or not isinstance(v, int) or v not in spec.choices:
         spec.fail(v, f"is not a version this LowBit knows (it builds version {', '.join(map(str, spec.choices))}); leave version at its "
@@ -249,7 +260,8 @@ def _chk_any(spec: Spec, v, where):
 
 
 _CHECKERS = {"int": _chk_int, "float": _chk_float, "bool": _chk_bool, "choice": _chk_choice, "str": _chk_str,
-             "regex": _chk_regex, "items": _chk_items, "segments": _chk_segments, "version": _chk_version,
+             "regex": _chk_regex, "items": _chk_items, "segments": _chk_segments, "config": _chk_config,
+             "version": _chk_version,
              "any": _chk_any}
 
 
