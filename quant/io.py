@@ -225,9 +225,13 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     tensors, header = _collect(qmodel)
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
-    os.close(fd)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"lowbit": json.dumps(header, sort_keys=True)})
+        os.chmod(tmp, mode)  # safetensors writes a new file with mode 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:

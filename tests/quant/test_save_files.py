@@ -1,0 +1,107 @@
+"""Saving (issue 15 item 5): atomic no-clobber, nothing left behind after SIGKILL that the next save does not remove,
+mode from the umask, a clear error for a missing folder."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lowbit.quant import QuantConfig, load, quantize, save
+from lowbit.quant import io as qio
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def qmodel(unet):
+    return quantize(unet, QuantConfig.preset("W8A16"))  # weight-only: no calibration needed
+
+
+def _temps(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_sigkill_during_save_is_cleaned_by_the_next_save(qmodel, unet, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {HERE!r})
+        import safetensors.torch as stt
+        from qutil import tiny_unet
+        from lowbit.quant import QuantConfig, quantize, save
+
+        q = quantize(tiny_unet(), QuantConfig.preset("W8A16"))
+        real = stt.save_file
+
+        def killed(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)  # half written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        stt.save_file = killed
+        save(q, {str(tmp_path / "a.safetensors")!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (tmp_path / "a.safetensors").exists()  # the final name never holds a partial file
+    left = _temps(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".a.safetensors.lowbit-")
+    # the leftover is not a file anyone loads, and the next save into the folder removes it
+    p = save(qmodel, str(tmp_path / "b.safetensors"))
+    assert _temps(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == ["b.safetensors"]
+    load(unet, p)
+
+
+def test_live_process_temp_files_are_kept(qmodel, tmp_path):
+    mine = tmp_path / f".x.safetensors.lowbit-{os.getpid()}-0123abcd.tmp"
+    mine.write_bytes(b"in progress")
+    save(qmodel, str(tmp_path / "c.safetensors"))
+    assert mine.exists()
+
+
+def test_no_clobber_when_the_name_appears_during_the_save(qmodel, tmp_path, monkeypatch):
+    dest = tmp_path / "race.safetensors"
+    real = qio._collect
+
+    def collect_then_race(m):
+        out = real(m)
+        dest.write_bytes(b"someone else's file")  # created after the early existence check
+        return out
+
+    monkeypatch.setattr(qio, "_collect", collect_then_race)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save(qmodel, str(dest))
+    assert dest.read_bytes() == b"someone else's file"
+    assert _temps(tmp_path) == []
+
+
+def test_overwrite_replaces(qmodel, unet, tmp_path):
+    dest = tmp_path / "o.safetensors"
+    dest.write_bytes(b"old")
+    save(qmodel, str(dest), overwrite=True)
+    load(unet, str(dest))
+    assert _temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_mode_follows_the_umask(qmodel, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        p = save(qmodel, str(tmp_path / f"m{umask:o}.safetensors"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(p).st_mode) == mode
+
+
+def test_missing_folder_is_an_error_unless_asked(qmodel, tmp_path):
+    p = tmp_path / "no" / "such" / "q.safetensors"
+    with pytest.raises(FileNotFoundError, match="does not exist.*make_dirs=True"):
+        save(qmodel, str(p))
+    assert not (tmp_path / "no").exists()
+    save(qmodel, str(p), make_dirs=True)
+    assert p.is_file()
