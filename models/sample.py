@@ -19,10 +19,15 @@ def _eps(out):
     return out
 
 
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Evenly spaced ("leading") DDIM timesteps, descending: e.g. 50 of 1000 -> [980, 960, ..., 0]."""
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "leading") -> list[int]:
+    """DDIM timesteps, descending. ``"leading"``: evenly spaced from 0, e.g. 50 of 1000 -> [980, 960, ..., 0];
+    ``"linspace"``: ``round(linspace(T - 1, 0, steps))`` (what ``lowbit.quant.sample`` and the demo use)."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    if spacing == "linspace":
+        return [int(round(v)) for v in torch.linspace(num_train_timesteps - 1, 0, steps).tolist()]
+    if spacing != "leading":
+        raise ValueError(f"spacing must be 'leading' or 'linspace', got {spacing!r}")
     stride = num_train_timesteps // steps
     return list(range(0, stride * steps, stride))[::-1]
 
@@ -41,13 +46,15 @@ def sample(
     null_class: int = NULL_CLASS,
     image_size: int = IMAGE_SIZE,
     channels: int = 1,
+    spacing: str = "leading",
 ) -> torch.Tensor:
     """DDIM samples ``[N, channels, image_size, image_size]`` float32 in [-1, 1] for class ids ``labels [N]``.
 
     ``guidance`` is the classifier-free guidance scale ``g``: ``eps = eps_null + g * (eps_cond - eps_null)``;
     ``g == 1`` makes one (conditional) UNet call per step, otherwise two (batched together). Labels equal to
     ``null_class`` give unconditional samples. ``eta`` = 0 is deterministic DDIM, 1 is DDPM-like.
-    ``scheduler`` supplies ``alphas_cumprod`` (default: ``default_scheduler()`` of the default model).
+    ``spacing`` picks the timesteps (``ddim_timesteps``); ``clip_x0=False, spacing="linspace"`` is the demo's
+    sampler (``lowbit.quant.sample``, DDIM eta 0). ``scheduler`` supplies ``alphas_cumprod`` (default: ``default_scheduler()`` of the default model).
     """
     if scheduler is None:
         from .digits import default_scheduler
@@ -65,7 +72,7 @@ def sample(
         device, dtype = torch.device("cpu"), torch.float32
     acp = scheduler.alphas_cumprod.to(torch.float64)
     T = int(scheduler.config.num_train_timesteps)
-    ts = ddim_timesteps(steps, T)
+    ts = ddim_timesteps(steps, T, spacing)
 
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n, channels, image_size, image_size, generator=g, dtype=torch.float64)
