@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 CHILD = textwrap.dedent('''
     import os, json, threading, time
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -49,6 +51,7 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_calibration_memory_bounded_on_sd15_architecture():
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
