@@ -1,21 +1,18 @@
 """Recipes: the main jobs on the embedded default model, shared by the CLI, the gradio UI and the benches.
 
-Each recipe is a few calls into ``lowbit.quant`` (the core) and ``lowbit.models`` (the default model).
-Methods are registered in ``METHODS``; every one starts from the same recorded calibration calls.
+Each recipe is a few calls into ``lowbit.quant`` (the core) and ``lowbit.models`` (the default model); every
+quantized model comes from the one pipeline verb ``lowbit.quant.pipeline.run`` (method names: its vocabulary).
 """
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .quant import (BitwidthSchedule, CallRecorder, PTQDConfig, QuantConfig, ReconConfig, attach_stats, auto_schedule,
-                    collect_stats, deploy_, get_stats, guided_eps_fn, quantize, reconstruct, sample,
+from .quant import (CallRecorder, FinetuneConfig, PipelineConfig, ReconConfig, guided_eps_fn, pipeline, sample,
                     timestep_aware_subset, weight_bytes)
-from .quant.errors import ConfigError
 
 GUIDANCE = 1.0  # classifier-free guidance for the default model: 1.0 gives its best FID (models/ README)
 
@@ -68,81 +65,15 @@ class Built:
     info: dict = field(default_factory=dict)
 
 
-def _vsc(q):
-    st = get_stats(q)
-    return None if st is None else st.residual_var_at
-
-
-def _naive(setup, cfg, calls, opts):
-    return Built(quantize(setup.unet, cfg, calls))
-
-
-def _recon(setup, cfg, calls, opts, a_init: str = "lp"):
-    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": a_init})
-    q = quantize(setup.unet, cfgl, calls)
-    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
-    return Built(q)
-
-
-def _recon_act(setup, cfg, calls, opts):
-    """Reconstruction followed by BRECQ's activation pass (learned step sizes; ``act_iters`` in opts)."""
-    import dataclasses
-
-    rc = dataclasses.replace(opts.get("recon", ReconConfig()), act_iters=opts.get("act_iters", 100))
-    return _recon(setup, cfg, calls, dict(opts, recon=rc))
-
-
-def _with_ptqd(base, vsc: bool, bc_cnc: bool = True, paper: bool = False):
-    def build(setup, cfg, calls, opts):
-        b = METHODS[base](setup, cfg, calls, opts)
-        pcfg = PTQDConfig(bias_correction=bc_cnc, correlation_correction=bc_cnc, variance_calibration=vsc,
-                          input_correlation=not paper)
-        stats = collect_stats(setup.unet, b.model, opts.get("stat_calls", calls), pcfg)
-        attach_stats(b.model, stats, active=bc_cnc)
-        b.var_fn = _vsc(b.model) if vsc else None
-        return b
-
-    return build
-
-
-def _mixed(setup, cfg, calls, opts):
-    """Step-aware mixed precision: activation bits per timestep from measured SNR (candidates: cfg.a_bits, 8)."""
-    cands = tuple(sorted({cfg.a_bits, 8}))
-    cfgl = QuantConfig(**{**cfg.__dict__, "w_init": "lp", "a_init": "lp"})
-    q = quantize(setup.unet, cfgl, calls, a_bits_candidates=cands)
-    reconstruct(setup.unet, q, calls, opts.get("recon", ReconConfig()))
-    sched, info = auto_schedule(setup.unet, q, calls, setup.alphas_cumprod, candidates=cands)
-    stats = collect_stats(setup.unet, q, opts.get("stat_calls", calls), PTQDConfig())
-    attach_stats(q, stats)
-    return Built(q, _vsc(q), info={"schedule": sched.segments})
-
-
-METHODS: Dict[str, Callable] = {
-    "naive": _naive,
-    "recon": _recon,
-}
-METHODS["recon+act"] = _recon_act
-METHODS["recon(minmax acts)"] = partial(_recon, a_init="minmax")  # isolates the effect of range clipping
-METHODS["recon+ptqd(paper)"] = _with_ptqd("recon", vsc=False, paper=True)  # eps-only noise model
-METHODS["recon+ptqd"] = _with_ptqd("recon", vsc=False)
-METHODS["recon+ptqd+vsc"] = _with_ptqd("recon", vsc=True)
-METHODS["naive+ptqd"] = _with_ptqd("naive", vsc=False)
-METHODS["recon+ptqd+vsc+mixed"] = _mixed
-# ablations for the benches (the paper's variant, components that do not help here): not offered in the UIs
-BENCH_ONLY = frozenset({"recon+act", "recon(minmax acts)", "recon+ptqd(paper)"})
-
-
-def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, **opts) -> Built:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    cfg = QuantConfig.preset(bits, w_init="minmax", a_init="minmax") if method.startswith("naive") \
-        else QuantConfig.preset(bits)
-    t0 = time.time()
-    b = METHODS[method](setup, cfg, calls, opts)
-    if deploy:
-        deploy_(b.model)
-    b.seconds = time.time() - t0
-    return b
+def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, recon: Optional[ReconConfig] = None,
+          finetune: Optional[FinetuneConfig] = None, stat_calls=None, progress=None) -> Built:
+    """One quantized model of the default model: ``lowbit.quant.pipeline.run`` with ``method`` (the pipeline's
+    vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``)."""
+    cfg = PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
+                                    deploy=deploy)
+    r = pipeline.run(setup.unet, calls, cfg, alphas_cumprod=setup.alphas_cumprod, stat_calls=stat_calls,
+                     progress=progress)
+    return Built(r.model, r.var_fn, r.total_seconds, dict(r.info, seconds=r.seconds))
 
 
 def evaluate(setup: Setup, model, n: int = 1000, steps: int = 25, eta: float = 0.0, var_fn=None, seed: int = 7,

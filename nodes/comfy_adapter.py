@@ -24,7 +24,7 @@ import torch
 from ..quant.calib import CallRecorder, sanitize_calls
 from ..quant.context import get_context
 from ..quant.layers import QuantLayer, quant_layers
-from . import lora as lora_side
+from ..quant import side_paths as lora_side
 from .common import NodeInputError
 
 log = logging.getLogger("lowbit.nodes")
@@ -206,6 +206,14 @@ class training_mode:
         return False
 
 
+def plain_copy(unet):
+    """A copy of a float UNet whose tensors are plain (call inside ``training_mode``): ComfyUI's checkpoint
+    tensors are inference tensors, which autograd may not save for backward (norms in training stages)."""
+    import copy
+
+    return copy.deepcopy(unet)
+
+
 def copy_quantized(q_unet):
     """Deep copy of a quantized UNet without the kernels' prepacked caches (``PackedWeight.cache`` may hold
     opaque oneDNN tensors, which cannot be deep-copied; the copy rebuilds them on first use)."""
@@ -234,11 +242,10 @@ class _WeightKeyState:
 
 
 def install_lora_support(patcher, q_unet):
-    if not getattr(q_unet, "_lowbit_lora_ready", False):
-        for _, layer in quant_layers(q_unet):
+    for _, layer in quant_layers(q_unet):
+        if not any(isinstance(h, _WeightKeyState) for h in layer._state_dict_hooks.values()):
             layer._register_state_dict_hook(_WeightKeyState())
-            lora_side.ensure_hook(layer)
-        q_unet._lowbit_lora_ready = True
+        lora_side.ensure_hook(layer)
     import comfy.patcher_extension as pe
 
     for kind in (pe.CallbacksMP.ON_PRE_RUN, pe.CallbacksMP.ON_LOAD):
@@ -312,7 +319,8 @@ def sync_lora_side_paths(patcher):
         # their activation tables in a child); the quantized UNet is small, so move it whole.
         q.to(device)
     state = (patcher.patches_uuid, str(device))
-    if getattr(q, "_lowbit_lora_state", None) == state:
+    host = get_context(q).host_state
+    if host.get("lora") == state:
         return
     lora_side.clear_side_paths(q)
     n = 0
@@ -324,7 +332,7 @@ def sync_lora_side_paths(patcher):
         if wp or bp:
             lora_side.set_side_paths(layer, side_paths_for(layer, wp, bp, key, device))
             n += 1
-    q._lowbit_lora_state = state
+    host["lora"] = state
     if n:
         log.info("LowBit: %d quantized layers carry LoRA side paths", n)
 

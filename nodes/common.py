@@ -5,32 +5,13 @@ can be tested without it. Everything that touches ComfyUI objects lives in ``com
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any, Dict, Optional
+
+from ..quant.errors import ConfigError
 
 CATEGORY = "LowBit"
 BITS_PRESETS = ("W8A8", "W4A8", "W4A4", "W4A16")
 SCHEDULE_TYPE = "BITWIDTH_SCHEDULE"  # our own socket type (a nodes.schedule.ScheduleSpec travels on it)
-
-_PKG = __package__.rpartition(".")[0]  # "lowbit" (editable install) or ComfyUI's module name for the pack
-
-
-def optional_core(name: str):
-    """``..quant.<name>`` if that core module exists (it may be written later), else None.
-
-    A module that exists but fails to import raises: a broken core file must not silently disable a feature.
-    """
-    full = f"{_PKG}.quant.{name}"
-    if importlib.util.find_spec(full) is None:
-        return None
-    return importlib.import_module(full)
-
-
-def core_function(module: str, function: str):
-    mod = optional_core(module)
-    return None if mod is None else getattr(mod, function, None)
-
 
 # ---- input specs ------------------------------------------------------------------------------------------
 def INT(default: int, lo: int, hi: int, tooltip: str, step: int = 1, advanced: bool = False, **extra):
@@ -65,8 +46,8 @@ def _adv(advanced: bool) -> Dict[str, Any]:
 
 
 # ---- checks (raised before any work starts; the message names the input, the problem and the fix) ---------
-class NodeInputError(ValueError):
-    """A node setting is invalid. ComfyUI shows the message on the node."""
+class NodeInputError(ConfigError):
+    """A node setting is invalid (a ``ConfigError``, so one error family). ComfyUI shows the message on the node."""
 
 
 def check_int(name: str, value, lo: int, hi: int, fix: str = "") -> int:

@@ -16,7 +16,7 @@ from typing import List
 import torch
 
 from . import comfy_adapter as adapter
-from . import lora as lora_side
+from ..quant import side_paths as lora_side
 from .common import CATEGORY, FLOAT, INT, SOCKET, NodeInputError, check_float, check_int, validation_result
 
 log = logging.getLogger("lowbit.nodes")
@@ -119,8 +119,7 @@ def loss_curve_image(losses: List[float], width: int = 640, height: int = 360, t
 
 def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank, lr_scale, seed, samples=4,
                    sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, progress=None):
-    from ..quant import FinetuneConfig, attach_stats, collect_stats, deploy_, get_stats
-    from ..quant.efficientdm import finetune, merge_
+    from ..quant import FinetuneConfig, PipelineConfig, get_stats, pipeline
     from ..quant.io import model_fingerprint
 
     teacher = adapter.require_fp_unet(fp_model, "fp_model (the teacher)")
@@ -128,30 +127,25 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
     if model_fingerprint(teacher) != model_fingerprint(q):
         raise NodeInputError("quantized_model was not made from fp_model's architecture (their layers differ); "
                              "connect the same checkpoint's MODEL to fp_model and to Quantize UNet")
-    config = FinetuneConfig(steps=steps, rank=rank, lr_multiplier=lr_scale,
-                            act_lr=act_lr, batch_size=batch_size, sampling_steps=sampling_steps, guidance=cfg,
-                            seed=seed)
+    # PTQD statistics describe the error before fine-tuning: measured again when the input had them
+    config = PipelineConfig(method="efficientdm+ptqd" if get_stats(q) is not None else "efficientdm",
+                            finetune=FinetuneConfig(steps=steps, rank=rank, lr_multiplier=lr_scale, act_lr=act_lr,
+                                                    batch_size=batch_size, sampling_steps=sampling_steps,
+                                                    guidance=cfg, seed=seed))
     progress = progress or adapter.NodeProgress()
     tracker = LossTracker(progress)
     calls = adapter.record_unet_calls(fp_model, positive, negative, steps=sampling_steps, samples=samples, seed=seed,
                                       cfg=cfg, width=width, height=height, progress=progress)
     adapter.load_model(fp_model)
-    had_ptqd = get_stats(q) is not None
     # ComfyUI runs nodes under torch.inference_mode(), so the checkpoint's tensors and the recorded calls are
     # inference tensors, which autograd may not save for backward. Train on a plain copy of the (small,
     # deployed) quantized UNet and of the calls; the shared input UNet is not touched.
     with adapter.training_mode():
         q_train = adapter.copy_quantized(q)
         lora_side.clear_side_paths(q_train)  # a user LoRA side path must not be trained into the student
-        q_train._lowbit_lora_state = None
-        calls = adapter.plain_calls(calls)
-        student = finetune(q_train, teacher, calls, config, progress=tracker)
-    merge_(student)
-    deploy_(student)
+        res = pipeline.run(teacher, adapter.plain_calls(calls), config, start=q_train, progress=tracker)
+    student = res.model
     lora_side.clear_side_paths(student)
-    student._lowbit_lora_state = None
-    if had_ptqd:
-        attach_stats(student, collect_stats(teacher, student, calls, progress=progress))
     log.info("LowBit: EfficientDM fine-tune done (%d steps, loss %.4g -> %.4g)", steps,
              tracker.losses[0] if tracker.losses else float("nan"),
              tracker.losses[-1] if tracker.losses else float("nan"))

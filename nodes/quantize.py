@@ -18,22 +18,21 @@ from typing import Optional
 
 from . import comfy_adapter as adapter
 from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, SOCKET, NodeInputError, check_choice,
-                     check_float, check_int, core_function, validation_result)
-from .schedule import MODE_AUTO, ScheduleSpec, auto_schedule_function, check_schedule_with_bits
+                     check_float, check_int, validation_result)
+from .schedule import MODE_AUTO, ScheduleSpec, check_schedule_with_bits
 
 log = logging.getLogger("lowbit.nodes")
 
-METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "ptqd", "ptqd+recon"
+from ..quant.config import METHODS
+from ..quant.errors import ConfigError
+from ..quant.pipeline import parse_method
+
+METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "lp+ptqd", "recon+ptqd"
 WEIGHT_INITS = ("lp", "minmax")
 
 
-def reconstruct_function():
-    """``quant.recon.reconstruct`` (BRECQ block reconstruction) if the core has it."""
-    return core_function("recon", "reconstruct")
-
-
 def available_methods():
-    return [METHOD_NAIVE, METHOD_PTQD] + ([METHOD_RECON] if reconstruct_function() is not None else [])
+    return list(METHODS)
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,6 @@ class QuantizeSettings:
     recon_iters: int = 200
     weight_init: str = "lp"
 
-    @property
-    def needs_calls(self) -> bool:
-        return not (self.method == METHOD_NAIVE and self.bits.endswith("A16"))
 
 
 def check_quantize_settings(bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
@@ -62,8 +58,10 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
     if bits is not None:
         check_choice("bits", bits, BITS_PRESETS)
     if method is not None:
-        check_choice("method", method, available_methods(),
-                     "'ptqd+recon' needs lowbit.quant.recon.reconstruct" if method == METHOD_RECON else "")
+        try:
+            parse_method(method)  # today's vocabulary, plus the names saved workflows of earlier releases use
+        except ConfigError as exc:
+            raise NodeInputError(str(exc)) from None
     if calibration_steps is not None:
         check_int("calibration_steps", calibration_steps, 1, 1000)
     if calibration_samples is not None:
@@ -90,21 +88,27 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
 
 def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
                    progress=None):
-    """The node's work; returns the quantized MODEL (a clone)."""
-    from ..quant import QuantConfig, ReconConfig, attach_stats, collect_stats, deploy_, quantize, timestep_aware_subset
+    """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions."""
+    import contextlib
+
+    from ..quant import PipelineConfig, QuantConfig, ReconConfig, pipeline, timestep_aware_subset
 
     check_schedule_with_bits(schedule, settings.bits)
     fp_unet = adapter.require_fp_unet(model)
     progress = progress or adapter.NodeProgress()
     T = adapter.num_train_timesteps(model)
-    config = QuantConfig.preset(settings.bits, time_bins=settings.time_bins, w_init=settings.weight_init)
     auto = schedule is not None and schedule.mode == MODE_AUTO
-    if auto and auto_schedule_function() is None:
-        raise NodeInputError("the 'auto (SNR)' schedule needs lowbit.quant.schedule.auto_schedule, which this "
-                             "LowBit does not have; use 'fixed percent split'")
+    method = settings.method + ("+mixed" if auto else "")
+    config = PipelineConfig(
+        method=method, quant=QuantConfig.preset(settings.bits, time_bins=settings.time_bins,
+                                                w_init=settings.weight_init),
+        recon=ReconConfig(weight_iters=settings.recon_iters),
+        schedule=schedule.to_schedule(adapter.percent_to_timestep_fn(model), T) if schedule and not auto else None,
+        mixed_candidates=schedule.bits_used if auto else ())  # every setting checked here, before any work
+    pipeline.check(fp_unet, None, config, alphas_cumprod=adapter.alphas_cumprod(model))
 
     calls = []
-    if settings.needs_calls or auto:
+    if pipeline.needs_calls(config):
         calls = adapter.record_unet_calls(
             model, positive, negative, steps=settings.calibration_steps, samples=settings.calibration_samples,
             seed=settings.seed, cfg=settings.cfg, width=settings.calibration_width,
@@ -112,33 +116,16 @@ def quantize_model(model, positive, negative, settings: QuantizeSettings, schedu
         if settings.calibration_timesteps:
             calls = timestep_aware_subset(calls, settings.calibration_timesteps)
     adapter.load_model(model)  # quantize the weights the float model runs with (LoRA patches merged)
-
-    core_schedule, candidates = None, ()
-    if auto:
-        candidates = schedule.bits_used  # both bit-widths get scales; the SNR rule picks one per timestep
-    elif schedule is not None:
-        core_schedule = schedule.to_schedule(adapter.percent_to_timestep_fn(model), T)
-
-    q_unet = quantize(fp_unet, config, calls if calls else None, schedule=core_schedule, a_bits_candidates=candidates,
-                      num_train_timesteps=T, progress=progress)
-    adapter.check_interrupt()
-    if settings.method == METHOD_RECON:
-        with adapter.training_mode():  # AdaRound trains: work on plain (non-inference) copies
-            q_unet = copy.deepcopy(q_unet)
-            plain = adapter.plain_calls(calls)
-            q_unet = reconstruct_function()(fp_unet, q_unet, plain,
-                                            ReconConfig(weight_iters=settings.recon_iters), progress=progress,
-                                            seed=settings.seed)
-    deploy_(q_unet)
-    if auto:
-        core_schedule, _ = auto_schedule_function()(fp_unet, q_unet, calls, adapter.alphas_cumprod(model),
-                                                    candidates=candidates, progress=progress)
-    if settings.method in (METHOD_PTQD, METHOD_RECON):
-        stats = collect_stats(fp_unet, q_unet, calls, progress=progress)
-        attach_stats(q_unet, stats)
-    log.info("LowBit: quantized the UNet to %s (%s) with %d calibration calls%s", settings.bits, settings.method,
-             len(calls), f", schedule {core_schedule.segments}" if core_schedule is not None else "")
-    return adapter.attach_quantized_unet(model, q_unet)
+    trains = config.parsed.base in ("recon", "efficientdm")
+    # ComfyUI runs nodes under inference mode; training stages work on plain copies made outside it
+    with adapter.training_mode() if trains else contextlib.nullcontext():
+        fp = adapter.plain_copy(fp_unet) if trains else fp_unet
+        res = pipeline.run(fp, adapter.plain_calls(calls) if trains else calls, config,
+                           alphas_cumprod=adapter.alphas_cumprod(model), num_train_timesteps=T, progress=progress)
+    report = "\n".join(pipeline.describe(res.model))
+    log.info("LowBit: quantized the UNet to %s (%s) with %d calibration calls in %.1f s\n%s", settings.bits,
+             config.method, len(calls), res.total_seconds, report)
+    return adapter.attach_quantized_unet(model, res.model), report
 
 
 class LowBitQuantizeUNet:
@@ -148,8 +135,10 @@ class LowBitQuantizeUNet:
                    "them. Outputs a quantized copy; the input MODEL stays usable for comparison. Use the PTQD "
                    "Sampler to also apply PTQD's variance correction.")
     CATEGORY = f"{CATEGORY}/quantize"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The quantized model (a clone; the input MODEL is unchanged).",)
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The quantized model (a clone; the input MODEL is unchanged).",
+                       "Which layers run at which precision and why (kept at 8 bits: the model's edge layers).")
     FUNCTION = "quantize"
 
     @classmethod
@@ -164,11 +153,12 @@ class LowBitQuantizeUNet:
                                                "weights, the usual trade-off. W4A4: aggressive. W4A16: weight-only "
                                                "int4 (activations stay float, no activation calibration)."),
             "method": COMBO(methods, METHOD_PTQD,
-                            "naive: plain post-training quantization. ptqd: naive + PTQD noise statistics; the "
-                            "quantized UNet corrects its own output (bias and correlated noise) and the PTQD "
-                            "Sampler reduces injected noise by the residual." +
-                            (" ptqd+recon: ptqd after BRECQ block reconstruction (slow)." if METHOD_RECON in methods
-                             else "")),
+                            "naive: min/max ranges, no correction. lp: clipped ranges (L_p search). recon: lp + "
+                            "BRECQ/AdaRound block reconstruction (slow). efficientdm: lp + EfficientDM LoRA "
+                            "distillation merged into the integers (slow). +ptqd: PTQD noise statistics, the "
+                            "quantized UNet corrects its own output (bias and correlated noise). +vsc: the PTQD "
+                            "Sampler also reduces injected noise by the residual variance. +mixed: activation bits "
+                            "per timestep from measured SNR."),
             "calibration_steps": INT(10, 1, 1000, "Sampling steps per calibration image. Every step is one "
                                                   "recorded UNet call (timestep)."),
             "calibration_samples": INT(4, 1, 1024, "Number of calibration images (each a full sampling run with "
@@ -193,7 +183,7 @@ class LowBitQuantizeUNet:
             "weight_init": COMBO(WEIGHT_INITS, "lp", "How weight step sizes are chosen. lp: per channel, the clipping "
                                  "that minimises the L2.4 rounding error (better; the slowest part of quantizing "
                                  "on a CPU). minmax: no clipping (fast, a bit worse at 4 bits).", advanced=True),
-            "recon_iters": INT(200, 0, 1_000_000, "Only for method ptqd+recon: AdaRound iterations per block "
+            "recon_iters": INT(200, 0, 1_000_000, "Only for methods recon...: AdaRound iterations per block "
                                                   "(BRECQ uses 20000; slow on CPU).", advanced=True),
         }}
 
@@ -214,4 +204,4 @@ class LowBitQuantizeUNet:
                                     calibration_width, calibration_height, calibration_timesteps, time_bins,
                                     recon_iters, weight_init)
         check_quantize_settings(**settings.__dict__)
-        return (quantize_model(model, positive, negative, settings, bitwidth_schedule),)
+        return quantize_model(model, positive, negative, settings, bitwidth_schedule)

@@ -17,7 +17,7 @@ abar = 1/(1 + sigma^2) for ComfyUI's eps-prediction (VP) models. v_t is the resi
 enabled corrections (``PTQDStats.residual_var_at``). With classifier-free guidance v_t of the raw UNet output
 is used for the combined prediction (the core's convention: both branches see the same x_t).
 
-The sampler functions below are plain PyTorch; the statistics are found through ``comfy_adapter.ptqd_view``.
+The sampler math is the core's ``quant/sampling.py``; the statistics are found through ``comfy_adapter.ptqd_view``.
 """
 from __future__ import annotations
 
@@ -26,83 +26,21 @@ from typing import Optional
 
 import torch
 
-from ..quant.ptqd import ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma
+from ..quant.sampling import KDIFF_SAMPLERS, KDIFF_STOCHASTIC, ancestral_step, sample_sigmas_ptqd  # noqa: F401
 from . import comfy_adapter as adapter
 from .common import (BOOL, CATEGORY, COMBO, FLOAT, INT, SOCKET, NodeInputError, check_choice, check_float,
                      check_int, validation_result)
 
-PTQD_SAMPLERS = ("euler_ancestral", "ddpm", "ddim", "euler")
-STOCHASTIC = {"euler_ancestral", "ddpm", "ddim"}
-
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float):
-    """(sigma_down, sigma_up) of an ancestral step (Karras et al. 2022, eq. for ancestral sampling)."""
-    if eta <= 0 or sigma_next <= 0:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
-    return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
-
-
-class _Noise:
-    def __init__(self, x: torch.Tensor, seed: Optional[int]):
-        self.gen = None
-        if seed is not None:
-            self.gen = torch.Generator(device=x.device).manual_seed(int(seed))
-
-    def __call__(self, x):
-        return torch.randn(x.shape, generator=self.gen, device=x.device, dtype=x.dtype)
+PTQD_SAMPLERS, STOCHASTIC = KDIFF_SAMPLERS, KDIFF_STOCHASTIC
 
 
 def sample_ptqd(model, x, sigmas, extra_args=None, callback=None, disable=None, method="euler_ancestral",
                 eta=1.0, s_noise=1.0, vsc=True, report=None):
-    """k-diffusion-style sampler function (ComfyUI KSAMPLER signature) with PTQD variance calibration.
-
-    x: latent at sigmas[0] (already noise-scaled by KSAMPLER), float [B, C, H, W]; sigmas: float [steps + 1].
-    ``report`` (optional list) receives one dict per step with the noise levels before/after VSC.
-    """
-    extra_args = {} if extra_args is None else extra_args
+    """ComfyUI KSAMPLER function: the core's ``sample_sigmas_ptqd`` with the residual variance of the UNet
+    being sampled (found through ``comfy_adapter.ptqd_view``)."""
     view = adapter.ptqd_view(model) if vsc and method in STOCHASTIC else None
-    noise = _Noise(x, extra_args.get("seed"))
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        var = view.residual_var(sigmas[i]) if view is not None else 0.0
-        eps = (x - denoised) / sigma
-        if method == "euler" or (method == "euler_ancestral" and sigma_next <= 0):
-            x = denoised + eps * sigma_next
-            before = after = 0.0
-        elif method == "euler_ancestral":
-            s_down, s_up = ancestral_step(sigma, sigma_next, eta)
-            before = s_up
-            after = ancestral_vsc_sigma_up(sigma, s_down, s_up, var) if var > 0 else s_up
-            x = denoised + eps * s_down
-            if after > 0:
-                x = x + noise(x) * (s_noise * after)
-        else:  # ddpm / ddim in VP space: abar = 1/(1+sigma^2), x_vp = x/sqrt(1+sigma^2)
-            a_t, a_prev = 1.0 / (1.0 + sigma ** 2), 1.0 / (1.0 + sigma_next ** 2)
-            x_vp = x / math.sqrt(1.0 + sigma ** 2)
-            if method == "ddpm":
-                alpha = a_t / a_prev
-                mean = (x_vp - (1.0 - alpha) / math.sqrt(1.0 - a_t) * eps) / math.sqrt(alpha)
-                sig = math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - alpha)) if sigma_next > 0 else 0.0
-                before = sig
-                after = ddpm_vsc_sigma(a_t, a_prev, sig, var) if var > 0 else sig
-                x_vp = mean
-            else:
-                sig = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) if sigma_next > 0 else 0.0
-                before = sig
-                after = ddim_vsc_sigma(a_t, a_prev, sig, var) if var > 0 else sig
-                # x0 is the same in VP and k-diffusion (sigma) space
-                x_vp = math.sqrt(a_prev) * denoised + math.sqrt(max(1.0 - a_prev - after ** 2, 0.0)) * eps
-            if after > 0:
-                x_vp = x_vp + noise(x_vp) * (s_noise * after)
-            x = x_vp * math.sqrt(1.0 + sigma_next ** 2)
-        if report is not None:
-            report.append({"step": i, "sigma": sigma, "var": var, "noise_before": before, "noise_after": after})
-    return x
+    return sample_sigmas_ptqd(model, x, sigmas, extra_args, callback, method=method, eta=eta, s_noise=s_noise,
+                              residual_var=None if view is None else view.residual_var, report=report)
 
 
 def check_sampler_settings(sampler_name=None, eta=None, s_noise=None):

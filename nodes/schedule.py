@@ -11,19 +11,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .common import (CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, NodeInputError, check_choice,
-                     check_float, check_int, core_function, validation_result)
+                     check_float, check_int, validation_result)
 
 MODE_FIXED = "fixed percent split"
 MODE_AUTO = "auto (SNR)"
 
 
-def auto_schedule_function():
-    """``quant.schedule.auto_schedule`` if the core provides it (else the "auto (SNR)" mode is not offered)."""
-    return core_function("schedule", "auto_schedule")
-
-
 def available_modes():
-    return [MODE_FIXED] + ([MODE_AUTO] if auto_schedule_function() is not None else [])
+    return [MODE_FIXED, MODE_AUTO]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Verbs (everything else is private):
   deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels / back to fake-quant
   save(qmodel, path) / load(model, path)     safetensors + versioned JSON header
   CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
+  pipeline.run(model, calls, PipelineConfig) the whole method (quantize, reconstruct, fine-tune, PTQD, deploy)
 """
 from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, QuantConfig, ReconConfig,
                      ACT_BITS_NONE)
@@ -23,3 +24,5 @@ from .schedule import auto_schedule, measure_snr
 from .recon import reconstruct
 from . import efficientdm
 from .efficientdm import finetune, merge_, save_adapters, load_adapters
+from . import pipeline
+from .pipeline import PipelineConfig, Result

@@ -32,6 +32,7 @@ class QuantContext:
         self.ptqd = None  # PTQDStats (``ptqd.attach_stats``)
         self.finetune_info: Optional[dict] = None  # EfficientDM provenance (``efficientdm.finetune``)
         self.profile: Optional[str] = None  # name of the model profile (``profiles/``)
+        self.host_state: dict = {}  # a host adapter's bookkeeping (e.g. which LoRA patches are applied)
         self.report: list = []  # per-layer precision decisions with their reasons (``pipeline``/``sensitivity``)
 
     def a_bits_for(self, default: int) -> int:

@@ -131,3 +131,85 @@ def sample(eps_fn, shape, alphas_cumprod: torch.Tensor, steps: int = 50, sampler
     x = x.to(device)
     with torch.no_grad(), Stage(progress, len(ts), f"sample ({sampler})") as st:
         return SAMPLERS[sampler](eps_fn, x, alphas_cumprod, ts, eta=eta, var_fn=var_fn, gen=gen, st=st)
+
+
+# ---- sigma-space (k-diffusion) samplers with PTQD variance calibration, used by hosts' sampler nodes -----
+KDIFF_SAMPLERS = ("euler_ancestral", "ddpm", "ddim", "euler")
+KDIFF_STOCHASTIC = {"euler_ancestral", "ddpm", "ddim"}
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float):
+    """(sigma_down, sigma_up) of an ancestral step (Karras et al. 2022, eq. for ancestral sampling)."""
+    if eta <= 0 or sigma_next <= 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
+    return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
+
+
+class _Noise:
+    def __init__(self, x: torch.Tensor, seed: Optional[int]):
+        self.gen = None
+        if seed is not None:
+            self.gen = torch.Generator(device=x.device).manual_seed(int(seed))
+
+    def __call__(self, x):
+        return torch.randn(x.shape, generator=self.gen, device=x.device, dtype=x.dtype)
+
+
+def sample_sigmas_ptqd(model, x, sigmas, extra_args=None, callback=None, method="euler_ancestral", eta=1.0,
+                       s_noise=1.0, residual_var=None, report=None):
+    """A k-diffusion-style sampler (sigma space, ``model(x, sigma, **extra_args)`` returns the denoised x0) with
+    PTQD variance calibration: the injected noise is reduced by ``residual_var(sigma)`` (the quantized model's
+    residual eps variance at that sigma; None: a plain sampler). Methods: ``KDIFF_SAMPLERS``.
+
+    x: latent at sigmas[0] (already noise-scaled), float [B, C, H, W]; sigmas: float [steps + 1].
+    ``report`` (optional list) receives one dict per step with the noise levels before/after VSC.
+    Update rules (eps = (x - x0)/sigma; VP quantities abar = 1/(1 + sigma^2)):
+      euler_ancestral  x' = x0 + eps*s_down + s_up'*z,  s_up' = sqrt(max(s_up^2 - (s - s_down)^2 v, 0))
+      ddpm (VP space)  x' = mu(x, eps) + sig'*z,  sig'^2 = max(sig^2 - (beta/(sqrt(alpha) sqrt(1-abar)))^2 v, 0)
+      ddim(eta)        sig' solves sig'^2 + c(sig')^2 v = sig^2 (``ptqd.ddim_vsc_sigma``)
+      euler            deterministic: nothing to reduce
+    """
+    extra_args = {} if extra_args is None else extra_args
+    view = residual_var if method in KDIFF_STOCHASTIC else None
+    noise = _Noise(x, extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        var = view(sigmas[i]) if view is not None else 0.0
+        eps = (x - denoised) / sigma
+        if method == "euler" or (method == "euler_ancestral" and sigma_next <= 0):
+            x = denoised + eps * sigma_next
+            before = after = 0.0
+        elif method == "euler_ancestral":
+            s_down, s_up = ancestral_step(sigma, sigma_next, eta)
+            before = s_up
+            after = ancestral_vsc_sigma_up(sigma, s_down, s_up, var) if var > 0 else s_up
+            x = denoised + eps * s_down
+            if after > 0:
+                x = x + noise(x) * (s_noise * after)
+        else:  # ddpm / ddim in VP space: abar = 1/(1+sigma^2), x_vp = x/sqrt(1+sigma^2)
+            a_t, a_prev = 1.0 / (1.0 + sigma ** 2), 1.0 / (1.0 + sigma_next ** 2)
+            x_vp = x / math.sqrt(1.0 + sigma ** 2)
+            if method == "ddpm":
+                alpha = a_t / a_prev
+                mean = (x_vp - (1.0 - alpha) / math.sqrt(1.0 - a_t) * eps) / math.sqrt(alpha)
+                sig = math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - alpha)) if sigma_next > 0 else 0.0
+                before = sig
+                after = ddpm_vsc_sigma(a_t, a_prev, sig, var) if var > 0 else sig
+                x_vp = mean
+            else:
+                sig = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) if sigma_next > 0 else 0.0
+                before = sig
+                after = ddim_vsc_sigma(a_t, a_prev, sig, var) if var > 0 else sig
+                # x0 is the same in VP and k-diffusion (sigma) space
+                x_vp = math.sqrt(a_prev) * denoised + math.sqrt(max(1.0 - a_prev - after ** 2, 0.0)) * eps
+            if after > 0:
+                x_vp = x_vp + noise(x_vp) * (s_noise * after)
+            x = x_vp * math.sqrt(1.0 + sigma_next ** 2)
+        if report is not None:
+            report.append({"step": i, "sigma": sigma, "var": var, "noise_before": before, "noise_after": after})
+    return x

@@ -95,8 +95,8 @@ class Comparison:
 
 
 def compare_images(fp: torch.Tensor, q: torch.Tensor, title: str = "") -> Comparison:
-    # The metric code is the Compare node's (host-free math in nodes/compare.py; nothing there imports ComfyUI).
-    from ..nodes.compare import difference_map, psnr, report, ssim
+    # The metric code is the core's (quant/compare.py), shared with the Compare node.
+    from ..quant.compare import difference_map, psnr, report, ssim
 
     p, s = psnr(fp, q), ssim(fp, q)
     heat, peak = difference_map(fp, q)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 
 nodes_pkg = importlib.import_module("lowbit.nodes")
-from lowbit.nodes import compare, io as nio, lora as side, sampler as smp, schedule as sch  # noqa: E402
+from lowbit.nodes import io as nio, sampler as smp, schedule as sch  # noqa: E402
+from lowbit.quant import compare, side_paths as side  # noqa: E402  (host-free math lives in the core)
 from lowbit.nodes.quantize import check_quantize_settings  # noqa: E402
 
 MAPPINGS = nodes_pkg.NODE_CLASS_MAPPINGS
@@ -112,7 +113,7 @@ def test_validate_inputs_accepts_the_defaults(node_id):
 # ----------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs, words", [
     (dict(bits="W3A5"), ["bits", "W4A8"]),
-    (dict(method="gptq"), ["method", "ptqd"]),
+    (dict(method="gptq"), ["method", "recon+ptqd"]),
     (dict(calibration_steps=0), ["calibration_steps", "1..1000"]),
     (dict(calibration_width=500), ["multiple of 8"]),
     (dict(cfg=-1.0), ["cfg"]),

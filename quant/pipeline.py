@@ -1,0 +1,294 @@
+"""The one pipeline verb: ``run(fp_model, calls, PipelineConfig)`` -> a quantized (deployed) model.
+
+Every host (ComfyUI nodes, the WebUI, the gradio app, the CLI, the recipes and the benches) calls this; none
+composes its own sequence. A method is named once, in one vocabulary (``METHODS``):
+
+    <base>[+ptqd[(paper)]][+vsc][+mixed]
+    base:  naive         min/max weight and activation ranges (the baseline of the papers)
+           lp            L_p-searched ranges (clipping that minimises the rounding error)
+           recon         lp + BRECQ/AdaRound block reconstruction (PTQD's starting point)
+           efficientdm   lp + EfficientDM (QALoRA + TALSQ distillation), merged into the integers
+    +ptqd  PTQD bias and correlated-noise correction (``(paper)``: the paper's eps-only noise model)
+    +vsc   PTQD variance-schedule calibration in the sampler (``Result.var_fn``)
+    +mixed step-aware mixed precision: activation bits per timestep from measured SNR
+
+Stages run in this order, each with one stage name and one progress bar: quantize (weights, activation
+calibration: one pass of the quantized model over the calls), reconstruct, fine-tune (+ merge), schedule,
+PTQD statistics, deploy. The full-precision model is never changed; ``calls`` are read, never modified.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import (METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig, ReconConfig, _Config, _field,
+                     _version, register_config)
+from .errors import ConfigError
+
+BASES = ("naive", "lp", "recon", "efficientdm")
+MODIFIERS = ("ptqd", "ptqd(paper)", "vsc", "mixed", "act", "minmax-acts")
+# What the hosts offer (the rest of the grammar is accepted by ``run`` and used by the benches' ablations).
+# What the hosts offer: ``config.METHODS`` (declared there with the other limits; the rest of the grammar is
+# accepted by ``run`` and used by the benches' ablations).
+DEFAULT_METHOD = "recon+ptqd+vsc"
+# Names used by earlier releases (saved ComfyUI workflows, WebUI settings) -> today's names.
+ALIASES = {"ptqd": "lp+ptqd", "ptqd+recon": "recon+ptqd"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method name."""
+
+    base: str
+    ptqd: bool = False
+    paper: bool = False
+    vsc: bool = False
+    mixed: bool = False
+    act: bool = False  # BRECQ's activation pass after reconstruction (ablation)
+    minmax_acts: bool = False  # min/max activation ranges with reconstruction (ablation)
+
+    @property
+    def name(self) -> str:
+        mods = [("ptqd(paper)" if self.paper else "ptqd") if self.ptqd else None, "vsc" if self.vsc else None,
+                "mixed" if self.mixed else None, "act" if self.act else None,
+                "minmax-acts" if self.minmax_acts else None]
+        return "+".join([self.base] + [m for m in mods if m])
+
+
+def parse_method(name: str) -> Method:
+    """``"recon+ptqd+vsc"`` -> ``Method``; raises ``ConfigError`` listing the vocabulary."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"method must be a name such as {DEFAULT_METHOD!r}; choose one of {', '.join(METHODS)}")
+    name = ALIASES.get(name.strip(), name.strip())
+    base, *mods = name.split("+")
+    if base not in BASES:
+        raise ConfigError(f"unknown method {name!r}: it must start with one of {', '.join(BASES)}; "
+                          f"choose one of {', '.join(METHODS)}")
+    bad = [m for m in mods if m not in MODIFIERS]
+    if bad or len(set(mods)) != len(mods):
+        raise ConfigError(f"unknown or repeated part {(bad or mods)[0]!r} in method {name!r}; parts after the base "
+                          f"are {', '.join(MODIFIERS)}; e.g. {DEFAULT_METHOD!r}")
+    m = Method(base, ptqd=any(x.startswith("ptqd") for x in mods), paper="ptqd(paper)" in mods, vsc="vsc" in mods,
+               mixed="mixed" in mods, act="act" in mods, minmax_acts="minmax-acts" in mods)
+    if m.vsc and not m.ptqd:
+        raise ConfigError(f"method {name!r}: +vsc needs +ptqd (the variance calibration uses PTQD's residual "
+                          "variance); write e.g. 'recon+ptqd+vsc'")
+    if (m.act or m.minmax_acts) and m.base != "recon":
+        raise ConfigError(f"method {name!r}: +act and +minmax-acts modify reconstruction; use base 'recon'")
+    return m
+
+
+def _check_method(spec, v, where):
+    parse_method(v)
+    return ALIASES.get(v.strip(), v.strip())
+
+
+@register_config
+@dataclass(frozen=True)
+class PipelineConfig(_Config):
+    """What ``run`` does: the method (one vocabulary, see the module docstring) and the settings of its stages.
+
+    quant: bits and ranges (``QuantConfig.preset("W4A8")``); the base ``naive`` forces min/max ranges.
+    recon / finetune / ptqd: settings of those stages (used when the method has them).
+    schedule: a fixed step-aware activation schedule (``BitwidthSchedule``); ``+mixed`` measures one instead.
+    deploy: pack to integers and run on the kernels at the end.
+    """
+
+    method: str = _field("any", DEFAULT_METHOD, "the method: " + ", ".join(METHODS))
+    quant: QuantConfig = _field("any", QuantConfig(), "bits and ranges (QuantConfig)")
+    recon: ReconConfig = _field("any", ReconConfig(), "block reconstruction settings (ReconConfig)")
+    finetune: FinetuneConfig = _field("any", FinetuneConfig(), "EfficientDM settings (FinetuneConfig)")
+    ptqd: PTQDConfig = _field("any", PTQDConfig(), "PTQD settings (PTQDConfig); +vsc / (paper) set its switches")
+    schedule: Optional[BitwidthSchedule] = _field("any", None, "fixed step-aware activation bits, or None")
+    mixed_candidates: tuple = _field("any", (), "activation bit-widths +mixed chooses from per timestep "
+                                                "(() = the config's a_bits and 8)")
+    deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
+    version: int = _version(1)
+
+    def _check_combinations(self):
+        m = parse_method(self.method)
+        object.__setattr__(self, "method", m.name)
+        for fname, typ in (("quant", QuantConfig), ("recon", ReconConfig), ("finetune", FinetuneConfig),
+                           ("ptqd", PTQDConfig)):
+            if not isinstance(getattr(self, fname), typ):
+                raise ConfigError(f"PipelineConfig.{fname} must be a {typ.__name__}, got "
+                                  f"{type(getattr(self, fname)).__name__}")
+        if self.schedule is not None and not isinstance(self.schedule, BitwidthSchedule):
+            raise ConfigError(f"PipelineConfig.schedule must be a BitwidthSchedule or None, got "
+                              f"{type(self.schedule).__name__}")
+        weight_only = self.quant.a_bits == 16
+        if weight_only and (m.mixed or self.schedule is not None):
+            raise ConfigError(f"{self.quant.name} is weight-only: a bit-width schedule (+mixed) switches activation "
+                              "bits; pick W4A8/W4A4 or drop the schedule")
+        cands = self.mixed_candidates
+        if not isinstance(cands, tuple) or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8
+                                               for b in cands):
+            raise ConfigError(f"PipelineConfig.mixed_candidates must be a tuple of activation bit-widths in 2..8, "
+                              f"got {cands!r}")
+        if m.mixed and self.schedule is not None:
+            raise ConfigError("+mixed measures its own schedule; remove the fixed schedule or the +mixed part")
+
+    @property
+    def parsed(self) -> Method:
+        return parse_method(self.method)
+
+    @classmethod
+    def for_method(cls, method: str, bits: str = "W4A8", **overrides) -> "PipelineConfig":
+        """``PipelineConfig.for_method("recon+ptqd", "W4A8", recon=ReconConfig.quick())``."""
+        quant = overrides.pop("quant", None) or QuantConfig.preset(bits)
+        return cls(method=method, quant=quant, **overrides)
+
+
+@dataclass
+class Result:
+    """What ``run`` returns: the quantized model, the sampler's variance hook (``+vsc``), what was done."""
+
+    model: nn.Module
+    var_fn: Optional[Callable[[float], float]] = None  # PTQD residual variance at timestep t (+vsc), else None
+    seconds: Dict[str, float] = field(default_factory=dict)  # per stage
+    info: dict = field(default_factory=dict)  # e.g. the measured schedule, the fine-tune losses
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def _effective_quant(cfg: PipelineConfig, m: Method) -> QuantConfig:
+    q = cfg.quant
+    if m.base == "naive":
+        return dataclasses.replace(q, w_init="minmax", a_init="minmax")
+    if m.minmax_acts:
+        return dataclasses.replace(q, a_init="minmax")
+    return q
+
+
+def needs_calls(cfg: PipelineConfig) -> bool:
+    """Whether ``cfg`` needs recorded calibration calls (static activation ranges or a data-driven stage)."""
+    m, q = cfg.parsed, cfg.quant
+    static = q.a_bits != 16 and not q.a_dynamic
+    return static or m.base in ("recon", "efficientdm") or m.ptqd or m.mixed
+
+
+def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
+    """Every cheap check ``run`` makes, before any work (hosts call it to refuse early; ``calls=None``: the
+    calls are recorded later, not checked now)."""
+    if not isinstance(config, PipelineConfig):
+        raise ConfigError(f"config must be a PipelineConfig, got {type(config).__name__}")
+    if not isinstance(fp_model, nn.Module):
+        raise ConfigError(f"expected the full-precision model (a torch.nn.Module), got {type(fp_model).__name__}")
+    m = config.parsed
+    if calls is not None and needs_calls(config) and not calls:
+        raise ConfigError(f"method {m.name} at {config.quant.name} needs calibration calls: record them with "
+                          "lowbit.quant.CallRecorder around a full-precision sampling run")
+    if m.mixed and alphas_cumprod is None:
+        raise ConfigError("+mixed needs the model's noise schedule: pass alphas_cumprod= (the scheduler's "
+                          "alphas_cumprod, length T)")
+    return m
+
+
+def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *, alphas_cumprod=None,
+        num_train_timesteps: Optional[int] = None, profile: Optional[str] = None, stat_calls=None,
+        start: Optional[nn.Module] = None, progress=None) -> Result:
+    """Quantize ``fp_model`` with ``config`` on the recorded ``calls``; returns a ``Result`` whose model is a
+    new module (``fp_model`` is untouched). ``stat_calls``: other calls for the PTQD statistics (default:
+    ``calls``). ``start``: continue from this LowBit quantized model instead of quantizing ``fp_model`` (base
+    ``efficientdm`` only: fine-tune a loaded or earlier result; ``start`` is not changed either). ``progress(done, total, info)`` sees ``info["stage"]`` and may raise
+    to cancel; a cancelled run leaves its inputs unchanged and returns nothing."""
+    from .api import deploy_, quantize
+    from .ptqd import attach_stats, collect_stats
+
+    m = check(fp_model, list(calls or []), config, alphas_cumprod)
+    calls = list(calls or [])
+    if num_train_timesteps is None:
+        num_train_timesteps = len(alphas_cumprod) if alphas_cumprod is not None else 1000
+    qcfg = _effective_quant(config, m)
+    res = Result(model=None)
+    t0 = time.perf_counter()
+
+    def lap(stage):
+        nonlocal t0
+        now = time.perf_counter()
+        res.seconds[stage] = res.seconds.get(stage, 0.0) + now - t0
+        t0 = now
+
+    candidates = (tuple(sorted(set(config.mixed_candidates) or {qcfg.a_bits, 8})) if m.mixed else ())
+    if start is not None:
+        from .context import get_context
+
+        if get_context(start) is None or m.base != "efficientdm" or m.mixed:
+            raise ConfigError("start= continues from a LowBit quantized model with base 'efficientdm' (no +mixed); "
+                              f"got method {m.name} and a {'quantized' if get_context(start) else 'float'} model")
+        q = start  # finetune works on its own copy
+    else:
+        q = quantize(fp_model, qcfg, calls or None, schedule=config.schedule, a_bits_candidates=candidates,
+                     num_train_timesteps=num_train_timesteps, profile=profile, progress=progress)
+        lap("quantize")
+    if m.base == "recon":
+        from .recon import reconstruct
+
+        rcfg = dataclasses.replace(config.recon, act_iters=config.recon.act_iters or 100) if m.act else config.recon
+        reconstruct(fp_model, q, calls, rcfg, progress=progress)
+        lap("reconstruct")
+    if m.base == "efficientdm":
+        from .efficientdm import finetune, merge_
+        from .context import get_context
+
+        q = merge_(finetune(q, fp_model, calls, config.finetune, progress=progress))
+        res.info["finetune"] = dict(get_context(q).finetune_info or {})
+        lap("fine-tune")
+    if m.mixed:
+        from .schedule import auto_schedule
+
+        sched, meas = auto_schedule(fp_model, q, calls, alphas_cumprod, candidates=candidates, progress=progress)
+        res.info["schedule"] = sched.segments
+        lap("schedule")
+    if m.ptqd:
+        pcfg = dataclasses.replace(config.ptqd, input_correlation=False) if m.paper else config.ptqd
+        pcfg = dataclasses.replace(pcfg, variance_calibration=m.vsc)
+        attach_stats(q, collect_stats(fp_model, q, list(stat_calls or calls), pcfg, progress=progress))
+        if m.vsc:
+            res.var_fn = get_stats_var(q)
+        lap("PTQD statistics")
+    if config.deploy:
+        deploy_(q)
+        lap("deploy")
+    res.model = q
+    return res
+
+
+def get_stats_var(q) -> Optional[Callable[[float], float]]:
+    """The PTQD residual-variance function of a quantized model (what samplers use for +vsc), or None."""
+    from .ptqd import get_stats
+
+    st = get_stats(q)
+    return None if st is None else st.residual_var_at
+
+
+def describe(q: nn.Module) -> List[str]:
+    """Lines for a CLI / node text output: which layers are not at the target bits, and why."""
+    from .context import get_context
+    from .layers import quant_layers
+
+    ctx = get_context(q)
+    if ctx is None:
+        return ["not a LowBit quantized model"]
+    layers = list(quant_layers(q))
+    counts: Dict[str, int] = {}
+    for _, l in layers:
+        key = f"W{l.w_bits}A{l.a_bits}"
+        counts[key] = counts.get(key, 0) + 1
+    lines = [f"{ctx.config.name if ctx.config else '?'} ({ctx.profile} profile): " +
+             ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))]
+    for r in ctx.report:
+        lines.append(f"  {r['name']}: W{r['w_bits']}A{r['a_bits']} ({r['reason']})")
+    return lines
+
+
+def method_choices(include_ablations: bool = False) -> Sequence[str]:
+    return METHODS + (("recon+act", "recon+minmax-acts", "recon+ptqd(paper)") if include_ablations else ())
+
