@@ -365,14 +365,14 @@ def _int_field(path, n, lm, key, lo, hi, allow_none=False):
     if v is None and allow_none:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        _fail(path, f"layer {n!r}: {key}={str(v)[:40]!r} is not an integer in {lo}..{hi}", "the file is corrupt")
+        _fail(path, f"layer {n!r}: {key}={repr(v)[:40]} is not an integer in {lo}..{hi}", "the file is corrupt")
     return v
 
 
 def _bool_field(path, n, lm, key, default):
     v = lm.get(key, default)
     if not isinstance(v, bool):
-        _fail(path, f"layer {n!r}: {key}={str(v)[:40]!r} is not true/false", "the file is corrupt")
+        _fail(path, f"layer {n!r}: {key}={repr(v)[:40]} is not true/false", "the file is corrupt")
     return v
 
 

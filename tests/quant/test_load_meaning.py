@@ -1,0 +1,182 @@
+"""The loader checks meaning (issue 15 item 1): crafted files whose bytes are valid safetensors but whose content does
+not fit the target model are refused with a LoadError naming the field; the target model is never changed."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowbit.quant import (BitwidthSchedule, LoadError, QuantConfig, attach_stats, collect_stats, deploy_, load,
+                          quantize, save)
+from lowbit.quant import config as C
+
+from qutil import assert_same_state, state_copy
+
+
+@pytest.fixture(scope="module")
+def good(unet, calls, tmp_path_factory):
+    q = quantize(unet, QuantConfig.preset("W4A8", time_bins=2), calls)
+    attach_stats(q, collect_stats(unet, q, calls))
+    deploy_(q)
+    p = str(tmp_path_factory.mktemp("meaning") / "good.safetensors")
+    save(q, p)
+    with safe_open(p, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["lowbit"])
+    return p, tensors, header
+
+
+def _craft(good, tmp_path, edit_tensors=None, edit_header=None):
+    _, tensors, header = good
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    header = json.loads(json.dumps(header))
+    if edit_tensors:
+        edit_tensors(tensors, header)
+    if edit_header:
+        edit_header(header)
+    p = str(tmp_path / "crafted.safetensors")
+    save_file(tensors, p, metadata={"lowbit": json.dumps(header)})
+    return p
+
+
+def _refused(unet, p, match):
+    before = state_copy(unet)
+    with pytest.raises(LoadError, match=match):
+        load(unet, p)
+    assert_same_state(unet, before)
+
+
+def _static_layer(header):
+    return next(n for n, lm in header["layers"].items() if lm["a_bits_set"])
+
+
+def test_good_file_loads(unet, good):
+    load(unet, good[0])
+
+
+def test_ptqd_bias_for_another_channel_count(unet, good, tmp_path):
+    def edit(ts, h):
+        ts["__extra__.ptqd.bias"] = ts["__extra__.ptqd.bias"].repeat(1, 3)
+
+    _refused(unet, _craft(good, tmp_path, edit), r"PTQD bias table has shape \[\d+, 3\], expected \[\d+, 1\]")
+
+
+def test_ptqd_empty_or_ragged_tables(unet, good, tmp_path):
+    def empty(ts, h):
+        for k in ("t", "k", "var", "m"):
+            ts[f"__extra__.ptqd.{k}"] = torch.zeros(0)
+        ts["__extra__.ptqd.bias"] = torch.zeros(0, 1)
+
+    _refused(unet, _craft(good, tmp_path, empty), "PTQD timestep table is empty")
+
+    def ragged(ts, h):
+        ts["__extra__.ptqd.k"] = ts["__extra__.ptqd.k"][:-1].clone()
+
+    _refused(unet, _craft(good, tmp_path, ragged), "PTQD table 'k'")
+
+
+@pytest.mark.parametrize("value,match", [(0.0, "act.scale_8 holds a zero"), (-1.0, "act.scale_8 holds a zero"),
+                                         (float("nan"), "act.scale_8 holds a zero")])
+def test_activation_scale_not_positive(unet, good, tmp_path, value, match):
+    def edit(ts, h):
+        ts[f"{_static_layer(h)}.act.scale_8"][0] = value
+
+    _refused(unet, _craft(good, tmp_path, edit), match)
+
+
+@pytest.mark.parametrize("value", [256.0, -1.0, 3.5])
+def test_zero_point_out_of_range(unet, good, tmp_path, value):
+    def edit(ts, h):
+        ts[f"{_static_layer(h)}.act.zero_8"][0] = value
+
+    _refused(unet, _craft(good, tmp_path, edit), r"act.zero_8 must hold integers in \[0, 255\]")
+
+
+def test_weight_scale_zero(unet, good, tmp_path):
+    def edit(ts, h):
+        ts[f"{next(iter(h['layers']))}.w_scale"][0] = 0.0
+
+    _refused(unet, _craft(good, tmp_path, edit), "w_scale holds a zero")
+
+
+def test_activation_bits_without_tables(unet, good, tmp_path):
+    def edit(ts, h):
+        n = _static_layer(h)
+        h["layers"][n]["a_bits"] = 4  # tables exist for 8 bits only
+
+    _refused(unet, _craft(good, tmp_path, edit), "static 4-bit activations but tables for bits")
+
+
+def test_empty_timestep_tables(unet, good, tmp_path):
+    def edit(ts, h):
+        n = _static_layer(h)
+        h["layers"][n]["time_bins"] = 0
+        for k in ("act.tgrid", "act.scale_8", "act.zero_8"):
+            ts[f"{n}.{k}"] = torch.zeros(0)
+
+    _refused(unet, _craft(good, tmp_path, edit), "over 0 steps")
+
+
+def test_unsorted_time_grid(unet, good, tmp_path):
+    def edit(ts, h):
+        n = _static_layer(h)
+        ts[f"{n}.act.tgrid"] = ts[f"{n}.act.tgrid"].flip(0).contiguous()
+
+    _refused(unet, _craft(good, tmp_path, edit), "act.tgrid must be increasing")
+
+
+@pytest.mark.parametrize("g,match", [(0, "group_size=0"), ("8", "group_size='8'"), (True, "group_size=True")])
+def test_group_size_malformed(unet, good, tmp_path, g, match):
+    def edit(ts, h):
+        h["layers"][next(iter(h["layers"]))]["group_size"] = g
+
+    _refused(unet, _craft(good, tmp_path, edit), match)
+
+
+def test_schedule_slot_holding_another_config_type(unet, good, tmp_path):
+    def edit(ts, h):
+        h["schedule"] = C.to_json_obj(QuantConfig())
+
+    _refused(unet, _craft(good, tmp_path, edit), "schedule slot holds a QuantConfig, expected a BitwidthSchedule")
+
+    def edit2(ts, h):
+        h["config"] = C.to_json_obj(BitwidthSchedule())
+
+    _refused(unet, _craft(good, tmp_path, edit2), "config slot holds a BitwidthSchedule")
+
+
+def test_unknown_format_and_wrong_bits_for_format(unet, good, tmp_path):
+    def edit(ts, h):
+        h["layers"][next(iter(h["layers"]))]["w_format"] = "fp8_e4m3"
+
+    _refused(unet, _craft(good, tmp_path, edit), "unknown weight format 'fp8_e4m3'")
+
+    def edit2(ts, h):
+        n = next(n for n, lm in h["layers"].items() if lm["w_bits"] == 4)
+        h["layers"][n]["w_format"] = "int8_channel"
+
+    _refused(unet, _craft(good, tmp_path, edit2), "stores 5..8-bit weights")
+
+
+def test_unused_tensor_is_refused_not_read(unet, good, tmp_path):
+    def edit(ts, h):
+        ts["junk"] = torch.zeros(1000)
+
+    _refused(unet, _craft(good, tmp_path, edit), "tensors no layer uses")
+
+
+def test_version_1_file_is_migrated(unet, good, tmp_path):
+    """A version-1 header (no w_format) loads through MIGRATIONS[1]."""
+    def edit(ts, h):
+        h["format_version"] = 1
+        for lm in h["layers"].values():
+            del lm["w_format"]
+
+    q = load(unet, _craft(good, tmp_path, edit))
+    q2 = load(unet, good[0])
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        a = q(x, torch.tensor([10]), class_labels=torch.tensor([1])).sample
+        b = q2(x, torch.tensor([10]), class_labels=torch.tensor([1])).sample
+    assert torch.equal(a, b)
