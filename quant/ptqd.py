@@ -163,27 +163,42 @@ class _Accum:
 
 def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQDConfig(),
                   progress=None) -> PTQDStats:
-    """Fit k_t, bias_t and residual variance from UNet calls on full-precision trajectories."""
+    """Fit k_t, bias_t and residual variance from UNet calls on full-precision trajectories.
+
+    Raises ``NumericalError`` (naming the model and the timestep) when an output or a fitted table is NaN/Inf.
+    Transactional: cancelled or failing, both models are left as they were."""
+    from .errors import ConfigError
+    from .transaction import FIX, check_stats, check_tensor, transaction
+
     if not calls:
-        raise ValueError("PTQD statistics need recorded UNet calls (CallRecorder around a full-precision sampling run)")
-    acc = _Accum()
+        raise ConfigError("PTQD statistics need recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    if not isinstance(config, PTQDConfig):
+        raise ConfigError(f"config must be a PTQDConfig, got {type(config).__name__}")
     ctx = get_context(qmodel)
-    saved = getattr(ctx, "ptqd_active", False)
-    ctx.ptqd_active = False  # measure the raw quantized output
+    if ctx is None:
+        raise ConfigError("collect_stats needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
+    acc = _Accum()
     dev, dt = model_device_dtype(fp_model)
     qdev, qdt = model_device_dtype(qmodel)
-    try:
+    saved = ctx.ptqd_active
+    with transaction(qmodel, readonly=(fp_model,)):
+        ctx.ptqd_active = False  # measure the raw quantized output
         with torch.no_grad(), Stage(progress, len(calls), "PTQD statistics") as st:
             for c in calls:
                 a, kw = c.to(dev, dt)
+                check_tensor(sample_of_call(a, kw), f"collect_stats: the UNet input at timestep {c.t}",
+                             "record the calibration calls again from a finite sampling run")
                 fp = unet_output(fp_model(*a, **kw)).float()
+                check_tensor(fp, f"collect_stats: the full-precision model's output at timestep {c.t}", FIX)
                 a, kw = c.to(qdev, qdt)
                 q = unet_output(qmodel(*a, **kw)).float().to(fp.device)
+                check_tensor(q, f"collect_stats: the quantized model's output at timestep {c.t}", FIX)
                 acc.add(float(c.t), fp.cpu(), (q - fp).cpu(), sample_of_call(a, kw).float().cpu())
                 st.step()
-    finally:
+        stats = acc.finish(config)
+        check_stats(stats, "collect_stats")
         ctx.ptqd_active = saved
-    return acc.finish(config)
+    return stats
 
 
 class PTQDOutputHook:

@@ -50,6 +50,11 @@ def weight_scale(w: torch.Tensor, bits: int, group_size=None, method: str = "lp"
     method "minmax": absmax / (2^(b-1)-1); "lp": the absmax shrunk by the factor in {1.00, 0.99, ..., 0.21}
     that minimises mean |w - q(w)|^2.4 for each channel separately.
     """
+    if not bool(torch.isfinite(w.detach()).all()):
+        from .errors import NumericalError
+
+        raise NumericalError(f"NaN/Inf in a float weight of shape {tuple(w.shape)} to be quantized (its step sizes "
+                             "would be NaN); the float model is corrupt: reload or fix its checkpoint")
     with torch.no_grad():
         wg, _ = _grouped(w.detach().float(), group_size)
         qmin, qmax = w_qrange(bits)

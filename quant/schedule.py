@@ -9,6 +9,7 @@ still has to resolve. Early (noisy) steps get low bits, late steps high bits.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
@@ -17,15 +18,28 @@ import torch
 from .calib import Call, model_device_dtype, unet_output
 from .config import BitwidthSchedule
 from .context import get_context
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .layers import quant_layers
 from .progress import Stage
+from .transaction import FIX, check_finite, check_tensor, transaction
 
 
 def measure_snr(fp_model, qmodel, calls: List[Call], candidates: Sequence[int], progress=None
                 ) -> Dict[float, Dict[int, float]]:
-    """SNR_q(b, t) for every timestep in ``calls`` and every candidate bit-width (10*log10 not applied)."""
+    """SNR_q(b, t) for every timestep in ``calls`` and every candidate bit-width (10*log10 not applied).
+
+    Raises ``NumericalError`` when an output or a measurement is NaN/Inf. Transactional: cancelled or failing,
+    both models are left as they were."""
+    if not calls:
+        raise ConfigError("measuring SNR needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    with transaction(qmodel, readonly=(fp_model,)):
+        return _measure_snr(fp_model, qmodel, calls, candidates, progress)
+
+
+def _measure_snr(fp_model, qmodel, calls, candidates, progress):
     ctx = get_context(qmodel)
+    if ctx is None:
+        raise ConfigError("measure_snr needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
     have = set.intersection(*[set(l.act.bits_set) for _, l in quant_layers(qmodel) if l.act is not None and l.scheduled])
     missing = [b for b in candidates if b not in have]
     if missing:
@@ -41,10 +55,13 @@ def measure_snr(fp_model, qmodel, calls: List[Call], candidates: Sequence[int], 
             for c in calls:
                 a, kw = c.to(dev, dt)
                 fp = unet_output(fp_model(*a, **kw)).float()
+                check_tensor(fp, f"measure_snr: the full-precision model's output at timestep {c.t}", FIX)
                 a, kw = c.to(qdev, qdt)
                 for b in candidates:
                     ctx.a_bits_override = b
                     q = unet_output(qmodel(*a, **kw)).float().to(fp.device)
+                    check_tensor(q, f"measure_snr: the quantized model's output at timestep {c.t} with {b}-bit "
+                                    "activations", FIX)
                     sig[(c.t, b)] += float(fp.pow(2).sum())
                     err[(c.t, b)] += float((q - fp).pow(2).sum())
                     st.step()
@@ -52,6 +69,9 @@ def measure_snr(fp_model, qmodel, calls: List[Call], candidates: Sequence[int], 
         ctx.a_bits_override, ctx.ptqd_active = saved
     out: Dict[float, Dict[int, float]] = defaultdict(dict)
     for (t, b), s in sig.items():
+        if not (math.isfinite(s) and math.isfinite(err[(t, b)])):
+            raise NumericalError(f"measure_snr: the signal or error energy at timestep {t} with {b}-bit activations "
+                                 f"overflows (NaN/Inf); {FIX}")
         out[t][b] = s / max(err[(t, b)], 1e-30)
     return dict(out)
 
@@ -83,10 +103,15 @@ def schedule_from_picks(picks: List[Tuple[float, int]], T: int = 1000) -> Bitwid
 
 def auto_schedule(fp_model, qmodel, calls: List[Call], alphas_cumprod: torch.Tensor, candidates=(4, 8),
                   margin: float = 1.0, progress=None):
-    """(BitwidthSchedule, measurements) — and installs the schedule on ``qmodel``."""
-    snr = measure_snr(fp_model, qmodel, calls, candidates, progress)
-    picks = choose_bits(snr, alphas_cumprod, margin)
-    sched = schedule_from_picks(picks, len(alphas_cumprod))
-    ctx = get_context(qmodel)
-    ctx.schedule = sched
+    """(BitwidthSchedule, measurements) — and installs the schedule on ``qmodel``. Transactional: cancelled or
+    failing, ``qmodel`` keeps its previous schedule and state."""
+    if not calls:
+        raise ConfigError("auto_schedule needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    with transaction(qmodel, readonly=(fp_model,)):
+        snr = _measure_snr(fp_model, qmodel, calls, candidates, progress)
+        picks = choose_bits(snr, alphas_cumprod, margin)
+        sched = schedule_from_picks(picks, len(alphas_cumprod))
+        ctx = get_context(qmodel)
+        ctx.schedule = sched
+        check_finite(qmodel, "auto_schedule")
     return sched, {"snr": snr, "picks": picks}
