@@ -11,6 +11,7 @@ Writes bench/results/ptqd.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +31,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
-    p.add_argument("--methods", nargs="+", default=LADDER)
+    p.add_argument("--methods", nargs="+", default=LADDER,
+                   help="method names of lowbit.quant.pipeline (e.g. recon+ptqd+vsc; ablations recon+act, "
+                        "recon+minmax-acts, recon+ptqd(paper))")
     p.add_argument("--etas", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--recon-iters", type=int, default=300, help="AdaRound steps per unit")
     p.add_argument("--act-iters", type=int, default=100,
@@ -54,7 +57,8 @@ def main(argv=None):
     for bits in a.bits:
         for m in a.methods:
             t0 = time.time()
-            b = build(setup, m, bits, calib, deploy=a.deployed, recon=recon, stat_calls=calls_all, act_iters=a.act_iters)
+            rc = dataclasses.replace(recon, act_iters=a.act_iters) if "+act" in m else recon
+            b = build(setup, m, bits, calib, deploy=a.deployed, recon=rc, stat_calls=calls_all)
             for eta in a.etas:
                 ev = evaluate(setup, b.model, n=a.samples, steps=a.steps, eta=eta, var_fn=b.var_fn)
                 rows.append(dict(bits=bits, method=m, eta=eta, fid=ev["fid"], acc=ev["acc"], build_s=b.seconds,

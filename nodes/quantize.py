@@ -23,11 +23,14 @@ from .schedule import MODE_AUTO, ScheduleSpec, check_schedule_with_bits
 
 log = logging.getLogger("lowbit.nodes")
 
-from ..quant.config import METHODS
+from ..quant.config import METHODS, QuantConfig, ReconConfig, arg_spec, field_spec
 from ..quant.errors import ConfigError
 from ..quant.pipeline import parse_method
 
 METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "lp+ptqd", "recon+ptqd"
+# the core's one set of limits (quant/config.py): the widgets and the checks below read them
+CALIB_STEPS, CALIB_SAMPLES, SEED, GUIDANCE = (arg_spec(n) for n in ("calib_steps", "calib_samples", "seed", "guidance"))
+TIME_BINS, RECON_ITERS = field_spec(QuantConfig, "time_bins"), field_spec(ReconConfig, "weight_iters")
 WEIGHT_INITS = ("lp", "minmax")
 
 
@@ -63,13 +66,13 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         except ConfigError as exc:
             raise NodeInputError(str(exc)) from None
     if calibration_steps is not None:
-        check_int("calibration_steps", calibration_steps, 1, 1000)
+        check_int("calibration_steps", calibration_steps, CALIB_STEPS.lo, CALIB_STEPS.hi)
     if calibration_samples is not None:
-        check_int("calibration_samples", calibration_samples, 1, 1024)
+        check_int("calibration_samples", calibration_samples, CALIB_SAMPLES.lo, CALIB_SAMPLES.hi)
     if seed is not None:
-        check_int("seed", seed, 0, 0xffffffffffffffff)
+        check_int("seed", seed, SEED.lo, SEED.hi)
     if cfg is not None:
-        check_float("cfg", cfg, 0.0, 100.0)
+        check_float("cfg", cfg, GUIDANCE.lo, GUIDANCE.hi)
     for name, v in (("calibration_width", calibration_width), ("calibration_height", calibration_height)):
         if v is not None:
             check_int(name, v, 16, 16384)
@@ -79,9 +82,9 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         check_int("calibration_timesteps", calibration_timesteps, 0, 1000,
                   "0 keeps every recorded timestep; N keeps N timesteps spread over the run.")
     if time_bins is not None:
-        check_int("time_bins", time_bins, 1, 1000)
+        check_int("time_bins", time_bins, TIME_BINS.lo, TIME_BINS.hi)
     if recon_iters is not None:
-        check_int("recon_iters", recon_iters, 0, 1_000_000)
+        check_int("recon_iters", recon_iters, RECON_ITERS.lo, RECON_ITERS.hi)
     if weight_init is not None:
         check_choice("weight_init", weight_init, WEIGHT_INITS)
 
@@ -159,13 +162,13 @@ class LowBitQuantizeUNet:
                             "quantized UNet corrects its own output (bias and correlated noise). +vsc: the PTQD "
                             "Sampler also reduces injected noise by the residual variance. +mixed: activation bits "
                             "per timestep from measured SNR."),
-            "calibration_steps": INT(10, 1, 1000, "Sampling steps per calibration image. Every step is one "
+            "calibration_steps": INT(10, CALIB_STEPS.lo, CALIB_STEPS.hi, "Sampling steps per calibration image. Every step is one "
                                                   "recorded UNet call (timestep)."),
-            "calibration_samples": INT(4, 1, 1024, "Number of calibration images (each a full sampling run with "
+            "calibration_samples": INT(4, CALIB_SAMPLES.lo, CALIB_SAMPLES.hi, "Number of calibration images (each a full sampling run with "
                                                    "seed, seed+1, ...). More = more robust ranges, slower."),
-            "seed": INT(0, 0, 0xffffffffffffffff, "Seed of the calibration runs (fixed: the result is reproducible).",
+            "seed": INT(0, SEED.lo, SEED.hi, "Seed of the calibration runs (fixed: the result is reproducible).",
                         control_after_generate=False),
-            "cfg": FLOAT(7.0, 0.0, 100.0, "Guidance scale of the calibration runs; match what you sample with.",
+            "cfg": FLOAT(7.0, GUIDANCE.lo, GUIDANCE.hi, "Guidance scale of the calibration runs; match what you sample with.",
                          step=0.1, round=0.01),
         }, "optional": {
             "bitwidth_schedule": SOCKET(SCHEDULE_TYPE, "Optional step-aware activation bits from Bitwidth Schedule "
@@ -177,13 +180,13 @@ class LowBitQuantizeUNet:
                                       step=8, advanced=True),
             "calibration_timesteps": INT(0, 0, 1000, "Keep only this many timesteps spread over the run "
                                                      "(timestep-aware subset); 0 keeps all.", advanced=True),
-            "time_bins": INT(1, 1, 1000, "Activation scale tables per timestep range (1 = one scale per layer). "
+            "time_bins": INT(1, TIME_BINS.lo, TIME_BINS.hi, "Activation scale tables per timestep range (1 = one scale per layer). "
                                          "More bins follow the timestep-dependent activation ranges.",
                              advanced=True),
             "weight_init": COMBO(WEIGHT_INITS, "lp", "How weight step sizes are chosen. lp: per channel, the clipping "
                                  "that minimises the L2.4 rounding error (better; the slowest part of quantizing "
                                  "on a CPU). minmax: no clipping (fast, a bit worse at 4 bits).", advanced=True),
-            "recon_iters": INT(200, 0, 1_000_000, "Only for methods recon...: AdaRound iterations per block "
+            "recon_iters": INT(200, RECON_ITERS.lo, RECON_ITERS.hi, "Only for methods recon...: AdaRound iterations per block "
                                                   "(BRECQ uses 20000; slow on CPU).", advanced=True),
         }}
 

@@ -196,8 +196,9 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
         start: Optional[nn.Module] = None, progress=None) -> Result:
     """Quantize ``fp_model`` with ``config`` on the recorded ``calls``; returns a ``Result`` whose model is a
     new module (``fp_model`` is untouched). ``stat_calls``: other calls for the PTQD statistics (default:
-    ``calls``). ``start``: continue from this LowBit quantized model instead of quantizing ``fp_model`` (base
-    ``efficientdm`` only: fine-tune a loaded or earlier result; ``start`` is not changed either). ``progress(done, total, info)`` sees ``info["stage"]`` and may raise
+    ``calls``). ``start``: continue from this LowBit quantized model instead of quantizing ``fp_model`` (e.g.
+    fine-tune or re-measure PTQD on a loaded file; the base's quantization is taken as done; ``start`` is not
+    changed either). ``progress(done, total, info)`` sees ``info["stage"]`` and may raise
     to cancel; a cancelled run leaves its inputs unchanged and returns nothing."""
     from .api import deploy_, quantize
     from .ptqd import attach_stats, collect_stats
@@ -218,12 +219,15 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
 
     candidates = (tuple(sorted(set(config.mixed_candidates) or {qcfg.a_bits, 8})) if m.mixed else ())
     if start is not None:
+        import copy
+
         from .context import get_context
 
-        if get_context(start) is None or m.base != "efficientdm" or m.mixed:
-            raise ConfigError("start= continues from a LowBit quantized model with base 'efficientdm' (no +mixed); "
-                              f"got method {m.name} and a {'quantized' if get_context(start) else 'float'} model")
-        q = start  # finetune works on its own copy
+        if get_context(start) is None or m.base == "recon" or m.mixed:
+            raise ConfigError("start= continues from a LowBit quantized model with base 'lp', 'naive' or "
+                              f"'efficientdm' (no +mixed); got method {m.name} and a "
+                              f"{'quantized' if get_context(start) else 'float'} model")
+        q = start if m.base == "efficientdm" else copy.deepcopy(start)  # (finetune works on its own copy)
     else:
         q = quantize(fp_model, qcfg, calls or None, schedule=config.schedule, a_bits_candidates=candidates,
                      num_train_timesteps=num_train_timesteps, profile=profile, progress=progress)
@@ -250,7 +254,8 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
     if m.ptqd:
         pcfg = dataclasses.replace(config.ptqd, input_correlation=False) if m.paper else config.ptqd
         pcfg = dataclasses.replace(pcfg, variance_calibration=m.vsc)
-        attach_stats(q, collect_stats(fp_model, q, list(stat_calls or calls), pcfg, progress=progress))
+        attach_stats(q, collect_stats(fp_model, q, list(stat_calls or calls), pcfg, progress=progress),
+                     active=pcfg.bias_correction or pcfg.correlation_correction)
         if m.vsc:
             res.var_fn = get_stats_var(q)
         lap("PTQD statistics")

@@ -62,8 +62,9 @@ def _import_lowbit():
 lowbit = _import_lowbit()
 _pkg = lowbit.__name__
 webui = importlib.import_module(f"{_pkg}.ui.webui")
-_recipes = importlib.import_module(f"{_pkg}.recipes")
-METHODS = list(_recipes.METHODS)
+_config = importlib.import_module(f"{_pkg}.quant.config")
+METHODS = list(_config.METHODS)  # the one method vocabulary
+SAMPLES, STEPS = _config.arg_spec("calib_samples"), _config.arg_spec("calib_steps")  # the one set of limits
 IS_FORGE = webui.is_forge()
 SECTION = ("lowbit", "LowBit")
 
@@ -79,10 +80,10 @@ def on_ui_settings():
         webui.DEFAULT_METHOD, "Default quantization method", gr.Dropdown, {"choices": METHODS}, section=SECTION))
     shared.opts.add_option("lowbit_calib_samples", shared.OptionInfo(
         2, "Calibration samples (full-precision sampling runs recorded)", gr.Slider,
-        {"minimum": 1, "maximum": 64, "step": 1}, section=SECTION))
+        {"minimum": SAMPLES.lo, "maximum": SAMPLES.hi, "step": 1}, section=SECTION))
     shared.opts.add_option("lowbit_calib_steps", shared.OptionInfo(
         8, "Calibration steps (sampling steps of each calibration run)", gr.Slider,
-        {"minimum": 1, "maximum": 200, "step": 1}, section=SECTION))
+        {"minimum": STEPS.lo, "maximum": STEPS.hi, "step": 1}, section=SECTION))
     shared.opts.add_option("lowbit_calib_size", shared.OptionInfo(
         512, "Image size of the LowBit tab's calibration runs", gr.Slider,
         {"minimum": 64, "maximum": 2048, "step": 64}, section=SECTION))
@@ -129,9 +130,9 @@ class LowBitScript(scripts.Script):
                 method = gr.Dropdown(METHODS, value=method0 if method0 in METHODS else webui.DEFAULT_METHOD,
                                      label="Method", elem_id=self.elem_id("method"))
             with gr.Row():
-                samples = gr.Slider(1, 64, value=int(webui.opt("lowbit_calib_samples", 2)), step=1,
+                samples = gr.Slider(SAMPLES.lo, SAMPLES.hi, value=int(webui.opt("lowbit_calib_samples", 2)), step=1,
                                     label="Calibration samples", elem_id=self.elem_id("calib_samples"))
-                steps = gr.Slider(1, 200, value=int(webui.opt("lowbit_calib_steps", 8)), step=1,
+                steps = gr.Slider(STEPS.lo, STEPS.hi, value=int(webui.opt("lowbit_calib_steps", 8)), step=1,
                                   label="Calibration steps", elem_id=self.elem_id("calib_steps"))
             gr.Markdown("The first generation with new settings records its own full-precision calibration runs "
                         "(txt2img), then quantizes; later ones reuse the quantized UNet.")

@@ -27,7 +27,6 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..quant.errors import ConfigError, Interrupted, LowBitError
-from ..quant.context import get_context
 
 log = logging.getLogger("lowbit.ui")
 
@@ -35,18 +34,21 @@ BITS_CHOICES = ("W8A8", "W4A8", "W4A4", "W4A16")
 SAVE_SUFFIX = ".safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
-# setting -> (label shown in messages, lowest, highest)
-LIMITS = {
-    "calib_samples": ("calibration samples", 1, 256),
-    "calib_steps": ("calibration steps", 1, 200),
-    "seed": ("seed", 0, 2 ** 32 - 1),
-    "steps": ("sampling steps", 1, 1000),
-    "count": ("images", 1, 16),
-    "size": ("image size", 64, 2048),
-    "ft_steps": ("fine-tune steps", 1, 100_000),
-    "ft_rank": ("LoRA rank", 1, 256),
-    "ft_batch": ("fine-tune batch size", 1, 1024),
-}
+def _limits():
+    """setting -> (label shown in messages, lowest, highest): the core's one set of limits (quant/config.py),
+    plus the two settings only the app has (how many images, their size)."""
+    from ..quant.config import FinetuneConfig, arg_spec, field_spec
+
+    specs = {"calib_samples": arg_spec("calib_samples"), "calib_steps": arg_spec("calib_steps"),
+             "seed": arg_spec("seed"), "steps": arg_spec("steps"),
+             "ft_steps": field_spec(FinetuneConfig, "steps"), "ft_rank": field_spec(FinetuneConfig, "rank"),
+             "ft_batch": field_spec(FinetuneConfig, "batch_size")}
+    out = {k: (sp.label or sp.name, sp.lo, sp.hi) for k, sp in specs.items()}
+    out.update(count=("images", 1, 16), size=("image size", 64, 2048))
+    return out
+
+
+LIMITS = _limits()
 
 
 class SettingError(ConfigError):
@@ -160,9 +162,9 @@ class Backend:
         return 8, 10
 
     def methods(self) -> List[str]:
-        from ..recipes import BENCH_ONLY, METHODS
+        from ..quant.config import METHODS
 
-        return [m for m in METHODS if m not in BENCH_ONLY]
+        return list(METHODS)
 
     def check_subject(self, subject) -> str:
         return "" if subject is None else str(subject)
@@ -254,15 +256,18 @@ class Backend:
              calib_samples=None, calib_steps=None, progress=None) -> str:
         samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
         steps = None if calib_steps is None else check_int("calib_steps", calib_steps)
-        from ..quant import PTQDConfig, attach_stats, collect_stats
+        from ..quant import PipelineConfig, PTQDConfig, get_stats, pipeline
 
         with self._job():
             q = self._require_q()
             cfg = PTQDConfig(bias_correction=bool(bias_correction), correlation_correction=bool(correlation_correction),
                              variance_calibration=bool(variance_calibration))
             calls = self._calls(samples, steps, progress)
-            stats = collect_stats(self.fp_unet(), q, calls, cfg, progress=self.progress_fn(progress, "PTQD statistics"))
-            attach_stats(q, stats, active=cfg.bias_correction or cfg.correlation_correction)
+            res = pipeline.run(self.fp_unet(), calls,
+                               PipelineConfig(method="lp+ptqd+vsc" if cfg.variance_calibration else "lp+ptqd", ptqd=cfg),
+                               start=q, progress=self.progress_fn(progress, "PTQD statistics"))
+            self.qmodel = res.model
+            stats = get_stats(res.model)
             k = ", ".join(f"t={t:.0f}: k={kk:+.4f}" for t, kk in list(zip(stats.t.tolist(), stats.k.tolist()))[:4])
             return f"PTQD statistics from {len(calls)} calls ({k}{', ...' if len(stats.t) > 4 else ''}). {self.status()}"
 
@@ -270,26 +275,22 @@ class Backend:
         steps, rank, batch = check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank), check_int("ft_batch", ft_batch)
         samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
         csteps = None if calib_steps is None else check_int("calib_steps", calib_steps)
-        from ..quant import FinetuneConfig, attach_stats, collect_stats, deploy_, get_stats
-        from ..quant import efficientdm
+        from ..quant import FinetuneConfig, PipelineConfig, get_stats, pipeline
 
         with self._job():
             q = self._require_q()
-            cfg = FinetuneConfig(steps=steps, rank=rank, batch_size=batch)
-            calls = self._calls(samples, csteps, progress)
-            fp = self.fp_unet()
-            tuned = efficientdm.finetune(q, fp, calls, cfg, progress=self.progress_fn(progress, "EfficientDM fine-tune"))
-            last = get_context(tuned).finetune_info or {}
-            efficientdm.merge_(tuned)
-            deploy_(tuned)
             old = get_stats(q)
-            msg = ""
-            if old is not None:  # the statistics describe the old model's error: measure them again
-                stats = collect_stats(fp, tuned, calls, old.config, progress=self.progress_fn(progress, "PTQD statistics"))
-                attach_stats(tuned, stats)
-                msg = " PTQD statistics re-collected."
-            self.qmodel = tuned
+            # the statistics describe the old model's error: measured again (with its settings) after fine-tuning
+            cfg = PipelineConfig(method="efficientdm+ptqd" if old is not None else "efficientdm",
+                                 finetune=FinetuneConfig(steps=steps, rank=rank, batch_size=batch),
+                                 ptqd=old.config if old is not None else PipelineConfig().ptqd)
+            calls = self._calls(samples, csteps, progress)
+            res = pipeline.run(self.fp_unet(), calls, cfg, start=q,
+                               progress=self.progress_fn(progress, "EfficientDM fine-tune"))
+            last = res.info.get("finetune", {})
+            self.qmodel = res.model
             self.info = dict(self.info, finetuned=steps, file=None)
+            msg = " PTQD statistics re-collected." if old is not None else ""
             return (f"fine-tuned {last.get('layers', '?')} layers for {steps} steps: distillation loss "
                     f"{last.get('first_loss', float('nan')):.4g} -> {last.get('last_loss', float('nan')):.4g}.{msg} "
                     f"{self.status()}")

@@ -195,7 +195,7 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
     """The AlwaysVisible script's hook (Forge): install the quantized UNet for this sampling pass."""
     if not enabled:
         return
-    from ..recipes import METHODS
+    from ..quant.config import METHODS, arg_spec
 
     if bits == FROM_TAB:
         tab = SHARED.tab_backend
@@ -207,11 +207,9 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
         raise SettingError(f"LowBit bits {bits!r} is not available; choose one of {', '.join(SCRIPT_BITS)}")
     if method not in METHODS:
         raise SettingError(f"LowBit method {method!r} is not available; choose one of {', '.join(METHODS)}")
-    samples, steps = int(calib_samples), int(calib_steps)
-    if not 1 <= samples <= 64:
-        raise SettingError(f"LowBit calibration samples = {samples} is out of range: allowed 1..64")
-    if not 1 <= steps <= 200:
-        raise SettingError(f"LowBit calibration steps = {steps} is out of range: allowed 1..200")
+    # the one set of limits (quant/config.py), the same in every host
+    samples = arg_spec("calib_samples").check(int(calib_samples), "LowBit")
+    steps = arg_spec("calib_steps").check(int(calib_steps), "LowBit")
     patcher = p.sd_model.forge_objects.unet
     key = (checkpoint_key(p.sd_model), lora_key(patcher), bits, method, samples, steps)
     with SHARED.lock:
