@@ -62,6 +62,74 @@ def test_fuzz_loader(unet, good_file, tmp_path_factory, data):
     _try_load(unet, bytes(raw), tmp, "fuzzed.safetensors")
 
 
+_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False),
+                      st.text(max_size=8), st.sampled_from([0, -1, 2 ** 64, "", "W4A8", [], {}]))
+_JSON = st.recursive(_JSON_LEAF, lambda ch: st.one_of(st.lists(ch, max_size=3),
+                                                      st.dictionaries(st.text(max_size=6), ch, max_size=3)),
+                     max_leaves=12)
+
+
+def _paths(obj, prefix=()):
+    """Every (path) to a value inside a JSON object, e.g. ('layers', 'conv_in', 'w_bits')."""
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _set_path(obj, path, value):
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _rewrite_lowbit(raw: bytes, new_lowbit: str) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["lowbit"] = new_lowbit
+    hb = json.dumps(header).encode()
+    return struct.pack("<Q", len(hb)) + hb + raw[8 + n:]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_lowbit_header(unet, good_file, tmp_path_factory, data):
+    """The JSON header: any value at any place replaced by any JSON (wrong types, huge integers, nesting), deep
+    nesting, huge integers in the text: only LoadError, never RecursionError/ValueError/TypeError/KeyError..."""
+    tmp = tmp_path_factory.mktemp("h")
+    raw = bytes(good_file)
+    (n,) = struct.unpack("<Q", raw[:8])
+    lb = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["lowbit"])
+    kind = data.draw(st.sampled_from(["replace", "deep", "bigint", "delete", "garbage"]))
+    if kind == "replace":
+        path = data.draw(st.sampled_from(_paths(lb)))
+        _set_path(lb, path, data.draw(_JSON))
+        text = json.dumps(lb)
+    elif kind == "delete":
+        path = data.draw(st.sampled_from([p for p in _paths(lb) if not isinstance(p[-1], int)]))
+        parent = lb
+        for k in path[:-1]:
+            parent = parent[k]
+        del parent[path[-1]]
+        text = json.dumps(lb)
+    elif kind == "deep":
+        depth = data.draw(st.sampled_from([40, 1000, 100_000]))
+        path = data.draw(st.sampled_from(_paths(lb)))
+        _set_path(lb, path, "@@")
+        text = json.dumps(lb).replace('"@@"', "[" * depth + "]" * depth)
+    elif kind == "bigint":
+        path = data.draw(st.sampled_from(_paths(lb)))
+        _set_path(lb, path, "@@")
+        text = json.dumps(lb).replace('"@@"', "9" * data.draw(st.sampled_from([19, 5000, 50_000])))
+    else:
+        text = data.draw(st.sampled_from(["", "[]", "null", "{", '{"format": 1}', "NaN", '"x"']))
+    _try_load(unet, _rewrite_lowbit(raw, text), tmp, "header.safetensors")
+
+
 def test_cancelled_quantization_leaves_model_intact(unet, calls):
     before = state_copy(unet)
     seen = []
