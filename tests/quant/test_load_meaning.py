@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from lowbit.quant import (BitwidthSchedule, LoadError, QuantConfig, attach_stats, collect_stats, deploy_, load,
                           quantize, save)
 from lowbit.quant import config as C
+from lowbit.quant.io import tensor_digest
 
 from qutil import assert_same_state, state_copy
 
@@ -35,6 +36,8 @@ def _craft(good, tmp_path, edit_tensors=None, edit_header=None):
         edit_tensors(tensors, header)
     if edit_header:
         edit_header(header)
+    if "tensor_sha256" in header:  # checksums guard against corruption, not crafting: a crafter recomputes them
+        header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
     p = str(tmp_path / "crafted.safetensors")
     save_file(tensors, p, metadata={"lowbit": json.dumps(header)})
     return p
@@ -180,3 +183,18 @@ def test_version_1_file_is_migrated(unet, good, tmp_path):
         a = q(x, torch.tensor([10]), class_labels=torch.tensor([1])).sample
         b = q2(x, torch.tensor([10]), class_labels=torch.tensor([1])).sample
     assert torch.equal(a, b)
+
+
+def test_flipped_data_byte_is_caught_by_the_checksum(unet, good, tmp_path):
+    raw = bytearray(open(good[0], "rb").read())
+    raw[-5] ^= 0x10  # inside the last tensor's data: still a well-formed safetensors file
+    p = tmp_path / "flipped.safetensors"
+    p.write_bytes(bytes(raw))
+    _refused(unet, str(p), "does not match its checksum")
+
+
+def test_missing_checksums_in_a_version_2_file(unet, good, tmp_path):
+    def edit(ts, h):
+        del h["tensor_sha256"]
+
+    _refused(unet, _craft(good, tmp_path, edit), "checksums")
