@@ -169,6 +169,9 @@ def test_help_is_fast_lists_choices_and_defaults(tmp_path):
         assert not rep["torch"], "--help imported torch (slow): keep the CLI's imports lazy"
         assert dt < FAST_S
     assert not report.exists()
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "lowbit inspect FILE" in r.stdout
     parser = build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name, sp in subs.choices.items():
