@@ -84,11 +84,13 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
         convs = [p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
         splits = find_concat_convs(qmodel, calib[0], convs)
         apply_splits(qmodel, splits)
-    plans = [p for p in plan_layers(qmodel, config, prof) if p.mode != "fp"]
+    all_plans = plan_layers(qmodel, config, prof)
+    plans = [p for p in all_plans if p.mode != "fp"]
     ctx = QuantContext(num_train_timesteps)
     ctx.profile = prof.name
     ctx = attach_context(qmodel, ctx)
     ctx.schedule = schedule
+    ctx.config = config  # (layers read the weight format it names)
     with Stage(progress, len(plans), "quantize weights") as st:
         for p in plans:
             src = qmodel.get_submodule(p.name)
@@ -100,10 +102,9 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
                         w_init=config.w_init, name=p.name, scheduled=not special)
             _set_module(qmodel, p.name, layer)
             st.step()
-    ctx.config = config
     ctx.splits = dict(splits)
-    ctx.report = [dict(name=p.name, kind=p.kind, w_bits=p.w_bits, a_bits=p.a_bits, reason=p.reason)
-                  for p in plan_layers(qmodel, config, prof) if p.mode != "quant"]
+    ctx.report = [dict(name=p.name, kind=p.kind, mode=p.mode, w_bits=p.w_bits, a_bits=p.a_bits, reason=p.reason)
+                  for p in all_plans if p.mode != "quant"]
     if static_act:
         calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
     qmodel.eval()

@@ -290,7 +290,8 @@ def describe(q: nn.Module) -> List[str]:
     lines = [f"{ctx.config.name if ctx.config else '?'} ({ctx.profile} profile): " +
              ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))]
     for r in ctx.report:
-        lines.append(f"  {r['name']}: W{r['w_bits']}A{r['a_bits']} ({r['reason']})")
+        prec = "float" if r.get("mode") == "fp" else f"W{r['w_bits']}A{r['a_bits']}"
+        lines.append(f"  {r['name']}: {prec} ({r['reason']})")
     return lines
 
 

@@ -1,0 +1,49 @@
+"""A new weight format (``toy_format.py``) and a new architecture (``toy_profile.py``), each added in one file,
+run the whole pipeline together: quantize, reconstruct, PTQD, deploy, save, load."""
+import pytest
+import torch
+
+import toy_format  # noqa: F401  (registers the "toy" weight format)
+from lowbit.quant import CallRecorder, PipelineConfig, QuantConfig, ReconConfig, get_context, load, pipeline, save
+from lowbit.quant.layers import quant_layers
+from toy_profile import ToyDenoiser
+
+
+def _calls(model, n=6):
+    g = torch.Generator().manual_seed(0)
+    with CallRecorder(model) as rec, torch.no_grad():
+        for i in range(n):
+            s = torch.full((4,), (i + 0.5) / n)
+            model(torch.randn(4, 8, 16, generator=g), noise_level=s)
+    return rec.calls
+
+
+def test_toy_format_and_toy_architecture_run_the_whole_pipeline(tmp_path):
+    torch.manual_seed(0)
+    fp = ToyDenoiser().eval().requires_grad_(False)
+    calls = _calls(fp)
+    assert sorted({round(c.t) for c in calls}) == [83, 250, 417, 583, 750, 917]  # sigma keyed on [0, 1000)
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    cfg = PipelineConfig.for_method("recon+ptqd", quant=QuantConfig.preset("W4A8", w_format="toy"),
+                                    recon=ReconConfig.quick(weight_iters=20))
+    res = pipeline.run(fp, calls, cfg)
+    q = res.model
+    assert all(torch.equal(v, fp.state_dict()[k]) for k, v in before.items())  # the float model is untouched
+    ctx = get_context(q)
+    assert ctx.profile == "toy-arch"
+    bits = {n: (layer.w_bits, layer.a_bits, layer.w_format) for n, layer in quant_layers(q)}
+    assert bits["inp"][:2] == bits["outp"][:2] == bits["t_mlp.0"][:2] == (8, 8)  # the profile's edges
+    assert bits["blocks.0.fc1"] == (4, 8, "toy") and all(f == "toy" for *_, f in bits.values())
+    assert any("toy-arch edge" in r["reason"] for r in ctx.report)
+    assert {"reconstruct", "PTQD statistics", "deploy"} <= set(res.seconds)
+    x, s = torch.randn(2, 8, 16), torch.tensor([0.3, 0.3])
+    with torch.no_grad():
+        y = q(x, noise_level=s)
+        assert ctx.t == pytest.approx(300.0, abs=1e-3)  # the profile's keyword and scale reached the context
+        err = float((y - fp(x, noise_level=s)).norm() / fp(x, noise_level=s).norm())
+    assert 0 < err < 0.3
+    path = save(q, str(tmp_path / "toy.safetensors"))
+    q2 = load(fp, path)
+    assert get_context(q2).profile == "toy-arch"
+    with torch.no_grad():
+        assert torch.allclose(q2(x, noise_level=s), y, atol=1e-5)
