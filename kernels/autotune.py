@@ -203,7 +203,8 @@ def _measure(op: str, names: List[str], args):
         outs[n] = impls[n](*args)
         _sync(x)
         times[n] = time.perf_counter() - t0
-    rounds = 1 if max(times.values()) > _SLOW_CALL_S else ROUNDS
+    slowest = max(times.values())
+    rounds = 1 if slowest > _SLOW_CALL_S else (2 * ROUNDS if slowest < 0.02 else ROUNDS)  # short calls: more rounds
     times = {n: float("inf") for n in names}
     for _ in range(rounds):
         for n in names:
@@ -226,15 +227,24 @@ def _drop_loser_caches(pw):
             del pw.cache[k]
 
 
+def _fast_key(op: str, args) -> tuple:
+    """Cheap per-weight key (the weight's own format and shape are fixed): input shape and dtype, activation kind,
+    conv arguments, bias presence, threads."""
+    x, act = args[0], args[-1]
+    return (op, x.shape, x.dtype, None if act is None else (act.bits, act.dynamic), args[2] is not None,
+            args[3:-1], torch.get_num_threads())
+
+
 def run(op: str, *args):
     """Run ``op`` (normalized arguments, as the registry gets them) on the backend measured fastest for this shape."""
     pw = args[1]
-    ck = _call_key(op, args)
+    fk = _fast_key(op, args)
     fast = pw.cache.get("autotune.fast")
     if fast is not None:
-        hit = fast.get(ck)
+        hit = fast.get(fk)
         if hit is not None:
             return hit(*args)
+    ck = _call_key(op, args)
     names = _candidates(op, args)
     if not names:  # nothing but the reference accepts it
         return registry.dispatch(op, *args)
@@ -256,7 +266,7 @@ def run(op: str, *args):
             if path is not None:
                 _save_file(path)
         impl = registry.get_backend(dec["backend"]).ops[op].impl
-        pw.cache.setdefault("autotune.fast", {})[ck] = impl
+        pw.cache.setdefault("autotune.fast", {})[fk] = impl
         pw.cache.setdefault("autotune.calls", {})[ck] = dec
         _drop_loser_caches(pw)
     return out if out is not None else impl(*args)
