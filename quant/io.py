@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from . import config as C
 from .context import QuantContext, attach_context, get_context
-from .errors import ConfigError, LoadError
+from .errors import ConfigError, LoadError, LowBitError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .split import ChannelSplitConv2d, apply_splits
 
@@ -51,6 +51,18 @@ MAX_JSON_DEPTH = 32  # nesting of any JSON value in the header
 MAX_INT_DIGITS = 18  # integers in the header: |n| < 10^18
 MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256
+
+class SaveError(LowBitError, OSError):
+    """A file cannot be written where asked (also an OSError, so callers catching those keep working)."""
+
+
+class SaveExistsError(SaveError, FileExistsError):
+    """The destination exists and ``overwrite`` is False."""
+
+
+class SaveFolderError(SaveError, FileNotFoundError):
+    """The destination folder does not exist and ``make_dirs`` is False."""
+
 
 # name -> (to_state(qmodel) -> (meta dict, tensors dict) | None, from_state(qmodel, meta, tensors) -> None)
 EXTRAS: Dict[str, tuple] = {}
@@ -221,13 +233,13 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         if not make_dirs:
-            raise FileNotFoundError(f"cannot save {path}: folder {folder} does not exist; create it or pass "
+            raise SaveFolderError(f"cannot save {path}: folder {folder} does not exist; create it or pass "
                                     "make_dirs=True")
         os.makedirs(folder, exist_ok=True)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot save {path}: it is a folder; give a file name ending in .safetensors")
+        raise SaveError(f"cannot save {path}: it is a folder; give a file name ending in .safetensors")
     if not overwrite and os.path.lexists(path):  # early answer only; the link below is the real no-clobber check
-        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+        raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     clean_stale_temps(folder)
     tensors, header = _collect(qmodel)
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
@@ -249,12 +261,12 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
             try:
                 os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
             except FileExistsError:
-                raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
+                raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
             except OSError:  # file systems without hard links: claim the name exclusively, then replace it
                 try:
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
                 except FileExistsError:
-                    raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") \
+                    raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") \
                         from None
                 os.replace(tmp, path)
     finally:
@@ -640,7 +652,6 @@ def load(model: nn.Module, path: str) -> nn.Module:
             for b in st["a_bits_set"]:
                 setattr(layer.act, f"scale_{b}", nn.Parameter(tensors[f"{n}.act.scale_{b}"], requires_grad=False))
                 setattr(layer.act, f"zero_{b}", nn.Parameter(tensors[f"{n}.act.zero_{b}"], requires_grad=False))
-            layer.act.initialized = True
         layer._params_to_buffers()
         _set_module(qmodel, n, layer)
     _set_state(qmodel, ctx, cfg, sched, splits)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from lowbit.quant import QuantConfig, load, quantize, save
+from lowbit.quant import LowBitError, QuantConfig, load, quantize, save
 from lowbit.quant import io as qio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,8 +74,9 @@ def test_no_clobber_when_the_name_appears_during_the_save(qmodel, tmp_path, monk
         return out
 
     monkeypatch.setattr(qio, "_collect", collect_then_race)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwrite=True") as ei:
         save(qmodel, str(dest))
+    assert isinstance(ei.value, LowBitError)
     assert dest.read_bytes() == b"someone else's file"
     assert _temps(tmp_path) == []
 
@@ -100,8 +101,9 @@ def test_mode_follows_the_umask(qmodel, tmp_path, umask, mode):
 
 def test_missing_folder_is_an_error_unless_asked(qmodel, tmp_path):
     p = tmp_path / "no" / "such" / "q.safetensors"
-    with pytest.raises(FileNotFoundError, match="does not exist.*make_dirs=True"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*make_dirs=True") as ei:
         save(qmodel, str(p))
+    assert isinstance(ei.value, LowBitError) and "\n" not in str(ei.value)
     assert not (tmp_path / "no").exists()
     save(qmodel, str(p), make_dirs=True)
     assert p.is_file()
