@@ -30,7 +30,7 @@ def _running_inside_comfyui() -> bool:
 if _running_inside_comfyui():
     try:
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    except Exception as exc:  # a failed optional import disables the nodes, not the host (STYLE lesson 9)
+    except Exception as exc:  # a failed optional import disables the nodes, not the host
         _log.exception("LowBit: the ComfyUI nodes failed to load (%s); the pack is disabled.", exc)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

@@ -19,7 +19,7 @@ from . import autotune, registry
 from .formats import ActQuant, PackedWeight, default_format, get_format, int_range
 
 __all__ = ["pack_weight", "unpack_weight", "dequantize_weight", "fake_quant_act", "linear", "conv2d",
-           "quantize_weight", "available_backends", "backend_for", "run_on", "weight_nbytes"]
+           "quantize_weight", "available_backends", "backend_for", "run_on"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -109,11 +109,6 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: Optional[int] = None
         q = torch.round(wp / scale[:, :, None]).reshape(n, -1)[:, :k]
     q = q.clamp(-qmax - 1, qmax).to(torch.int8).reshape(w.shape)
     return pack_weight(q, bits, scale, group_size)
-
-
-def weight_nbytes(pw: PackedWeight, include_cache: bool = True) -> int:
-    """Resident bytes of a packed weight, including backend-prepacked caches unless told otherwise."""
-    return pw.nbytes(include_cache)
 
 
 def available_backends() -> List[str]:

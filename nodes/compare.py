@@ -9,7 +9,9 @@ rgthree's comparer read; ``web/js/lowbit_compare.js`` draws a before/after slide
 """
 from __future__ import annotations
 
-from ..quant.compare import difference_map, psnr, report, ssim  # noqa: F401 (re-exported for the node tests)
+import math
+
+from ..quant.compare import difference_map, psnr, report, ssim
 from .common import CATEGORY, SOCKET
 
 

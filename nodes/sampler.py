@@ -1,7 +1,7 @@
 """PTQD samplers for ComfyUI: "PTQD Sampler" (a SAMPLER for SamplerCustom/SamplerCustomAdvanced) and
 "PTQD KSampler" (the same in KSampler's shape).
 
-Division of labour (ALGORITHMS.md A5): the quantized UNet corrects its own output (bias and correlation
+Division of labour (docs/PAPERS.md A5): the quantized UNet corrects its own output (bias and correlation
 correction, a forward hook attached with the statistics), so *every* sampler already gets corrected
 predictions. What only a sampler can do is variance-schedule calibration (VSC): the quantized prediction
 still carries residual noise of variance v_t, which the update adds to x_t; a stochastic sampler therefore

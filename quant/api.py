@@ -1,4 +1,4 @@
-"""The verbs: ``quantize`` (naive PTQ baseline), ``quantize_`` (in place), ``deploy_``, ``model_summary``.
+"""The verbs: ``quantize`` (naive PTQ baseline), ``quantize_`` (in place), ``deploy_``, ``weight_bytes``.
 
 PTQD reconstruction/correction (``ptqd.py``) and EfficientDM fine-tuning (``efficientdm.py``) start from a
 model returned by ``quantize``.
@@ -189,11 +189,3 @@ def weight_bytes(model: nn.Module, only_quantized_layers: bool = False) -> int:
         if layer.bias is not None:
             total += layer.bias.numel() * 4
     return total
-
-
-def model_summary(qmodel: nn.Module) -> List[dict]:
-    rows = []
-    for name, layer in quant_layers(qmodel):
-        rows.append(dict(name=name, w_bits=layer.w_bits, a_bits=layer.a_bits, group=layer.group_size,
-                         mode=layer.mode, shape=layer.weight_shape))
-    return rows

@@ -4,7 +4,7 @@ The recorder hooks the model (not a sampler), so any sampler, guidance mode or h
 the UNet during sampling is one record (x_t, timestep, conditioning, ...), stored in fp16 on the CPU (a tensor
 with values beyond fp16's range keeps its own dtype: storing never turns a finite value into an infinity).
 ``timestep_aware_subset`` then keeps records from timesteps spread uniformly over the trajectory
-(Q-Diffusion's timestep-aware calibration, ALGORITHMS.md A4).
+(Q-Diffusion's timestep-aware calibration, docs/PAPERS.md A4).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A forward pre-hook on the root module reads the timestep argument of the UNet call (diffusers
 ``forward(sample, timestep, ...)``, ComfyUI/Forge ``forward(x, timesteps, ...)``) and stores it here; every
 quantized layer reads it to pick its per-timestep activation scales and its bits. Nothing depends on a
-call counter (the fault of EfficientDM's TALSQ, ALGORITHMS.md section E), so classifier-free guidance in
+call counter (the fault of EfficientDM's TALSQ, docs/PAPERS.md section E), so classifier-free guidance in
 one or two calls, multi-evaluation samplers, img2img and any step count all pick the same scales for the
 same timestep.
 """

@@ -1,4 +1,4 @@
-"""EfficientDM (ALGORITHMS.md A7-A11): data-free, quantization-aware LoRA fine-tuning of a quantized UNet.
+"""EfficientDM (docs/PAPERS.md A7-A11): data-free, quantization-aware LoRA fine-tuning of a quantized UNet.
 
 Verbs:
   finetune(qmodel, teacher, calls, FinetuneConfig, progress) -> fine-tuned copy (inputs untouched)
@@ -24,7 +24,7 @@ Pieces:
 * Merge: because W0 is on the grid, Q(W0 + BA) = clamp(W_int + round(BA / step)) exactly: the fine-tuned
   model deploys to plain integer weights and runs on the same kernels as any quantized model.
 
-Departures from the official code (ALGORITHMS.md section E), on purpose:
+Departures from the official code (docs/PAPERS.md section E), on purpose:
 * weight step sizes are frozen (a learnable step shared by the dequantizer of W0 and the requantizer rescales
   the base weights too); AdamW weight decay defaults to 0 (the official code applies 0.01 to LoRA and scales);
 * TALSQ is keyed by timestep with interpolation, so guidance as one or two calls, any step count or sampler

@@ -70,7 +70,6 @@ class ActQuantizer(nn.Module):
         for b in self.bits_set:
             self.register_parameter(f"scale_{b}", nn.Parameter(torch.ones(len(grid)), requires_grad=False))
             self.register_parameter(f"zero_{b}", nn.Parameter(torch.zeros(len(grid)), requires_grad=False))
-        self.initialized = False
         self._obs = None
         self._gen = None  # seeded sampler of the calibration reservoir (only while observing)
 
@@ -157,7 +156,6 @@ class ActQuantizer(nn.Module):
                 z_tab.data[j] = vals[nearest][1]
         self._obs = None
         self._gen = None
-        self.initialized = True
         return True
 
     def extra_repr(self):

@@ -1,4 +1,4 @@
-"""PTQD: quantization-noise statistics, their correction, and variance-schedule calibration (ALGORITHMS.md A5).
+"""PTQD: quantization-noise statistics, their correction, and variance-schedule calibration (docs/PAPERS.md A5).
 
 Noise model (per timestep t, per output channel c):   eps_q = (1 + k_t) * eps_fp + m_t * x_t + b_{t,c} + r,
 with r zero-mean and uncorrelated with eps_fp and x_t, variance v_t. The paper's model is m_t = 0
@@ -88,9 +88,6 @@ class PTQDStats:
         if self.config.correlation_correction:
             eps = eps / (1.0 + self.k_at(t))
         return eps
-
-    def with_config(self, config: PTQDConfig) -> "PTQDStats":
-        return PTQDStats(self.t, self.k, self.bias, self.var, config, self.m)
 
     # ---- (de)serialisation into the quantized model file ---------------------------------------------
     def state(self):

@@ -1,4 +1,4 @@
-"""Uniform affine quantizers (ALGORITHMS.md A1), vectorised over channels.
+"""Uniform affine quantizers (docs/PAPERS.md A1), vectorised over channels.
 
 Notation: b bits; weights are symmetric signed integers in [-2^(b-1), 2^(b-1)-1] with one step size per
 output channel (or per group of input elements); activations are asymmetric unsigned integers in

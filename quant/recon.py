@@ -1,4 +1,4 @@
-"""BRECQ-style block reconstruction with AdaRound weight rounding (ALGORITHMS.md A2, A3).
+"""BRECQ-style block reconstruction with AdaRound weight rounding (docs/PAPERS.md A2, A3).
 
 Units: the top-most modules whose class is a registered block type (ResNet blocks, transformer blocks,
 attention blocks of diffusers, ComfyUI/LDM and Forge UNets); quantized layers outside any block are

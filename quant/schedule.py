@@ -1,4 +1,4 @@
-"""Step-aware mixed precision (PTQD, ALGORITHMS.md A6): pick activation bits per timestep from measured SNR.
+"""Step-aware mixed precision (PTQD, docs/PAPERS.md A6): pick activation bits per timestep from measured SNR.
 
 The official code never released this. Our rule (A6's suggestion): for every recorded timestep t and
 candidate activation bit-width b, measure the signal-to-noise ratio of the quantized noise prediction

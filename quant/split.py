@@ -1,4 +1,4 @@
-"""Shortcut splitting (Q-Diffusion, ALGORITHMS.md A4): convolutions that read a channel concatenation.
+"""Shortcut splitting (Q-Diffusion, docs/PAPERS.md A4): convolutions that read a channel concatenation.
 
 In a UNet decoder each ResNet block reads ``cat([h_deep, h_skip], dim=1)``; its skip (shortcut) convolution
 sees the raw concatenation, whose two halves have very different ranges. One activation scale for both wastes

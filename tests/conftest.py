@@ -1,3 +1,3 @@
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines (CPU_FACTS.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines (docs/CPU_KERNELS.md)

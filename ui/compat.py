@@ -22,7 +22,7 @@ def image_slider_class():
         return gr.ImageSlider
     try:
         from gradio_imageslider import ImageSlider  # gradio 4.x add-on (Forge ships 0.0.20)
-    except Exception as exc:  # optional: a missing slider disables the slider only (STYLE lesson 9)
+    except Exception as exc:  # optional: a missing slider disables the slider only
         log.info("LowBit: gradio_imageslider not available (%s); showing images side by side", exc)
         return None
     return ImageSlider

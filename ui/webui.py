@@ -354,7 +354,7 @@ def tab_backend() -> ForgeBackend:
 def a1111_unet_options():
     """``sd_unet.SdUnetOption``s for A1111's "SD Unet" setting: calibration-free W8A8 (dynamic activations),
     weight-only W4A16, and every saved file in models/lowbit. Written against A1111's ``modules/sd_unet.py``
-    API; not run here (A1111 does not install offline, HOSTS.md 6.2)."""
+    API; not run here (A1111 does not install offline, docs/HOST_INTERNALS.md 6.2)."""
     from modules import paths, sd_unet
 
     class LowBitSdUnet(sd_unet.SdUnet):

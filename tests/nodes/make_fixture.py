@@ -89,7 +89,7 @@ def _import_comfy(comfyui_dir: str | None):
         import comfy.cli_args  # parses no argv unless comfy.options.args_parsing is set
     except ImportError as exc:
         raise SystemExit(f"make_fixture.py needs ComfyUI's python and source (--comfyui-dir or COMFYUI_DIR): {exc}")
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (HOSTS.md §5.4)
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (docs/HOST_INTERNALS.md §5.4)
     import comfy.ops
     import comfy.clip_model
     import comfy.taesd.taesd

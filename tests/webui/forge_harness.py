@@ -30,7 +30,7 @@ HOST = "127.0.0.1"
 SKIP_REASON = ("set FORGE_DIR to a Forge checkout (see the README section 'Testing inside real hosts') "
                "to run the Forge integration tests")
 
-# HOSTS.md 6.2: --skip-prepare-environment/--skip-install keep launch.py offline (no git clones, no pip).
+# docs/HOST_INTERNALS.md 6.2: --skip-prepare-environment/--skip-install keep launch.py offline (no git clones, no pip).
 LAUNCH_ARGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--always-cpu",
                "--nowebui", "--skip-version-check", "--server-name", HOST]
 
