@@ -164,6 +164,124 @@ def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: st
                 backend_caches=sorted(backends))
 
 
+# ------------------------------------------------------------------------------------------------ alternating mode
+# variant -> (model it runs on, environment while it runs)
+ALTERNATE = {
+    "fp32": ("fp32", {}),
+    "bf16": ("bf16", {}),
+    "W8A8": ("W8A8", {}),
+    "W8A8-fastq": ("W8A8", {"LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
+    "W8A8-bf16": ("W8A8-bf16", {}),
+    "W8A8-bf16-fastq": ("W8A8-bf16", {"LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
+    # prototype of a proposed quant/layers.py change: deployed layers hand bf16 activations to the kernels as they
+    # are (no x.float() before, no cast after; the kernels quantize from bf16 and oneDNN writes bf16 outputs)
+    "W8A8-bf16-nocast": ("W8A8-bf16", {"_LOWBIT_BENCH_NOCAST": "1"}),
+    "W8A8-bf16-nocast-fastq": ("W8A8-bf16", {"_LOWBIT_BENCH_NOCAST": "1", "LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
+    "torchao-int8wo-bf16": ("torchao-int8wo-bf16", {}),
+    "torchao-int8dq-bf16": ("torchao-int8dq-bf16", {}),
+}
+
+
+def _install_nocast_prototype(model):
+    """Bench-only: while ``_LOWBIT_BENCH_NOCAST=1``, deployed layers call their kernel on x in its own dtype (what
+    ``QuantLayer._deployed_forward`` does, minus ``x.float()`` / ``.to(x.dtype)``)."""
+    if __package__:
+        from ..kernels import ActQuant
+        from ..quant.layers import QuantLayer
+    else:
+        from lowbit.kernels import ActQuant
+        from lowbit.quant.layers import QuantLayer
+    for m in model.modules():
+        if not isinstance(m, QuantLayer) or m.mode != "deployed":
+            continue
+        orig = m._deployed_forward
+
+        def fwd(x, m=m, orig=orig):
+            if os.environ.get("_LOWBIT_BENCH_NOCAST") != "1" or m.packed.fmt.backends is not None:
+                return orig(x)
+            if m.a_dynamic:
+                aq = ActQuant(bits=m.a_bits, scale=None, zero_point=0, dynamic=True)
+            else:
+                p = m.act_params()
+                aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
+            return m._kernel(x, m.packed, m.bias, aq)
+
+        m._deployed_forward = fwd
+    return model
+
+
+def _build_for_alternate(key: str, latent: int):
+    import torch
+
+    model = build_unet()
+    if key == "bf16":
+        return model.to(torch.bfloat16)
+    if key in OURS:
+        model = _quantize_ours(model, key, latent)
+        return _install_nocast_prototype(model.to(torch.bfloat16)) if key.endswith("-bf16") else model
+    if key.startswith("torchao"):
+        return _quantize_torchao(model, key)
+    return model
+
+
+def run_alternating(variants, latent: int, repeats: int, threads: int, log=print) -> list:
+    """All variants in one process; each round runs one forward of every variant in turn (so a shared machine's
+    load hits all alike); median per variant. Weight bytes as in the subprocess mode; no per-variant peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    models = {}
+    for v in variants:
+        key = ALTERNATE[v][0]
+        if key not in models:
+            t0 = time.perf_counter()
+            models[key] = _build_for_alternate(key, latent)
+            log(f"[{key}] built in {time.perf_counter() - t0:.0f} s")
+    sample, t, text = inputs(latent)
+
+    def call(v):
+        key, env = ALTERNATE[v]
+        m = models[key]
+        dt = torch.bfloat16 if "bf16" in key else torch.float32
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return m(sample.to(dt), t, encoder_hidden_states=text.to(dt)).sample.float()
+        finally:
+            for k, val in old.items():
+                if val is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = val
+
+    outs, times = {}, {v: [] for v in variants}
+    with torch.no_grad():
+        for v in variants:  # warm-up (prepacking, first-call allocations)
+            outs[v] = call(v)
+        for r in range(repeats):
+            for v in variants:
+                t0 = time.perf_counter()
+                call(v)
+                times[v].append(time.perf_counter() - t0)
+            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants))
+    ref = outs.get("fp32")
+    base = statistics.median(times["fp32"]) if "fp32" in times else None
+    fp_bytes = resident_weight_bytes(models["fp32"]) if "fp32" in models else None
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v])
+        wb = resident_weight_bytes(models[ALTERNATE[v][0]])
+        row = dict(variant=v, median_s=med, times_s=times[v], weight_bytes=wb)
+        if base:
+            row["time_ratio"] = med / base
+        if fp_bytes:
+            row["weight_ratio"] = wb / fp_bytes
+        if ref is not None:
+            row["rel_err_vs_fp32"] = ((outs[v] - ref).norm() / ref.norm()).item()
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latent", type=int, default=64, choices=[32, 64], help="latent side (64 = 512x512 images)")
@@ -171,8 +289,42 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "unet.json"))
+    p.add_argument("--alternate", action="store_true",
+                   help="all variants in one process, forwards alternating (ratios robust to a shared machine's "
+                        f"load; no peak RSS); variants: {list(ALTERNATE)}")
     p.add_argument("--_child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.alternate:
+        import importlib.util
+
+        names = [v for v in (a.variants.split(",") if a.variants != ",".join(DEFAULT_VARIANTS) else ALTERNATE) if v]
+        unknown = [v for v in names if v not in ALTERNATE]
+        if unknown:
+            raise SystemExit(f"--alternate: unknown variants {unknown}; known: {list(ALTERNATE)}")
+        if importlib.util.find_spec("torchao") is None:
+            names = [v for v in names if not v.startswith("torchao")]
+        if "fp32" not in names:
+            names.insert(0, "fp32")
+        rows = run_alternating(names, a.latent, a.repeats, a.threads)
+        print(f"\nSD1.5 UNet, latent 1x4x{a.latent}x{a.latent}, threads={a.threads}, median of {a.repeats} "
+              "alternating rounds (one process)")
+        print("| variant | s/forward | x fp32 | weight MB | x fp32 | rel. error vs fp32 |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['variant']} | {r['median_s']:.2f} | {r.get('time_ratio', float('nan')):.2f} | "
+                  f"{r['weight_bytes'] / 1e6:.0f} | {r.get('weight_ratio', float('nan')):.3f} | "
+                  f"{r.get('rel_err_vs_fp32', float('nan')):.1e} |")
+        import torch
+
+        meta = dict(mode="alternate", latent=a.latent, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
+                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), load_avg=os.getloadavg(),
+                    date=time.strftime("%Y-%m-%d %H:%M"))
+        out = a.out if a.out != str(Path(__file__).resolve().parent / "results" / "unet.json") else \
+            str(Path(__file__).resolve().parent / "results" / "unet_alternate.json")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        print(f"wrote {out}")
+        return
     if a._child:
         res = run_variant(a._child[0], a.latent, a.repeats, a.threads, a._child[1])
         print("RESULT " + json.dumps(res))
