@@ -68,3 +68,59 @@ def test_actquant_validation():
     assert ActQuant(8, None, 0, dynamic=True).zero_point is None
     with pytest.raises(Exception):
         a.bits = 4  # frozen
+
+
+# ---- weight formats as registered objects ------------------------------------------------------------------
+from lowbit.kernels.formats import FORMATS, default_format, get_format  # noqa: E402
+
+
+@pytest.mark.parametrize("bits,group,name", [(8, None, "int8_channel"), (6, 32, "int8_group"), (4, None, "int4_channel"),
+                                             (3, 64, "int4_group")])
+def test_kernel_layouts_are_registered_and_agree_with_ops(bits, group, name):
+    assert default_format(bits, group) == name and name in FORMATS
+    fmt = get_format(name)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    w = torch.randint(lo, hi + 1, (6, 2, 3, 3), dtype=torch.int8)
+    k = 18
+    scale = torch.rand(6) + 0.1 if group is None else torch.rand(6, -(-k // group)) + 0.1
+    pw = fmt.pack(w, bits, scale, group)
+    ref = ops.pack_weight(w, bits, scale, group)
+    assert pw.format == ref.format == name
+    spec = fmt.storage(pw.shape, bits, group)
+    st = fmt.to_storage(pw)
+    assert set(spec) == set(st) and all(st[n].dtype == spec[n][0] and tuple(st[n].shape) == spec[n][1] for n in spec)
+    assert torch.equal(fmt.unpack(pw), w) and torch.equal(ops.unpack_weight(ref), w)
+    torch.testing.assert_close(fmt.dequantize(pw), ops.dequantize_weight(ref), rtol=0, atol=0)
+    back = fmt.from_storage(st, pw.shape, bits, group)
+    assert torch.equal(fmt.unpack(back), w)
+    assert fmt.check_values(st, bits, group) is None
+    bad = dict(st, w_scale=st["w_scale"].clone().fill_(0))
+    assert "w_scale" in fmt.check_values(bad, bits, group)
+
+
+def test_format_refuses_bits_and_groups_it_does_not_store():
+    with pytest.raises(ValueError, match="stores 5..8-bit"):
+        get_format("int8_channel").check(4, None)
+    with pytest.raises(ValueError, match="group_size must be None"):
+        get_format("int4_channel").check(4, 32)
+    with pytest.raises(ValueError, match="positive integer group_size"):
+        get_format("int4_group").check(4, 0)
+    with pytest.raises(ValueError, match="unknown weight format 'nope'"):
+        get_format("nope")
+    with pytest.raises(ValueError, match="does not store"):
+        ops.pack_weight(torch.zeros(2, 4, dtype=torch.int8), 4, torch.ones(2), None, format="int4_group")
+
+
+def test_packed_weight_is_a_module_and_drops_its_cache_on_copy_and_move():
+    import copy
+    import pickle
+
+    pw = ops.pack_weight(torch.ones(4, 6, dtype=torch.int8), 8, torch.ones(4))
+    assert set(dict(pw.named_buffers())) == {"qdata", "scale"}
+    pw.cache["x"] = torch.zeros(3)
+    c = copy.deepcopy(pw)
+    assert c.cache == {} and torch.equal(c.qdata, pw.qdata) and c.format == pw.format and pw.cache
+    p2 = pickle.loads(pickle.dumps(pw))
+    assert p2.cache == {} and torch.equal(p2.scale, pw.scale)
+    pw.to(torch.bfloat16)  # dtype casts never touch integers or scales; caches are dropped
+    assert pw.qdata.dtype == torch.int8 and pw.scale.dtype == torch.float32 and pw.cache == {}
