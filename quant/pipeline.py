@@ -289,9 +289,16 @@ def describe(q: nn.Module) -> List[str]:
         counts[key] = counts.get(key, 0) + 1
     lines = [f"{ctx.config.name if ctx.config else '?'} ({ctx.profile} profile): " +
              ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))]
+    reasons = {r["name"]: r for r in ctx.report}
+    target = (ctx.config.w_bits, ctx.config.a_bits) if ctx.config else None
+    for name, l in layers:  # every layer not at the target precision, with the reason it was decided
+        r = reasons.get(name) or reasons.get(name.split(".parts.")[0])
+        if (l.w_bits, l.a_bits) != target or r is not None:
+            why = r["reason"] if r is not None else "as saved in the file"
+            lines.append(f"  {name}: W{l.w_bits}A{l.a_bits} ({why})")
     for r in ctx.report:
-        prec = "float" if r.get("mode") == "fp" else f"W{r['w_bits']}A{r['a_bits']}"
-        lines.append(f"  {r['name']}: {prec} ({r['reason']})")
+        if r.get("mode") == "fp":
+            lines.append(f"  {r['name']}: float ({r['reason']})")
     return lines
 
 

@@ -63,3 +63,40 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None) -> List[LayerP
             w, a, g = cfg.w_bits, cfg.a_bits, cfg.w_group_size
         plans.append(LayerPlan(name, kind, mode, w, a, g, reason))
     return plans
+
+
+# ---- the decisions travel with the saved model (``ctx.report``: one dict per layer not at the target bits) ----
+_REPORT_KEYS = {"name": str, "kind": str, "mode": str, "w_bits": int, "a_bits": int, "reason": str}
+
+
+def _to_state(qmodel):
+    from .context import get_context
+
+    report = get_context(qmodel).report
+    return (dict(layers=[dict(r) for r in report]), {}) if report else None
+
+
+def _from_state(qmodel, meta, tensors):
+    from .context import get_context
+
+    rows = meta.get("layers") if isinstance(meta, dict) else None
+    if not isinstance(rows, list) or len(rows) > 100_000:
+        raise ValueError("decisions must be a list of layer records")
+    clean = []
+    for r in rows:
+        if not isinstance(r, dict) or set(r) != set(_REPORT_KEYS) or \
+                not all(isinstance(r[k], t) and not isinstance(r[k], bool) for k, t in _REPORT_KEYS.items()):
+            raise ValueError(f"a decision record must have exactly {sorted(_REPORT_KEYS)} with their types")
+        if r["mode"] not in ("quant", "w8a8", "fp") or len(r["reason"]) > 500 or len(r["name"]) > 1000:
+            raise ValueError("a decision record holds an unknown mode or an oversized text")
+        clean.append(dict(r))
+    get_context(qmodel).report = clean
+
+
+def _register():
+    from .io import register_extra
+
+    register_extra("decisions", _to_state, _from_state)
+
+
+_register()
