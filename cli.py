@@ -354,16 +354,7 @@ class Progress:
 
 
 # -------------------------------------------------------------------------------------------------- jobs
-# The jobs compose recipes.py here and only here; the core pipeline verb will replace this section.
-
-def _pass_progress(fn, *args, progress=None, **kw):
-    """Call ``fn`` with ``progress=`` when it accepts one (recipes.build does not yet)."""
-    import inspect
-
-    if "progress" in inspect.signature(fn).parameters:
-        kw["progress"] = progress
-    return fn(*args, **kw)
-
+# The jobs call recipes.py (the embedded model's jobs), whose models come from lowbit.quant.pipeline.run.
 
 def _cmd_demo(a, prog: Progress):
     from .recipes import demo, format_table
@@ -392,7 +383,8 @@ def _cmd_quantize(a, prog: Progress):
     calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
     prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
-    b = _pass_progress(recipes.build, setup, a.method, a.bits, calls, progress=prog)
+    b = recipes.build(setup, a.method, a.bits, calls, progress=prog)
+    print("\n".join(q.pipeline.describe(b.model)))
     prog.banner(f"saving {a.output}")
     q.save(b.model, a.output, overwrite=a.overwrite)
     print(f"saved {a.bits} ({a.method}) to {a.output} in {time.time() - prog.t0:.1f} s")
