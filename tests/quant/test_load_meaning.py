@@ -198,3 +198,36 @@ def test_missing_checksums_in_a_version_2_file(unet, good, tmp_path):
         del h["tensor_sha256"]
 
     _refused(unet, _craft(good, tmp_path, edit), "checksums")
+
+
+def test_tensors_of_unknown_extras_are_never_read(unet, good, tmp_path, monkeypatch):
+    import safetensors
+
+    def edit(ts, h):
+        ts["__extra__.future.blob"] = torch.zeros(1 << 20)
+        h["extras"]["future"] = {"note": "written by a later LowBit"}
+
+    p = _craft(good, tmp_path, edit)
+    real, read = safetensors.safe_open, []
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.f.get_tensor(k)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    load(unet, p)
+    assert read and "__extra__.future.blob" not in read and "__extra__.ptqd.bias" in read
