@@ -596,6 +596,12 @@ def load(model: nn.Module, path: str) -> nn.Module:
     for n, lm in layers.items():
         plan[n], nd = _plan_layer(path, n, lm, mods[n], kinds)
         need.update(nd)
+    if sched is not None:
+        want = set(sched.bits_used) - {16}
+        for n, st in plan.items():
+            if st["scheduled"] and st["a_bits"] != 16 and not st["a_dynamic"] and not want <= set(st["a_bits_set"]):
+                _fail(path, f"its schedule uses activation bits {sorted(want)} but layer {n!r} has tables for "
+                            f"{list(st['a_bits_set'])} only", "the file is corrupt; re-quantize with that schedule")
     for key, (dt, shp) in need.items():
         _expect(path, index, key, dt, shp)
     extras = header.get("extras") or {}

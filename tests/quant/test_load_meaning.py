@@ -231,3 +231,10 @@ def test_tensors_of_unknown_extras_are_never_read(unet, good, tmp_path, monkeypa
     monkeypatch.setattr(safetensors, "safe_open", Spy)
     load(unet, p)
     assert read and "__extra__.future.blob" not in read and "__extra__.ptqd.bias" in read
+
+
+def test_schedule_with_bits_the_layers_have_no_tables_for(unet, good, tmp_path):
+    def edit(ts, h):
+        h["schedule"] = C.to_json_obj(BitwidthSchedule(segments=((0.0, 499.0, 8), (500.0, 999.0, 4))))
+
+    _refused(unet, _craft(good, tmp_path, edit), r"schedule uses activation bits \[4, 8\]")
