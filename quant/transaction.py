@@ -18,8 +18,9 @@ What a snapshot holds (taken generically, no per-verb bookkeeping):
 * every tensor: its storage (``.data``), ``requires_grad`` and ``.grad``; and a copy of its values, except
   for tensors LowBit never writes in place, which are kept by reference and checked by their version counter:
   the tensors of the ``readonly`` models (the float model, the teacher), the weights of quantized layers (a
-  tensor of a quantized layer with at least half as many elements as its weight: the float weight shared with
-  the float model, packed or reconstructed integers) and any tensor over ``CLONE_LIMIT_BYTES``.
+  frozen tensor held by a quantized layer, its submodules or caches, with at least half as many elements as
+  its weight: the float weight shared with the float model, packed, prepacked or reconstructed integers) and any
+  tensor over ``CLONE_LIMIT_BYTES``.
   So a snapshot costs the small state (step sizes, tables, biases, norms), not a second model.
 
 ``check_finite(model, what)`` is the one numeric guard applied before a model is returned: NaN/Inf in any
@@ -46,21 +47,14 @@ def _is_ours(obj) -> bool:
     return mod.startswith(_PKG) and hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type))
 
 
-def _weight_sized_ids(models: Iterable[nn.Module]) -> set:
-    """ids of the weight-sized tensors of quantized layers (never written in place, see the module doc)."""
+def _weight_numel(module) -> Optional[int]:
+    """Elements of a quantized layer's weight (None for other modules)."""
     from .layers import QuantLayer
 
-    ids = set()
-    for m in models:
-        for layer in m.modules():
-            if not isinstance(layer, QuantLayer):
-                continue
-            n = math.prod(layer.weight_shape)
-            for sub in layer.modules():
-                for t in list(sub._parameters.values()) + list(sub._buffers.values()):
-                    if t is not None and t.numel() * 2 >= n and not t.requires_grad:
-                        ids.add(id(t))
-    return ids
+    if not isinstance(module, QuantLayer):
+        return None
+    shape = getattr(module, "weight_shape", None)
+    return math.prod(shape) if shape else None
 
 
 class Snapshot:
@@ -80,48 +74,46 @@ class Snapshot:
         for m in readonly:
             for t in list(m.parameters()) + list(m.buffers()):
                 self._by_ref.add(id(t))
-        self._by_ref |= _weight_sized_ids(models)
         for m in readonly + models:
-            self._visit(m)
+            self._visit(m, None)
 
     # ---- taking ----------------------------------------------------------------------------------
-    def _visit(self, v):
+    def _visit(self, v, wsize):
+        """Record ``v`` and what it holds; ``wsize``: weight elements of the quantized layer ``v`` belongs to."""
         if v is None or isinstance(v, (bool, int, float, complex, str, bytes)) or id(v) in self._seen:
             return
+        self._seen[id(v)] = v
         if isinstance(v, torch.Tensor):
-            self._seen[id(v)] = v
-            self._tensor(v)
+            self._tensor(v, wsize)
         elif isinstance(v, nn.Module) or _is_ours(v):
-            self._seen[id(v)] = v
+            wsize = _weight_numel(v) or wsize
             d = dict(v.__dict__)
             self._objs.append((v, d))
             for x in d.values():
-                self._visit(x)
+                self._visit(x, wsize)
         elif type(v) in (dict, OrderedDict):
-            self._seen[id(v)] = v
             items = list(v.items())
             self._dicts.append((v, items))
             for _, x in items:
-                self._visit(x)
+                self._visit(x, wsize)
         elif type(v) is list:
-            self._seen[id(v)] = v
             self._lists.append((v, list(v)))
             for x in v:
-                self._visit(x)
+                self._visit(x, wsize)
         elif type(v) is tuple:
-            self._seen[id(v)] = v
             for x in v:
-                self._visit(x)
+                self._visit(x, wsize)
         elif type(v) is set:
-            self._seen[id(v)] = v
             self._sets.append((v, set(v)))
         elif isinstance(v, torch.Generator):
-            self._seen[id(v)] = v
             self._gens.append((v, v.get_state()))
 
-    def _tensor(self, t: torch.Tensor):
+    def _tensor(self, t: torch.Tensor, wsize):
+        if t.layout != torch.strided:  # opaque backend blobs (oneDNN prepacked weights): caches, by reference
+            return
         data = t.data
-        keep = id(t) in self._by_ref or t.numel() * t.element_size() > CLONE_LIMIT_BYTES
+        weight = wsize is not None and t.numel() * 2 >= wsize and not t.requires_grad
+        keep = weight or id(t) in self._by_ref or t.numel() * t.element_size() > CLONE_LIMIT_BYTES
         values = None if keep else data.clone()
         self._tensors.append((t, data, values, t._version, t.requires_grad, t.grad))
 

@@ -215,3 +215,19 @@ def test_snapshot_restores_replaced_and_inplace_state(env):
             with torch.no_grad():
                 layer.weight.mul_(2.0)  # a weight (kept by reference, not copied): detected, not silently kept
             raise KeyboardInterrupt
+
+
+def test_deployed_model_cancel_leaves_packed_state(env):
+    """A deployed (packed, possibly backend-prepacked) model: cancelled statistics and fine-tune leave it as it was."""
+    from lowbit.quant import deploy_
+
+    unet, calls, q0 = env
+    q = deploy_(copy.deepcopy(q0))
+    outputs(q, calls)  # builds the kernels' caches
+    before = deep_state(q)
+    with pytest.raises(Interrupted):
+        collect_stats(unet, q, calls, progress=_cancel_at(2, Interrupted))
+    assert_same_deep(deep_state(q), before)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(q, unet, calls, FT, progress=_cancel_at(2, KeyboardInterrupt))
+    assert_same_deep(deep_state(q), before)

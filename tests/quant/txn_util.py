@@ -42,6 +42,8 @@ def _val(v, depth=0):
         return v
     if isinstance(v, float):
         return ("float", v) if not math.isnan(v) else ("nan",)
+    if isinstance(v, torch.Tensor) and v.layout != torch.strided:  # opaque backend caches (oneDNN blobs)
+        return ("opaque", id(v), v.dtype, tuple(v.shape))
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), v.dtype, tuple(v.shape), _bits(v), v.requires_grad, v.grad is None)
     if isinstance(v, torch.Generator):
