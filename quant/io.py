@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -462,8 +461,8 @@ def _check_layer_values(path, n, st, tensors, num_train_timesteps):
     from ..kernels.formats import get_format
 
     fmt = get_format(st["w_format"])
-    wt = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".") and not k[len(n) + 1:].startswith("act.")
-          and k[len(n) + 1:] != "bias"}
+    names = fmt.storage(st["shape"], st["w_bits"], st["group_size"])
+    wt = {k: tensors[f"{n}.{k}"] for k in names}
     problem = fmt.check_values(wt, st["w_bits"], st["group_size"])
     if problem:
         _fail(path, f"layer {n!r}: {problem}", "the file is corrupt or was saved from a diverged run")
@@ -482,7 +481,8 @@ def _check_layer_values(path, n, st, tensors, num_train_timesteps):
                       "the file is corrupt or was saved from a diverged run")
             if not (torch.isfinite(z).all() and torch.equal(z, z.round()) and (z >= 0).all()
                     and (z <= (1 << b) - 1).all()):
-                _fail(path, f"layer {n!r}: act.zero_{b} must hold integers in [0, {(1 << b) - 1}]", "the file is corrupt")
+                _fail(path, f"layer {n!r}: act.zero_{b} must hold integers in [0, {(1 << b) - 1}]",
+                      "the file is corrupt")
 
 
 def _model_out_channels(model: nn.Module) -> Optional[int]:
@@ -528,7 +528,8 @@ def _check_ptqd(path, meta, index, model, T):
 def _check_ptqd_values(path, ts, T):
     for k, v in ts.items():
         if not torch.isfinite(v).all():
-            _fail(path, f"its PTQD table {k!r} contains NaN/Inf", "the file is corrupt or was saved from a diverged run")
+            _fail(path, f"its PTQD table {k!r} contains NaN/Inf",
+                  "the file is corrupt or was saved from a diverged run")
     t = ts["t"]
     if (t < 0).any() or (t > T).any() or (len(t) > 1 and not (t.sort().values[1:] > t.sort().values[:-1]).all()):
         _fail(path, f"its PTQD timesteps must be distinct values in [0, {T}]", "the file is corrupt")
@@ -554,9 +555,11 @@ def load(model: nn.Module, path: str) -> nn.Module:
         try:
             val = C.from_json_obj(obj)
         except (ConfigError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            _fail(path, f"its {slot} is not valid ({str(exc)[:200]})", "the file is corrupt or from an incompatible LowBit")
+            _fail(path, f"its {slot} is not valid ({str(exc)[:200]})",
+                  "the file is corrupt or from an incompatible LowBit")
         if not isinstance(val, typ):
-            _fail(path, f"its {slot} slot holds a {type(val).__name__}, expected a {typ.__name__}", "the file is corrupt")
+            _fail(path, f"its {slot} slot holds a {type(val).__name__}, expected a {typ.__name__}",
+                  "the file is corrupt")
         if slot == "config":
             cfg = val
         else:
@@ -565,7 +568,8 @@ def load(model: nn.Module, path: str) -> nn.Module:
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 100_000:
         _fail(path, f"num_train_timesteps={str(T)[:40]!r} is not an integer in 1..100000", "the file is corrupt")
     if sched is not None and sched.num_train_timesteps != T:
-        _fail(path, f"its schedule is for {sched.num_train_timesteps} timesteps, the model for {T}", "the file is corrupt")
+        _fail(path, f"its schedule is for {sched.num_train_timesteps} timesteps, the model for {T}",
+              "the file is corrupt")
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")

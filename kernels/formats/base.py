@@ -3,7 +3,8 @@
 Notation used in the docstrings of ``kernels/``::
 
     N  output channels (Linear out_features, Conv2d out_channels)
-    K  reduction length = prod(shape[1:])  (Linear in_features; Conv2d C/groups * kh * kw, flattened in (c, kh, kw) order)
+    K  reduction length = prod(shape[1:])  (Linear in_features; Conv2d C/groups * kh * kw, flattened in
+       (c, kh, kw) order)
     G  number of weight groups along K = ceil(K / group_size)
     M  rows of the activation matrix (tokens for Linear)
 
@@ -113,7 +114,8 @@ class WeightFormat:
                              f"got {group_size!r}")
 
     # -- saved tensors ---------------------------------------------------------------------------------
-    def storage(self, shape: Tuple[int, ...], bits: int, group_size: Optional[int]) -> Dict[str, Tuple[torch.dtype, tuple]]:
+    def storage(self, shape: Tuple[int, ...], bits: int,
+                group_size: Optional[int]) -> Dict[str, Tuple[torch.dtype, tuple]]:
         """Saved tensors of one weight: {name: (dtype, shape)} (names are suffixes of the layer name in a file)."""
         raise NotImplementedError
 
@@ -189,7 +191,8 @@ class PackedWeight(nn.Module):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"PackedWeight: bits must be in 2..8, got {bits}")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size <= 0):
             raise ValueError(f"PackedWeight: group_size must be positive or None, got {group_size}")
         self.bits = bits
         self.shape = tuple(int(s) for s in shape)
@@ -221,7 +224,8 @@ class PackedWeight(nn.Module):
         return 1 if self.group_size is None else self.scale.shape[1]
 
     def nbytes(self, include_cache: bool = True) -> int:
-        """Resident bytes: qdata + scale (+ every tensor in ``cache``, opaque onednn blobs counted by numel*itemsize)."""
+        """Resident bytes: the format's tensors (+ every tensor in ``cache``, opaque onednn blobs counted by
+        numel*itemsize)."""
         total = sum(_tensor_bytes(t) for t in self._buffers.values() if t is not None)
         if include_cache:
             for v in self.cache.values():
@@ -307,7 +311,8 @@ class IntLayout(WeightFormat):
         w2 = w_int.reshape(shape[0], -1)
         lo, hi = int_range(bits)
         if w2.numel() and (int(w2.min()) < lo or int(w2.max()) > hi):
-            raise ValueError(f"pack_weight: {bits}-bit values must lie in [{lo}, {hi}], got [{int(w2.min())}, {int(w2.max())}]")
+            raise ValueError(f"pack_weight: {bits}-bit values must lie in [{lo}, {hi}], "
+                             f"got [{int(w2.min())}, {int(w2.max())}]")
         qdata = pack_int4(w2) if self.nibbles else w2.to(torch.int8).contiguous()
         return PackedWeight(qdata, scale.to(torch.float32).contiguous(), bits, shape, group_size, self.name)
 
@@ -331,7 +336,8 @@ class ActQuant:
     static  (dynamic=False): one scalar ``scale`` (float > 0) and ``zero_point`` (int in [0, 2^bits-1]) per tensor:
             ``q = clamp(round(x / scale) + zero_point, 0, 2^bits - 1)``, ``x_hat = (q - zero_point) * scale``.
     dynamic (dynamic=True): scale/zero_point are computed inside the op per token (rows of the last dim, Linear)
-            or per sample (Conv2d); ``scale`` must be None (``zero_point`` None or 0, stored as None). With lo = min(min(x_row), 0),
+            or per sample (Conv2d); ``scale`` must be None (``zero_point`` None or 0, stored as None).
+            With lo = min(min(x_row), 0),
             hi = max(max(x_row), 0): ``scale = (hi - lo) / (2^bits - 1)`` (1.0 if that is 0),
             ``zero_point = clamp(round(-lo / scale), 0, 2^bits - 1)``.
     Rounding is ``torch.round`` (half to even) and ``x / scale`` is a true fp32 division, on every backend.

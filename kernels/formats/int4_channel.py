@@ -1,4 +1,5 @@
-"""``int4_channel``: two signed nibbles per byte, one fp32 scale per output channel (a kernel layout: every backend's integer kernels read it).
+"""``int4_channel``: two signed nibbles per byte, one fp32 scale per output channel.
+A kernel layout: every backend's integer kernels read it.
 
 Saved tensors: ``qdata`` uint8 [N, ceil(K/2)], ``w_scale`` fp32 [N].
 """

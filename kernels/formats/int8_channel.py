@@ -1,4 +1,5 @@
-"""``int8_channel``: one int8 per weight, one fp32 scale per output channel (a kernel layout: every backend's integer kernels read it).
+"""``int8_channel``: one int8 per weight, one fp32 scale per output channel.
+A kernel layout: every backend's integer kernels read it.
 
 Saved tensors: ``qdata`` int8 [N, K], ``w_scale`` fp32 [N].
 """

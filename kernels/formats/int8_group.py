@@ -1,4 +1,5 @@
-"""``int8_group``: one int8 per weight, one fp32 scale per group of group_size inputs (a kernel layout: every backend's integer kernels read it).
+"""``int8_group``: one int8 per weight, one fp32 scale per group of group_size inputs.
+A kernel layout: every backend's integer kernels read it.
 
 Saved tensors: ``qdata`` int8 [N, K], ``w_scale`` fp32 [N, ceil(K/group_size)].
 """

@@ -74,8 +74,8 @@ def test_actquant_validation():
 from lowbit.kernels.formats import FORMATS, default_format, get_format  # noqa: E402
 
 
-@pytest.mark.parametrize("bits,group,name", [(8, None, "int8_channel"), (6, 32, "int8_group"), (4, None, "int4_channel"),
-                                             (3, 64, "int4_group")])
+@pytest.mark.parametrize("bits,group,name", [(8, None, "int8_channel"), (6, 32, "int8_group"),
+                                             (4, None, "int4_channel"), (3, 64, "int4_group")])
 def test_kernel_layouts_are_registered_and_agree_with_ops(bits, group, name):
     assert default_format(bits, group) == name and name in FORMATS
     fmt = get_format(name)

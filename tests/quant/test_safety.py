@@ -163,7 +163,7 @@ def test_interrupted_save_leaves_no_partial_file(unet, calls, tmp_path, monkeypa
 
 def test_nan_in_calibration_data_is_named(unet):
     with pytest.raises(NumericalError, match="NaN"):
-        with CallRecorder(unet) as rec:
+        with CallRecorder(unet):
             unet(torch.full((1, 1, 16, 16), float("nan")), torch.tensor([10]), class_labels=torch.tensor([1]))
 
 

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from lowbit.quant import LowBitError, QuantConfig, load, quantize, save
 from lowbit.quant import io as qio
