@@ -12,6 +12,8 @@ the reconstructed model (the model's ``a_init``: the L_p (p=2.4) search by defau
 
 Memory stays bounded: only one unit's inputs/targets are cached at a time (fp16, CPU), recomputed by
 partial forward passes that stop right after the unit (never every block's activations at once).
+Transactional (``transaction.py``): a cancelled or failing call leaves ``qmodel`` bit-identical, so no layer is
+left with soft AdaRound state or half-collected observations and a retry equals a clean run.
 Departures from the papers' code: the rounding regulariser covers every AdaRound variable (Q-Diffusion
 skipped the second split half), and every calibration sample is used (PTQD's randperm(960) dropped 64).
 """
