@@ -24,6 +24,8 @@ class QuantContext:
         self.schedule: Optional[BitwidthSchedule] = None
         self.observing = False  # calibration: layers record activation statistics
         self.quant_enabled = True  # False: quantized layers behave like their float originals (fake mode only)
+        self.float_layers: frozenset = frozenset()  # these layers behave like their float originals (fake mode;
+        #                                             the sensitivity pass quantizes one layer at a time)
         self.act_enabled = True  # False: weights quantized, activations float (BRECQ's weight pass)
         self.ptqd_active = False  # the output hook applies PTQD correction (set by ptqd.attach_stats)
         # What the model was built with: the one home of per-model state (saved with the model by ``io.save``).

@@ -381,7 +381,7 @@ class QuantLayer(nn.Module):
             self.act.observe(x, ctx.t)
         if self.mode == "deployed":
             return self._deployed_forward(x)
-        if ctx is not None and not ctx.quant_enabled:
+        if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):
             return self._op(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         w = self.fake_weight().to(x.dtype)
         xq = x if (ctx is not None and (ctx.observing or not ctx.act_enabled)) else self._fake_act(x)

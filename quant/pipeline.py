@@ -107,6 +107,11 @@ class PipelineConfig(_Config):
     schedule: Optional[BitwidthSchedule] = _field("any", None, "fixed step-aware activation bits, or None")
     mixed_candidates: tuple = _field("any", (), "activation bit-widths +mixed chooses from per timestep "
                                                 "(() = the config's a_bits and 8)")
+    precision: str = _field("choice", "measured", "per-layer precision: measured (each layer's output error on "
+                            "the calibration calls decides which layers stay at 8 bits or float, within "
+                            "size_budget) or rules (the model profile's name rules)", choices=("measured", "rules"))
+    size_budget: float = _field("float", 0.03, "bytes the measured plan may add over the uniform target, as a "
+                                "fraction of the quantized layers' fp16 bytes", lo=0.0, hi=1.0)
     deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
     version: int = _version(1)
 
@@ -229,8 +234,24 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
                               f"{'quantized' if get_context(start) else 'float'} model")
         q = start if m.base == "efficientdm" else copy.deepcopy(start)  # (finetune works on its own copy)
     else:
+        measured = []
+        if config.precision == "measured" and calls:
+            from .sensitivity import plan_precision
+
+            rules, measured = plan_precision(fp_model, calls, qcfg, budget=config.size_budget,
+                                             num_train_timesteps=num_train_timesteps, profile=profile,
+                                             progress=progress)
+            qcfg = dataclasses.replace(qcfg, rules=rules)
+            lap("precision plan")
         q = quantize(fp_model, qcfg, calls or None, schedule=config.schedule, a_bits_candidates=candidates,
                      num_train_timesteps=num_train_timesteps, profile=profile, progress=progress)
+        if measured:
+            from .context import get_context
+
+            why = {r["name"]: r["reason"] for r in measured}
+            for r in get_context(q).report:
+                r["reason"] = why.get(r["name"], r["reason"])
+            res.info["precision"] = measured
         lap("quantize")
     if m.base == "recon":
         from .recon import reconstruct

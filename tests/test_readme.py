@@ -34,7 +34,7 @@ def test_readme_example_runs_with_short_settings(tmp_path):
         code = code.replace(a, b)
     out = _run(code, tmp_path)
     assert (tmp_path / "unet-w4a8.safetensors").is_file()
-    assert re.search(r"W4A8 \(diffusers-unet profile\): \d+ layers W4A8, \d+ layers W8A8\n  conv_in: W8A8 \(", out), out
+    assert re.search(r"W4A8 \(diffusers-unet profile\): \d+ layers W4A8.*\n  \S+: (W8A8|float) \(measured: output error ", out), out
 
 
 @pytest.mark.slow
