@@ -4,8 +4,8 @@ diffusers' ``FluxTransformer2DModel`` and ``SD3Transformer2DModel`` receive ``ti
 (the pipelines divide by 1000), so tables are keyed by 1000·sigma; ``DiTTransformer2DModel`` and
 ``PixArtTransformer2DModel`` get DDPM timesteps in [0, T). ComfyUI's ``Flux`` and ``MMDiT`` receive
 ``timesteps`` from ``model_sampling.timestep(sigma)``: sigma for Flux (scale 1000 here), 1000·sigma for SD3.
-Edges: the input and output projections and the timestep/text/guidance embedders. Outputs are NCHW for the
-diffusers models (unpatchified), so channels are dimension 1.
+Edges: the input and output projections and the timestep/text/guidance embedders. Flux works on packed
+tokens ([B, tokens, channels]: channels are the last dimension); SD3, DiT and PixArt unpatchify to NCHW.
 """
 from ..config import LayerRule
 from . import ModelProfile, class_named, register_profile
@@ -20,11 +20,23 @@ _EDGES = (
 _BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock", "BasicTransformerBlock",
            "DoubleStreamBlock", "SingleStreamBlock", "JointBlock")
 
-SIGMA_DIT = register_profile(ModelProfile(
-    name="dit-flow", matches=class_named("FluxTransformer2DModel", "SD3Transformer2DModel", "Flux"), priority=20,
-    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep", "timesteps"),
-    sample_kwargs=("hidden_states", "x"), timestep_scale=1000.0, prediction="flow",
-    description="Flux / SD3 transformers called with sigma in [0, 1] (diffusers; ComfyUI Flux)"))
+FLUX = register_profile(ModelProfile(
+    name="flux", matches=class_named("FluxTransformer2DModel"), priority=20,
+    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow", channel_dim=-1,
+    description="diffusers Flux transformer: packed tokens, called with sigma in [0, 1]"))
+
+SD3 = register_profile(ModelProfile(
+    name="sd3", matches=class_named("SD3Transformer2DModel"), priority=20,
+    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow",
+    description="diffusers SD3 transformer: NCHW in and out, called with sigma in [0, 1]"))
+
+COMFY_FLUX = register_profile(ModelProfile(
+    name="comfy-flux", matches=class_named("Flux"), priority=20,
+    edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timesteps", "timestep"),
+    sample_kwargs=("x",), timestep_scale=1000.0, prediction="flow",
+    description="ComfyUI's Flux (NCHW latents; model_sampling.timestep(sigma) = sigma in [0, 1])"))
 
 TIMESTEP_DIT = register_profile(ModelProfile(
     name="dit", matches=class_named("DiTTransformer2DModel", "PixArtTransformer2DModel", "MMDiT"), priority=20,

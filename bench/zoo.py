@@ -1,0 +1,138 @@
+"""Quality on every zoo model, with the library's defaults: one table, one JSON file.
+
+    python -m lowbit.bench.zoo [--models digits rgb latent_text dit_flow] [--samples 1000]
+                               [--bits W8A8 W4A8 W4A4] [--out bench/results/zoo.json]
+
+For each zoo model (``lowbit.models.zoo``): full-precision samples (deterministic sampler, fixed seeds), then for
+each bit-width the methods of the ladder, each built by ``lowbit.quant.pipeline.run`` with its defaults from the
+same recorded calibration calls (full-precision sampling runs on other seeds). Per row: FID in the model's own
+feature space and its ratio to full precision, class accuracy where the model has classes, the mean paired
+PSNR of each sample against the full-precision sample from the same noise, and the quantization time.
+Nothing is tuned per model: every row uses ``PipelineConfig.for_method(method, bits)`` unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+LADDER = {
+    "W8A8": ("naive", "lp", "lp+ptqd"),
+    "W4A8": ("naive", "lp", "recon", "recon+ptqd"),
+    "W4A4": ("naive", "recon+ptqd", "efficientdm", "efficientdm+ptqd"),
+}
+TARGETS = {"W8A8": 1.05, "W4A8": 1.15, "W4A4": 1.30}  # FID ratio to full precision (README, issue 12)
+PSNR_TARGET_W8A8 = 45.0
+
+
+def paired_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over samples of the PSNR of ``a`` against ``b`` (images in [-1, 1], data range 2)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def record_calls(m, n: int, seed: int, steps: int):
+    from ..quant import CallRecorder
+
+    with CallRecorder(m.denoiser) as rec:
+        m.sample(m.denoiser, n, seed, steps=steps)
+    return rec.calls
+
+
+def run_model(name: str, a, log=print) -> list:
+    from ..models.zoo import load
+    from ..quant import PipelineConfig, pipeline, timestep_aware_subset
+
+    m = load(name)
+    steps = a.steps or m.default_steps
+    rows = []
+    t0 = time.perf_counter()
+    fp_img, labels = m.sample(m.denoiser, a.samples, a.seed, steps=steps)
+    fp_s = time.perf_counter() - t0
+    fp_met = m.metrics(fp_img, labels)
+    rows.append(dict(model=name, bits="fp32", method="full precision", fid=fp_met["fid"], fid_x=1.0,
+                     acc=fp_met.get("acc"), psnr=math.inf, quant_s=0.0, sample_s=fp_s))
+    log(f"[{name}] full precision: FID {fp_met['fid']:.3f} acc {fp_met.get('acc')} ({fp_s:.0f} s)")
+    calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
+    calib = timestep_aware_subset(calls, a.calib_steps)
+    for bits in a.bits:
+        for method in (a.methods or LADDER[bits]):
+            t0 = time.perf_counter()
+            try:
+                res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, deploy=a.deployed),
+                                   progress=None)
+            except Exception as exc:  # a failing method is a row, not the end of the table
+                rows.append(dict(model=name, bits=bits, method=method, error=f"{type(exc).__name__}: {exc}"))
+                log(f"[{name}] {bits} {method}: FAILED {type(exc).__name__}: {exc}")
+                continue
+            qs = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            img, _ = m.sample(res.model, a.samples, a.seed, steps=steps)
+            ss = time.perf_counter() - t0
+            met = m.metrics(img, labels)
+            row = dict(model=name, bits=bits, method=method, fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
+                       acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss,
+                       kept=[dict(name=r["name"], mode=r["mode"], reason=r["reason"]) for r in
+                             res.info.get("precision", [])])
+            rows.append(row)
+            log(f"[{name}] {bits} {method}: FID {row['fid']:.3f} (x{row['fid_x']:.2f}) PSNR {row['psnr']:.1f} dB "
+                f"acc {row['acc']} quantized in {qs:.0f} s")
+            del res
+    return rows
+
+
+def format_table(rows) -> str:
+    out = ["| model | bits | method | FID (x FP) | PSNR vs FP dB | class acc | quantize s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['bits']} | {r['method']} | failed: {r['error'][:60]} | | | |")
+            continue
+        acc = "-" if r.get("acc") is None else f"{r['acc']:.3f}"
+        ps = "-" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f}"
+        out.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['fid']:.3f} ({r['fid_x']:.2f}) | {ps} | {acc} | "
+                   f"{r['quant_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    from ..models.zoo import ZOO_NAMES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(ZOO_NAMES), choices=list(ZOO_NAMES))
+    p.add_argument("--bits", nargs="+", default=list(LADDER), choices=list(LADDER))
+    p.add_argument("--methods", nargs="+", default=None, help="override the ladder (pipeline method names)")
+    p.add_argument("--samples", type=int, default=1000, help="samples per row (FID and paired PSNR)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's own)")
+    p.add_argument("--calib-samples", type=int, default=32, help="full-precision calibration runs")
+    p.add_argument("--calib-steps", type=int, default=10, help="timesteps kept from them (timestep-aware)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deployed", action="store_true", help="sample with the integer kernels (default: fake-quant, "
+                   "the same function up to float summation order; faster for these tiny models on a CPU)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zoo.json"))
+    a = p.parse_args(argv)
+    if a.samples < 1:
+        p.error("--samples must be at least 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
+    rows = []
+    for name in a.models:
+        rows += run_model(name, a, log=lambda s: print(s, flush=True))
+        with open(a.out, "w") as f:  # after every model: a long run leaves its finished part
+            json.dump(dict(argv=argv if argv is not None else __import__("sys").argv[1:], samples=a.samples,
+                           deployed=a.deployed, torch=torch.__version__, machine=platform.machine(),
+                           date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
+    print()
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
