@@ -8,8 +8,7 @@ with values beyond fp16's range keeps its own dtype: storing never turns a finit
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

@@ -437,7 +437,8 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, calls: Union[Sequence[Call],
 
     ``config.sampling_steps / guidance / eta`` describe the trajectories a host should record (the calls carry
     their own timesteps and conditioning, so finetune itself does not read them). The returned model records
-    ``finetune_info`` in its context (config, first/last loss, ranks), which ``quant.io.save`` writes into the file header.
+    ``finetune_info`` in its context (config, first/last loss, ranks), which ``quant.io.save`` writes into the file
+    header.
     """
     cfg = FinetuneConfig() if config is None else config
     if not isinstance(cfg, FinetuneConfig):
@@ -476,7 +477,8 @@ def _finetune(qmodel, teacher, calls, cfg: FinetuneConfig, progress):
     act_scales = [l.act.table(b)[0] for _, l in targets if l.act is not None for b in l.act.bits_set
                   if l.act.table(b)[0].requires_grad]
     first, last = _train(student, teacher, shard, cfg, groups, act_scales, progress, dist, rank, world)
-    get_context(student).finetune_info = dict(config=to_json_obj(cfg), steps=cfg.steps, first_loss=first, last_loss=last,
+    get_context(student).finetune_info = dict(config=to_json_obj(cfg), steps=cfg.steps, first_loss=first,
+                                              last_loss=last,
                                     world_size=world, calls=len(calls), shard=len(shard), rank=rank,
                                     layers=len(targets))
     return student
@@ -543,8 +545,9 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                     ref[tbin] = _initial_loss(net, trainable, init, args, kwargs, target)
                 base = ref[tbin]
                 if not math.isfinite(lval) or lval > MAX_LOSS_GROWTH * max(base, 1e-12):
-                    what = "NaN/Inf" if not math.isfinite(lval) else \
-                        f"{lval:.4g}, above {MAX_LOSS_GROWTH:g}x the loss before fine-tuning at this timestep ({base:.4g})"
+                    what = "NaN/Inf" if not math.isfinite(lval) else (
+                        f"{lval:.4g}, above {MAX_LOSS_GROWTH:g}x the loss before fine-tuning at this timestep "
+                        f"({base:.4g})")
                     raise NumericalError(
                         f"EfficientDM fine-tune diverged at step {step}/{cfg.steps}: loss {what}; lower "
                         f"FinetuneConfig.lr_multiplier (now {cfg.lr_multiplier:g}) or act_lr (now {cfg.act_lr:g})")

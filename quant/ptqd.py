@@ -44,7 +44,8 @@ class PTQDStats:
     def __init__(self, t: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, var: torch.Tensor,
                  config: PTQDConfig = PTQDConfig(), m: Optional[torch.Tensor] = None):
         order = torch.argsort(t)
-        self.t, self.k, self.bias, self.var = t[order].float(), k[order].float(), bias[order].float(), var[order].float()
+        self.t, self.k = t[order].float(), k[order].float()
+        self.bias, self.var = bias[order].float(), var[order].float()
         self.m = torch.zeros_like(self.k) if m is None else m[order].float()
         self.config = config
 
@@ -168,7 +169,8 @@ def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQD
     from .transaction import FIX, check_stats, check_tensor, transaction
 
     if not calls:
-        raise ConfigError("PTQD statistics need recorded UNet calls (CallRecorder around a full-precision sampling run)")
+        raise ConfigError("PTQD statistics need recorded UNet calls (CallRecorder around a full-precision sampling "
+                          "run)")
     if not isinstance(config, PTQDConfig):
         raise ConfigError(f"config must be a PTQDConfig, got {type(config).__name__}")
     ctx = get_context(qmodel)

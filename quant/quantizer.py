@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 LP_NORM = 2.4
-N_CANDIDATES = 80
-LP_SAMPLE = 1024  # columns per channel/group used to score the L_p candidates  # candidate ranges 1.00, 0.99, ... 0.21 of the full range (A1)
+N_CANDIDATES = 80  # candidate ranges 1.00, 0.99, ... 0.21 of the full range (A1)
+LP_SAMPLE = 1024  # columns per channel/group used to score the L_p candidates
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

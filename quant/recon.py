@@ -324,7 +324,8 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                     out = _first_tensor(unit(*a, **kw)).float()
                     # relative to the target's own size: otherwise calls near t = 0, whose block outputs and
                     # errors are largest but matter least for the image, decide every step size
-                    loss = lp_loss(out, tgt, config.p_act) / lp_loss(tgt, torch.zeros_like(tgt), config.p_act).clamp_min(1e-12)
+                    size = lp_loss(tgt, torch.zeros_like(tgt), config.p_act).clamp_min(1e-12)
+                    loss = lp_loss(out, tgt, config.p_act) / size
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

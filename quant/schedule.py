@@ -40,7 +40,8 @@ def _measure_snr(fp_model, qmodel, calls, candidates, progress):
     ctx = get_context(qmodel)
     if ctx is None:
         raise ConfigError("measure_snr needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
-    have = set.intersection(*[set(l.act.bits_set) for _, l in quant_layers(qmodel) if l.act is not None and l.scheduled])
+    have = set.intersection(*[set(l.act.bits_set) for _, l in quant_layers(qmodel)
+                              if l.act is not None and l.scheduled])
     missing = [b for b in candidates if b not in have]
     if missing:
         raise ConfigError(f"the quantized model has no activation scales for {missing} bits; quantize it with "
