@@ -72,9 +72,12 @@ def tensor_bytes(t) -> int:
 def resident_weight_bytes(model) -> int:
     """Parameters + buffers of every module, plus the backend caches of packed weights (onednn blobs, ...)."""
     total = sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
+    seen = set()
     for m in model.modules():
-        pw = getattr(m, "_packed", None)  # lowbit.quant deployed layers keep their PackedWeight here
-        if pw is not None and hasattr(pw, "nbytes"):
+        # deployed layers hold their PackedWeight as a submodule (older layers: in ``_packed``)
+        pw = m if hasattr(m, "nbytes") and hasattr(m, "cache") else getattr(m, "_packed", None)
+        if pw is not None and hasattr(pw, "nbytes") and id(pw) not in seen:
+            seen.add(id(pw))
             total += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
     return total
 
@@ -153,7 +156,7 @@ def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: st
             from lowbit.kernels import ops
         del ops  # (imported so that the report can name the registered backends)
         for m in model.modules():
-            pw = getattr(m, "_packed", None)
+            pw = m if hasattr(m, "nbytes") and hasattr(m, "cache") else getattr(m, "_packed", None)
             if pw is not None:
                 for key in pw.cache:
                     backends[str(key[0] if isinstance(key, tuple) else key).split(".")[0]] = 1
