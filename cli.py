@@ -439,7 +439,11 @@ def inspect_text(path: str, layers: bool = False) -> str:
         method.append("step-aware bit schedule")
     if header.get("splits"):
         method.append(f"shortcut split ({len(header['splits'])} convs)")
-    method += [k for k in extras if k != "ptqd"]
+    dec = extras.get("decisions") if isinstance(extras.get("decisions"), dict) else {}
+    dec_layers = [d for d in dec.get("layers", []) if isinstance(d, dict)] if isinstance(dec.get("layers"), list) else []
+    if dec_layers:
+        method.append("per-layer precision from measurement")
+    method += [k for k in extras if k not in ("ptqd", "decisions")]
     out = [f"file       {path} ({total:,} bytes)",
            f"format     {header.get('format')} v{header.get('format_version')}",
            f"model      {model.get('cls')} (fingerprint {model.get('fingerprint')}), "
@@ -447,7 +451,12 @@ def inspect_text(path: str, layers: bool = False) -> str:
            f"method     {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
            f"config     {_config_text(cfg)}",
            f"schedule   {_config_text(header.get('schedule'))}"]
+    for k, v in header.items():  # other configs in the header (e.g. the pipeline's), shown the same way
+        if k not in ("config", "schedule") and isinstance(v, dict) and "_type" in v:
+            out.append(f"{k:<10} {_config_text(v)}")
     for k, meta in extras.items():
+        if k == "decisions":
+            continue
         cfgs = [_config_text(v) for v in meta.values() if isinstance(v, dict) and "_type" in v] \
             if isinstance(meta, dict) else []
         tensors = _nbytes(index, f"__extra__.{k}.")
@@ -463,7 +472,16 @@ def inspect_text(path: str, layers: bool = False) -> str:
     out.append(f"  {'precision':<14}{'layers':>7}{'weight bytes':>16}{'other bytes':>14}")
     for prec, (n, wb, ob) in sorted(groups.items()):
         out.append(f"  {prec:<14}{n:>7}{wb:>16,}{ob:>14,}")
+    if dec_layers:
+        modes = {}
+        for d in dec_layers:
+            modes[d.get("mode")] = modes.get(d.get("mode"), 0) + 1
+        out.append("decisions  " + ", ".join(f"{n} layers {'kept in float' if m == 'fp' else 'at ' + str(m)}"
+                                             for m, n in sorted(modes.items(), key=str)) +
+                   ("" if layers else " (--layers lists them with the measured reason)"))
     if layers:
+        for d in dec_layers:
+            out.append(f"  {str(d.get('name')):<48}{str(d.get('mode')):<8}{d.get('reason', '')}")
         out.append(f"  {'layer':<48}{'kind':<8}{'shape':<20}{'precision':<14}{'bytes':>10}")
         for lname, m in lm.items():
             m = m if isinstance(m, dict) else {}
