@@ -144,6 +144,8 @@ class Spec:
         ConfigError naming the setting, the value and what is allowed."""
         if value is None and self.optional:
             return None
+        if where and not where.endswith(" "):  # check(v, "LowBit") reads "LowBit: calib_samples=0 ..."
+            where += ": "
         try:
             checker = _CHECKERS[self.kind]
         except KeyError:
