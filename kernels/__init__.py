@@ -19,6 +19,9 @@ from .registry import NoBackendError
 
 _log = logging.getLogger("lowbit.kernels")
 
+if importlib.util.find_spec("comfy_kitchen") is not None:  # ComfyUI's kernels; imported lazily by the backend
+    from . import comfy_kitchen  # noqa: F401  (registers the comfy_kitchen backend)
+
 if importlib.util.find_spec("triton") is not None:
     try:
         from . import triton_gpu  # noqa: F401

@@ -24,4 +24,5 @@ from .recon import reconstruct
 from . import efficientdm
 from .efficientdm import finetune, merge_, save_adapters, load_adapters
 from . import pipeline
+from .export_comfy import export_comfy
 from .pipeline import PipelineConfig, Result
