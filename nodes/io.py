@@ -1,7 +1,8 @@
 """The "Save Quantized UNet" and "Load Quantized UNet" nodes: ``models/lowbit/<prefix>_NNNNN.safetensors`` via quant.io.
 
 The file holds only the quantized UNet (packed integers, scales, activation tables, PTQD statistics) with a
-versioned JSON header; it is applied to the same full-precision checkpoint's MODEL when loading.
+versioned JSON header; it is applied to the same full-precision checkpoint's MODEL when loading. With
+``layout=comfyui-native`` the save node writes ComfyUI's own quantized layout instead (quant/export_comfy.py).
 """
 from __future__ import annotations
 
@@ -47,24 +48,50 @@ def next_free_path(folder: str, prefix: str) -> str:
         n += 1
 
 
+LAYOUTS = ("lowbit", "comfyui-native")
+
+
 def save_unet(model, filename_prefix: str, folder: str) -> str:
     from ..quant.io import save
 
     q = adapter.require_quantized_unet(model)
+    return _save_free(lambda path: save(q, path, overwrite=False), filename_prefix, folder)
+
+
+def _save_free(write, filename_prefix: str, folder: str):
     for _ in range(100):  # never overwrite: another save may take the name between the scan and the write
         path = next_free_path(folder, filename_prefix)
         try:
-            return save(q, path, overwrite=False)
+            return write(path)
         except FileExistsError:
             continue
     raise NodeInputError(f"could not find a free file name for {filename_prefix!r} in {folder}")
+
+
+def export_native(model, filename_prefix: str, folder: str):
+    """Write the quantized UNet of ``model`` in ComfyUI's own quantized layout (quant/export_comfy.py) to
+    ``<folder>/<prefix>_NNNNN.safetensors``; returns the ExportResult (path, layers, what is dropped). The UNet is
+    ComfyUI's module, so the keys are ComfyUI's diffusion-model keys (no prefix: "Load Diffusion Model" reads it)."""
+    from ..quant.export_comfy import export_comfy
+
+    q = adapter.require_quantized_unet(model)
+    return _save_free(lambda path: export_comfy(q, path, prefix="", overwrite=False), filename_prefix, folder)
+
+
+def native_folder() -> str:
+    """models/diffusion_models (where ComfyUI's "Load Diffusion Model" looks) when the adapter can name it, else
+    models/lowbit."""
+    find = getattr(adapter, "diffusion_models_folder", None)
+    return find() if find is not None else adapter.lowbit_folder()
 
 
 class LowBitSaveQuantizedUNet:
     DESCRIPTION = ("Save the quantized UNet of a MODEL (from Quantize UNet or EfficientDM Fine-tune) to "
                    "models/lowbit/<prefix>_NNNNN.safetensors: packed integer weights, scales, activation tables "
                    "and PTQD statistics, with a versioned header. Never overwrites. LoRAs applied on top are not "
-                   "saved. Load it later with Load Quantized UNet on the same checkpoint.")
+                   "saved. Load it later with Load Quantized UNet on the same checkpoint. layout=comfyui-native "
+                   "writes ComfyUI's own quantized layout instead (models/diffusion_models/, stock loader, no "
+                   "custom node) and lists what that layout cannot hold.")
     CATEGORY = f"{CATEGORY}/io"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -77,6 +104,13 @@ class LowBitSaveQuantizedUNet:
             "filename_prefix": ("STRING", {"default": "lowbit/unet", "tooltip":
                                            "File name under models/lowbit/; '_00001.safetensors' etc. is appended. "
                                            "May contain subfolders ('sd15/w4a8')."}),
+        }, "optional": {
+            "layout": (list(LAYOUTS), {"default": "lowbit", "tooltip":
+                       "lowbit: LowBit's file (everything: activation tables, PTQD statistics); load it with Load "
+                       "Quantized UNet. comfyui-native: ComfyUI's own quantized layout (int8_tensorwise for 8-bit, "
+                       "awq_w4a16 for 4-bit Linear weights; convolutions as float), loaded by the stock Load "
+                       "Diffusion Model with no custom node; drops static activation scales, per-timestep tables, "
+                       "PTQD correction and schedules (listed after saving)."}),
         }}
 
     @classmethod
@@ -89,7 +123,16 @@ class LowBitSaveQuantizedUNet:
             return str(exc)
         return True
 
-    def save(self, model, filename_prefix):
+    def save(self, model, filename_prefix, layout="lowbit"):
+        if layout not in LAYOUTS:
+            raise NodeInputError(f"layout {layout!r} is not one of {list(LAYOUTS)}; pick lowbit or comfyui-native")
+        if layout == "comfyui-native":
+            folder = native_folder()
+            res = export_native(model, filename_prefix, folder)
+            where = os.path.join(os.path.basename(folder), os.path.relpath(res.path, folder)).replace(os.sep, "/")
+            print(f"[LowBit] {res.summary()}")
+            return {"ui": {"text": [f"saved models/{where} (ComfyUI-native)"] + [f"dropped: {d}" for d in res.dropped]},
+                    "result": ()}
         folder = adapter.lowbit_folder()
         path = save_unet(model, filename_prefix, folder)
         rel = os.path.relpath(path, folder).replace(os.sep, "/")

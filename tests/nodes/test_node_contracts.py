@@ -168,6 +168,41 @@ def test_save_prefix_rules(tmp_path):
     assert nio.next_free_path(str(tmp_path), "sd/unet").endswith("unet_00008.safetensors")  # never overwrites
 
 
+def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
+    """The Save node's optional `layout`: lowbit (default, old workflows unchanged) or comfyui-native, which writes
+    ComfyUI's quantized layout under models/diffusion_models/ and lists what it drops."""
+    import json
+
+    from safetensors import safe_open
+
+    from lowbit.quant import QuantConfig, quantize
+
+    cls = MAPPINGS["LowBitSaveQuantizedUNet"]
+    choices, opts = cls.INPUT_TYPES()["optional"]["layout"]
+    assert choices == ["lowbit", "comfyui-native"] and opts["default"] == "lowbit" and opts["tooltip"]
+    assert inspect.signature(cls().save).parameters["layout"].default == "lowbit"
+
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
+    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=16, w_init="minmax", rules=()))
+    (tmp_path / "diffusion_models").mkdir()
+    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
+    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(tmp_path / "diffusion_models"),
+                        raising=False)
+    out = cls().save(object(), "sd/unet", layout="comfyui-native")
+    assert out["ui"]["text"][0] == "saved models/diffusion_models/sd/unet_00001.safetensors (ComfyUI-native)"
+    with safe_open(str(tmp_path / "diffusion_models" / "sd" / "unet_00001.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        assert "lowbit" not in f.metadata()  # not a LowBit file: Load Quantized UNet does not list it
+    assert layers == {"0": {"format": "awq_w4a16", "group_size": 16}, "2": {"format": "awq_w4a16", "group_size": 16}}
+    out2 = cls().save(object(), "sd/unet", layout="comfyui-native")  # never overwrites
+    assert out2["ui"]["text"][0].endswith("unet_00002.safetensors (ComfyUI-native)")
+    from lowbit.nodes.common import NodeInputError
+
+    with pytest.raises(NodeInputError, match="layout"):
+        cls().save(object(), "sd/unet", layout="gguf")
+
+
 # ---------------------------------------------------------------------------------------- schedule
 def test_schedule_percent_maps_through_the_model_timesteps():
     spec = sch.ScheduleSpec(sch.MODE_FIXED, 0.25, 4, 8)
