@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.995,
-                   help="EMA decay; 0.999 over 1000 steps (the first model) kept ~40%% weight on the first 500 steps")
+                   help="EMA decay (with the warm-up min(decay, (1 + step) / (10 + step)))")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--shift", type=int, default=0, help="DDPM random-shift augmentation in pixels")
     p.add_argument("--classifier-epochs", type=int, default=30)

@@ -45,7 +45,7 @@ def load_photos() -> list:
               "chelsea": skd.chelsea(), "rocket": skd.rocket()}
     out = []
     for name in CLASS_NAMES:
-        x = torch.as_tensor(arrays[name][..., :3]).permute(2, 0, 1).float()[None] / 255.0
+        x = torch.from_numpy(arrays[name][..., :3].copy()).permute(2, 0, 1).float()[None] / 255.0
         h, w = x.shape[-2:]
         s = SHORT_SIDE / min(h, w)
         x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True, align_corners=False)
