@@ -24,6 +24,7 @@ import torch
 from ..quant.calib import CallRecorder, sanitize_calls
 from ..quant.context import get_context
 from ..quant.layers import QuantLayer, quant_layers
+from ..quant.split import ChannelSplitConv2d
 from ..quant import side_paths as lora_side
 from .common import NodeInputError
 
@@ -231,21 +232,38 @@ def alphas_cumprod(model) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------- LoRA
 class _WeightKeyState:
-    """State-dict hook on a deployed quantized layer: reports a zero-byte ``<layer>.weight`` placeholder so that
-    ComfyUI's LoRA loader maps and accepts patches for it (it checks keys against ``state_dict()``, which
-    reflects whichever UNet is attached at that moment). Zero bytes: memory estimates stay right."""
+    """State-dict hook on a deployed quantized layer, and on a split convolution (``quant/split.py``: its float
+    ``<conv>.weight`` became ``<conv>.parts.N.*``): reports zero-byte ``<layer>.weight`` (and, for a split
+    conv with a bias, ``<layer>.bias``) placeholders, so the state dict has the float model's keys. ComfyUI's
+    LoRA key map (``comfy.lora.model_lora_keys_unet``) and ``ModelPatcher.add_patches`` read the keys of
+    ``state_dict()`` of whichever UNet is attached at that moment: the quantized one while a quantized clone
+    is loaded, also when the LoRA is applied to the *float* MODEL. Zero bytes: memory estimates stay right."""
 
     def __call__(self, module, state_dict, prefix, local_metadata):
         if "weight" not in module._parameters and prefix + "weight" not in state_dict:
             state_dict[prefix + "weight"] = torch.empty(0, device="meta")
+        if isinstance(module, ChannelSplitConv2d) and module.parts[0].bias is not None \
+                and prefix + "bias" not in state_dict:
+            state_dict[prefix + "bias"] = torch.empty(0, device="meta")
         return state_dict
+
+
+def _report_float_keys(module):
+    if not any(isinstance(h, _WeightKeyState) for h in module._state_dict_hooks.values()):
+        module._register_state_dict_hook(_WeightKeyState())
+
+
+def split_convs(q_unet):
+    """(name, ChannelSplitConv2d) for every split convolution of ``q_unet``."""
+    return [(n, m) for n, m in q_unet.named_modules() if isinstance(m, ChannelSplitConv2d)]
 
 
 def install_lora_support(patcher, q_unet):
     for _, layer in quant_layers(q_unet):
-        if not any(isinstance(h, _WeightKeyState) for h in layer._state_dict_hooks.values()):
-            layer._register_state_dict_hook(_WeightKeyState())
+        _report_float_keys(layer)
         lora_side.ensure_hook(layer)
+    for _, conv in split_convs(q_unet):
+        _report_float_keys(conv)
     import comfy.patcher_extension as pe
 
     for kind in (pe.CallbacksMP.ON_PRE_RUN, pe.CallbacksMP.ON_LOAD):
@@ -302,6 +320,62 @@ def side_paths_for(layer, weight_patches, bias_patches, key: str, device) -> Lis
     return [p.to(device) for p in paths]
 
 
+def _split_side_paths(conv, weight_patches, bias_patches, key: str, device) -> int:
+    """Route the LoRA patches of a split convolution's float key (``<conv>.weight``/``.bias``) to its parts.
+
+    ``conv(cat(x_i), W) = sum_i conv(x_i, W[:, off_i:off_i + C_i])``, so the delta of ``W`` splits along the
+    input channels: a plain LoRA's ``down`` is sliced the same way (``up`` is shared), anything else becomes a
+    dense delta computed on the whole weight (the parts' dequantized weights side by side) and sliced. The
+    bias (held by part 0) gets the whole bias delta. Returns the number of parts that carry side paths."""
+    from ..kernels import ops
+
+    parts = list(conv.parts)
+    if not all(isinstance(p, QuantLayer) for p in parts):
+        log.warning("LowBit: the LoRA patch of %s is not applied: a part of this split convolution is not "
+                    "quantized (side paths need quantized parts)", key)
+        return 0
+    offs = [0]
+    for c in conv.sizes:
+        offs.append(offs[-1] + c)
+    per_part = [[] for _ in parts]
+    if weight_patches:
+        plain = all(_is_plain_lora(e) for e in weight_patches)
+        factored = [[] for _ in parts] if plain else None
+        if plain:
+            for strength, v, *_ in weight_patches:
+                up, down, alpha = v.weights[0].float(), v.weights[1].float(), v.weights[2]
+                rank = down.shape[0]
+                scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+                if down.dim() != 4 or down.shape[1] != conv.in_channels:
+                    factored = None
+                    break
+                for i, p in enumerate(parts):
+                    fu = lora_side.check_conv_low_rank(p, down[:, offs[i]:offs[i + 1]].contiguous(), up)
+                    if fu is None:
+                        factored = None
+                        break
+                    factored[i].append(lora_side.SidePath(down=fu[0], up=fu[1], scale=scale))
+                if factored is None:
+                    break
+        if factored is not None:
+            for i in range(len(parts)):
+                per_part[i] += factored[i]
+        else:
+            w0 = torch.cat([ops.dequantize_weight(p.packed_weight()).float().to(device) for p in parts], dim=1)
+            dw = _dense_delta(weight_patches, w0, key + ".weight")
+            for i in range(len(parts)):
+                per_part[i].append(lora_side.SidePath(delta_w=dw[:, offs[i]:offs[i + 1]].contiguous()))
+    if bias_patches and parts[0].bias is not None:
+        b0 = parts[0].bias.detach().float().to(device)
+        per_part[0].append(lora_side.SidePath(delta_b=_dense_delta(bias_patches, b0, key + ".bias")))
+    n = 0
+    for p, paths in zip(parts, per_part):
+        if paths:
+            lora_side.set_side_paths(p, [x.to(device) for x in paths])
+            n += 1
+    return n
+
+
 def sync_lora_side_paths(patcher):
     """Make the quantized UNet of ``patcher`` carry exactly the LoRA patches of ``patcher`` as side paths.
 
@@ -332,6 +406,11 @@ def sync_lora_side_paths(patcher):
         if wp or bp:
             lora_side.set_side_paths(layer, side_paths_for(layer, wp, bp, key, device))
             n += 1
+    for name, conv in split_convs(q):
+        key = f"diffusion_model.{name}"
+        wp, bp = patcher.patches.get(key + ".weight"), patcher.patches.get(key + ".bias")
+        if wp or bp:
+            n += _split_side_paths(conv, wp, bp, key, device)
     host["lora"] = state
     if n:
         log.info("LowBit: %d quantized layers carry LoRA side paths", n)

@@ -92,7 +92,6 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
 def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
                    progress=None):
     """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions."""
-    import contextlib
 
     from ..quant import PipelineConfig, QuantConfig, ReconConfig, pipeline, timestep_aware_subset
 
@@ -119,11 +118,13 @@ def quantize_model(model, positive, negative, settings: QuantizeSettings, schedu
         if settings.calibration_timesteps:
             calls = timestep_aware_subset(calls, settings.calibration_timesteps)
     adapter.load_model(model)  # quantize the weights the float model runs with (LoRA patches merged)
-    trains = config.parsed.base in ("recon", "efficientdm")
-    # ComfyUI runs nodes under inference mode; training stages work on plain copies made outside it
-    with adapter.training_mode() if trains else contextlib.nullcontext():
-        fp = adapter.plain_copy(fp_unet) if trains else fp_unet
-        res = pipeline.run(fp, adapter.plain_calls(calls) if trains else calls, config,
+    # ComfyUI runs nodes under inference mode. The core's stages keep their inputs restorable (transactions
+    # record tensor versions) and the training stages need autograd: both fail on inference tensors, so the
+    # pipeline runs outside inference mode on plain copies of the calls and of the float UNet (the quantized
+    # copy shares the float UNet's unquantized tensors, norms and embeddings, so they must be plain too).
+    with adapter.training_mode():
+        fp = adapter.plain_copy(fp_unet)
+        res = pipeline.run(fp, adapter.plain_calls(calls), config,
                            alphas_cumprod=adapter.alphas_cumprod(model), num_train_timesteps=T, progress=progress)
     report = "\n".join(pipeline.describe(res.model))
     log.info("LowBit: quantized the UNet to %s (%s) with %d calibration calls in %.1f s\n%s", settings.bits,

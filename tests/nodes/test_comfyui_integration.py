@@ -210,15 +210,19 @@ def _fixture_unet_shapes(ckpt_path):
             if k.startswith(pre) and k.endswith(".weight")}
 
 
+SPLIT_CONVS = ("output_blocks.0.0.skip_connection", "output_blocks.1.0.skip_connection")
+
+
 def _write_lora(path, shapes):
-    """A random kohya-style LoRA on a Linear, a 1x1 conv and a 3x3 conv of the UNet, plus a LoHa layer."""
+    """A random kohya-style LoRA on a Linear, a 1x1 conv and a 3x3 conv of the UNet, on the decoder's skip
+    convolutions (which the shortcut split turns into ``.parts.N`` on the quantized UNet), plus a LoHa layer."""
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
     sd = {}
     for name in ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.proj_in",
-                 "input_blocks.1.0.in_layers.2"):
+                 "input_blocks.1.0.in_layers.2") + SPLIT_CONVS:
         shp, r = shapes[name], 4
         k = "lora_unet_" + name.replace(".", "_")
         sd[k + ".lora_down.weight"] = torch.randn([r] + shp[1:], generator=g) * 0.05
@@ -273,10 +277,120 @@ def test_lora_on_quantized_model_changes_output_and_unpatch_restores_it(comfy, s
 
     plain = _latent(comfy, comfy.run(graph(False, False, "lowbit_plain"), timeout=1800), "85")
     with_lora = _latent(comfy, comfy.run(graph(True, False, "lowbit_lora"), timeout=1800), "85")
-    assert "NOT LOADED" not in comfy.server.log_text(), "LoRA keys were dropped for the quantized model"
+    assert not _not_loaded_keys(comfy.server.log_text()), "LoRA keys were dropped for the quantized model"
     assert (with_lora - plain).abs().max() > 1e-3, "the LoRA did not change the quantized model's output"
     again = _latent(comfy, comfy.run(graph(False, True, "lowbit_plain_again"), timeout=1800), "85")
     assert torch.equal(again, plain), "removing the LoRA did not restore the quantized output bit for bit"
+
+
+def _not_loaded_keys(log_text: str) -> list:
+    """ComfyUI's log lines for LoRA keys it dropped: unmapped ("lora key not loaded: <key>", comfy/lora.py) or
+    rejected by the patcher ("NOT LOADED <key>", comfy/sd.py)."""
+    return [ln for ln in log_text.splitlines() if "NOT LOADED" in ln or "lora key not loaded" in ln]
+
+
+def test_lora_keys_of_split_convolutions_load_on_the_quantized_model(comfy, sd15_fixture):
+    """Issue 14: the shortcut split renames the skip convolutions' weights (``.parts.N``); a LoRA on them must
+    still be mapped, loaded and change the output of exactly those convolutions."""
+    import torch
+
+    loras = comfy.server.base_dir / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    shapes = _fixture_unet_shapes(sd15_fixture)
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name in SPLIT_CONVS:  # only the split convolutions
+        shp, k = shapes[name], "lora_unet_" + name.replace(".", "_")
+        sd[k + ".lora_down.weight"] = torch.randn([4] + shp[1:], generator=g) * 0.2
+        sd[k + ".lora_up.weight"] = torch.randn([shp[0], 4, 1, 1], generator=g) * 0.2
+        sd[k + ".alpha"] = torch.tensor(4.0)
+    save_file(sd, str(loras / "lowbit_split_lora.safetensors"))
+
+    def graph(with_lora, prefix):
+        g = _text_graph(comfy.checkpoint)
+        model = _quantize(g)
+        if with_lora:
+            g["80"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": model, "lora_name": "lowbit_split_lora.safetensors", "strength_model": 1.0}}
+            model = ["80", 0]
+        g["81"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        lat = _sampler_custom(g, "82", model, "81", seed=9)
+        g["85"] = {"class_type": "SaveLatent", "inputs": {"samples": lat, "filename_prefix": f"latents/{prefix}"}}
+        return g
+
+    before = len(_not_loaded_keys(comfy.server.log_text()))
+    plain = _latent(comfy, comfy.run(graph(False, "lowbit_split_plain"), timeout=1800), "85")
+    lora = _latent(comfy, comfy.run(graph(True, "lowbit_split_lora"), timeout=1800), "85")
+    dropped = _not_loaded_keys(comfy.server.log_text())[before:]
+    assert not dropped, f"LoRA keys of the split convolutions were dropped: {dropped}"
+    assert (lora - plain).abs().max() > 1e-3, "the LoRA on the split convolutions did not change the output"
+
+
+def _leak_graph(ckpt, *, lora, quantized, advanced, prefix, lora_name="lowbit_test_lora.safetensors"):
+    """Float (or quantized) model, optionally with the LoRA, sampled with SamplerCustom or (advanced) the
+    equivalent SamplerCustomAdvanced (same numbers, different nodes: never served from ComfyUI's cache)."""
+    g = _text_graph(ckpt)
+    model = _quantize(g) if quantized else ["1", 0]
+    if lora:
+        g["80"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": lora_name, "strength_model": 1.0}}
+        model = ["80", 0]
+    g["81"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    if advanced:
+        g["82s"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal",
+                                                               "steps": SMALL["steps"], "denoise": 1.0}}
+        g["83"] = {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["2", 0],
+                                                         "negative": ["3", 0], "cfg": 7.0}}
+        g["84"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+        g["82"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["84", 0], "guider": ["83", 0], "sampler": ["81", 0], "sigmas": ["82s", 0],
+            "latent_image": ["4", 0]}}
+        lat = ["82", 0]
+    else:
+        lat = _sampler_custom(g, "82", model, "81")
+    g["85"] = {"class_type": "SaveLatent", "inputs": {"samples": lat, "filename_prefix": f"latents/{prefix}"}}
+    return g
+
+
+def test_float_model_is_bit_identical_after_a_quantized_model_ran(comfyui_dir, comfyui_python, sd15_fixture):
+    """Issue 14: after a quantized model has run, the float MODEL (with and without a LoRA, whose keys include
+    the split convolutions) must give the same latents, bit for bit, as in a fresh ComfyUI process. Runs on
+    its own server so that the reference really is a fresh process."""
+    import torch
+
+    server = comfy_harness.ComfyServer(comfyui_dir, python=comfyui_python, checkpoints=[sd15_fixture])
+    try:
+        client = server.launch()
+        loras = server.base_dir / "models" / "loras"
+        loras.mkdir(parents=True, exist_ok=True)
+        _write_lora(loras / "lowbit_test_lora.safetensors", _fixture_unet_shapes(sd15_fixture))
+        ck = client.checkpoint
+
+        def run(**kw):
+            return _latent(client, client.run(_leak_graph(ck, **kw), timeout=1800), "85")
+
+        fresh_lora = run(lora=True, quantized=False, advanced=False, prefix="fresh_lora")
+        fresh = run(lora=False, quantized=False, advanced=False, prefix="fresh")
+        assert (fresh_lora - fresh).abs().max() > 1e-3, "the LoRA did not change the float model's output"
+        q = run(lora=False, quantized=True, advanced=False, prefix="quant")
+        q_lora = run(lora=True, quantized=True, advanced=False, prefix="quant_lora")
+        assert (q - fresh).abs().max() > 0 and (q_lora - q).abs().max() > 1e-3
+        after_lora = run(lora=True, quantized=False, advanced=True, prefix="after_lora")
+        after = run(lora=False, quantized=False, advanced=True, prefix="after")
+        dropped = _not_loaded_keys(server.log_text())
+        assert not dropped, f"LoRA keys were dropped: {dropped}"
+        assert torch.equal(after, fresh), (
+            f"the float model changed after a quantized model ran (max |diff| {(after - fresh).abs().max():.3g})")
+        assert torch.equal(after_lora, fresh_lora), (
+            "the float model with the LoRA changed after a quantized model ran: relative difference "
+            f"{((after_lora - fresh_lora).norm() / (fresh_lora - fresh).norm()):.3g} of the LoRA's effect")
+    except AssertionError:
+        server.keep_base = True
+        raise
+    finally:
+        server.cleanup()
 
 
 def test_save_and_load_quantized_unet_round_trip(comfy):
