@@ -24,6 +24,7 @@ import torch
 from ..quant.calib import CallRecorder, sanitize_calls
 from ..quant.context import get_context
 from ..quant.layers import QuantLayer, quant_layers
+from ..quant.profiles import comfy_sd3 as _comfy_sd3  # noqa: F401  (registers ComfyUI's SD3 profile)
 from ..quant.split import ChannelSplitConv2d
 from ..quant import side_paths as lora_side
 from .common import NodeInputError
@@ -91,19 +92,39 @@ def model_sampling(model):
     return model.get_model_object("model_sampling")
 
 
+def is_flow(model) -> bool:
+    """Rectified-flow models (SD3, Flux, ...): ComfyUI's ``CONST`` prediction, x_t = (1 - sigma) x0 + sigma eps."""
+    import comfy.model_sampling as cms
+
+    return isinstance(model_sampling(model), cms.CONST)
+
+
 def num_train_timesteps(model) -> int:
+    """T of the per-timestep tables. Discrete eps/v models: the length of their sigma table (1000 for SD).
+    Flow models: 1000, as the tables are keyed by 1000 * sigma (quant/profiles: ComfyUI's SD3 receives
+    1000 * sigma, its Flux sigma, scaled by 1000); Flux's own table has 10000 entries, which is not T."""
+    if is_flow(model):
+        return 1000
     ms = model_sampling(model)
     sig = getattr(ms, "sigmas", None)
     return int(sig.shape[0]) if torch.is_tensor(sig) and sig.dim() == 1 else 1000
 
 
+def timestep_scale(model) -> float:
+    """The factor the model's profile applies to the timestep it receives (1000 for ComfyUI's Flux)."""
+    from ..quant.profiles import profile_for
+
+    return float(profile_for(unet_of(model)).timestep_scale)
+
+
 def percent_to_timestep_fn(model):
-    """percent of the run (0 = start) -> the DDPM timestep the UNet sees at that point."""
+    """percent of the run (0 = start) -> the table key (the profile-scaled timestep) the UNet sees there."""
     ms = model_sampling(model)
+    scale = timestep_scale(model)
 
     def f(p: float) -> float:
         sigma = ms.percent_to_sigma(float(p))
-        return float(ms.timestep(torch.tensor(float(sigma))).float())
+        return float(ms.timestep(torch.tensor(float(sigma))).float()) * scale
 
     return f
 
@@ -169,8 +190,8 @@ def record_unet_calls(model, positive, negative, *, steps: int, samples: int, se
             comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                 denoise=1.0, callback=cb, disable_pbar=True, seed=seed + i)
     if not rec.calls:
-        raise NodeInputError("calibration recorded no UNet calls; check that the MODEL is a UNet-based model "
-                             "(SD1.x/SD2.x/SDXL) and that calibration_steps > 0")
+        raise NodeInputError("calibration recorded no model calls; check that the MODEL is a diffusion model "
+                             "(SD1.x/SD2.x/SDXL UNet, SD3 or Flux transformer) and that calibration_steps > 0")
     return sanitize_calls(rec.calls)
 
 
@@ -225,7 +246,14 @@ def copy_quantized(q_unet):
 
 
 def alphas_cumprod(model) -> torch.Tensor:
-    """abar_t of the model's discrete schedule, from its sigmas (abar = 1 / (1 + sigma^2))."""
+    """abar_t of the model's schedule, indexed by the table key t in [0, T).
+
+    Discrete eps/v models: from their sigmas (abar = 1 / (1 + sigma^2)). Flow models: the key is 1000 * sigma,
+    and x_t = (1 - s) x0 + s eps has the SNR of a VP model with abar = (1 - s)^2 / ((1 - s)^2 + s^2)."""
+    if is_flow(model):
+        T = num_train_timesteps(model)
+        s = torch.arange(1, T + 1, dtype=torch.float32) / T
+        return (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
     sig = model_sampling(model).sigmas.detach().float().cpu()
     return 1.0 / (1.0 + sig ** 2)
 

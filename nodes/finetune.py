@@ -139,11 +139,14 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
     adapter.load_model(fp_model)
     # ComfyUI runs nodes under torch.inference_mode(), so the checkpoint's tensors and the recorded calls are
     # inference tensors, which autograd may not save for backward. Train on a plain copy of the (small,
-    # deployed) quantized UNet and of the calls; the shared input UNet is not touched.
+    # deployed) quantized UNet and of the calls; the shared input UNet is not touched. The teacher is copied
+    # too: the core's transactions record the version counter of every tensor they may restore or read,
+    # which inference tensors do not have.
     with adapter.training_mode():
         q_train = adapter.copy_quantized(q)
         lora_side.clear_side_paths(q_train)  # a user LoRA side path must not be trained into the student
-        res = pipeline.run(teacher, adapter.plain_calls(calls), config, start=q_train, progress=tracker)
+        res = pipeline.run(adapter.plain_copy(teacher), adapter.plain_calls(calls), config, start=q_train,
+                           progress=tracker)
     student = res.model
     lora_side.clear_side_paths(student)
     log.info("LowBit: EfficientDM fine-tune done (%d steps, loss %.4g -> %.4g)", steps,
