@@ -238,10 +238,9 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
         if config.precision == "measured" and calls:
             from .sensitivity import plan_precision
 
-            rules, measured = plan_precision(fp_model, calls, qcfg, budget=config.size_budget,
-                                             num_train_timesteps=num_train_timesteps, profile=profile,
-                                             progress=progress)
-            qcfg = dataclasses.replace(qcfg, rules=rules)
+            plan = plan_precision(fp_model, calls, qcfg, budget=config.size_budget,
+                                  num_train_timesteps=num_train_timesteps, profile=profile, progress=progress)
+            qcfg, measured = dataclasses.replace(qcfg, rules=plan.rules), plan.report
             lap("precision plan")
         q = quantize(fp_model, qcfg, calls or None, schedule=config.schedule, a_bits_candidates=candidates,
                      num_train_timesteps=num_train_timesteps, profile=profile, progress=progress)

@@ -32,6 +32,7 @@ import torch
 from .calib import Call, model_device_dtype, unet_output
 from .config import PTQDConfig
 from .context import get_context, sample_of_call
+from .profiles import get_profile
 from .progress import Stage
 
 K_MIN = -0.5
@@ -75,9 +76,11 @@ class PTQDStats:
             v = v / (1.0 + self.k_at(t)) ** 2
         return v
 
-    def correct(self, eps: torch.Tensor, t: float, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def correct(self, eps: torch.Tensor, t: float, x: Optional[torch.Tensor] = None,
+                channel_dim: int = 1) -> torch.Tensor:
         """eps_c = (eps_q - m_t·x_t - bias_t) / (1 + k_t), per the enabled parts of the config (BC, CNC);
-        ``x`` is the UNet input x_t (the input term is skipped when it is not given or its shape differs)."""
+        ``x`` is the UNet input x_t (the input term is skipped when it is not given or its shape differs);
+        ``channel_dim``: the dimension of ``eps`` holding the channels the bias is per (the model profile's)."""
         m = self.m_at(t) if self.config.bias_correction else 0.0
         if m != 0.0:
             if x is None or x.shape != eps.shape:
@@ -85,7 +88,9 @@ class PTQDStats:
             eps = eps - m * x.to(eps.dtype)
         if self.config.bias_correction:
             b = self.bias_at(t).to(eps.device, eps.dtype)
-            eps = eps - b.reshape((1, -1) + (1,) * (eps.dim() - 2))
+            shape = [1] * eps.dim()
+            shape[channel_dim] = -1
+            eps = eps - b.reshape(shape)
         if self.config.correlation_correction:
             eps = eps / (1.0 + self.k_at(t))
         return eps
@@ -176,6 +181,7 @@ def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQD
     ctx = get_context(qmodel)
     if ctx is None:
         raise ConfigError("collect_stats needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
+    cd = get_profile(ctx.profile).channel_dim
     acc = _Accum()
     dev, dt = model_device_dtype(fp_model)
     qdev, qdt = model_device_dtype(qmodel)
@@ -192,7 +198,10 @@ def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQD
                 a, kw = c.to(qdev, qdt)
                 q = unet_output(qmodel(*a, **kw)).float().to(fp.device)
                 check_tensor(q, f"collect_stats: the quantized model's output at timestep {c.t}", FIX)
-                acc.add(float(c.t), fp.cpu(), (q - fp).cpu(), sample_of_call(a, kw).float().cpu())
+                x_t = sample_of_call(a, kw, ctx.profile).float()
+                if cd != 1:  # the accumulator wants channels in dimension 1 (e.g. Flux's packed tokens)
+                    fp, q, x_t = fp.movedim(cd, 1), q.movedim(cd, 1), x_t.movedim(cd, 1)
+                acc.add(float(c.t), fp.cpu(), (q - fp).cpu(), x_t.cpu())
                 st.step()
         stats = acc.finish(config)
         check_stats(stats, "collect_stats")
@@ -210,14 +219,15 @@ class PTQDOutputHook:
         stats = None if ctx is None else ctx.ptqd
         if stats is None or ctx is None or not getattr(ctx, "ptqd_active", False) or ctx.t is None:
             return None
-        x = sample_of_call(args, kwargs)
+        x = sample_of_call(args, kwargs, ctx.profile)
+        cd = get_profile(ctx.profile).channel_dim
         if torch.is_tensor(out):
-            return stats.correct(out, ctx.t, x)
+            return stats.correct(out, ctx.t, x, cd)
         if hasattr(out, "sample"):
-            out.sample = stats.correct(out.sample, ctx.t, x)
+            out.sample = stats.correct(out.sample, ctx.t, x, cd)
             return out
         if isinstance(out, tuple):
-            return (stats.correct(out[0], ctx.t, x),) + tuple(out[1:])
+            return (stats.correct(out[0], ctx.t, x, cd),) + tuple(out[1:])
         return None
 
 

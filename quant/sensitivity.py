@@ -78,18 +78,28 @@ def _unit_numel(fp_model, units) -> Dict[str, int]:
     return {u: fp_model.get_submodule(u).weight.numel() for u in units}
 
 
+@dataclasses.dataclass
+class PrecisionPlan:
+    """``rules``: the user's ``config.rules`` followed by one exact-name rule per measured layer ("quant", "w8a8"
+    or "fp"). ``report``: one dict per layer kept above the target, with the measured errors and bytes.
+    ``errors``: every measured unit -> (error at the target, error at 8 bits or None). Bytes: the allowance and
+    what the plan spent of it."""
+
+    rules: Tuple[LayerRule, ...]
+    report: List[dict]
+    errors: Dict[str, Tuple[float, Optional[float]]]
+    allowance_bytes: float = 0.0
+    spent_bytes: float = 0.0
+
+
 def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConfig, *,
                    budget: float = DEFAULT_BUDGET, n_calls: int = DEFAULT_CALLS, num_train_timesteps: int = 1000,
-                   profile: Optional[str] = None, progress=None) -> Tuple[Tuple[LayerRule, ...], List[dict]]:
-    """Measure every layer and allocate precision under ``budget``; returns (rules, report).
-
-    ``rules``: the user's ``config.rules`` followed by one exact-name rule per measured layer ("quant", "w8a8"
-    or "fp"). ``report``: one dict per layer kept above the target, with the measured errors and bytes.
-    """
+                   profile: Optional[str] = None, progress=None) -> PrecisionPlan:
+    """Measure every layer and allocate precision under ``budget`` (see the module docstring)."""
     from .api import quantize
 
     if not calls:
-        return tuple(config.rules), []
+        return PrecisionPlan(tuple(config.rules), [], {})
     sub = timestep_aware_subset(list(calls), n_calls) if len(calls) > n_calls else list(calls)
     dev, dt = model_device_dtype(fp_model)
     with torch.no_grad():
@@ -154,4 +164,5 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
             report.append(dict(name=u, mode=mode, error_target=err_t[u], error_8=err_8.get(u),
                                extra_bytes=int((options[u][level[u]][1] - wb) * numel[u]),
                                reason=f"measured: output error {err_t[u]:.2e} at {config.name}{e8}"))
-    return tuple(rules), report
+    errors = {u: (err_t[u], err_8.get(u)) for u in measured}
+    return PrecisionPlan(tuple(rules), report, errors, allowance, spent)

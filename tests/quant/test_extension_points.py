@@ -25,7 +25,7 @@ def test_toy_format_and_toy_architecture_run_the_whole_pipeline(tmp_path):
     assert sorted({round(c.t) for c in calls}) == [83, 250, 417, 583, 750, 917]  # sigma keyed on [0, 1000)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     cfg = PipelineConfig.for_method("recon+ptqd", quant=QuantConfig.preset("W4A8", w_format="toy"),
-                                    recon=ReconConfig.quick(weight_iters=20))
+                                    recon=ReconConfig.quick(weight_iters=20), precision="rules")
     res = pipeline.run(fp, calls, cfg)
     q = res.model
     assert all(torch.equal(v, fp.state_dict()[k]) for k, v in before.items())  # the float model is untouched

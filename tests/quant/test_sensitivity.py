@@ -1,0 +1,41 @@
+"""Per-layer precision from measurement (quant/sensitivity.py)."""
+import pytest
+
+from lowbit.quant import LayerRule, PipelineConfig, QuantConfig, get_context, pipeline
+from lowbit.quant.layers import quant_layers
+from lowbit.quant.sensitivity import plan_precision
+
+
+def test_plan_upgrades_the_most_harmful_layers_within_the_budget(unet, calls):
+    plan = plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.05)
+    names = {n.split(".parts.")[0] for n, _ in quant_layers(pipeline.run(unet, calls, PipelineConfig.for_method(
+        "lp", "W4A8", precision="rules", deploy=False)).model)}
+    assert {r.pattern[1:-1].replace("\\", "") for r in plan.rules} == names  # one exact-name rule per layer
+    assert set(plan.errors) == names and all(e8 < et for et, e8 in plan.errors.values())  # 8 bits beat 4 bits
+    kept = {r["name"]: r for r in plan.report}
+    worst = max(plan.errors, key=lambda u: plan.errors[u][0])
+    assert worst in kept and kept[worst]["mode"] in ("w8a8", "fp"), (worst, plan.report)
+    assert "measured: output error" in kept[worst]["reason"]
+    assert 0 < plan.spent_bytes <= plan.allowance_bytes
+    assert plan.allowance_bytes == pytest.approx(0.05 * 2 * sum(unet.get_submodule(n).weight.numel() for n in names))
+    # every upgrade removed at least a tenth of the error left at that point: a layer far below that stays
+    assert all(plan.errors[u][0] > 0.1 * min(plan.errors[k][0] for k in kept) for u in kept)
+    # no budget: nothing is upgraded
+    plan0 = plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.0)
+    assert plan0.report == [] and all(r.mode == "quant" for r in plan0.rules)
+
+
+def test_user_rules_override_measurement_and_the_pipeline_reports_the_numbers(unet, calls):
+    m = unet
+    user = (LayerRule(r"conv_out$", "fp"),)
+    res = pipeline.run(m, calls, PipelineConfig.for_method("lp", "W4A8", quant=QuantConfig.preset("W4A8", rules=user),
+                                                           deploy=False))
+    q = res.model
+    assert "conv_out" not in {n for n, _ in quant_layers(q)}  # the user's rule: left in float
+    report = {r["name"]: r for r in get_context(q).report}
+    assert report["conv_out"]["reason"].startswith("rule")
+    measured = [r for r in report.values() if r["reason"].startswith("measured: output error")]
+    assert measured and res.info["precision"]
+    lines = pipeline.describe(q)
+    assert any(measured[0]["name"] in ln and "measured" in ln for ln in lines)
+    assert "precision plan" in res.seconds
