@@ -1,0 +1,24 @@
+"""bench/bench_unet.py's accounting: resident weight bytes include the packed weights' backend caches."""
+import torch
+
+from lowbit.bench import bench_unet as B
+
+
+def test_resident_bytes_count_packed_weights_and_their_caches():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    m = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                             attention_head_dim=4, norm_num_groups=8).eval()
+    fp = B.resident_weight_bytes(m)
+    assert fp == sum(p.numel() * 4 for p in m.parameters()) + sum(b.numel() * b.element_size() for b in m.buffers())
+    q = B._quantize_ours(m, "W8A8", 8)
+    packed = B.resident_weight_bytes(q)
+    assert 0.2 * fp < packed < 0.4 * fp  # int8 weights (+ fp32 float parts, scales, tables)
+    s, t, text = B.inputs(8)
+    with torch.no_grad():
+        q(s, t, encoder_hidden_states=text)
+    cached = sum(pw.nbytes(True) - pw.nbytes(False) for pw in q.modules() if hasattr(pw, "cache") and hasattr(pw, "nbytes"))
+    assert cached > 0 and B.resident_weight_bytes(q) == packed + cached
