@@ -70,8 +70,10 @@ def default_cache_dir() -> Path:
 
 
 def fixture_name(variant: str = DEFAULT_VARIANT, seed: int = 0) -> str:
+    if variant == "sd3":
+        return f"lowbit-comfy-sd3-d{SD3_DEPTH}-{FIXTURE_VERSION}-s{seed}.safetensors"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS) + ['sd3']}")
     return f"lowbit-comfy-sd15-{variant}-{FIXTURE_VERSION}-s{seed}.safetensors"
 
 
@@ -160,6 +162,52 @@ def build_state_dict(variant: str = DEFAULT_VARIANT, seed: int = 0, comfyui_dir:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 
+# A reduced SD3 (rectified flow, ComfyUI's MMDiT) that ComfyUI's detection still reads as SD3: it derives the
+# transformer's size from the weights (depth = x_embedder width / 64, context and pooled widths from the
+# embedders, pos_embed grid from its length; comfy/model_detection.py), the text encoder from the keys present
+# (CLIP-L only: its output is zero-padded to 4096 and the pooled CLIP-G half is zeros, comfy/text_encoders/
+# sd3_clip.py) and the VAE from the TAESD keys (16 latent channels).
+SD3_DEPTH, SD3_POS_GRID = 2, 16           # hidden 128, 2 heads; latents up to 32x32 (images up to 256 px)
+SD3_TE_PREFIX = "text_encoders.clip_l.transformer."
+
+
+def build_sd3_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
+    import torch
+    comfy, _ = _import_comfy(comfyui_dir)
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    ops = comfy.ops.disable_weight_init
+    hidden = 64 * SD3_DEPTH
+    sd: dict[str, torch.Tensor] = {}
+    mmdit = OpenAISignatureMMDITWrapper(
+        in_channels=16, out_channels=16, patch_size=2, depth=SD3_DEPTH, input_size=None, adm_in_channels=2048,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": hidden}},
+        num_patches=SD3_POS_GRID ** 2, pos_embed_max_size=SD3_POS_GRID, pos_embed_scaling_factor=None,
+        x_block_self_attn_layers=[], dtype=torch.float32, device="cpu", operations=ops)
+    _init_module(mmdit, UNET_PREFIX, seed)
+    for k, v in mmdit.state_dict().items():
+        sd[UNET_PREFIX + k] = v
+    if UNET_PREFIX + "pos_embed" not in sd:
+        raise SystemExit("ComfyUI's MMDiT has no pos_embed buffer; the SD3 fixture needs one for detection")
+    del mmdit
+
+    cfg_path = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"
+    clip = comfy.clip_model.CLIPTextModel(json.loads(cfg_path.read_text()), dtype=torch.float32, device="cpu",
+                                          operations=ops)
+    _init_module(clip, SD3_TE_PREFIX, seed)
+    for k, v in clip.state_dict().items():
+        if k.startswith("text_model."):
+            sd[SD3_TE_PREFIX + k] = v
+    del clip
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    _init_module(taesd, VAE_PREFIX, seed)
+    for k, v in taesd.state_dict().items():
+        sd[VAE_PREFIX + k] = v
+    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(1.5305)   # SD3's latent scale and shift (latent_formats.SD3)
+    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0609)
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+
+
 def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, comfyui_dir: str | None = None,
                  force: bool = False) -> Path:
@@ -168,13 +216,14 @@ def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.Pa
     if path.is_file() and not force:
         return path
     from safetensors.torch import save_file
-    sd = build_state_dict(variant, seed, comfyui_dir)
+    sd = build_sd3_state_dict(seed, comfyui_dir) if variant == "sd3" else build_state_dict(variant, seed, comfyui_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # One metadata key: safetensors writes the metadata map in hash order, so several keys would make the
     # header (and the file's bytes) differ from run to run.
     meta = {"lowbit_fixture": json.dumps({"version": FIXTURE_VERSION, "variant": variant, "seed": seed,
-            "architecture": "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)"}, sort_keys=True)}
+            "architecture": "sd3-reduced-random (ComfyUI MMDiT + CLIP-L + TAESD3)" if variant == "sd3" else
+            "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)"}, sort_keys=True)}
     try:
         save_file(sd, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -188,7 +237,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"),
                     help="ComfyUI source tree to import comfy from (default: $COMFYUI_DIR, else sys.path)")
-    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS))
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS) + ["sd3"],
+                    help="an SD1.5-class UNet size, or sd3: a reduced SD3 (MMDiT, CLIP-L only, TAESD 16 channels)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None, help="write here instead of the cache")

@@ -512,3 +512,54 @@ def test_soak_many_generations_through_http(comfy, record_property):
     print(f"ComfyUI server RSS over {runs} generations: after run 2 {mem[1]:.0f} MB, after run {runs} {mem[-1]:.0f} MB")
     # flat after warm-up: the last run may not use more than 64 MB over the second (allocator noise)
     assert mem[-1] - mem[1] < 64, mem
+
+
+# ---------------------------------------------------------------------------- diffusion transformers (SD3)
+@pytest.fixture(scope="session")
+def sd3_checkpoint(comfy, comfyui_dir, comfyui_python):
+    """The reduced random SD3 checkpoint (make_fixture.py --variant sd3), linked into the running server's
+    models/checkpoints (ComfyUI lists the folder anew on each request)."""
+    path = comfy_harness.ensure_fixture(comfyui_dir, comfyui_python, variant="sd3")
+    link = comfy.server.base_dir / "models" / "checkpoints" / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    return path.name
+
+
+def test_sd3_architecture_quantize_sample_save_reload(comfy, sd3_checkpoint):
+    """Issue 14: a checkpoint ComfyUI detects as SD3 (MMDiT, rectified flow) through Quantize, a sampler,
+    Save and Load; the quantized model's calibration is keyed by 1000 * sigma (the comfy-sd3 profile)."""
+    info = comfy.object_info("CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
+    assert sd3_checkpoint in _combo_options(info)
+    g = _text_graph(sd3_checkpoint)
+    g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    q = _quantize(g, bits="W8A8", method="lp+ptqd", cfg=4.0)
+    g["11"] = {"class_type": "KSampler", "inputs": {
+        "model": q, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+        "steps": SMALL["steps"], "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    g["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}}
+    g["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}}
+    g["14"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/sd3"}}
+    hist = comfy.run(g, timeout=1800)
+    imgs = comfy.images(hist, "13")
+    assert len(imgs) == 1 and imgs[0].size == (64, 64)
+    rel = hist["outputs"]["14"]["lowbit_files"][0]
+
+    g2 = _text_graph(sd3_checkpoint)
+    g2["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g2["21"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": {"model": ["1", 0], "unet_name": rel}}
+    g2["22"] = {"class_type": "KSampler", "inputs": {
+        "model": ["21", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+        "steps": SMALL["steps"], "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    g2["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": "latents/sd3_reload"}}
+    g["16"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "latents/sd3_q"}}
+    fresh = _latent(comfy, comfy.run(g, timeout=1800), "16")
+    reloaded = _latent(comfy, comfy.run(g2, timeout=1800), "23")
+    assert fresh.shape[1] == 16, "SD3 latents have 16 channels"
+    assert torch_equal(fresh, reloaded), "the reloaded SD3 model samples differently from the one saved"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
