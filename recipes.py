@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -52,6 +52,9 @@ def generate(setup: Setup, model, n: int, steps: int = 25, sampler: str = "ddim"
 def record_calibration(setup: Setup, n_samples: int = 32, steps: int = 25, seed: int = 1234, eta: float = 0.0,
                        progress=None):
     """UNet calls recorded along full-precision trajectories (cond + uncond batched, CFG)."""
+    from .quant.config import check_verb_args
+
+    check_verb_args("record_calibration", calib_samples=n_samples, steps=steps)
     with CallRecorder(setup.unet) as rec:
         generate(setup, setup.unet, n_samples, steps=steps, eta=eta, seed=seed, batch=n_samples, progress=progress)
     return rec.calls
@@ -90,8 +93,6 @@ def evaluate(setup: Setup, model, n: int = 1000, steps: int = 25, eta: float = 0
 def image_grid(rows: List[torch.Tensor], scale: int = 4):
     """PIL image: one row per tensor [N,1,H,W] in [-1,1] (difference rows may be in [0,1])."""
     from PIL import Image
-
-    import numpy as np
 
     tiles = []
     for r in rows:

@@ -49,6 +49,8 @@ class ScheduleSpec:
         if self.switch_percent >= 1.0:
             return BitwidthSchedule(((0.0, T, self.early_bits),), num_train_timesteps)
         cut = min(max(float(percent_to_timestep(self.switch_percent)), 0.0), T)
+        if cut <= 0.0 or cut >= T:  # the split falls outside the timesteps: one segment (no zero-width one)
+            return BitwidthSchedule(((0.0, T, self.late_bits if cut >= T else self.early_bits),), num_train_timesteps)
         return BitwidthSchedule(((0.0, cut, self.late_bits), (cut, T, self.early_bits)), num_train_timesteps)
 
     def describe(self) -> str:

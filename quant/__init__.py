@@ -10,6 +10,7 @@ Verbs (everything else is private):
 """
 from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, QuantConfig, ReconConfig,
                      ACT_BITS_NONE)
+from .config import Spec, arg_spec, check_verb_args, field_spec, specs
 from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalError
 from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output
 from .context import QuantContext, get_context

@@ -8,17 +8,17 @@ from __future__ import annotations
 import copy
 from typing import List, Optional
 
-import torch
 import torch.nn as nn
 
 from .calib import Call, run_calls
-from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig
+from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig, check_verb_args
 from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .policy import plan_layers
 from .progress import Stage
 from .split import apply_splits, find_concat_convs
+from .transaction import check_finite, transaction
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
@@ -60,6 +60,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    num_train_timesteps = check_verb_args("quantize", num_train_timesteps=num_train_timesteps)["num_train_timesteps"]
     _validate_model(model)
     static_act = config.a_bits != ACT_BITS_NONE and not config.a_dynamic
     if static_act and not calib:
@@ -108,6 +109,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
     if static_act:
         calibrate_activations(qmodel, calib, method=config.a_init, progress=progress)
     qmodel.eval()
+    check_finite(qmodel, "quantize")
     return qmodel
 
 
@@ -156,9 +158,11 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Mod
 
 
 def deploy_(qmodel: nn.Module) -> nn.Module:
-    """Pack every quantized layer into integers (drops the float weights); computes through kernels."""
-    for _, layer in quant_layers(qmodel):
-        layer.deploy()
+    """Pack every quantized layer into integers (drops the float weights); computes through kernels.
+    A failure part-way (e.g. no kernel for a layer) leaves the model as it was, not half deployed."""
+    with transaction(qmodel):
+        for _, layer in quant_layers(qmodel):
+            layer.deploy()
     return qmodel
 
 

@@ -109,8 +109,9 @@ class CallRecorder:
 
 def timestep_aware_subset(calls: List[Call], n_timesteps: int) -> List[Call]:
     """Keep the calls of ``n_timesteps`` timesteps chosen uniformly over the recorded range of t."""
-    if n_timesteps < 1:
-        raise ConfigError(f"calibration timesteps must be >= 1, got {n_timesteps}")
+    from .config import check_verb_args
+
+    n_timesteps = check_verb_args("timestep_aware_subset", calib_steps=n_timesteps)["calib_steps"]
     ts = sorted({c.t for c in calls if c.t is not None}, reverse=True)
     if not ts:
         return list(calls)

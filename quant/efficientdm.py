@@ -160,11 +160,8 @@ def _shared_copy(qmodel: nn.Module) -> nn.Module:
                 memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
         for b in mod.buffers(recurse=False):
             memo[id(b)] = b
-        if isinstance(mod, QuantLayer) and mod._packed is not None:
-            memo[id(mod._packed)] = None  # kernel caches (may hold opaque prepacked tensors) are rebuilt on use
     student = copy.deepcopy(qmodel, memo)
-    for _, layer in quant_layers(student):
-        layer._packed = None
+    for _, layer in quant_layers(student):  # (packed weights drop their backend caches when copied)
         if layer.mode == "deployed":
             layer.undeploy()  # new float W0 = dequantized grid; the shared packed buffers are only read
     ctx = get_context(student)
@@ -577,7 +574,7 @@ def _check_same_model(dist, qmodel, world):
     with torch.no_grad():
         for _, l in quant_layers(qmodel):
             fp[0] += l.weight_int().double().abs().sum()
-            fp[1] += (l.w_scale if l.mode == "fake" else l.w_scale_buf).double().sum()
+            fp[1] += (l.w_scale if l.mode == "fake" else l.fmt.fake_scale(l.packed)).double().sum()
             if l.act is not None:
                 fp[2] += sum(float(t.double().abs().sum()) for b in l.act.bits_set for t in l.act.table(b))
     allfp = [torch.zeros_like(fp) for _ in range(world)]

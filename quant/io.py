@@ -675,4 +675,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, ConfigError) as exc:
             _fail(path, f"its {ename} data is malformed ({str(exc)[:200]})", "the file is corrupt; save it again")
     qmodel.eval()
+    from .transaction import check_finite
+
+    check_finite(qmodel, "load")
     return qmodel

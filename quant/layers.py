@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import ACT_BITS_NONE
 from .context import QuantContext
+from .errors import NumericalError
 from .quantizer import (act_scale_search, fake_quant_act, fake_quant_weight, quantize_weight_int, weight_scale,
                         a_qmax)
 
@@ -194,7 +195,10 @@ class QuantLayer(nn.Module):
         self.weight = nn.Parameter(src.weight.detach(), requires_grad=False)
         self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone().float(), requires_grad=False)
         self.scheduled = scheduled  # follows the BitwidthSchedule (False for the layers kept at W8A8)
-        scale = weight_scale(src.weight, w_bits, group_size, w_init) if init_scale else torch.ones(1)
+        try:
+            scale = weight_scale(src.weight, w_bits, group_size, w_init) if init_scale else torch.ones(1)
+        except NumericalError as exc:
+            raise NumericalError(f"layer {name!r}: {exc}") from None
         if init_scale:
             scale = self.fmt.constrain_scale(scale)
         self.w_scale = nn.Parameter(scale, requires_grad=False)

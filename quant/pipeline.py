@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
 import torch.nn as nn
 
 from .config import (METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig, ReconConfig, _Config, _field,
@@ -100,11 +99,15 @@ class PipelineConfig(_Config):
     """
 
     method: str = _field("any", DEFAULT_METHOD, "the method: " + ", ".join(METHODS))
-    quant: QuantConfig = _field("any", QuantConfig(), "bits and ranges (QuantConfig)")
-    recon: ReconConfig = _field("any", ReconConfig(), "block reconstruction settings (ReconConfig)")
-    finetune: FinetuneConfig = _field("any", FinetuneConfig(), "EfficientDM settings (FinetuneConfig)")
-    ptqd: PTQDConfig = _field("any", PTQDConfig(), "PTQD settings (PTQDConfig); +vsc / (paper) set its switches")
-    schedule: Optional[BitwidthSchedule] = _field("any", None, "fixed step-aware activation bits, or None")
+    quant: QuantConfig = _field("config", QuantConfig(), "bits and ranges (QuantConfig)", item=QuantConfig)
+    recon: ReconConfig = _field("config", ReconConfig(), "block reconstruction settings (ReconConfig)",
+                                item=ReconConfig)
+    finetune: FinetuneConfig = _field("config", FinetuneConfig(), "EfficientDM settings (FinetuneConfig)",
+                                      item=FinetuneConfig)
+    ptqd: PTQDConfig = _field("config", PTQDConfig(), "PTQD settings (PTQDConfig); +vsc / (paper) set its switches",
+                              item=PTQDConfig)
+    schedule: Optional[BitwidthSchedule] = _field("config", None, "fixed step-aware activation bits, or None",
+                                                  item=BitwidthSchedule, optional=True)
     mixed_candidates: tuple = _field("any", (), "activation bit-widths +mixed chooses from per timestep "
                                                 "(() = the config's a_bits and 8)")
     precision: str = _field("choice", "measured", "per-layer precision: measured (each layer's output error on "
@@ -118,14 +121,6 @@ class PipelineConfig(_Config):
     def _check_combinations(self):
         m = parse_method(self.method)
         object.__setattr__(self, "method", m.name)
-        for fname, typ in (("quant", QuantConfig), ("recon", ReconConfig), ("finetune", FinetuneConfig),
-                           ("ptqd", PTQDConfig)):
-            if not isinstance(getattr(self, fname), typ):
-                raise ConfigError(f"PipelineConfig.{fname} must be a {typ.__name__}, got "
-                                  f"{type(getattr(self, fname)).__name__}")
-        if self.schedule is not None and not isinstance(self.schedule, BitwidthSchedule):
-            raise ConfigError(f"PipelineConfig.schedule must be a BitwidthSchedule or None, got "
-                              f"{type(self.schedule).__name__}")
         weight_only = self.quant.a_bits == 16
         if weight_only and (m.mixed or self.schedule is not None):
             raise ConfigError(f"{self.quant.name} is weight-only: a bit-width schedule (+mixed) switches activation "

@@ -2,7 +2,7 @@
 
 A host passes ``progress(done, total, info)``; the callback may raise (ComfyUI's interrupt, the WebUI's
 stop button, ``Interrupted``) to cancel. Every long loop in the core calls it, and every long operation
-works on a copy of the input model, so a cancelled run leaves the input untouched.
+works on a copy or runs inside ``transaction.py``'s transaction, so a cancelled run leaves the input untouched.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .calib import unet_output
+from .config import check_verb_args
 from .errors import ConfigError
 from .progress import Stage
 from .ptqd import ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma
@@ -40,6 +41,7 @@ def guided_eps_fn(unet, class_labels: Optional[torch.Tensor] = None, guidance: f
                   null_label: Optional[int] = None, split_guidance: bool = False, **kwargs):
     """eps_fn for a (class-)conditional diffusers-style UNet, with classifier-free guidance as one batched
     call (default) or two calls (``split_guidance``)."""
+    guidance = check_verb_args("guided_eps_fn", guidance=guidance)["guidance"]
 
     def call(x, t, labels):
         tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
@@ -122,8 +124,7 @@ def sample(eps_fn, shape, alphas_cumprod: torch.Tensor, steps: int = 50, sampler
     """Run ``sampler`` from Gaussian noise (seeded) and return x_0 (shape ``shape``)."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
-        raise ConfigError(f"eta={eta} is out of range: allowed [0, 1]")
+    steps, eta, seed = check_verb_args("sample", steps=steps, eta=eta, seed=seed).values()
     T = len(alphas_cumprod)
     ts = timesteps_for(steps, T)
     gen = torch.Generator().manual_seed(int(seed))

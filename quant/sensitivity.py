@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .calib import Call, model_device_dtype, run_calls, timestep_aware_subset, unet_output
+from .calib import Call, model_device_dtype, timestep_aware_subset, unet_output
 from .config import ACT_BITS_NONE, LayerRule, QuantConfig
 from .progress import Stage
 
