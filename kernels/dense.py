@@ -39,13 +39,16 @@ def cached_weight(pw, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fake_quant(x: torch.Tensor, act, granularity: str, dtype: torch.dtype) -> torch.Tensor:
-    """x fake-quantized with the reference semantics, returned in ``dtype`` (static: 6 in-place passes, fp32)."""
+    """x fake-quantized with the reference semantics, returned in ``dtype``.
+
+    Static: ``(clamp(round(x / s) + zp, 0, qmax) - zp) * s`` computed as ``clamp(round(x / s), -zp, qmax - zp) * s``
+    (the same integers for an integer zp, so the same floats): one temporary, four passes."""
     if act is None:
         return x.to(dtype)
     if act.dynamic:
         return fake_quant_act(x.to(torch.float32), act, granularity).to(dtype)
     y = torch.div(x.to(torch.float32), act.scale)
-    y.round_().add_(act.zero_point).clamp_(0, act.qmax).sub_(act.zero_point).mul_(act.scale)
+    y.round_().clamp_(-act.zero_point, act.qmax - act.zero_point).mul_(act.scale)
     return y.to(dtype)
 
 

@@ -167,3 +167,14 @@ def test_loser_caches_dropped_and_summary(tune_env):
     assert {r["name"] for r in s["rows"]} == {"a", "b"}
     text = autotune.format_summary(s, max_rows=2)
     assert text.startswith("kernel choice (measured on this machine): 2 layers:") and "memory:" in text
+
+
+@pytest.mark.parametrize("act", [ActQuant(8, 0.037, 121), ActQuant(4, 0.3, 7), ActQuant(8, 0.011, 0),
+                                 ActQuant(8, 0.02, 255), ActQuant(8, dynamic=True)])
+def test_dense_activation_fake_quant_is_bit_exact(act):
+    from lowbit.kernels.dense import _fake_quant
+    from lowbit.kernels.eager import fake_quant_act
+
+    x = torch.randn(64, 5000) * 4
+    x[0, :4] = torch.tensor([0.0185, -0.0185, 0.0555, 1e-9])  # ties and tiny values
+    assert torch.equal(_fake_quant(x, act, "token", torch.float32), fake_quant_act(x, act, "token"))
