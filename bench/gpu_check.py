@@ -313,7 +313,9 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 ref = ops.run_on("eager", "conv2d", x, pw, bias, st, pad, dil, 1, act)
                 out = ops.run_on("triton", "conv2d", x, pw, bias, st, pad, dil, 1, act)
                 e = _rel_err(out.float(), ref.float())
-                lim = 1e-2 if dt == torch.bfloat16 else tol
+                # cuDNN may pick Winograd/FFT for the fp32 reference (error ~1e-5..1e-4): a looser bound than
+                # Linear's; a wrong kernel is off by 1e-2 or more
+                lim = 1e-2 if dt == torch.bfloat16 else 5 * tol
                 return e < lim and out.shape == ref.shape and out.dtype == dt, f"rel err {e:.2e}"
             record(f"conv x{list(xs)} w{list(ws)} W{wbits} g{gs} s{st} p{pad} d{dil} {dt} act={act}", cc)
     return results
