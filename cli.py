@@ -171,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the raw LowBit header as JSON; default: off")
     i.set_defaults(fn=_cmd_inspect, check=_check_inspect)
 
+    e = sub.add_parser("export", help="rewrite a LowBit file in ComfyUI's native quantized layout",
+                       description="Write a LowBit file as ComfyUI's own quantized checkpoint (int8_tensorwise / "
+                                   "awq_w4a16 per layer + _quantization_metadata), loadable by ComfyUI's stock "
+                                   "Load Diffusion Model node. Prints what the layout cannot hold (dropped).")
+    e.add_argument("input", metavar="IN.safetensors", help="a file saved by LowBit")
+    e.add_argument("output", metavar="OUT.safetensors", help="file to write; its folder must exist")
+    e.add_argument("--comfy", action="store_true", required=True, help="ComfyUI-native layout (the only target)")
+    e.add_argument("--unet", default=None, metavar="DIR", help="the diffusers UNet2DModel folder IN was made from; "
+                                                                 "default: the embedded model")
+    e.add_argument("--prefix", default="", help="key prefix, e.g. model.diffusion_model.; default: none")
+    e.add_argument("--w4-layout", choices=["awq_w4a16", "int8_tensorwise"], default="awq_w4a16",
+                   help="ComfyUI format for 4-bit weights; default: awq_w4a16")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; default: refuse")
+    e.set_defaults(fn=_cmd_export, check=_check_export)
+
     u = sub.add_parser("ui", help="serve the gradio app on localhost",
                        description="Serve the LowBit gradio app (needs: pip install 'lowbit[ui]').")
     u.add_argument("--host", default="127.0.0.1", help="interface to listen on; default: 127.0.0.1")
@@ -295,6 +310,15 @@ def _check_demo(a):
     _check_out_dir(a.out)
 
 
+def _check_export(a):
+    _check_safetensors(a.input, "input")
+    _check_output_file(a.output, a.overwrite)
+    if os.path.abspath(a.input) == os.path.abspath(a.output):
+        raise UsageError(f"output {a.output} is the input file; choose another output name")
+    if a.unet:
+        _check_unet(a.unet)
+
+
 def _check_inspect(a):
     if not os.path.isfile(a.file):
         raise UsageError(f"{a.file}: no such file; give a .safetensors file saved by LowBit")
@@ -388,6 +412,24 @@ def _cmd_quantize(a, prog: Progress):
     prog.banner(f"saving {a.output}")
     q.save(b.model, a.output, overwrite=a.overwrite)
     print(f"saved {a.bits} ({a.method}) to {a.output} in {time.time() - prog.t0:.1f} s")
+    return 0
+
+
+def _cmd_export(a, prog: Progress):
+    prog.banner("loading torch and the model")
+    q = _quant()
+    from . import recipes
+
+    fp = recipes.default_setup().unet
+    if a.unet:
+        from diffusers import UNet2DModel
+
+        fp = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+    prog.banner(f"loading {a.input}")
+    qmodel = q.load(fp, a.input)
+    prog.banner(f"writing {a.output} (ComfyUI-native)")
+    q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
+    print(f"wrote {a.output} in {time.time() - prog.t0:.1f} s")
     return 0
 
 

@@ -580,3 +580,11 @@ def lowbit_file_path(name: str) -> str:
                              "save one with Save Quantized UNet (LowBit) or copy it into models/lowbit/, then "
                              "refresh the browser (R)")
     return path
+
+
+def diffusion_models_folder() -> str:
+    """ComfyUI's ``models/diffusion_models`` folder, where the stock Load Diffusion Model node finds
+    ComfyUI-native quantized files (the Save node's ``comfyui-native`` layout writes there)."""
+    import folder_paths
+
+    return folder_paths.get_folder_paths("diffusion_models")[0]

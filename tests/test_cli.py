@@ -114,6 +114,10 @@ BAD = [
     (["ui", "--port", "0"], ["--port", "out of range"]),
     (["inspect", "missing.safetensors"], ["no such file"]),
     (["inspect", "text.safetensors"], ["not a safetensors file"]),
+    (["export", "plain.safetensors", "out.safetensors"], ["required", "--comfy"]),
+    (["export", "--comfy", "text.safetensors", "out.safetensors"], ["input", "not a safetensors file"]),
+    (["export", "--comfy", "plain.safetensors", "exists.safetensors"], ["already exists", "--overwrite"]),
+    (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["frobnicate"], ["invalid choice", "quantize"]),
     ([], ["required"]),
 ]
@@ -217,6 +221,14 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     assert all(name in out for name in header["layers"])
     assert main(["inspect", p, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layers"] == header["layers"]
+    c = str(tmp_path / "comfy.safetensors")
+    assert main(["export", "--comfy", p, c]) == 0  # ComfyUI's native layout, with what it drops
+    out = capsys.readouterr().out
+    assert "int8_tensorwise" in out and "dropped:" in out
+    from safetensors import safe_open
+
+    with safe_open(c, "pt") as f:
+        assert "_quantization_metadata" in (f.metadata() or {})
 
 
 def test_bad_bits_give_a_clear_error(tmp_path, capsys):
