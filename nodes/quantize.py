@@ -11,7 +11,6 @@ Steps (all on copies; the input MODEL is never changed):
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -20,12 +19,11 @@ from . import comfy_adapter as adapter
 from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, SOCKET, NodeInputError, check_choice,
                      check_float, check_int, validation_result)
 from .schedule import MODE_AUTO, ScheduleSpec, check_schedule_with_bits
-
-log = logging.getLogger("lowbit.nodes")
-
 from ..quant.config import METHODS, QuantConfig, ReconConfig, arg_spec, field_spec
 from ..quant.errors import ConfigError
 from ..quant.pipeline import parse_method
+
+log = logging.getLogger("lowbit.nodes")
 
 METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "lp+ptqd", "recon+ptqd"
 # the core's one set of limits (quant/config.py): the widgets and the checks below read them
