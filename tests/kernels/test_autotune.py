@@ -178,3 +178,15 @@ def test_dense_activation_fake_quant_is_bit_exact(act):
     x = torch.randn(64, 5000) * 4
     x[0, :4] = torch.tensor([0.0185, -0.0185, 0.0555, 1e-9])  # ties and tiny values
     assert torch.equal(_fake_quant(x, act, "token", torch.float32), fake_quant_act(x, act, "token"))
+
+
+@pytest.mark.parametrize("times,expected", [({"fake": 1.05, "dense": 1.0, "cpu": 1.3}, "fake"),
+                                            ({"fake": 1.2, "dense": 1.0, "cpu": 1.3}, "dense")])
+def test_registry_choice_kept_within_the_margin(fake_backend, monkeypatch, times, expected):
+    x = torch.randn(6, 64)
+    pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
+    monkeypatch.setattr(autotune, "_measure", lambda op, names, args: ({n: times[n] for n in names}, None))
+    out = ops.linear(x, pw, None, None)
+    (dec,) = pw.cache["autotune.calls"].values()
+    assert dec["backend"] == expected  # 'fake' has the highest priority: the registry's own pick
+    assert rel_err(out, ops.run_on("eager", "linear", x, pw, None, None)) < 1e-5
