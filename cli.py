@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Load Diffusion Model node. Prints what the layout cannot hold (dropped).")
     e.add_argument("input", metavar="IN.safetensors", help="a file saved by LowBit")
     e.add_argument("output", metavar="OUT.safetensors", help="file to write; its folder must exist")
-    e.add_argument("--comfy", action="store_true", required=True, help="ComfyUI-native layout (the only target)")
+    e.add_argument("--comfy", action="store_true", required=True,
+                   help="write ComfyUI's native layout (required: the only target so far; default: off)")
     e.add_argument("--unet", default=None, metavar="DIR", help="the diffusers UNet2DModel folder IN was made from; "
                                                                  "default: the embedded model")
     e.add_argument("--prefix", default="", help="key prefix, e.g. model.diffusion_model.; default: none")

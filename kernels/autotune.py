@@ -68,19 +68,17 @@ def attach(pw, cache_int4: bool = True):
     pw.cache["autotune"] = True
     if cache_int4 and pw.bits <= 4:
         pw.cache["cache_int4"] = True
-    try:  # survives a cache reset on device moves (PackedWeight._apply) when the weight is a module
-        pw._lowbit_autotune = (True, cache_int4)
-    except Exception:
-        pass
+    if hasattr(pw, "tune"):  # survives a cache reset on device moves and copies (PackedWeight.tune)
+        pw.tune = bool(cache_int4)
     return pw
 
 
 def is_attached(pw) -> bool:
     if pw.cache.get("autotune"):
         return True
-    flag = getattr(pw, "_lowbit_autotune", None)
-    if flag:  # the cache was reset (device move): re-arm
-        attach(pw, flag[1])
+    flag = getattr(pw, "tune", None)
+    if flag is not None:  # the cache was reset (device move, copy): re-arm
+        attach(pw, flag)
         return True
     return False
 

@@ -101,7 +101,7 @@ class LowBitSaveQuantizedUNet:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": SOCKET("MODEL", "A quantized MODEL (output of Quantize UNet or EfficientDM Fine-tune)."),
-            "filename_prefix": ("STRING", {"default": "lowbit/unet", "tooltip":
+            "filename_prefix": ("STRING", {"default": "unet", "tooltip":
                                            "File name under models/lowbit/; '_00001.safetensors' etc. is appended. "
                                            "May contain subfolders ('sd15/w4a8')."}),
         }, "optional": {

@@ -69,7 +69,7 @@ TALSQ_TABLES = "lowbit_talsq.safetensors"
 ADAPTER_FORMAT = "lowbit.qalora"
 ADAPTER_FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
-MAX_LOSS_GROWTH = 10.0  # a loss above this multiple of the loss before fine-tuning (same timestep bin) stops the run
+MAX_LOSS_GROWTH = 10.0  # loss (summed over timestep bins) above this multiple of the initial one stops the run
 MIN_ACT_SCALE = 1e-8
 
 
@@ -516,9 +516,13 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
         net = DDP(student, find_unused_parameters=multi)
     dev, dt = model_device_dtype(student)
     first = lval = None
-    # Divergence is judged per timestep bin against the loss of the *initial* student on the first batch of
-    # that bin (losses differ by orders of magnitude across timesteps, so one global reference misfires).
-    ref = {}
+    # Divergence: the distillation loss summed over the timestep bins seen so far (each bin: its latest batch)
+    # against the same sum for the *initial* student (each bin: its first batch). Losses differ by orders of
+    # magnitude across timesteps, so one global reference misfires; but a per-bin test misfires too: at late
+    # timesteps the quantized model is nearly exact (losses ~1e-4) and batch noise alone passes 10x there.
+    # A run that really diverges raises the loss at every timestep, so the sum, dominated by the large bins,
+    # catches it.
+    ref, cur = {}, {}
     init = [p.detach().clone() for p in trainable]
     try:
         with _eval_mode(teacher), Stage(progress, cfg.steps, "fine-tune") as st:
@@ -540,11 +544,12 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                 tbin = None if t is None else int(t // 100)
                 if tbin not in ref:
                     ref[tbin] = _initial_loss(net, trainable, init, args, kwargs, target)
-                base = ref[tbin]
-                if not math.isfinite(lval) or lval > MAX_LOSS_GROWTH * max(base, 1e-12):
+                cur[tbin] = lval
+                base, now = sum(ref.values()), sum(cur.values())
+                if not math.isfinite(lval) or now > MAX_LOSS_GROWTH * max(base, 1e-12):
                     what = "NaN/Inf" if not math.isfinite(lval) else (
-                        f"{lval:.4g}, above {MAX_LOSS_GROWTH:g}x the loss before fine-tuning at this timestep "
-                        f"({base:.4g})")
+                        f"{now:.4g} summed over {len(cur)} timestep bins, above {MAX_LOSS_GROWTH:g}x the loss "
+                        f"before fine-tuning ({base:.4g})")
                     raise NumericalError(
                         f"EfficientDM fine-tune diverged at step {step}/{cfg.steps}: loss {what}; lower "
                         f"FinetuneConfig.lr_multiplier (now {cfg.lr_multiplier:g}) or act_lr (now {cfg.act_lr:g})")

@@ -492,6 +492,13 @@ def _model_out_channels(model: nn.Module) -> Optional[int]:
         oc = cfg.get("out_channels")
     if isinstance(oc, int):
         return oc
+    oc = getattr(model, "out_channels", None)  # ComfyUI's models keep it as an attribute
+    if isinstance(oc, int) and not isinstance(oc, bool):
+        return oc
+    from .profiles import profile_for
+
+    if not profile_for(model).structural_edges:  # a transformer: its last conv is the patch embedding, not the output
+        return None
     last = None
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

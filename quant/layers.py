@@ -315,6 +315,11 @@ class QuantLayer(nn.Module):
                 del self._parameters[n]
         self.modifier = None
         self.packed = pw
+        from ..kernels import autotune
+
+        # each shape's kernel is chosen by measured speed on its first call (kernels/autotune.py; the float path of
+        # the same integers where integer kernels lose). Memory first: int4 weights keep no int8 copy here.
+        autotune.attach(pw, cache_int4=False)
         return self
 
     def _params_to_buffers(self):
@@ -401,7 +406,7 @@ class QuantLayer(nn.Module):
             aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
         pw = self.packed
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
-            y = self._kernel(x.float(), pw, self.bias, aq)
+            y = self._kernel(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), pw, self.bias, aq)
         else:  # a format no kernel reads: the reference semantics, x quantized-dequantized times the weight
             from ..kernels import ops
 

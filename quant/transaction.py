@@ -115,7 +115,10 @@ class Snapshot:
         weight = wsize is not None and t.numel() * 2 >= wsize and not t.requires_grad
         keep = weight or id(t) in self._by_ref or t.numel() * t.element_size() > CLONE_LIMIT_BYTES
         values = None if keep else data.clone()
-        self._tensors.append((t, data, values, t._version, t.requires_grad, t.grad))
+        # inference tensors (ComfyUI runs nodes under inference mode) have no version counter; they cannot be
+        # written in place outside inference mode anyway
+        version = None if t.is_inference() else t._version
+        self._tensors.append((t, data, values, version, t.requires_grad, t.grad))
 
     # ---- restoring -------------------------------------------------------------------------------
     def restore(self):
@@ -140,7 +143,7 @@ class Snapshot:
                 if values is not None:
                     if not torch.equal(t.data, values):
                         t.data.copy_(values)
-                elif t._version != version:
+                elif version is not None and t._version != version:
                     written.append(tuple(t.shape))
                 if t.is_leaf and t.requires_grad != req:
                     t.requires_grad_(req)

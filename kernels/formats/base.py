@@ -201,6 +201,9 @@ class PackedWeight(nn.Module):
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         self.cache: dict = {}
+        # the autotuner's arming (None: not tuned; else whether int4 weights may keep an int8 copy); unlike
+        # ``cache`` it survives device moves and copies
+        self.tune: Optional[bool] = None
         self.fmt.validate(self)
 
     @property
@@ -245,6 +248,7 @@ class PackedWeight(nn.Module):
     def __deepcopy__(self, memo):
         new = PackedWeight(copy.deepcopy(self.qdata, memo), copy.deepcopy(self.scale, memo), self.bits, self.shape,
                            self.group_size, self.format)
+        new.tune = self.tune  # a copied deployed model stays tuned (its caches are rebuilt on use)
         memo[id(self)] = new
         return new
 

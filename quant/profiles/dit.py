@@ -1,9 +1,10 @@
 """Diffusion transformers (SD3/Flux class): Linear layers only, flow matching, sigma-keyed.
 
-diffusers' ``FluxTransformer2DModel`` and ``SD3Transformer2DModel`` receive ``timestep`` = sigma in [0, 1]
-(the pipelines divide by 1000), so tables are keyed by 1000·sigma; ``DiTTransformer2DModel`` and
-``PixArtTransformer2DModel`` get DDPM timesteps in [0, T). ComfyUI's ``Flux`` and ``MMDiT`` receive
-``timesteps`` from ``model_sampling.timestep(sigma)``: sigma for Flux (scale 1000 here), 1000·sigma for SD3.
+diffusers' ``FluxTransformer2DModel`` receives ``timestep`` = sigma in [0, 1] (the Flux pipeline divides the
+scheduler's timestep by 1000), so its tables are keyed by 1000·sigma; ``SD3Transformer2DModel`` receives the
+scheduler's timestep 1000·sigma itself; ``DiTTransformer2DModel`` and ``PixArtTransformer2DModel`` get DDPM
+timesteps in [0, T). ComfyUI's ``Flux`` receives ``model_sampling.timestep(sigma)`` = sigma (scale 1000 here);
+ComfyUI's SD3 is ``comfy_sd3.py``.
 Edges: the input and output projections and the timestep/text/guidance embedders. Flux works on packed
 tokens ([B, tokens, channels]: channels are the last dimension); SD3, DiT and PixArt unpatchify to NCHW.
 """
@@ -29,8 +30,8 @@ FLUX = register_profile(ModelProfile(
 SD3 = register_profile(ModelProfile(
     name="sd3", matches=class_named("SD3Transformer2DModel"), priority=20,
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep",),
-    sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow",
-    description="diffusers SD3 transformer: NCHW in and out, called with sigma in [0, 1]"))
+    sample_kwargs=("hidden_states",), prediction="flow",
+    description="diffusers SD3 transformer: NCHW in and out, called with the timestep 1000*sigma"))
 
 COMFY_FLUX = register_profile(ModelProfile(
     name="comfy-flux", matches=class_named("Flux"), priority=20,
@@ -39,7 +40,7 @@ COMFY_FLUX = register_profile(ModelProfile(
     description="ComfyUI's Flux (NCHW latents; model_sampling.timestep(sigma) = sigma in [0, 1])"))
 
 TIMESTEP_DIT = register_profile(ModelProfile(
-    name="dit", matches=class_named("DiTTransformer2DModel", "PixArtTransformer2DModel", "MMDiT"), priority=20,
+    name="dit", matches=class_named("DiTTransformer2DModel", "PixArtTransformer2DModel"), priority=20,
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep", "timesteps"),
     sample_kwargs=("hidden_states", "x"),
-    description="transformers called with a timestep in [0, T) (DiT, PixArt, ComfyUI MMDiT/SD3)"))
+    description="transformers called with a timestep in [0, T) (DiT, PixArt)"))

@@ -62,7 +62,7 @@ def test_build_blocks_constructs_on_default_backend(tmp_path):
     (lambda b: b.quantize("W3A3", "naive", 2, 3), ["bits", "W8A8", "W4A16"]),
     (lambda b: b.quantize("W8A8", "no-such-method", 2, 3), ["method", "naive"]),
     (lambda b: b.quantize("W8A8", "naive", 0, 3), ["calibration samples", "1..1024"]),
-    (lambda b: b.quantize("W8A8", "naive", 2, 500), ["calibration steps", "1..200"]),
+    (lambda b: b.quantize("W8A8", "naive", 2, 5000), ["calibration steps", "1..1000"]),
     (lambda b: b.quantize("W8A8", "naive", 2.5, 3), ["calibration samples", "whole number"]),
     (lambda b: b.compare("12", 1, 5, 1), ["digit", "0..9"]),
     (lambda b: b.compare("3", -1, 5, 1), ["seed"]),
