@@ -45,7 +45,8 @@ def generate(setup: Setup, model, n: int, steps: int = 25, sampler: str = "ddim"
         lab = labels[i:i + batch]
         eps_fn = guided_eps_fn(model, lab, guidance, setup.null_label, split_guidance=split_guidance)
         out.append(sample(eps_fn, (len(lab),) + setup.image_shape, setup.alphas_cumprod, steps=steps,
-                          sampler=sampler, eta=eta, seed=seed * 1000 + i, var_fn=var_fn, progress=progress))
+                          sampler=sampler, eta=eta, seed=seed * 1000 + i, var_fn=var_fn, progress=progress,
+                          clip_x0=sampler == "ddim"))  # a pixel-space model (as diffusers' clip_sample)
     return torch.cat(out).clamp(-1, 1), labels
 
 

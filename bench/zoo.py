@@ -46,7 +46,7 @@ def record_calls(m, n: int, seed: int, steps: int):
 
 def run_model(name: str, a, log=print) -> list:
     from ..models.zoo import load
-    from ..quant import PipelineConfig, pipeline, timestep_aware_subset
+    from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
 
     m = load(name)
     steps = a.steps or m.default_steps
@@ -64,8 +64,9 @@ def run_model(name: str, a, log=print) -> list:
         for method in (a.methods or LADDER[bits]):
             t0 = time.perf_counter()
             try:
-                res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, deploy=a.deployed),
-                                   progress=None)
+                over = {} if a.recon_iters is None else dict(recon=ReconConfig(weight_iters=a.recon_iters))
+                res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, deploy=a.deployed,
+                                                                                **over), progress=None)
             except Exception as exc:  # a failing method is a row, not the end of the table
                 rows.append(dict(model=name, bits=bits, method=method, error=f"{type(exc).__name__}: {exc}"))
                 log(f"[{name}] {bits} {method}: FAILED {type(exc).__name__}: {exc}")
@@ -112,6 +113,8 @@ def main(argv=None):
     p.add_argument("--calib-samples", type=int, default=32, help="full-precision calibration runs")
     p.add_argument("--calib-steps", type=int, default=10, help="timesteps kept from them (timestep-aware)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recon-iters", type=int, default=None,
+                   help="AdaRound steps per block (default: ReconConfig's, 2000; the same for every model)")
     p.add_argument("--deployed", action="store_true", help="sample with the integer kernels (default: fake-quant, "
                    "the same function up to float summation order; faster for these tiny models on a CPU)")
     p.add_argument("--threads", type=int, default=None)

@@ -65,12 +65,15 @@ def guided_eps_fn(unet, class_labels: Optional[torch.Tensor] = None, guidance: f
 
 
 @register_sampler("ddim")
-def ddim(eps_fn, x, ac, ts, eta=0.0, var_fn=None, gen=None, st=None):
+def ddim(eps_fn, x, ac, ts, eta=0.0, var_fn=None, gen=None, st=None, clip_x0=False):
     for i, t in enumerate(ts):
         a_t = float(ac[t])
         a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         eps = eps_fn(x, t)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_x0:  # pixel-space models: keep the predicted image in range (diffusers' clip_sample)
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if a_prev < 1 else 0.0
         if var_fn is not None:
             sigma = ddim_vsc_sigma(a_t, a_prev, sigma, var_fn(t))
@@ -120,10 +123,14 @@ def euler_ancestral(eps_fn, x, ac, ts, eta=1.0, var_fn=None, gen=None, st=None):
 
 
 def sample(eps_fn, shape, alphas_cumprod: torch.Tensor, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
-           seed: int = 0, var_fn=None, progress=None, device="cpu", x_T: Optional[torch.Tensor] = None):
-    """Run ``sampler`` from Gaussian noise (seeded) and return x_0 (shape ``shape``)."""
+           seed: int = 0, var_fn=None, progress=None, device="cpu", x_T: Optional[torch.Tensor] = None,
+           clip_x0: bool = False):
+    """Run ``sampler`` from Gaussian noise (seeded) and return x_0 (shape ``shape``). ``clip_x0`` (DDIM only):
+    clamp the predicted x_0 to [-1, 1] at every step, as pixel-space models are sampled."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if clip_x0 and sampler != "ddim":
+        raise ConfigError(f"clip_x0 is implemented for the ddim sampler only, not {sampler!r}")
     steps, eta, seed = check_verb_args("sample", steps=steps, eta=eta, seed=seed).values()
     T = len(alphas_cumprod)
     ts = timesteps_for(steps, T)
@@ -131,7 +138,8 @@ def sample(eps_fn, shape, alphas_cumprod: torch.Tensor, steps: int = 50, sampler
     x = torch.randn(shape, generator=gen) if x_T is None else x_T.clone()
     x = x.to(device)
     with torch.no_grad(), Stage(progress, len(ts), f"sample ({sampler})") as st:
-        return SAMPLERS[sampler](eps_fn, x, alphas_cumprod, ts, eta=eta, var_fn=var_fn, gen=gen, st=st)
+        kw = dict(clip_x0=True) if clip_x0 else {}
+        return SAMPLERS[sampler](eps_fn, x, alphas_cumprod, ts, eta=eta, var_fn=var_fn, gen=gen, st=st, **kw)
 
 
 # ---- sigma-space (k-diffusion) samplers with PTQD variance calibration, used by hosts' sampler nodes -----
