@@ -163,6 +163,9 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits_set}, entries={len(self.tgrid)}"
 
 
+_MISSING = object()
+
+
 class QuantLayer(nn.Module):
     """Common part of the quantized Linear / Conv2d. Subclasses define ``_op`` and ``_kernel``."""
 
@@ -354,6 +357,7 @@ class QuantLayer(nn.Module):
         pw = self.packed
         w0 = ops.dequantize_weight(pw)
         scale = self.fmt.fake_scale(pw).float().clone()
+        self.__dict__.pop("_aq_cache", None)  # the tables may be trained again (TALSQ)
         self.packed = None
         self._buffers_to_params()
         self.weight = nn.Parameter(w0, requires_grad=False)
@@ -402,8 +406,17 @@ class QuantLayer(nn.Module):
         if self.a_dynamic:
             aq = ActQuant(bits=self.a_bits, scale=None, zero_point=0, dynamic=True)
         else:
-            p = self.act_params()
-            aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
+            # A deployed layer's tables are frozen: the quantizer of a (timestep, bits) is built once (building it,
+            # with the table interpolation, cost about as much as a small layer's kernel; measured in bench/README)
+            ctx = self.ctx
+            key = (None if ctx is None else ctx.t, self.current_a_bits() if self.act is not None else None)
+            cache = self.__dict__.setdefault("_aq_cache", {})
+            aq = cache.get(key, _MISSING)
+            if aq is _MISSING:
+                p = self.act_params()
+                aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
+                if len(cache) < 4096:
+                    cache[key] = aq
         pw = self.packed
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
             y = self._kernel(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), pw, self.bias, aq)
