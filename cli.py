@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(d, "--steps", "steps", help="DDIM sampling steps")
     _add(d, "--bits", "bits", default=["W8A8", "W4A8"], nargs="+", type=_bits_type,
          help="formats to compare")
-    _add(d, "--methods", "method", default=["naive"], nargs="+", type=_method_type, help="methods to compare")
+    _add(d, "--methods", "method", default=["lp"], nargs="+", type=_method_type, help="methods to compare")
     d.set_defaults(fn=_cmd_demo, check=_check_demo)
 
     q = sub.add_parser("quantize", help="quantize the default model (or a diffusers UNet folder) and save it",

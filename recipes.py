@@ -109,7 +109,7 @@ def image_grid(rows: List[torch.Tensor], scale: int = 4):
 
 
 def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
-         methods=("naive",)) -> dict:
+         methods=("lp",)) -> dict:
     """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid and
     return the table rows."""
     import os
