@@ -26,6 +26,8 @@ LADDER = {
     "W4A8": ("naive", "lp", "recon", "recon+ptqd"),
     "W4A4": ("naive", "recon+ptqd", "efficientdm", "efficientdm+ptqd"),
 }
+# the rows the targets are about: the default path at W8A8, PTQD at W4A8, PTQD and EfficientDM at W4A4
+QUICK = {"W8A8": ("lp",), "W4A8": ("recon+ptqd",), "W4A4": ("recon+ptqd", "efficientdm")}
 TARGETS = {"W8A8": 1.05, "W4A8": 1.15, "W4A4": 1.30}  # FID ratio to full precision (README, issue 12)
 PSNR_TARGET_W8A8 = 45.0
 
@@ -61,7 +63,7 @@ def run_model(name: str, a, log=print) -> list:
     calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
     calib = timestep_aware_subset(calls, a.calib_steps)
     for bits in a.bits:
-        for method in (a.methods or LADDER[bits]):
+        for method in (a.methods or (QUICK if a.quick else LADDER)[bits]):
             t0 = time.perf_counter()
             try:
                 over = {} if a.recon_iters is None else dict(recon=ReconConfig(weight_iters=a.recon_iters))
@@ -108,6 +110,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(ZOO_NAMES), choices=list(ZOO_NAMES))
     p.add_argument("--bits", nargs="+", default=list(LADDER), choices=list(LADDER))
     p.add_argument("--methods", nargs="+", default=None, help="override the ladder (pipeline method names)")
+    p.add_argument("--quick", action="store_true", help="only the rows the targets are about: " +
+                   "; ".join(f"{b}: {', '.join(m)}" for b, m in QUICK.items()))
     p.add_argument("--samples", type=int, default=1000, help="samples per row (FID and paired PSNR)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's own)")
     p.add_argument("--calib-samples", type=int, default=32, help="full-precision calibration runs")
