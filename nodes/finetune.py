@@ -109,7 +109,7 @@ def loss_curve_image(losses: List[float], width: int = 640, height: int = 360, t
                     ema.append(xy(i, avg))
             if len(ema) > 1:
                 d.line(ema, fill=(255, 190, 80), width=2)
-        d.text((left, bottom + 8), f"step 1", fill=(170, 170, 180))
+        d.text((left, bottom + 8), "step 1", fill=(170, 170, 180))
         d.text((right - 90, bottom + 8), f"step {n}", fill=(170, 170, 180))
         d.text((left + 150, 8), f"first {losses[0]:.4g}  last {losses[-1]:.4g}" + ("  (log y)" if log_scale else ""),
                fill=(200, 200, 200))

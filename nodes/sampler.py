@@ -21,10 +21,7 @@ The sampler math is the core's ``quant/sampling.py``; the statistics are found t
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
 
-import torch
 
 from ..quant.sampling import KDIFF_SAMPLERS, KDIFF_STOCHASTIC, ancestral_step, sample_sigmas_ptqd  # noqa: F401
 from . import comfy_adapter as adapter

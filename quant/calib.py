@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .context import timestep_of_call
-from .errors import ConfigError, NumericalError
+from .errors import NumericalError
 
 
 _RECORD_WHAT = "a UNet input recorded for calibration"

@@ -12,7 +12,6 @@ conditioning, 10% label dropout to the null class 6), and writes ``rgb.safetenso
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -154,8 +153,8 @@ def main(argv=None) -> int:
         imgs, labels = m.sample(m.denoiser, a.eval_samples, seed=1)
         r = m.metrics(imgs, labels)
         _log(f"eval: {a.eval_samples} samples, 25 steps: {r} ({time.time() - t0:.0f}s)")
-        save_grid(imgs[:48], f"/tmp/zoo_rgb_samples.png", nrow=12)
-        save_grid(x_he[::50][:12], f"/tmp/zoo_rgb_real.png", nrow=12)
+        save_grid(imgs[:48], "/tmp/zoo_rgb_samples.png", nrow=12)
+        save_grid(x_he[::50][:12], "/tmp/zoo_rgb_real.png", nrow=12)
         header["evaluation"] = {"samples": a.eval_samples, "steps": 25, "seed": 1, **r}
         save_file_with_header(ema.state_dict(), a.out_dir / WEIGHTS_PATH.name, TYPE_MODEL, header)
     _log(f"done in {time.time() - t_start:.0f}s")

@@ -66,7 +66,6 @@ def test_picks_the_measured_faster_and_caches_the_choice(fake_backend, slow):
     if slow == "fake":
         fake_backend["delay"] = 0.02
     else:  # make the float path slow instead
-        import lowbit.kernels.dense as D
 
         orig = registry.get_backend("dense").ops["linear"].impl
 

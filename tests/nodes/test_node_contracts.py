@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -5,9 +5,9 @@ import struct
 import pytest
 import torch
 
-from lowbit.quant import LoadError, QuantConfig, deploy_, load, quant_layers, quantize, save
+from lowbit.quant import LoadError, QuantConfig, deploy_, load, quantize, save
 
-from qutil import assert_same_state, state_copy, tiny_unet
+from qutil import assert_same_state, state_copy
 
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
 

@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from lowbit.quant import (CallRecorder, PTQDConfig, QuantConfig, QuantContext, attach_stats, collect_stats, deploy_,

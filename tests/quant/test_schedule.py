@@ -1,6 +1,6 @@
 import torch
 
-from lowbit.quant import BitwidthSchedule, QuantConfig, auto_schedule, get_context, quant_layers, quantize
+from lowbit.quant import QuantConfig, auto_schedule, get_context, quant_layers, quantize
 from lowbit.quant.schedule import choose_bits, schedule_from_picks
 
 
