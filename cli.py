@@ -483,7 +483,8 @@ def inspect_text(path: str, layers: bool = False) -> str:
     if header.get("splits"):
         method.append(f"shortcut split ({len(header['splits'])} convs)")
     dec = extras.get("decisions") if isinstance(extras.get("decisions"), dict) else {}
-    dec_layers = [d for d in dec.get("layers", []) if isinstance(d, dict)] if isinstance(dec.get("layers"), list) else []
+    dec_layers = ([d for d in dec.get("layers", []) if isinstance(d, dict)]
+                  if isinstance(dec.get("layers"), list) else [])
     if dec_layers:
         method.append("per-layer precision from measurement")
     method += [k for k in extras if k not in ("ptqd", "decisions")]

@@ -71,7 +71,8 @@ def _run_case(name, x, w, bias, conv, budget):
     fp32 = (lambda: F.conv2d(x, w, bias, 1, 1)) if conv else (lambda: F.linear(x, w, bias))
     xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
     if conv:
-        xb_cl, wb_cl = xb.contiguous(memory_format=torch.channels_last), wb.contiguous(memory_format=torch.channels_last)
+        xb_cl = xb.contiguous(memory_format=torch.channels_last)
+        wb_cl = wb.contiguous(memory_format=torch.channels_last)
         bf16 = lambda: F.conv2d(xb_cl, wb_cl, bb, 1, 1)  # noqa: E731  channels_last is the fast bf16 conv layout
     else:
         bf16 = lambda: F.linear(xb, wb, bb)  # noqa: E731

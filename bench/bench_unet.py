@@ -374,7 +374,8 @@ def main(argv=None):
         r["rel_err_vs_fp32"] = ((o - ref).norm() / ref.norm()).item()
     print(f"\nSD1.5 UNet, latent 1x4x{a.latent}x{a.latent}, text 1x77x768, threads={a.threads}, "
           f"median of {a.repeats}")
-    print(f"{'variant':22s} {'s/fwd':>7s} {'x fp32':>7s} {'weights MB':>11s} {'x fp32':>7s} {'peak RSS GB':>11s} {'rel err':>8s}")
+    print(f"{'variant':22s} {'s/fwd':>7s} {'x fp32':>7s} {'weights MB':>11s} {'x fp32':>7s} "
+          f"{'peak RSS GB':>11s} {'rel err':>8s}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:22s} FAILED: {r['error']}")

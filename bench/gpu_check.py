@@ -286,7 +286,8 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
         record(f"act_quant bit-exact {act}", aq)
 
     lin = [(45, 131, 70, 4, None), (45, 131, 70, 4, 64), (45, 131, 70, 8, 32), (45, 131, 70, 2, None),
-           (2 * 4096, 320, 320, 8, None), (2 * 1024, 640, 640, 4, None), (2 * 77, 768, 320, 4, 64)][:None if large else 4]
+           (2 * 4096, 320, 320, 8, None), (2 * 1024, 640, 640, 4, None),
+           (2 * 77, 768, 320, 4, 64)][:None if large else 4]
     for m, k, n, wbits, gs in lin:
         for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.05, 128), ActQuant(4, dynamic=True), None):
             def lc(m=m, k=k, n=n, wbits=wbits, gs=gs, act=act):
@@ -303,7 +304,8 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
              ((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 1), (1, 1), (1, 1), torch.bfloat16),
              ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (1, 1), (1, 1), (1, 1), torch.float32),
              ((2, 640, 32, 32), (640, 640, 3, 3), 4, None, (1, 1), (1, 1), (1, 1), torch.float32),
-             ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (2, 2), (1, 1), (1, 1), torch.float32)][:None if large else 2]
+             ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (2, 2), (1, 1), (1, 1),
+              torch.float32)][:None if large else 2]
     for xs, ws, wbits, gs, st, pad, dil, dt in convs:
         for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.05, 128)):
             def cc(xs=xs, ws=ws, wbits=wbits, gs=gs, st=st, pad=pad, dil=dil, dt=dt, act=act):
@@ -415,7 +417,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2, formats
             xs, xt = sample.to(torch.bfloat16), text.to(torch.bfloat16)
             with torch.no_grad():
                 out = model(xs, t, encoder_hidden_states=xt).sample.float()
-                row["seconds"] = float(timer(lambda: model(xs, t, encoder_hidden_states=xt)))
+                row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
             if cuda:
                 row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
             if ref is None:

@@ -96,7 +96,8 @@ def record(teacher, args, n, seed):
 
 
 def ft_config(args):
-    return FinetuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, lr_scale_factor=args.lr_scale_factor,
+    return FinetuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size,
+                          lr_scale_factor=args.lr_scale_factor,
                           act_lr=args.act_lr, time_bins=args.sampling_steps, seed=0)
 
 
@@ -265,8 +266,9 @@ def main(argv=None):
             naive_dep = deploy_(copy.deepcopy(naive))
             rows.append(dict(bits=bits, method="naive PTQ", **evaluate(naive_dep, args, ref, clf, held, teacher)))
             if PTQD is not None:
-                rows.append(dict(bits=bits, method="PTQD", **evaluate(with_ptqd(lambda: deploy_(copy.deepcopy(naive)), teacher, calls), args, ref,
-                                                                        clf, held, teacher)))
+                rows.append(dict(bits=bits, method="PTQD",
+                                 **evaluate(with_ptqd(lambda: deploy_(copy.deepcopy(naive)), teacher, calls), args, ref,
+                                            clf, held, teacher)))
             for kind in ("edm", "qat"):
                 res = run_worker(kind, args, qfile, tmp)
                 cost = json.load(open(res + ".json"))
@@ -275,9 +277,11 @@ def main(argv=None):
                 rows.append(dict(bits=bits, method=name, **evaluate(model, args, ref, clf, held, teacher), **cost))
                 if kind == "edm" and PTQD is not None:
                     rows.append(dict(bits=bits, method="EfficientDM + PTQD",
-                                     **evaluate(with_ptqd(lambda: load(teacher, res + ".safetensors"), teacher, calls), args,
-                                                ref, clf, held, teacher)))
-                print(f"{bits} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1 - (kind == "edm" and PTQD is not None)].items() if isinstance(v, float)), flush=True)
+                                     **evaluate(with_ptqd(lambda: load(teacher, res + ".safetensors"), teacher, calls),
+                                                args, ref, clf, held, teacher)))
+                print(f"{bits} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                     rows[-1 - (kind == "edm" and PTQD is not None)].items()
+                                                     if isinstance(v, float)), flush=True)
             edm = next(r for r in rows if r["bits"] == bits and r["method"] == "EfficientDM")
             qat = next(r for r in rows if r["bits"] == bits and r["method"].startswith("QAT"))
             for r in (edm, qat):
@@ -286,7 +290,8 @@ def main(argv=None):
 
     print()
     print(f"EfficientDM on the default digits model: {cfg.steps} fine-tune steps, rank {cfg.rank}, batch "
-          f"{cfg.batch_size}, lr_scale_factor {cfg.lr_scale_factor if cfg.lr_scale_factor else 'auto'}, act_lr {cfg.act_lr:g}; {args.samples} samples, "
+          f"{cfg.batch_size}, lr_scale_factor {cfg.lr_scale_factor if cfg.lr_scale_factor else 'auto'}, "
+          f"act_lr {cfg.act_lr:g}; {args.samples} samples, "
           f"DDIM {args.sampling_steps} steps eta 0, guidance {args.guidance}")
     print()
     print("| bits | method | FID (clf) | class acc | held-out MSE | fine-tune s | peak MB | time x | mem x |")
@@ -294,7 +299,8 @@ def main(argv=None):
     for r in rows:
         f = lambda k, fmt: (fmt % r[k]) if k in r else "-"  # noqa: E731
         print(f"| {r['bits']} | {r['method']} | {r['fid']:.3f} | {r['acc']:.3f} | {r['held_mse']:.5f} | "
-              f"{f('wall_s', '%.1f')} | {f('peak_mb', '%.0f')} | {f('time_vs_edm', '%.2f')} | {f('mem_vs_edm', '%.2f')} |")
+              f"{f('wall_s', '%.1f')} | {f('peak_mb', '%.0f')} | "
+              f"{f('time_vs_edm', '%.2f')} | {f('mem_vs_edm', '%.2f')} |")
     for n in notes:
         print(f"\nNote: {n}")
     out = dict(rows=rows, notes=notes, config=dict(vars(args), cur_bits=None),

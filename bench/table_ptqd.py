@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -56,13 +55,13 @@ def main(argv=None):
         print(f"eta={eta} fp32: FID {fp['fid']:.3f} acc {fp['acc']:.3f}", flush=True)
     for bits in a.bits:
         for m in a.methods:
-            t0 = time.time()
             rc = dataclasses.replace(recon, act_iters=a.act_iters) if "+act" in m else recon
             b = build(setup, m, bits, calib, deploy=a.deployed, recon=rc, stat_calls=calls_all)
             for eta in a.etas:
                 ev = evaluate(setup, b.model, n=a.samples, steps=a.steps, eta=eta, var_fn=b.var_fn)
                 rows.append(dict(bits=bits, method=m, eta=eta, fid=ev["fid"], acc=ev["acc"], build_s=b.seconds,
-                                 **({"schedule": [list(s) for s in b.info["schedule"]]} if "schedule" in b.info else {})))
+                                 **({"schedule": [list(s) for s in b.info["schedule"]]}
+                                    if "schedule" in b.info else {})))
                 print(f"eta={eta} {bits} {m}: FID {ev['fid']:.3f} acc {ev['acc']:.3f} (built in {b.seconds:.0f}s)",
                       flush=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -209,7 +209,8 @@ def _weight_only_linear(x, pw, bias):
     if g is not None and x2.shape[0] <= INT4PACK_MAX_M:
         packed = pw.cache.get("cpu.int4pack")
         if packed is None:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(pw.qdata, pw.K).to(torch.int32) + 8, 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(pw.qdata, pw.K).to(torch.int32) + 8, 2)
             scale = expand_scale(pw).expand(pw.N, pw.K)[:, ::g].t()  # [K/g, N]
             sz = torch.stack((scale, torch.zeros_like(scale)), dim=-1).to(torch.bfloat16).contiguous()
             packed = (packed, sz)

@@ -22,7 +22,8 @@ def pack_weight(w_int: torch.Tensor, bits: int, scale: torch.Tensor, group_size=
     w2 = w_int.reshape(n, -1)
     lo, hi = int_range(bits)
     if w2.numel() and (int(w2.min()) < lo or int(w2.max()) > hi):
-        raise ValueError(f"pack_weight: {bits}-bit values must lie in [{lo}, {hi}], got [{int(w2.min())}, {int(w2.max())}]")
+        raise ValueError(f"pack_weight: {bits}-bit values must lie in [{lo}, {hi}], "
+                         f"got [{int(w2.min())}, {int(w2.max())}]")
     qdata = pack_int4(w2) if bits <= 4 else w2.to(torch.int8).contiguous()
     return PackedWeight(qdata, scale.to(torch.float32).contiguous(), bits, shape, group_size)
 

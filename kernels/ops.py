@@ -66,7 +66,8 @@ def fake_quant_act(x: torch.Tensor, act: Optional[ActQuant], granularity: str = 
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = None,
            act: Optional[ActQuant] = None) -> torch.Tensor:
-    """== F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias), computed with integer kernels where a backend can."""
+    """== F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias), computed with integer kernels where a
+    backend can."""
     if x.shape[-1] != pw.K or len(pw.shape) != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1]}] does not match weight shape {list(pw.shape)}")
     if _tuned(pw):

@@ -147,8 +147,8 @@ def select(op: str, *args, **kwargs) -> Backend:
             raise NoBackendError(op, {forced: "forced by LOWBIT_BACKEND but also listed in LOWBIT_DISABLE_BACKENDS"})
         ok, why = _BACKENDS[forced].check(op, *args, **kwargs)
         if not ok:
-            raise NoBackendError(op, {forced: why}, f"The backend is forced by LOWBIT_BACKEND={forced}; unset it to let "
-                                                    "dispatch choose.")
+            raise NoBackendError(op, {forced: why}, f"The backend is forced by LOWBIT_BACKEND={forced}; "
+                                                    "unset it to let dispatch choose.")
         return _BACKENDS[forced]
     refusals = {}
     for b in backends():

@@ -13,7 +13,8 @@ Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
     all of K; group-wise weights (group_size % BK == 0) flush each block into fp32 scaled by its group's scale.
     Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]``, fp32 written
     [M, N] (Linear) or NCHW (Conv2d).
-``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32 accumulation.
+``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32
+    accumulation.
 
 Rounding is half-to-even (``(y + 1.5*2^23) - 1.5*2^23`` after clamping |y| <= 512) and the division is ``div_rn``,
 so the activation quantization matches ``torch.round(x / scale)`` of the eager reference bit for bit.
@@ -32,7 +33,8 @@ import triton.language as tl
 from .formats import PackedWeight
 from .registry import register_backend
 
-backend = register_backend("triton", priority=40, description="Triton int8-MMA kernels (CUDA; CPU under TRITON_INTERPRET=1)")
+backend = register_backend("triton", priority=40,
+                           description="Triton int8-MMA kernels (CUDA; CPU under TRITON_INTERPRET=1)")
 
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |y| < 2**22 half to even
 

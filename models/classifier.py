@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CLASSIFIER_DEFAULTS = {"channels": [32, 64], "feature_dim": 64, "num_classes": 10, "image_size": 16, "feature_scale": 1.0}
+CLASSIFIER_DEFAULTS = {"channels": [32, 64], "feature_dim": 64, "num_classes": 10, "image_size": 16,
+                       "feature_scale": 1.0}
 
 
 class DigitClassifier(nn.Module):

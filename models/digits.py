@@ -153,7 +153,8 @@ def _validate(cfg, schema: dict, what: str, required=()) -> dict:
 
 
 def _validate_unet_config(cfg) -> dict:
-    cfg = _validate(cfg, _UNET_SCHEMA, "UNet config", required=("block_out_channels", "down_block_types", "up_block_types"))
+    cfg = _validate(cfg, _UNET_SCHEMA, "UNet config",
+                    required=("block_out_channels", "down_block_types", "up_block_types"))
     n = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise ValueError("UNet config: block_out_channels, down_block_types and up_block_types differ in length")

@@ -54,7 +54,8 @@ def sample(
     ``g == 1`` makes one (conditional) UNet call per step, otherwise two (batched together). Labels equal to
     ``null_class`` give unconditional samples. ``eta`` = 0 is deterministic DDIM, 1 is DDPM-like.
     ``spacing`` picks the timesteps (``ddim_timesteps``); ``clip_x0=False, spacing="linspace"`` is the demo's
-    sampler (``lowbit.quant.sample``, DDIM eta 0). ``scheduler`` supplies ``alphas_cumprod`` (default: ``default_scheduler()`` of the default model).
+    sampler (``lowbit.quant.sample``, DDIM eta 0). ``scheduler`` supplies ``alphas_cumprod`` (default:
+    ``default_scheduler()`` of the default model).
     """
     if scheduler is None:
         from .digits import default_scheduler

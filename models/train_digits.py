@@ -98,7 +98,8 @@ def train_classifier(x, y, x_val, y_val, *, seed: int, epochs: int, batch_size: 
         acc = float((model(x_val).argmax(1) == y_val).float().mean())
         train_acc = float((model(x).argmax(1) == y).float().mean())
     info = {"seed": seed, "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "optimizer": "AdamW(wd=1e-4), warmup 50 + cosine", "augmentation": f"shift +-{shift}px, noise std {noise_std}",
+            "optimizer": "AdamW(wd=1e-4), warmup 50 + cosine",
+            "augmentation": f"shift +-{shift}px, noise std {noise_std}",
             "heldout_accuracy": round(acc, 4), "train_accuracy": round(train_acc, 4),
             "feature_scale": "1 / sqrt(mean per-dim variance of the training images' raw features)"}
     return model.requires_grad_(False), info
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     clf_info["train_seconds"] = round(time.time() - t0, 1)
     _log(f"classifier: held-out accuracy {clf_info['heldout_accuracy']:.4f} ({clf_info['train_seconds']}s)")
     save_with_header(clf.state_dict(), args.out_dir / "digits_classifier.safetensors", TYPE_CLASSIFIER,
-                     {"config": clf.config, "training": {**clf_info, **split}, "features": "embed (penultimate, pre-ReLU) * feature_scale"})
+                     {"config": clf.config, "training": {**clf_info, **split},
+                      "features": "embed (penultimate, pre-ReLU) * feature_scale"})
 
     def quick_eval(model, step):
         r = _evaluate(model, clf, x_he, n_per_class=20, steps=25, guidance=args.eval_guidance[0], seed=123,

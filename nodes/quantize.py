@@ -161,13 +161,16 @@ class LowBitQuantizeUNet:
                             "quantized UNet corrects its own output (bias and correlated noise). +vsc: the PTQD "
                             "Sampler also reduces injected noise by the residual variance. +mixed: activation bits "
                             "per timestep from measured SNR."),
-            "calibration_steps": INT(10, CALIB_STEPS.lo, CALIB_STEPS.hi, "Sampling steps per calibration image. Every step is one "
-                                                  "recorded UNet call (timestep)."),
-            "calibration_samples": INT(4, CALIB_SAMPLES.lo, CALIB_SAMPLES.hi, "Number of calibration images (each a full sampling run with "
-                                                   "seed, seed+1, ...). More = more robust ranges, slower."),
+            "calibration_steps": INT(10, CALIB_STEPS.lo, CALIB_STEPS.hi,
+                                     "Sampling steps per calibration image. Every step is one "
+                                     "recorded UNet call (timestep)."),
+            "calibration_samples": INT(4, CALIB_SAMPLES.lo, CALIB_SAMPLES.hi,
+                                       "Number of calibration images (each a full sampling run with "
+                                       "seed, seed+1, ...). More = more robust ranges, slower."),
             "seed": INT(0, SEED.lo, SEED.hi, "Seed of the calibration runs (fixed: the result is reproducible).",
                         control_after_generate=False),
-            "cfg": FLOAT(7.0, GUIDANCE.lo, GUIDANCE.hi, "Guidance scale of the calibration runs; match what you sample with.",
+            "cfg": FLOAT(7.0, GUIDANCE.lo, GUIDANCE.hi,
+                         "Guidance scale of the calibration runs; match what you sample with.",
                          step=0.1, round=0.01),
         }, "optional": {
             "bitwidth_schedule": SOCKET(SCHEDULE_TYPE, "Optional step-aware activation bits from Bitwidth Schedule "
@@ -179,14 +182,16 @@ class LowBitQuantizeUNet:
                                       step=8, advanced=True),
             "calibration_timesteps": INT(0, 0, 1000, "Keep only this many timesteps spread over the run "
                                                      "(timestep-aware subset); 0 keeps all.", advanced=True),
-            "time_bins": INT(1, TIME_BINS.lo, TIME_BINS.hi, "Activation scale tables per timestep range (1 = one scale per layer). "
-                                         "More bins follow the timestep-dependent activation ranges.",
+            "time_bins": INT(1, TIME_BINS.lo, TIME_BINS.hi,
+                             "Activation scale tables per timestep range (1 = one scale per layer). "
+                             "More bins follow the timestep-dependent activation ranges.",
                              advanced=True),
             "weight_init": COMBO(WEIGHT_INITS, "lp", "How weight step sizes are chosen. lp: per channel, the clipping "
                                  "that minimises the L2.4 rounding error (better; the slowest part of quantizing "
                                  "on a CPU). minmax: no clipping (fast, a bit worse at 4 bits).", advanced=True),
-            "recon_iters": INT(200, RECON_ITERS.lo, RECON_ITERS.hi, "Only for methods recon...: AdaRound iterations per block "
-                                                  "(BRECQ uses 20000; slow on CPU).", advanced=True),
+            "recon_iters": INT(200, RECON_ITERS.lo, RECON_ITERS.hi,
+                               "Only for methods recon...: AdaRound iterations per block "
+                               "(BRECQ uses 20000; slow on CPU).", advanced=True),
         }}
 
     @classmethod

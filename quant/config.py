@@ -252,8 +252,9 @@ def _chk_config(spec: Spec, v, where):
 
 def _chk_version(spec: Spec, v, where):
     if isinstance(v, bool) or not isinstance(v, int) or v not in spec.choices:
-        spec.fail(v, f"is not a version this LowBit knows (it builds version {', '.join(map(str, spec.choices))}); leave version at its "
-                     "default (files with older versions are migrated by lowbit.quant.load)", where)
+        spec.fail(v, f"is not a version this LowBit knows (it builds version {', '.join(map(str, spec.choices))}); "
+                     "leave version at its default (files with older versions are migrated by lowbit.quant.load)",
+                  where)
     return v
 
 
@@ -503,7 +504,8 @@ class BitwidthSchedule(_Config):
 
     @classmethod
     def from_percent(cls, switch_percent: float, early_bits: int, late_bits: int, num_train_timesteps: int = 1000):
-        """Early (noisy) part of the run, ``switch_percent`` of the timestep range, at ``early_bits``; the rest at ``late_bits``."""
+        """Early (noisy) part of the run, ``switch_percent`` of the timestep range, at ``early_bits``; the rest at
+        ``late_bits``."""
         switch_percent = ARGS["switch_percent"].check(switch_percent, "BitwidthSchedule.from_percent: ")
         T = field_spec(cls, "num_train_timesteps").check(num_train_timesteps, "BitwidthSchedule.from_percent: ") - 1
         cut = T * (1.0 - switch_percent)

@@ -136,7 +136,8 @@ class ActQuantizer(nn.Module):
             else:
                 keep_old = min(st[2].numel(), round(RESERVOIR * seen / (seen + new)))
                 keep_new = min(smp.numel(), RESERVOIR - keep_old)
-            old = st[2] if keep_old == st[2].numel() else st[2][torch.randperm(st[2].numel(), generator=self._gen)[:keep_old]]
+            old = (st[2] if keep_old == st[2].numel()
+                   else st[2][torch.randperm(st[2].numel(), generator=self._gen)[:keep_old]])
             st[2] = torch.cat([old, smp[:keep_new]])
 
     def finish_observation(self, method: str):
@@ -311,8 +312,8 @@ class QuantLayer(nn.Module):
         step sizes and any modifier. Used by ``deploy`` and the loader."""
         if tuple(pw.shape) != self.weight_shape or pw.format != self.w_format or pw.bits != self.w_bits \
                 or pw.group_size != self.group_size:
-            raise ValueError(f"layer {self.name!r}: packed weight {pw.format} W{pw.bits} {list(pw.shape)} does not match "
-                             f"{self.w_format} W{self.w_bits} {list(self.weight_shape)}")
+            raise ValueError(f"layer {self.name!r}: packed weight {pw.format} W{pw.bits} {list(pw.shape)} "
+                             f"does not match {self.w_format} W{self.w_bits} {list(self.weight_shape)}")
         for n in ("weight", "w_scale"):
             if n in self._parameters:
                 del self._parameters[n]

@@ -34,7 +34,8 @@ def test_readme_example_runs_with_short_settings(tmp_path):
         code = code.replace(a, b)
     out = _run(code, tmp_path)
     assert (tmp_path / "unet-w4a8.safetensors").is_file()
-    assert re.search(r"W4A8 \(diffusers-unet profile\): \d+ layers W4A8.*\n  \S+: (W8A8|float) \(measured: output error ", out), out
+    assert re.search(r"W4A8 \(diffusers-unet profile\): \d+ layers W4A8.*\n  \S+: (W8A8|float) "
+                     r"\(measured: output error ", out), out
 
 
 @pytest.mark.slow

@@ -264,15 +264,18 @@ class Backend:
                              variance_calibration=bool(variance_calibration))
             calls = self._calls(samples, steps, progress)
             res = pipeline.run(self.fp_unet(), calls,
-                               PipelineConfig(method="lp+ptqd+vsc" if cfg.variance_calibration else "lp+ptqd", ptqd=cfg),
+                               PipelineConfig(method="lp+ptqd+vsc" if cfg.variance_calibration else "lp+ptqd",
+                                              ptqd=cfg),
                                start=q, progress=self.progress_fn(progress, "PTQD statistics"))
             self.qmodel = res.model
             stats = get_stats(res.model)
             k = ", ".join(f"t={t:.0f}: k={kk:+.4f}" for t, kk in list(zip(stats.t.tolist(), stats.k.tolist()))[:4])
-            return f"PTQD statistics from {len(calls)} calls ({k}{', ...' if len(stats.t) > 4 else ''}). {self.status()}"
+            return (f"PTQD statistics from {len(calls)} calls ({k}{', ...' if len(stats.t) > 4 else ''}). "
+                    f"{self.status()}")
 
     def finetune(self, ft_steps, ft_rank, ft_batch, calib_samples=None, calib_steps=None, progress=None) -> str:
-        steps, rank, batch = check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank), check_int("ft_batch", ft_batch)
+        steps, rank, batch = (check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank),
+                              check_int("ft_batch", ft_batch))
         samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
         csteps = None if calib_steps is None else check_int("calib_steps", calib_steps)
         from ..quant import FinetuneConfig, PipelineConfig, get_stats, pipeline
@@ -341,7 +344,8 @@ class Backend:
         with self._job():
             path = os.path.join(self.models_dir, fname)
             if not os.path.isfile(path):
-                raise SettingError(f"{path} does not exist; press Refresh and choose one of {self.list_saved() or 'none'}")
+                raise SettingError(f"{path} does not exist; press Refresh and choose one of "
+                                   f"{self.list_saved() or 'none'}")
             header, _ = read_header(path)
             q = load(self.fp_unet(), path)
             cfg = header.get("config") or {}
@@ -362,7 +366,8 @@ class DefaultModelBackend(Backend):
     default_compare_steps = 25
 
     def __init__(self, models_dir: Optional[str] = None, setup=None):
-        super().__init__(models_dir or os.environ.get("LOWBIT_MODELS_DIR") or os.path.join(os.getcwd(), "models", "lowbit"))
+        super().__init__(models_dir or os.environ.get("LOWBIT_MODELS_DIR")
+                         or os.path.join(os.getcwd(), "models", "lowbit"))
         self._setup = setup
 
     def setup(self):

@@ -370,7 +370,8 @@ def train_loop(net, loss_fn, *, steps: int, lr: float, ema_decay: float, seed: i
         running += loss.item()
         if (step + 1) % log_every == 0:
             el = time.time() - t0
-            log(f"step {step + 1}/{steps} loss {running / log_every:.4f} ({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+            log(f"step {step + 1}/{steps} loss {running / log_every:.4f} "
+                f"({el:.0f}s, eta {el / (step + 1) * (steps - step - 1):.0f}s)")
             running = 0.0
     info = {"seed": seed, "steps": steps, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
             "optimizer": f"AdamW(wd=0), linear warmup + cosine to 5%, grad clip {clip}",

@@ -53,7 +53,8 @@ def write_eval(out_dir, clf, info, rvr, x_he, c_he):
     save_file_with_header({**{f"classifier.{k}": v for k, v in clf.state_dict().items()},
                            "heldout_images": x_he.half(), "heldout_labels": c_he},
                           out_dir / EVAL_PATH.name, TYPE_EVAL,
-                          {"classifier_config": clf.config, "classifier": info, "real_vs_real_fid_240_240": round(rvr, 4),
+                          {"classifier_config": clf.config, "classifier": info,
+                           "real_vs_real_fid_240_240": round(rvr, 4),
                            "heldout": "10 renders per combination, seed + 1000"})
 
 
@@ -76,7 +77,8 @@ def encode(vae, x, g):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lowbit.models.zoo.train_latent_text", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lowbit.models.zoo.train_latent_text",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=800)
@@ -138,7 +140,8 @@ def _classifier_and_vae(a, x_tr, c_tr, x_he, c_he):
         rec_he = vae.decode(encode(vae, x_he, g)).sample.clamp(-1, 1)
     vae_info.update(recon_mse_heldout=round(float(F.mse_loss(rec_he, x_he)), 5),
                     recon_fid_heldout=round(frechet(features(clf, rec_he), features(clf, x_he)), 4),
-                    recon_acc_heldout=round(float((predictions(clf, rec_he) == attributes(c_he)).all(1).float().mean()), 4))
+                    recon_acc_heldout=round(
+                        float((predictions(clf, rec_he) == attributes(c_he)).all(1).float().mean()), 4))
     _log(f"vae: {vae_info}, scaling factor {scaling}")
     save_grid(torch.cat([x_he[:24], rec_he[:24]]), "/tmp/zoo_latent_vae.png", nrow=12)
     vae_cfg = dict(VAE_CONFIG, scaling_factor=scaling)

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     clf = train_featurenet(x_tr, y_tr, heads=[len(CLASS_NAMES)], seed=a.seed, steps=a.classifier_steps,
                            augment=flip, log=_log)
     clf_acc = float((predictions(clf, x_he)[:, 0] == y_he).float().mean())
-    clf_info = {"steps": a.classifier_steps, "heldout_accuracy": round(clf_acc, 4), "seconds": round(time.time() - t0, 1),
+    clf_info = {"steps": a.classifier_steps, "heldout_accuracy": round(clf_acc, 4),
+                "seconds": round(time.time() - t0, 1),
                 "augmentation": "horizontal flip, noise std 0.05"}
     _log(f"classifier: held-out accuracy {clf_acc:.4f} ({clf_info['seconds']}s)")
     half = torch.arange(x_he.shape[0]) % 2 == 0

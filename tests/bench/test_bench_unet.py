@@ -20,5 +20,6 @@ def test_resident_bytes_count_packed_weights_and_their_caches():
     s, t, text = B.inputs(8)
     with torch.no_grad():
         q(s, t, encoder_hidden_states=text)
-    cached = sum(pw.nbytes(True) - pw.nbytes(False) for pw in q.modules() if hasattr(pw, "cache") and hasattr(pw, "nbytes"))
+    cached = sum(pw.nbytes(True) - pw.nbytes(False) for pw in q.modules()
+                 if hasattr(pw, "cache") and hasattr(pw, "nbytes"))
     assert cached > 0 and B.resident_weight_bytes(q) == packed + cached

@@ -61,7 +61,8 @@ def test_timing_driver_ratios_table_and_json(tmp_path):
     table = gc.ratio_table(rows)
     lines = table.splitlines()
     assert lines[0] == "| model | case | bf16 | int_mm | W8A8 | W4A16 | broken |"
-    assert lines[2] == "| sd15 | a | 2000.000 ms (1.00) | 1000.000 ms (0.50) | 1500.000 ms (0.75) | 3000.000 ms (1.50) | error |"
+    assert lines[2] == ("| sd15 | a | 2000.000 ms (1.00) | 1000.000 ms (0.50) | 1500.000 ms (0.75) | "
+                        "3000.000 ms (1.50) | error |")
     assert lines[3].endswith("| 3000.000 ms (0.75) | - | error |")
 
     path = gc.write_json(tmp_path / "sub" / "gpu.json", dict(meta={"gpu": "fake"}, kernels=rows))

@@ -74,7 +74,8 @@ _AOT_SCRIPT = textwrap.dedent(r"""
 
     def compile_(name, cap, ptr_over, **const):
         fn = tg.jit_function(name)
-        sig = {a: ("constexpr" if a in const else ptr_over.get(a, PTRS.get(a, "*fp32" if a.endswith("_ptr") else "i32")))
+        sig = {a: ("constexpr" if a in const
+                   else ptr_over.get(a, PTRS.get(a, "*fp32" if a.endswith("_ptr") else "i32")))
                for a in fn.arg_names}
         for a in ("s_static", "zp_static"):
             if a in sig:
@@ -103,7 +104,8 @@ def test_aot_compile_for_cuda_targets():
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "CUDA_HOME", "libcuda")) and "CompilationError" not in proc.stderr:
+        if (any(s in proc.stderr for s in ("ptxas", "No such file", "CUDA_HOME", "libcuda"))
+                and "CompilationError" not in proc.stderr):
             pytest.skip("cannot compile for CUDA here: " + " | ".join(tail))
         pytest.fail("AOT compilation failed:\n" + proc.stderr[-3000:])
     res = {tuple(l.split(None, 3)[1:3]): l.split(None, 3)[3] for l in proc.stdout.splitlines()

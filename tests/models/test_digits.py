@@ -124,7 +124,8 @@ def test_loader_rejects_bad_headers(tmp_path):
     bad_version = tmp_path / "bad_version.safetensors"
     from safetensors.torch import save_file as sf
 
-    sf(unet_state, str(bad_version), metadata={"lowbit": json.dumps({"_type": D.TYPE_DDPM, "_version": 99, "_data": {}})})
+    sf(unet_state, str(bad_version),
+       metadata={"lowbit": json.dumps({"_type": D.TYPE_DDPM, "_version": 99, "_data": {}})})
     with pytest.raises(ValueError, match="_version"):
         default_scheduler(bad_version)
 

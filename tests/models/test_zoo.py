@@ -71,7 +71,7 @@ def test_sampling_is_deterministic_and_shared_across_denoisers(model):
         h1.remove()
         h2.remove()
     assert len(calls_fp) == STEPS == len(calls_q)  # one batched call per step (CFG halves together)
-    (args_fp, kw_fp), (args_q, kw_q) = calls_fp[0], calls_q[0]
+    (args_fp, kw_fp), (args_q, _) = calls_fp[0], calls_q[0]
     assert torch.is_tensor(args_fp[0]) and torch.equal(args_fp[0], args_q[0])
     assert torch.equal(l_fp, l_q)
     guided = (model.default_guidance or 1.0) != 1.0

@@ -121,7 +121,8 @@ def expected_pack_nodes(comfyui_dir: Path, python: str, timeout: float = 300) ->
         "spec.loader.exec_module(pkg)\n"
         "import importlib; nodes = importlib.import_module('lowbit_probe.nodes')\n"
         "m = getattr(nodes, 'NODE_CLASS_MAPPINGS', None)\n"
-        "print('@@NODES@@' + json.dumps(None if m is None else {k: getattr(v, '__name__', str(v)) for k, v in m.items()}))\n"
+        "print('@@NODES@@' + json.dumps(None if m is None else "
+        "{k: getattr(v, '__name__', str(v)) for k, v in m.items()}))\n"
     )
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout,
                           cwd=str(comfyui_dir))
@@ -137,7 +138,8 @@ class ComfyServer:
     """One ComfyUI process with a private base directory. Use ``ComfyServer.start(...)`` (a context manager
     that yields a :class:`ComfyClient`) or ``server = ComfyServer(...); server.launch(); ...; server.stop()``."""
 
-    def __init__(self, comfyui_dir: str | os.PathLike, python: str | None = None, base_dir: str | os.PathLike | None = None,
+    def __init__(self, comfyui_dir: str | os.PathLike, python: str | None = None,
+                 base_dir: str | os.PathLike | None = None,
                  port: int | None = None, checkpoints: list[str | os.PathLike] = (), extra_args: list[str] = (),
                  pack_dir: str | os.PathLike | None = REPO_ROOT, keep_base: bool | None = None):
         self.comfyui_dir = Path(comfyui_dir).resolve()

@@ -22,7 +22,8 @@ def comfyui_dir() -> Path:
     if d is None:
         pytest.skip(comfy_harness.SKIP_MESSAGE)
     if not (d / "main.py").is_file():
-        pytest.fail(f"COMFYUI_DIR={d} is not a ComfyUI checkout (no main.py); see the README section 'Testing inside real hosts'")
+        pytest.fail(f"COMFYUI_DIR={d} is not a ComfyUI checkout (no main.py); "
+                    "see the README section 'Testing inside real hosts'")
     return d
 
 

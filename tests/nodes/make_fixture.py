@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     path = make_fixture(a.variant, a.seed, a.out, a.cache_dir, a.comfyui_dir, a.force)
-    print(f"# fixture ready in {time.perf_counter() - t0:.1f}s ({path.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
+    print(f"# fixture ready in {time.perf_counter() - t0:.1f}s ({path.stat().st_size / 2**20:.0f} MiB)",
+          file=sys.stderr)
     print(path)
     return 0
 

@@ -50,8 +50,9 @@ def test_every_node_is_registered_with_a_display_name():
 def test_nodes_package_does_not_import_comfyui():
     # importing the pack's node modules must not pull in ComfyUI (the adapter imports it lazily)
     src = "\n".join(p.read_text() for p in (REPO / "nodes").glob("*.py"))
-    top_level = [ln for ln in src.splitlines() if ln.startswith(("import comfy", "from comfy", "import folder_paths",
-                                                                  "import nodes", "from nodes", "import latent_preview"))]
+    top_level = [ln for ln in src.splitlines()
+                 if ln.startswith(("import comfy", "from comfy", "import folder_paths",
+                                   "import nodes", "from nodes", "import latent_preview"))]
     assert not top_level, f"module-level ComfyUI imports in nodes/: {top_level}"
 
 

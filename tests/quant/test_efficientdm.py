@@ -22,7 +22,8 @@ def tiny_unet(seed=0):
 
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, attention_head_dim=8, num_class_embeds=3).eval()
 
 
@@ -183,7 +184,8 @@ def test_talsq_keyed_by_timestep(setup):
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     lab = torch.tensor([0, 1, 0])
     with torch.no_grad():
-        both = m(torch.cat([x, x]), torch.full((6,), 500), class_labels=torch.cat([lab, torch.full_like(lab, NULL)])).sample
+        both = m(torch.cat([x, x]), torch.full((6,), 500),
+                 class_labels=torch.cat([lab, torch.full_like(lab, NULL)])).sample
         c = m(x, torch.full((3,), 500), class_labels=lab).sample
         u = m(x, torch.full((3,), 500), class_labels=torch.full_like(lab, NULL)).sample
     assert rel_err(both, torch.cat([c, u])) < 1e-2

@@ -1,6 +1,6 @@
 """Run a real Stable-Diffusion-WebUI Forge headless (API only, CPU) for the integration tests.
 
-    FORGE_DIR=/work/forge pytest tests/webui          # after setting it up as in the README section 'Testing inside real hosts'
+    FORGE_DIR=/work/forge pytest tests/webui  # after setting it up as in the README section 'Testing inside real hosts'
 
 `ForgeServer` links this repository into `$FORGE_DIR/extensions/lowbit`, puts the random SD1.5 fixture in
 `models/Stable-diffusion/`, starts `launch.py --nowebui` on a free loopback port in its own process group,
@@ -47,7 +47,8 @@ def forge_paths() -> tuple[Path, Path] | None:
     forge_dir = Path(d).resolve()
     py = Path(os.environ.get("FORGE_PYTHON") or forge_dir.parent / "forge-venv" / "bin" / "python")
     if not (forge_dir / "launch.py").is_file():
-        raise ForgeError(f"FORGE_DIR={forge_dir} has no launch.py; set it up as in the README section 'Testing inside real hosts'")
+        raise ForgeError(f"FORGE_DIR={forge_dir} has no launch.py; "
+                         "set it up as in the README section 'Testing inside real hosts'")
     if not py.exists():
         raise ForgeError(f"Forge's python {py} does not exist; set FORGE_PYTHON or run: "
                          f"(README section 'Testing inside real hosts')")
@@ -275,7 +276,8 @@ class ForgeServer:
             while j < len(lines):
                 cur = lines[j]
                 cur_indent = len(cur) - len(cur.lstrip())
-                if cur.strip() and cur_indent <= indent and not cur.lstrip().startswith(("During handling", "The above exception", "Traceback")):
+                if cur.strip() and cur_indent <= indent and not cur.lstrip().startswith(
+                        ("During handling", "The above exception", "Traceback")):
                     break
                 j += 1
             block = lines[max(i - 1, 0): j + 1]

@@ -251,7 +251,8 @@ def ensure_fixture(cache_dir: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write here instead of the version-keyed cache")
-    ap.add_argument("--cache-dir", type=Path, help="cache folder (default $LOWBIT_FIXTURE_CACHE or ~/.cache/lowbit/fixtures)")
+    ap.add_argument("--cache-dir", type=Path,
+                    help="cache folder (default $LOWBIT_FIXTURE_CACHE or ~/.cache/lowbit/fixtures)")
     args = ap.parse_args(argv)
     path = build(args.out) if args.out else ensure_fixture(args.cache_dir)
     print(path)

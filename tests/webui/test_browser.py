@@ -147,7 +147,8 @@ class CDP:
         self.js(f"document.querySelector({json.dumps(selector)}).dispatchEvent(new Event('change', {{bubbles: true}}))")
 
     def value(self, selector):
-        return self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); return e ? e.value : null; }})()")
+        return self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                       "return e ? e.value : null; })()")
 
 
 @pytest.fixture

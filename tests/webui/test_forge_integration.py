@@ -225,7 +225,8 @@ def test_lowbit_tab_quantizes_and_compares_in_forge_ui(forge_ui, tmp_path):
         _wait(lambda: cdp.js("""(() => { const b = [...document.querySelectorAll('button')]
                 .find(b => b.textContent.trim() === 'LowBit'); if (!b) return false;
                 b.id = b.id || 'lowbit_tab_button'; return true; })()"""), 600, "Forge's LowBit tab button")
-        cdp.click("#" + cdp.js("[...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'LowBit').id"))
+        cdp.click("#" + cdp.js("[...document.querySelectorAll('button')]"
+                               ".find(b => b.textContent.trim() === 'LowBit').id"))
         _wait(lambda: cdp.js("(() => { const e = document.querySelector('#lowbit_quantize'); "
                              "return !!e && e.getBoundingClientRect().width > 0; })()"), 60, "the LowBit tab content")
         for sel, v in (("#lowbit_calib_samples input", 1), ("#lowbit_calib_steps input", 2),

@@ -25,7 +25,8 @@ def _random_setup():
 
     torch.manual_seed(0)
     unet = build_unet(dict(UNET_CONFIG)).eval().requires_grad_(False)
-    return Setup(unet, DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float(), NULL_CLASS, (1, IMAGE_SIZE, IMAGE_SIZE))
+    return Setup(unet, DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float(), NULL_CLASS,
+                 (1, IMAGE_SIZE, IMAGE_SIZE))
 
 
 def _embedded_setup():
