@@ -123,7 +123,16 @@ def main(argv=None):
                    "the same function up to float summation order; faster for these tiny models on a CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zoo.json"))
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="print the table of earlier runs' JSON files and exit (no sampling)")
     a = p.parse_args(argv)
+    if a.table:
+        rows = []
+        for path in a.table:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        print(format_table(rows))
+        return rows
     if a.samples < 1:
         p.error("--samples must be at least 1")
     if a.threads:
