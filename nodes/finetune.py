@@ -167,7 +167,7 @@ class LowBitEfficientDMFinetune:
     RETURN_NAMES = ("model", "loss_curve")
     OUTPUT_TOOLTIPS = ("The fine-tuned quantized model (a clone of quantized_model).",
                        "Training loss per step (MSE to the teacher's noise prediction).")
-    FUNCTION = "finetune"
+    FUNCTION = "fine_tune"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -207,7 +207,7 @@ class LowBitEfficientDMFinetune:
                                  samples=samples, sampling_steps=sampling_steps, cfg=cfg, width=width, height=height,
                                  batch_size=batch_size, act_lr=act_lr)
 
-    def finetune(self, fp_model, quantized_model, positive, negative, steps, rank, lr_scale, seed, samples=4,
+    def fine_tune(self, fp_model, quantized_model, positive, negative, steps, rank, lr_scale, seed, samples=4,
                  sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4):
         check_finetune_settings(steps, rank, lr_scale, seed, samples, sampling_steps, cfg, width, height, batch_size,
                                 act_lr)

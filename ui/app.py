@@ -142,9 +142,9 @@ def build_blocks(backend: Backend) -> gr.Blocks:
             except Exception as exc:
                 return _fail(exc)
 
-        def on_finetune(s, r, bs, cs, cst, progress=gr.Progress()):
+        def on_fine_tune(s, r, bs, cs, cst, progress=gr.Progress()):
             try:
-                return backend.finetune(s, r, bs, cs, cst, progress=_gr_report(progress))
+                return backend.fine_tune(s, r, bs, cs, cst, progress=_gr_report(progress))
             except Exception as exc:
                 return _fail(exc)
 
@@ -187,7 +187,7 @@ def build_blocks(backend: Backend) -> gr.Blocks:
         calib = [calib_samples, calib_steps]
         quantize_btn.click(on_quantize, [bits, method] + calib, [status])
         ptqd_btn.click(on_ptqd, [bc, cc, vsc] + calib, [status])
-        ft_btn.click(on_finetune, [ft_steps, ft_rank, ft_batch] + calib, [status])
+        ft_btn.click(on_fine_tune, [ft_steps, ft_rank, ft_batch] + calib, [status])
         cmp_inputs = [subject, seed, steps, count] + ([size] if size is not None else [])
         compare_btn.click(on_compare, cmp_inputs, image_outputs + [diff_img, metrics, status])
         save_btn.click(on_save, [save_name], [status, saved])

@@ -273,7 +273,7 @@ class Backend:
             return (f"PTQD statistics from {len(calls)} calls ({k}{', ...' if len(stats.t) > 4 else ''}). "
                     f"{self.status()}")
 
-    def finetune(self, ft_steps, ft_rank, ft_batch, calib_samples=None, calib_steps=None, progress=None) -> str:
+    def fine_tune(self, ft_steps, ft_rank, ft_batch, calib_samples=None, calib_steps=None, progress=None) -> str:
         steps, rank, batch = (check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank),
                               check_int("ft_batch", ft_batch))
         samples = None if calib_samples is None else check_int("calib_samples", calib_samples)

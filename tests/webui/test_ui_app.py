@@ -68,7 +68,7 @@ def test_build_blocks_constructs_on_default_backend(tmp_path):
     (lambda b: b.compare("12", 1, 5, 1), ["digit", "0..9"]),
     (lambda b: b.compare("3", -1, 5, 1), ["seed"]),
     (lambda b: b.compare("3", 1, 0, 1), ["sampling steps", "1..1000"]),
-    (lambda b: b.finetune(0, 4, 2), ["fine-tune steps"]),
+    (lambda b: b.fine_tune(0, 4, 2), ["fine-tune steps"]),
     (lambda b: b.save("../escape"), ["file name"]),
 ])
 def test_settings_are_validated_before_any_work(tmp_path, call, words):
@@ -132,7 +132,7 @@ def test_finetune_runs_with_progress(quantized):
     if quantized._test_kind != "embedded":
         pytest.skip("a random UNet's distillation loss is not meaningful")
     seen = []
-    status = quantized.finetune(2, 2, 2, progress=lambda f, text: seen.append(text))
+    status = quantized.fine_tune(2, 2, 2, progress=lambda f, text: seen.append(text))
     assert "fine-tuned" in status and "EfficientDM fine-tuned (2 steps)" in status, status
     assert any("loss" in t for t in seen), seen
 
