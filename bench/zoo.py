@@ -67,6 +67,8 @@ def run_model(name: str, a, log=print) -> list:
             t0 = time.perf_counter()
             try:
                 over = {} if a.recon_iters is None else dict(recon=ReconConfig(weight_iters=a.recon_iters))
+                if a.precision:
+                    over["precision"] = a.precision
                 res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, deploy=a.deployed,
                                                                                 **over), progress=None)
             except Exception as exc:  # a failing method is a row, not the end of the table
@@ -78,7 +80,8 @@ def run_model(name: str, a, log=print) -> list:
             img, _ = m.sample(res.model, a.samples, a.seed, steps=steps)
             ss = time.perf_counter() - t0
             met = m.metrics(img, labels)
-            row = dict(model=name, bits=bits, method=method, fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
+            row = dict(model=name, bits=bits, method=method + (f" ({a.precision})" if a.precision else ""),
+                       fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
                        acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss,
                        kept=[dict(name=r["name"], mode=r["mode"], reason=r["reason"]) for r in
                              res.info.get("precision", [])])
@@ -119,6 +122,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recon-iters", type=int, default=None,
                    help="AdaRound steps per block (default: ReconConfig's, 2000; the same for every model)")
+    p.add_argument("--precision", choices=["measured", "rules"], default=None,
+                   help="per-layer precision (default: the library's, measured)")
     p.add_argument("--deployed", action="store_true", help="sample with the integer kernels (default: fake-quant, "
                    "the same function up to float summation order; faster for these tiny models on a CPU)")
     p.add_argument("--threads", type=int, default=None)
