@@ -27,7 +27,7 @@ LADDER = {
     "W4A4": ("naive", "recon+ptqd", "efficientdm", "efficientdm+ptqd"),
 }
 # the rows the targets are about: the default path at W8A8, PTQD at W4A8, PTQD and EfficientDM at W4A4
-QUICK = {"W8A8": ("lp",), "W4A8": ("recon+ptqd",), "W4A4": ("recon+ptqd", "efficientdm")}
+QUICK = {"W8A8": ("lp",), "W4A8": ("recon+ptqd",), "W4A4": ("recon+ptqd", "efficientdm", "efficientdm+ptqd")}
 TARGETS = {"W8A8": 1.05, "W4A8": 1.15, "W4A4": 1.30}  # FID ratio to full precision (README, issue 12)
 PSNR_TARGET_W8A8 = 45.0
 
