@@ -319,11 +319,6 @@ class QuantLayer(nn.Module):
                 del self._parameters[n]
         self.modifier = None
         self.packed = pw
-        from ..kernels import autotune
-
-        # each shape's kernel is chosen by measured speed on its first call (kernels/autotune.py; the float path of
-        # the same integers where integer kernels lose). Memory first: int4 weights keep no int8 copy here.
-        autotune.attach(pw, cache_int4=False)
         return self
 
     def _params_to_buffers(self):

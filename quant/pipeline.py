@@ -116,6 +116,8 @@ class PipelineConfig(_Config):
     size_budget: float = _field("float", 0.03, "bytes the measured plan may add over the uniform target, as a "
                                 "fraction of the quantized layers' fp16 bytes", lo=0.0, hi=1.0)
     deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
+    tune_kernels: bool = _field("bool", False, "at deploy, choose each layer's kernel by measured speed (float copies "
+                                "where faster, int8 copies of int4 weights: more memory)")
     version: int = _version(1)
 
     def _check_combinations(self):
@@ -275,7 +277,7 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
             res.var_fn = get_stats_var(q)
         lap("PTQD statistics")
     if config.deploy:
-        deploy_(q)
+        deploy_(q, tune=config.tune_kernels)
         lap("deploy")
     res.model = q
     return res
