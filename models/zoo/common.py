@@ -377,3 +377,26 @@ def train_loop(net, loss_fn, *, steps: int, lr: float, ema_decay: float, seed: i
             "optimizer": f"AdamW(wd=0), linear warmup + cosine to 5%, grad clip {clip}",
             "train_seconds": round(time.time() - t0, 1)}
     return [e.module for e in emas], info
+
+
+def class_conditional_sample(zoo_model, denoiser, n: int, seed: int, steps: int, guidance, clip):
+    """DDIM for a class-conditional pixel-space ``UNet2DModel`` zoo model (digits, rgb): labels
+    ``zoo_model.labels_for(n)``, classifier-free guidance with the null class in one batched call (cond, uncond);
+    the same (seed, n) gives the same noise and labels for any denoiser. Returns (images in [-1, 1], labels)."""
+    g = 1.0 if guidance is None else float(guidance)
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn((n,) + zoo_model.image_shape, generator=gen)
+    labels = zoo_model.labels_for(n)
+    null = torch.full_like(labels, zoo_model.null_class)
+
+    def call(x, t):
+        if g == 1.0:
+            return unwrap(denoiser(x, torch.full((n,), t, dtype=torch.long), class_labels=labels))
+        out = unwrap(denoiser(torch.cat([x, x]), torch.full((2 * n,), t, dtype=torch.long),
+                              class_labels=torch.cat([labels, null])))
+        c, u = out.float().chunk(2)
+        return u + g * (c - u)
+
+    x = ddim_sample(call, x, zoo_model.acp, steps, zoo_model.prediction, clip=clip)
+    return x.clamp(-1, 1), labels
+

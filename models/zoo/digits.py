@@ -5,10 +5,9 @@ null class 10 for classifier-free guidance). Metric: FID in the digit classifier
 """
 from __future__ import annotations
 
-import torch
 
 from . import ZooModel
-from .common import alphas_cumprod, ddim_sample, unwrap
+from .common import alphas_cumprod, class_conditional_sample
 
 
 class DigitsModel(ZooModel):
@@ -31,22 +30,7 @@ class DigitsModel(ZooModel):
         self._heldout = D.load_heldout()
 
     def sample(self, denoiser, n: int, seed: int, steps: int = 25, guidance: float | None = None):
-        g = 1.0 if guidance is None else float(guidance)
-        gen = torch.Generator().manual_seed(int(seed))
-        x = torch.randn((n,) + self.image_shape, generator=gen)
-        labels = self.labels_for(n)
-        null = torch.full_like(labels, self.null_class)
-
-        def call(x, t):
-            if g == 1.0:
-                return unwrap(denoiser(x, torch.full((n,), t, dtype=torch.long), class_labels=labels))
-            out = unwrap(denoiser(torch.cat([x, x]), torch.full((2 * n,), t, dtype=torch.long),
-                                  class_labels=torch.cat([labels, null])))
-            c, u = out.float().chunk(2)
-            return u + g * (c - u)
-
-        x = ddim_sample(call, x, self.acp, steps, self.prediction, clip=self.clip)
-        return x.clamp(-1, 1), labels
+        return class_conditional_sample(self, denoiser, n, seed, steps, guidance, clip=self.clip)
 
     def heldout(self):
         return self._heldout

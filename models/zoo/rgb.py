@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from . import ZooModel
-from .common import DIR, alphas_cumprod, build_featurenet, check_config, ddim_sample, features, frechet, \
-    predictions, read_file_with_header, sub_state, unwrap
+from .common import DIR, alphas_cumprod, build_featurenet, check_config, class_conditional_sample, features, frechet, \
+    predictions, read_file_with_header, sub_state
 
 CLASS_NAMES = ("china", "flower", "astronaut", "coffee", "chelsea", "rocket")
 WEIGHTS_PATH = DIR / "rgb.safetensors"
@@ -78,22 +78,7 @@ class RGBModel(ZooModel):
         self._ref = features(self.classifier, self._heldout[0])
 
     def sample(self, denoiser, n: int, seed: int, steps: int = 25, guidance: float | None = None):
-        g = 1.0 if guidance is None else float(guidance)
-        gen = torch.Generator().manual_seed(int(seed))
-        x = torch.randn((n,) + self.image_shape, generator=gen)
-        labels = self.labels_for(n)
-        null = torch.full_like(labels, self.null_class)
-
-        def call(x, t):
-            if g == 1.0:
-                return unwrap(denoiser(x, torch.full((n,), t, dtype=torch.long), class_labels=labels))
-            out = unwrap(denoiser(torch.cat([x, x]), torch.full((2 * n,), t, dtype=torch.long),
-                                  class_labels=torch.cat([labels, null])))
-            c, u = out.float().chunk(2)
-            return u + g * (c - u)
-
-        x = ddim_sample(call, x, self.acp, steps, self.prediction, clip=1.0)
-        return x.clamp(-1, 1), labels
+        return class_conditional_sample(self, denoiser, n, seed, steps, guidance, clip=1.0)
 
     def heldout(self):
         return self._heldout
