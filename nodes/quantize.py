@@ -29,6 +29,7 @@ METHOD_NAIVE, METHOD_PTQD, METHOD_RECON = "naive", "lp+ptqd", "recon+ptqd"
 # the core's one set of limits (quant/config.py): the widgets and the checks below read them
 CALIB_STEPS, CALIB_SAMPLES, SEED, GUIDANCE = (arg_spec(n) for n in ("calib_steps", "calib_samples", "seed", "guidance"))
 TIME_BINS, RECON_ITERS = field_spec(QuantConfig, "time_bins"), field_spec(ReconConfig, "weight_iters")
+PRECISION, SIZE_BUDGET = field_spec("PipelineConfig", "precision"), field_spec("PipelineConfig", "size_budget")
 WEIGHT_INITS = ("lp", "minmax")
 
 
@@ -50,12 +51,14 @@ class QuantizeSettings:
     time_bins: int = 1
     recon_iters: int = 200
     weight_init: str = "lp"
+    precision: str = "measured"
+    size_budget: float = 0.03
 
 
 
 def check_quantize_settings(bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
                             cfg=None, calibration_width=None, calibration_height=None, calibration_timesteps=None,
-                            time_bins=None, recon_iters=None, weight_init=None):
+                            time_bins=None, recon_iters=None, weight_init=None, precision=None, size_budget=None):
     if bits is not None:
         check_choice("bits", bits, BITS_PRESETS)
     if method is not None:
@@ -85,6 +88,10 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         check_int("recon_iters", recon_iters, RECON_ITERS.lo, RECON_ITERS.hi)
     if weight_init is not None:
         check_choice("weight_init", weight_init, WEIGHT_INITS)
+    if precision is not None:
+        check_choice("precision", precision, PRECISION.choices)
+    if size_budget is not None:
+        check_float("size_budget", size_budget, SIZE_BUDGET.lo, SIZE_BUDGET.hi)
 
 
 def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
@@ -102,7 +109,8 @@ def quantize_model(model, positive, negative, settings: QuantizeSettings, schedu
     config = PipelineConfig(
         method=method, quant=QuantConfig.preset(settings.bits, time_bins=settings.time_bins,
                                                 w_init=settings.weight_init),
-        recon=ReconConfig(weight_iters=settings.recon_iters),
+        recon=ReconConfig(weight_iters=settings.recon_iters), precision=settings.precision,
+        size_budget=settings.size_budget,
         schedule=schedule.to_schedule(adapter.percent_to_timestep_fn(model), T) if schedule and not auto else None,
         mixed_candidates=schedule.bits_used if auto else ())  # every setting checked here, before any work
     pipeline.check(fp_unet, None, config, alphas_cumprod=adapter.alphas_cumprod(model))
@@ -192,13 +200,23 @@ class LowBitQuantizeUNet:
             "recon_iters": INT(200, RECON_ITERS.lo, RECON_ITERS.hi,
                                "Only for methods recon...: AdaRound iterations per block "
                                "(BRECQ uses 20000; slow on CPU).", advanced=True),
+            "precision": COMBO(PRECISION.choices, "measured",
+                               "Which layers stay at 8 bits or float. measured: each layer's output error is "
+                               "measured on the calibration runs and the layers that hurt most are kept higher, "
+                               "within size_budget (the report output lists them with the numbers). rules: the "
+                               "model family's name rules (input/output layers, embeddings at 8 bits).",
+                               advanced=True),
+            "size_budget": FLOAT(0.03, SIZE_BUDGET.lo, SIZE_BUDGET.hi,
+                                 "For precision=measured: bytes the plan may add over the uniform bit-width, as a "
+                                 "fraction of the layers' fp16 size (0.03 = 3 %).", step=0.01, advanced=True),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
                         cfg=None, calibration_width=None, calibration_height=None, calibration_timesteps=None,
-                        time_bins=None, recon_iters=None, weight_init=None):
-        return validation_result(check_quantize_settings, bits=bits, method=method,
+                        time_bins=None, recon_iters=None, weight_init=None, precision=None, size_budget=None):
+        return validation_result(check_quantize_settings, bits=bits, method=method, precision=precision,
+                                 size_budget=size_budget,
                                  calibration_steps=calibration_steps, calibration_samples=calibration_samples,
                                  seed=seed, cfg=cfg, calibration_width=calibration_width,
                                  calibration_height=calibration_height, calibration_timesteps=calibration_timesteps,
@@ -206,9 +224,9 @@ class LowBitQuantizeUNet:
 
     def quantize(self, model, positive, negative, bits, method, calibration_steps, calibration_samples, seed, cfg,
                  bitwidth_schedule=None, calibration_width=512, calibration_height=512, calibration_timesteps=0,
-                 time_bins=1, recon_iters=200, weight_init="lp"):
+                 time_bins=1, recon_iters=200, weight_init="lp", precision="measured", size_budget=0.03):
         settings = QuantizeSettings(bits, method, calibration_steps, calibration_samples, seed, cfg,
                                     calibration_width, calibration_height, calibration_timesteps, time_bins,
-                                    recon_iters, weight_init)
+                                    recon_iters, weight_init, precision, size_budget)
         check_quantize_settings(**settings.__dict__)
         return quantize_model(model, positive, negative, settings, bitwidth_schedule)
