@@ -41,6 +41,7 @@ from .digits import (
     build_unet,
     save_with_header,
 )
+from .zoo.common import batches  # the zoo's training scripts draw batches the same way
 
 _HERE = Path(__file__).resolve().parent
 
@@ -56,17 +57,6 @@ def _lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _batches(n: int, batch_size: int, steps: int, g: torch.Generator):
-    """``steps`` index batches drawn epoch by epoch from seeded permutations (the last partial batch of an
-    epoch is completed from the next epoch's permutation)."""
-    buf = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        while buf.numel() < batch_size:
-            buf = torch.cat([buf, torch.randperm(n, generator=g)])
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
-
-
 # ------------------------------------------------------------------------------------------- classifier
 def train_classifier(x, y, x_val, y_val, *, seed: int, epochs: int, batch_size: int = 64, lr: float = 1e-3,
                      shift: int = 1, noise_std: float = 0.1):
@@ -76,7 +66,7 @@ def train_classifier(x, y, x_val, y_val, *, seed: int, epochs: int, batch_size: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(x.shape[0] / batch_size)
     model.train()
-    for step, idx in enumerate(_batches(x.shape[0], batch_size, steps, g)):
+    for step, idx in enumerate(batches(x.shape[0], batch_size, steps, g)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup=50)
         xb = random_shift(x[idx], shift, g)
@@ -121,7 +111,7 @@ def train_ddpm(x, y, *, seed: int, steps: int, batch_size: int, lr: float, ema_d
     unet.train()
     t0 = time.time()
     running = 0.0
-    for step, idx in enumerate(_batches(x.shape[0], batch_size, steps, g)):
+    for step, idx in enumerate(batches(x.shape[0], batch_size, steps, g)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup=warmup)
         x0 = random_shift(x[idx], shift, g)

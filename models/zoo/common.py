@@ -298,6 +298,8 @@ def set_lr(opt, lr):
 
 
 def batches(n: int, batch_size: int, steps: int, g: torch.Generator):
+    """``steps`` index batches drawn epoch by epoch from seeded permutations (the last partial batch of an
+    epoch is completed from the next epoch's permutation)."""
     buf = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
         while buf.numel() < batch_size:
