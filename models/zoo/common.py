@@ -402,3 +402,21 @@ def class_conditional_sample(zoo_model, denoiser, n: int, seed: int, steps: int,
     x = ddim_sample(call, x, zoo_model.acp, steps, zoo_model.prediction, clip=clip)
     return x.clamp(-1, 1), labels
 
+
+def evaluate_text_model(m, samples: int, grid_path: str, log) -> dict:
+    """After training a text-conditioned zoo model: sample ``samples`` images (seed 1, the default 25 steps) with
+    the model's default guidance and without guidance, log the metrics, save a grid of the guided samples.
+    Returns the header's ``evaluation`` entry."""
+    import time
+
+    evals = []
+    for gs in (m.default_guidance, 1.0):
+        t0 = time.time()
+        imgs, labels = m.sample(m.denoiser, samples, seed=1, guidance=gs)
+        r = {"guidance": gs, **m.metrics(imgs, labels), "seconds": round(time.time() - t0, 1)}
+        log(f"eval: {samples} samples, 25 steps: {r}")
+        evals.append(r)
+        if gs == m.default_guidance:
+            save_grid(imgs[:48], grid_path, nrow=12)
+    return {"samples": samples, "steps": 25, "seed": 1, "runs": evals}
+

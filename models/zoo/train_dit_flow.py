@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import DIR, TinyTextEncoder, save_file_with_header, save_grid, train_loop
+from .common import DIR, TinyTextEncoder, evaluate_text_model, save_file_with_header, train_loop
 from .dit_flow import TRANSFORMER_CONFIG, TYPE_MODEL, WEIGHTS_PATH, build_transformer, image_ids, pack
 from .latent_text import ShapesData, prompts_for
 from .shapes import NUM_COMBOS, VOCAB
@@ -90,16 +90,7 @@ def main(argv=None) -> int:
         from . import dit_flow
 
         m = dit_flow.build(a.out_dir)
-        evals = []
-        for gs in (m.default_guidance, 1.0):
-            t0 = time.time()
-            imgs, labels = m.sample(m.denoiser, a.eval_samples, seed=1, guidance=gs)
-            r = {"guidance": gs, **m.metrics(imgs, labels), "seconds": round(time.time() - t0, 1)}
-            _log(f"eval: {a.eval_samples} samples, 25 steps: {r}")
-            evals.append(r)
-            if gs == m.default_guidance:
-                save_grid(imgs[:48], "/tmp/zoo_dit_flow_samples.png", nrow=12)
-        header["evaluation"] = {"samples": a.eval_samples, "steps": 25, "seed": 1, "runs": evals}
+        header["evaluation"] = evaluate_text_model(m, a.eval_samples, "/tmp/zoo_dit_flow_samples.png", _log)
         save_file_with_header(tensors, a.out_dir / WEIGHTS_PATH.name, TYPE_MODEL, header)
     _log(f"done in {time.time() - t_start:.0f}s")
     return 0

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import DIR, TinyTextEncoder, alphas_cumprod, features, frechet, predictions, save_file_with_header, \
-    save_grid, train_featurenet, train_loop
+    save_grid, train_featurenet, train_loop, evaluate_text_model
 from .latent_text import EVAL_PATH, SCHEDULE, TYPE_EVAL, TYPE_MODEL, TYPE_VAE, UNET_CONFIG, VAE_CONFIG, VAE_PATH, \
     WEIGHTS_PATH, build_unet, build_vae, prompts_for
 from .shapes import HEADS, NUM_COMBOS, VOCAB, attributes, render
@@ -188,16 +188,7 @@ def train_text_unet(a, lat_tr, c_tr):
         from . import latent_text
 
         m = latent_text.build(a.out_dir)
-        evals = []
-        for gs in (m.default_guidance, 1.0):
-            t0 = time.time()
-            imgs, labels = m.sample(m.denoiser, a.eval_samples, seed=1, guidance=gs)
-            r = {"guidance": gs, **m.metrics(imgs, labels), "seconds": round(time.time() - t0, 1)}
-            _log(f"eval: {a.eval_samples} samples, 25 steps: {r}")
-            evals.append(r)
-            if gs == m.default_guidance:
-                save_grid(imgs[:48], "/tmp/zoo_latent_text_samples.png", nrow=12)
-        header["evaluation"] = {"samples": a.eval_samples, "steps": 25, "seed": 1, "runs": evals}
+        header["evaluation"] = evaluate_text_model(m, a.eval_samples, "/tmp/zoo_latent_text_samples.png", _log)
         save_file_with_header(tensors, a.out_dir / WEIGHTS_PATH.name, TYPE_MODEL, header)
 
 
