@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import comfy_adapter as adapter
-from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, SOCKET, NodeInputError, check_choice,
-                     check_float, check_int, validation_result)
+from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, SOCKET, NodeInputError, StageLog,
+                     check_choice, check_float, check_int, validation_result)
 from .schedule import MODE_AUTO, ScheduleSpec, check_schedule_with_bits
 from ..quant.config import METHODS, QuantConfig, ReconConfig, arg_spec, field_spec
 from ..quant.errors import ConfigError
@@ -94,15 +94,42 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         check_float("size_budget", size_budget, SIZE_BUDGET.lo, SIZE_BUDGET.hi)
 
 
-def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
-                   progress=None):
-    """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions."""
+def node_text_sink(unique_id):
+    """``line -> None`` that shows ``line`` on the node in ComfyUI's UI (the server's progress text, as core nodes
+    do), or None outside a server / on a ComfyUI without it. (Touches the server: belongs in comfy_adapter.)"""
+    if unique_id is None:
+        return None
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    inst = getattr(PromptServer, "instance", None)
+    if inst is None or not hasattr(inst, "send_progress_text"):
+        return None
+    return lambda line: inst.send_progress_text(line, str(unique_id))
 
+
+def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
+                   progress=None, text=None):
+    """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions.
+    Every stage is named on the console and through ``text`` (see ``StageLog``)."""
+    stages = StageLog("LowBit Quantize UNet", forward=progress, text=text, logger=log)
+    try:
+        out = _quantize_model(model, positive, negative, settings, schedule, stages)
+    except BaseException:
+        stages.finish(failed=True)
+        raise
+    stages.finish()
+    return out
+
+
+def _quantize_model(model, positive, negative, settings, schedule, progress):
     from ..quant import PipelineConfig, QuantConfig, ReconConfig, pipeline, timestep_aware_subset
 
     check_schedule_with_bits(schedule, settings.bits)
     fp_unet = adapter.require_fp_unet(model)
-    progress = progress or adapter.NodeProgress()
+    if progress.forward is None:
+        progress.forward = adapter.NodeProgress()
     T = adapter.num_train_timesteps(model)
     auto = schedule is not None and schedule.mode == MODE_AUTO
     method = settings.method + ("+mixed" if auto else "")
@@ -117,6 +144,9 @@ def quantize_model(model, positive, negative, settings: QuantizeSettings, schedu
 
     calls = []
     if pipeline.needs_calls(config):
+        log.info("LowBit Quantize UNet: %s %s, calibration: %d samples x %d steps at %dx%d (precision %s)",
+                 settings.bits, config.method, settings.calibration_samples, settings.calibration_steps,
+                 settings.calibration_width, settings.calibration_height, settings.precision)
         calls = adapter.record_unet_calls(
             model, positive, negative, steps=settings.calibration_steps, samples=settings.calibration_samples,
             seed=settings.seed, cfg=settings.cfg, width=settings.calibration_width,
@@ -209,7 +239,7 @@ class LowBitQuantizeUNet:
             "size_budget": FLOAT(0.03, SIZE_BUDGET.lo, SIZE_BUDGET.hi,
                                  "For precision=measured: bytes the plan may add over the uniform bit-width, as a "
                                  "fraction of the layers' fp16 size (0.03 = 3 %).", step=0.01, advanced=True),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
@@ -224,9 +254,10 @@ class LowBitQuantizeUNet:
 
     def quantize(self, model, positive, negative, bits, method, calibration_steps, calibration_samples, seed, cfg,
                  bitwidth_schedule=None, calibration_width=512, calibration_height=512, calibration_timesteps=0,
-                 time_bins=1, recon_iters=200, weight_init="lp", precision="measured", size_budget=0.03):
+                 time_bins=1, recon_iters=200, weight_init="lp", precision="measured", size_budget=0.03,
+                 unique_id=None):
         settings = QuantizeSettings(bits, method, calibration_steps, calibration_samples, seed, cfg,
                                     calibration_width, calibration_height, calibration_timesteps, time_bins,
                                     recon_iters, weight_init, precision, size_budget)
         check_quantize_settings(**settings.__dict__)
-        return quantize_model(model, positive, negative, settings, bitwidth_schedule)
+        return quantize_model(model, positive, negative, settings, bitwidth_schedule, text=node_text_sink(unique_id))
