@@ -69,11 +69,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_FIXTURE_CACHE") or Path(tempfile.gettempdir()) / "lowbit-fixtures")
 
 
+EXTRA_VARIANTS = ("sd3", "sdxl", "flux")
+
+
 def fixture_name(variant: str = DEFAULT_VARIANT, seed: int = 0) -> str:
     if variant == "sd3":
         return f"lowbit-comfy-sd3-d{SD3_DEPTH}-{FIXTURE_VERSION}-s{seed}.safetensors"
+    if variant == "sdxl":
+        return f"lowbit-comfy-sdxl-vega-c111-{FIXTURE_VERSION}-s{seed}.safetensors"
+    if variant == "flux":
+        return f"lowbit-comfy-flux-d{FLUX_DEPTH}s{FLUX_SINGLE}-unet-{FIXTURE_VERSION}-s{seed}.safetensors"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS) + ['sd3']}")
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS) + list(EXTRA_VARIANTS)}")
     return f"lowbit-comfy-sd15-{variant}-{FIXTURE_VERSION}-s{seed}.safetensors"
 
 
@@ -105,8 +112,10 @@ def _generator(seed: int, key: str):
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
 
 
-def _init_module(module, prefix: str, seed: int) -> None:
-    """Fill every parameter (and float buffer) of `module` in place, one generator per full key."""
+def _init_module(module, prefix: str, seed: int, norm_scale_names: tuple = ()) -> None:
+    """Fill every parameter (and float buffer) of `module` in place, one generator per full key.
+    ``norm_scale_names``: names of 1-D parameters that are norm gains in modules that are not torch norms
+    (Flux's RMSNorm ``scale``): initialised like a norm weight, 1 + N(0, 0.05^2)."""
     import torch
     norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     with torch.no_grad():
@@ -115,9 +124,9 @@ def _init_module(module, prefix: str, seed: int) -> None:
                 key = f"{prefix}{mod_name}.{p_name}" if mod_name else f"{prefix}{p_name}"
                 g = _generator(seed, key)
                 t = torch.empty(p.shape, dtype=torch.float32)
-                if isinstance(mod, norm_types):
+                if isinstance(mod, norm_types) or (p_name in norm_scale_names and p.dim() == 1):
                     t.normal_(0.0, 0.05, generator=g)
-                    if p_name == "weight":
+                    if p_name in ("weight",) + tuple(norm_scale_names):
                         t += 1.0
                 elif isinstance(mod, torch.nn.Embedding):
                     t.normal_(0.0, 0.02, generator=g)
@@ -208,6 +217,93 @@ def build_sd3_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 
+# A reduced SDXL UNet that ComfyUI detects as an SDXL-family model. ComfyUI matches a checkpoint to a config of
+# comfy/supported_models.py by the keys each config lists: every SDXL config fixes model_channels=320,
+# linear proj_in, context_dim=2048, adm_in_channels=2816 and the per-input-block transformer depths, but not
+# channel_mult, the middle depth or the output depths. Segmind Vega's depths [0, 0, 1, 1, 2, 2] are the
+# smallest of the family; channel_mult [1, 1, 1] keeps every level at 320 channels (the real Vega has
+# [1, 2, 4]), so the UNet is ~0.1 B parameters instead of 0.75 B. ComfyUI loads it as Segmind_Vega, a
+# subclass of SDXL (model_base.SDXL: the 2816-wide ADM vector from CLIP-G's pooled output and the size
+# embeddings, SDXL latent format, SDXLClipModel). Text encoders: full-size CLIP-L and CLIP-G (ComfyUI's
+# SDXLClipModel builds both and has no smaller config; CLIP-G is ~0.69 B parameters, ~1.4 GB of the file),
+# written in the SDXL checkpoint layout by ComfyUI's own process_clip_state_dict_for_saving. VAE: TAESDXL
+# layout (first_stage_model.taesd_*, 4 latent channels, scale 0.13025).
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, context_dim=2048,
+                 num_heads=-1, num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
+                 legacy=False, num_classes="sequential", adm_in_channels=2816, use_temporal_attention=False,
+                 use_temporal_resblock=False, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2],
+                 transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=1,
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2])
+TAESDXL_SCALE = 0.13025
+
+
+def build_sdxl_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
+    import torch
+    comfy, UNetModel = _import_comfy(comfyui_dir)
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    ops = comfy.ops.disable_weight_init
+    sd: dict[str, torch.Tensor] = {}
+    unet = UNetModel(**SDXL_UNET, dtype=torch.float32, device="cpu", operations=ops)
+    _init_module(unet, UNET_PREFIX, seed)
+    sd.update({UNET_PREFIX + k: v.to(torch.float16) for k, v in unet.state_dict().items()})
+    del unet
+
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16,
+                                         model_options={"custom_operations": ops})
+    _init_module(clip, "sdxl_clip.", seed)
+    clip_sd = {k: v for k, v in clip.state_dict().items() if ".transformer." in k or k.endswith("logit_scale")}
+    del clip
+    cfg = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config))
+    sd.update(cfg.process_clip_state_dict_for_saving(clip_sd))
+    del clip_sd
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_module(taesd, VAE_PREFIX, seed)
+    for k, v in taesd.state_dict().items():
+        sd[VAE_PREFIX + k] = v
+    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(TAESDXL_SCALE)
+    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0)
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+
+
+# A reduced Flux (dev: guidance embedding) diffusion model, ComfyUI's own comfy.ldm.flux.model.Flux. ComfyUI's
+# detection (comfy/model_detection.py) reads only in_channels (img_in), vec_in_dim (vector_in) and the block
+# counts from the weights; hidden_size 3072, 24 heads (head dim 128, axes_dim [16, 56, 56]), mlp_ratio 4 and
+# context_in_dim 4096 are fixed there, so a narrower Flux is not detected (its weights would not fit the model
+# ComfyUI builds). The reduction is depth: 1 double-stream + 1 single-stream block (the real model has 19 + 38),
+# ~0.55 B parameters, ~1.1 GB in fp16. The file is the diffusion model alone (keys without prefix, for
+# models/diffusion_models and the stock "Load Diffusion Model" node): Flux's text encoder (comfy.text_encoders
+# .flux.FluxClipModel) always builds T5-XXL (~4.7 B parameters), which no test here can build or hold, so the
+# test supplies CONDITIONING ([1, L, 4096] T5-shaped context + a 768-wide CLIP-L pooled_output) through a
+# test-only custom node it writes into the server's private custom_nodes folder; FluxGuidance (stock) adds
+# the guidance value.
+FLUX_DEPTH, FLUX_SINGLE = 1, 1
+FLUX_PARAMS = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                   hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=FLUX_DEPTH, depth_single_blocks=FLUX_SINGLE,
+                   axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def build_flux_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
+    import torch
+    comfy, _ = _import_comfy(comfyui_dir)
+    from comfy.ldm.flux.model import Flux
+    ops = comfy.ops.disable_weight_init
+    flux = Flux(**FLUX_PARAMS, dtype=torch.float16, device="cpu", operations=ops)
+    _init_module(flux, "", seed, norm_scale_names=("scale",))
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in flux.state_dict().items()}
+    del flux
+    return sd
+
+
+BUILDERS = {"sd3": build_sd3_state_dict, "sdxl": build_sdxl_state_dict, "flux": build_flux_state_dict}
+ARCHITECTURES = {
+    "sd3": "sd3-reduced-random (ComfyUI MMDiT + CLIP-L + TAESD3)",
+    "sdxl": "sdxl-reduced-random (ComfyUI UNetModel detected as Segmind_Vega/SDXL + CLIP-L + CLIP-G + TAESDXL)",
+    "flux": "flux-dev-reduced-random (ComfyUI Flux, 1 double + 1 single block, diffusion model only)",
+}
+
+
 def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, comfyui_dir: str | None = None,
                  force: bool = False) -> Path:
@@ -216,14 +312,14 @@ def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.Pa
     if path.is_file() and not force:
         return path
     from safetensors.torch import save_file
-    sd = build_sd3_state_dict(seed, comfyui_dir) if variant == "sd3" else build_state_dict(variant, seed, comfyui_dir)
+    sd = BUILDERS[variant](seed, comfyui_dir) if variant in BUILDERS else build_state_dict(variant, seed, comfyui_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # One metadata key: safetensors writes the metadata map in hash order, so several keys would make the
     # header (and the file's bytes) differ from run to run.
     meta = {"lowbit_fixture": json.dumps({"version": FIXTURE_VERSION, "variant": variant, "seed": seed,
-            "architecture": "sd3-reduced-random (ComfyUI MMDiT + CLIP-L + TAESD3)" if variant == "sd3" else
-            "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)"}, sort_keys=True)}
+            "architecture": ARCHITECTURES.get(variant, "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)")},
+            sort_keys=True)}
     try:
         save_file(sd, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -237,8 +333,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"),
                     help="ComfyUI source tree to import comfy from (default: $COMFYUI_DIR, else sys.path)")
-    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS) + ["sd3"],
-                    help="an SD1.5-class UNet size, or sd3: a reduced SD3 (MMDiT, CLIP-L only, TAESD 16 channels)")
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS) + list(EXTRA_VARIANTS),
+                    help="an SD1.5-class UNet size, or sd3: a reduced SD3 (MMDiT, CLIP-L only, TAESD 16 channels), "
+                         "sdxl: a reduced SDXL (Segmind Vega depths at 320 channels, CLIP-L + CLIP-G, TAESDXL), "
+                         "flux: a reduced Flux dev diffusion model (1 double + 1 single block, no text encoder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None, help="write here instead of the cache")

@@ -1,0 +1,392 @@
+"""Issue 14: Flux- and SDXL-architecture checkpoints through LowBit's nodes in a real ComfyUI (CPU, headless).
+
+Skipped unless COMFYUI_DIR is set (README section 'Testing inside real hosts'):
+
+    COMFYUI_DIR=/work/ComfyUI nice pytest -q -m comfyui tests/nodes/test_comfyui_dit.py -x
+
+The fixtures are built by ``make_fixture.py`` (``--variant sdxl``, ``--variant flux``; their docstrings say why
+they have the sizes they have) and cached like the SD1.5/SD3 ones. This module runs its own server (the fixture
+``comfy`` below overrides the session one of conftest.py for this file): Flux needs conditioning without a text
+encoder, so the test writes a test-only custom node file (``TEST_NODES``) into the server's private
+``custom_nodes`` folder before the server starts. Nothing is written into the ComfyUI checkout.
+
+Per architecture and setting: Quantize UNet (LowBit) -> a stock sampler -> latent (and, for SDXL, an image);
+Save Quantized UNet (lowbit layout) -> Load Quantized UNet -> the same latent bit for bit; Save with
+``layout=comfyui-native`` -> a file whose keys and header are ComfyUI's quantized layout for that model's own
+key names; the saved PTQD tables are keyed by ``profile scale * model_sampling.timestep(sigma)`` of the sigmas
+the calibration run used (Flux: 1000 * sigma; SDXL: the discrete timestep), read from the server itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+import comfy_harness
+
+pytestmark = pytest.mark.comfyui
+
+# Written into <base>/custom_nodes/ before the server starts; ComfyUI imports single-file custom nodes.
+TEST_NODES = r'''
+"""Test-only nodes for LowBit's DiT integration tests (written by tests/nodes/test_comfyui_dit.py)."""
+import torch
+
+
+class LowBitTestConditioning:
+    """CONDITIONING of the shapes a text encoder would give: context [1, tokens, context_dim] and
+    pooled_output [1, pooled_dim], seeded normal values times scale (Flux: T5-XXL 4096, CLIP-L pooled 768)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+            "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+            "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+            "pooled_dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "lowbit_test"
+
+    def make(self, seed, tokens, context_dim, pooled_dim, scale):
+        g = torch.Generator().manual_seed(int(seed))
+        ctx = torch.randn(1, tokens, context_dim, generator=g) * scale
+        pooled = torch.randn(1, pooled_dim, generator=g) * scale
+        return ([[ctx, {"pooled_output": pooled}]],)
+
+
+class LowBitTestScheduleReport:
+    """The sigmas of a SIGMAS input and what the MODEL's diffusion model receives for each:
+    model_sampling.timestep(sigma), plus the sampling class."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "sigmas": ("SIGMAS",)}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+    CATEGORY = "lowbit_test"
+
+    def report(self, model, sigmas):
+        ms = model.get_model_object("model_sampling")
+        s = sigmas.detach().float().cpu()
+        t = ms.timestep(s).float()
+        return {"ui": {"sigmas": [float(x) for x in s], "timesteps": [float(x) for x in t],
+                       "sampling": [type(ms).__name__]}}
+
+
+NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning,
+                       "LowBitTestScheduleReport": LowBitTestScheduleReport}
+'''
+
+CALIB = dict(calibration_steps=2, calibration_samples=1, seed=0, calibration_width=64, calibration_height=64,
+             calibration_timesteps=0, time_bins=1, weight_init="minmax", recon_iters=0)
+STEPS = 2
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def dit_fixtures(comfyui_dir, comfyui_python):
+    t0 = time.perf_counter()
+    paths = {v: comfy_harness.ensure_fixture(comfyui_dir, comfyui_python, variant=v, timeout=1800)
+             for v in ("sdxl", "flux")}
+    print(f"\nDiT fixtures ready in {time.perf_counter() - t0:.1f}s: "
+          + ", ".join(f"{v} {p.stat().st_size / 2 ** 20:.0f} MiB" for v, p in paths.items()))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui_dir, comfyui_python, dit_fixtures):
+    """A ComfyUI server for this module: the SDXL checkpoint in models/checkpoints, the Flux diffusion model in
+    models/diffusion_models, the test-only nodes in custom_nodes. (Named ``comfy`` so conftest.py attaches
+    the server log to failures.)"""
+    server = comfy_harness.ComfyServer(comfyui_dir, python=comfyui_python, checkpoints=[dit_fixtures["sdxl"]])
+    dm = server.base_dir / "models" / "diffusion_models"
+    dm.mkdir(parents=True, exist_ok=True)
+    (dm / dit_fixtures["flux"].name).symlink_to(dit_fixtures["flux"])
+    (server.base_dir / "custom_nodes" / "lowbit_test_nodes.py").write_text(TEST_NODES)
+    try:
+        yield server.launch()
+    finally:
+        server.cleanup()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _combo(spec) -> list:
+    if isinstance(spec[0], list):
+        return spec[0]
+    return (spec[1] if len(spec) > 1 else {}).get("options", [])
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def _latent(comfy, hist, node_id):
+    from safetensors.torch import load_file
+
+    rec = hist["outputs"][node_id]["latents"][0]
+    return load_file(str(comfy.server.base_dir / "output" / rec["subfolder"] / rec["filename"]))["latent_tensor"]
+
+
+def _quantize(graph, node_id, model, positive, negative, **settings):
+    graph[node_id] = {"class_type": "LowBitQuantizeUNet",
+                      "inputs": dict(CALIB, model=model, positive=positive, negative=negative, **settings)}
+    return [node_id, 0]
+
+
+def _native_path(comfy, hist, node_id) -> Path:
+    texts = hist["outputs"][node_id]["text"]
+    m = re.match(r"saved models/(diffusion_models/.+\.safetensors) \(ComfyUI-native\)$", texts[0])
+    assert m, f"the native save reported {texts}"
+    path = comfy.server.base_dir / "models" / m.group(1)
+    assert path.is_file(), path
+    return path
+
+
+def _fixture_unet_keys(fixture: Path, prefix: str) -> dict:
+    """key (without prefix) -> shape of every diffusion-model tensor of the fixture file."""
+    h = _header(fixture)
+    return {k[len(prefix):]: v["shape"] for k, v in h.items() if k != "__metadata__" and k.startswith(prefix)}
+
+
+def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
+    """The comfyui-native file has ComfyUI's quantized layout for this model's own keys: every float key of the
+    fixture is there (same shape for float tensors), each quantized layer has its storage tensors, a
+    ``comfy_quant`` JSON tensor equal to its ``_quantization_metadata`` entry, and nothing else."""
+    from safetensors import safe_open
+
+    h = _header(path)
+    meta = h.pop("__metadata__")
+    qmeta = json.loads(meta["_quantization_metadata"])
+    assert qmeta["format_version"] == "1.0"
+    layers = qmeta["layers"]
+    assert layers, "no layer was written in a ComfyUI quantized format"
+    formats = {c["format"] for c in layers.values()}
+    want = {"int8_tensorwise"} if bits == "W8A8" else {"awq_w4a16"}
+    assert want <= formats <= {"int8_tensorwise", "awq_w4a16"}, formats
+    exported = json.loads(meta["lowbit_export"])
+    assert isinstance(exported["dropped"], list) and exported["dropped"]
+    expected = set(fixture_keys)
+    with safe_open(str(path), "pt") as f:
+        for layer, conf in layers.items():
+            assert layer + ".weight" in fixture_keys, f"{layer} is not a layer of the model"
+            n, k = fixture_keys[layer + ".weight"]
+            got = json.loads(bytes(f.get_tensor(layer + ".comfy_quant").tolist()).decode())
+            assert got == conf, (layer, got, conf)
+            w = h[layer + ".weight"]
+            if conf["format"] == "int8_tensorwise":
+                assert w["dtype"] == "I8" and w["shape"] == [n, k], (layer, w)
+                assert h[layer + ".weight_scale"]["shape"] == [n, 1]
+                expected |= {layer + ".weight_scale"}
+            else:
+                g = conf["group_size"]
+                assert w["dtype"] == "I8" and w["shape"] == [n, k // 2] and k % g == 0, (layer, w, g)
+                assert h[layer + ".weight_scale"]["shape"] == [k // g, n]
+                assert h[layer + ".weight_zeros"]["shape"] == [k // g, n]
+                expected |= {layer + ".weight_scale", layer + ".weight_zeros"}
+            expected.add(layer + ".comfy_quant")
+    assert set(h) == expected, (f"missing {sorted(expected - set(h))[:10]}, "
+                                f"unexpected {sorted(set(h) - expected)[:10]}")
+    quantized_weights = {layer + ".weight" for layer in layers}
+    for key, shape in fixture_keys.items():
+        if key not in quantized_weights:
+            assert h[key]["shape"] == shape, (key, h[key]["shape"], shape)
+    return layers
+
+
+def check_ptqd_keys(lowbit_file: Path, report: dict, scale: float, T: int = 1000):
+    """The saved PTQD tables are keyed by scale * model_sampling.timestep(sigma) for the sigmas of the
+    calibration schedule (every step's call; the last sigma, 0, is not a model call)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lowbit_file), "pt") as f:
+        t = f.get_tensor("__extra__.ptqd.t").double()
+    header = json.loads(_header(lowbit_file)["__metadata__"]["lowbit"])
+    assert header["num_train_timesteps"] == T
+    expected = sorted(scale * x for x in report["timesteps"][:-1])
+    got = sorted(float(x) for x in t)
+    assert len(got) == len(expected) and all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(got, expected)), (
+        f"PTQD keys {got} != {scale} * timestep(sigma) {expected} (sigmas {report['sigmas']})")
+    assert all(0 <= x <= T for x in got)
+    return got
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_dit_fixtures_detected(comfy, dit_fixtures):
+    info = comfy.object_info()
+    assert dit_fixtures["sdxl"].name in _combo(info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"])
+    assert dit_fixtures["flux"].name in _combo(info["UNETLoader"]["input"]["required"]["unet_name"])
+    assert "LowBitTestConditioning" in info and "LowBitQuantizeUNet" in info
+
+
+# W8A8 with the default precision plan (measured per layer) and PTQD; a 4-bit setting with the name rules
+# (precision=rules skips the per-layer error measurement, minutes on a CPU)
+FLUX_SETTINGS = [("W8A8", "lp+ptqd", "measured"), ("W4A8", "lp", "rules")]
+
+
+def _flux_graph(flux_name):
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": flux_name, "weight_dtype": "default"}},
+        "2": {"class_type": "LowBitTestConditioning",
+              "inputs": {"seed": 1, "tokens": 8, "context_dim": 4096, "pooled_dim": 768, "scale": 1.0}},
+        "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+    return g
+
+
+def _flux_sample(g, node_id, model):
+    g[node_id] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+        "steps": STEPS, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    return [node_id, 0]
+
+
+@pytest.mark.parametrize("bits,method,precision", FLUX_SETTINGS)
+def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits, method, precision, record_property):
+    """A diffusion model ComfyUI detects as Flux (dev, guidance embedding) through Quantize UNet, euler +
+    FluxGuidance, Save (both layouts) and Load; PTQD keys are 1000 * sigma (comfy-flux profile)."""
+    flux = dit_fixtures["flux"]
+    t0 = time.perf_counter()
+    g = _flux_graph(flux.name)
+    q = _quantize(g, "10", ["1", 0], ["3", 0], ["3", 0], bits=bits, method=method, cfg=1.0, precision=precision)
+    _flux_sample(g, "11", q)
+    g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": f"latents/flux_{bits}"}}
+    g["13"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": f"it/flux_{bits}"}}
+    g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
+               "inputs": {"model": q, "filename_prefix": f"native/flux_{bits}", "layout": "comfyui-native"}}
+    g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal",
+                                                          "steps": CALIB["calibration_steps"], "denoise": 1.0}}
+    g["16"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": ["1", 0], "sigmas": ["15", 0]}}
+    _flux_sample(g, "17", ["1", 0])  # the float model, same seed
+    g["18"] = {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": f"latents/flux_fp_{bits}"}}
+    hist = comfy.run(g, timeout=3000)
+    t_quant = time.perf_counter() - t0
+    fresh, fp = _latent(comfy, hist, "12"), _latent(comfy, hist, "18")
+    assert fresh.shape == (1, 16, 8, 8) and fresh.dtype.is_floating_point
+    assert bool(fresh.isfinite().all())
+    assert not bool((fresh == fp).all()), "the quantized model sampled exactly the float model's latent"
+    rel_err = float((fresh - fp).norm() / fp.norm())
+    print(f"\nFlux {bits} {method}: quantize+sample+save {t_quant:.0f}s, latent rel. error vs float {rel_err:.3f}")
+    record_property(f"flux_{bits}_seconds", round(t_quant, 1))
+
+    report = hist["outputs"]["16"]
+    assert report["sampling"] == ["ModelSamplingFlux"], report
+    # ComfyUI's Flux receives sigma itself
+    assert all(abs(a - b) < 1e-6 for a, b in zip(report["sigmas"], report["timesteps"])), report
+    rel = hist["outputs"]["13"]["lowbit_files"][0]
+    lowbit_file = comfy.server.base_dir / "models" / "lowbit" / rel
+    header = json.loads(_header(lowbit_file)["__metadata__"]["lowbit"])
+    assert "comfy-flux" in json.dumps(header), "the saved file does not name the comfy-flux profile"
+    if "ptqd" in method:
+        keys = check_ptqd_keys(lowbit_file, report, scale=1000.0)
+        assert max(keys) > 1.0, "keys are on the [0, 1000) scale, not sigma"
+    layers = check_native_file(_native_path(comfy, hist, "14"), _fixture_unet_keys(flux, ""), bits)
+    assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
+                                                                           for k in layers), sorted(layers)
+
+    t1 = time.perf_counter()
+    g2 = _flux_graph(flux.name)
+    g2["21"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": {"model": ["1", 0], "unet_name": rel}}
+    _flux_sample(g2, "22", ["21", 0])
+    g2["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0],
+                                                       "filename_prefix": f"latents/flux_reload_{bits}"}}
+    reloaded = _latent(comfy, comfy.run(g2, timeout=1800), "23")
+    print(f"Flux {bits}: load+sample {time.perf_counter() - t1:.0f}s")
+    assert torch_equal(fresh, reloaded), "the reloaded Flux model samples differently from the one saved"
+    comfy.free()
+
+
+SDXL_SETTINGS = [("W8A8", "lp+ptqd", "measured", "euler", "normal"), ("W4A8", "lp", "rules", "ddim", "ddim_uniform")]
+
+
+def _sdxl_graph(ckpt):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+def _sdxl_sample(g, node_id, model, sampler, scheduler):
+    g[node_id] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+        "steps": STEPS, "cfg": 4.0, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}}
+    return [node_id, 0]
+
+
+@pytest.mark.parametrize("bits,method,precision,sampler,scheduler", SDXL_SETTINGS)
+def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits, method, precision, sampler,
+                                                       scheduler, record_property):
+    """A checkpoint ComfyUI detects as an SDXL-family model (Segmind Vega's block depths) through Quantize UNet,
+    a stock sampler and VAE decode, Save (both layouts) and Load; PTQD keys are the discrete timesteps."""
+    ckpt = dit_fixtures["sdxl"]
+    t0 = time.perf_counter()
+    g = _sdxl_graph(ckpt.name)
+    q = _quantize(g, "10", ["1", 0], ["2", 0], ["3", 0], bits=bits, method=method, cfg=4.0, precision=precision)
+    lat = _sdxl_sample(g, "11", q, sampler, scheduler)
+    g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": lat, "filename_prefix": f"latents/sdxl_{bits}"}}
+    g["13"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": f"it/sdxl_{bits}"}}
+    g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
+               "inputs": {"model": q, "filename_prefix": f"native/sdxl_{bits}", "layout": "comfyui-native"}}
+    g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal",
+                                                          "steps": CALIB["calibration_steps"], "denoise": 1.0}}
+    g["16"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": ["1", 0], "sigmas": ["15", 0]}}
+    g["17"] = {"class_type": "VAEDecode", "inputs": {"samples": lat, "vae": ["1", 2]}}
+    g["18"] = {"class_type": "PreviewImage", "inputs": {"images": ["17", 0]}}
+    fp_lat = _sdxl_sample(g, "19", ["1", 0], sampler, scheduler)
+    g["20"] = {"class_type": "SaveLatent", "inputs": {"samples": fp_lat, "filename_prefix": f"latents/sdxl_fp_{bits}"}}
+    hist = comfy.run(g, timeout=3000)
+    t_quant = time.perf_counter() - t0
+    fresh, fp = _latent(comfy, hist, "12"), _latent(comfy, hist, "20")
+    assert fresh.shape == (1, 4, 8, 8) and bool(fresh.isfinite().all())
+    assert not bool((fresh == fp).all()), "the quantized model sampled exactly the float model's latent"
+    rel_err = float((fresh - fp).norm() / fp.norm())
+    print(f"\nSDXL {bits} {method} ({sampler}): quantize+sample+save {t_quant:.0f}s, "
+          f"latent rel. error vs float {rel_err:.3f}")
+    record_property(f"sdxl_{bits}_seconds", round(t_quant, 1))
+    imgs = comfy.images(hist, "18")
+    assert len(imgs) == 1 and imgs[0].size == (64, 64)
+
+    report = hist["outputs"]["16"]
+    assert report["sampling"][0].startswith("ModelSamplingDiscrete"), report
+    rel = hist["outputs"]["13"]["lowbit_files"][0]
+    lowbit_file = comfy.server.base_dir / "models" / "lowbit" / rel
+    header = json.loads(_header(lowbit_file)["__metadata__"]["lowbit"])
+    assert "ldm-unet" in json.dumps(header) or "comfy" in json.dumps(header), "no profile named in the header"
+    if "ptqd" in method:
+        keys = check_ptqd_keys(lowbit_file, report, scale=1.0)
+        assert max(keys) > 500, keys  # the first step's discrete timestep (~999), not a sigma
+    layers = check_native_file(_native_path(comfy, hist, "14"), _fixture_unet_keys(ckpt, "model.diffusion_model."),
+                               bits)
+    assert any(".attn2.to_k" in k for k in layers), sorted(layers)[:20]   # cross-attention over the 2048-d context
+
+    t1 = time.perf_counter()
+    g2 = _sdxl_graph(ckpt.name)
+    g2["21"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": {"model": ["1", 0], "unet_name": rel}}
+    _sdxl_sample(g2, "22", ["21", 0], sampler, scheduler)
+    g2["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0],
+                                                       "filename_prefix": f"latents/sdxl_reload_{bits}"}}
+    reloaded = _latent(comfy, comfy.run(g2, timeout=1800), "23")
+    print(f"SDXL {bits}: load+sample {time.perf_counter() - t1:.0f}s")
+    assert torch_equal(fresh, reloaded), "the reloaded SDXL model samples differently from the one saved"
+    comfy.free()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
