@@ -60,6 +60,10 @@ class ZooModel:
         """``(images, labels)`` of real data never used to train the denoiser (the FID reference)."""
         raise NotImplementedError
 
+    def features(self, images) -> torch.Tensor:
+        """``[n, d]`` features of ``images`` in the metric network's space (the one FID is computed in)."""
+        raise NotImplementedError
+
     # -- shared
     def labels_for(self, n: int) -> torch.Tensor:
         """Balanced labels ``arange(n) % num_classes`` (zeros for unconditional models)."""

@@ -35,6 +35,11 @@ class DigitsModel(ZooModel):
     def heldout(self):
         return self._heldout
 
+    def features(self, images):
+        from ..metrics import classifier_features
+
+        return classifier_features(images, self.classifier)
+
     def metrics(self, images, labels) -> dict:
         from ..metrics import class_accuracy, fid
 

@@ -92,7 +92,13 @@ class DiTFlowModel(ZooModel):
     def encode_prompts(self, prompts):
         return self.text_encoder(self.text_encoder.tokenize(prompts))
 
-    def sample(self, denoiser, n: int, seed: int, steps: int = 25, guidance: float | None = None):
+    def sample(self, denoiser, n: int, seed: int, steps: int = 25, guidance: float | None = None,
+               sampler: str = "euler", eta: float = 1.0, var_fn=None, report=None, vsc: bool = True):
+        """``sampler``: "euler" (default) or "euler_ancestral" (ComfyUI's rectified-flow form, ``eta``; its noise
+        continues the seed's generator); ``var_fn(sigma)``: PTQD residual variance for VSC (``vsc``) and the
+        per-step ``report`` (``quant.sampling.sample_flow``)."""
+        from ...quant.sampling import sample_flow
+
         g = self.default_guidance if guidance is None else float(guidance)
         gen = torch.Generator().manual_seed(int(seed))
         x = pack(torch.randn((n,) + LATENT_SHAPE, generator=gen))
@@ -102,19 +108,26 @@ class DiTFlowModel(ZooModel):
         if g != 1.0:
             hc, pc = torch.cat([hc, hu]), torch.cat([pc, pu])
         sig = flow_sigmas(steps, self.shift)
+
+        def v_fn(x, s):
+            xin = x if g == 1.0 else torch.cat([x, x])
+            v = unwrap(denoiser(xin, timestep=torch.full((xin.shape[0],), s), encoder_hidden_states=hc,
+                                pooled_projections=pc, img_ids=self.img_ids, txt_ids=self.txt_ids)).float()
+            if g != 1.0:
+                c, u = v.chunk(2)
+                v = u + g * (c - u)
+            return v
+
         with torch.no_grad():
-            for s, s_next in zip(sig[:-1], sig[1:]):
-                xin = x if g == 1.0 else torch.cat([x, x])
-                v = unwrap(denoiser(xin, timestep=torch.full((xin.shape[0],), s), encoder_hidden_states=hc,
-                                    pooled_projections=pc, img_ids=self.img_ids, txt_ids=self.txt_ids)).float()
-                if g != 1.0:
-                    c, u = v.chunk(2)
-                    v = u + g * (c - u)
-                x = x + (s_next - s) * v
+            x = sample_flow(v_fn, x, sig, method=sampler, eta=eta, var_fn=var_fn, gen=gen, report=report,
+                            vsc=vsc)
         return self.shapes.decode(unpack(x)), labels
 
     def heldout(self):
         return self.shapes.heldout
+
+    def features(self, images):
+        return self.shapes.features(images)
 
     def metrics(self, images, labels) -> dict:
         return self.shapes.metrics(images, labels)

@@ -96,6 +96,9 @@ class ShapesData:
     def decode(self, latents):
         return self.vae.decode(latents.float() / self.scaling_factor).sample.clamp(-1, 1)
 
+    def features(self, images):
+        return features(self.classifier, images)
+
     def metrics(self, images, labels) -> dict:
         pred = predictions(self.classifier, images)
         ok = pred == attributes(labels)
@@ -153,6 +156,9 @@ class LatentTextModel(ZooModel):
 
     def heldout(self):
         return self.shapes.heldout
+
+    def features(self, images):
+        return self.shapes.features(images)
 
     def metrics(self, images, labels) -> dict:
         return self.shapes.metrics(images, labels)

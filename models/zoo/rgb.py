@@ -83,6 +83,9 @@ class RGBModel(ZooModel):
     def heldout(self):
         return self._heldout
 
+    def features(self, images):
+        return features(self.classifier, images)
+
     def metrics(self, images, labels) -> dict:
         fid = frechet(features(self.classifier, images), self._ref)
         acc = float((predictions(self.classifier, images)[:, 0] == torch.as_tensor(labels).long()).float().mean())
