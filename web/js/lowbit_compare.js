@@ -1,10 +1,23 @@
 // LowBit: before/after slider for "Compare Images (LowBit)" (node id LowBitCompareImages).
 //
 // The node returns ui = {a_images, b_images, text}: the same a/b payload as ComfyUI's core Image Compare
-// widget. Frontends without that widget still get a comparison: this extension draws image A on the node's
-// canvas and, while the pointer is over the image, image B to the right of the pointer (a vertical divider
-// follows the pointer). Several images per side: click the small "<" ">" labels to step through the pairs.
-// The metrics text (PSNR / SSIM) is drawn under the image.
+// widget. This extension draws image A on the node with image B to the right of a vertical split; the split
+// follows the pointer while it is over the image and stays where it was left (it starts in the middle).
+// Pressing and dragging on the image moves the split, never the node. Several images per side: click the
+// "<" / ">" halves of the label bar at the top of the image to step through the pairs. The metrics text
+// (PSNR / SSIM) is drawn under the image.
+//
+// How the pointer reaches the widget (checked in ComfyUI frontend 1.27.10 and 1.58.1, headless Chromium, by
+// tests/nodes/test_comfyui_browser.py):
+//  - the widget's height comes from computeLayoutSize(): the frontend calls computeSize() WITHOUT a width when
+//    it lays out widgets, so a computeSize(width) that depends on the width gives a NaN height, the widget is
+//    never hit and a press on it drags the node instead;
+//  - hover: LiteGraph only sends pointermove to a widget while it is pressed, so hover comes from the node's
+//    onMouseMove(e, pos) (node-relative position), which the canvas calls for every move over the node;
+//  - press/drag: widget.onPointerDown(pointer, node, canvas) returning true takes the gesture (the canvas does
+//    not start a node drag); the split follows pointer.onDrag;
+//  - "Nodes 2.0" (Vue nodes, an opt-in setting): the widget is drawn into its own small <canvas> (WidgetLegacy)
+//    that gets pointerdown/move/up; hover is read from that canvas element directly.
 // Served at /extensions/<pack>/js/lowbit_compare.js (WEB_DIRECTORY = ./web), hence three levels up to /scripts.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
@@ -12,6 +25,9 @@ import { api } from "../../../scripts/api.js";
 const NODE_ID = "LowBitCompareImages";
 const WIDGET_NAME = "lowbit_compare_view";
 const TEXT_LINE = 14;
+const LABEL_H = 16;
+const MARGIN = 8;
+const MIN_IMAGE_H = 120;
 
 function viewUrl(rec) {
   const q = new URLSearchParams({
@@ -38,81 +54,184 @@ function fitRect(img, x, y, w, h) {
   return [x + (w - dw) / 2, y + (h - dh) / 2, dw, dh];
 }
 
+function mainCanvasElement() {
+  return app.canvas?.canvas ?? app.canvasEl ?? null;
+}
+
 function makeWidget(node) {
-  const state = { a: [], b: [], index: 0, text: [], pointerX: null, hover: false, top: 0 };
+  // split: fraction of the image width where image B starts (0..1); rect: where the image was last drawn, in
+  // the coordinates the pointer positions arrive in (node-relative on the graph canvas, element-relative on
+  // a Vue node's own canvas).
+  const state = {
+    a: [], b: [], index: 0, text: [], split: 0.5, hover: false, dragging: false, rect: null, labelBar: null,
+    ownCanvas: null, widget: null,
+  };
+
+  function redraw() {
+    node.setDirtyCanvas?.(true, false);
+    state.widget?.triggerDraw?.(); // Vue nodes: the widget's own canvas is redrawn on request only
+  }
+
+  function inImage(x, y) {
+    const r = state.rect;
+    return !!r && x >= r[0] && x <= r[0] + r[2] && y >= r[1] && y <= r[1] + r[3];
+  }
+
+  function setSplitAt(x) {
+    const r = state.rect;
+    if (!r || !(r[2] > 0)) return false;
+    const split = Math.min(1, Math.max(0, (x - r[0]) / r[2]));
+    if (split === state.split) return false;
+    state.split = split;
+    return true;
+  }
+
+  // Pointer position in the coordinates of state.rect.
+  function localPos(e) {
+    const target = e?.target;
+    if (state.ownCanvas && target === state.ownCanvas) return [e.offsetX, e.offsetY];
+    if (typeof e?.canvasX === "number") return [e.canvasX - node.pos[0], e.canvasY - node.pos[1]];
+    return null;
+  }
+
+  function step(dir) {
+    const n = state.a.length;
+    if (n > 1) state.index = (state.index + dir + n) % n;
+  }
+
+  // Vue nodes draw the widget into its own <canvas>, which receives the pointer events itself.
+  function adoptOwnCanvas(el) {
+    if (!el || el === mainCanvasElement() || state.ownCanvas === el) return;
+    state.ownCanvas = el;
+    el.addEventListener("pointermove", (e) => {
+      if (state.dragging) return;
+      const hover = inImage(e.offsetX, e.offsetY);
+      const moved = hover && setSplitAt(e.offsetX);
+      if (moved || hover !== state.hover) {
+        state.hover = hover;
+        redraw();
+      }
+    });
+    el.addEventListener("pointerleave", () => {
+      state.hover = false;
+      redraw();
+    });
+  }
+
   const widget = {
     name: WIDGET_NAME,
     type: "custom",
     value: "",
     serialize: false, // display only: nothing of this goes into the workflow or the prompt
     state,
-    computeSize(width) {
-      return [width, Math.max(160, width)];
+    // Growable: the image takes the node's free height (at least MIN_IMAGE_H plus the metrics lines).
+    computeLayoutSize() {
+      return { minHeight: MIN_IMAGE_H + MARGIN + state.text.length * TEXT_LINE, minWidth: 160 };
     },
-    draw(ctx, n, widgetWidth, y) {
-      state.top = y;
-      const margin = 8;
+    draw(ctx, n, widgetWidth, y, H) {
+      state.widget = this;
+      const own = ctx.canvas && ctx.canvas !== mainCanvasElement();
+      if (own) adoptOwnCanvas(ctx.canvas);
+      // Height available to this widget: its own canvas's height (Vue nodes pass it as H), the layout's
+      // computed height on the graph canvas, or whatever is left of the node.
+      const total = own && Number.isFinite(H) && H > 0 ? H
+        : Number.isFinite(this.computedHeight) && this.computedHeight > 0 ? this.computedHeight
+          : n.size[1] - y;
       const lines = state.text.length;
-      const w = widgetWidth - 2 * margin;
-      const h = Math.max(40, n.size[1] - y - margin - lines * TEXT_LINE);
+      const w = Math.max(10, widgetWidth - 2 * MARGIN);
+      const h = Math.max(40, total - MARGIN - lines * TEXT_LINE);
       const a = state.a[state.index];
       const b = state.b[Math.min(state.index, state.b.length - 1)];
       ctx.save();
       if (!a && !b) {
+        state.rect = null;
         ctx.fillStyle = "#888";
         ctx.font = "12px sans-serif";
-        ctx.fillText("run the graph to compare image_a and image_b", margin, y + 20);
+        ctx.fillText("run the graph to compare image_a and image_b", MARGIN, y + 20);
         ctx.restore();
         return;
       }
       const base = a || b;
-      const [dx, dy, dw, dh] = fitRect(base, margin, y, w, h);
+      const [dx, dy, dw, dh] = fitRect(base, MARGIN, y, w, h);
+      state.rect = [dx, dy, dw, dh];
       ctx.drawImage(base, dx, dy, dw, dh);
-      if (a && b && state.hover && state.pointerX !== null) {
-        const cut = Math.min(Math.max(state.pointerX, dx), dx + dw);
+      if (a && b) {
+        const cut = dx + dw * state.split;
+        ctx.save();
         ctx.beginPath();
         ctx.rect(cut, dy, dx + dw - cut, dh);
         ctx.clip();
         ctx.drawImage(b, dx, dy, dw, dh);
         ctx.restore();
-        ctx.save();
         ctx.strokeStyle = "#fff";
         ctx.lineWidth = 1;
         ctx.beginPath();
-        ctx.moveTo(cut + 0.5, dy);
-        ctx.lineTo(cut + 0.5, dy + dh);
+        ctx.moveTo(Math.round(cut) + 0.5, dy);
+        ctx.lineTo(Math.round(cut) + 0.5, dy + dh);
         ctx.stroke();
       }
       ctx.fillStyle = "rgba(0,0,0,0.55)";
-      ctx.fillRect(dx, dy, 44, 16);
-      ctx.fillRect(dx + dw - 44, dy, 44, 16);
+      ctx.fillRect(dx, dy, 44, LABEL_H);
+      ctx.fillRect(dx + dw - 44, dy, 44, LABEL_H);
       ctx.fillStyle = "#fff";
       ctx.font = "11px sans-serif";
       ctx.fillText("A (fp)", dx + 4, dy + 12);
       ctx.fillText("B (q)", dx + dw - 40, dy + 12);
       if (state.a.length > 1) {
+        ctx.fillStyle = "rgba(0,0,0,0.55)";
+        ctx.fillRect(dx + dw / 2 - 30, dy, 60, LABEL_H);
+        ctx.fillStyle = "#fff";
         ctx.fillText(`< ${state.index + 1}/${state.a.length} >`, dx + dw / 2 - 24, dy + 12);
       }
       ctx.fillStyle = "#ddd";
       ctx.font = "12px monospace";
-      state.text.forEach((line, i) => ctx.fillText(line, margin, dy + dh + TEXT_LINE * (i + 1)));
+      state.text.forEach((line, i) => ctx.fillText(line, MARGIN, dy + dh + TEXT_LINE * (i + 1)));
       ctx.restore();
     },
-    mouse(event, pos, n) {
+    // ComfyUI frontend (LiteGraph with CanvasPointer): returning true takes the whole gesture, so pressing on
+    // the image never drags the node. A drag moves the split; a click on the label bar steps through pairs.
+    onPointerDown(pointer, n, canvas) {
+      const p = localPos(pointer.eDown);
+      if (!p || !state.rect) return false;
+      state.dragging = true;
+      setSplitAt(p[0]);
+      redraw();
+      const follow = (e) => {
+        const q = localPos(e);
+        if (q && setSplitAt(q[0])) redraw();
+      };
+      pointer.onDragStart = () => {};
+      pointer.onDrag = follow;
+      pointer.onClick = (e) => {
+        const q = localPos(e) ?? p;
+        const r = state.rect;
+        if (r && state.a.length > 1 && q[1] <= r[1] + LABEL_H) {
+          step(q[0] < r[0] + r[2] / 2 ? -1 : 1);
+          redraw();
+        }
+      };
+      pointer.finally = () => {
+        state.dragging = false;
+        // The canvas records the pressed widget and only lets go of it in the finally it installs itself.
+        if (canvas?.node_widget?.[0] === n) canvas.node_widget = null;
+        redraw();
+      };
+      return true;
+    },
+    // Older LiteGraph without CanvasPointer: the legacy widget callback.
+    mouse(event, pos) {
       const type = event.type;
-      if (type === "pointermove" || type === "mousemove") {
-        state.pointerX = pos[0];
-        state.hover = pos[1] >= state.top;
-        n.setDirtyCanvas(true, false);
-        return false;
-      }
-      if ((type === "pointerdown" || type === "mousedown") && state.a.length > 1) {
-        state.index = pos[0] < n.size[0] / 2
-          ? (state.index + state.a.length - 1) % state.a.length
-          : (state.index + 1) % state.a.length;
-        n.setDirtyCanvas(true, false);
+      if (type === "pointerdown" || type === "mousedown") {
+        state.dragging = true;
+        setSplitAt(pos[0]);
+        redraw();
         return true;
       }
+      if ((type === "pointermove" || type === "mousemove") && state.dragging) {
+        if (setSplitAt(pos[0])) redraw();
+        return true;
+      }
+      if (type === "pointerup" || type === "mouseup") state.dragging = false;
       return false;
     },
   };
@@ -128,7 +247,31 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       this.lowbitCompare = this.addCustomWidget(makeWidget(this));
-      if (this.size[0] < 320) this.setSize([320, 380]);
+      if (this.size[0] < 320 || this.size[1] < 380) this.setSize([Math.max(320, this.size[0]), Math.max(380, this.size[1])]);
+      return r;
+    };
+
+    // Hover: the graph canvas calls onMouseMove(e, node-relative pos) for every move over the node (widgets
+    // only get moves while pressed).
+    const onMouseMove = nodeType.prototype.onMouseMove;
+    nodeType.prototype.onMouseMove = function (e, pos) {
+      const r = onMouseMove?.apply(this, arguments);
+      const st = this.lowbitCompare?.state;
+      if (st && pos && !st.dragging) {
+        const rect = st.rect;
+        const hover = !!rect && pos[0] >= rect[0] && pos[0] <= rect[0] + rect[2] && pos[1] >= rect[1] &&
+          pos[1] <= rect[1] + rect[3];
+        let moved = false;
+        if (hover) {
+          const split = Math.min(1, Math.max(0, (pos[0] - rect[0]) / rect[2]));
+          moved = split !== st.split;
+          st.split = split;
+        }
+        if (moved || hover !== st.hover) {
+          st.hover = hover;
+          this.setDirtyCanvas(true, false);
+        }
+      }
       return r;
     };
 
@@ -158,6 +301,7 @@ app.registerExtension({
       w.state.index = 0;
       w.state.text = (output.text ?? []).flatMap((t) => String(t).split("\n"));
       this.setDirtyCanvas(true, true);
+      w.state.widget?.triggerDraw?.();
     };
   },
 });
