@@ -1,7 +1,9 @@
 """The "Save Quantized UNet" and "Load Quantized UNet" nodes: ``models/lowbit/<prefix>_NNNNN.safetensors`` via quant.io.
 
-The file holds only the quantized UNet (packed integers, scales, activation tables, PTQD statistics) with a
-versioned JSON header; it is applied to the same full-precision checkpoint's MODEL when loading. With
+The file holds the quantized UNet (packed integers, scales, activation tables, PTQD statistics), the UNet's float
+tensors outside the quantized layers and ComfyUI's architecture record, with a versioned JSON header; it is applied
+to the same full-precision checkpoint's MODEL when loading, or, with no MODEL connected, builds the model alone
+(``load_standalone``: ComfyUI's model on the meta device, filled from the file; no float weights in memory). With
 ``layout=comfyui-native`` the save node writes ComfyUI's own quantized layout instead (quant/export_comfy.py).
 """
 from __future__ import annotations
@@ -55,7 +57,109 @@ def save_unet(model, filename_prefix: str, folder: str) -> str:
     from ..quant.io import save
 
     q = adapter.require_quantized_unet(model)
-    return _save_free(lambda path: save(q, path, overwrite=False), filename_prefix, folder)
+    arch = comfy_arch(model)
+    return _save_free(lambda path: save(q, path, overwrite=False, arch=arch), filename_prefix, folder)
+
+
+# ------------------------------------------------------------------------------ loading without the float model
+# ComfyUI objects are touched here (not in comfy_adapter.py) so that the standalone loader is one reviewable piece;
+# every ComfyUI import is inside a function (the nodes package imports no host at module level).
+COMFY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def comfy_arch(model):
+    """The architecture record of a ComfyUI MODEL for the file header (quant.io ``arch``): ComfyUI's model config
+    class name (one of ``comfy.supported_models.models``), its ``unet_config`` without the dtype, the model type
+    (EPS, V_PREDICTION, FLOW, ...) and the weight dtype. False when the config is not plain JSON (then the file
+    loads onto a float MODEL only)."""
+    from ..quant.io import check_arch, plain_json
+
+    try:
+        base = model.model
+        mc = base.model_config
+        cfg = {f"unet_config.{k}": plain_json(v) for k, v in mc.unet_config.items() if k != "dtype"}
+        cfg["model_type"] = base.model_type.name
+        dt = str(mc.unet_config.get("dtype") or base.get_dtype()).replace("torch.", "")
+        cfg["weight_dtype"] = dt if dt in COMFY_DTYPES else "float32"
+        arch = {"library": "comfyui", "class": type(mc).__name__, "config": cfg}
+        check_arch("<save>", arch)
+        return arch
+    except Exception as exc:  # the record is optional; saving must not fail on it
+        print(f"[LowBit] the file will not load without a float MODEL: the architecture is not recordable ({exc})")
+        return False
+
+
+def _standalone_fail(path, problem, fix):
+    raise NodeInputError(f"cannot load {os.path.basename(path)} without a MODEL: {problem}; {fix}")
+
+
+def build_comfy_model(path: str, arch: dict):
+    """ComfyUI's BaseModel for a checked ``arch`` (library comfyui) with its diffusion model on the meta device:
+    the config class is looked up by name in ComfyUI's own list of supported models (nothing else is built) and
+    must accept the recorded unet_config; the model type is a ModelType name. No float weight is allocated."""
+    import torch
+
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.supported_models
+
+    cfg = arch["config"]
+    classes = {c.__name__: c for c in comfy.supported_models.models}
+    cls = classes.get(arch["class"])
+    if cls is None:
+        _standalone_fail(path, f"ComfyUI here has no model config {arch['class']!r}", "update ComfyUI or connect "
+                               "the float MODEL")
+    unet_config = {k[len("unet_config."):]: v for k, v in cfg.items() if k.startswith("unet_config.")}
+    if not unet_config or not cls.matches(unet_config):
+        _standalone_fail(path, f"its unet_config is not a {arch['class']} config", "the file is corrupt; connect "
+                               "the float MODEL")
+    try:
+        mtype = comfy.model_base.ModelType[cfg.get("model_type")]
+    except KeyError:
+        _standalone_fail(path, f"model_type {str(cfg.get('model_type'))[:40]!r} is not a ComfyUI ModelType",
+                         "the file is corrupt")
+    wdt = cfg.get("weight_dtype")
+    if wdt not in COMFY_DTYPES:
+        _standalone_fail(path, f"weight_dtype {str(wdt)[:40]!r} is not one of {list(COMFY_DTYPES)}",
+                         "the file is corrupt")
+    mc = cls(unet_config)
+    dtype = getattr(torch, wdt)
+    load_device = mm.get_torch_device()
+    mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, mc.supported_inference_dtypes))
+    mc.model_type = lambda state_dict, prefix="": mtype  # the recorded type, not one guessed from weights
+    try:
+        base = mc.get_model({}, "", device=torch.device("meta"))
+    except Exception as exc:  # ComfyUI's constructors raise many types on configs they do not take
+        _standalone_fail(path, f"ComfyUI cannot build {arch['class']} from it ({type(exc).__name__}: "
+                               f"{str(exc)[:160]})", "connect the float MODEL")
+    return base, load_device
+
+
+def load_standalone(path: str):
+    """A ComfyUI MODEL running the quantized UNet of ``path``, built without any float weight: ComfyUI's model
+    from the file's recorded architecture on the meta device, its diffusion model filled from the file
+    (quant.io.load_empty checks every tensor against it), the rest (sampling schedule) from ComfyUI's config."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from ..quant.io import check_arch, load_empty, read_header
+
+    header, _ = read_header(path)
+    arch = check_arch(path, header.get("arch"))
+    if arch is None or arch["library"] != "comfyui":
+        what = "no architecture" if arch is None else f"a {arch['library']} {arch['class']} architecture"
+        _standalone_fail(path, f"it records {what} (saved by an older LowBit or outside ComfyUI)",
+                         "connect the float MODEL of its checkpoint to the model input, then save it again with "
+                         "Save Quantized UNet to make a file that loads alone")
+    base, load_device = build_comfy_model(path, arch)
+    base.diffusion_model = load_empty(base.diffusion_model, path)
+    left = [n for n, t in list(base.named_parameters()) + list(base.named_buffers()) if t.is_meta]
+    if left:
+        _standalone_fail(path, f"{len(left)} tensors of the model are not in the file (e.g. {left[0][:120]!r})",
+                         "connect the float MODEL")
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
+    adapter.install_lora_support(patcher, base.diffusion_model)
+    return patcher
 
 
 def _save_free(write, filename_prefix: str, folder: str):
@@ -143,7 +247,8 @@ class LowBitLoadQuantizedUNet:
     DESCRIPTION = ("Apply a quantized UNet saved by Save Quantized UNet to a full-precision MODEL of the same "
                    "checkpoint architecture. Returns a clone that runs the quantized UNet (with its PTQD "
                    "statistics if the file has them); the input MODEL is unchanged. A file made from another "
-                   "architecture is refused with the layer that does not match.")
+                   "architecture is refused with the layer that does not match. Without a MODEL connected, the "
+                   "model is built from the file alone (no float weights in memory; files saved by this LowBit).")
     CATEGORY = f"{CATEGORY}/io"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model running the loaded quantized UNet.",)
@@ -153,10 +258,13 @@ class LowBitLoadQuantizedUNet:
     def INPUT_TYPES(cls):
         files = adapter.lowbit_files()
         return {"required": {
-            "model": SOCKET("MODEL", "The full-precision model the file was made from (same checkpoint "
-                                     "architecture)."),
             "unet_name": (files, {"tooltip": "A file in models/lowbit/ (press R in the browser after saving "
                                              "a new one)."}),
+        }, "optional": {
+            "model": SOCKET("MODEL", "The full-precision model the file was made from (same checkpoint "
+                                     "architecture). Leave it unconnected to build the model from the file alone "
+                                     "(files saved by this LowBit): the float weights are never loaded, so memory "
+                                     "holds only the quantized model."),
         }}
 
     @classmethod
@@ -167,10 +275,12 @@ class LowBitLoadQuantizedUNet:
         except Exception:
             return unet_name
 
-    def load(self, model, unet_name):
+    def load(self, unet_name, model=None):
         from ..quant.io import load
 
         path = adapter.lowbit_file_path(unet_name)
+        if model is None:
+            return (load_standalone(path),)
         fp_unet = adapter.require_fp_unet(model, "the MODEL to load into")
         q_unet = load(fp_unet, path)
         return (adapter.attach_quantized_unet(model, q_unet),)

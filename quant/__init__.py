@@ -4,7 +4,7 @@ Verbs (everything else is private):
   quantize(model, QuantConfig, calib)        naive PTQ baseline -> quantized copy (fake-quant mode)
   quantize_(model, QuantConfig, calib)       the same, in place (swapped in only on success)
   deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels / back to fake-quant
-  save(qmodel, path) / load(model, path)     safetensors + versioned JSON header
+  save(qmodel, path) / load(model, path)     safetensors + versioned JSON header (load_model(path): no float model)
   CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
   pipeline.run(model, calls, PipelineConfig) the whole method (quantize, reconstruct, fine-tune, PTQD, deploy)
 """
@@ -16,7 +16,7 @@ from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_ou
 from .context import QuantContext, get_context
 from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
 from .api import calibrate_activations, deploy_, quantize, quantize_, structural_copy, undeploy_, weight_bytes
-from .io import load, save, read_header, register_extra
+from .io import load, load_model, save, read_header, register_extra
 from . import ptqd, sampling
 from .ptqd import PTQDStats, attach_stats, collect_stats, get_stats
 from .sampling import guided_eps_fn, sample, SAMPLERS

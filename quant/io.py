@@ -15,9 +15,18 @@ File layout (tensor names; L = qualified layer name):
   L.bias         fp32 [N]                              (if the layer has a bias)
   L.act.tgrid    fp32 [K_t]; L.act.scale_<b>, L.act.zero_<b> fp32 [K_t]   (static activation tables)
   __extra__.<name>.<key>                               (PTQD statistics etc., see EXTRAS)
+  __float__.<key>                                      (format 3: every tensor of the model's state outside the
+                                                        quantized layers: norms, embeddings, float-kept layers)
 Header: ``__metadata__["lowbit"]`` = JSON {format, format_version, config, schedule, num_train_timesteps,
 layers{L: {kind, shape, w_format, w_bits, a_bits, group_size, a_dynamic, a_bits_set, time_bins, has_bias, scheduled}},
-model{...}, splits{...}, extras{...}}. Older format versions are upgraded on load by ``MIGRATIONS``.
+model{...}, splits{...}, extras{...}, arch, float_tensors[...]}. ``arch`` (format 3) is null or {library, class,
+config}: the architecture to build without a float model (``load_model``); for ``library="diffusers"`` only the
+classes of ``ARCH_CLASSES`` with their ``__init__`` keywords are accepted, other libraries (``comfyui``) are built
+and checked by their host's node. Older format versions are upgraded on load by ``MIGRATIONS``.
+
+Two ways to load: ``load(model, path)`` applies the file to the full-precision ``model`` (every file version), and
+``load_model(path)`` (or ``load(path)``) builds the architecture on the meta device and fills it from the file alone,
+so the float weights never exist in memory (format 3 files with an ``arch``).
 
 Saving is atomic and never clobbers: the data goes to a temporary file ``.<name>.lowbit-<pid>-<rand>.tmp`` (mode from
 the umask) in the destination folder, which is then linked to the final name (``link`` fails if the name exists, so
@@ -44,12 +53,21 @@ from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .split import ChannelSplitConv2d, apply_splits
 
 FORMAT = "lowbit.quantized_unet"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32  # nesting of any JSON value in the header
 MAX_INT_DIGITS = 18  # integers in the header: |n| < 10^18
 MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256
+MAX_FLOAT_TENSORS = 100_000
+FLOAT_PREFIX = "__float__."
+# diffusers classes ``load_model`` may build from a file's ``arch`` (nothing else is ever constructed)
+ARCH_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
+                "DiTTransformer2DModel", "PixArtTransformer2DModel")
+ARCH_LIBRARIES = ("diffusers", "comfyui")
+_ARCH_COUNT_KEYS = ("layers_per_block", "num_layers", "num_single_layers", "transformer_layers_per_block",
+                    "reverse_transformer_layers_per_block")
+_ARCH_STR_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,100}$")
 
 class SaveError(LowBitError, OSError):
     """A file cannot be written where asked (also an OSError, so callers catching those keep working)."""
@@ -101,8 +119,17 @@ def _migrate_1_to_2(header: dict) -> dict:
     return header
 
 
+def _migrate_2_to_3(header: dict) -> dict:
+    """Version 3 may record the architecture (``arch``) and the float tensors outside the quantized layers
+    (``float_tensors``, stored as ``__float__.<key>``); older files hold neither and load onto a float model only."""
+    header.setdefault("arch", None)
+    header.setdefault("float_tensors", [])
+    header["format_version"] = 3
+    return header
+
+
 # version n -> function(header) -> header of version n + 1 (tensor names are unchanged so far)
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def migrate(header: dict, path: str = "<header>") -> dict:
@@ -178,6 +205,51 @@ def clean_stale_temps(folder: str) -> list:
     return removed
 
 
+def plain_json(v, depth=0):
+    """``v`` as plain JSON (tuples -> lists), or raise ValueError for anything else."""
+    if depth > 4:
+        raise ValueError("nested too deep")
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("not finite")
+        return v
+    if isinstance(v, (list, tuple)):
+        return [plain_json(x, depth + 1) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: plain_json(x, depth + 1) for k, x in v.items()}
+    raise ValueError(f"a {type(v).__name__}")
+
+
+def model_arch(model: nn.Module) -> Optional[dict]:
+    """What ``load_model`` needs to build ``model`` without its weights: {library, class, config} for the
+    diffusers classes in ``ARCH_CLASSES`` (the config without its ``_`` keys), else None."""
+    cls = type(model)
+    if not cls.__module__.startswith("diffusers.") or cls.__name__ not in ARCH_CLASSES:
+        return None
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "items"):
+        return None
+    try:
+        data = {str(k): plain_json(v) for k, v in cfg.items() if not str(k).startswith("_")}
+    except ValueError:
+        return None
+    return dict(library="diffusers", config=data, **{"class": cls.__name__})
+
+
+def float_state(qmodel: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state outside its quantized layers (norms, embeddings, float-kept layers): what a file needs,
+    besides the layers, to rebuild the model without a float copy."""
+    names = [n for n, _ in quant_layers(qmodel)]
+    out = {}
+    for k, v in qmodel.state_dict(keep_vars=True).items():
+        if v is None or v.is_meta or any(k.startswith(n + ".") for n in names):
+            continue  # meta: a host's zero-byte placeholder for a replaced float weight, not data
+        out[k] = v
+    return out
+
+
 def _collect(qmodel: nn.Module):
     layers = quant_layers(qmodel)
     tensors, lmeta = {}, {}
@@ -212,6 +284,11 @@ def _collect(qmodel: nn.Module):
                   layers=lmeta, model=dict(cls=type(qmodel).__name__, fingerprint=model_fingerprint(qmodel)),
                   splits={n: list(m.sizes) for n, m in qmodel.named_modules() if isinstance(m, ChannelSplitConv2d)},
                   extras=extras)
+    header["arch"] = model_arch(qmodel)
+    fl = float_state(qmodel)
+    for k, v in fl.items():
+        tensors[FLOAT_PREFIX + k] = v.detach().cpu().contiguous().clone()  # clone: no storage shared between keys
+    header["float_tensors"] = sorted(fl)
     return tensors, header
 
 
@@ -221,9 +298,15 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()
 
 
-def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool = False) -> str:
+def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool = False,
+         arch: Optional[dict] = None) -> str:
     """Write ``qmodel`` to ``path`` atomically, never replacing an existing file unless ``overwrite=True``.
-    The destination folder must exist (``make_dirs=True`` creates it). Returns the path."""
+    The destination folder must exist (``make_dirs=True`` creates it). Returns the path.
+
+    The file also holds the model's float tensors outside the quantized layers and, for the diffusers classes of
+    ``ARCH_CLASSES``, its architecture, so ``load_model(path)`` rebuilds it without the float model. ``arch``
+    overrides the recorded architecture (a host's node passes its own, e.g. {"library": "comfyui", ...});
+    ``arch=False`` records none."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -240,7 +323,14 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     if not overwrite and os.path.lexists(path):  # early answer only; the link below is the real no-clobber check
         raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     clean_stale_temps(folder)
+    if arch is not None and arch is not False:
+        try:
+            arch = check_arch(path, arch)
+        except LoadError as exc:
+            raise ConfigError(f"arch is not valid: {str(exc).split(': ', 1)[-1]}") from None
     tensors, header = _collect(qmodel)
+    if arch is not None:
+        header["arch"] = arch or None
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
     header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -544,16 +634,196 @@ def _check_ptqd_values(path, ts, T):
         _fail(path, "its PTQD residual variances are negative", "the file is corrupt")
 
 
-def load(model: nn.Module, path: str) -> nn.Module:
-    """Apply the quantized UNet saved at ``path`` to ``model`` (the same full-precision architecture) and
-    return a new deployed quantized model. ``model`` itself is never modified."""
-    from safetensors import safe_open
+# ------------------------------------------------------------------------------------------ arch / float tensors
+def _arch_value(path, key, v, depth=0):
+    if v is None or isinstance(v, bool):
+        return
+    if isinstance(v, int):
+        if not -(1 << 20) <= v <= (1 << 20):
+            _fail(path, f"its arch config {key!r} holds the integer {v}, outside -2^20..2^20", "the file is corrupt")
+        if key in _ARCH_COUNT_KEYS and not 0 <= v <= 64:
+            _fail(path, f"its arch config {key!r}={v} is not a count in 0..64", "the file is corrupt")
+        return
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            _fail(path, f"its arch config {key!r} is not finite", "the file is corrupt")
+        return
+    if isinstance(v, str):
+        if not _ARCH_STR_RE.match(v):
+            _fail(path, f"its arch config {key!r} holds the string {v[:60]!r} (allowed: up to 100 letters, digits, "
+                        "'_.:-')", "the file is corrupt or crafted")
+        return
+    if isinstance(v, list) and depth < 2 and len(v) <= 64:
+        for x in v:
+            _arch_value(path, key, x, depth + 1)
+        return
+    if isinstance(v, dict) and depth < 2 and len(v) <= 64:
+        for k, x in v.items():
+            if not _ARCH_STR_RE.match(k):
+                _fail(path, f"its arch config {key!r} has the key {k[:60]!r}", "the file is corrupt or crafted")
+            _arch_value(path, key, x, depth + 1)
+        return
+    _fail(path, f"its arch config {key!r} is not a number, string, or short list or object of them",
+          "the file is corrupt")
 
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)  # name is one of ARCH_CLASSES (checked by the caller)
+
+
+def check_arch(path, arch):
+    """None, or {library, class, config} with its meaning checked: a known library; for diffusers a class of
+    ``ARCH_CLASSES`` and config keys that are that class's ``__init__`` keywords; every value a bounded plain JSON
+    scalar or short list (other libraries' configs are checked for meaning by their host's node)."""
+    import inspect
+
+    if arch is None:
+        return None
+    if not isinstance(arch, dict) or set(arch) != {"library", "class", "config"}:
+        _fail(path, "its arch is not an object {library, class, config}", "the file is corrupt")
+    lib, cls, cfg = arch["library"], arch["class"], arch["config"]
+    if lib not in ARCH_LIBRARIES:
+        _fail(path, f"its arch library {str(lib)[:40]!r} is not one of {list(ARCH_LIBRARIES)}",
+              "load it with the LowBit version or host that wrote it")
+    if not isinstance(cls, str) or not _ARCH_STR_RE.match(cls) or not isinstance(cfg, dict) or len(cfg) > 256:
+        _fail(path, "its arch class is not a name or its config not an object of at most 256 keys",
+              "the file is corrupt")
+    for k, v in cfg.items():
+        if not _ARCH_STR_RE.match(k) or k.startswith("_"):
+            _fail(path, f"its arch config has the key {k[:60]!r}", "the file is corrupt or crafted")
+        _arch_value(path, k, v)
+    if lib == "diffusers":
+        if cls not in ARCH_CLASSES:
+            _fail(path, f"its arch class {cls!r} is not one LowBit builds ({', '.join(ARCH_CLASSES)})",
+                  "load it onto the float model with load(model, path)")
+        try:
+            params = inspect.signature(_diffusers_class(cls).__init__).parameters
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            _fail(path, f"diffusers has no {cls} here ({str(exc)[:100]})", "install a diffusers that has it")
+        kw = {n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        bad = sorted(set(cfg) - kw)
+        if bad:
+            _fail(path, f"its arch config has {len(bad)} keys {cls} does not take (e.g. {bad[0][:60]!r})",
+                  "the file is for another diffusers version; load it onto the float model with load(model, path)")
+    return dict(library=lib, config=dict(cfg), **{"class": cls})
+
+
+def _check_float_tensors(path, header, index) -> list:
+    """The file's ``float_tensors`` list: distinct names, each stored as ``__float__.<name>`` (floating or integer
+    dtype), and no unlisted ``__float__`` tensor."""
+    names = header.get("float_tensors", [])
+    if not (isinstance(names, list) and len(names) <= MAX_FLOAT_TENSORS
+            and all(isinstance(n, str) and 0 < len(n) <= 1000 for n in names) and len(set(names)) == len(names)):
+        _fail(path, f"its float_tensors is not a list of at most {MAX_FLOAT_TENSORS} distinct tensor names",
+              "the file is corrupt")
+    listed = set(names)
+    for n in names:
+        if FLOAT_PREFIX + n not in index:
+            _fail(path, f"float tensor {n[:200]!r} is listed but not stored", "the file is incomplete; save it again")
+    extra = [k for k in index if k.startswith(FLOAT_PREFIX) and k[len(FLOAT_PREFIX):] not in listed]
+    if extra:
+        _fail(path, f"it stores {len(extra)} float tensors its header does not list (e.g. {extra[0][:200]!r})",
+              "the file is corrupt or crafted; save it again with LowBit")
+    return names
+
+
+def _read_tensors(path, index, keys) -> Dict[str, torch.Tensor]:
+    """The tensors ``keys`` read with plain file reads into fresh tensors (no memory map: the file's pages do not
+    count towards the process's memory next to the tensors). ``index`` was checked by ``read_header``."""
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        base = 8 + n
+        for k in keys:
+            e = index[k]
+            a, b = e["data_offsets"]
+            t = torch.empty(tuple(e["shape"]), dtype=_DTYPES[e["dtype"]])
+            if b > a:
+                f.seek(base + a)
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                if f.readinto(buf) != b - a:
+                    raise OSError(f"short read of {k!r}")
+            out[k] = t
+    return out
+
+
+def _assign(model: nn.Module, key: str, t: torch.Tensor):
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if name in mod._parameters:
+        mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[name] = t
+
+
+def build_arch(path, arch) -> nn.Module:
+    """The diffusers model of a checked ``arch`` on the meta device (no memory for its weights)."""
+    cls = _diffusers_class(arch["class"])
+    try:
+        with torch.device("meta"):
+            model = cls(**arch["config"])
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, IndexError, RuntimeError,
+            NotImplementedError, ZeroDivisionError) as exc:
+        _fail(path, f"its arch config does not build a {arch['class']} ({type(exc).__name__}: {str(exc)[:160]})",
+              "the file is corrupt or for another diffusers version; load it onto the float model with load(model, "
+              "path)")
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: str) -> nn.Module:
+    """Build the model recorded in the file at ``path`` on the meta device and fill it from the file alone: the
+    float weights never exist in memory (peak memory is the quantized model's). Returns a deployed quantized
+    model, the same as ``load(float_model, path)`` gives. The file must record its architecture (format 3, a
+    diffusers class of ``ARCH_CLASSES``; files of other hosts load through their node)."""
+    path = os.fspath(path)
+    header, index = read_header(path)
+    arch = check_arch(path, header.get("arch"))
+    if arch is None or not header.get("float_tensors"):
+        v = header.get("_migrated_from", FORMAT_VERSION)
+        why = f"written in file format {v}" if v < 3 else "saved without them (arch=False or a model LowBit " \
+                                                            "cannot rebuild)"
+        _fail(path, f"it does not record the model's architecture and float tensors ({why})",
+              "load it onto the float model with load(model, path) and save the result again with this LowBit, "
+              "which records them")
+    if arch["library"] != "diffusers":
+        _fail(path, f"its architecture is a {arch['library']} model ({arch['class']})",
+              "load it in that host (ComfyUI: the node Load Quantized UNet (standalone))")
+    return _load(build_arch(path, arch), path, header, index, standalone=True)
+
+
+def load_empty(model: nn.Module, path: str) -> nn.Module:
+    """Fill ``model``, built without weights (on the meta device, by a host's node), from the file at ``path``:
+    quantized layers and every float tensor come from the file, which must hold them all. ``model`` becomes the
+    returned quantized model (it is not copied)."""
+    path = os.fspath(path)
+    header, index = read_header(path)
+    if not header.get("float_tensors"):
+        _fail(path, f"it holds no float tensors (written in file format {header.get('_migrated_from')})",
+              "load it onto the float model, then save it again with this LowBit")
+    return _load(model, path, header, index, standalone=True)
+
+
+def load(model, path: Optional[str] = None) -> nn.Module:
+    """Apply the quantized UNet saved at ``path`` to ``model`` (the same full-precision architecture) and
+    return a new deployed quantized model. ``model`` itself is never modified. ``load(path)`` loads without a
+    float model (``load_model``)."""
+    if path is None:
+        if isinstance(model, (str, os.PathLike)):
+            return load_model(model)
+        raise ConfigError("load needs a file: load(model, path), or load(path) to build the model from the file")
+    path = os.fspath(path)
+    header, index = read_header(path)
+    return _load(model, path, header, index, standalone=False)
+
+
+def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool) -> nn.Module:
     from .api import _set_module, structural_copy
     from .layers import QLAYERS
 
-    path = os.fspath(path)
-    header, index = read_header(path)
+    check_arch(path, header.get("arch"))
+    fnames = _check_float_tensors(path, header, index)
     cfg = sched = None
     for slot, typ in (("config", C.QuantConfig), ("schedule", C.BitwidthSchedule)):
         obj = header.get(slot)
@@ -594,7 +864,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
                         f"{'missing' if m is None else type(m).__name__ + ' ' + str(tuple(m.weight.shape))} here",
                   "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
     # the plan on a throwaway structure first: every check runs before the copy that is returned is built
-    qmodel = structural_copy(model)  # never modify ``model``
+    qmodel = model if standalone else structural_copy(model)  # never modify ``model`` (unless it is empty)
     apply_splits(qmodel, splits)
     mods = dict(qmodel.named_modules())
     missing = [n for n in layers if n not in mods]
@@ -615,23 +885,43 @@ def load(model: nn.Module, path: str) -> nn.Module:
                             f"{list(st['a_bits_set'])} only", "the file is corrupt; re-quantize with that schedule")
     for key, (dt, shp) in need.items():
         _expect(path, index, key, dt, shp)
+    fneed = []
+    if standalone:  # the file must hold exactly the model's state outside the quantized layers
+        own = {k: v for k, v in qmodel.state_dict(keep_vars=True).items()
+               if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        lacking = sorted(set(own) - set(fnames))
+        if lacking:
+            _fail(path, f"it lacks {len(lacking)} float tensors of this model (e.g. {lacking[0][:200]!r})",
+                  "load it onto the float model with load(model, path) and save it again with this LowBit")
+        surplus = sorted(set(fnames) - set(own))
+        if surplus:
+            _fail(path, f"it holds float tensor {surplus[0][:200]!r} that this model does not have",
+                  "pick the file made from this architecture")
+        for k, v in own.items():
+            e = index[FLOAT_PREFIX + k]
+            dt = _DTYPES[e["dtype"]]
+            if tuple(e["shape"]) != tuple(v.shape) or (dt.is_floating_point != v.dtype.is_floating_point) \
+                    or (not dt.is_floating_point and dt != v.dtype):
+                _fail(path, f"float tensor {k[:200]!r} is {e['dtype']}{e['shape']}, this model holds "
+                            f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}", "pick the file made from this "
+                            "architecture")
+        fneed = [FLOAT_PREFIX + k for k in own]
     extras = header.get("extras") or {}
     if not isinstance(extras, dict):
         _fail(path, "its extras are not an object", "the file is corrupt")
     extra_keys = [k for k in index if k.startswith("__extra__.")]
     if len(extra_keys) > MAX_EXTRA_TENSORS:
         _fail(path, f"it has {len(extra_keys)} extra tensors (at most {MAX_EXTRA_TENSORS})", "the file is corrupt")
-    unknown = [k for k in index if k not in need and not k.startswith("__extra__.")]
+    unknown = [k for k in index if k not in need and not k.startswith("__extra__.") and not k.startswith(FLOAT_PREFIX)]
     if unknown:
         _fail(path, f"it holds {len(unknown)} tensors no layer uses (e.g. {unknown[0][:200]!r})",
               "the file is corrupt or crafted; save it again with LowBit")
     if "ptqd" in extras and "ptqd" in EXTRAS:
         _check_ptqd(path, extras["ptqd"], index, model, T)
-    wanted = list(need) + [k for k in extra_keys if k.split(".")[1] in extras and k.split(".")[1] in EXTRAS]
+    wanted = list(need) + [k for k in extra_keys if k.split(".")[1] in extras and k.split(".")[1] in EXTRAS] + fneed
     try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in wanted}  # tensors no one uses are never read
-    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        tensors = _read_tensors(path, index, wanted)  # tensors no one uses are never read
+    except (OSError, ValueError, RuntimeError) as exc:
         _fail(path, f"reading tensors failed ({str(exc)[:200]})", "the file is corrupt; save it again")
     digests = header.get("tensor_sha256")
     if digests is not None or header.get("_migrated_from", FORMAT_VERSION) >= 2:
@@ -646,6 +936,10 @@ def load(model: nn.Module, path: str) -> nn.Module:
     if "ptqd" in extras and "ptqd" in EXTRAS:
         _check_ptqd_values(path, {k[len("__extra__.ptqd."):]: v for k, v in tensors.items()
                                   if k.startswith("__extra__.ptqd.")}, T)
+    for k in fneed:
+        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
+            _fail(path, f"float tensor {k[len(FLOAT_PREFIX):][:200]!r} contains NaN/Inf",
+                  "the file is corrupt or was saved from a diverged run")
 
     from ..kernels.formats import get_format
 
@@ -672,6 +966,13 @@ def load(model: nn.Module, path: str) -> nn.Module:
         layer._params_to_buffers()
         _set_module(qmodel, n, layer)
     _set_state(qmodel, ctx, cfg, sched, splits)
+    for k in fneed:
+        _assign(qmodel, k[len(FLOAT_PREFIX):], tensors.pop(k))
+    if standalone:
+        for k, t in list(qmodel.named_parameters()) + list(qmodel.named_buffers()):
+            if t.is_meta:
+                _fail(path, f"the model's tensor {k[:200]!r} is not in the file (a buffer the model does not save)",
+                      "load it onto the float model with load(model, path)")
     for ename, meta in extras.items():
         if ename not in EXTRAS:
             continue  # unknown extras are ignored (never read, never executed)
