@@ -2,6 +2,7 @@
 
     python -m lowbit.bench.zoo [--models digits rgb latent_text dit_flow] [--samples 1000]
                                [--bits W8A8 W4A8 W4A4] [--out bench/results/zoo.json]
+                               [--sampler euler euler_ancestral] [--eta 1.0]   (flow models: dit_flow)
 
 For each zoo model (``lowbit.models.zoo``): full-precision samples (deterministic sampler, fixed seeds), then for
 each bit-width the methods of the ladder, each built by ``lowbit.quant.pipeline.run`` with its defaults from the
@@ -9,6 +10,15 @@ same recorded calibration calls (full-precision sampling runs on other seeds). P
 feature space and its ratio to full precision, class accuracy where the model has classes, the mean paired
 PSNR of each sample against the full-precision sample from the same noise, and the quantization time.
 Nothing is tuned per model: every row uses ``PipelineConfig.for_method(method, bits)`` unchanged.
+
+``--sampler`` (rectified-flow models only): sample every row with each of the listed flow samplers
+(``quant.sampling.sample_flow``: "euler", "euler_ancestral"), each against its own full-precision reference from
+the same seed (the ancestral noise continues that seed's generator, so the pairing holds). A ``+vsc`` method
+gives two rows from one quantized model: the method without VSC, then with it (PTQD variance calibration in
+the sampler), so the VSC comparison is paired. Rows of +ptqd methods record, summed over steps, the per-element
+variance the PTQD residual of the velocity adds to x and no smaller injected noise absorbs (``residual_var_left``;
+each step's share before later steps rescale it) and the injected noise variance VSC removed
+(``noise_var_removed``) (docs/FLOW_MATCHING.md).
 """
 from __future__ import annotations
 
@@ -46,20 +56,47 @@ def record_calls(m, n: int, seed: int, steps: int):
     return rec.calls
 
 
+def _key_scale(model) -> float:
+    """The factor from the timestep a model call carries to its PTQD table key (the profile's scale)."""
+    from ..quant.context import get_context
+    from ..quant.profiles import get_profile
+
+    ctx = get_context(model)
+    return 1.0 if ctx is None else float(get_profile(ctx.profile).timestep_scale)
+
+
+def _report_sums(report) -> dict:
+    return dict(residual_var_left=sum(r["residual_var_left"] for r in report),
+                noise_var_removed=sum(r["noise_before"] ** 2 - r["noise_after"] ** 2 for r in report))
+
+
 def run_model(name: str, a, log=print) -> list:
     from ..models.zoo import load
     from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
 
     m = load(name)
     steps = a.steps or m.default_steps
+    samplers = a.sampler or [None]
+    if a.sampler and getattr(m, "prediction", None) != "flow":
+        raise SystemExit(f"--sampler is for rectified-flow zoo models; {name} samples with its own sampler")
+
+    def skw(sampler, var_fn=None, report=None, vsc=True):
+        return {} if sampler is None else dict(sampler=sampler, eta=a.eta, var_fn=var_fn, report=report, vsc=vsc)
+
+    def tag(sampler):
+        return "" if sampler is None else f" [{sampler}]"
+
     rows = []
-    t0 = time.perf_counter()
-    fp_img, labels = m.sample(m.denoiser, a.samples, a.seed, steps=steps)
-    fp_s = time.perf_counter() - t0
-    fp_met = m.metrics(fp_img, labels)
-    rows.append(dict(model=name, bits="fp32", method="full precision", fid=fp_met["fid"], fid_x=1.0,
-                     acc=fp_met.get("acc"), psnr=math.inf, quant_s=0.0, sample_s=fp_s))
-    log(f"[{name}] full precision: FID {fp_met['fid']:.3f} acc {fp_met.get('acc')} ({fp_s:.0f} s)")
+    fp = {}
+    for sampler in samplers:
+        t0 = time.perf_counter()
+        fp_img, labels = m.sample(m.denoiser, a.samples, a.seed, steps=steps, **skw(sampler))
+        fp_s = time.perf_counter() - t0
+        fp_met = m.metrics(fp_img, labels)
+        fp[sampler] = (fp_img, labels, fp_met)
+        rows.append(dict(model=name, bits="fp32", method="full precision", sampler=sampler, fid=fp_met["fid"],
+                         fid_x=1.0, acc=fp_met.get("acc"), psnr=math.inf, quant_s=0.0, sample_s=fp_s))
+        log(f"[{name}]{tag(sampler)} full precision: FID {fp_met['fid']:.3f} acc {fp_met.get('acc')} ({fp_s:.0f} s)")
     calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
     calib = timestep_aware_subset(calls, a.calib_steps)
     for bits in a.bits:
@@ -76,18 +113,32 @@ def run_model(name: str, a, log=print) -> list:
                 log(f"[{name}] {bits} {method}: FAILED {type(exc).__name__}: {exc}")
                 continue
             qs = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            img, _ = m.sample(res.model, a.samples, a.seed, steps=steps)
-            ss = time.perf_counter() - t0
-            met = m.metrics(img, labels)
-            row = dict(model=name, bits=bits, method=method + (f" ({a.precision})" if a.precision else ""),
-                       fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
-                       acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss,
-                       kept=[dict(name=r["name"], mode=r["mode"], reason=r["reason"]) for r in
-                             res.info.get("precision", [])])
-            rows.append(row)
-            log(f"[{name}] {bits} {method}: FID {row['fid']:.3f} (x{row['fid_x']:.2f}) PSNR {row['psnr']:.1f} dB "
-                f"acc {row['acc']} quantized in {qs:.0f} s")
+            kept = [dict(name=r["name"], mode=r["mode"], reason=r["reason"]) for r in res.info.get("precision", [])]
+            # the PTQD residual variance (any +ptqd method) feeds the per-step report; only +vsc applies VSC
+            scale, rv = _key_scale(res.model), pipeline.get_stats_var(res.model)
+            var_fn = None if rv is None else (lambda s, f=rv, c=scale: f(float(s) * c))
+            vsc_method = res.var_fn is not None
+            # a +vsc method: first the same quantized model without VSC (the paired comparison), then with it
+            variants = [(method.replace("+vsc", ""), False), (method, True)] if vsc_method and a.sampler \
+                else [(method, vsc_method)]
+            for sampler in samplers:
+                fp_img, labels, fp_met = fp[sampler]
+                for label, vsc in variants:
+                    rep = [] if sampler is not None else None
+                    t0 = time.perf_counter()
+                    img, _ = m.sample(res.model, a.samples, a.seed, steps=steps, **skw(sampler, var_fn, rep, vsc))
+                    ss = time.perf_counter() - t0
+                    met = m.metrics(img, labels)
+                    row = dict(model=name, bits=bits, method=label + (f" ({a.precision})" if a.precision else ""),
+                               sampler=sampler, fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
+                               acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss, kept=kept)
+                    if rep:
+                        row.update(_report_sums(rep), vsc=vsc)
+                    rows.append(row)
+                    log(f"[{name}]{tag(sampler)} {bits} {label}: FID {row['fid']:.3f} (x{row['fid_x']:.2f}) PSNR "
+                        f"{row['psnr']:.1f} dB acc {row['acc']} quantized in {qs:.0f} s"
+                        + (f" residual var left {row['residual_var_left']:.2e}, noise var removed "
+                           f"{row['noise_var_removed']:.2e}" if rep else ""))
             del res
     return rows
 
@@ -95,6 +146,8 @@ def run_model(name: str, a, log=print) -> list:
 def format_table(rows) -> str:
     out = ["| model | bits | method | FID (x FP) | PSNR vs FP dB | class acc | quantize s |",
            "|---|---|---|---|---|---|---|"]
+    if any(r.get("sampler") for r in rows):  # flow samplers: the sampler is part of the method column
+        rows = [dict(r, method=f"{r['method']} [{r['sampler']}]") if r.get("sampler") else r for r in rows]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['model']} | {r['bits']} | {r['method']} | failed: {r['error'][:60]} | | | |")
@@ -126,6 +179,10 @@ def main(argv=None):
                    help="per-layer precision (default: the library's, measured)")
     p.add_argument("--deployed", action="store_true", help="sample with the integer kernels (default: fake-quant, "
                    "the same function up to float summation order; faster for these tiny models on a CPU)")
+    p.add_argument("--sampler", nargs="+", default=None, choices=["euler", "euler_ancestral"],
+                   help="rectified-flow models: sample every row with each of these flow samplers (default: the "
+                   "model's own, Euler); a +vsc method then also gives its row without VSC")
+    p.add_argument("--eta", type=float, default=1.0, help="noise amount of euler_ancestral (1 = full ancestral)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zoo.json"))
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
@@ -148,7 +205,8 @@ def main(argv=None):
         rows += run_model(name, a, log=lambda s: print(s, flush=True))
         with open(a.out, "w") as f:  # after every model: a long run leaves its finished part
             json.dump(dict(argv=argv if argv is not None else __import__("sys").argv[1:], samples=a.samples,
-                           deployed=a.deployed, torch=torch.__version__, machine=platform.machine(),
+                           deployed=a.deployed, sampler=a.sampler, eta=a.eta, torch=torch.__version__,
+                           machine=platform.machine(),
                            date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
     print()
     print(format_table(rows))

@@ -300,6 +300,42 @@ def ancestral_vsc_sigma_up(sigma: float, sigma_down: float, sigma_up: float, var
     return math.sqrt(max(sigma_up * sigma_up - (sigma - sigma_down) ** 2 * var_q, 0.0))
 
 
+# ---- rectified flow (velocity prediction): docs/FLOW_MATCHING.md -------------------------------------------
+# x_s = (1 - s) x0 + s·noise, the model predicts v = noise - x0 (x0 = x_s - s·v). The noise model and its
+# correction carry over unchanged with eps replaced by v: v_q = (1 + k_s) v + m_s x_s + b_s + r, corrected
+# v_c = (v_q - m_s x_s - b_s)/(1 + k_s) = v + r/(1 + k_s) (``PTQDStats.correct`` on the raw output, keyed by
+# the table key of s). What changes is how the remaining residual enters a step.
+
+def flow_euler_residual_var(sigma: float, sigma_next: float, var_q: float) -> float:
+    """Variance that the velocity residual (variance ``var_q``) adds to x in the rectified-flow Euler step
+    x' = x + (s' - s)·v: (s - s')²·var_q. Deterministic Euler injects no fresh noise, so there is nothing for
+    variance calibration to shrink: this variance stays in the sample (VSC is a no-op for Euler)."""
+    return (float(sigma) - float(sigma_next)) ** 2 * max(float(var_q), 0.0)
+
+
+def flow_ancestral_residual_coef(sigma: float, sigma_down: float, sigma_next: float) -> float:
+    """Coefficient of the velocity residual in the rectified-flow Euler-ancestral step (ComfyUI's
+    ``sample_euler_ancestral_RF``):  x' = (a'/a_d)·(x + (s_d - s)·v) + renoise·z, a' = 1 - s', a_d = 1 - s_d,
+    so a residual r in v enters x' as (a'/a_d)·(s_d - s)·r. Its magnitude is returned."""
+    a_next, a_down = 1.0 - float(sigma_next), 1.0 - float(sigma_down)
+    if a_down <= 0:
+        return 0.0
+    return a_next / a_down * abs(float(sigma) - float(sigma_down))
+
+
+def flow_ancestral_vsc_renoise(sigma: float, sigma_down: float, sigma_next: float, renoise: float,
+                               var_q: float) -> float:
+    """VSC for the rectified-flow Euler-ancestral step: the injected noise ``renoise`` (ComfyUI's
+    ``renoise_coeff``) shrinks so that fresh noise plus the velocity residual keep the scheduled variance:
+        renoise'² = max(renoise² - ((a'/a_d)·(s - s_d))²·var_q, 0).
+    s_d (the deterministic step) is unchanged, as in the eps-form ``ancestral_vsc_sigma_up``. No-op when no
+    noise is injected (eta = 0, the last step) or there is no residual."""
+    if renoise <= 0 or var_q <= 0:
+        return renoise
+    c = flow_ancestral_residual_coef(sigma, sigma_down, sigma_next)
+    return math.sqrt(max(renoise * renoise - c * c * var_q, 0.0))
+
+
 def _to_state(qmodel):
     stats = get_stats(qmodel)
     return None if stats is None else stats.state()

@@ -6,6 +6,10 @@ caller's business, see ``guided_eps_fn``). ``alphas_cumprod`` is the training sc
 it is a no-op for deterministic samplers (DDIM eta=0).
 
 Samplers are looked up in the ``SAMPLERS`` registry: "ddim" (eta), "ddpm", "euler_a".
+
+Rectified-flow (velocity-prediction) models have their own samplers, ``sample_flow`` ("euler",
+"euler_ancestral" in ComfyUI's ``sample_euler_ancestral_RF`` form), with the flow form of VSC
+(docs/FLOW_MATCHING.md); ``sample_sigmas_ptqd(..., flow=True)`` is the same in k-diffusion form for hosts.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from .calib import unet_output
 from .config import check_verb_args
 from .errors import ConfigError
 from .progress import Stage
-from .ptqd import ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma
+from .ptqd import (ancestral_vsc_sigma_up, ddim_vsc_sigma, ddpm_vsc_sigma, flow_ancestral_vsc_renoise,
+                   flow_euler_residual_var)
 
 SAMPLERS: Dict[str, Callable] = {}
 
@@ -166,7 +171,7 @@ class _Noise:
 
 
 def sample_sigmas_ptqd(model, x, sigmas, extra_args=None, callback=None, method="euler_ancestral", eta=1.0,
-                       s_noise=1.0, residual_var=None, report=None):
+                       s_noise=1.0, residual_var=None, report=None, flow=False):
     """A k-diffusion-style sampler (sigma space, ``model(x, sigma, **extra_args)`` returns the denoised x0) with
     PTQD variance calibration: the injected noise is reduced by ``residual_var(sigma)`` (the quantized model's
     residual eps variance at that sigma; None: a plain sampler). Methods: ``KDIFF_SAMPLERS``.
@@ -178,7 +183,13 @@ def sample_sigmas_ptqd(model, x, sigmas, extra_args=None, callback=None, method=
       ddpm (VP space)  x' = mu(x, eps) + sig'*z,  sig'^2 = max(sig^2 - (beta/(sqrt(alpha) sqrt(1-abar)))^2 v, 0)
       ddim(eta)        sig' solves sig'^2 + c(sig')^2 v = sig^2 (``ptqd.ddim_vsc_sigma``)
       euler            deterministic: nothing to reduce
+    ``flow=True``: a rectified-flow model (ComfyUI's CONST, x = (1 - sigma) x0 + sigma noise): euler is the same
+    formula, euler_ancestral takes ComfyUI's ``sample_euler_ancestral_RF`` form with the flow VSC
+    (``flow_ancestral_step``, ``ptqd.flow_ancestral_vsc_renoise``); ddpm/ddim are VP-space rules and refuse.
     """
+    if flow and method not in FLOW_SAMPLERS:
+        raise ConfigError(f"sampler {method!r} is a VP-space (eps) rule; a rectified-flow model samples with "
+                          f"{' or '.join(FLOW_SAMPLERS)}")
     extra_args = {} if extra_args is None else extra_args
     view = residual_var if method in KDIFF_STOCHASTIC else None
     noise = _Noise(x, extra_args.get("seed"))
@@ -193,6 +204,13 @@ def sample_sigmas_ptqd(model, x, sigmas, extra_args=None, callback=None, method=
         if method == "euler" or (method == "euler_ancestral" and sigma_next <= 0):
             x = denoised + eps * sigma_next
             before = after = 0.0
+        elif flow:  # euler_ancestral, rectified flow (eps here is the velocity (x - x0)/sigma)
+            s_down, scale, before = flow_ancestral_step(sigma, sigma_next, eta)
+            after = flow_ancestral_vsc_renoise(sigma, s_down, sigma_next, before, var) if var > 0 else before
+            ratio = s_down / sigma
+            x = scale * (ratio * x + (1.0 - ratio) * denoised)
+            if before > 0:  # drawn even when VSC removed it all: the noise stream stays paired with a plain run
+                x = x + noise(x) * (s_noise * after)
         elif method == "euler_ancestral":
             s_down, s_up = ancestral_step(sigma, sigma_next, eta)
             before = s_up
@@ -221,4 +239,64 @@ def sample_sigmas_ptqd(model, x, sigmas, extra_args=None, callback=None, method=
             x = x_vp * math.sqrt(1.0 + sigma_next ** 2)
         if report is not None:
             report.append({"step": i, "sigma": sigma, "var": var, "noise_before": before, "noise_after": after})
+    return x
+
+
+# ---- rectified-flow samplers (velocity prediction), with the flow form of VSC: docs/FLOW_MATCHING.md -----
+FLOW_SAMPLERS = ("euler", "euler_ancestral")
+
+
+def flow_ancestral_step(sigma: float, sigma_next: float, eta: float):
+    """``(sigma_down, scale, renoise)`` of ComfyUI's ``sample_euler_ancestral_RF`` step for rectified flow:
+        s_d = s'·(1 + (s'/s - 1)·eta),  x' = (a'/a_d)·(x + (s_d - s)·v) + renoise·z,
+        a' = 1 - s', a_d = 1 - s_d,  renoise = sqrt(s'² - s_d²·a'²/a_d²),
+    i.e. an Euler step down to s_d, then the signal rescaled to a' and fresh noise added up to s'. The last step
+    (s' = 0) and eta = 0 are plain Euler steps: ``(s', 1, 0)``."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if sigma_next <= 0 or eta <= 0:
+        return sigma_next, 1.0, 0.0
+    s_down = sigma_next * (1.0 + (sigma_next / sigma - 1.0) * eta)
+    a_next, a_down = 1.0 - sigma_next, 1.0 - s_down
+    renoise = math.sqrt(max(sigma_next ** 2 - s_down ** 2 * a_next ** 2 / a_down ** 2, 0.0))
+    return s_down, a_next / a_down, renoise
+
+
+def sample_flow(v_fn, x: torch.Tensor, sigmas, method: str = "euler", eta: float = 1.0, var_fn=None, gen=None,
+                s_noise: float = 1.0, report=None, st=None, vsc: bool = True) -> torch.Tensor:
+    """Sample a velocity-predicting rectified-flow model from ``x`` (noise at ``sigmas[0]``) down ``sigmas``.
+
+    ``v_fn(x, s) -> v`` (guidance is the caller's); ``var_fn(s)``: residual variance of the (PTQD-corrected)
+    velocity at s (e.g. ``PTQDStats.residual_var_at`` at the table key of s), which turns on VSC for
+    euler_ancestral (``ptqd.flow_ancestral_vsc_renoise``); for euler there is no noise to shrink and
+    ``var_fn`` only feeds ``report`` (the residual variance each step adds to x and no shrunken noise
+    offsets: ``residual_var_left``, before later steps rescale it); ``vsc=False``: the
+    same report with the plain (uncalibrated) noise. ``gen``: generator
+    of the injected noise, drawn in every noisy step whether or not VSC shrinks it (paired with a plain run).
+      euler            x' = x + (s' - s)·v
+      euler_ancestral  x' = (a'/a_d)·(x + (s_d - s)·v) + renoise'·z   (``flow_ancestral_step``)
+    """
+    if method not in FLOW_SAMPLERS:
+        raise ConfigError(f"unknown flow sampler {method!r}; choose one of {list(FLOW_SAMPLERS)}")
+    sigmas = [float(s) for s in sigmas]
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = v_fn(x, s)
+        var = float(var_fn(s)) if var_fn is not None else 0.0
+        if method == "euler" or s_next <= 0 or eta <= 0:
+            x = x + (s_next - s) * v
+            before = after = 0.0
+            left = flow_euler_residual_var(s, s_next, var)
+        else:
+            s_down, scale, before = flow_ancestral_step(s, s_next, eta)
+            after = flow_ancestral_vsc_renoise(s, s_down, s_next, before, var) if var > 0 and vsc else before
+            x = scale * (x + (s_down - s) * v)
+            if before > 0:
+                z = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+                x = x + (s_noise * after) * z
+            coef = scale * (s - s_down)
+            left = max(coef * coef * var - (before * before - after * after), 0.0)
+        if report is not None:
+            report.append({"step": i, "sigma": s, "var": var, "noise_before": before, "noise_after": after,
+                           "residual_var_left": left})
+        if st is not None:
+            st.step()
     return x
