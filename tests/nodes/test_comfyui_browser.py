@@ -72,6 +72,16 @@ def newest_frontend_root() -> Path | None:
     return root if (root / "index.html").is_file() else None
 
 
+def frontend_version(root: Path | None, python: str) -> str:
+    """Version of the frontend in ``root`` (its dist-info next to the package), or of the one ``python`` has."""
+    if root is not None:
+        infos = sorted(root.parent.parent.glob("comfyui_frontend_package-*.dist-info"))
+        return infos[-1].name.split("-")[1].removesuffix(".dist-info") if infos else f"unknown ({root})"
+    code = "import importlib.metadata as m; print(m.version('comfyui-frontend-package'))"
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip() or "unknown"
+
+
 def _color_is(px, rgb, tol=40) -> bool:
     return all(abs(int(p) - c) <= tol for p, c in zip(px[:3], rgb))
 
@@ -177,7 +187,7 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
 
     helpers = browser_helpers
     comfyui_dir = comfy_harness.comfyui_dir_from_env()
-    extra = []
+    extra, root = [], None
     if frontend.startswith("newest"):
         root = newest_frontend_root()
         if root is None or not (root / "index.html").is_file():
@@ -203,7 +213,7 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
                                      "(app.extensions ?? []).some(e => e.name === 'lowbit.CompareImages'))"),
                       120, "the ComfyUI page with the LowBit extension", log=server.log_path)
         time.sleep(3)  # the frontend loads its default workflow after setup; build ours after that
-        version = client.get("/settings").get("Comfy.InstalledVersion", "unknown")
+        version = frontend_version(root, server.python)
         vue = bool(cdp.js("!!LiteGraph.vueNodesMode"))
         assert vue == frontend.endswith("-vue"), f"Nodes 2.0 is {'on' if vue else 'off'} in frontend {version}"
         node_id = cdp.js(BUILD_GRAPH)

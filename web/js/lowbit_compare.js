@@ -64,7 +64,7 @@ function makeWidget(node) {
   // a Vue node's own canvas).
   const state = {
     a: [], b: [], index: 0, text: [], split: 0.5, hover: false, dragging: false, rect: null, labelBar: null,
-    ownCanvas: null, widget: null,
+    ownCanvas: null, widget: null, drawWidth: null,
   };
 
   function redraw() {
@@ -92,6 +92,15 @@ function makeWidget(node) {
     if (state.ownCanvas && target === state.ownCanvas) return [e.offsetX, e.offsetY];
     if (typeof e?.canvasX === "number") return [e.canvasX - node.pos[0], e.canvasY - node.pos[1]];
     return null;
+  }
+
+  // Nodes 2.0: the widget's height, the image fitted to the widget's width plus the metrics lines.
+  function fittedHeight(n) {
+    const text = MARGIN + state.text.length * TEXT_LINE;
+    const img = state.a[state.index] ?? state.b[0];
+    const width = Math.max(10, (state.drawWidth ?? n?.size?.[0] ?? 320) - 2 * MARGIN);
+    const height = img ? Math.ceil(width * img.naturalHeight / img.naturalWidth) + text : 0;
+    return Math.max(MIN_IMAGE_H + text, height);
   }
 
   function step(dir) {
@@ -124,14 +133,29 @@ function makeWidget(node) {
     value: "",
     serialize: false, // display only: nothing of this goes into the workflow or the prompt
     state,
-    // Growable: the image takes the node's free height (at least MIN_IMAGE_H plus the metrics lines).
-    computeLayoutSize() {
-      return { minHeight: MIN_IMAGE_H + MARGIN + state.text.length * TEXT_LINE, minWidth: 160 };
+    // Graph canvas: growable, the image takes the node's free height (at least MIN_IMAGE_H plus the metrics
+    // lines). Nodes 2.0: a fixed height (the image fitted to the widget's width), because there the node's size
+    // is measured from the DOM, and a widget that takes all free space grows the node on every measurement.
+    computeLayoutSize(n) {
+      const minHeight = MIN_IMAGE_H + MARGIN + state.text.length * TEXT_LINE;
+      if (!(state.ownCanvas || globalThis.LiteGraph?.vueNodesMode)) return { minHeight, minWidth: 160 };
+      const height = fittedHeight(n);
+      return { minHeight: height, maxHeight: height, minWidth: 160 };
     },
     draw(ctx, n, widgetWidth, y, H) {
       state.widget = this;
       const own = ctx.canvas && ctx.canvas !== mainCanvasElement();
       if (own) adoptOwnCanvas(ctx.canvas);
+      state.drawWidth = widgetWidth;
+      if (own) {
+        // Nodes 2.0 sizes the widget's canvas from computedHeight, which nothing recomputes there once the
+        // images (and their aspect ratio) are known: set it, and draw again at that height.
+        const want = fittedHeight(n);
+        if (!(Math.abs((H ?? 0) - want) <= 1)) {
+          this.computedHeight = want;
+          requestAnimationFrame(() => this.triggerDraw?.());
+        }
+      }
       // Height available to this widget: its own canvas's height (Vue nodes pass it as H), the layout's
       // computed height on the graph canvas, or whatever is left of the node.
       const total = own && Number.isFinite(H) && H > 0 ? H
@@ -185,6 +209,10 @@ function makeWidget(node) {
       }
       ctx.fillStyle = "#ddd";
       ctx.font = "12px monospace";
+      const widest = Math.max(1, ...state.text.map((line) => ctx.measureText(line).width));
+      if (widest > widgetWidth - 2 * MARGIN) {  // shrink the metrics to the node's width (not below 8 px)
+        ctx.font = `${Math.max(8, Math.floor(12 * (widgetWidth - 2 * MARGIN) / widest))}px monospace`;
+      }
       state.text.forEach((line, i) => ctx.fillText(line, MARGIN, dy + dh + TEXT_LINE * (i + 1)));
       ctx.restore();
     },
