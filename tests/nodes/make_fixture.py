@@ -18,6 +18,13 @@ Variants (UNet only; CLIP-L ~246 MB fp16 dominates the file):
     micro  channel_mult [1],    1 res block, attention at the level and in the middle   (~26 M UNet params)
     tiny   channel_mult [1, 2], 1 res block per level, attention everywhere           (~107 M UNet params)
 
+Other architectures (each builder's comment says what ComfyUI's detection fixes and what was reduced):
+    sd3    ComfyUI's MMDiT, depth 2 (hidden 128), CLIP-L only, TAESD3                         (~0.25 GB file)
+    sdxl   ComfyUI's UNetModel with Segmind Vega's block depths at 320 channels everywhere (detected as
+           Segmind_Vega, an SDXL-family config), full-size CLIP-L + CLIP-G, TAESDXL          (~1.8 GB, ~1 min)
+    flux   ComfyUI's Flux dev at its fixed width (3072, 24 heads), 1 double + 1 single block, the diffusion
+           model only (no text encoder: Flux's always builds T5-XXL); for models/diffusion_models (~1.0 GB, ~30 s)
+
 Must run with ComfyUI's python (it imports ``comfy``). Usage:
 
     $COMFYUI_PYTHON tests/nodes/make_fixture.py --comfyui-dir $COMFYUI_DIR [--variant micro] [--seed 0]
@@ -240,8 +247,7 @@ TAESDXL_SCALE = 0.13025
 def build_sdxl_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
     import torch
     comfy, UNetModel = _import_comfy(comfyui_dir)
-    import comfy.sdxl_clip
-    import comfy.supported_models
+    from comfy import sdxl_clip, supported_models
     ops = comfy.ops.disable_weight_init
     sd: dict[str, torch.Tensor] = {}
     unet = UNetModel(**SDXL_UNET, dtype=torch.float32, device="cpu", operations=ops)
@@ -249,12 +255,12 @@ def build_sdxl_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict
     sd.update({UNET_PREFIX + k: v.to(torch.float16) for k, v in unet.state_dict().items()})
     del unet
 
-    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16,
+    clip = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16,
                                          model_options={"custom_operations": ops})
     _init_module(clip, "sdxl_clip.", seed)
     clip_sd = {k: v for k, v in clip.state_dict().items() if ".transformer." in k or k.endswith("logit_scale")}
     del clip
-    cfg = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config))
+    cfg = supported_models.SDXL(dict(supported_models.SDXL.unet_config))
     sd.update(cfg.process_clip_state_dict_for_saving(clip_sd))
     del clip_sd
 
