@@ -11,6 +11,7 @@ injects correspondingly less fresh noise so the total noise level stays on sched
   ddpm (VP space)  x' = mu(x, eps) + sig'*z,           sig'^2 = max(sig^2 - (beta/(sqrt(alpha) sqrt(1-abar)))^2 v_t, 0)
   ddim(eta)        sig' solves sig'^2 + c(sig')^2 v_t = sig^2 (core ``ddim_vsc_sigma``)
   euler            deterministic: nothing to reduce (VSC is a no-op; the corrected prediction still applies)
+  rectified flow   (CONST models) euler_ancestral takes ComfyUI's RF step and the flow VSC; ddpm/ddim refuse
 
 with t = model_sampling.timestep(sigma) (the statistics' key), s = sigma, eps = (x - denoised)/sigma, and
 abar = 1/(1 + sigma^2) for ComfyUI's eps-prediction (VP) models. v_t is the residual variance after the
@@ -37,7 +38,18 @@ def sample_ptqd(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     being sampled (found through ``comfy_adapter.ptqd_view``)."""
     view = adapter.ptqd_view(model) if vsc and method in STOCHASTIC else None
     return sample_sigmas_ptqd(model, x, sigmas, extra_args, callback, method=method, eta=eta, s_noise=s_noise,
-                              residual_var=None if view is None else view.residual_var, report=report)
+                              residual_var=None if view is None else view.residual_var, report=report,
+                              flow=_is_flow(model))
+
+
+def _is_flow(model_k) -> bool:
+    """CONST (rectified-flow) models take the flow step, as ComfyUI's euler_ancestral does (docs/FLOW_MATCHING.md)."""
+    ms = getattr(getattr(getattr(model_k, "inner_model", None), "inner_model", None), "model_sampling", None)
+    try:
+        import comfy.model_sampling as cms
+    except ImportError:  # outside ComfyUI (contract tests)
+        return False
+    return isinstance(ms, cms.CONST)
 
 
 def check_sampler_settings(sampler_name=None, eta=None, s_noise=None):
