@@ -1,0 +1,181 @@
+"""Loading without the float weights (issue 14 item 1): ``load_model(path)`` / ``load(path)`` build the recorded
+architecture on the meta device and fill it from the file alone; the result must be the same model the float path
+``load(float_model, path)`` gives: every tensor equal and bit-identical outputs. Files that do not record what is
+needed are refused with a one-line LoadError naming the fix. (Peak memory: bench/bench_load_memory.py.)"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowbit.kernels.registry import forced_backend
+from lowbit.quant import (CallRecorder, ConfigError, LoadError, QuantConfig, attach_stats, collect_stats, deploy_,
+                          get_stats, load, load_model, quant_layers, quantize, save)
+from lowbit.quant.io import FLOAT_PREFIX, tensor_digest
+
+FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+
+
+def _state(m):
+    return {k: v for k, v in m.state_dict().items() if v is not None}
+
+
+def _assert_same_model(a, b):
+    sa, sb = _state(a), _state(b)
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert not any(t.is_meta for t in list(b.parameters()) + list(b.buffers()))
+    assert [n for n, _ in quant_layers(a)] == [n for n, _ in quant_layers(b)]
+    assert all(m.mode == "deployed" for _, m in quant_layers(b))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from lowbit.models import load_default_unet
+
+    unet = load_default_unet().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    lab = torch.tensor([1, 5, 10])
+    with CallRecorder(unet) as rec, torch.no_grad():
+        for t in (900, 500, 100, 20):
+            unet(torch.randn(3, 1, 16, 16, generator=g), torch.tensor([t] * 3), class_labels=lab)
+    return unet, rec.calls
+
+
+@pytest.fixture(scope="module")
+def digits_files(digits, tmp_path_factory):
+    unet, calls = digits
+    d = tmp_path_factory.mktemp("standalone")
+    out = {}
+    for name, cfg in (("w8a8", QuantConfig.preset("W8A8")), ("w4a8_ptqd", QuantConfig.preset("W4A8", time_bins=2))):
+        q = quantize(unet, cfg, calls)
+        if name.endswith("ptqd"):
+            attach_stats(q, collect_stats(unet, q, calls))
+        deploy_(q)
+        out[name] = save(q, str(d / f"{name}.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a8_ptqd"])
+def test_embedded_model_without_float_weights_is_the_float_path_model(digits, digits_files, name):
+    unet, _ = digits
+    p = digits_files[name]
+    a = load(unet, p)
+    for b in (load_model(p), load(p)):
+        assert type(b) is type(a)
+        assert {k: v for k, v in b.config.items() if not k.startswith("_")} == \
+            {k: v for k, v in a.config.items() if not k.startswith("_")}
+        _assert_same_model(a, b)
+        if name.endswith("ptqd"):
+            sa, sb = get_stats(a), get_stats(b)
+            assert sb is not None and torch.equal(sa.bias, sb.bias) and torch.equal(sa.t, sb.t)
+        g = torch.Generator().manual_seed(7)
+        x, t, lab = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([800.0, 300.0, 30.0]), torch.tensor([7, 2, 10])
+        for backend in ("eager", None):  # the reference kernels, then whatever the registry picks
+            with torch.no_grad(), (forced_backend(backend) if backend else torch.enable_grad()):
+                oa, ob = a(x, t, class_labels=lab).sample, b(x, t, class_labels=lab).sample
+            assert torch.equal(oa, ob), backend
+
+
+def test_zoo_text_model_without_float_weights_is_the_float_path_model(tmp_path):
+    """latent_text: a UNet2DConditionModel (cross-attention, GEGLU, linear projections) from the zoo."""
+    from lowbit.models.zoo import load as zoo_load
+
+    unet = zoo_load("latent_text").denoiser
+    g = torch.Generator().manual_seed(0)
+    with CallRecorder(unet) as rec, torch.no_grad():
+        for t in (900, 400, 50):
+            unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([t, t]),
+                 encoder_hidden_states=torch.randn(2, 5, 64, generator=g))
+    q = quantize(unet, QuantConfig.preset("W4A8"), rec.calls)
+    deploy_(q)
+    p = save(q, str(tmp_path / "lt.safetensors"))
+    a, b = load(unet, p), load_model(p)
+    _assert_same_model(a, b)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700.0, 60.0]), torch.randn(2, 5, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(a(x, t, encoder_hidden_states=ctx).sample, b(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_the_float_model_is_not_needed_to_be_built(digits_files, monkeypatch):
+    """load_model never runs a real-device constructor: every parameter it builds is on the meta device until the
+    file fills it (a float copy would need the weights' memory)."""
+    from lowbit.quant import io as qio
+
+    real, built = qio.build_arch, []
+
+    def spy(path, arch):
+        m = real(path, arch)
+        built.append(all(t.is_meta for t in list(m.parameters()) + list(m.buffers())))
+        return m
+
+    monkeypatch.setattr(qio, "build_arch", spy)
+    load_model(digits_files["w8a8"])
+    assert built == [True]
+
+
+def _one_line_refusal(p, *words):
+    with pytest.raises(LoadError) as ei:
+        load_model(p)
+    msg = str(ei.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a8_ptqd"])
+def test_release_files_without_arch_are_refused_with_the_fix(name):
+    _one_line_refusal(os.path.join(FIX, f"fmt1_{name}.safetensors"), "file format 1", "load(model, path)",
+                      "save the result again")
+
+
+def test_file_saved_without_arch_is_refused_and_still_loads_on_the_float_model(digits, tmp_path):
+    unet, calls = digits
+    q = quantize(unet, QuantConfig.preset("W8A8"), calls)
+    deploy_(q)
+    p = save(q, str(tmp_path / "noarch.safetensors"), arch=False)
+    _one_line_refusal(p, "architecture", "load(model, path)")
+    load(unet, p)
+
+
+def test_comfyui_file_is_sent_to_the_node(digits_files, tmp_path):
+    p = digits_files["w8a8"]
+    with safe_open(p, "pt") as f:
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+        h = json.loads(f.metadata()["lowbit"])
+    h["arch"] = {"library": "comfyui", "class": "SD15", "config": {"unet_config.model_channels": 320}}
+    h["tensor_sha256"] = {k: tensor_digest(v) for k, v in ts.items()}
+    q = str(tmp_path / "comfy.safetensors")
+    save_file(ts, q, metadata={"lowbit": json.dumps(h)})
+    _one_line_refusal(q, "comfyui", "Load Quantized UNet")
+
+
+def test_load_without_a_path_needs_a_path(digits):
+    with pytest.raises(ConfigError, match="load"):
+        load(digits[0])
+
+
+def test_save_checks_an_arch_it_is_given(digits, tmp_path):
+    unet, calls = digits
+    q = quantize(unet, QuantConfig.preset("W8A8"), calls)
+    deploy_(q)
+    with pytest.raises(ConfigError, match="arch"):
+        save(q, str(tmp_path / "x.safetensors"), arch={"library": "diffusers", "class": "os.system", "config": {}})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_file_holds_exactly_the_state_outside_the_quantized_layers(digits, digits_files):
+    unet, _ = digits
+    with safe_open(digits_files["w8a8"], "pt") as f:
+        keys = [k[len(FLOAT_PREFIX):] for k in f.keys() if k.startswith(FLOAT_PREFIX)]
+        h = json.loads(f.metadata()["lowbit"])
+        for k in keys:
+            assert torch.equal(f.get_tensor(FLOAT_PREFIX + k), unet.state_dict()[k])
+    assert sorted(keys) == h["float_tensors"] and keys
+    qnames = list(h["layers"]) + list(h["splits"])  # a split convolution's float weight became its parts
+    assert not any(k.startswith(n + ".") for k in keys for n in qnames)
+    assert set(keys) | {k for k in unet.state_dict() if any(k.startswith(n + ".") for n in qnames)} \
+        == set(unet.state_dict())
+    assert h["format_version"] == 3 and h["arch"]["class"] == "UNet2DModel"
