@@ -83,8 +83,42 @@ class LowBitTestScheduleReport:
                        "sampling": [c.__name__ for c in type(ms).__mro__]}}
 
 
+class LowBitTestDetect:
+    """What ComfyUI's "Load Diffusion Model" path detects for a safetensors file (comfy/sd.py
+    load_diffusion_model_state_dict's first steps: the UNet prefix, then model_detection.model_config_from_unet),
+    run on meta tensors shaped from the file's header: the config class and the detected unet_config."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "detect"
+    CATEGORY = "lowbit_test"
+
+    def detect(self, path):
+        import json
+        import struct
+        import comfy.model_detection as md
+        import comfy.utils
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                  "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+        with open(path, "rb") as f:
+            h = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        h.pop("__metadata__", None)
+        sd = {k: torch.empty(v["shape"], dtype=dtypes[v["dtype"]], device="meta") for k, v in h.items()}
+        temp = comfy.utils.state_dict_prefix_replace(sd, {md.unet_prefix_from_state_dict(sd): ""}, filter_keys=True)
+        cfg = md.model_config_from_unet(temp if temp else sd, "")
+        plain = (int, float, str, list, bool)
+        unet = {} if cfg is None else {k: v for k, v in cfg.unet_config.items() if isinstance(v, plain)}
+        return {"ui": {"config": [None if cfg is None else type(cfg).__name__],
+                       "unet_config": [json.dumps(unet, sort_keys=True)]}}
+
+
 NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning,
-                       "LowBitTestScheduleReport": LowBitTestScheduleReport}
+                       "LowBitTestScheduleReport": LowBitTestScheduleReport,
+                       "LowBitTestDetect": LowBitTestDetect}
 '''
 
 CALIB = dict(calibration_steps=2, calibration_samples=1, seed=0, calibration_width=64, calibration_height=64,
@@ -206,6 +240,26 @@ def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
     return layers
 
 
+def detect(comfy, path: Path) -> tuple:
+    """(config class name, unet_config) ComfyUI's model detection gives for a file (LowBitTestDetect)."""
+    out = comfy.run({"1": {"class_type": "LowBitTestDetect", "inputs": {"path": str(path)}}})["outputs"]["1"]
+    return out["config"][0], json.loads(out["unet_config"][0])
+
+
+def check_native_detected(comfy, native: Path, fixture: Path, bits: str, expected_config: str):
+    """ComfyUI's detection reads the exported file as the same model as the float fixture. int8_tensorwise keeps
+    every weight's shape; awq_w4a16 stores [N, K/2] bytes, which detection reads as a K half as wide where it
+    takes a width from a weight (printed; asserted for 8 bits)."""
+    fixture_cfg = detect(comfy, fixture)
+    assert fixture_cfg[0] == expected_config, fixture_cfg
+    native_cfg = detect(comfy, native)
+    print(f"ComfyUI 0.3.64 detection of the {bits} comfyui-native file: {native_cfg[0]} "
+          f"({'same config as the float model' if native_cfg == fixture_cfg else 'differs: ' + str(native_cfg)})")
+    if bits == "W8A8":
+        assert native_cfg == fixture_cfg, (native_cfg, fixture_cfg)
+    return native_cfg == fixture_cfg
+
+
 def check_ptqd_keys(lowbit_file: Path, report: dict, scale: float, T: int = 1000):
     """The saved PTQD tables are keyed by scale * model_sampling.timestep(sigma) for the sigmas of the
     calibration schedule (every step's call; the last sigma, 0, is not a model call)."""
@@ -290,11 +344,13 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     rel = hist["outputs"]["13"]["lowbit_files"][0]
     lowbit_file = comfy.server.base_dir / "models" / "lowbit" / rel
     header = json.loads(_header(lowbit_file)["__metadata__"]["lowbit"])
-    assert "comfy-flux" in json.dumps(header), "the saved file does not name the comfy-flux profile"
+    assert header["model"]["cls"] == "Flux" and header["num_train_timesteps"] == 1000, header["model"]
     if "ptqd" in method:
         keys = check_ptqd_keys(lowbit_file, report, scale=1000.0)
         assert max(keys) > 1.0, "keys are on the [0, 1000) scale, not sigma"
-    layers = check_native_file(_native_path(comfy, hist, "14"), _fixture_unet_keys(flux, ""), bits)
+    native = _native_path(comfy, hist, "14")
+    layers = check_native_file(native, _fixture_unet_keys(flux, ""), bits)
+    check_native_detected(comfy, native, flux, bits, "Flux")
     assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
                                                                            for k in layers), sorted(layers)
 
@@ -367,12 +423,13 @@ def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     rel = hist["outputs"]["13"]["lowbit_files"][0]
     lowbit_file = comfy.server.base_dir / "models" / "lowbit" / rel
     header = json.loads(_header(lowbit_file)["__metadata__"]["lowbit"])
-    assert "ldm-unet" in json.dumps(header) or "comfy" in json.dumps(header), "no profile named in the header"
+    assert header["model"]["cls"] == "UNetModel" and header["num_train_timesteps"] == 1000, header["model"]
     if "ptqd" in method:
         keys = check_ptqd_keys(lowbit_file, report, scale=1.0)
         assert max(keys) > 500, keys  # the first step's discrete timestep (~999), not a sigma
-    layers = check_native_file(_native_path(comfy, hist, "14"), _fixture_unet_keys(ckpt, "model.diffusion_model."),
-                               bits)
+    native = _native_path(comfy, hist, "14")
+    layers = check_native_file(native, _fixture_unet_keys(ckpt, "model.diffusion_model."), bits)
+    check_native_detected(comfy, native, ckpt, bits, "Segmind_Vega")
     assert any(".attn2.to_k" in k for k in layers), sorted(layers)[:20]   # cross-attention over the 2048-d context
 
     t1 = time.perf_counter()
