@@ -55,3 +55,23 @@ def test_release_file_keeps_its_ptqd_statistics(default_unet):
     st = get_stats(q)
     assert st is not None and st.bias.shape[1] == 1 and st.t.numel() == 5
     assert get_stats(load(default_unet, os.path.join(FIX, "fmt1_w8a8.safetensors"))) is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_release_file_resaved_loads_without_the_float_model(default_unet, expected, name, tmp_path):
+    """A first-release file holds no architecture: ``load_model`` refuses it in one line naming the fix, and the
+    fix (load it onto the float model, save it again) gives a file that loads alone and computes the same."""
+    from lowbit.quant import LoadError, load_model, save
+
+    p = os.path.join(FIX, f"fmt1_{name}.safetensors")
+    with pytest.raises(LoadError) as ei:
+        load_model(p)
+    assert "\n" not in str(ei.value) and "load(model, path)" in str(ei.value)
+    q = load(default_unet, p)
+    b = load_model(save(q, str(tmp_path / "resaved.safetensors")))
+    x, t, lab = expected["x"], expected["t"], expected["labels"]
+    with torch.no_grad(), forced_backend("eager"):
+        out_q = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
+        out_b = torch.cat([b(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
+    assert torch.equal(out_q, out_b)
+    torch.testing.assert_close(out_b, expected[f"out_{name}"], rtol=0, atol=1e-5)

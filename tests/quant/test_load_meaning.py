@@ -226,3 +226,129 @@ def test_schedule_with_bits_the_layers_have_no_tables_for(unet, good, tmp_path):
         h["schedule"] = C.to_json_obj(BitwidthSchedule(segments=((0.0, 499.0, 8), (500.0, 999.0, 4))))
 
     _refused(unet, _craft(good, tmp_path, edit), r"schedule uses activation bits \[4, 8\]")
+
+
+# ---------------------------------------------------------------- format 3: arch and float tensors (issue 14 item 1)
+def _refused_alone(p, match):
+    from lowbit.quant import load_model
+
+    with pytest.raises(LoadError, match=match):
+        load_model(p)
+
+
+def test_good_file_loads_alone(good):
+    from lowbit.quant import load_model
+
+    load_model(good[0])
+
+
+@pytest.mark.parametrize("arch,match", [
+    ({"library": "diffusers", "class": "AutoencoderKL", "config": {}}, "arch class 'AutoencoderKL' is not one"),
+    ({"library": "torch.hub", "class": "UNet2DModel", "config": {}}, "arch library 'torch.hub' is not one of"),
+    ({"library": "diffusers", "class": "UNet2DModel"}, r"arch is not an object \{library, class, config\}"),
+    ({"library": "diffusers", "class": "UNet2DModel", "config": [1]}, "config not an object"),
+    ("UNet2DModel", r"arch is not an object"),
+])
+def test_arch_that_is_not_an_allowed_class(unet, good, tmp_path, arch, match):
+    def edit(h):
+        h["arch"] = arch
+
+    p = _craft(good, tmp_path, edit_header=edit)
+    _refused(unet, p, match)  # checked on the float path too: every header field has a meaning
+    _refused_alone(p, match)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("evil", 1, "1 keys UNet2DModel does not take"),
+    ("act_fn", "__import__('os').system('x')", "holds the string"),
+    ("layers_per_block", 10 ** 6, "'layers_per_block'=1000000 is not a count in 0..64"),
+    ("sample_size", 2 ** 40, "outside -2"),
+    ("norm_eps", {"a": {"b": {"c": 1}}}, "is not a number, string"),
+    ("_class_name", "UNet2DModel", "has the key '_class_name'"),
+    ("block_out_channels", [32, 64], "does not build a UNet2DModel"),  # 3 block types, 2 widths
+])
+def test_arch_config_values_are_checked(unet, good, tmp_path, key, value, match):
+    def edit(h):
+        h["arch"]["config"][key] = value
+
+    p = _craft(good, tmp_path, edit_header=edit)
+    if "does not build" not in match:
+        _refused(unet, p, match)
+    _refused_alone(p, match)
+
+
+def test_arch_config_of_another_architecture(unet, good, tmp_path):
+    def edit(h):
+        h["arch"]["config"]["block_out_channels"] = [32, 64, 128]
+
+    _refused_alone(_craft(good, tmp_path, edit_header=edit), "does not match this model")
+
+
+def test_float_tensor_listed_but_not_stored(unet, good, tmp_path):
+    def edit(ts, h):
+        del ts["__float__.conv_norm_out.weight"]
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, "float tensor 'conv_norm_out.weight' is listed but not stored")
+    _refused_alone(p, "listed but not stored")
+
+
+def test_float_tensor_stored_but_not_listed(unet, good, tmp_path):
+    def edit(ts, h):
+        ts["__float__.smuggled"] = torch.zeros(4)
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, "float tensors its header does not list")
+    _refused_alone(p, "float tensors its header does not list")
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, ["x", "x"], [""], [3]])
+def test_float_tensor_list_malformed(unet, good, tmp_path, value):
+    def edit(h):
+        h["float_tensors"] = value
+
+    _refused(unet, _craft(good, tmp_path, edit_header=edit), "float_tensors is not a list")
+
+
+def test_float_tensor_the_model_lacks_or_lists_twice(unet, good, tmp_path):
+    def missing(ts, h):
+        del ts["__float__.conv_norm_out.bias"]
+        h["float_tensors"].remove("conv_norm_out.bias")
+
+    _refused_alone(_craft(good, tmp_path, missing), "lacks 1 float tensors of this model .*'conv_norm_out.bias'")
+
+    def surplus(ts, h):
+        ts["__float__.extra.weight"] = torch.zeros(2)
+        h["float_tensors"] = sorted(h["float_tensors"] + ["extra.weight"])
+
+    _refused_alone(_craft(good, tmp_path, surplus), "float tensor 'extra.weight' that this model does not have")
+
+
+def test_float_tensor_shape_dtype_and_values(unet, good, tmp_path):
+    def shape(ts, h):
+        ts["__float__.conv_norm_out.weight"] = torch.ones(3)
+
+    _refused_alone(_craft(good, tmp_path, shape), r"float tensor 'conv_norm_out.weight' is F32\[3\], this model "
+                                                  r"holds float32\[32\]")
+
+    def dtype(ts, h):
+        ts["__float__.conv_norm_out.weight"] = ts["__float__.conv_norm_out.weight"].to(torch.int32)
+
+    _refused_alone(_craft(good, tmp_path, dtype), "is I32")
+
+    def nan(ts, h):
+        ts["__float__.conv_norm_out.weight"][1] = float("nan")
+
+    _refused_alone(_craft(good, tmp_path, nan), "float tensor 'conv_norm_out.weight' contains NaN/Inf")
+
+
+def test_version_2_header_has_no_arch_and_loads_on_the_float_model(unet, good, tmp_path):
+    def edit(ts, h):
+        for k in [k for k in ts if k.startswith("__float__.")]:
+            del ts[k]
+        del h["arch"], h["float_tensors"]
+        h["format_version"] = 2
+
+    p = _craft(good, tmp_path, edit)
+    load(unet, p)
+    _refused_alone(p, "file format 2")
