@@ -97,8 +97,7 @@ def deployed(subject: _Subject, bits: str, tune: bool):
         else:  # registry order, whatever deploy_ attached
             pw.cache.pop("autotune", None)
             pw.cache.pop("cache_int4", None)
-            if hasattr(pw, "_lowbit_autotune"):
-                pw._lowbit_autotune = None
+            pw.tune = None
     return q
 
 

@@ -40,7 +40,7 @@ from . import dense  # noqa: F401  (registers the dense backend)
 from . import registry
 
 __all__ = ["attach", "attach_model", "is_attached", "run", "summary", "format_summary", "clear", "decisions",
-           "enabled", "ROUNDS"]
+           "enabled", "active", "chosen", "ROUNDS"]
 
 ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 # the registry's own choice is kept unless another candidate is measured faster by more than this fraction
@@ -56,11 +56,11 @@ _LOCK = threading.RLock()
 
 # ----------------------------------------------------------------------------------------------- switches
 def enabled() -> bool:
-    return os.environ.get("LOWBIT_AUTOTUNE", "1") not in ("0", "false", "False", "off")
+    return registry.getenv("LOWBIT_AUTOTUNE", "1") not in ("0", "false", "False", "off")
 
 
 def _dense_allowed() -> bool:
-    return os.environ.get("LOWBIT_AUTOTUNE_DENSE", "1") not in ("0", "false", "False", "off")
+    return registry.getenv("LOWBIT_AUTOTUNE_DENSE", "1") not in ("0", "false", "False", "off")
 
 
 def attach(pw, cache_int4: bool = True):
@@ -235,6 +235,22 @@ def _fast_key(op: str, args) -> tuple:
     x, act = args[0], args[-1]
     return (op, x.shape, x.dtype, None if act is None else (act.bits, act.dynamic), args[2] is not None,
             args[3:-1], torch.get_num_threads())
+
+
+def active() -> bool:
+    """Whether tuned weights take their tuned kernel now: tuning on and no backend forced (read at every call)."""
+    return enabled() and registry._forced() is None
+
+
+def chosen(op: str, args):
+    """The backend implementation already chosen for this call's shape on ``args[1]`` (normalized arguments), or
+    None (not attached, not tuned yet, or tuning off / a backend forced). A deployed layer keeps it, with the rest of
+    its per-call arguments, so that its later calls of the same shape go straight to the kernel (quant/layers.py)."""
+    pw = args[1]
+    if not (active() and is_attached(pw)):
+        return None
+    fast = pw.cache.get("autotune.fast")
+    return None if fast is None else fast.get(_fast_key(op, args))
 
 
 def run(op: str, *args):

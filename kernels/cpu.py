@@ -27,7 +27,6 @@ weights are always cached (``PackedWeight.cache``) and counted by ``PackedWeight
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from .eager import dynamic_qparams, expand_scale
 from .formats import ActQuant, PackedWeight, unpack_int4
-from .registry import register_backend
+from .registry import getenv, register_backend
 
 onednn = register_backend("onednn", priority=30, description="oneDNN int8 conv / static-activation linear (CPU)")
 cpu = register_backend("cpu", priority=20, description="torch._int_mm int8 GEMM, int4pack weight-only (CPU)")
@@ -56,7 +55,7 @@ _HAS_QPT = hasattr(torch, "quantize_per_tensor")
 def fast_act_quant() -> bool:
     """``LOWBIT_CPU_FAST_ACT_QUANT=1``: static activations quantized by the fused ``torch.quantize_per_tensor``
     (x * (1/scale): a few codes per million differ by one step from the reference's x / scale)."""
-    return _HAS_QPT and os.environ.get("LOWBIT_CPU_FAST_ACT_QUANT", "0") not in ("", "0", "false", "False")
+    return _HAS_QPT and getenv("LOWBIT_CPU_FAST_ACT_QUANT", "0") not in ("", "0", "false", "False")
 _HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _INT4PACK_GROUPS = (256, 128, 64, 32)
 # below this many rows the int4pack GEMV (reads 4-bit weights) beats dequantize + bf16 GEMM
@@ -68,7 +67,7 @@ def cache_int4(pw: Optional[PackedWeight] = None) -> bool:
     per weight when ``pw.cache["cache_int4"]`` is set (the autotuner does that, see kernels/autotune.py)."""
     if pw is not None and pw.cache.get("cache_int4"):
         return True
-    return os.environ.get("LOWBIT_CPU_CACHE_INT4", "0") not in ("", "0", "false", "False")
+    return getenv("LOWBIT_CPU_CACHE_INT4", "0") not in ("", "0", "false", "False")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -124,14 +123,22 @@ def _u8_view(q: torch.Tensor) -> torch.Tensor:
 def _quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """float x (fp32 or bf16) -> uint8 q = clamp(round(x / scale) + zp, 0, qmax), same shape, the division in fp32.
 
-    One temporary: the division result is rounded, clamped and shifted in place (the reference's order of
-    operations: clamp(round(x / s) + zp, 0, qmax) == clamp(round(x / s), -zp, qmax - zp) + zp for integer zp)."""
+    The division is a true fp32 division and the rounding ``torch.round`` (half to even), as in the reference; the
+    clamp, the zero point and the cast to uint8 are one fused pass (``torch.quantize_per_tensor`` with scale 1 on
+    the already rounded integers, which is exact: no rounding is left for it to do). Without quantized tensors:
+    clamp(round(x / s) + zp, 0, qmax) == clamp(round(x / s), -zp, qmax - zp) + zp in place, then a cast."""
     if fast_act_quant():
         q = _u8_view(torch.quantize_per_tensor(x.to(torch.float32).contiguous(), act.scale, act.zero_point,
                                                torch.quint8))
         return q.clamp_(max=act.qmax) if act.bits < 8 else q
     y = torch.div(x.to(torch.float32), act.scale)
-    y.round_().clamp_(-act.zero_point, act.qmax - act.zero_point).add_(act.zero_point)
+    y.round_()
+    if _HAS_QPT:
+        # exact and fused: y holds integers, so quantize_per_tensor(y, scale=1, zp) = clamp(y + zp, 0, 255) with no
+        # rounding left to do (its y * (1/1) + zp is exact); one pass writes the uint8 codes (3 passes instead of 5)
+        q = _u8_view(torch.quantize_per_tensor(y, 1.0, act.zero_point, torch.quint8))
+        return q.clamp_(max=act.qmax) if act.bits < 8 else q
+    y.clamp_(-act.zero_point, act.qmax - act.zero_point).add_(act.zero_point)
     return y.to(torch.uint8)
 
 
@@ -342,7 +349,10 @@ def _out_dtype(x) -> torch.dtype:
 
 
 def _onednn_wscale(pw):
-    return _per_channel_scale(pw), pw.cache.setdefault("onednn.wzp", torch.zeros(pw.N, dtype=torch.int64))
+    wzp = pw.cache.get("onednn.wzp")
+    if wzp is None:  # (not setdefault: its default would be a new tensor at every call)
+        wzp = pw.cache["onednn.wzp"] = torch.zeros(pw.N, dtype=torch.int64)
+    return _per_channel_scale(pw), wzp
 
 
 @onednn.op("linear", supports=_onednn_linear_supports)

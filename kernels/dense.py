@@ -66,8 +66,26 @@ def _conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
     return _supports(x, pw)
 
 
+def _fp32_args(x, pw, bias, act, granularity):
+    """fp32 input (the common case, and the one where per-call work shows on small layers): no dtype casts."""
+    w = pw.cache.get("dense.w.fp32")
+    if w is None or w.device != x.device:
+        w = cached_weight(pw, torch.float32)
+    if act is None:
+        return x, w, bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    if act.dynamic:
+        xq = fake_quant_act(x, act, granularity)
+    else:
+        zp = act.zero_point
+        xq = torch.div(x, act.scale)
+        xq.round_().clamp_(-zp, act.qmax - zp).mul_(act.scale)
+    return xq, w, bias if bias is None or bias.dtype == torch.float32 else bias.float()
+
+
 @backend.op("linear", supports=_supports)
 def linear(x, pw, bias=None, act=None):
+    if x.dtype == torch.float32:
+        return F.linear(*_fp32_args(x, pw, bias, act, "token"))
     dt = weight_dtype(x)
     w = cached_weight(pw, dt)
     b = None if bias is None else bias.to(dt)
@@ -76,6 +94,8 @@ def linear(x, pw, bias=None, act=None):
 
 @backend.op("conv2d", supports=_conv_supports)
 def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
+    if x.dtype == torch.float32:
+        return F.conv2d(*_fp32_args(x, pw, bias, act, "sample"), stride, padding, dilation, groups)
     dt = weight_dtype(x)
     w = cached_weight(pw, dt)
     b = None if bias is None else bias.to(dt)

@@ -90,7 +90,7 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = Non
 def _tuned(pw: PackedWeight) -> bool:
     """Whether a call on ``pw`` goes through the autotuner (kernels/autotune.py): the weight was attached at
     deployment, tuning is on (LOWBIT_AUTOTUNE) and no backend is forced (LOWBIT_BACKEND / forced_backend)."""
-    return autotune.enabled() and registry._forced() is None and autotune.is_attached(pw)
+    return autotune.active() and autotune.is_attached(pw)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: Optional[int] = None) -> PackedWeight:

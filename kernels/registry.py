@@ -113,14 +113,33 @@ def backends() -> List[Backend]:
     return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
+_POSIX = os.name == "posix"
+_ENV_KEYS: Dict[str, bytes] = {}
+
+
+def getenv(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, read at every call but cheaply: deployed layers read these switches at every
+    call (tests and users change them between calls), and ``os.environ.get`` of an unset name costs microseconds
+    (it raises and catches a KeyError). On POSIX the lookup goes to the dict that ``os.environ`` keeps in sync."""
+    data = getattr(os.environ, "_data", None) if _POSIX else None
+    if type(data) is not dict:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    v = data.get(key)
+    return default if v is None else os.fsdecode(v)
+
+
 def _disabled() -> set:
-    return {s.strip() for s in os.environ.get("LOWBIT_DISABLE_BACKENDS", "").split(",") if s.strip()}
+    v = getenv("LOWBIT_DISABLE_BACKENDS")
+    return {s.strip() for s in v.split(",") if s.strip()} if v else set()
 
 
 def _forced() -> Optional[str]:
     if _forced_stack:
         return _forced_stack[-1]
-    name = os.environ.get("LOWBIT_BACKEND", "").strip()
+    name = getenv("LOWBIT_BACKEND").strip()
     return name or None
 
 

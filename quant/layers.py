@@ -165,6 +165,26 @@ class ActQuantizer(nn.Module):
 
 
 _MISSING = object()
+_KERNELS = []  # lowbit.kernels, imported at first use (the layers module is imported before the kernels are needed)
+
+
+def _kernels():
+    if not _KERNELS:
+        from .. import kernels
+        from ..kernels import autotune, ops  # noqa: F401  (submodules reached as attributes below)
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
+_DYN_AQ: Dict[int, object] = {}
+
+
+def _dynamic_aq(bits: int):
+    aq = _DYN_AQ.get(bits)
+    if aq is None:  # frozen, so one per width serves every layer
+        aq = _DYN_AQ[bits] = _kernels().ActQuant(bits=bits, scale=None, zero_point=0, dynamic=True)
+    return aq
 
 
 class QuantLayer(nn.Module):
@@ -385,10 +405,10 @@ class QuantLayer(nn.Module):
         return fake_quant_act(x, s.to(x.dtype), z.to(x.dtype), bits)
 
     def forward(self, x):
-        ctx = self.ctx
+        ctx = self._ctx[0]
         if ctx is not None and ctx.observing and self.act is not None:
             self.act.observe(x, ctx.t)
-        if self.mode == "deployed":
+        if self._modules.get("packed") is not None:  # deployed
             return self._deployed_forward(x)
         if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):
             return self._op(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -397,32 +417,53 @@ class QuantLayer(nn.Module):
         return self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _deployed_forward(self, x):
-        from ..kernels import ActQuant
-
+        pw = self._modules["packed"]
+        ctx = self._ctx[0]
+        act = self._modules.get("act")
+        # The act quantizer and the kernel depend on (timestep, activation bits) and (input shape, dtype, threads)
+        # only; both are resolved once per key and kept (a deployed layer's tables are frozen), so a later call of the
+        # same key goes straight to the kernel the autotuner chose (no dispatch, no ActQuant, no argument checks).
+        tkey = None if (ctx is None or act is None) else ctx.t
+        bits = None if act is None else (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled)
+                                         else self.a_bits)
+        cache = pw.cache
+        table = cache.get("autotune.layer")
+        if table is not None and cache.get("autotune"):
+            key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads())
+            hit = table.get(key)
+            if hit is not None and _kernels().autotune.active():
+                return hit[0](x, pw, self.bias, *hit[1])
         if self.a_dynamic:
-            aq = ActQuant(bits=self.a_bits, scale=None, zero_point=0, dynamic=True)
+            aq = _dynamic_aq(self.a_bits)
         else:
-            # A deployed layer's tables are frozen: the quantizer of a (timestep, bits) is built once (building it,
-            # with the table interpolation, cost about as much as a small layer's kernel; measured in bench/README)
-            ctx = self.ctx
-            key = (None if ctx is None else ctx.t, self.current_a_bits() if self.act is not None else None)
-            cache = self.__dict__.setdefault("_aq_cache", {})
-            aq = cache.get(key, _MISSING)
+            # building a quantizer (table interpolation, checks) cost about as much as a small layer's kernel
+            aqs = self.__dict__.setdefault("_aq_cache", {})
+            aq = aqs.get((tkey, bits), _MISSING)
             if aq is _MISSING:
                 p = self.act_params()
-                aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
-                if len(cache) < 4096:
-                    cache[key] = aq
-        pw = self.packed
+                aq = None if p is None else _kernels().ActQuant(bits=p[0], scale=float(p[1]),
+                                                                 zero_point=int(round(float(p[2]))))
+                if len(aqs) < 4096:
+                    aqs[(tkey, bits)] = aq
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
-            y = self._kernel(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), pw, self.bias, aq)
-        else:  # a format no kernel reads: the reference semantics, x quantized-dequantized times the weight
-            from ..kernels import ops
+            if x.dtype not in (torch.float32, torch.bfloat16):
+                return self._kernel(x.float(), pw, self.bias, aq).to(x.dtype)
+            tail = self._kernel_tail(aq)
+            y = self._kernel_op(x, pw, self.bias, *tail)
+            impl = _kernels().autotune.chosen(self._op_name, (x, pw, self.bias, *tail))
+            if impl is not None:
+                table = cache.setdefault("autotune.layer", {})
+                if len(table) < 4096:
+                    table[(tkey, bits, x.shape, x.dtype, torch.get_num_threads())] = (impl, tail)
+            return y
+        # a format no kernel reads: the reference semantics, x quantized-dequantized times the weight
+        ops = _kernels().ops
+        gran = "token" if self.float_type is nn.Linear else "sample"
+        xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
+        return self._op(xq, ops.dequantize_weight(pw), self.bias).to(x.dtype)
 
-            gran = "token" if self.float_type is nn.Linear else "sample"
-            xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
-            y = self._op(xq, ops.dequantize_weight(pw), self.bias)
-        return y.to(x.dtype)
+    def _kernel(self, x, pw, bias, aq):
+        return self._kernel_op(x, pw, bias, *self._kernel_tail(aq))
 
     def weight_bytes(self) -> int:
         if self.mode == "deployed":  # resident bytes, including backend-prepacked copies (e.g. oneDNN blobs)
@@ -453,13 +494,16 @@ class QuantLinear(QuantLayer):
         super().__init__(src, **kw)
         self.in_features, self.out_features = src.in_features, src.out_features
 
+    _op_name = "linear"
+
     def _op(self, x, w, b):
         return F.linear(x, w, b)
 
-    def _kernel(self, x, pw, bias, aq):
-        from ..kernels import ops
+    def _kernel_tail(self, aq):
+        return (aq,)
 
-        return ops.linear(x, pw, bias, aq)
+    def _kernel_op(self, x, pw, bias, aq):
+        return _kernels().ops.linear(x, pw, bias, aq)
 
 
 @register_qlayer(nn.Conv2d)
@@ -475,10 +519,20 @@ class QuantConv2d(QuantLayer):
         # contiguous: a channels_last input made oneDNN's conv backward segfault (torch 2.13 CPU, 4x4 maps)
         return F.conv2d(x.contiguous(), w, b, self.stride, self.padding, self.dilation, self.groups)
 
-    def _kernel(self, x, pw, bias, aq):
-        from ..kernels import ops
+    _op_name = "conv2d"
 
-        return ops.conv2d(x, pw, bias, self.stride, self.padding, self.dilation, self.groups, aq)
+    def _kernel_tail(self, aq):
+        """The arguments after (x, pw, bias) as ``ops.conv2d`` normalizes them (so the autotuner's key matches)."""
+        conv = self.__dict__.get("_conv_args")
+        if conv is None:
+            ops = _kernels().ops
+            pad = self.padding if isinstance(self.padding, str) else ops._pair(self.padding)
+            conv = self.__dict__["_conv_args"] = (ops._pair(self.stride), pad, ops._pair(self.dilation),
+                                                  int(self.groups))
+        return (*conv, aq)
+
+    def _kernel_op(self, x, pw, bias, stride, padding, dilation, groups, aq):
+        return _kernels().ops.conv2d(x, pw, bias, stride, padding, dilation, groups, aq)
 
 
 def quant_layers(model: nn.Module):

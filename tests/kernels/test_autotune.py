@@ -189,3 +189,65 @@ def test_registry_choice_kept_within_the_margin(fake_backend, monkeypatch, times
     (dec,) = pw.cache["autotune.calls"].values()
     assert dec["backend"] == expected  # 'fake' has the highest priority: the registry's own pick
     assert rel_err(out, ops.run_on("eager", "linear", x, pw, None, None)) < 1e-5
+
+
+def _tiny_deployed(tune: bool, seed: int = 0):
+    from lowbit.quant import CallRecorder, QuantConfig, deploy_, quantize
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 16, 3, padding=1)
+            self.l = nn.Linear(16, 6)
+
+        def forward(self, x, t):
+            return self.l(self.c(x).mean((2, 3)))
+
+    torch.manual_seed(seed)
+    fp = M().eval()
+    with CallRecorder(fp, store_dtype=torch.float32) as rec, torch.no_grad():
+        for t in (900.0, 100.0):
+            fp(torch.randn(3, 4, 6, 6) * (3 if t > 500 else 1), torch.tensor([t] * 3))
+    cfg = QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax", time_bins=2)
+    return deploy_(quantize(fp, cfg, rec.calls), tune=tune)
+
+
+def test_deployed_layer_fast_path_is_the_tuned_kernel(tune_env, monkeypatch):
+    """After its first call of a (timestep, bits, shape) a tuned deployed layer goes straight to the chosen kernel:
+    same outputs as the untuned deployed model (per timestep), no registry walk, and the switches still win."""
+    q, ref = _tiny_deployed(True), _tiny_deployed(False)
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        outs = {t: ref(x, torch.tensor([t] * 3)) for t in (900.0, 100.0)}
+        assert not torch.equal(outs[900.0], outs[100.0])  # per-timestep activation scales
+        for _ in range(3):  # first call tunes, the next ones take the fast path
+            for t in (900.0, 100.0):
+                assert rel_err(q(x, torch.tensor([t] * 3)), outs[t]) < 1e-5
+        for layer in (q.c, q.l):
+            table = layer.packed.cache["autotune.layer"]
+            assert len(table) == 2 and all(callable(v[0]) for v in table.values())
+        walks = []
+        orig = registry.select
+        monkeypatch.setattr(registry, "select", lambda *a, **k: walks.append(a[0]) or orig(*a, **k))
+        q(x, torch.tensor([900.0] * 3))
+        assert walks == []
+        # a new shape is looked up (and tuned) once, then fast as well
+        x2 = torch.randn(5, 4, 6, 6)
+        y2 = q(x2, torch.tensor([900.0] * 3))
+        assert rel_err(y2, ref(x2, torch.tensor([900.0] * 3))) < 1e-5
+        assert len(q.c.packed.cache["autotune.layer"]) == 3
+        # forcing a backend or switching tuning off bypasses the fast path at once
+        walks.clear()
+        with registry.forced_backend("eager"):
+            assert rel_err(q(x, torch.tensor([900.0] * 3)), outs[900.0]) < 1e-5
+        assert walks == ["conv2d", "linear"]
+        tune_env.setenv("LOWBIT_AUTOTUNE", "0")
+        assert rel_err(q(x, torch.tensor([900.0] * 3)), outs[900.0]) < 1e-5
+        assert walks == ["conv2d", "linear"] * 2
+        # a copy (caches dropped) rebuilds its table and gives the same outputs
+        tune_env.delenv("LOWBIT_AUTOTUNE")
+        import copy
+
+        q2 = copy.deepcopy(q)
+        assert "autotune.layer" not in q2.c.packed.cache
+        assert rel_err(q2(x, torch.tensor([100.0] * 3)), outs[100.0]) < 1e-5

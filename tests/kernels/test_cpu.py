@@ -94,3 +94,22 @@ def test_bf16_input_int_path(clean_env):
     out = ops.linear(x, pw, None, act)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, ops.run_on("eager", "linear", x, pw, None, act)) < 1e-2
+
+
+@pytest.mark.parametrize("bits,scale,zp", [(8, 0.0123, 100), (8, 0.37, 0), (8, 1e-3, 255), (6, 0.05, 17), (4, 0.3, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_act_quant_is_the_reference_exactly(clean_env, bits, scale, zp, dtype):
+    """The fused static quantizer (true division, round half to even, then clamp + zero point + uint8 in one pass)
+    gives the reference's codes bit for bit, ties and out-of-range values included."""
+    act = ActQuant(bits, scale, zp)
+    g = torch.Generator().manual_seed(bits)
+    k = torch.randint(-300, 300, (4000,), generator=g).float() + 0.5
+    ties = (k * act.scale).float()  # x / scale lands on (or next to) a half-integer
+    x = torch.cat([torch.randn(20000, generator=g) * act.scale * act.qmax / 3, ties, torch.nextafter(ties, ties + 1),
+                   torch.nextafter(ties, ties - 1), torch.tensor([float("inf"), -float("inf"), 3e9, -3e9, 1e30, 0.0,
+                                                                  -0.0])]).to(dtype)
+    from lowbit.kernels.eager import quantize_act
+
+    ref = quantize_act(x, act)[0].to(torch.uint8)
+    assert torch.equal(cpu_mod._quant_static(x, act), ref)
+    assert torch.equal(cpu_mod._quant_static(x.reshape(1, -1, 1, 1), act).flatten(), ref)
