@@ -76,7 +76,7 @@ def frontend_version(root: Path | None, python: str) -> str:
     """Version of the frontend in ``root`` (its dist-info next to the package), or of the one ``python`` has."""
     if root is not None:
         infos = sorted(root.parent.parent.glob("comfyui_frontend_package-*.dist-info"))
-        return infos[-1].name.split("-")[1].removesuffix(".dist-info") if infos else f"unknown ({root})"
+        return infos[-1].name.removesuffix(".dist-info").split("-")[1] if infos else f"unknown ({root})"
     code = "import importlib.metadata as m; print(m.version('comfyui-frontend-package'))"
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     return proc.stdout.strip() or "unknown"
@@ -269,14 +269,14 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
             time.sleep(0.05)
         time.sleep(0.5)
         shot = page.screenshot("drag")
-        after = where()
-        split_at(shot, xe, "while dragging from 30 % to 80 % of the image")
+        during = where()["pos"]
         page.mouse("mouseReleased", xe, ymid + 30)
         time.sleep(0.3)
         pos_after = where()["pos"]
-        assert pos_after == pos_before and after["pos"] == pos_before, (
-            f"dragging on the compare image moved the node (frontend {version}): {pos_before} -> {after['pos']} "
-            f"(during) -> {pos_after} (after release)")
+        assert pos_after == pos_before and during == pos_before, (
+            f"dragging on the compare image moved the node (frontend {version}): {pos_before} -> {during} "
+            f"(during) -> {pos_after} (after release); screenshots in {tmp_path}")
+        split_at(shot, xe, "while dragging from 30 % to 80 % of the image")
         # after the release the split stays where the drag ended
         page.mouse("mouseMoved", 5, VIEW_H - 5)
         time.sleep(0.5)
