@@ -115,12 +115,13 @@ def quantize_model(model, positive, negative, settings: QuantizeSettings, schedu
     Every stage is named on the console and through ``text`` (see ``StageLog``)."""
     stages = StageLog("LowBit Quantize UNet", forward=progress, text=text, logger=log)
     try:
-        out = _quantize_model(model, positive, negative, settings, schedule, stages)
+        quantized, report, summary = _quantize_model(model, positive, negative, settings, schedule, stages)
     except BaseException:
         stages.finish(failed=True)
         raise
     stages.finish()
-    return out
+    log.info("%s\n%s", summary, report)
+    return quantized, report
 
 
 def _quantize_model(model, positive, negative, settings, schedule, progress):
@@ -163,9 +164,9 @@ def _quantize_model(model, positive, negative, settings, schedule, progress):
         res = pipeline.run(fp, adapter.plain_calls(calls), config,
                            alphas_cumprod=adapter.alphas_cumprod(model), num_train_timesteps=T, progress=progress)
     report = "\n".join(pipeline.describe(res.model))
-    log.info("LowBit: quantized the UNet to %s (%s) with %d calibration calls in %.1f s\n%s", settings.bits,
-             config.method, len(calls), res.total_seconds, report)
-    return adapter.attach_quantized_unet(model, res.model), report
+    summary = (f"LowBit: quantized the UNet to {settings.bits} ({config.method}) with {len(calls)} calibration calls "
+               f"in {res.total_seconds:.1f} s")
+    return adapter.attach_quantized_unet(model, res.model), report, summary
 
 
 class LowBitQuantizeUNet:

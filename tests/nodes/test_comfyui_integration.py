@@ -87,12 +87,10 @@ def test_baseline_sd15_graph_runs(comfy, record_property):
 # =====================================================================================================
 import json as _json
 import struct as _struct
-from pathlib import Path as _Path
 
 LOWBIT_NODES = ("LowBitQuantizeUNet", "LowBitBitwidthSchedule", "LowBitPTQDSampler", "LowBitPTQDKSampler",
                 "LowBitEfficientDMFinetune", "LowBitSaveQuantizedUNet", "LowBitLoadQuantizedUNet",
                 "LowBitCompareImages")
-EXAMPLES = _Path(__file__).resolve().parents[2] / "example_workflows"
 SMALL = dict(size=64, steps=2)
 QUANT_SETTINGS = dict(bits="W4A8", method="ptqd", calibration_steps=2, calibration_samples=1, seed=0, cfg=7.0,
                       calibration_width=64, calibration_height=64, calibration_timesteps=0, time_bins=1,
@@ -411,74 +409,6 @@ def test_save_and_load_quantized_unet_round_trip(comfy):
     g2["93"] = {"class_type": "VAEDecode", "inputs": {"samples": lat, "vae": ["1", 2]}}
     g2["94"] = {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}}
     assert len(comfy.images(comfy.run(g2, timeout=1800), "94")) == 1
-
-
-# ---------------------------------------------------------------------------------- example workflows
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """Convert a UI-format (frontend-saved) workflow to the API format /prompt accepts.
-
-    Widget values are matched to the node's widget inputs in /object_info's input order; an INT input with
-    a "control after generate" widget (``control_after_generate`` or the legacy names seed / noise_seed)
-    has one extra value in widgets_values. Links come from the ``links`` table.
-    """
-    links = {l[0]: l for l in workflow["links"]}
-    api = {}
-    for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
-            continue
-        cls = node["type"]
-        if cls not in object_info:
-            raise AssertionError(f"workflow node {node['id']} has unknown type {cls!r}")
-        info = object_info[cls]
-        order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
-        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
-        values = list(node.get("widgets_values") or [])
-        inputs = {}
-        for section in ("required", "optional"):
-            for name in order.get(section, []):
-                spec = info["input"][section][name]
-                opts = spec[1] if len(spec) > 1 else {}
-                widget = (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
-                    and not opts.get("forceInput")
-                if widget and values:
-                    v = values.pop(0)
-                    if spec[0] == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
-                        values.pop(0)
-                    inputs[name] = v
-                if name in linked:
-                    l = linked[name]
-                    inputs[name] = [str(l[1]), l[2]]
-        api[str(node["id"])] = {"class_type": cls, "inputs": inputs}
-    return api
-
-
-def shrink_for_test(api: dict, ckpt: str) -> dict:
-    """Same graph, test-sized: fixture checkpoint, 64x64, 2 steps, one calibration run, a few training steps."""
-    small = {
-        "CheckpointLoaderSimple": dict(ckpt_name=ckpt),
-        "EmptyLatentImage": dict(width=64, height=64),
-        "KSampler": dict(steps=2),
-        "BasicScheduler": dict(steps=2),
-        "LowBitPTQDKSampler": dict(steps=2),
-        "LowBitQuantizeUNet": dict(calibration_steps=2, calibration_samples=1, calibration_width=64,
-                                   calibration_height=64, weight_init="minmax"),
-        "LowBitEfficientDMFinetune": dict(steps=2, samples=1, sampling_steps=2, width=64, height=64, batch_size=2),
-    }
-    for node in api.values():
-        node["inputs"].update(small.get(node["class_type"], {}))
-    return api
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.json")))
-def test_example_workflow_runs(comfy, name):
-    wf = _json.loads((EXAMPLES / f"{name}.json").read_text())
-    assert (EXAMPLES / f"{name}.jpg").is_file(), f"{name}.json has no thumbnail"
-    api = shrink_for_test(ui_to_api(wf, comfy.object_info()), comfy.checkpoint)
-    hist = comfy.run(api, timeout=2400)
-    assert hist["status"]["status_str"] == "success"
-    produced = [nid for nid, out in hist["outputs"].items() if out.get("images") or out.get("a_images")
-                or out.get("lowbit_files")]
-    assert produced, f"{name} produced no output"
 
 
 def _server_rss_mb(comfy) -> float:

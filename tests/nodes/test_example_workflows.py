@@ -1,7 +1,9 @@
 """The example workflows, checked WITHOUT ComfyUI: layout (no node drawn over another, with the height the
-frontend gives a LowBit node from its inputs) and file names (nothing saved into ``models/lowbit/lowbit/``).
+frontend gives a LowBit node from its inputs), file names (nothing saved into ``models/lowbit/lowbit/``), every
+GPU-sized workflow shipping a CPU-sized variant of the same graph, every LowBit widget value present, and the
+Quantize node's stage names on the console (``StageLog``).
 
-Running them in a real ComfyUI is ``test_comfyui_integration.py::test_example_workflow_runs*``.
+Running them unmodified in a real ComfyUI, timed: ``test_comfyui_examples.py``.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 
 import lowbit.nodes as nodes_pkg
+from lowbit.nodes.common import StageLog
+from lowbit.quant.config import METHODS
+from test_comfyui_examples import FRONTEND_ONLY, ui_to_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
@@ -75,3 +80,124 @@ def test_the_overlap_check_can_fail():
                     {"id": 2, "type": "LowBitBitwidthSchedule", "pos": [0, 380], "size": [340, 140]}]}
     (_, _, a), (_, _, b) = list(_boxes(wf))
     assert a[3] > 330 and a[1] < b[3] and b[1] < a[3]
+
+
+# ------------------------------------------------------------------------------ CPU-sized variants (issue 14)
+GPU_SIZED = [p for p in WORKFLOWS if not p.stem.endswith("_cpu")]
+WIDGETS_OF = {"EmptyLatentImage": ("width", "height"), "KSampler": ("steps",), "BasicScheduler": ("steps",)}
+
+
+def _graph(wf):
+    nodes = {n["id"]: n["type"] for n in wf["nodes"] if n["type"] not in FRONTEND_ONLY}
+    return nodes, sorted(tuple(link[:5]) for link in wf["links"])
+
+
+@pytest.mark.parametrize("path", GPU_SIZED, ids=[p.stem for p in GPU_SIZED])
+def test_every_gpu_sized_workflow_ships_a_cpu_variant_of_the_same_graph(path):
+    cpu = path.with_name(path.stem + "_cpu.json")
+    assert cpu.is_file(), f"{path.name} is sized for a GPU (512 px) and ships no CPU-sized {cpu.name}"
+    gpu_wf, cpu_wf = json.loads(path.read_text()), json.loads(cpu.read_text())
+    assert _graph(gpu_wf) == _graph(cpu_wf), f"{cpu.name} is not the same graph as {path.name}"
+    assert cpu_wf["id"] != gpu_wf["id"]
+    for stem in (path.stem, cpu.stem):
+        assert path.with_name(stem + ".jpg").is_file(), f"{stem}.json has no thumbnail {stem}.jpg"
+    notes = [n["widgets_values"][0] for n in cpu_wf["nodes"] if n["type"] in FRONTEND_ONLY]
+    assert any(path.name in t for t in notes), f"{cpu.name} has no note naming the full-size {path.name}"
+    gpu_nodes = {n["id"]: n for n in gpu_wf["nodes"]}
+    smaller = 0
+    for n in cpu_wf["nodes"]:
+        if n["type"] == "LowBitQuantizeUNet":  # calibration width x height x samples x steps
+            g, c = gpu_nodes[n["id"]]["widgets_values"], n["widgets_values"]
+            smaller += c[6] * c[7] * c[3] * c[2] < g[6] * g[7] * g[3] * g[2]
+    assert smaller, f"{cpu.name} calibrates no smaller than {path.name}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_lowbit_nodes_carry_every_widget_value(path):
+    """The frontend fills missing trailing values with defaults, silently: a shipped file states them all, and the
+    Quantize node's method is today's name (not an alias of an earlier release)."""
+    wf = json.loads(path.read_text())
+    for n in wf["nodes"]:
+        cls = nodes_pkg.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is None:
+            continue
+        spec = cls.INPUT_TYPES()
+        widgets = sum(1 + (e[0] == "INT" and e[1].get("control_after_generate", k == "seed") is True)
+                      for sec in ("required", "optional") for k, e in spec.get(sec, {}).items()
+                      if isinstance(e[0], list) or e[0] in WIDGET_TYPES)
+        assert len(n.get("widgets_values") or []) == widgets, (path.name, n["id"], n["type"], n["widgets_values"])
+        if n["type"] == "LowBitQuantizeUNet":
+            assert n["widgets_values"][1] in METHODS, n["widgets_values"]
+
+
+def test_ui_to_api_maps_widgets_by_input_order():
+    """The conversion the real-host test uses, on a hand-written graph: values in input order, the seed's "control
+    after generate" value skipped, links as [node id, output index], notes dropped, leftovers refused."""
+    info = {
+        "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors"], {}]}}},
+        "Sampler": {"input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
+                                           "steps": ["INT", {}], "name": [["euler", "ddim"], {}]},
+                              "optional": {"cfg": ["FLOAT", {}]}}},
+    }
+    wf = {"links": [[7, 1, 0, 2, 0, "MODEL"]],
+          "nodes": [{"id": 1, "type": "Loader", "widgets_values": ["a.safetensors"]},
+                    {"id": 2, "type": "Sampler", "inputs": [{"name": "model", "link": 7}],
+                     "widgets_values": [42, "fixed", 20, "ddim", 7.5]},
+                    {"id": 3, "type": "Note", "widgets_values": ["text"]}]}
+    api = ui_to_api(wf, info)
+    assert api == {"1": {"class_type": "Loader", "inputs": {"ckpt_name": "a.safetensors"}},
+                   "2": {"class_type": "Sampler",
+                         "inputs": {"model": ["1", 0], "seed": 42, "steps": 20, "name": "ddim", "cfg": 7.5}}}
+    wf["nodes"][1]["widgets_values"].append("extra")
+    with pytest.raises(AssertionError, match="left over"):
+        ui_to_api(wf, info)
+
+
+# ------------------------------------------------------------------- stage names on the console (issue 14)
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_stage_log_names_every_stage_with_counts_and_seconds(caplog):
+    clock, forwarded, texts = _Clock(), [], []
+    st = StageLog("LowBit Quantize UNet", forward=lambda d, t, i: forwarded.append((d, t, i["stage"])),
+                  text=texts.append, every=30.0, clock=clock)
+    with caplog.at_level("INFO", logger="lowbit.nodes"):
+        for stage, n, dt in (("calibration sampling", 4, 10.0), ("calibrate activations", 40, 1.0),
+                             ("PTQD statistics", 40, 2.0)):
+            for i in range(1, n + 1):
+                clock.t += dt
+                st(i, n, {"stage": stage})
+        clock.t += 5.0
+        total = st.finish()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "LowBit Quantize UNet: [1] calibration sampling (4 steps)"
+    assert "LowBit Quantize UNet: [1] calibration sampling done: 4/4 steps in 40.0 s" in lines
+    assert "LowBit Quantize UNet: [2] calibrate activations (40 steps)" in lines
+    # a stage's time runs from the previous stage's last report: 40 steps of 1 s, 40 of 2 s
+    assert "LowBit Quantize UNet: [2] calibrate activations done: 40/40 steps in 40.0 s" in lines
+    assert "LowBit Quantize UNet: [3] PTQD statistics done: 40/40 steps in 80.0 s" in lines
+    # a line every 30 s inside a long stage, with an estimate of what is left
+    assert "LowBit Quantize UNet: [3] PTQD statistics 16/40 (32 s, about 48 s left)" in lines
+    assert lines[-1].startswith("LowBit Quantize UNet: finished in 165.0 s (calibration sampling 40.0 s, ")
+    assert total == 165.0
+    assert len(forwarded) == 84 and forwarded[-1] == (40, 40, "PTQD statistics")
+    assert texts[0] == "[1] calibration sampling: 1/4" and "[3] PTQD statistics: 1/40" in texts
+
+
+def test_stage_log_names_the_stage_a_failed_run_stopped_in(caplog):
+    clock = _Clock()
+    st = StageLog("LowBit Quantize UNet", clock=clock)
+    with caplog.at_level("INFO", logger="lowbit.nodes"):
+        st(1, 2, {"stage": "quantize weights"})
+        st(2, 2, {"stage": "quantize weights"})
+        st(1, 10, {"stage": "quantize weights"})  # the same stage counting again is a new stage
+        clock.t = 12.0
+        st.finish(failed=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "LowBit Quantize UNet: [2] quantize weights (10 steps)" in lines
+    assert lines[-1] == "LowBit Quantize UNet: stopped in [2] quantize weights at 1/10 after 12.0 s"
