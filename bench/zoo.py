@@ -15,7 +15,10 @@ Nothing is tuned per model: every row uses ``PipelineConfig.for_method(method, b
 (``quant.sampling.sample_flow``: "euler", "euler_ancestral"), each against its own full-precision reference from
 the same seed (the ancestral noise continues that seed's generator, so the pairing holds). A ``+vsc`` method
 gives two rows from one quantized model: the method without VSC, then with it (PTQD variance calibration in
-the sampler), so the VSC comparison is paired. Rows of +ptqd methods record, summed over steps, the per-element
+the sampler), so the VSC comparison is paired. With ``--sampler``, a +ptqd method also gives the rows of the same
+quantized model with PTQD switched off and (for +vsc) without VSC: one quantization serves the paired rows
+(PTQD only adds statistics and an output hook); VSC rows are skipped for euler, where VSC is a no-op. Rows of
++ptqd methods record, summed over steps, the per-element
 variance the PTQD residual of the velocity adds to x and no smaller injected noise absorbs (``residual_var_left``;
 each step's share before later steps rescale it) and the injected noise variance VSC removed
 (``noise_var_removed``) (docs/FLOW_MATCHING.md).
@@ -73,6 +76,8 @@ def _report_sums(report) -> dict:
 def run_model(name: str, a, log=print) -> list:
     from ..models.zoo import load
     from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
+    from ..quant.context import get_context
+    from ..quant.ptqd import get_stats
 
     m = load(name)
     steps = a.steps or m.default_steps
@@ -118,12 +123,23 @@ def run_model(name: str, a, log=print) -> list:
             scale, rv = _key_scale(res.model), pipeline.get_stats_var(res.model)
             var_fn = None if rv is None else (lambda s, f=rv, c=scale: f(float(s) * c))
             vsc_method = res.var_fn is not None
-            # a +vsc method: first the same quantized model without VSC (the paired comparison), then with it
-            variants = [(method.replace("+vsc", ""), False), (method, True)] if vsc_method and a.sampler \
-                else [(method, vsc_method)]
+            ctx = get_context(res.model)
+            ptqd_on = bool(ctx is not None and getattr(ctx, "ptqd_active", False))
+            variants = [(method, vsc_method, ptqd_on)]
+            if a.sampler and ptqd_on:  # paired rows from the same quantized model (docs/FLOW_MATCHING.md)
+                base = method.replace("+vsc", "").replace("+ptqd", "")
+                variants = [(base, False, False), (method.replace("+vsc", ""), False, True)] + \
+                    ([(method, True, True)] if vsc_method else [])
+            st = get_stats(res.model)
+            ptqd_tables = None if st is None else dict(t=st.t.tolist(), k=st.k.tolist(), m=st.m.tolist(),
+                                                       var=st.var.tolist(), bias_abs=st.bias.abs().mean(1).tolist())
             for sampler in samplers:
                 fp_img, labels, fp_met = fp[sampler]
-                for label, vsc in variants:
+                for label, vsc, on in variants:
+                    if vsc and sampler == "euler":  # deterministic: VSC is a no-op (tests/quant/test_ptqd_flow.py)
+                        continue
+                    if ctx is not None and ptqd_on:
+                        ctx.ptqd_active = on
                     rep = [] if sampler is not None else None
                     t0 = time.perf_counter()
                     img, _ = m.sample(res.model, a.samples, a.seed, steps=steps, **skw(sampler, var_fn, rep, vsc))
@@ -133,12 +149,12 @@ def run_model(name: str, a, log=print) -> list:
                                sampler=sampler, fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
                                acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss, kept=kept)
                     if rep:
-                        row.update(_report_sums(rep), vsc=vsc)
+                        row.update(_report_sums(rep) if on else {}, vsc=vsc, ptqd_tables=ptqd_tables if on else None)
                     rows.append(row)
                     log(f"[{name}]{tag(sampler)} {bits} {label}: FID {row['fid']:.3f} (x{row['fid_x']:.2f}) PSNR "
                         f"{row['psnr']:.1f} dB acc {row['acc']} quantized in {qs:.0f} s"
                         + (f" residual var left {row['residual_var_left']:.2e}, noise var removed "
-                           f"{row['noise_var_removed']:.2e}" if rep else ""))
+                           f"{row['noise_var_removed']:.2e}" if "residual_var_left" in row else ""))
             del res
     return rows
 
