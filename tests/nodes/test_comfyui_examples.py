@@ -205,3 +205,41 @@ def test_example_workflow_runs_unmodified_within_10_minutes(fresh_comfy, name):
 
     assert seconds < LIMIT_S, (f"{name} took {seconds:.0f} s on this machine (load average {load_after}); "
                                f"the examples must run within {LIMIT_S:.0f} s on a CPU")
+
+
+def _options(spec) -> list | None:
+    """A COMBO input's values: V1 ``[[values...], {...}]`` or V3 ``["COMBO", {"options": [...]}]``."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return (spec[1] if len(spec) > 1 else {}).get("options")
+    return None
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_every_workflow_fits_the_servers_inputs(comfy, name):
+    """Every shipped workflow, GPU-sized ones included (those are not run here): converted with /object_info,
+    every required input is set, every value is in its choices or range (what /prompt validates), no unknown
+    input."""
+    info = comfy.object_info()
+    api = ui_to_api(json.loads((EXAMPLES / f"{name}.json").read_text()), info)
+    problems = []
+    for nid, node in api.items():
+        spec = info[node["class_type"]]["input"]
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        missing = [k for k in spec.get("required", {}) if k not in node["inputs"]]
+        problems += [f"node {nid} ({node['class_type']}): required input {k} not set" for k in missing]
+        for k, v in node["inputs"].items():
+            if k not in known:
+                problems.append(f"node {nid}: unknown input {k}")
+                continue
+            if isinstance(v, list) or k == "ckpt_name":  # a link; the checkpoint is the user's
+                continue
+            opts = known[k][1] if len(known[k]) > 1 else {}
+            choices = _options(known[k])
+            if choices is not None and v not in choices:
+                problems.append(f"node {nid} ({node['class_type']}): {k}={v!r} not in {choices}")
+            if known[k][0] in ("INT", "FLOAT") and not opts.get("min", v) <= v <= opts.get("max", v):
+                problems.append(f"node {nid} ({node['class_type']}): {k}={v} out of [{opts.get('min')}, "
+                                f"{opts.get('max')}]")
+    assert not problems, f"{name}:\n" + "\n".join(problems)

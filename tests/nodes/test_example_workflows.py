@@ -7,6 +7,7 @@ Running them unmodified in a real ComfyUI, timed: ``test_comfyui_examples.py``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -128,6 +129,29 @@ def test_lowbit_nodes_carry_every_widget_value(path):
         assert len(n.get("widgets_values") or []) == widgets, (path.name, n["id"], n["type"], n["widgets_values"])
         if n["type"] == "LowBitQuantizeUNet":
             assert n["widgets_values"][1] in METHODS, n["widgets_values"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_lowbit_settings_in_every_workflow_pass_the_nodes_own_checks(path):
+    """The LowBit nodes' values, mapped exactly as the real-host test maps them, pass the ranges, choices and
+    VALIDATE_INPUTS the server applies (the GPU-sized files are not run here; their values are checked)."""
+    wf = json.loads(path.read_text())
+    info = {k: {"input": c.INPUT_TYPES()} for k, c in nodes_pkg.NODE_CLASS_MAPPINGS.items()}
+    lowbit = dict(wf, nodes=[n for n in wf["nodes"] if n["type"] in info])
+    for nid, node in ui_to_api(lowbit, info).items():
+        cls = nodes_pkg.NODE_CLASS_MAPPINGS[node["class_type"]]
+        spec = {k: e for sec in ("required", "optional") for k, e in cls.INPUT_TYPES().get(sec, {}).items()}
+        values = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+        for k, v in values.items():
+            kind, opts = spec[k][0], spec[k][1]
+            if isinstance(kind, list):
+                assert v in kind, (path.name, nid, k, v)
+            elif kind in ("INT", "FLOAT"):
+                assert opts["min"] <= v <= opts["max"], (path.name, nid, k, v)
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        if check is not None:
+            args = {k: v for k, v in values.items() if k in inspect.signature(check).parameters}
+            assert check(**args) is True, (path.name, nid, check(**args))
 
 
 def test_ui_to_api_maps_widgets_by_input_order():
