@@ -2,13 +2,15 @@
 
 For each frontend (the one installed with ComfyUI, and the newest ``comfyui-frontend-package`` if present) a real
 ComfyUI is started (CPU, private base directory, this pack symlinked in), a page is opened, a graph
-LoadImage(red) + LoadImage(blue) -> Compare Images (LowBit) is built and queued, and then, with mouse events
+LoadImage x 4 -> ImageBatch x 2 -> Compare Images (LowBit) is built and queued, and then, with mouse events
 dispatched by the browser (``Input.dispatchMouseEvent``, the same path as a user's mouse):
 
 1. hover at 25 % and at 75 % of the image: the pixels left of the pointer are image A (red), right of it image B
    (blue), read from screenshots, so the split follows the pointer and image B is shown;
 2. press at 30 %, drag to 80 % (and 30 px down), release: ``node.pos`` is unchanged (the node did not move) and,
-   during the drag, the split is at the pointer.
+   during the drag, the split is at the pointer;
+3. each side is a batch of two (red, green / blue, yellow): a click on the right half of the label bar at the top
+   of the image shows pair 2 (green / yellow), a click on its left half pair 1 again.
 
 Nothing reads the extension's private state to decide a pass: only the pixels and LiteGraph's ``node.pos``.
 
@@ -49,8 +51,11 @@ import comfy_harness  # noqa: E402
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 
-A_RGB = (220, 30, 30)     # image_a: red
-B_RGB = (30, 30, 220)     # image_b: blue
+A_RGB = (220, 30, 30)     # image_a, pair 1: red
+B_RGB = (30, 30, 220)     # image_b, pair 1: blue
+A2_RGB = (30, 200, 30)    # image_a, pair 2: green
+B2_RGB = (220, 220, 30)   # image_b, pair 2: yellow
+IMAGES = {"lowbit_a.png": A_RGB, "lowbit_b.png": B_RGB, "lowbit_a2.png": A2_RGB, "lowbit_b2.png": B2_RGB}
 VIEW_W, VIEW_H = 1400, 1000
 
 
@@ -89,9 +94,11 @@ def _color_is(px, rgb, tol=40) -> bool:
 BUILD_GRAPH = """(async () => {
   const g = app.graph; g.clear();
   const mk = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; g.add(n); return n; };
-  const a = mk("LoadImage", [0, 0]); const b = mk("LoadImage", [0, 420]);
-  a.widgets.find(w => w.name === "image").value = "lowbit_a.png";
-  b.widgets.find(w => w.name === "image").value = "lowbit_b.png";
+  const load = (file, pos) => { const n = mk("LoadImage", pos);
+    n.widgets.find(w => w.name === "image").value = file; return n; };
+  const batch = (x, y, pos) => { const n = mk("ImageBatch", pos); x.connect(0, n, 0); y.connect(0, n, 1); return n; };
+  const a = batch(load("lowbit_a.png", [-700, 0]), load("lowbit_a2.png", [-700, 420]), [-300, 0]);
+  const b = batch(load("lowbit_b.png", [-700, 840]), load("lowbit_b2.png", [-700, 1260]), [-300, 420]);
   const c = mk("LowBitCompareImages", [400, 40]);
   a.connect(0, c, 0); b.connect(0, c, 1);
   window.__lowbitExecuted = null;
@@ -196,8 +203,8 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
                         "/tmp/lowbit-fixtures/comfyui-frontend comfyui-frontend-package` (see this file's docstring)")
         extra = ["--front-end-root", str(root)]
     server = comfy_harness.ComfyServer(comfyui_dir, extra_args=extra)
-    Image.new("RGB", (256, 256), A_RGB).save(server.base_dir / "input" / "lowbit_a.png")
-    Image.new("RGB", (256, 256), B_RGB).save(server.base_dir / "input" / "lowbit_b.png")
+    for name, rgb in IMAGES.items():
+        Image.new("RGB", (256, 256), rgb).save(server.base_dir / "input" / name)
     chromium = None
     try:
         client = server.launch()
@@ -240,12 +247,12 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
         assert w > 100 and y1 - y0 > 100, f"the image on the node is too small: {img_box}"
         state = lambda: cdp.js(DEBUG_STATE % node_id)  # noqa: E731
 
-        def split_at(shot, x, what):
+        def split_at(shot, x, what, a_rgb=A_RGB, b_rgb=B_RGB):
             left, right = shot.getpixel((int(x - 0.08 * w), int(ymid))), shot.getpixel((int(x + 0.08 * w), int(ymid)))
-            assert _color_is(left, A_RGB) and _color_is(right, B_RGB), (
-                f"{what}, frontend {version}{' (Nodes 2.0)' if vue else ''}: expected image A (red) left of x={x:.0f} "
-                f"and image B (blue) right of it, got {left} / {right}; image box {img_box}; extension state "
-                f"{state()}; screenshots in {tmp_path}")
+            assert _color_is(left, a_rgb) and _color_is(right, b_rgb), (
+                f"{what}, frontend {version}{' (Nodes 2.0)' if vue else ''}: expected image A {a_rgb} left of "
+                f"x={x:.0f} and image B {b_rgb} right of it, got {left} / {right}; image box {img_box}; extension "
+                f"state {state()}; screenshots in {tmp_path}")
 
         # 1. hover: the split follows the pointer (no button pressed)
         for frac in (0.25, 0.75):
@@ -281,6 +288,17 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
         page.mouse("mouseMoved", 5, VIEW_H - 5)
         time.sleep(0.5)
         split_at(page.screenshot("released"), xe, "after the drag, pointer away from the node")
+
+        # 3. a batch of 2 per side: a click on the right half of the label bar shows pair 2, on the left half pair 1
+        label_y = y0 + 6
+        for frac, a_rgb, b_rgb, name in ((0.65, A2_RGB, B2_RGB, "pair2"), (0.35, A_RGB, B_RGB, "pair1")):
+            x = x0 + frac * w
+            page.mouse("mouseMoved", x, label_y)
+            page.mouse("mousePressed", x, label_y, pressed=True)
+            page.mouse("mouseReleased", x, label_y)
+            time.sleep(0.5)
+            split_at(page.screenshot(name), x, f"after a click at {int(frac * 100)} % of the label bar", a_rgb, b_rgb)
+        assert where()["pos"] == pos_before, "clicking the label bar moved the node"
         print(f"\nfrontend {frontend} {version}{' (Nodes 2.0)' if vue else ''}: hover and drag OK; "
               f"screenshots in {tmp_path}")
     except BaseException:

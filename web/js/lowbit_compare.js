@@ -220,21 +220,23 @@ function makeWidget(node) {
     // the image never drags the node. A drag moves the split; a click on the label bar steps through pairs.
     onPointerDown(pointer, n, canvas) {
       const p = localPos(pointer.eDown);
-      if (!p || !state.rect) return false;
-      state.dragging = true;
-      setSplitAt(p[0]);
-      redraw();
-      const follow = (e) => {
-        const q = localPos(e);
+      const r = state.rect;
+      if (!p || !r) return false;
+      // a press on the label bar with several pairs is a click on "<" (left half) or ">" (right half)
+      const onLabels = state.a.length > 1 && inImage(p[0], p[1]) && p[1] <= r[1] + LABEL_H;
+      if (!onLabels && inImage(p[0], p[1])) {
+        state.dragging = true;
+        setSplitAt(p[0]);
+        redraw();
+      }
+      pointer.onDragStart = () => {};
+      pointer.onDrag = (e) => {
+        const q = state.dragging && localPos(e);
         if (q && setSplitAt(q[0])) redraw();
       };
-      pointer.onDragStart = () => {};
-      pointer.onDrag = follow;
-      pointer.onClick = (e) => {
-        const q = localPos(e) ?? p;
-        const r = state.rect;
-        if (r && state.a.length > 1 && q[1] <= r[1] + LABEL_H) {
-          step(q[0] < r[0] + r[2] / 2 ? -1 : 1);
+      pointer.onClick = () => {
+        if (onLabels) {
+          step(p[0] < r[0] + r[2] / 2 ? -1 : 1);
           redraw();
         }
       };
