@@ -495,6 +495,16 @@ def inspect_text(path: str, layers: bool = False) -> str:
            f"method     {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
            f"config     {_config_text(cfg)}",
            f"schedule   {_config_text(header.get('schedule'))}"]
+    arch = header.get("arch") if isinstance(header.get("arch"), dict) else None
+    floats = header.get("float_tensors") if isinstance(header.get("float_tensors"), list) else []
+    if arch and floats:
+        how = "lowbit.quant.load_model(path)" if arch.get("library") == "diffusers" else \
+            "Load Quantized UNet with no MODEL connected"
+        out.append(f"standalone yes: {arch.get('library')} {arch.get('class')} + {len(floats)} float tensors "
+                   f"({_nbytes(index, '__float__.'):,} bytes) rebuild it without the float weights ({how})")
+    else:
+        out.append("standalone no: loads onto the float model only (load(model, path)); saving the loaded model "
+                   "again records what loading alone needs")
     for k, v in header.items():  # other configs in the header (e.g. the pipeline's), shown the same way
         if k not in ("config", "schedule") and isinstance(v, dict) and "_type" in v:
             out.append(f"{k:<10} {_config_text(v)}")

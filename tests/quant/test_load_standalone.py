@@ -179,3 +179,10 @@ def test_file_holds_exactly_the_state_outside_the_quantized_layers(digits, digit
     assert set(keys) | {k for k in unet.state_dict() if any(k.startswith(n + ".") for n in qnames)} \
         == set(unet.state_dict())
     assert h["format_version"] == 3 and h["arch"]["class"] == "UNet2DModel"
+
+
+def test_inspect_says_whether_a_file_loads_alone(digits_files):
+    from lowbit.cli import inspect_text
+
+    assert "standalone yes: diffusers UNet2DModel" in inspect_text(digits_files["w8a8"])
+    assert "standalone no" in inspect_text(os.path.join(FIX, "fmt1_w8a8.safetensors"))
