@@ -5,7 +5,8 @@ Images are ComfyUI IMAGE tensors: float [B, H, W, 3] in [0, 1].
 The math (PSNR, SSIM on luminance, the heat map) is the core's ``quant/compare.py``.
 
 The UI payload ``{"a_images": [...], "b_images": [...]}`` is the one ComfyUI's core Image Compare widget and
-rgthree's comparer read; ``web/js/lowbit_compare.js`` draws a before/after slider from it on any frontend.
+rgthree's comparer read; ``web/js/lowbit_compare.js`` draws a before/after slider from it (classic canvas and
+Nodes 2.0; checked in frontends 1.27.10 and 1.58.1 by ``tests/nodes/test_comfyui_browser.py``).
 """
 from __future__ import annotations
 
