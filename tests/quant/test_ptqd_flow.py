@@ -79,6 +79,12 @@ def test_flow_ancestral_step_keeps_the_marginal_and_matches_the_k_diffusion_form
     b = sample_flow(lambda x, s: v_exact(x, s), xb, sig, method="euler_ancestral",
                     gen=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-5)
+    # ... and so is its VSC (the host node's path)
+    a = sample_sigmas_ptqd(denoiser, xb, torch.tensor(sig), extra_args={"seed": 5}, method="euler_ancestral",
+                           flow=True, residual_var=lambda sigma: 0.3)
+    b = sample_flow(lambda x, s: v_exact(x, s), xb, sig, method="euler_ancestral", var_fn=lambda s: 0.3,
+                    gen=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ConfigError):
         sample_sigmas_ptqd(denoiser, xb, torch.tensor(sig), method="ddim", flow=True)
 
