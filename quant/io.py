@@ -576,6 +576,10 @@ def _check_layer_values(path, n, st, tensors, num_train_timesteps):
 
 
 def _model_out_channels(model: nn.Module) -> Optional[int]:
+    from .profiles import profile_for
+
+    if profile_for(model).out_channels is not None:  # the profile knows (ComfyUI's Flux: out_channels is packed)
+        return profile_for(model).out_channels(model)
     cfg = getattr(model, "config", None)
     oc = getattr(cfg, "out_channels", None) if cfg is not None else None
     if oc is None and isinstance(cfg, dict):

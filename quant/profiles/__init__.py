@@ -34,6 +34,10 @@ class ModelProfile:
     prediction: what the output is ("epsilon", "v_prediction", "flow"); None: read from the host.
     channel_dim: dimension of the output that holds channels (PTQD statistics are per channel).
     host_option_keys: call keywords holding the host's per-run bookkeeping (dropped from recorded calls).
+    out_channels: ``model -> int | None``, the size of the output's ``channel_dim`` (what PTQD's per-channel
+        tables are checked against when a file is loaded) where the model's own ``out_channels`` attribute means
+        something else (ComfyUI's Flux: 16 * patch_size^2 packed-token channels, its output unpatchified to
+        16); None: read from the model's config / attribute.
     """
 
     name: str
@@ -47,6 +51,7 @@ class ModelProfile:
     prediction: Optional[str] = None
     channel_dim: int = 1
     host_option_keys: Tuple[str, ...] = ("transformer_options",)
+    out_channels: Optional[Callable[[nn.Module], Optional[int]]] = None
     priority: int = 0  # higher is tried first
     description: str = field(default="", compare=False)
 

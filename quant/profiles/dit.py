@@ -33,10 +33,17 @@ SD3 = register_profile(ModelProfile(
     sample_kwargs=("hidden_states",), prediction="flow",
     description="diffusers SD3 transformer: NCHW in and out, called with the timestep 1000*sigma"))
 
+def _comfy_flux_out_channels(model):
+    """ComfyUI's Flux keeps ``out_channels = params.out_channels * patch_size ** 2`` (its packed tokens) and
+    returns the unpatchified NCHW latent with ``params.out_channels`` channels (16)."""
+    oc = getattr(getattr(model, "params", None), "out_channels", None)
+    return oc if isinstance(oc, int) and not isinstance(oc, bool) else None
+
+
 COMFY_FLUX = register_profile(ModelProfile(
     name="comfy-flux", matches=class_named("Flux"), priority=20,
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timesteps", "timestep"),
-    sample_kwargs=("x",), timestep_scale=1000.0, prediction="flow",
+    sample_kwargs=("x",), timestep_scale=1000.0, prediction="flow", out_channels=_comfy_flux_out_channels,
     description="ComfyUI's Flux (NCHW latents; model_sampling.timestep(sigma) = sigma in [0, 1])"))
 
 TIMESTEP_DIT = register_profile(ModelProfile(

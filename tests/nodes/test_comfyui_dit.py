@@ -63,8 +63,8 @@ class LowBitTestConditioning:
 
 class LowBitTestScheduleReport:
     """The sigmas of a SIGMAS input and what the MODEL's diffusion model receives for each:
-    model_sampling.timestep(sigma), plus the sampling object's class names (ComfyUI builds the class
-    on the fly as ``ModelSampling(<sampling>, <prediction>)``)."""
+    model_sampling.timestep(sigma), the sampling object's class names (ComfyUI builds the class on the fly as
+    ``ModelSampling(<sampling>, <prediction>)``) and the MODEL's memory estimate (ModelPatcher.model_size)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -80,7 +80,8 @@ class LowBitTestScheduleReport:
         s = sigmas.detach().float().cpu()
         t = ms.timestep(s).float()
         return {"ui": {"sigmas": [float(x) for x in s], "timesteps": [float(x) for x in t],
-                       "sampling": [c.__name__ for c in type(ms).__mro__]}}
+                       "sampling": [c.__name__ for c in type(ms).__mro__],
+                       "model_size": [int(model.model_size())]}}
 
 
 class LowBitTestDetect:
@@ -324,6 +325,7 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal",
                                                           "steps": CALIB["calibration_steps"], "denoise": 1.0}}
     g["16"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": ["1", 0], "sigmas": ["15", 0]}}
+    g["19"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": q, "sigmas": ["15", 0]}}
     _flux_sample(g, "17", ["1", 0])  # the float model, same seed
     g["18"] = {"class_type": "SaveLatent",
                "inputs": {"samples": ["17", 0], "filename_prefix": f"latents/flux_fp_{bits}"}}
@@ -350,6 +352,12 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
         assert max(keys) > 1.0, "keys are on the [0, 1000) scale, not sigma"
     native = _native_path(comfy, hist, "14")
     layers = check_native_file(native, _fixture_unet_keys(flux, ""), bits)
+    # ComfyUI's memory estimate of the quantized MODEL counts the packed weights (the native file holds the same
+    # integers, scales and float-kept layers) and is below the float model's
+    q_size, fp_size = hist["outputs"]["19"]["model_size"][0], report["model_size"][0]
+    print(f"Flux {bits}: ComfyUI model_size float {fp_size / 2 ** 20:.0f} MiB, quantized {q_size / 2 ** 20:.0f} MiB, "
+          f"native file {native.stat().st_size / 2 ** 20:.0f} MiB")
+    assert 0.8 * native.stat().st_size <= q_size < fp_size, (q_size, native.stat().st_size, fp_size)
     check_native_detected(comfy, native, flux, bits, "Flux")
     assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
                                                                            for k in layers), sorted(layers)
