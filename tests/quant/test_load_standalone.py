@@ -186,3 +186,67 @@ def test_inspect_says_whether_a_file_loads_alone(digits_files):
 
     assert "standalone yes: diffusers UNet2DModel" in inspect_text(digits_files["w8a8"])
     assert "standalone no" in inspect_text(os.path.join(FIX, "fmt1_w8a8.safetensors"))
+
+
+COMFY_CHILD = '''
+import sys, os, tempfile, json
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+import comfy.sd, comfy.model_management as mm
+from lowbit.quant import QuantConfig, quantize, deploy_, CallRecorder, attach_stats, collect_stats, load, read_header
+from lowbit.nodes import io as nio, comfy_adapter as adapter
+model = comfy.sd.load_checkpoint_guess_config(sys.argv[2], output_vae=False, output_clip=False)[0]
+unet = model.model.diffusion_model
+g = torch.Generator().manual_seed(0)
+dt = next(unet.parameters()).dtype
+with CallRecorder(unet) as rec, torch.no_grad():
+    for t in (900, 500, 100):
+        unet(torch.randn(1, 4, 8, 8, generator=g).to(dt), torch.tensor([float(t)]),
+             context=torch.randn(1, 77, 768, generator=g).to(dt))
+q = quantize(unet, QuantConfig.preset("W4A8"), rec.calls)
+attach_stats(q, collect_stats(unet, q, rec.calls))
+deploy_(q)
+p = nio.save_unet(adapter.attach_quantized_unet(model, q), "t/unet", tempfile.mkdtemp())
+arch = read_header(p)[0]["arch"]
+fa = adapter.attach_quantized_unet(model, load(unet, p))          # what the node does with a MODEL connected
+sb = nio.load_standalone(p)                                       # ... and with none
+x, ctx, sig = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([5.0, 0.5])
+outs = []
+for m in (fa, sb):
+    mm.load_models_gpu([m])
+    with torch.no_grad():
+        outs.append(m.model.apply_model(x, sig, c_crossattn=ctx).float())
+print(json.dumps(dict(arch_class=arch["class"], model_type=arch["config"]["model_type"],
+                      same=bool(torch.equal(outs[0], outs[1])), mean=float(outs[0].abs().mean()),
+                      quantized=adapter.is_quantized(adapter.unet_of(sb)),
+                      meta_left=[n for n, t in sb.model.state_dict().items() if t.is_meta and t.numel()],
+                      sampling=type(sb.model.model_sampling).__name__ == type(model.model.model_sampling).__name__)))
+'''
+
+
+def test_comfyui_model_built_without_float_weights_runs_like_the_float_path():
+    """ComfyUI's SD1.5 model (random fixture checkpoint): saved by the node code with its architecture record,
+    then loaded with no MODEL (ComfyUI's BaseModel built on the meta device, filled from the file): bit-identical
+    ``apply_model`` to the float path. Needs COMFYUI_DIR (like tests/nodes); runs in ComfyUI's python."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))
+    try:
+        import comfy_harness
+    finally:
+        sys.path.pop(0)
+    d = comfy_harness.comfyui_dir_from_env()
+    if d is None:
+        pytest.skip(comfy_harness.SKIP_MESSAGE)
+    py = comfy_harness.comfyui_python(d)
+    ckpt = comfy_harness.ensure_fixture(d, py)
+    r = subprocess.run([py, "-c", COMFY_CHILD, str(d), str(ckpt)], capture_output=True, text=True, timeout=1800,
+                       cwd=str(Path(ckpt).parent))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["arch_class"] == "SD15" and res["model_type"] == "EPS" and res["quantized"] and res["sampling"]
+    assert res["same"] and res["mean"] > 0 and res["meta_left"] == []
