@@ -144,7 +144,9 @@ function makeWidget(node) {
     },
     draw(ctx, n, widgetWidth, y, H) {
       state.widget = this;
-      const own = ctx.canvas && ctx.canvas !== mainCanvasElement();
+      // Nodes 2.0 draws each legacy widget into its own <canvas> (node previews elsewhere use other canvases too:
+      // only Nodes 2.0's is adopted for pointer events).
+      const own = !!ctx.canvas && ctx.canvas !== mainCanvasElement() && (globalThis.LiteGraph?.vueNodesMode ?? true);
       if (own) adoptOwnCanvas(ctx.canvas);
       state.drawWidth = widgetWidth;
       if (own) {
@@ -277,7 +279,9 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       this.lowbitCompare = this.addCustomWidget(makeWidget(this));
-      if (this.size[0] < 320 || this.size[1] < 380) this.setSize([Math.max(320, this.size[0]), Math.max(380, this.size[1])]);
+      if (this.size[0] < 320 || this.size[1] < 380) {
+        this.setSize([Math.max(320, this.size[0]), Math.max(380, this.size[1])]);
+      }
       return r;
     };
 
