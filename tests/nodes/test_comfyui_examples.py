@@ -216,13 +216,9 @@ def _options(spec) -> list | None:
     return None
 
 
-@pytest.mark.parametrize("name", ALL_WORKFLOWS)
-def test_every_workflow_fits_the_servers_inputs(comfy, name):
-    """Every shipped workflow, GPU-sized ones included (those are not run here): converted with /object_info,
-    every required input is set, every value is in its choices or range (what /prompt validates), no unknown
-    input."""
-    info = comfy.object_info()
-    api = ui_to_api(json.loads((EXAMPLES / f"{name}.json").read_text()), info)
+def _input_problems(api: dict, info: dict) -> list:
+    """What /prompt would refuse in an API prompt: a required input not set, an unknown input, a value outside
+    its choices or range (links and the checkpoint name, which is the user's, are not values checked here)."""
     problems = []
     for nid, node in api.items():
         spec = info[node["class_type"]]["input"]
@@ -233,7 +229,7 @@ def test_every_workflow_fits_the_servers_inputs(comfy, name):
             if k not in known:
                 problems.append(f"node {nid}: unknown input {k}")
                 continue
-            if isinstance(v, list) or k == "ckpt_name":  # a link; the checkpoint is the user's
+            if isinstance(v, list) or k == "ckpt_name":
                 continue
             opts = known[k][1] if len(known[k]) > 1 else {}
             choices = _options(known[k])
@@ -242,7 +238,26 @@ def test_every_workflow_fits_the_servers_inputs(comfy, name):
             if known[k][0] in ("INT", "FLOAT") and not opts.get("min", v) <= v <= opts.get("max", v):
                 problems.append(f"node {nid} ({node['class_type']}): {k}={v} out of [{opts.get('min')}, "
                                 f"{opts.get('max')}]")
+    return problems
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_every_workflow_fits_the_servers_inputs(comfy, name):
+    """Every shipped workflow, GPU-sized ones included (those are not run here): converted with /object_info,
+    every required input is set, every value is in its choices or range (what /prompt validates), no unknown
+    input. A broken copy shows the check finds such faults."""
+    info = comfy.object_info()
+    api = ui_to_api(json.loads((EXAMPLES / f"{name}.json").read_text()), info)
+    problems = _input_problems(api, info)
     assert not problems, f"{name}:\n" + "\n".join(problems)
+    broken = json.loads(json.dumps(api))
+    sampler = next(n for n in broken.values() if "sampler_name" in n["inputs"] or "sampler" in n["inputs"])
+    loader = next(n for n in broken.values() if n["class_type"] == "CheckpointLoaderSimple")
+    sampler["inputs"].pop(next(k for k in ("sampler_name", "sampler") if k in sampler["inputs"]))
+    loader["inputs"]["nonsense"] = 1
+    latent = next(n for n in broken.values() if n["class_type"] == "EmptyLatentImage")
+    latent["inputs"]["width"] = -8
+    assert len(_input_problems(broken, info)) == 3, _input_problems(broken, info)
 
 
 # ------------------------------------------------------------------ layout in the real frontend (issue 14)
