@@ -6,7 +6,8 @@
 For each model (the embedded digits model ``lowbit.models``, then every model of ``lowbit.models.zoo`` that
 exists), in one process: quantize (min/max ranges from one short recorded float sampling run; this bench measures
 time, not quality), deploy, and time whole sampling runs (``--samples`` images, ``--steps`` steps) with the runs
-**alternating** between full precision and each deployed variant, ``--repeats`` rounds, median per variant. Variants:
+**alternating** between full precision and each deployed variant, ``--repeats`` rounds, median per variant (wall
+time; the process CPU time is recorded too, ``x_fp32_cpu``, as it is less sensitive to other jobs). Variants:
 
 * ``<bits>``: deployed with the kernel autotuner (``kernels/autotune.py``: per-shape measured choice between the
   integer kernels and the float path of the same quantized weights). Its tuning happens in a warm-up run that
@@ -116,16 +117,21 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
             subject.run(m, seed=0)
             warm[name] = time.perf_counter() - t0
         times = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}  # process CPU time: less sensitive to other jobs than wall time
         for r in range(repeats):
             for name, m in variants.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 subject.run(m, seed=r + 1)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     base = statistics.median(times["fp32"])
+    base_cpu = statistics.median(cpu["fp32"])
     rows = []
     for name, ts in times.items():
         row = dict(variant=name, median_s=statistics.median(ts), times_s=ts, warmup_s=warm[name],
-                   x_fp32=statistics.median(ts) / base)
+                   x_fp32=statistics.median(ts) / base, cpu_s=cpu[name],
+                   x_fp32_cpu=statistics.median(cpu[name]) / base_cpu,
+                   x_fp32_per_round=[t / b for t, b in zip(ts, times["fp32"])])
         if name in bits_list:
             s = autotune.summary(variants[name])
             row["kernel_choice"] = {k: v for k, v in s.items() if k != "rows"}
@@ -147,6 +153,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
     names = None if a.models is None else {s.strip() for s in a.models.split(",") if s.strip()}
     bits_list = [b for b in a.bits.split(",") if b]
     subjects = []
@@ -163,16 +171,18 @@ def main(argv=None):
             results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))
     print(f"\nsampling time, {a.samples} samples x {a.steps} steps, threads={a.threads}, median of {a.repeats} "
           "alternating rounds")
-    print("| model | variant | s / sampling run | x fp32 |")
-    print("|---|---|---|---|")
+    print("| model | variant | s / sampling run | x fp32 | x fp32 per round | x fp32, CPU time |")
+    print("|---|---|---|---|---|---|")
     for res in results:
         for r in res.get("rows", []):
-            print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} |")
+            rounds = " / ".join(f"{v:.2f}" for v in r["x_fp32_per_round"])
+            print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} | {rounds} "
+                  f"| {r['x_fp32_cpu']:.2f} |")
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                load_avg=os.getloadavg())
+                load_avg=os.getloadavg(), load_avg_start=load_start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
     print(f"wrote {a.out}")

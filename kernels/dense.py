@@ -67,19 +67,25 @@ def _conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
 
 
 def _fp32_args(x, pw, bias, act, granularity):
-    """fp32 input (the common case, and the one where per-call work shows on small layers): no dtype casts."""
+    """fp32 input (the common case, and the one where per-call work shows on small layers): no dtype casts, and the
+    static activation step folded into whichever is smaller, the weight or the activations:
+    ``op(clamp(round(x / s), -zp, qmax - zp), w * s)`` instead of ``op(clamp(...) * s, w)`` saves one pass over the
+    activations (the same integers; the products round differently, ~1e-7 relative, like the integer kernels)."""
     w = pw.cache.get("dense.w.fp32")
     if w is None or w.device != x.device:
         w = cached_weight(pw, torch.float32)
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
     if act is None:
-        return x, w, bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        return x, w, bias
     if act.dynamic:
-        xq = fake_quant_act(x, act, granularity)
-    else:
-        zp = act.zero_point
-        xq = torch.div(x, act.scale)
-        xq.round_().clamp_(-zp, act.qmax - zp).mul_(act.scale)
-    return xq, w, bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        return fake_quant_act(x, act, granularity), w, bias
+    zp = act.zero_point
+    xq = torch.div(x, act.scale)
+    xq.round_().clamp_(-zp, act.qmax - zp)
+    if w.numel() < xq.numel():
+        return xq, w * act.scale, bias
+    return xq.mul_(act.scale), w, bias
 
 
 @backend.op("linear", supports=_supports)

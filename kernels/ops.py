@@ -7,7 +7,8 @@ that accepts the call. Tensors, by shape / dtype (notation in :mod:`.formats`):
     x (Conv2d) : float [B, C, H, W]
     bias       : float [N] or None
     act        : ActQuant or None (None = weight-only, W4A16 / W8A16)
-    returns    : float, dtype of x: [..., N] (Linear), [B, N, Ho, Wo] (Conv2d; memory format may be channels_last)
+    returns    : float, dtype of x: [..., N] (Linear), [B, N, Ho, Wo] (Conv2d; NCHW-contiguous for an
+                 NCHW-contiguous x on CPU, as F.conv2d; other backends may return channels_last)
 """
 from __future__ import annotations
 
