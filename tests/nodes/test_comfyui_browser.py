@@ -239,7 +239,6 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
         box = where()
         page.mouse("mouseMoved", 5, VIEW_H - 5)       # pointer away from the node
         time.sleep(0.5)
-        shot = page.screenshot("executed")
         img_box = helpers._wait(lambda: _image_box(page.screenshot("executed"), box), 30,
                                 f"images A/B drawn on the compare node (frontend {version})")
         x0, y0, x1, y1 = img_box
@@ -255,6 +254,7 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
                 f"state {state()}; screenshots in {tmp_path}")
 
         # 1. hover: the split follows the pointer (no button pressed)
+        middle = []
         for frac in (0.25, 0.75):
             x = x0 + frac * w
             page.mouse("mouseMoved", x - 20, ymid)
@@ -262,8 +262,9 @@ def test_compare_slider_follows_the_mouse(frontend, browser_helpers, tmp_path):
             time.sleep(0.5)
             shot = page.screenshot(f"hover{int(frac * 100)}")
             split_at(shot, x, f"hovering at {int(frac * 100)} % of the image")
-        # the split moved: the middle of the image was blue at 25 % and is red at 75 %
-        assert _color_is(shot.getpixel((int(x0 + 0.5 * w), int(ymid))), A_RGB)
+            middle.append(shot.getpixel((int(x0 + 0.5 * w), int(ymid))))
+        # the split moved: the middle of the image is B (blue) with the pointer at 25 %, A (red) at 75 %
+        assert _color_is(middle[0], B_RGB) and _color_is(middle[1], A_RGB), middle
 
         # 2. drag on the image: the split follows, the node stays where it is
         pos_before = where()["pos"]
