@@ -7,7 +7,8 @@ For each model (the embedded digits model ``lowbit.models``, then every model of
 exists), in one process: quantize (min/max ranges from one short recorded float sampling run; this bench measures
 time, not quality), deploy, and time whole sampling runs (``--samples`` images, ``--steps`` steps) with the runs
 **alternating** between full precision and each deployed variant, ``--repeats`` rounds, median per variant (wall
-time; the process CPU time is recorded too, ``x_fp32_cpu``, as it is less sensitive to other jobs). Variants:
+time; also the median of the per-round ratios, ``x_fp32_paired``, and the process CPU time, ``x_fp32_cpu``, both
+less sensitive to other jobs on a shared machine). Variants:
 
 * ``<bits>``: deployed with the kernel autotuner (``kernels/autotune.py``: per-shape measured choice between the
   integer kernels and the float path of the same quantized weights). Its tuning happens in a warm-up run that
@@ -131,7 +132,9 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
         row = dict(variant=name, median_s=statistics.median(ts), times_s=ts, warmup_s=warm[name],
                    x_fp32=statistics.median(ts) / base, cpu_s=cpu[name],
                    x_fp32_cpu=statistics.median(cpu[name]) / base_cpu,
-                   x_fp32_per_round=[t / b for t, b in zip(ts, times["fp32"])])
+                   x_fp32_per_round=[t / b for t, b in zip(ts, times["fp32"])],
+                   # the median of the rounds' own ratios: each round's runs are back to back, so this pairs them
+                   x_fp32_paired=statistics.median(t / b for t, b in zip(ts, times["fp32"])))
         if name in bits_list:
             s = autotune.summary(variants[name])
             row["kernel_choice"] = {k: v for k, v in s.items() if k != "rows"}
@@ -171,13 +174,14 @@ def main(argv=None):
             results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))
     print(f"\nsampling time, {a.samples} samples x {a.steps} steps, threads={a.threads}, median of {a.repeats} "
           "alternating rounds")
-    print("| model | variant | s / sampling run | x fp32 | x fp32 per round | x fp32, CPU time |")
-    print("|---|---|---|---|---|---|")
+    print("| model | variant | s / sampling run | x fp32 (medians) | x fp32 (median per round) | per round "
+          "| x fp32, CPU time |")
+    print("|---|---|---|---|---|---|---|")
     for res in results:
         for r in res.get("rows", []):
             rounds = " / ".join(f"{v:.2f}" for v in r["x_fp32_per_round"])
-            print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} | {rounds} "
-                  f"| {r['x_fp32_cpu']:.2f} |")
+            print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} "
+                  f"| {r['x_fp32_paired']:.2f} | {rounds} | {r['x_fp32_cpu']:.2f} |")
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,

@@ -403,10 +403,12 @@ def onednn_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 
 
 
 def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The convolution's output in the input's memory format, as ``F.conv2d`` gives it: oneDNN's int8 convolutions and
+    """The convolution's output in the input's memory format (NCHW unless x is channels_last, e.g. for the channel
+    slices a split convolution reads), as ``F.conv2d`` gives it: oneDNN's int8 convolutions and
     the im2col GEMM write channels_last, and a channels_last tensor among a model's NCHW ones made the ops after it
     slower (measured on the zoo's latent_text UNet: a residual add 5x, GroupNorm 1.6x; the whole non-quantized part
     of a forward about 10 %), more than this one copy costs. The autotuner times the copy with the kernel."""
-    if out.dim() == 4 and x.is_contiguous() and not out.is_contiguous():
+    if out.dim() == 4 and not out.is_contiguous() and (
+            x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):  # NCHW or a strided view
         return out.contiguous()
     return out
