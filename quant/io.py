@@ -793,7 +793,7 @@ def load_model(path: str) -> nn.Module:
               "which records them")
     if arch["library"] != "diffusers":
         _fail(path, f"its architecture is a {arch['library']} model ({arch['class']})",
-              "load it in that host (ComfyUI: the node Load Quantized UNet (standalone))")
+              "load it in that host (ComfyUI: Load Quantized UNet with no MODEL connected)")
     return _load(build_arch(path, arch), path, header, index, standalone=True)
 
 

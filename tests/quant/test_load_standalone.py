@@ -100,6 +100,23 @@ def test_zoo_text_model_without_float_weights_is_the_float_path_model(tmp_path):
         assert torch.equal(a(x, t, encoder_hidden_states=ctx).sample, b(x, t, encoder_hidden_states=ctx).sample)
 
 
+def test_zoo_flux_transformer_without_float_weights_samples_the_same(tmp_path):
+    """dit_flow: a FluxTransformer2DModel (joint and single transformer blocks, RoPE, no convolutions)."""
+    from lowbit.models.zoo import load as zoo_load
+
+    zm = zoo_load("dit_flow")
+    with CallRecorder(zm.denoiser) as rec, torch.no_grad():
+        zm.sample(zm.denoiser, n=2, seed=0, steps=2)
+    q = quantize(zm.denoiser, QuantConfig.preset("W8A8"), rec.calls)
+    deploy_(q)
+    p = save(q, str(tmp_path / "flux.safetensors"))
+    a, b = load(zm.denoiser, p), load_model(p)
+    _assert_same_model(a, b)
+    with torch.no_grad():
+        ia, ib = zm.sample(a, n=2, seed=1, steps=2)[0], zm.sample(b, n=2, seed=1, steps=2)[0]
+    assert torch.equal(ia, ib)
+
+
 def test_the_float_model_is_not_needed_to_be_built(digits_files, monkeypatch):
     """load_model never runs a real-device constructor: every parameter it builds is on the meta device until the
     file fills it (a float copy would need the weights' memory)."""
