@@ -91,7 +91,7 @@ class StageLog:
     line every ``every`` seconds while it runs (done/total, seconds, an estimate of what is left) and one when it
     ends (steps and seconds; a stage's time runs from the previous stage's last report); ``finish()`` logs the
     total and every stage's seconds. ``text(line)`` gets the current stage as one short line (e.g. the node's
-    progress text in the UI; at most one per ``text_every`` seconds, and at every stage change). Every call is
+    progress text in the UI; at most one per ``text_every`` seconds, and a stage's first and last step). Every call is
     forwarded to ``forward`` (the host's bar and its cancel check, which may raise)."""
 
     def __init__(self, title: str, forward=None, text=None, logger=None, every: float = 30.0,
@@ -138,7 +138,7 @@ class StageLog:
             left = spent / max(self.done, 1) * (self.total - self.done)
             self._emit(f"[{self.index}] {stage} {self.done}/{self.total} ({spent:.0f} s, about {left:.0f} s left)")
             self.last_log = now
-        self._send(now, force=new)
+        self._send(now, force=new or self.done >= self.total)  # a stage's first and last step always
         if self.forward is not None:
             self.forward(done, total, info)
 

@@ -189,7 +189,7 @@ class _Clock:
 def test_stage_log_names_every_stage_with_counts_and_seconds(caplog):
     clock, forwarded, texts = _Clock(), [], []
     st = StageLog("LowBit Quantize UNet", forward=lambda d, t, i: forwarded.append((d, t, i["stage"])),
-                  text=texts.append, every=30.0, clock=clock)
+                  text=texts.append, every=30.0, text_every=2.5, clock=clock)
     with caplog.at_level("INFO", logger="lowbit.nodes"):
         for stage, n, dt in (("calibration sampling", 4, 10.0), ("calibrate activations", 40, 1.0),
                              ("PTQD statistics", 40, 2.0)):
@@ -211,6 +211,8 @@ def test_stage_log_names_every_stage_with_counts_and_seconds(caplog):
     assert total == 165.0
     assert len(forwarded) == 84 and forwarded[-1] == (40, 40, "PTQD statistics")
     assert texts[0] == "[1] calibration sampling: 1/4" and "[3] PTQD statistics: 1/40" in texts
+    assert "[2] calibrate activations: 40/40" in texts and texts[-1] == "[3] PTQD statistics: 40/40"
+    assert "[2] calibrate activations: 2/40" not in texts  # at most one text per 2.5 s (steps of 1 s here)
 
 
 def test_stage_log_names_the_stage_a_failed_run_stopped_in(caplog):
