@@ -14,7 +14,10 @@ Per architecture and setting: Quantize UNet (LowBit) -> a stock sampler -> laten
 Save Quantized UNet (lowbit layout) -> Load Quantized UNet -> the same latent bit for bit; Save with
 ``layout=comfyui-native`` -> a file whose keys and header are ComfyUI's quantized layout for that model's own
 key names; the saved PTQD tables are keyed by ``profile scale * model_sampling.timestep(sigma)`` of the sigmas
-the calibration run used (Flux: 1000 * sigma; SDXL: the discrete timestep), read from the server itself.
+the calibration run used (Flux: 1000 * sigma; SDXL: the discrete timestep), read from the server itself;
+ComfyUI's own detection reads the native file as the same model (asserted at 8 bits; an awq_w4a16 file stores
+[N, K/2] bytes per 4-bit weight, and ComfyUI 0.3.64 reads SDXL's context width from attn2.to_k's second
+dimension, so it finds 1024 and matches no config: printed, not asserted).
 """
 from __future__ import annotations
 
