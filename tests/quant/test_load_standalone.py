@@ -248,6 +248,20 @@ def test_comfyui_model_built_without_float_weights_runs_like_the_float_path():
     then loaded with no MODEL (ComfyUI's BaseModel built on the meta device, filled from the file): bit-identical
     ``apply_model`` to the float path. Needs COMFYUI_DIR (like tests/nodes); runs in ComfyUI's python."""
     import subprocess
+    from pathlib import Path
+
+    comfy_harness, d = _comfy_harness()
+    py = comfy_harness.comfyui_python(d)
+    ckpt = comfy_harness.ensure_fixture(d, py)
+    r = subprocess.run([py, "-c", COMFY_CHILD, str(d), str(ckpt)], capture_output=True, text=True, timeout=1800,
+                       cwd=str(Path(ckpt).parent))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["arch_class"] == "SD15" and res["model_type"] == "EPS" and res["quantized"] and res["sampling"]
+    assert res["same"] and res["mean"] > 0 and res["meta_left"] == []
+
+
+def _comfy_harness():
     import sys
     from pathlib import Path
 
@@ -259,11 +273,40 @@ def test_comfyui_model_built_without_float_weights_runs_like_the_float_path():
     d = comfy_harness.comfyui_dir_from_env()
     if d is None:
         pytest.skip(comfy_harness.SKIP_MESSAGE)
+    return comfy_harness, d
+
+
+def test_comfyui_server_load_node_with_no_model_gives_the_same_images():
+    """Through a real ComfyUI server: Quantize -> Save; then "Load Quantized UNet" with the MODEL connected and with
+    none, each sampled with the same seed: identical images (the node builds the model from the file alone)."""
+    import numpy as np
+
+    comfy_harness, d = _comfy_harness()
     py = comfy_harness.comfyui_python(d)
     ckpt = comfy_harness.ensure_fixture(d, py)
-    r = subprocess.run([py, "-c", COMFY_CHILD, str(d), str(ckpt)], capture_output=True, text=True, timeout=1800,
-                       cwd=str(Path(ckpt).parent))
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["arch_class"] == "SD15" and res["model_type"] == "EPS" and res["quantized"] and res["sampling"]
-    assert res["same"] and res["mean"] > 0 and res["meta_left"] == []
+    with comfy_harness.ComfyServer.start(d, python=py, checkpoints=[ckpt]) as comfy:
+        def graph():
+            return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy.checkpoint}},
+                    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+                    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+                    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+
+        g = graph()
+        g["10"] = {"class_type": "LowBitQuantizeUNet", "inputs": dict(
+            bits="W4A8", method="ptqd", calibration_steps=2, calibration_samples=1, seed=0, cfg=7.0,
+            calibration_width=64, calibration_height=64, calibration_timesteps=0, time_bins=1, weight_init="minmax",
+            recon_iters=0, model=["1", 0], positive=["2", 0], negative=["3", 0])}
+        g["11"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": ["10", 0], "filename_prefix": "sa/u"}}
+        rel = comfy.run(g, timeout=1800)["outputs"]["11"]["lowbit_files"][0]
+        images = []
+        for inputs in ({"model": ["1", 0], "unet_name": rel}, {"unet_name": rel}):
+            g = graph()
+            g["20"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": inputs}
+            g["21"] = {"class_type": "KSampler", "inputs": {
+                "model": ["20", 0], "seed": 3, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+            g["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["1", 2]}}
+            g["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+            (im,) = comfy.images(comfy.run(g, timeout=1800), "23")
+            images.append(np.asarray(im))
+    assert images[0].std() > 0 and np.array_equal(images[0], images[1])
