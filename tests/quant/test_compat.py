@@ -75,3 +75,26 @@ def test_release_file_resaved_loads_without_the_float_model(default_unet, expect
         out_b = torch.cat([b(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
     assert torch.equal(out_q, out_b)
     torch.testing.assert_close(out_b, expected[f"out_{name}"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["w4a8_ptqd", "w8a8"])
+def test_format_2_file_loads_on_the_float_model_and_not_alone(name):
+    """``tests/fixtures/fmt2_*`` were written by commit 68faefa (file format 2, before the architecture and float
+    tensors were stored) with ``tests/fixtures/make_fixtures_fmt2.py``: the float path reproduces that release's
+    outputs; ``load_model`` refuses them in one line naming the fix."""
+    from safetensors.torch import load_file
+
+    from lowbit.models import load_default_unet
+    from lowbit.quant import LoadError, load_model, read_header
+
+    p = os.path.join(FIX, f"fmt2_{name}.safetensors")
+    assert read_header(p)[0]["_migrated_from"] == 2
+    exp = load_file(os.path.join(FIX, "fmt2_expected.safetensors"))
+    q = load(load_default_unet().eval().requires_grad_(False), p)
+    x, t, lab = exp["x"], exp["t"], exp["labels"]
+    with torch.no_grad(), forced_backend("eager"):
+        out = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
+    torch.testing.assert_close(out, exp[f"out_{name}"], rtol=0, atol=1e-5)
+    with pytest.raises(LoadError, match="file format 2.*load\\(model, path\\)") as ei:
+        load_model(p)
+    assert "\n" not in str(ei.value)
