@@ -19,8 +19,14 @@
     otherwise the weight is dequantized to bf16 at each call and a bf16 GEMM / conv runs (faster than the
     int4pack GEMM at M >= 64 on AVX512-BF16 CPUs, see bench/README.md).
 
-Activations are quantized as in the reference (``kernels/eager.py``), except that the static 8-bit path uses the
-fused ``torch.quantize_per_tensor`` (multiplies by 1/scale: a handful of values per million land one step away).
+Activations are quantized exactly as in the reference (``kernels/eager.py``): static ones in three passes, the true
+division, ``round_`` (half to even), then ``torch.quantize_per_tensor(y, 1.0, zp)`` on the rounded integers for the
+clamp, the zero point and the uint8 cast in one pass (exact: nothing is left to round; tested bit for bit, ties
+included). ``LOWBIT_CPU_FAST_ACT_QUANT=1`` makes it one pass, ``quantize_per_tensor(x, scale, zp)``, which multiplies
+by 1/scale: a handful of codes per million land one step away.
+
+Convolutions return the input's memory format (NCHW for NCHW inputs, as ``F.conv2d``): oneDNN and the im2col GEMM
+write channels_last, and a channels_last tensor among NCHW ones slowed the model's next ops more than the copy costs.
 
 Memory: int4 weights are unpacked to int8 at every call unless ``LOWBIT_CPU_CACHE_INT4=1``; onednn blobs of 8-bit
 weights are always cached (``PackedWeight.cache``) and counted by ``PackedWeight.nbytes()``.
