@@ -13,6 +13,16 @@ float. Here every layer is measured on the model's own calibration calls:
    (a fraction of the quantizable layers' fp16 bytes) and the upgrade removes at least a tenth of the error
    still left in the layers measured (errors of single layers roughly add up).
 
+Large models (more than ``SCREEN_ABOVE`` units: an SD1.5 UNet has about 300, SDXL and Flux more) would need a
+whole-model run per layer and call. There step 2 first *screens*: one pass per call with every layer in float
+gives, for every layer at once, its quantization error delta_l (the quantized layer on the float input minus the
+float output) and, by ``SCREEN_PROBES`` backward passes of random output directions v, the gradient g_l = J_l^T v;
+E[(g_l . delta_l)^2] = ||J_l delta_l||^2, the linearised output error of quantizing that layer alone. The
+``SHORTLIST`` units with the largest estimated error and the ``SHORTLIST`` with the largest error per byte are then
+measured exactly as above (at the target and at 8 bits); the rest keep their estimate and the target bits. Cost:
+about (3 + 2 x probes) runs per call plus 2 x 2 x shortlist runs per call, whatever the number of layers. If the
+model cannot be differentiated (an in-place op on a layer output), every unit is measured exactly.
+
 The result is a tuple of exact-name ``LayerRule`` s (one per layer, so a saved file records every decision) and a
 report with the measured numbers. The user's own rules still come first (they override measurement).
 """
@@ -31,6 +41,9 @@ from .progress import Stage
 
 DEFAULT_BUDGET = 0.03  # extra bytes allowed over the uniform target, as a fraction of the layers' fp16 bytes
 DEFAULT_CALLS = 6
+SCREEN_ABOVE = 96  # more units than this: screen by the linearised estimate, measure the shortlist exactly
+SCREEN_PROBES = 8
+SHORTLIST = 16
 
 
 def _rel_error(fp_outs: List[torch.Tensor], model, calls: Sequence[Call]) -> float:
@@ -56,12 +69,76 @@ def _units(q) -> Dict[str, List[str]]:
     return units
 
 
-def _measure(fp_model, q, calls, fp_outs, progress, what) -> Dict[str, float]:
+def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Dict[str, float]:
+    """Linearised output error of quantizing each unit alone (module docstring): one forward with every layer in
+    float, the quantized layer recomputed on each float input, ``probes`` backward passes of random directions."""
+    from .context import get_context
+    from .layers import quant_layers
+    from .split import split_parent
+
+    ctx = get_context(q)
+    layers = quant_layers(q)
+    every = frozenset(n for n, _ in layers)
+    unit_of = {n: split_parent(n) for n, _ in layers}
+    est = {u: 0.0 for u in unit_of.values()}
+    den = sum(float(r.pow(2).sum()) for r in fp_outs)
+    g = torch.Generator().manual_seed(seed)
+    with Stage(progress, len(calls), what) as st:
+        for c, ref in zip(calls, fp_outs):
+            deltas, zs, inner = {}, {}, [False]
+
+            def hook(mod, inp, out, name=None):
+                if inner[0] or not isinstance(out, torch.Tensor):
+                    return None
+                inner[0] = True
+                try:
+                    ctx.float_layers = every - {name}
+                    with torch.no_grad():
+                        yq = mod(inp[0].detach())
+                finally:
+                    ctx.float_layers, inner[0] = every, False
+                deltas[name] = (yq.float() - out.detach().float())
+                z = torch.zeros_like(out, requires_grad=True)
+                zs[name] = z
+                return out + z
+
+            handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in layers]
+            ctx.float_layers = every
+            try:
+                dev, dt = model_device_dtype(q)
+                a, kw = c.to(dev, dt)
+                with torch.enable_grad():
+                    out = unet_output(q(*a, **kw)).float()
+                names = list(zs)
+                for k in range(probes):
+                    v = torch.randn(out.shape, generator=g).to(out.device)
+                    grads = torch.autograd.grad(out, [zs[n] for n in names], grad_outputs=v,
+                                                retain_graph=k < probes - 1, allow_unused=True)
+                    per_unit: Dict[str, float] = {}
+                    for n, gr in zip(names, grads):
+                        if gr is not None:
+                            u = unit_of[n]
+                            per_unit[u] = per_unit.get(u, 0.0) + float((gr.float() * deltas[n]).sum())
+                    for u, sv in per_unit.items():
+                        est[u] += sv * sv / probes
+            finally:
+                for h in handles:
+                    h.remove()
+                ctx.float_layers = frozenset()
+            del out
+            zs, deltas = {}, {}
+            st.step()
+    return {u: e / max(den, 1e-30) for u, e in est.items()}
+
+
+def _measure(fp_model, q, calls, fp_outs, progress, what, only=None) -> Dict[str, float]:
     from .context import get_context
 
     ctx = get_context(q)
     units = _units(q)
     every = frozenset(n for names in units.values() for n in names)
+    if only is not None:
+        units = {u: names for u, names in units.items() if u in only}
     errs = {}
     with Stage(progress, len(units), what) as st:
         try:
@@ -90,11 +167,13 @@ class PrecisionPlan:
     errors: Dict[str, Tuple[float, Optional[float]]]
     allowance_bytes: float = 0.0
     spent_bytes: float = 0.0
+    estimates: Dict[str, float] = dataclasses.field(default_factory=dict)  # screened models: unit -> linearised error
 
 
 def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConfig, *,
                    budget: float = DEFAULT_BUDGET, n_calls: int = DEFAULT_CALLS, num_train_timesteps: int = 1000,
-                   profile: Optional[str] = None, progress=None) -> PrecisionPlan:
+                   profile: Optional[str] = None, progress=None, screen_above: int = SCREEN_ABOVE,
+                   probes: int = SCREEN_PROBES, shortlist: int = SHORTLIST) -> PrecisionPlan:
     """Measure every layer and allocate precision under ``budget`` (see the module docstring)."""
     from .api import quantize
 
@@ -115,7 +194,20 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     units = _units(q)
     decided_by_user = {u for u in units if any(re.search(r.pattern, u) for r in user)}
     measured = [u for u in units if u not in decided_by_user]
-    err_t = _measure(fp_model, q, sub, fp_outs, progress, f"sensitivity at {config.name}")
+    numel = _unit_numel(fp_model, measured)
+    only, screened = None, {}
+    if len(measured) > screen_above:
+        try:
+            screened = _screen(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
+        except RuntimeError as exc:  # e.g. an in-place op on a layer output: measure every unit instead
+            print(f"[LowBit] sensitivity screening not possible ({str(exc).splitlines()[0][:120]}); "
+                  f"measuring each of {len(measured)} layers")
+            screened = {}
+        if screened:
+            by_err = sorted(measured, key=lambda u: -screened[u])[:shortlist]
+            by_density = sorted(measured, key=lambda u: -screened[u] / max(numel[u], 1))[:shortlist]
+            only = set(by_err) | set(by_density)
+    err_t = _measure(fp_model, q, sub, fp_outs, progress, f"sensitivity at {config.name}", only=only)
     del q
     eight_bits = config.w_bits < 8 or (config.a_bits < 8 and config.a_bits != ACT_BITS_NONE)
     err_8 = {}
@@ -125,9 +217,14 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
                                  rules=user + everything)
         q8 = quantize(fp_model, c8, list(calls), num_train_timesteps=num_train_timesteps, profile=profile,
                       progress=progress)
-        err_8 = _measure(fp_model, q8, sub, fp_outs, progress, f"sensitivity at {c8.name}")
+        err_8 = _measure(fp_model, q8, sub, fp_outs, progress, f"sensitivity at {c8.name}", only=only)
         del q8
-    numel = _unit_numel(fp_model, measured)
+    if only is not None:  # screened: the shortlist was measured; the rest keep their estimate and the target bits
+        measured_all = measured
+        measured = [u for u in measured if u in only]
+        rest = sum(screened[u] for u in measured_all if u not in only)
+    else:
+        rest = 0.0
     total_fp16 = 2 * sum(numel.values())
     allowance = budget * total_fp16
     wb = config.w_bits / 8
@@ -137,7 +234,7 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     level = {u: 0 for u in measured}
     spent = 0.0
     while True:
-        remaining = sum(options[u][level[u]][2] for u in measured)
+        remaining = rest + sum(options[u][level[u]][2] for u in measured)
         best, best_ratio = None, 0.0
         for u in measured:
             cur = options[u][level[u]]
@@ -157,6 +254,9 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     for u in units:
         if u in decided_by_user:
             continue
+        if u not in options:  # screened out: estimated error too small to be worth bytes
+            rules.append(LayerRule(f"^{re.escape(u)}$", "quant"))
+            continue
         mode = {"target": "quant", "w8a8": "w8a8", "fp": "fp"}[options[u][level[u]][0]]
         rules.append(LayerRule(f"^{re.escape(u)}$", mode))
         if mode != "quant":
@@ -165,4 +265,4 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
                                extra_bytes=int((options[u][level[u]][1] - wb) * numel[u]),
                                reason=f"measured: output error {err_t[u]:.2e} at {config.name}{e8}"))
     errors = {u: (err_t[u], err_8.get(u)) for u in measured}
-    return PrecisionPlan(tuple(rules), report, errors, allowance, spent)
+    return PrecisionPlan(tuple(rules), report, errors, allowance, spent, estimates=screened)

@@ -39,3 +39,26 @@ def test_user_rules_override_measurement_and_the_pipeline_reports_the_numbers(un
     lines = pipeline.describe(q)
     assert any(measured[0]["name"] in ln and "measured" in ln for ln in lines)
     assert "precision plan" in res.seconds
+
+
+def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortlist(unet, calls):
+    """Large models are screened by the linearised error (one pass + random-direction backward passes), then only
+    the shortlist is measured exactly. Forced here on a small model: the estimates must rank the layers as the
+    exact measurement does, and the plan must be built from exact numbers for the layers it upgrades."""
+    from scipy.stats import spearmanr
+
+    cfg = QuantConfig.preset("W4A8")
+    exact = plan_precision(unet, calls, cfg, budget=0.05)
+    screened = plan_precision(unet, calls, cfg, budget=0.05, screen_above=0, shortlist=4)
+    assert exact.estimates == {} and set(screened.estimates) == set(exact.errors)
+    units = list(exact.errors)
+    rho = spearmanr([exact.errors[u][0] for u in units], [screened.estimates[u] for u in units]).statistic
+    assert rho > 0.8, rho
+    # the shortlist (at most 2 x 4 units) was measured exactly, with the same numbers as the full measurement
+    assert 0 < len(screened.errors) <= 8
+    for u, (et, e8) in screened.errors.items():
+        assert et == pytest.approx(exact.errors[u][0], rel=1e-6) and e8 == pytest.approx(exact.errors[u][1], rel=1e-6)
+    assert {r["name"] for r in screened.report} <= set(screened.errors)
+    assert 0 < screened.spent_bytes <= screened.allowance_bytes
+    # one exact-name rule per layer in both plans
+    assert len(screened.rules) == len(exact.rules)
