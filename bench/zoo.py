@@ -73,6 +73,25 @@ def _report_sums(report) -> dict:
                 noise_var_removed=sum(r["noise_before"] ** 2 - r["noise_after"] ** 2 for r in report))
 
 
+def guided_residual(m, qmodel, calls, guidance: float, every: int = 3) -> list:
+    """Per recorded call (every ``every``-th): variance of the quantized (PTQD-corrected) output's error against
+    full precision for the rows (``raw``) and for the guided combination e_u + g(e_c - e_u) (``guided``), and the
+    correlation of the branches' errors. Calls must hold [cond; uncond] in one batch (the zoo's samplers)."""
+    from ..models.zoo.common import unwrap
+    from ..quant.ptqd import get_stats
+
+    st, out = get_stats(qmodel), []
+    with torch.no_grad():
+        for c in calls[::every]:
+            args, kw = c.to("cpu", torch.float32)
+            e = unwrap(qmodel(*args, **kw)).float() - unwrap(m.denoiser(*args, **kw)).float()
+            ec, eu = e.chunk(2)
+            out.append(dict(t=c.t, fitted=None if st is None else st.residual_var_at(c.t), raw=float(e.var()),
+                            guided=float((eu + guidance * (ec - eu)).var()),
+                            corr=float(torch.corrcoef(torch.stack([ec.flatten(), eu.flatten()]))[0, 1])))
+    return out
+
+
 def run_model(name: str, a, log=print) -> list:
     from ..models.zoo import load
     from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
@@ -104,6 +123,8 @@ def run_model(name: str, a, log=print) -> list:
         log(f"[{name}]{tag(sampler)} full precision: FID {fp_met['fid']:.3f} acc {fp_met.get('acc')} ({fp_s:.0f} s)")
     calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
     calib = timestep_aware_subset(calls, a.calib_steps)
+    g = getattr(m, "default_guidance", 1.0)
+    check_calls = record_calls(m, a.guided_residual, a.seed + 5000, steps) if a.guided_residual and g != 1.0 else None
     for bits in a.bits:
         for method in (a.methods or (QUICK if a.quick else LADDER)[bits]):
             t0 = time.perf_counter()
@@ -133,6 +154,10 @@ def run_model(name: str, a, log=print) -> list:
             st = get_stats(res.model)
             ptqd_tables = None if st is None else dict(t=st.t.tolist(), k=st.k.tolist(), m=st.m.tolist(),
                                                        var=st.var.tolist(), bias_abs=st.bias.abs().mean(1).tolist())
+            gres = guided_residual(m, res.model, check_calls, g) if check_calls and ptqd_on else None
+            if gres:
+                log(f"[{name}] {bits} {method}: guided/raw residual variance " +
+                    " ".join(f"{r['t']:.0f}:{r['guided'] / max(r['raw'], 1e-30):.1f}" for r in gres))
             for sampler in samplers:
                 fp_img, labels, fp_met = fp[sampler]
                 for label, vsc, on in variants:
@@ -148,6 +173,8 @@ def run_model(name: str, a, log=print) -> list:
                     row = dict(model=name, bits=bits, method=label + (f" ({a.precision})" if a.precision else ""),
                                sampler=sampler, fid=met["fid"], fid_x=met["fid"] / fp_met["fid"],
                                acc=met.get("acc"), psnr=paired_psnr(img, fp_img), quant_s=qs, sample_s=ss, kept=kept)
+                    if gres and on:
+                        row["guided_residual"] = gres
                     if rep:
                         row.update(_report_sums(rep) if on else {}, vsc=vsc, ptqd_tables=ptqd_tables if on else None)
                     rows.append(row)
@@ -199,6 +226,9 @@ def main(argv=None):
                    help="rectified-flow models: sample every row with each of these flow samplers (default: the "
                    "model's own, Euler); a +vsc method then also gives its row without VSC")
     p.add_argument("--eta", type=float, default=1.0, help="noise amount of euler_ancestral (1 = full ancestral)")
+    p.add_argument("--guided-residual", type=int, default=0, metavar="N",
+                   help="+ptqd rows of guided models: also measure the corrected output's residual variance per "
+                   "call, raw and guided, on N more full-precision trajectories (docs/FLOW_MATCHING.md)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zoo.json"))
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
