@@ -454,13 +454,14 @@ def sync_lora_side_paths(patcher):
 class PTQDView:
     """What a sampler needs to apply PTQD variance-schedule calibration at a given sigma."""
 
-    def __init__(self, model_sampling, stats, corrected: bool, eps_prediction: bool):
+    def __init__(self, model_sampling, stats, corrected: bool, eps_prediction: bool, scale: float = 1.0):
         self.model_sampling, self.stats, self.corrected, self.eps_prediction = \
             model_sampling, stats, corrected, eps_prediction
+        self.scale = scale  # the profile's timestep scale: the tables are keyed by scale * model_sampling.timestep
 
     def timestep(self, sigma) -> float:
         s = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
-        return float(self.model_sampling.timestep(s.reshape(1)).float()[0])
+        return self.scale * float(self.model_sampling.timestep(s.reshape(1)).float()[0])
 
     def residual_var(self, sigma) -> float:
         return self.stats.residual_var_at(self.timestep(sigma), corrected=self.corrected)
@@ -496,14 +497,18 @@ def ptqd_view(model_k) -> Optional[PTQDView]:
     import comfy.model_sampling as cms
 
     eps = isinstance(ms, cms.EPS) and not isinstance(ms, (cms.V_PREDICTION, cms.X0, cms.CONST))
-    if not eps:
+    flow = isinstance(ms, cms.CONST)  # velocity models: the flow VSC (docs/FLOW_MATCHING.md)
+    if not (eps or flow):
         if "noneps" not in _warned:
-            log.warning("LowBit PTQD Sampler: variance correction is derived for eps-prediction models; "
-                        "this model is %s, so it is skipped", type(ms).__name__)
+            log.warning("LowBit PTQD Sampler: variance correction is derived for eps-prediction and "
+                        "rectified-flow models; this model is %s, so it is skipped", type(ms).__name__)
             _warned.add("noneps")
         return None
     ctx = get_context(unet)
-    return PTQDView(ms, stats, bool(getattr(ctx, "ptqd_active", False)), eps)
+    from ..quant.profiles import profile_for
+
+    return PTQDView(ms, stats, bool(getattr(ctx, "ptqd_active", False)), eps,
+                    float(profile_for(unet).timestep_scale))
 
 
 def ksampler(sampler_function, extra_options: dict):

@@ -43,3 +43,53 @@ def test_comfy_sd3_profile_is_picked_for_comfyui_mmdit_with_scale_1():
 def test_comfy_flux_profile_scales_sigma_by_1000():
     p = profile_for(Flux())
     assert p.name == "comfy-flux" and p.timestep_scale == 1000.0 and p.prediction == "flow"
+
+
+def test_ptqd_sampler_view_keys_flow_models_by_the_profile_scaled_timestep(monkeypatch):
+    """The PTQD Sampler's variance calibration on ComfyUI's rectified-flow models (CONST): the statistics are read
+    at the table key 1000 * sigma (Flux receives sigma: profile scale 1000); v-prediction models are skipped."""
+    import sys
+    import types
+
+    import torch
+
+    import lowbit.nodes.comfy_adapter as ad
+    import lowbit.quant.ptqd as ptqd
+
+    ms_mod = types.ModuleType("comfy.model_sampling")
+
+    class EPS:
+        def timestep(self, s):
+            return s
+
+    class V_PREDICTION(EPS):
+        pass
+
+    class X0(EPS):
+        pass
+
+    class CONST(EPS):
+        pass
+
+    ms_mod.EPS, ms_mod.V_PREDICTION, ms_mod.X0, ms_mod.CONST = EPS, V_PREDICTION, X0, CONST
+    comfy_pkg = sys.modules.get("comfy") or types.ModuleType("comfy")
+    monkeypatch.setitem(sys.modules, "comfy", comfy_pkg)
+    monkeypatch.setitem(sys.modules, "comfy.model_sampling", ms_mod)
+    seen = []
+
+    class Stats:
+        def residual_var_at(self, t, corrected):
+            seen.append(t)
+            return 0.25
+
+    monkeypatch.setattr(ptqd, "get_stats", lambda unet: Stats())
+    monkeypatch.setattr(ad, "get_context", lambda unet: types.SimpleNamespace(ptqd_active=True))
+
+    def model_k(ms):
+        base = types.SimpleNamespace(diffusion_model=Flux(), model_sampling=ms)
+        return types.SimpleNamespace(inner_model=types.SimpleNamespace(inner_model=base))
+
+    view = ad.ptqd_view(model_k(CONST()))
+    assert view is not None and view.residual_var(torch.tensor(0.5)) == 0.25
+    assert seen == [500.0]
+    assert ad.ptqd_view(model_k(V_PREDICTION())) is None
