@@ -21,7 +21,7 @@ COUNTER_DIGITS = 5
 def split_prefix(prefix: str) -> Tuple[str, str]:
     """'sub/dir/name' -> ('sub/dir', 'name'); rejects absolute paths, '..' and empty names."""
     if not isinstance(prefix, str) or not prefix.strip():
-        raise NodeInputError("filename_prefix is empty; give a name such as 'lowbit/sd15_w4a8'")
+        raise NodeInputError("filename_prefix is empty; give a name such as 'sd15_w4a8' (saved under models/lowbit/)")
     p = prefix.strip().replace("\\", "/")
     if p.startswith("/") or re.match(r"^[A-Za-z]:", p):
         raise NodeInputError(f"filename_prefix {prefix!r} is an absolute path; give a name relative to models/lowbit/")
