@@ -17,7 +17,7 @@ import torch
 
 from . import comfy_adapter as adapter
 from ..quant import side_paths as lora_side
-from .common import CATEGORY, FLOAT, INT, SOCKET, NodeInputError, check_float, check_int, validation_result
+from .common import CATEGORY, FLOAT, INT, SOCKET, NodeInputError, StageLog, check_float, check_int, validation_result
 
 log = logging.getLogger("lowbit.nodes")
 
@@ -119,7 +119,7 @@ def loss_curve_image(losses: List[float], width: int = 640, height: int = 360, t
 
 def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank, lr_scale, seed, samples=4,
                    sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, progress=None):
-    from ..quant import FinetuneConfig, PipelineConfig, get_stats, pipeline
+    from ..quant import FinetuneConfig, PipelineConfig, get_stats
     from ..quant.io import model_fingerprint
 
     teacher = adapter.require_fp_unet(fp_model, "fp_model (the teacher)")
@@ -132,7 +132,23 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
                             finetune=FinetuneConfig(steps=steps, rank=rank, lr_multiplier=lr_scale, act_lr=act_lr,
                                                     batch_size=batch_size, sampling_steps=sampling_steps,
                                                     guidance=cfg, seed=seed))
-    progress = progress or adapter.NodeProgress()
+    # every stage (calibration sampling, fine-tune, merge, PTQD statistics) named on the console (StageLog)
+    stages = StageLog("LowBit EfficientDM Fine-tune", forward=progress or adapter.NodeProgress(), logger=log)
+    try:
+        out = _finetune(fp_model, quantized_model, positive, negative, teacher, q, config, stages, steps=steps,
+                        samples=samples, sampling_steps=sampling_steps, seed=seed, cfg=cfg, width=width,
+                        height=height)
+    except BaseException:
+        stages.finish(failed=True)
+        raise
+    stages.finish()
+    return out
+
+
+def _finetune(fp_model, quantized_model, positive, negative, teacher, q, config, progress, *, steps, samples,
+              sampling_steps, seed, cfg, width, height):
+    from ..quant import pipeline
+
     tracker = LossTracker(progress)
     calls = adapter.record_unet_calls(fp_model, positive, negative, steps=sampling_steps, samples=samples, seed=seed,
                                       cfg=cfg, width=width, height=height, progress=progress)
