@@ -59,6 +59,24 @@ def record_calls(m, n: int, seed: int, steps: int):
     return rec.calls
 
 
+def calibration(m, a, steps: int):
+    """The calibration calls every zoo row is built from: ``a.calib_samples`` full-precision sampling runs on seeds
+    other than the rows' (``a.seed + 1000``), ``a.calib_steps`` timesteps kept (timestep-aware)."""
+    from ..quant import timestep_aware_subset
+
+    return timestep_aware_subset(record_calls(m, a.calib_samples, a.seed + 1000, steps), a.calib_steps)
+
+
+def build(m, calib, method: str, bits: str, a, **over):
+    """One row's quantized model: ``PipelineConfig.for_method(method, bits)`` with the library's defaults, except
+    the run-wide ``--recon-iters`` (the same for every model) and the given overrides."""
+    from ..quant import PipelineConfig, ReconConfig, pipeline
+
+    if a.recon_iters is not None:
+        over["recon"] = ReconConfig(weight_iters=a.recon_iters)
+    return pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, **over), progress=None)
+
+
 def _key_scale(model) -> float:
     """The factor from the timestep a model call carries to its PTQD table key (the profile's scale)."""
     from ..quant.context import get_context
@@ -94,7 +112,7 @@ def guided_residual(m, qmodel, calls, guidance: float, every: int = 3) -> list:
 
 def run_model(name: str, a, log=print) -> list:
     from ..models.zoo import load
-    from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
+    from ..quant import pipeline
     from ..quant.context import get_context
     from ..quant.ptqd import get_stats
 
@@ -121,19 +139,15 @@ def run_model(name: str, a, log=print) -> list:
         rows.append(dict(model=name, bits="fp32", method="full precision", sampler=sampler, fid=fp_met["fid"],
                          fid_x=1.0, acc=fp_met.get("acc"), psnr=math.inf, quant_s=0.0, sample_s=fp_s))
         log(f"[{name}]{tag(sampler)} full precision: FID {fp_met['fid']:.3f} acc {fp_met.get('acc')} ({fp_s:.0f} s)")
-    calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
-    calib = timestep_aware_subset(calls, a.calib_steps)
+    calib = calibration(m, a, steps)
     g = getattr(m, "default_guidance", 1.0)
     check_calls = record_calls(m, a.guided_residual, a.seed + 5000, steps) if a.guided_residual and g != 1.0 else None
     for bits in a.bits:
         for method in (a.methods or (QUICK if a.quick else LADDER)[bits]):
             t0 = time.perf_counter()
             try:
-                over = {} if a.recon_iters is None else dict(recon=ReconConfig(weight_iters=a.recon_iters))
-                if a.precision:
-                    over["precision"] = a.precision
-                res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, deploy=a.deployed,
-                                                                                **over), progress=None)
+                over = dict(precision=a.precision) if a.precision else {}
+                res = build(m, calib, method, bits, a, deploy=a.deployed, **over)
             except Exception as exc:  # a failing method is a row, not the end of the table
                 rows.append(dict(model=name, bits=bits, method=method, error=f"{type(exc).__name__}: {exc}"))
                 log(f"[{name}] {bits} {method}: FAILED {type(exc).__name__}: {exc}")

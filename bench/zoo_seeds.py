@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .zoo import paired_psnr, record_calls
+from .zoo import build, calibration, paired_psnr
 
 
 def _stats(xs):
@@ -40,7 +40,6 @@ def _stats(xs):
 def run_model(name: str, a, log=print) -> dict:
     from ..models.zoo import load
     from ..models.zoo.common import frechet
-    from ..quant import PipelineConfig, ReconConfig, pipeline, timestep_aware_subset
 
     m = load(name)
     steps = a.steps or m.default_steps
@@ -54,13 +53,11 @@ def run_model(name: str, a, log=print) -> dict:
     out = dict(model=name, steps=steps, seeds=seeds, fp=dict(fid=_stats([fp[s][2] for s in seeds])), methods={})
     if len(seeds) > 1:  # how far two full-precision sets are from each other: the floor of fd_fp
         out["fp"]["fd_between_sets"] = frechet(fp[seeds[0]][1], fp[seeds[1]][1])
-    calls = record_calls(m, a.calib_samples, a.seed + 1000, steps)
-    calib = timestep_aware_subset(calls, a.calib_steps)
+    calib = calibration(m, a, steps)
     for bits in a.bits:
         for method in a.methods:
             t0 = time.perf_counter()
-            over = {} if a.recon_iters is None else dict(recon=ReconConfig(weight_iters=a.recon_iters))
-            res = pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, **over), progress=None)
+            res = build(m, calib, method, bits, a)
             qs = time.perf_counter() - t0
             per = dict(fid=[], fd_fp=[], psnr=[])
             for s in seeds:
