@@ -147,6 +147,19 @@ def _init_module(module, prefix: str, seed: int, norm_scale_names: tuple = ()) -
                 p.data = t.to(p.dtype)
 
 
+def _add_taesd(sd: dict, seed: int, latent_channels: int, scale: float, shift: float) -> None:
+    """ComfyUI's TAESD as the checkpoint's VAE (``first_stage_model.taesd_*`` keys) with its latent scale/shift."""
+    import comfy.taesd.taesd
+    import torch
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    _init_module(taesd, VAE_PREFIX, seed)
+    for k, v in taesd.state_dict().items():
+        sd[VAE_PREFIX + k] = v
+    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(scale)
+    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(shift)
+
+
 def build_state_dict(variant: str = DEFAULT_VARIANT, seed: int = 0, comfyui_dir: str | None = None) -> dict:
     """The fp16 LDM-layout state dict (needs ComfyUI importable)."""
     import torch
@@ -168,12 +181,7 @@ def build_state_dict(variant: str = DEFAULT_VARIANT, seed: int = 0, comfyui_dir:
             sd[CLIP_PREFIX + k] = v
     del clip
 
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
-    _init_module(taesd, VAE_PREFIX, seed)
-    for k, v in taesd.state_dict().items():
-        sd[VAE_PREFIX + k] = v
-    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(TAESD_SD15_SCALE)
-    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0)
+    _add_taesd(sd, seed, 4, TAESD_SD15_SCALE, 0.0)
 
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
@@ -215,12 +223,7 @@ def build_sd3_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
             sd[SD3_TE_PREFIX + k] = v
     del clip
 
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
-    _init_module(taesd, VAE_PREFIX, seed)
-    for k, v in taesd.state_dict().items():
-        sd[VAE_PREFIX + k] = v
-    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(1.5305)   # SD3's latent scale and shift (latent_formats.SD3)
-    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0609)
+    _add_taesd(sd, seed, 16, 1.5305, 0.0609)   # SD3's latent scale and shift (latent_formats.SD3)
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 
@@ -264,12 +267,7 @@ def build_sdxl_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict
     sd.update(cfg.process_clip_state_dict_for_saving(clip_sd))
     del clip_sd
 
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
-    _init_module(taesd, VAE_PREFIX, seed)
-    for k, v in taesd.state_dict().items():
-        sd[VAE_PREFIX + k] = v
-    sd[VAE_PREFIX + "vae_scale"] = torch.tensor(TAESDXL_SCALE)
-    sd[VAE_PREFIX + "vae_shift"] = torch.tensor(0.0)
+    _add_taesd(sd, seed, 4, TAESDXL_SCALE, 0.0)
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 
