@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -200,8 +201,8 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
         try:
             screened = _screen(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
         except RuntimeError as exc:  # e.g. an in-place op on a layer output: measure every unit instead
-            print(f"[LowBit] sensitivity screening not possible ({str(exc).splitlines()[0][:120]}); "
-                  f"measuring each of {len(measured)} layers")
+            warnings.warn(f"LowBit: sensitivity screening not possible ({str(exc).splitlines()[0][:120]}); "
+                          f"measuring each of {len(measured)} layers", RuntimeWarning, stacklevel=2)
             screened = {}
         if screened:
             by_err = sorted(measured, key=lambda u: -screened[u])[:shortlist]
