@@ -14,7 +14,8 @@ from .digits import (
     load_default_unet,
     load_heldout,
 )
-from .metrics import class_accuracy, classifier_features, fid, frechet_distance
+from .metrics import (class_accuracy, classifier_features, fid, frechet_distance, laplacian_energy, noisy_fraction,
+                      noisy_mask)
 from .sample import ddim_timesteps, sample
 
 __all__ = [
@@ -31,4 +32,7 @@ __all__ = [
     "frechet_distance",
     "fid",
     "class_accuracy",
+    "laplacian_energy",
+    "noisy_mask",
+    "noisy_fraction",
 ]

@@ -4,6 +4,11 @@
 ``feature_dim``-d penultimate features of our small digit CNN (``digits_classifier.safetensors``), not
 Inception-v3 features, so its values are only comparable with each other (same classifier, same sample
 counts). The matrix square root uses symmetric eigen-decompositions in float64 torch (no scipy).
+
+``noisy_mask`` / ``noisy_fraction`` count "salt-and-pepper" samples: a sample is noisy when its mean
+|Laplacian| (``laplacian_energy``) exceeds the largest one of a set of real images (default: the 400 held-out
+digits). Real digits are smooth strokes on a flat -1 background, so speckles on the background push a sample
+above every real digit; FID and class accuracy barely see a few such samples.
 """
 from __future__ import annotations
 
@@ -68,6 +73,38 @@ def frechet_distance(feats_a, feats_b) -> float:
     tr_covmean = w.clamp(min=0).sqrt().sum()
     d = (mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
     return float(d.clamp(min=0))
+
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def laplacian_energy(images) -> torch.Tensor:
+    """Mean |Laplacian| of each image ``[N, C, H, W]`` (``[N]`` float32; 3x3 kernel per channel, edges
+    replicated, so a flat image scores 0 up to its border)."""
+    x = torch.as_tensor(images).float().cpu()
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    k = _LAPLACIAN.view(1, 1, 3, 3).repeat(c, 1, 1, 1)
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    return y.abs().mean((1, 2, 3))
+
+
+def noisy_mask(samples, reference=None) -> torch.Tensor:
+    """``[N]`` bool: samples whose ``laplacian_energy`` exceeds the largest of the ``reference`` images
+    (default: the 400 held-out real digits), i.e. rougher than every real image."""
+    if reference is None:
+        from .digits import load_heldout
+
+        reference = load_heldout()[0]
+    return laplacian_energy(samples) > laplacian_energy(reference).max()
+
+
+def noisy_fraction(samples, reference=None) -> float:
+    """Fraction of ``samples`` rougher than every ``reference`` image (``noisy_mask``); 0 for clean samples."""
+    return float(noisy_mask(samples, reference).float().mean())
 
 
 def fid(samples, reference=None, classifier=None) -> float:

@@ -223,3 +223,21 @@ def test_degraded_model_is_clearly_worse(unet, fp_samples, labels):
     fp_acc, deg_acc = class_accuracy(fp_samples[idx], labels[idx]), class_accuracy(deg, labels[idx])
     assert deg.shape[0] == n
     assert deg_f > 5 * fp_f and deg_acc < fp_acc - 0.25, (fp_f, deg_f, fp_acc, deg_acc)
+
+
+# --------------------------------------------------------------------------------------------- noisy-sample metric
+def test_noisy_fraction_flags_salt_noise_not_real_digits(heldout):
+    """The metric behind `python -m lowbit.models.noisy`: a clean real digit set scores 0, the same digits with
+    sparse bright speckles on the background (what the first model drew) score high."""
+    from lowbit.models import laplacian_energy, noisy_fraction, noisy_mask
+
+    x, _ = heldout
+    half_a, half_b = x[::2], x[1::2]
+    assert noisy_fraction(half_a, half_b) < 0.02  # real vs real: at most a stray outlier
+    assert noisy_fraction(x) == 0.0  # against itself: nothing exceeds its own maximum
+    g = torch.Generator().manual_seed(0)
+    salt = (torch.rand(x.shape, generator=g) < 0.08) & (x <= -0.99)  # ~12 speckles per digit
+    speckled = torch.where(salt, torch.full_like(x, 0.5), x)
+    assert noisy_fraction(speckled) > 0.9
+    assert noisy_mask(speckled).shape == (400,)
+    assert laplacian_energy(torch.full((2, 3, 16, 16), -1.0)).abs().max() == 0  # flat images, any channel count
