@@ -196,6 +196,9 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     decided_by_user = {u for u in units if any(re.search(r.pattern, u) for r in user)}
     measured = [u for u in units if u not in decided_by_user]
     numel = _unit_numel(fp_model, measured)
+    if budget <= 0:  # nothing can be upgraded: every layer keeps the target bits, no need to measure
+        rules = list(user) + [LayerRule(f"^{re.escape(u)}$", "quant") for u in units if u not in decided_by_user]
+        return PrecisionPlan(tuple(rules), [], {}, 0.0, 0.0)
     only, screened = None, {}
     if len(measured) > screen_above:
         try:

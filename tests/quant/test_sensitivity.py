@@ -5,9 +5,17 @@ from lowbit.quant import LayerRule, PipelineConfig, QuantConfig, get_context, pi
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.sensitivity import plan_precision
 
+N_CALLS = 4  # measured calls per plan (the default is more): the tests check the logic, not the plan's quality
 
-def test_plan_upgrades_the_most_harmful_layers_within_the_budget(unet, calls):
-    plan = plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.05)
+
+@pytest.fixture(scope="module")
+def exact_plan(unet, calls):
+    """The W4A8 plan with every layer measured exactly (shared: measuring is the slow part of these tests)."""
+    return plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.05, n_calls=N_CALLS)
+
+
+def test_plan_upgrades_the_most_harmful_layers_within_the_budget(unet, calls, exact_plan):
+    plan = exact_plan
     names = {n.split(".parts.")[0] for n, _ in quant_layers(pipeline.run(unet, calls, PipelineConfig.for_method(
         "lp", "W4A8", precision="rules", deploy=False)).model)}
     assert {r.pattern[1:-1].replace("\\", "") for r in plan.rules} == names  # one exact-name rule per layer
@@ -21,7 +29,7 @@ def test_plan_upgrades_the_most_harmful_layers_within_the_budget(unet, calls):
     # every upgrade removed at least a tenth of the error left at that point: a layer far below that stays
     assert all(plan.errors[u][0] > 0.1 * min(plan.errors[k][0] for k in kept) for u in kept)
     # no budget: nothing is upgraded
-    plan0 = plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.0)
+    plan0 = plan_precision(unet, calls, QuantConfig.preset("W4A8"), budget=0.0, n_calls=N_CALLS)
     assert plan0.report == [] and all(r.mode == "quant" for r in plan0.rules)
 
 
@@ -41,15 +49,15 @@ def test_user_rules_override_measurement_and_the_pipeline_reports_the_numbers(un
     assert "precision plan" in res.seconds
 
 
-def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortlist(unet, calls):
+def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortlist(unet, calls, exact_plan):
     """Large models are screened by the linearised error (one pass + random-direction backward passes), then only
     the shortlist is measured exactly. Forced here on a small model: the estimates must rank the layers as the
     exact measurement does, and the plan must be built from exact numbers for the layers it upgrades."""
     from scipy.stats import spearmanr
 
     cfg = QuantConfig.preset("W4A8")
-    exact = plan_precision(unet, calls, cfg, budget=0.05)
-    screened = plan_precision(unet, calls, cfg, budget=0.05, screen_above=0, shortlist=4)
+    exact = exact_plan
+    screened = plan_precision(unet, calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
     assert exact.estimates == {} and set(screened.estimates) == set(exact.errors)
     units = list(exact.errors)
     rho = spearmanr([exact.errors[u][0] for u in units], [screened.estimates[u] for u in units]).statistic
