@@ -38,9 +38,10 @@ import torch
 
 from . import dense  # noqa: F401  (registers the dense backend)
 from . import registry
+from .formats.base import _nested_bytes
 
 __all__ = ["attach", "attach_model", "is_attached", "run", "summary", "format_summary", "clear", "decisions",
-           "enabled", "active", "chosen", "ROUNDS"]
+           "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "ROUNDS"]
 
 ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 # the registry's own choice is kept unless another candidate is measured faster by more than this fraction
@@ -48,6 +49,38 @@ ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 MARGIN = 0.10
 _SLOW_CALL_S = 0.5  # a candidate slower than this gets one timed round only
 _KEEP_CACHE = ("autotune", "cache_int4")
+
+_MODES = ("tuned", "float", "integer")
+
+
+class Choice:
+    """The measured choice for one call shape of one weight: the interchangeable implementations (``options``:
+    name -> function of the same arguments), which one was measured fastest (``tuned``), which is the float path
+    (``float_name``: the dense backend, or a layer's fused float computation) and which the integer kernels take
+    in registry order (``int_name``). ``impl`` / ``name``: the one in use, set by :meth:`use` (the tuned one unless a
+    whole-model mode says otherwise, see :func:`settle`). Calling it calls ``impl``."""
+
+    __slots__ = ("impl", "name", "options", "tuned", "float_name", "int_name", "times")
+
+    def __init__(self, options: dict, tuned: str, float_name: Optional[str], int_name: Optional[str],
+                 times: Optional[dict] = None, mode: str = "tuned"):
+        self.options, self.tuned, self.float_name, self.int_name = options, tuned, float_name, int_name
+        self.times = times or {}
+        self.use(mode)
+
+    def use(self, mode: str = "tuned"):
+        n = {"float": self.float_name, "integer": self.int_name}.get(mode) or self.tuned
+        if n not in self.options:
+            n = self.tuned
+        self.name, self.impl = n, self.options[n]
+        return self
+
+    def __call__(self, *args):
+        return self.impl(*args)
+
+    def __repr__(self):
+        return f"Choice({self.name}; tuned {self.tuned}, options {sorted(self.options)})"
+
 
 _DECISIONS: Dict[str, dict] = {}  # key -> {"backend": name, "times": {name: seconds}}
 _FILE_LOADED: Dict[str, bool] = {}
@@ -195,32 +228,46 @@ def _sync(x):
         torch.cuda.synchronize(x.device)
 
 
-def _measure(op: str, names: List[str], args):
-    """-> (times {name: min seconds}, output of the fastest). Candidates alternate round by round."""
-    impls = {n: registry.get_backend(n).ops[op].impl for n in names}
-    x = args[0]
-    outs, times = {}, {n: float("inf") for n in names}
-    for n in names:  # warm-up: caches (prepacking, int8 copies, float copy), first-call allocations
+def _time_alternating(fns: dict, x):
+    """-> (times {name: min seconds}, outputs {name: last output}) of zero-argument functions: one warm-up call
+    each (caches: prepacking, int8 copies, float copies, first-call allocations), then rounds in which they
+    alternate, so the load of a shared machine hits all alike."""
+    outs, times = {}, {}
+    for n, f in fns.items():
         t0 = time.perf_counter()
-        outs[n] = impls[n](*args)
+        outs[n] = f()
         _sync(x)
         times[n] = time.perf_counter() - t0
     slowest = max(times.values())
     rounds = 1 if slowest > _SLOW_CALL_S else (2 * ROUNDS if slowest < 0.02 else ROUNDS)  # short calls: more rounds
-    times = {n: float("inf") for n in names}
+    times = {n: float("inf") for n in fns}
     for _ in range(rounds):
-        for n in names:
+        for n, f in fns.items():
             t0 = time.perf_counter()
-            outs[n] = impls[n](*args)
+            outs[n] = f()
             _sync(x)
             times[n] = min(times[n], time.perf_counter() - t0)
+    return times, outs
+
+
+def _measure(op: str, names: List[str], args):
+    """-> (times {name: min seconds}, output of the fastest). Candidates alternate round by round."""
+    impls = {n: registry.get_backend(n).ops[op].impl for n in names}
+    times, outs = _time_alternating({n: (lambda f=impls[n]: f(*args)) for n in names}, args[0])
     best = min(names, key=lambda n: times[n])
     return times, outs[best]
 
 
+def _choices(pw):
+    """Every :class:`Choice` held by ``pw`` (kernel choices per call shape, then path choices)."""
+    out = list(pw.cache.get("autotune.fast", {}).values())
+    out += list(pw.cache.get("autotune.paths", {}).values())
+    return out
+
+
 def _drop_loser_caches(pw):
-    winners = {d["backend"] for d in pw.cache.get("autotune.calls", {}).values()}
-    keep = set(_KEEP_CACHE) | winners | {"autotune.calls", "autotune.fast"}
+    winners = {c.name for c in _choices(pw)}
+    keep = set(_KEEP_CACHE) | winners
     if winners & {"cpu", "onednn"}:
         keep.add("cpu")  # int8 copies / rowsums (cpu.*) serve both CPU integer backends
     for k in list(pw.cache):
@@ -243,9 +290,10 @@ def active() -> bool:
 
 
 def chosen(op: str, args):
-    """The backend implementation already chosen for this call's shape on ``args[1]`` (normalized arguments), or
-    None (not attached, not tuned yet, or tuning off / a backend forced). A deployed layer keeps it, with the rest of
-    its per-call arguments, so that its later calls of the same shape go straight to the kernel (quant/layers.py)."""
+    """The :class:`Choice` already made for this call's shape on ``args[1]`` (normalized arguments; its ``impl`` is
+    the backend implementation in use), or None (not attached, not tuned yet, or tuning off / a backend forced).
+    A deployed layer keeps it, with the rest of its per-call arguments, so that its later calls of the same shape go
+    straight to the kernel (quant/layers.py)."""
     pw = args[1]
     if not (active() and is_attached(pw)):
         return None
@@ -261,7 +309,7 @@ def run(op: str, *args):
     if fast is not None:
         hit = fast.get(fk)
         if hit is not None:
-            return hit(*args)
+            return hit.impl(*args)
     ck = _call_key(op, args)
     names = _candidates(op, args)
     if not names:  # nothing but the reference accepts it
@@ -274,16 +322,16 @@ def run(op: str, *args):
             key = _machine() + "|" + key
         dec = _DECISIONS.get(key)
         out = None
+        try:
+            default = registry.select(op, *args).name
+        except Exception:
+            default = None
         if dec is None or dec["backend"] not in names:
             if len(names) == 1:
                 dec = {"backend": names[0], "times": {}}
             else:
                 times, out = _measure(op, names, args)
                 best = min(times, key=times.get)
-                try:
-                    default = registry.select(op, *args).name
-                except Exception:
-                    default = None
                 if default in times and times[default] <= times[best] * (1.0 + MARGIN):
                     best = default
                     out = None  # the output kept by _measure is the fastest candidate's
@@ -291,11 +339,49 @@ def run(op: str, *args):
             _DECISIONS[key] = dec
             if path is not None:
                 _save_file(path)
-        impl = registry.get_backend(dec["backend"]).ops[op].impl
-        pw.cache.setdefault("autotune.fast", {})[fk] = impl
+        # the integer kernels in registry order: what dispatch picks, or else the first integer candidate
+        int_name = default if default in names else next((n for n in names if n != "dense"), None)
+        ch = Choice({n: registry.get_backend(n).ops[op].impl for n in names}, dec["backend"],
+                    "dense" if "dense" in names else None, int_name, dec["times"], _mode(pw))
+        pw.cache.setdefault("autotune.fast", {})[fk] = ch
         pw.cache.setdefault("autotune.calls", {})[ck] = dec
         _drop_loser_caches(pw)
-    return out if out is not None else impl(*args)
+    return out if (out is not None and ch.name == dec["backend"]) else ch.impl(*args)
+
+
+def _mode(pw) -> str:
+    """The whole-model mode :func:`settle` fixed for ``pw``'s model ("tuned" unless settled otherwise)."""
+    return pw.cache.get("autotune.mode", "tuned")
+
+
+# ----------------------------------------------------------------------------------------------- path choices
+def path_choice(pw, key):
+    """The :class:`Choice` between a layer's alternative paths already made for ``key`` (held by ``pw``, the weight
+    the layer's state lives with), or None (not made yet, not attached, or tuning off / a backend forced)."""
+    if not (active() and is_attached(pw)):
+        return None
+    paths = pw.cache.get("autotune.paths")
+    return None if paths is None else paths.get(key)
+
+
+def choose_path(pw, key, options: dict, args, default: str, float_name: Optional[str] = None):
+    """Measure interchangeable computations of one layer call and keep the fastest for ``key`` on ``pw``.
+
+    ``options``: name -> function(*args), each computing the same function (the layer's contract) a different way
+    (e.g. a split convolution's parts, or its fused float path); ``default``: the one used without tuning, kept
+    unless another is faster by more than ``MARGIN`` (also the one the "integer" mode of :func:`settle` takes);
+    ``float_name``: the float-path option (the "float" mode's). Timing as for kernels: one warm-up call each, then
+    alternating rounds, minimum per option. Returns (choice, output of this call)."""
+    x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    with _LOCK:
+        times, outs = _time_alternating({n: (lambda f=f: f(*args)) for n, f in options.items()}, x)
+        best = min(times, key=times.get)
+        if times[default] <= times[best] * (1.0 + MARGIN):
+            best = default
+        ch = Choice(dict(options), best, float_name, default, times, _mode(pw))
+        pw.cache.setdefault("autotune.paths", {})[key] = ch
+        _drop_loser_caches(pw)
+    return ch, outs[ch.name]
 
 
 def clear():
@@ -314,26 +400,34 @@ def summary(model) -> dict:
     """What the tuner chose for a deployed model (after at least one forward).
 
     returns dict(layers={backend: count}, untuned=count, cache_bytes, dense_bytes, packed_bytes,
+                 paths={option: count} (layers with alternative paths, e.g. split convolutions: fused or parts),
+                 settled=None or the whole-model check of :func:`settle` (mode, times_ms per mode),
                  rows=[dict(name, backend, shape, times_ms={backend: ms})])
     """
-    layers, rows = {}, []
+    layers, rows, paths = {}, [], {}
+    settled = None
     untuned = cache_b = dense_b = packed_b = 0
     for name, pw in _packed_weights(model):
         packed_b += pw.nbytes(include_cache=False)
         cache_b += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
         for k, v in pw.cache.items():
-            if isinstance(k, str) and k.startswith("dense.w."):
-                dense_b += v.numel() * v.element_size()
+            if isinstance(k, str) and k.startswith(("dense.w", "fused.w")):  # float copies (also scaled ones)
+                dense_b += _nested_bytes(v)
+        for ch in pw.cache.get("autotune.paths", {}).values():
+            paths[ch.name] = paths.get(ch.name, 0) + 1
+        settled = settled or pw.cache.get("autotune.settled")
         calls = pw.cache.get("autotune.calls")
-        if not calls:
+        fast = list(pw.cache.get("autotune.fast", {}).values())
+        if not calls or not fast:
             untuned += 1
             continue
         dec = list(calls.values())[-1]
-        layers[dec["backend"]] = layers.get(dec["backend"], 0) + 1
-        rows.append(dict(name=name, backend=dec["backend"], shape=list(pw.shape), calls=len(calls),
+        backend = fast[-1].name
+        layers[backend] = layers.get(backend, 0) + 1
+        rows.append(dict(name=name, backend=backend, shape=list(pw.shape), calls=len(calls),
                          times_ms={b: round(t * 1e3, 4) for b, t in dec["times"].items()}))
     return dict(layers=layers, untuned=untuned, cache_bytes=cache_b, dense_bytes=dense_b, packed_bytes=packed_b,
-                rows=rows)
+                paths=paths, settled=settled, rows=rows)
 
 
 def format_summary(s: dict, max_rows: int = 0) -> str:
@@ -349,6 +443,12 @@ def format_summary(s: dict, max_rows: int = 0) -> str:
         tot_int = sum(t if t is not None else d for t, d in zip(ints, dens))
         lines.append(f"  sum over layers of one call: chosen {chosen:.2f} ms, integer kernels only {tot_int:.2f} ms, "
                      f"float path only {sum(dens):.2f} ms")
+    if s.get("paths"):
+        lines.append("  split convolutions: " + ", ".join(f"{n} {c}" for n, c in sorted(s["paths"].items())))
+    st = s.get("settled")
+    if st:
+        ts = ", ".join(f"{m} {t:.1f}" for m, t in st["cpu_ms"].items())
+        lines.append(f"  whole-model check ({st['rounds']} rounds, CPU ms per forward: {ts}): {st['mode']}")
     lines.append(f"  memory: packed weights {s['packed_bytes'] / 1e6:.2f} MB, backend caches "
                  f"{s['cache_bytes'] / 1e6:.2f} MB (of which float copies for the float path "
                  f"{s['dense_bytes'] / 1e6:.2f} MB)")

@@ -108,4 +108,73 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     return F.conv2d(_fake_quant(x, act, "sample", dt), w, b, stride, padding, dilation, groups).to(x.dtype)
 
 
-__all__ = ["backend", "cached_weight", "weight_dtype", "rows_of"]
+def _channel_qparams(acts, sizes, device):
+    """Per-input-channel steps fp32 [1, C, 1, 1] of static quantizers ``acts`` over consecutive channel groups
+    ``sizes``, and the clamp bounds of the centered codes per run of groups: [(start, stop, lowest, highest)]
+    (neighbours with the same bounds merged: one clamp)."""
+    s = torch.cat([torch.full((n,), float(a.scale), dtype=torch.float32, device=device)
+                   for a, n in zip(acts, sizes)]).view(1, -1, 1, 1)
+    runs, off = [], 0
+    for a, n in zip(acts, sizes):
+        lo, hi = -a.zero_point, a.qmax - a.zero_point
+        if runs and runs[-1][2:] == (lo, hi):
+            runs[-1] = (runs[-1][0], off + n, lo, hi)
+        else:
+            runs.append((off, off + n, lo, hi))
+        off += n
+    return s, tuple(runs)
+
+
+def channel_codes(x: torch.Tensor, acts, sizes) -> torch.Tensor:
+    """``x`` [B, C, H, W] fp32 whose consecutive channel groups ``sizes`` have their own static quantizers ``acts``:
+    the centered integer codes ``clamp(round(x_i / s_i), -zp_i, qmax_i - zp_i)`` of every group, in one fp32 buffer
+    (the same integers as the reference's ``clamp(round(x_i / s_i) + zp_i, 0, qmax_i) - zp_i``: a true fp32
+    division by each element's own step, half-to-even rounding)."""
+    return _codes(x, *_channel_qparams(acts, sizes, x.device))
+
+
+def _codes(x, s, runs):
+    # a division by the per-channel step vector is one fast pass; a clamp with tensor bounds is not (~10x slower
+    # than scalar bounds on CPU, torch 2.13), hence one scalar clamp per run of channels
+    y = torch.div(x, s)
+    y.round_()
+    if len(runs) == 1:
+        return y.clamp_(runs[0][2], runs[0][3])
+    for a, b, lo, hi in runs:
+        y[:, a:b].clamp_(lo, hi)
+    return y
+
+
+def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
+    """The float path of a convolution split along its input channels (quant/split.py), fused:
+    ``F.conv2d(cat_i fake_quant(x_i, acts[i]), cat_i dequantize(pws[i]), bias)`` == ``sum_i conv2d(x_i, pws[i],
+    acts[i])`` (+ bias) up to float summation order. x fp32 [B, sum C_i, H, W]; pws: each part's PackedWeight
+    [N, C_i, kh, kw]; acts: each part's static ActQuant. One convolution instead of one per part plus the adds.
+
+    Caches, in ``pws[0].cache`` (dropped with it on device moves and copies; counted as float copies by the
+    autotuner's summary): ``fused.w`` the concatenated fp32 weight (4 bytes per weight, dequantized once) and, for
+    the last quantizers seen, their per-channel parameters and (``fused.ws``) the weight with the activation steps
+    folded in, used when the weight is smaller than the activations (one pass over the activations less)."""
+    cache = pws[0].cache
+    w = cache.get("fused.w")
+    if w is None or w.device != x.device:
+        from . import ops
+
+        w = cache["fused.w"] = torch.cat([ops.dequantize_weight(pw).to(torch.float32) for pw in pws], 1).contiguous()
+        cache.pop("fused.act", None)
+        cache.pop("fused.ws", None)
+    qp = cache.get("fused.act")
+    if qp is None or qp[0] != acts:
+        qp = cache["fused.act"] = (acts, *_channel_qparams(acts, [pw.shape[1] for pw in pws], x.device))
+        cache.pop("fused.ws", None)
+    _, s, runs = qp
+    xq = _codes(x, s, runs)
+    if w.numel() < xq.numel():
+        ws = cache.get("fused.ws")
+        if ws is None:
+            ws = cache["fused.ws"] = w * s
+        return F.conv2d(xq, ws, bias, stride, padding, dilation)
+    return F.conv2d(xq.mul_(s), w, bias, stride, padding, dilation)
+
+
+__all__ = ["backend", "cached_weight", "weight_dtype", "rows_of", "channel_codes", "conv2d_concat"]

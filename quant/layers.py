@@ -432,19 +432,8 @@ class QuantLayer(nn.Module):
             key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads())
             hit = table.get(key)
             if hit is not None and _kernels().autotune.active():
-                return hit[0](x, pw, self.bias, *hit[1])
-        if self.a_dynamic:
-            aq = _dynamic_aq(self.a_bits)
-        else:
-            # building a quantizer (table interpolation, checks) cost about as much as a small layer's kernel
-            aqs = self.__dict__.setdefault("_aq_cache", {})
-            aq = aqs.get((tkey, bits), _MISSING)
-            if aq is _MISSING:
-                p = self.act_params()
-                aq = None if p is None else _kernels().ActQuant(bits=p[0], scale=float(p[1]),
-                                                                 zero_point=int(round(float(p[2]))))
-                if len(aqs) < 4096:
-                    aqs[(tkey, bits)] = aq
+                return hit[0].impl(x, pw, self.bias, *hit[1])
+        aq = self._deployed_aq(tkey, bits)
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
             if x.dtype not in (torch.float32, torch.bfloat16):
                 return self._kernel(x.float(), pw, self.bias, aq).to(x.dtype)
@@ -461,6 +450,30 @@ class QuantLayer(nn.Module):
         gran = "token" if self.float_type is nn.Linear else "sample"
         xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
         return self._op(xq, ops.dequantize_weight(pw), self.bias).to(x.dtype)
+
+    def _deployed_aq(self, tkey, bits):
+        if self.a_dynamic:
+            return _dynamic_aq(self.a_bits)
+        # building a quantizer (table interpolation, checks) cost about as much as a small layer's kernel
+        aqs = self.__dict__.setdefault("_aq_cache", {})
+        aq = aqs.get((tkey, bits), _MISSING)
+        if aq is _MISSING:
+            p = self.act_params()
+            aq = None if p is None else _kernels().ActQuant(bits=p[0], scale=float(p[1]),
+                                                             zero_point=int(round(float(p[2]))))
+            if len(aqs) < 4096:
+                aqs[(tkey, bits)] = aq
+        return aq
+
+    def deployed_act(self):
+        """The ``kernels.ActQuant`` a deployed layer applies to its input now (current timestep and activation bits;
+        kept per (timestep, bits)), or None (float activations)."""
+        ctx = self._ctx[0]
+        act = self._modules.get("act")
+        tkey = None if (ctx is None or act is None) else ctx.t
+        bits = None if act is None else (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled)
+                                         else self.a_bits)
+        return self._deployed_aq(tkey, bits)
 
     def _kernel(self, x, pw, bias, aq):
         return self._kernel_op(x, pw, bias, *self._kernel_tail(aq))

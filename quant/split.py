@@ -56,14 +56,75 @@ class ChannelSplitConv2d(nn.Module):
         self.parts = nn.ModuleList(parts)
 
     def forward(self, x):
+        fused = self._fusable(x)
+        if fused is not None:
+            return self._deployed_forward(x, *fused)
+        return self._parts_forward(x)
+
+    def _parts_forward(self, x):
         xs = torch.split(x, self.sizes, dim=1)
         y = self.parts[0](xs[0])
         for p, xi in zip(self.parts[1:], xs[1:]):
             y = y + p(xi)
         return y
 
+    # ---- deployed: the parts path, or one fused float convolution -------------------------------------------
+    def _fusable(self, x):
+        """(packed weights, activation quantizers) of the parts when this call can run as one float convolution
+        over the concatenation: fp32 input, every part a deployed quantized convolution with a static activation
+        quantizer at this timestep and no hooks (side paths, observers), tuning on. Otherwise None (parts path)."""
+        if x.dtype != torch.float32:
+            return None
+        pws, acts = [], []
+        for p in self.parts:
+            pw = p._modules.get("packed")
+            if pw is None or p.a_dynamic or p._forward_hooks or p._forward_pre_hooks:
+                return None
+            ctx = p._ctx[0]
+            if ctx is not None and ctx.observing:
+                return None
+            aq = p.deployed_act()
+            if aq is None or aq.dynamic:
+                return None
+            pws.append(pw)
+            acts.append(aq)
+        at = _kernels().autotune
+        if not (at.active() and all(at.is_attached(pw) for pw in pws)):
+            return None
+        return pws, tuple(acts)
+
+    def _deployed_forward(self, x, pws, acts):
+        """The measured choice (kernels/autotune.py ``choose_path``, kept in part 0's weight cache per input shape)
+        between the parts path (each part quantizes its slice and runs its own tuned kernel, then the adds) and the
+        fused float path (``kernels.dense.conv2d_concat``: the slices fake-quantized with their own quantizers into
+        one buffer, one convolution over the concatenated dequantized weights). The same function up to float
+        summation order."""
+        at = _kernels().autotune
+        key = ("split", x.shape, torch.get_num_threads())
+        bias = self.parts[0].bias
+        ch = at.path_choice(pws[0], key)
+        if ch is not None:
+            return ch.impl(self, x, pws, acts, bias)
+        _, out = at.choose_path(pws[0], key, {"fused": _fused_path, "parts": _parts_path}, (self, x, pws, acts, bias),
+                                default="parts", float_name="fused")
+        return out
+
     def extra_repr(self):
         return f"split={self.sizes}"
+
+
+def _kernels():
+    from .layers import _kernels as k
+
+    return k()
+
+
+def _fused_path(mod, x, pws, acts, bias):
+    return _kernels().dense.conv2d_concat(x, pws, bias, mod.stride, mod.padding, mod.dilation, acts)
+
+
+def _parts_path(mod, x, pws, acts, bias):
+    return mod._parts_forward(x)
 
 
 class _CatProbe(TorchFunctionMode):

@@ -90,3 +90,131 @@ def test_save_load_and_in_place_keep_the_split(unet, calls, tmp_path):
     quantize_(m, QuantConfig.preset("W4A8"), calls)
     assert isinstance(m.get_submodule(name), ChannelSplitConv2d)
     assert sum(1 for n, _ in quant_layers(m) if ".parts." in n) == 2 * len(get_context(q).splits)
+
+
+# ---- deployed split convolutions: the fused float path (kernels.dense.conv2d_concat) ------------------------------
+class CatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.skip = nn.Conv2d(11, 7, 3, padding=1, stride=(1, 2))  # reads cat([a, b]): split, 3x3, strided
+        self.out = nn.Conv2d(7, 3, 1)
+
+    def forward(self, x, t):
+        h = torch.cat([self.a(x), self.b(x) * 4], dim=1)
+        return self.out(self.skip(h))
+
+
+def _deployed_catnet(tune=True):
+    from lowbit.quant import CallRecorder
+
+    torch.manual_seed(0)
+    fp = CatNet().eval()
+    rules = (LayerRule(r".*", "quant"),)
+    with CallRecorder(fp, store_dtype=torch.float32) as rec, torch.no_grad():
+        for t in (900.0, 100.0):
+            fp(torch.randn(2, 3, 8, 8) * (3 if t > 500 else 1), torch.tensor([t] * 2))
+    cfg = QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax", time_bins=2, rules=rules)
+    return deploy_(quantize(fp, cfg, rec.calls), tune=tune)
+
+
+def _timer_picking(name):
+    """A stand-in for the tuner's timer: runs every option once, says ``name`` is fastest (no timing in tests)."""
+    def timer(fns, x):
+        outs = {n: f() for n, f in fns.items()}
+        return {n: (0.0 if n == name else 1.0) for n in fns}, outs
+    return timer
+
+
+@pytest.fixture
+def tune_env(monkeypatch):
+    from lowbit.kernels import autotune
+
+    for v in ("LOWBIT_AUTOTUNE", "LOWBIT_AUTOTUNE_DENSE", "LOWBIT_AUTOTUNE_CACHE", "LOWBIT_BACKEND",
+              "LOWBIT_DISABLE_BACKENDS"):
+        monkeypatch.delenv(v, raising=False)
+    autotune.clear()
+    yield monkeypatch
+    autotune.clear()
+
+
+def test_channel_codes_are_the_reference_integers():
+    from lowbit.kernels import ActQuant
+    from lowbit.kernels.dense import channel_codes
+    from lowbit.kernels.eager import quantize_act
+
+    acts = (ActQuant(8, 0.037, 121), ActQuant(4, 0.3, 7), ActQuant(8, 0.0185, 0))
+    sizes = (3, 2, 4)
+    x = torch.randn(8, 9, 70, 50) * 4
+    x[0, 0, 0, :4] = torch.tensor([0.0185, -0.0185, 0.0555, 1e-9])
+    x[0, 7, 0, :3] = torch.tensor([0.0185 * 2.5, 0.0185 * 3.5, -1e9])  # ties, a clamp
+    codes = channel_codes(x, acts, sizes)
+    for xi, ci, a in zip(torch.split(x, sizes, 1), torch.split(codes, sizes, 1), acts):
+        q, _, zp = quantize_act(xi, a, "sample")
+        assert torch.equal(ci, q - zp)
+
+
+@pytest.mark.parametrize("pick", ["fused", "parts"])
+def test_fused_split_conv_is_the_parts_path(tune_env, pick):
+    """Whichever path the tuner picks, a deployed split convolution computes what its parts compute (per-timestep
+    activation scales included), up to float summation order."""
+    from lowbit.kernels import autotune
+    from lowbit.quant.split import _fused_path, _parts_path
+
+    q, ref = _deployed_catnet(True), _deployed_catnet(False)  # ref: parts path, registry-order kernels
+    sp = q.skip
+    assert isinstance(sp, ChannelSplitConv2d) and all(p.mode == "deployed" for p in sp.parts)
+    tune_env.setattr(autotune, "_time_alternating", _timer_picking(pick))
+    x = torch.randn(2, 3, 8, 8) * 2
+    with torch.no_grad():
+        outs = {t: ref(x, torch.tensor([t] * 2)) for t in (900.0, 100.0)}
+        assert not torch.equal(outs[900.0], outs[100.0])
+        for _ in range(2):  # the first call chooses, the next ones take the choice
+            for t in (900.0, 100.0):
+                y = q(x, torch.tensor([t] * 2))
+                assert (y - outs[t]).abs().max() <= 1e-5 * outs[t].abs().max()
+        (ch,) = sp.parts[0].packed.cache["autotune.paths"].values()
+        assert ch.name == pick and ch.float_name == "fused" and ch.int_name == "parts"
+        assert ("fused.w" in sp.parts[0].packed.cache) == (pick == "fused")  # the loser's cache is dropped
+        # the two paths directly, on the split conv's own input
+        h = torch.randn(2, 11, 8, 8) * 3
+        pws, acts = sp._fusable(h)
+        a, b = _fused_path(sp, h, pws, acts, sp.parts[0].bias), _parts_path(sp, h, pws, acts, sp.parts[0].bias)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        s = autotune.summary(q)
+        assert s["paths"] == {pick: 1}
+
+
+def test_split_conv_falls_back_to_the_parts_path(tune_env):
+    from lowbit.kernels import ActQuant  # noqa: F401
+
+    q = _deployed_catnet(True)
+    sp = q.skip
+    h = torch.randn(2, 11, 8, 8)
+    with torch.no_grad():
+        q(torch.randn(2, 3, 8, 8), torch.tensor([900.0] * 2))  # sets the timestep
+        assert sp._fusable(h) is not None
+        assert sp._fusable(h.bfloat16()) is None  # bf16: the parts keep their kernels
+        tune_env.setenv("LOWBIT_AUTOTUNE", "0")
+        assert sp._fusable(h) is None  # tuning off: registry order, parts path
+        tune_env.delenv("LOWBIT_AUTOTUNE")
+        h_ = sp.parts[1].register_forward_hook(lambda m, i, o: o * 2)  # a side path (LoRA) on a part
+        assert sp._fusable(h) is None
+        assert torch.allclose(sp(h), sp._parts_forward(h))
+        h_.remove()
+        tune_env.setattr(sp.parts[1], "a_dynamic", True)  # a part quantizing per sample
+        assert sp._fusable(h) is None
+        tune_env.setattr(sp.parts[1], "a_dynamic", False)
+        ctx = get_context(q)
+        ctx.a_bits_override = 16  # float activations at this step
+        assert sp._fusable(h) is None
+        ctx.a_bits_override = None
+        from lowbit.kernels import ops
+
+        p1 = sp.parts[1]
+        fl = nn.Conv2d(6, 7, 3, padding=1, stride=(1, 2), bias=False)  # a part kept in float
+        fl.weight.data = ops.dequantize_weight(p1.packed)
+        sp.parts[1] = fl
+        assert sp._fusable(h) is None
+        y = sp(h)
+        assert torch.isfinite(y).all() and y.shape == (2, 7, 8, 4)
