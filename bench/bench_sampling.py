@@ -12,7 +12,10 @@ less sensitive to other jobs on a shared machine). Variants:
 
 * ``<bits>``: deployed with the kernel autotuner (``kernels/autotune.py``: per-shape measured choice between the
   integer kernels and the float path of the same quantized weights). Its tuning happens in a warm-up run that
-  is not timed (a cached decision costs nothing later); the choice summary is printed.
+  is not timed (a cached decision costs nothing later), followed by the whole-model check
+  (``autotune.settle``: whole forwards on one recorded call of the sampling run under the per-layer choice, the
+  float path everywhere and the integer kernels everywhere, the fastest kept; ``--no-settle`` skips it); the
+  choice summary is printed.
 * ``<bits> untuned``: deployed, registry priority order (``LOWBIT_AUTOTUNE`` semantics off for these weights),
   what the kernels did before the autotuner.
 
@@ -103,7 +106,7 @@ def deployed(subject: _Subject, bits: str, tune: bool):
     return q
 
 
-def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print) -> dict:
+def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print, settle: bool = True) -> dict:
     from ..kernels import autotune
 
     variants = {"fp32": subject.float_model}
@@ -111,11 +114,21 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
         variants[bits] = deployed(subject, bits, tune=True)
         if untuned:
             variants[f"{bits} untuned"] = deployed(subject, bits, tune=False)
-    warm = {}
+    from ..quant import CallRecorder
+
+    warm, settled = {}, {}
     with torch.no_grad():
         for name, m in variants.items():  # warm-up run: tuning, prepacking, allocator
             t0 = time.perf_counter()
-            subject.run(m, seed=0)
+            if name == "fp32":  # one call of the sampling run: the shapes the whole-model check times
+                with CallRecorder(m, store_dtype=torch.float32) as rec:
+                    subject.run(m, seed=0)
+                call = rec.calls[len(rec.calls) // 2]
+            else:
+                subject.run(m, seed=0)
+            if name in bits_list and settle:  # per-layer choices made: check them with whole forwards
+                settled[name] = autotune.settle(m, call)
+                log(f"[{subject.name} {name}] whole-model check: {settled[name]}")
             warm[name] = time.perf_counter() - t0
         times = {k: [] for k in variants}
         cpu = {k: [] for k in variants}  # process CPU time: less sensitive to other jobs than wall time
@@ -153,6 +166,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-untuned", action="store_true", help="skip the registry-order (untuned) variants")
+    p.add_argument("--no-settle", action="store_true", help="keep the per-layer choices (no whole-model check)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -168,7 +182,7 @@ def main(argv=None):
     for s in subjects:
         print(f"[{s.name}] timing {', '.join(['fp32', *bits_list])} ({a.repeats} alternating rounds) ...", flush=True)
         try:
-            results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned))
+            results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned, settle=not a.no_settle))
         except Exception as exc:
             print(f"[{s.name}] FAILED: {type(exc).__name__}: {exc}")
             results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))

@@ -41,7 +41,7 @@ from . import registry
 from .formats.base import _nested_bytes
 
 __all__ = ["attach", "attach_model", "is_attached", "run", "summary", "format_summary", "clear", "decisions",
-           "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "ROUNDS"]
+           "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "settle", "set_mode", "ROUNDS"]
 
 ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 # the registry's own choice is kept unless another candidate is measured faster by more than this fraction
@@ -382,6 +382,95 @@ def choose_path(pw, key, options: dict, args, default: str, float_name: Optional
         pw.cache.setdefault("autotune.paths", {})[key] = ch
         _drop_loser_caches(pw)
     return ch, outs[ch.name]
+
+
+# ----------------------------------------------------------------------------------------------- whole model
+SETTLE_ROUNDS = 5
+SETTLE_MARGIN = 0.03  # the per-layer choice stays unless a whole-model mode is faster by more than this fraction
+_SETTLE_SLOW_S = 2.0  # a forward slower than this: one timed round per mode
+
+
+def set_mode(model, mode: str = "tuned"):
+    """Make every tuned weight of ``model`` (and the choices it makes later, for new shapes) take ``mode``:
+    "tuned" (each call shape's measured choice), "float" (the float path everywhere: the dense backend, fused
+    split convolutions) or "integer" (the integer kernels everywhere, registry order). Returns the model."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    for _, pw in _packed_weights(model):
+        pw.cache["autotune.mode"] = mode
+        for ch in _choices(pw):
+            ch.use(mode)
+    return model
+
+
+def _forward_of(model, call):
+    """A zero-argument function running ``model`` on ``call``: a recorded call (anything with ``.to(device,
+    dtype) -> (args, kwargs)``, e.g. ``quant.calib.Call``), an ``(args, kwargs)`` pair, or a function of the model."""
+    if hasattr(call, "to") and not isinstance(call, torch.Tensor):
+        floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+        dev = floats[0].device if floats else torch.device("cpu")
+        dt = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        a, kw = call.to(dev, dt)
+        return lambda: model(*a, **kw)
+    if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+        return lambda: model(*call[0], **call[1])
+    if callable(call):
+        return lambda: call(model)
+    raise TypeError("call: a recorded call (with .to(device, dtype)), an (args, kwargs) pair or a function of the "
+                    "model")
+
+
+def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARGIN) -> Optional[dict]:
+    """End-to-end guard of the per-layer choices: time whole forwards of ``model`` on ``call`` (a representative
+    call: the shapes it will run) under the per-layer tuned choice, with every layer on the float path, and with the
+    integer kernels everywhere (registry order), and keep the fastest for the whole model (:func:`set_mode`).
+
+    Per-layer timings are taken one layer at a time (hot caches, a loaded machine's noise in each decision); a whole
+    forward includes what they miss (cache traffic between layers, allocator, the other ops' share of the cores).
+    Measurement: one forward first (per-layer tuning of new shapes), one warm-up forward per mode (its caches:
+    float copies, oneDNN blobs), then ``rounds`` rounds with the modes alternating (order reversed every other
+    round); per mode the minimum **process CPU time** of a forward counts (other jobs' load shows less in it than in
+    wall time; wall times are reported too). The tuned choice stays unless another mode is faster by more than
+    ``margin``. The losers' caches are dropped. A forward slower than 2 s gets one round.
+
+    Returns dict(mode, rounds, cpu_ms={mode: ms}, wall_ms={mode: ms}), also kept with the model's weights and
+    reported by :func:`summary` / :func:`format_summary`; None if no weight of ``model`` is tuned (or tuning is off).
+    """
+    pws = [pw for _, pw in _packed_weights(model) if is_attached(pw)]
+    if not pws or not active():
+        return None
+    fwd = _forward_of(model, call)
+    x = next((t for t in model.buffers() if t.is_floating_point()), torch.zeros(()))
+    cpu = {m: [] for m in _MODES}
+    wall = {m: [] for m in _MODES}
+    with torch.no_grad():
+        set_mode(model, "tuned")
+        t0 = time.perf_counter()
+        fwd()
+        if time.perf_counter() - t0 > _SETTLE_SLOW_S:
+            rounds = 1
+        for m in _MODES:  # warm-up: the mode's caches
+            set_mode(model, m)
+            fwd()
+        for r in range(max(1, int(rounds))):
+            for m in (_MODES if r % 2 == 0 else _MODES[::-1]):
+                set_mode(model, m)
+                c0, t0 = time.process_time(), time.perf_counter()
+                fwd()
+                _sync(x)
+                wall[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
+    score = {m: min(v) for m, v in cpu.items()}
+    best = min(_MODES, key=score.get)
+    if score[best] >= score["tuned"] * (1.0 - margin):
+        best = "tuned"
+    set_mode(model, best)
+    report = dict(mode=best, rounds=len(cpu["tuned"]), cpu_ms={m: round(v * 1e3, 2) for m, v in score.items()},
+                  wall_ms={m: round(min(v) * 1e3, 2) for m, v in wall.items()})
+    for pw in pws:
+        pw.cache["autotune.settled"] = report
+        _drop_loser_caches(pw)
+    return report
 
 
 def clear():

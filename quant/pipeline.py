@@ -117,7 +117,8 @@ class PipelineConfig(_Config):
                                 "fraction of the quantized layers' fp16 bytes", lo=0.0, hi=1.0)
     deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
     tune_kernels: bool = _field("bool", False, "at deploy, choose each layer's kernel by measured speed (float copies "
-                                "where faster, int8 copies of int4 weights: more memory)")
+                                "where faster, int8 copies of int4 weights: more memory), then check the choice "
+                                "with whole forwards on a calibration call (kernels.autotune.settle)")
     version: int = _version(1)
 
     def _check_combinations(self):
@@ -278,6 +279,10 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
         lap("PTQD statistics")
     if config.deploy:
         deploy_(q, tune=config.tune_kernels)
+        if config.tune_kernels and calls:  # per-layer choices, then the whole-model check on a calibration call
+            from ..kernels import autotune
+
+            res.info["kernel_choice"] = autotune.settle(q, calls[len(calls) // 2], rounds=3)
         lap("deploy")
     res.model = q
     return res

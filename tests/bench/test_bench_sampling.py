@@ -19,4 +19,5 @@ def test_bench_sampling_smoke(tmp_path):
     assert rows["fp32"]["x_fp32"] == 1.0
     choice = rows["W8A8"]["kernel_choice"]
     assert sum(choice["layers"].values()) > 0 and choice["untuned"] == 0  # every deployed layer was tuned
+    assert choice["settled"]["mode"] in ("tuned", "float", "integer")  # the whole-model check ran
     assert "kernel_choice" not in rows["W8A8 untuned"]

@@ -251,3 +251,58 @@ def test_deployed_layer_fast_path_is_the_tuned_kernel(tune_env, monkeypatch):
         q2 = copy.deepcopy(q)
         assert "autotune.layer" not in q2.c.packed.cache
         assert rel_err(q2(x, torch.tensor([100.0] * 3)), outs[100.0]) < 1e-5
+
+
+@pytest.mark.parametrize("costs,expected", [({"tuned": 1.0, "float": 0.5, "integer": 2.0}, "float"),
+                                            ({"tuned": 1.0, "float": 1.5, "integer": 0.6}, "integer"),
+                                            ({"tuned": 1.0, "float": 0.99, "integer": 1.2}, "tuned")])
+def test_settle_keeps_the_fastest_whole_model_mode(tune_env, monkeypatch, costs, expected):
+    """settle: whole forwards under the tuned choice, the float path everywhere and the integer kernels everywhere;
+    the fastest by CPU time is fixed for the model (the tuned one within the margin). A stub clock, no timing."""
+    import types
+
+    q, ref = _tiny_deployed(True), _tiny_deployed(False)
+    x = torch.randn(3, 4, 6, 6)
+    t = torch.tensor([900.0] * 3)
+    clock = dict(t=0.0)
+
+    def process_time():
+        clock["t"] += costs[q.c.packed.cache.get("autotune.mode", "tuned")]
+        return clock["t"]
+
+    monkeypatch.setattr(autotune, "time", types.SimpleNamespace(process_time=process_time,
+                                                                perf_counter=time.perf_counter))
+    with torch.no_grad():
+        rep = autotune.settle(q, ((x, t), {}), rounds=3)
+        assert rep["mode"] == expected and rep["rounds"] == 3
+        assert rep["cpu_ms"] == {m: c * 1e3 for m, c in costs.items()}
+        for layer in (q.c, q.l):
+            names = {c.name for c in autotune._choices(layer.packed)}
+            if expected == "float":
+                assert names == {"dense"}
+            elif expected == "integer":
+                assert "dense" not in names
+        assert rel_err(q(x, t), ref(x, t)) < 1e-5
+        # a new shape tuned after settling follows the model's mode
+        x2 = torch.randn(5, 4, 6, 6)
+        assert rel_err(q(x2, t), ref(x2, t)) < 1e-5
+        if expected == "float":
+            assert all(c.name == "dense" for c in autotune._choices(q.c.packed))
+    s = autotune.summary(q)
+    assert s["settled"]["mode"] == expected
+    assert "whole-model check" in autotune.format_summary(s)
+
+
+def test_settle_modes_compute_the_same_function(tune_env):
+    q, ref = _tiny_deployed(True), _tiny_deployed(False)
+    x, t = torch.randn(3, 4, 6, 6), torch.tensor([100.0] * 3)
+    with torch.no_grad():
+        want = ref(x, t)
+        rep = autotune.settle(q, lambda m: m(x, t), rounds=1)
+        assert rep["mode"] in ("tuned", "float", "integer")
+        for mode in ("float", "integer", "tuned"):
+            autotune.set_mode(q, mode)
+            assert rel_err(q(x, t), want) < 1e-5
+    with pytest.raises(ValueError):
+        autotune.set_mode(q, "fastest")
+    assert autotune.settle(_tiny_deployed(False), lambda m: None) is None  # nothing tuned: nothing to settle

@@ -47,3 +47,18 @@ def test_toy_format_and_toy_architecture_run_the_whole_pipeline(tmp_path):
     assert get_context(q2).profile == "toy-arch"
     with torch.no_grad():
         assert torch.allclose(q2(x, noise_level=s), y, atol=1e-5)
+
+
+def test_pipeline_tune_kernels_checks_the_choice_with_whole_forwards():
+    """tune_kernels: per-layer measured kernels, then kernels.autotune.settle on a calibration call (the result
+    says which whole-model mode was kept; what it picks depends on this machine, so only its form is checked)."""
+    from lowbit.kernels import autotune
+
+    torch.manual_seed(0)
+    fp = ToyDenoiser().eval().requires_grad_(False)
+    calls = _calls(fp)
+    cfg = PipelineConfig.for_method("naive", quant=QuantConfig.preset("W8A8"), precision="rules", tune_kernels=True)
+    res = pipeline.run(fp, calls, cfg)
+    rep = res.info["kernel_choice"]
+    assert rep["mode"] in ("tuned", "float", "integer") and set(rep["cpu_ms"]) == {"tuned", "float", "integer"}
+    assert autotune.summary(res.model)["settled"] == rep

@@ -218,3 +218,20 @@ def test_split_conv_falls_back_to_the_parts_path(tune_env):
         assert sp._fusable(h) is None
         y = sp(h)
         assert torch.isfinite(y).all() and y.shape == (2, 7, 8, 4)
+
+
+def test_whole_model_modes_take_fused_or_parts(tune_env):
+    """settle's modes: "float" runs split convolutions fused, "integer" runs their parts; same function."""
+    from lowbit.kernels import autotune
+
+    q, ref = _deployed_catnet(True), _deployed_catnet(False)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([900.0] * 2)
+    with torch.no_grad():
+        want = ref(x, t)
+        q(x, t)
+        for mode, path in (("float", "fused"), ("integer", "parts"), ("float", "fused")):
+            autotune.set_mode(q, mode)
+            y = q(x, t)
+            (ch,) = q.skip.parts[0].packed.cache["autotune.paths"].values()
+            assert ch.name == path
+            assert (y - want).abs().max() <= 1e-5 * want.abs().max()
