@@ -112,6 +112,23 @@ def _method_type(text):
     return text
 
 
+def _float_type(spec, flag):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: use {_range_hint(spec)} "
+                                             f"(default {spec.default})") from None
+        try:
+            return spec.check(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {_range_hint(spec)} "
+                                             f"(default {spec.default})") from None
+
+    parse.__name__ = flag
+    return parse
+
+
 def _add(p, flag, spec_name, *, default=None, help=None, **kw):
     """An option whose limits, default and help come from ``quant.config`` (``ARGS``)."""
     spec = _arg_spec(spec_name)
@@ -120,11 +137,21 @@ def _add(p, flag, spec_name, *, default=None, help=None, **kw):
         kw.setdefault("type", _int_type(spec, flag))
         kw.setdefault("metavar", "N")
         limits = spec.range_text()
+    elif spec.kind == "float":
+        kw.setdefault("type", _float_type(spec, flag))
+        kw.setdefault("metavar", "X")
+        limits = spec.range_text()
     else:
         limits = "one of " + ", ".join(spec.choices)
         kw.setdefault("metavar", spec.name.upper())
     shown = " ".join(default) if isinstance(default, (list, tuple)) else default
     p.add_argument(flag, default=default, help=f"{help or spec.help}; {limits}, default: {shown}", **kw)
+
+
+def _add_precision(p):
+    """--precision and --size-budget: the pipeline's per-layer precision plan (PipelineConfig fields)."""
+    _add(p, "--precision", "precision", choices=_arg_spec("precision").choices)
+    _add(p, "--size-budget", "size_budget")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(d, "--bits", "bits", default=["W8A8", "W4A8"], nargs="+", type=_bits_type,
          help="formats to compare")
     _add(d, "--methods", "method", default=["lp"], nargs="+", type=_method_type, help="methods to compare")
+    _add_precision(d)
     d.set_defaults(fn=_cmd_demo, check=_check_demo)
 
     q = sub.add_parser("quantize", help="quantize the default model (or a diffusers UNet folder) and save it",
@@ -160,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the embedded model's inputs (1x16x16, 11 class embeddings); default: the embedded model")
     _add(q, "--calib-samples", "calib_samples")
     _add(q, "--calib-steps", "calib_steps")
+    _add_precision(q)
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists; default: refuse")
     q.set_defaults(fn=_cmd_quantize, check=_check_quantize)
 
@@ -387,7 +416,7 @@ def _cmd_demo(a, prog: Progress):
     prog.banner(f"demo: {', '.join(a.bits)} x {', '.join(a.methods)}; {a.samples} samples per model, "
                 f"{a.steps} steps")
     res = demo(a.out, n_eval=a.samples, steps=a.steps, bits_list=tuple(a.bits), methods=tuple(a.methods),
-               progress=prog)
+               progress=prog, precision=a.precision, size_budget=a.size_budget)
     prog.banner("done")
     print(format_table(res["rows"]))
     print(f"\nside-by-side grid (rows: full precision, then per format: quantized, |difference|): {res['grid']}")
@@ -408,7 +437,8 @@ def _cmd_quantize(a, prog: Progress):
     calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
     prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
-    b = recipes.build(setup, a.method, a.bits, calls, progress=prog)
+    b = recipes.build(setup, a.method, a.bits, calls, progress=prog, precision=a.precision,
+                      size_budget=a.size_budget)
     print("\n".join(q.pipeline.describe(b.model)))
     prog.banner(f"saving {a.output}")
     q.save(b.model, a.output, overwrite=a.overwrite)

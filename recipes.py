@@ -70,11 +70,14 @@ class Built:
 
 
 def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, recon: Optional[ReconConfig] = None,
-          finetune: Optional[FinetuneConfig] = None, stat_calls=None, progress=None) -> Built:
+          finetune: Optional[FinetuneConfig] = None, stat_calls=None, progress=None, precision: Optional[str] = None,
+          size_budget: Optional[float] = None) -> Built:
     """One quantized model of the default model: ``lowbit.quant.pipeline.run`` with ``method`` (the pipeline's
-    vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``)."""
+    vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``); ``precision`` / ``size_budget``: the
+    per-layer precision plan (None: PipelineConfig's defaults)."""
+    plan = {k: v for k, v in dict(precision=precision, size_budget=size_budget).items() if v is not None}
     cfg = PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
-                                    deploy=deploy)
+                                    deploy=deploy, **plan)
     r = pipeline.run(setup.unet, calls, cfg, alphas_cumprod=setup.alphas_cumprod, stat_calls=stat_calls,
                      progress=progress)
     return Built(r.model, r.var_fn, r.total_seconds, dict(r.info, seconds=r.seconds))
@@ -109,9 +112,9 @@ def image_grid(rows: List[torch.Tensor], scale: int = 4):
 
 
 def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
-         methods=("lp",)) -> dict:
+         methods=("lp",), precision: Optional[str] = None, size_budget: Optional[float] = None) -> dict:
     """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid and
-    return the table rows."""
+    return the table rows. ``precision`` / ``size_budget``: the per-layer precision plan (see ``build``)."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
@@ -124,7 +127,7 @@ def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W
     grid_rows = [fp["images"][:10]]
     for bits in bits_list:
         for method in methods:
-            b = build(setup, method, bits, calls)
+            b = build(setup, method, bits, calls, precision=precision, size_budget=size_budget)
             ev = evaluate(setup, b.model, n=n_eval, steps=steps, var_fn=b.var_fn, progress=progress)
             rows.append(dict(model=method, bits=bits, weight_bytes=weight_bytes(b.model), fid=ev["fid"], acc=ev["acc"],
                              seconds=ev["seconds"]))

@@ -625,7 +625,22 @@ ARGS: Dict[str, Spec] = {n: Spec(name=n, **kw) for n, kw in dict(
     switch_percent=dict(kind="float", default=0.3, lo=0.0, hi=1.0, label="switch percent",
                         help="fraction of the timestep range (the noisy end) at the early bits"),
     port=dict(kind="int", default=7870, lo=1, hi=65535, label="port", help="TCP port of the web app"),
+    # PipelineConfig's precision plan fields take these specs (one definition for the config and the CLI)
+    precision=dict(kind="choice", default="measured", choices=("measured", "rules"), label="precision",
+                   help="per-layer precision: measured (each layer's output error on the calibration calls decides "
+                        "which layers stay at 8 bits or float, within size_budget) or rules (the model profile's "
+                        "name rules)"),
+    size_budget=dict(kind="float", default=0.03, lo=0.0, hi=1.0, label="size budget",
+                     help="bytes the measured plan may add over the uniform target, as a fraction of the quantized "
+                          "layers' fp16 bytes"),
 ).items()}
+
+
+def arg_field(name: str):
+    """A config field declared by ``ARGS[name]`` (same default, limits and help as the verb/CLI argument)."""
+    a = ARGS[name]
+    kw = {k: getattr(a, k) for k in ("lo", "hi", "choices") if getattr(a, k) not in (None, ())}
+    return _field(a.kind, a.default, a.help, **kw)
 
 
 def arg_spec(name: str) -> Spec:

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch.nn as nn
 
 from .config import (METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig, ReconConfig, _Config, _field,
-                     _version, register_config)
+                     _version, arg_field, register_config)
 from .errors import ConfigError
 
 BASES = ("naive", "lp", "recon", "efficientdm")
@@ -110,11 +110,8 @@ class PipelineConfig(_Config):
                                                   item=BitwidthSchedule, optional=True)
     mixed_candidates: tuple = _field("any", (), "activation bit-widths +mixed chooses from per timestep "
                                                 "(() = the config's a_bits and 8)")
-    precision: str = _field("choice", "measured", "per-layer precision: measured (each layer's output error on "
-                            "the calibration calls decides which layers stay at 8 bits or float, within "
-                            "size_budget) or rules (the model profile's name rules)", choices=("measured", "rules"))
-    size_budget: float = _field("float", 0.03, "bytes the measured plan may add over the uniform target, as a "
-                                "fraction of the quantized layers' fp16 bytes", lo=0.0, hi=1.0)
+    precision: str = arg_field("precision")
+    size_budget: float = arg_field("size_budget")
     deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
     tune_kernels: bool = _field("bool", False, "at deploy, choose each layer's kernel by measured speed (float copies "
                                 "where faster, int8 copies of int4 weights: more memory), then check the choice "

@@ -189,7 +189,7 @@ def test_help_is_fast_lists_choices_and_defaults(tmp_path):
 
 def test_demo_writes_table_and_grid(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--samples", "20", "--steps", "5", "--bits", "W8A8", "W4A8",
-               "--methods", "naive"])  # (the CLI's plumbing; the default method's quality is the zoo bench's)
+               "--methods", "naive", "--precision", "rules"])  # (the CLI's plumbing; quality is the zoo bench's)
     assert rc == 0
     cap = capsys.readouterr()
     assert "| full precision | fp32 |" in cap.out and "| naive | W4A8 |" in cap.out
@@ -239,3 +239,24 @@ def test_bad_bits_give_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2
     assert "w_bits=9" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_precision_options_reach_the_plan(tmp_path, capsys):
+    """--size-budget 0: nothing may be kept above the target; --precision rules: the profile's name rules (the
+    edge convolutions at 8 bits), not measurement."""
+    from lowbit.quant import read_header
+
+    base = ["--bits", "W4A8", "--method", "naive", "--calib-samples", "4", "--calib-steps", "3"]
+    bits = {}
+    for name, extra in (("zero", ["--size-budget", "0"]), ("rules", ["--precision", "rules"])):
+        p = str(tmp_path / f"{name}.safetensors")
+        assert main(["quantize", p, *base, *extra]) == 0
+        bits[name] = {n: m["w_bits"] for n, m in read_header(p)[0]["layers"].items()}
+    capsys.readouterr()
+    assert set(bits["zero"].values()) == {4}
+    assert bits["rules"]["conv_in"] == 8 and bits["rules"]["conv_out"] == 8
+    assert 4 in bits["rules"].values()
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tmp_path / "x.safetensors"), "--size-budget", "1.5"])
+    assert exc.value.code == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
