@@ -2,8 +2,10 @@
 
 The weight is dequantized **once** and cached in ``pw.cache`` (``dense.w.fp32`` for fp32 inputs, ``dense.w.bf16``
 for bf16 inputs; a float copy costs 4 resp. 2 bytes per weight on top of the packed integers: the autotuner reports
-that trade). Activations are fake-quantized exactly as the reference (``kernels/eager.py``: ``round(x / scale)``,
-same zero points, per-token / per-sample dynamic ranges), then a float GEMM / convolution runs. So the function is
+that trade; fp32 layers whose weight is smaller than their input also keep the weight times the last activation
+step, ``dense.ws.fp32``: 4 bytes more per weight of such small layers). Activations are fake-quantized exactly as
+the reference (``kernels/eager.py``: ``round(x / scale)``, same zero points, per-token / per-sample dynamic ranges),
+then a float GEMM / convolution runs. So the function is
 the reference's, ``F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias)``, with the float library's speed.
 
 Priority -10: plain dispatch never picks it (the eager reference, priority 0, accepts everything); it runs when the
@@ -84,8 +86,19 @@ def _fp32_args(x, pw, bias, act, granularity):
     xq = torch.div(x, act.scale)
     xq.round_().clamp_(-zp, act.qmax - zp)
     if w.numel() < xq.numel():
-        return xq, w * act.scale, bias
+        return xq, _scaled_weight(pw, w, act.scale), bias
     return xq.mul_(act.scale), w, bias
+
+
+def _scaled_weight(pw, w, scale: float):
+    """``w * scale`` for the last activation step seen on this weight (one scale for every step unless the layer
+    has per-timestep tables), kept in ``pw.cache["dense.ws.fp32"]``: no weight-sized product at every call."""
+    hit = pw.cache.get("dense.ws.fp32")
+    if hit is not None and hit[0] == scale and hit[1].device == w.device:
+        return hit[1]
+    ws = w * scale
+    pw.cache["dense.ws.fp32"] = (scale, ws)
+    return ws
 
 
 @backend.op("linear", supports=_supports)

@@ -306,3 +306,14 @@ def test_settle_modes_compute_the_same_function(tune_env):
     with pytest.raises(ValueError):
         autotune.set_mode(q, "fastest")
     assert autotune.settle(_tiny_deployed(False), lambda m: None) is None  # nothing tuned: nothing to settle
+
+
+def test_dense_scaled_weight_follows_the_activation_step():
+    """The float path keeps w * step for the last step seen (small weights, large inputs): a new step (per-timestep
+    tables) replaces it, the outputs stay the reference's."""
+    pw = ops.quantize_weight(torch.randn(6, 5) * 0.1, 8)
+    x = torch.randn(40, 5)
+    for a in (ActQuant(8, 0.05, 128), ActQuant(8, 0.02, 100), ActQuant(8, 0.05, 128)):
+        ref = ops.run_on("eager", "linear", x, pw, None, a)
+        assert rel_err(ops.run_on("dense", "linear", x, pw, None, a), ref) < 1e-5
+        assert pw.cache["dense.ws.fp32"][0] == a.scale
