@@ -54,6 +54,21 @@ class NodeProgress:
         self.bar.update_absolute(int(done), int(total))
 
 
+def node_text_sink(unique_id):
+    """``line -> None`` that shows ``line`` on the node in ComfyUI's UI (the server's progress text, as core nodes
+    do), or None outside a server / on a ComfyUI without it."""
+    if unique_id is None:
+        return None
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    inst = getattr(PromptServer, "instance", None)
+    if inst is None or not hasattr(inst, "send_progress_text"):
+        return None
+    return lambda line: inst.send_progress_text(line, str(unique_id))
+
+
 def check_interrupt():
     import comfy.model_management
 

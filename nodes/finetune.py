@@ -118,7 +118,8 @@ def loss_curve_image(losses: List[float], width: int = 640, height: int = 360, t
 
 
 def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank, lr_scale, seed, samples=4,
-                   sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, progress=None):
+                   sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, progress=None,
+                   text=None):
     from ..quant import FinetuneConfig, PipelineConfig, get_stats
     from ..quant.io import model_fingerprint
 
@@ -132,8 +133,9 @@ def finetune_model(fp_model, quantized_model, positive, negative, *, steps, rank
                             finetune=FinetuneConfig(steps=steps, rank=rank, lr_multiplier=lr_scale, act_lr=act_lr,
                                                     batch_size=batch_size, sampling_steps=sampling_steps,
                                                     guidance=cfg, seed=seed))
-    # every stage (calibration sampling, fine-tune, merge, PTQD statistics) named on the console (StageLog)
-    stages = StageLog("LowBit EfficientDM Fine-tune", forward=progress or adapter.NodeProgress(), logger=log)
+    # every stage (calibration sampling, fine-tune, merge, PTQD statistics) named on the console and, through
+    # ``text``, on the node (StageLog)
+    stages = StageLog("LowBit EfficientDM Fine-tune", forward=progress or adapter.NodeProgress(), text=text, logger=log)
     try:
         out = _finetune(fp_model, quantized_model, positive, negative, teacher, q, config, stages, steps=steps,
                         samples=samples, sampling_steps=sampling_steps, seed=seed, cfg=cfg, width=width,
@@ -214,7 +216,7 @@ class LowBitEfficientDMFinetune:
             "batch_size": INT(8, 1, 4096, "Rows (latents) per training step, all at one timestep.", advanced=True),
             "act_lr": FLOAT(5e-4, 0.0, 1.0, "Learning rate of the per-timestep activation step sizes (TALSQ); 0 "
                                             "keeps them fixed.", step=0.0001, round=1e-6, advanced=True),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, steps=None, rank=None, lr_scale=None, seed=None, samples=None, sampling_steps=None,
@@ -224,9 +226,10 @@ class LowBitEfficientDMFinetune:
                                  batch_size=batch_size, act_lr=act_lr)
 
     def fine_tune(self, fp_model, quantized_model, positive, negative, steps, rank, lr_scale, seed, samples=4,
-                 sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4):
+                 sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, unique_id=None):
         check_finetune_settings(steps, rank, lr_scale, seed, samples, sampling_steps, cfg, width, height, batch_size,
                                 act_lr)
         return finetune_model(fp_model, quantized_model, positive, negative, steps=steps, rank=rank,
                               lr_scale=lr_scale, seed=seed, samples=samples, sampling_steps=sampling_steps, cfg=cfg,
-                              width=width, height=height, batch_size=batch_size, act_lr=act_lr)
+                              width=width, height=height, batch_size=batch_size, act_lr=act_lr,
+                              text=adapter.node_text_sink(unique_id))

@@ -94,21 +94,6 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         check_float("size_budget", size_budget, SIZE_BUDGET.lo, SIZE_BUDGET.hi)
 
 
-def node_text_sink(unique_id):
-    """``line -> None`` that shows ``line`` on the node in ComfyUI's UI (the server's progress text, as core nodes
-    do), or None outside a server / on a ComfyUI without it. (Touches the server: belongs in comfy_adapter.)"""
-    if unique_id is None:
-        return None
-    try:
-        from server import PromptServer
-    except ImportError:
-        return None
-    inst = getattr(PromptServer, "instance", None)
-    if inst is None or not hasattr(inst, "send_progress_text"):
-        return None
-    return lambda line: inst.send_progress_text(line, str(unique_id))
-
-
 def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
                    progress=None, text=None):
     """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions.
@@ -261,4 +246,5 @@ class LowBitQuantizeUNet:
                                     calibration_width, calibration_height, calibration_timesteps, time_bins,
                                     recon_iters, weight_init, precision, size_budget)
         check_quantize_settings(**settings.__dict__)
-        return quantize_model(model, positive, negative, settings, bitwidth_schedule, text=node_text_sink(unique_id))
+        return quantize_model(model, positive, negative, settings, bitwidth_schedule,
+                              text=adapter.node_text_sink(unique_id))
