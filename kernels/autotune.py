@@ -431,7 +431,8 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     float copies, oneDNN blobs), then ``rounds`` rounds with the modes alternating (order reversed every other
     round); per mode the minimum **process CPU time** of a forward counts (other jobs' load shows less in it than in
     wall time; wall times are reported too). The tuned choice stays unless another mode is faster by more than
-    ``margin``. The losers' caches are dropped. A forward slower than 2 s gets one round.
+    ``margin`` and its minimum wall time is not longer (less CPU time from fewer busy threads is not a speed-up).
+    The losers' caches are dropped. A forward slower than 2 s gets one round.
 
     Returns dict(mode, rounds, cpu_ms={mode: ms}, wall_ms={mode: ms}), also kept with the model's weights and
     reported by :func:`summary` / :func:`format_summary`; None if no weight of ``model`` is tuned (or tuning is off).
@@ -462,7 +463,8 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
                 cpu[m].append(time.process_time() - c0)
     score = {m: min(v) for m, v in cpu.items()}
     best = min(_MODES, key=score.get)
-    if score[best] >= score["tuned"] * (1.0 - margin):
+    if score[best] >= score["tuned"] * (1.0 - margin) or min(wall[best]) > min(wall["tuned"]):
+        # within the margin, or less CPU time but not less wall time (fewer threads busy is not faster)
         best = "tuned"
     set_mode(model, best)
     report = dict(mode=best, rounds=len(cpu["tuned"]), cpu_ms={m: round(v * 1e3, 2) for m, v in score.items()},

@@ -264,18 +264,21 @@ def test_settle_keeps_the_fastest_whole_model_mode(tune_env, monkeypatch, costs,
     q, ref = _tiny_deployed(True), _tiny_deployed(False)
     x = torch.randn(3, 4, 6, 6)
     t = torch.tensor([900.0] * 3)
-    clock = dict(t=0.0)
+    clock = {}
 
-    def process_time():
-        clock["t"] += costs[q.c.packed.cache.get("autotune.mode", "tuned")]
-        return clock["t"]
+    def clock_of(unit):
+        def now():  # each reading advances by the cost of the mode in use: a forward's delta is its mode's cost
+            clock[unit] = clock.get(unit, 0.0) + costs[q.c.packed.cache.get("autotune.mode", "tuned")] * unit
+            return clock[unit]
+        return now
 
-    monkeypatch.setattr(autotune, "time", types.SimpleNamespace(process_time=process_time,
-                                                                perf_counter=time.perf_counter))
+    monkeypatch.setattr(autotune, "time", types.SimpleNamespace(process_time=clock_of(1.0),
+                                                                perf_counter=clock_of(1e-3)))
     with torch.no_grad():
         rep = autotune.settle(q, ((x, t), {}), rounds=3)
         assert rep["mode"] == expected and rep["rounds"] == 3
         assert rep["cpu_ms"] == {m: c * 1e3 for m, c in costs.items()}
+        assert rep["wall_ms"] == {m: c for m, c in costs.items()}
         for layer in (q.c, q.l):
             names = {c.name for c in autotune._choices(layer.packed)}
             if expected == "float":
@@ -317,3 +320,23 @@ def test_dense_scaled_weight_follows_the_activation_step():
         ref = ops.run_on("eager", "linear", x, pw, None, a)
         assert rel_err(ops.run_on("dense", "linear", x, pw, None, a), ref) < 1e-5
         assert pw.cache["dense.ws.fp32"][0] == a.scale
+
+
+def test_settle_does_not_take_less_cpu_time_for_more_wall_time(tune_env, monkeypatch):
+    import types
+
+    q = _tiny_deployed(True)
+    x, t = torch.randn(3, 4, 6, 6), torch.tensor([900.0] * 3)
+    cost = {"cpu": {"tuned": 1.0, "float": 1.2, "integer": 0.5}, "wall": {"tuned": 1.0, "float": 1.2, "integer": 1.1}}
+    clock = {}
+
+    def clock_of(kind, unit):
+        def now():
+            clock[kind] = clock.get(kind, 0.0) + cost[kind][q.c.packed.cache.get("autotune.mode", "tuned")] * unit
+            return clock[kind]
+        return now
+
+    monkeypatch.setattr(autotune, "time", types.SimpleNamespace(process_time=clock_of("cpu", 1.0),
+                                                                perf_counter=clock_of("wall", 1e-3)))
+    with torch.no_grad():
+        assert autotune.settle(q, ((x, t), {}), rounds=2)["mode"] == "tuned"
