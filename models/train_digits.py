@@ -170,10 +170,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit.models.train_digits", description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=_HERE)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2500, help="DDPM optimizer steps")
+    p.add_argument("--steps", type=int, default=5000, help="DDPM optimizer steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=0.995,
+    p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay (with the warm-up min(decay, (1 + step) / (10 + step)))")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--shift", type=int, default=0, help="DDPM random-shift augmentation in pixels")
