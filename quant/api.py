@@ -15,7 +15,7 @@ from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig, check_verb_arg
 from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
-from .policy import plan_layers
+from .policy import called_layers, plan_layers
 from .progress import Stage
 from .split import apply_splits, find_concat_convs
 from .transaction import check_finite, transaction
@@ -85,7 +85,11 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
         convs = [p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
         splits = find_concat_convs(qmodel, calib[0], convs)
         apply_splits(qmodel, splits)
-    all_plans = plan_layers(qmodel, config, prof)
+    called = None
+    if calib:  # layers whose parent reads their weight directly stay float (deployed layers have no float weight)
+        called = called_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
+                                                   if n and qlayer_class_for(m) is not None])
+    all_plans = plan_layers(qmodel, config, prof, called=called)
     plans = [p for p in all_plans if p.mode != "fp"]
     ctx = QuantContext(num_train_timesteps)
     ctx.profile = prof.name

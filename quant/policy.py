@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .config import ACT_BITS_NONE, QuantConfig
@@ -32,9 +33,34 @@ def _kind(m):
     return "conv" if isinstance(m, nn.Conv2d) else "linear"
 
 
-def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None) -> List[LayerPlan]:
+NOT_CALLED = "not called as a module on a calibration call (its weight is read directly, or it is unused)"
+
+
+def called_layers(model: nn.Module, call, names: Sequence[str]) -> set:
+    """The layers among ``names`` whose own forward runs when ``model`` runs the recorded ``call``. A layer whose
+    parent reads its ``weight`` directly (e.g. diffusers' ``AttentionPooling`` of HunyuanDiT passes its projections'
+    weights to ``F.multi_head_attention_forward``) never runs its forward: a quantized copy of it would compute in
+    float while the deployed model, which drops the float weight, has none to read."""
+    from .calib import model_device_dtype
+
+    seen, hooks = set(), []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: seen.add(n)))
+    dev, dt = model_device_dtype(model)
+    try:
+        a, kw = call.to(dev, dt)
+        with torch.no_grad():
+            model(*a, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None, called: Optional[set] = None) -> List[LayerPlan]:
     """One plan per Conv2d/Linear: the user's rules (``cfg.rules``) first, then the profile's edge rules, then
-    (if the profile asks for it) the first and last convolution at W8A8."""
+    (if the profile asks for it) the first and last convolution at W8A8. ``called``: the layers that run their own
+    forward (``called_layers``); the others stay float (None: not known, every layer is planned)."""
     from .profiles import get_profile, profile_for
 
     profile = profile_for(model) if profile is None else get_profile(profile) if isinstance(profile, str) else profile
@@ -56,6 +82,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None) -> List[LayerP
                 mode, reason = "w8a8", "first/last convolution"
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.weight.dim() != 4):
             mode, reason = "fp", "unsupported padding mode"
+        if called is not None and name not in called:
+            mode, reason = "fp", NOT_CALLED
         if mode == "w8a8":
             # weight-only configs keep special layers weight-only too (W8A16)
             w, a, g = 8, (ACT_BITS_NONE if cfg.a_bits == ACT_BITS_NONE else 8), None
