@@ -27,7 +27,7 @@ import torch.nn as nn
 from .calib import Call, _to_model, _to_store, model_device_dtype, unet_output
 from .config import ReconConfig
 from .context import get_context
-from .errors import ConfigError
+from .errors import ConfigError, LowBitError
 from .layers import QuantLayer, quant_layers
 from .progress import Stage
 from .quantizer import expand_weight_scale, w_qrange
@@ -125,6 +125,27 @@ def _units_by_registration(qmodel):
 _first_tensor = unet_output  # a block's output tensor, read like a UNet's
 
 
+def _out_tensors(out) -> tuple:
+    """Every tensor a unit returns, in order (None entries dropped): a joint transformer block (SD3, Flux, AuraFlow)
+    returns (encoder_hidden_states, hidden_states), and SD3's last block returns None for the first; reconstructing
+    only the first tensor would fit the text stream and leave the image stream out of the loss."""
+    if torch.is_tensor(out):
+        return (out,)
+    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict of its non-None fields
+        return tuple(t for v in out.values() for t in _out_tensors(v))
+    if isinstance(out, (list, tuple)):
+        return tuple(t for v in out for t in _out_tensors(v))
+    return ()
+
+
+def _unit_loss(out, tgt, p: float) -> torch.Tensor:
+    """``lp_loss`` summed over the unit's output tensors (``_out_tensors``) against the cached targets."""
+    outs = _out_tensors(out)
+    if len(outs) != len(tgt):
+        raise LowBitError(f"a reconstruction unit returned {len(outs)} tensors, its float original {len(tgt)}")
+    return sum(lp_loss(o.float(), t, p) for o, t in zip(outs, tgt))
+
+
 def _capture(model, unit_name, call: Call, want: str):
     """Run ``model`` on ``call`` until unit ``unit_name``; return its (args, kwargs) or its output."""
     unit = model.get_submodule(unit_name)
@@ -141,7 +162,7 @@ def _capture(model, unit_name, call: Call, want: str):
 
     def post(mod, args, kwargs, out):
         if want == "output":
-            box["v"] = _to_store(_first_tensor(out), torch.float16, what, fix)
+            box["v"] = _to_store(_out_tensors(out), torch.float16, what, fix)
             raise _Stop
 
     h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
@@ -172,11 +193,12 @@ def _rows(tree, idx, n):
 
 def _minibatch(inp, tgt, batch_size, g):
     """A random mini-batch of ``batch_size`` samples of one cached call (all of it when it is smaller)."""
-    n = tgt.shape[0] if tgt.dim() > 0 else 1
+    first = tgt if torch.is_tensor(tgt) else tgt[0]  # one target tensor, or the unit's output tensors
+    n = first.shape[0] if first.dim() > 0 else 1
     if batch_size >= n:
         return inp, tgt
     idx = torch.randperm(n, generator=g)[:batch_size]
-    return _rows(inp, idx, n), tgt[idx]
+    return _rows(inp, idx, n), _rows(tgt, idx, n)
 
 
 def _unit_layers(unit):
@@ -194,7 +216,7 @@ def _draw(inputs, targets, config: ReconConfig, g, dev, dt):
     i = int(torch.randint(len(inputs), (1,), generator=g))
     inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
     a, kw = _to_model(inp, dev, dt)
-    return i, a, kw, tgt.to(dev, torch.float32)
+    return i, a, kw, tuple(t.to(dev, torch.float32) for t in tgt)
 
 
 def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
@@ -246,7 +268,7 @@ def _reconstruct(fp_model, qmodel, calls, config, progress, seed):
                 warm = int(config.warmup * config.weight_iters)
                 for it in range(config.weight_iters):
                     _, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
-                    rec = lp_loss(_first_tensor(unit(*a, **kw)).float(), tgt, 2.0)
+                    rec = _unit_loss(unit(*a, **kw), tgt, 2.0)
                     if it < warm:
                         loss = rec
                     else:
@@ -321,11 +343,11 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                 for _ in range(config.act_iters):
                     i, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
                     ctx.t = calls[i].t  # the step size at this call's timestep
-                    out = _first_tensor(unit(*a, **kw)).float()
+                    out = unit(*a, **kw)
                     # relative to the target's own size: otherwise calls near t = 0, whose block outputs and
                     # errors are largest but matter least for the image, decide every step size
-                    size = lp_loss(tgt, torch.zeros_like(tgt), config.p_act).clamp_min(1e-12)
-                    loss = lp_loss(out, tgt, config.p_act) / size
+                    size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
+                    loss = _unit_loss(out, tgt, config.p_act) / size
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
