@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from .calib import Call, CallRecorder, _to_model, model_device_dtype, unet_output
 from .config import FinetuneConfig, to_json_obj
-from .context import get_context, timestep_of_call
+from .context import get_context, sample_of_call, timestep_of_call
 from .errors import ConfigError, LoadError, NumericalError
 from .layers import ActQuantizer, QuantLayer, quant_layers
 from .progress import Stage
@@ -237,10 +237,12 @@ def _first_tensor(v):
     return None
 
 
-def _rows(call: Call) -> int:
+def _rows(call: Call, profile=None) -> int:
+    """The batch size of a recorded call: its noisy input's rows (the first positional tensor, else the profile's
+    sample keyword: transformers' pipelines pass ``hidden_states=`` by keyword)."""
     x = _first_tensor(call.args)
     if x is None:
-        x = call.kwargs.get("sample", call.kwargs.get("x"))
+        x = sample_of_call((), call.kwargs, profile)
     if x is None or not torch.is_tensor(x) or x.dim() < 1:
         raise ConfigError("a recorded UNet call has no batched input tensor (expected forward(sample, timestep, "
                           "...)); record the calls with lowbit.quant.CallRecorder on the UNet itself")
@@ -287,9 +289,9 @@ class _Bank:
     t per UNet call, so TALSQ sees the right table entry); timesteps are visited in shuffled epochs; teacher
     predictions are computed once per call and cached (fp32, CPU)."""
 
-    def __init__(self, calls: List[Call], batch_size: int, seed: int):
+    def __init__(self, calls: List[Call], batch_size: int, seed: int, profile=None):
         self.calls, self.batch_size = calls, batch_size
-        self.n = [_rows(c) for c in calls]
+        self.n = [_rows(c, profile) for c in calls]
         self.groups: Dict[object, List[int]] = defaultdict(list)
         for i, c in enumerate(calls):
             self.groups[c.t].append(i)
@@ -500,7 +502,7 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / cfg.steps))
-    bank = _Bank(shard, cfg.batch_size, cfg.seed + 7919 * rank)
+    bank = _Bank(shard, cfg.batch_size, cfg.seed + 7919 * rank, profile=get_context(student).profile)
 
     wrapped = _checkpoint_blocks(student) if cfg.grad_checkpointing else []
     net = student
