@@ -31,6 +31,8 @@ class ModelProfile:
         positional convention ``forward(sample, timestep, ...)`` is the fallback.
     timestep_scale: multiplies the received timestep so that per-timestep tables are keyed in [0, T)
         (1000 for models called with sigma or t/T in [0, 1], e.g. diffusers' Flux and SD3 transformers).
+    timestep_offset: added after scaling: the key is ``timestep_offset + timestep_scale * received`` (Lumina's
+        pipelines pass ``1 - t/T``, reversed: scale -1000, offset 1000).
     prediction: what the output is ("epsilon", "v_prediction", "flow"); None: read from the host.
     channel_dim: dimension of the output that holds channels (PTQD statistics are per channel).
     host_option_keys: call keywords holding the host's per-run bookkeeping (dropped from recorded calls).
@@ -48,6 +50,7 @@ class ModelProfile:
     timestep_kwargs: Tuple[str, ...] = ("timestep", "timesteps", "t")
     sample_kwargs: Tuple[str, ...] = ("sample", "x", "hidden_states")
     timestep_scale: float = 1.0
+    timestep_offset: float = 0.0
     prediction: Optional[str] = None
     channel_dim: int = 1
     host_option_keys: Tuple[str, ...] = ("transformer_options",)

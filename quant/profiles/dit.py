@@ -51,3 +51,39 @@ TIMESTEP_DIT = register_profile(ModelProfile(
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep", "timesteps"),
     sample_kwargs=("hidden_states", "x"),
     description="transformers called with a timestep in [0, T) (DiT, PixArt)"))
+
+# Text-to-image DiTs with their own layer names (each listed class checked with a tiny random model in
+# tests/quant/test_architectures.py): Sana (``patch_embed``, ``time_embed``, ``caption_projection``), HunyuanDiT
+# (``text_embedder``, ``time_extra_emb``), CogView3Plus/CogView4 (``patch_embed.{proj,text_proj}``,
+# ``time_condition_embed``), AuraFlow (``time_step_proj``); all unpatchify to NCHW.
+_T2I_EDGES = _EDGES + (
+    LayerRule(r"(^|\.)patch_embed\.(proj|text_proj)$", "w8a8"),
+    LayerRule(r"(^|\.)(time_embed|caption_projection|text_embedder|time_extra_emb|time_condition_embed|"
+              r"time_step_proj)(\.|$)", "w8a8"),
+)
+_T2I_BLOCKS = ("SanaTransformerBlock", "HunyuanDiTBlock", "CogView3PlusTransformerBlock", "CogView4TransformerBlock",
+               "AuraFlowJointTransformerBlock", "AuraFlowSingleTransformerBlock")
+
+T2I_DIT = register_profile(ModelProfile(
+    name="t2i-dit", priority=20,
+    matches=class_named("SanaTransformer2DModel", "HunyuanDiT2DModel", "CogView3PlusTransformer2DModel",
+                        "CogView4Transformer2DModel"),
+    edge_rules=_T2I_EDGES, structural_edges=False, block_types=_T2I_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",),
+    description="Sana, HunyuanDiT, CogView3Plus/4 transformers: called with a timestep in [0, T) (Sana: 1000*sigma)"))
+
+AURAFLOW = register_profile(ModelProfile(
+    name="auraflow", matches=class_named("AuraFlowTransformer2DModel"), priority=20,
+    edge_rules=_T2I_EDGES, structural_edges=False, block_types=_T2I_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow",
+    description="AuraFlow transformer: NCHW, called with sigma = t / 1000 in [0, 1]"))
+
+LUMINA = register_profile(ModelProfile(
+    name="lumina", matches=class_named("LuminaNextDiT2DModel", "Lumina2Transformer2DModel"), priority=20,
+    edge_rules=_T2I_EDGES + (
+        LayerRule(r"(^|\.)patch_embedder\.proj$", "w8a8"),
+        LayerRule(r"(^|\.)norm_out\.linear_\d+$", "w8a8"),
+        LayerRule(r"(^|\.)time_caption_embed(\.|$)", "w8a8"),
+    ), structural_edges=False, block_types=("LuminaNextDiTBlock", "Lumina2TransformerBlock"),
+    timestep_kwargs=("timestep",), sample_kwargs=("hidden_states",), timestep_scale=-1000.0, timestep_offset=1000.0,
+    description="Lumina-Next / Lumina 2 transformers: NCHW, called with 1 - t/1000 in [0, 1] (reversed)"))
