@@ -63,10 +63,13 @@ MAX_FLOAT_TENSORS = 100_000
 FLOAT_PREFIX = "__float__."
 # diffusers classes ``load_model`` may build from a file's ``arch`` (nothing else is ever constructed)
 ARCH_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
-                "DiTTransformer2DModel", "PixArtTransformer2DModel")
+                "DiTTransformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel", "HunyuanDiT2DModel",
+                "CogView3PlusTransformer2DModel", "AuraFlowTransformer2DModel", "LuminaNextDiT2DModel",
+                "Lumina2Transformer2DModel")
 ARCH_LIBRARIES = ("diffusers", "comfyui")
 _ARCH_COUNT_KEYS = ("layers_per_block", "num_layers", "num_single_layers", "transformer_layers_per_block",
-                    "reverse_transformer_layers_per_block")
+                    "reverse_transformer_layers_per_block", "num_mmdit_layers", "num_single_dit_layers",
+                    "num_refiner_layers")
 _ARCH_STR_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,100}$")
 
 class SaveError(LowBitError, OSError):
@@ -238,12 +241,25 @@ def model_arch(model: nn.Module) -> Optional[dict]:
     return dict(library="diffusers", config=data, **{"class": cls.__name__})
 
 
+def model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)`` plus its non-persistent buffers: tensors a module computes in its
+    ``__init__`` and does not save (the sin-cos position table of diffusers' ``PatchEmbed`` in DiT and PixArt). A
+    model built on the meta device has those on meta too, so a file that rebuilds it must hold them."""
+    out = dict(model.state_dict(keep_vars=True))
+    for mname, m in model.named_modules():
+        for b in m._non_persistent_buffers_set:
+            v = m._buffers.get(b)
+            if v is not None:
+                out.setdefault(f"{mname}.{b}" if mname else b, v)
+    return out
+
+
 def float_state(qmodel: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's state outside its quantized layers (norms, embeddings, float-kept layers): what a file needs,
-    besides the layers, to rebuild the model without a float copy."""
+    """The model's state outside its quantized layers (norms, embeddings, float-kept layers, non-persistent
+    buffers): what a file needs, besides the layers, to rebuild the model without a float copy."""
     names = [n for n, _ in quant_layers(qmodel)]
     out = {}
-    for k, v in qmodel.state_dict(keep_vars=True).items():
+    for k, v in model_state(qmodel).items():
         if v is None or v.is_meta or any(k.startswith(n + ".") for n in names):
             continue  # meta: a host's zero-byte placeholder for a replaced float weight, not data
         out[k] = v
@@ -762,11 +778,55 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor):
         mod._buffers[name] = t
 
 
+class _EmptyTensors:
+    """Within: every parameter and buffer a module registers is moved to the meta device as it is registered (the
+    float weights never take memory; the file fills them), while other tensors a constructor computes stay real:
+    a tensor kept as a plain attribute (Lumina 2's rotary table ``freqs_cis``) is not in any file, and built under
+    ``torch.device("meta")`` it would have no data at the first forward."""
+
+    def __enter__(self):
+        self._reg_p, self._reg_b = nn.Module.register_parameter, nn.Module.register_buffer
+        reg_p, reg_b = self._reg_p, self._reg_b
+
+        def register_parameter(mod, name, param):
+            reg_p(mod, name, param)
+            p = mod._parameters.get(name)
+            if p is not None and not p.is_meta:
+                mod._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+        def register_buffer(mod, name, tensor, persistent=True):
+            reg_b(mod, name, tensor, persistent=persistent)
+            b = mod._buffers.get(name)
+            if b is not None and not b.is_meta:
+                mod._buffers[name] = b.to("meta")
+
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter, nn.Module.register_buffer = self._reg_p, self._reg_b
+        return False
+
+
+def _meta_attributes(model: nn.Module) -> list:
+    """Names of tensors held as plain module attributes (not parameters or buffers) that are on the meta device."""
+    out = []
+    for mname, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k.startswith("_"):
+                continue
+            vs = v if isinstance(v, (list, tuple)) else [v]
+            if any(torch.is_tensor(x) and x.is_meta for x in vs):
+                out.append(f"{mname}.{k}" if mname else k)
+    return out
+
+
 def build_arch(path, arch) -> nn.Module:
-    """The diffusers model of a checked ``arch`` on the meta device (no memory for its weights)."""
+    """The diffusers model of a checked ``arch`` with its parameters and buffers on the meta device (no memory
+    for its weights; ``_EmptyTensors``)."""
     cls = _diffusers_class(arch["class"])
     try:
-        with torch.device("meta"):
+        with _EmptyTensors():
             model = cls(**arch["config"])
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError, IndexError, RuntimeError,
             NotImplementedError, ZeroDivisionError) as exc:
@@ -786,8 +846,11 @@ def load_model(path: str) -> nn.Module:
     arch = check_arch(path, header.get("arch"))
     if arch is None or not header.get("float_tensors"):
         v = header.get("_migrated_from", FORMAT_VERSION)
+        cls = (header.get("model") or {}).get("cls") if isinstance(header.get("model"), dict) else None
         why = f"written in file format {v}" if v < 3 else "saved without them (arch=False or a model LowBit " \
                                                             "cannot rebuild)"
+        if v >= 3 and arch is None and isinstance(cls, str) and cls not in ARCH_CLASSES:
+            why = f"its model class {cls[:80]} is not one load_model builds: {', '.join(ARCH_CLASSES)}"
         _fail(path, f"it does not record the model's architecture and float tensors ({why})",
               "load it onto the float model with load(model, path) and save the result again with this LowBit, "
               "which records them")
@@ -891,7 +954,7 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         _expect(path, index, key, dt, shp)
     fneed = []
     if standalone:  # the file must hold exactly the model's state outside the quantized layers
-        own = {k: v for k, v in qmodel.state_dict(keep_vars=True).items()
+        own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
         lacking = sorted(set(own) - set(fnames))
         if lacking:
@@ -977,6 +1040,11 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
             if t.is_meta:
                 _fail(path, f"the model's tensor {k[:200]!r} is not in the file (a buffer the model does not save)",
                       "load it onto the float model with load(model, path)")
+        empty = _meta_attributes(qmodel)
+        if empty:
+            _fail(path, f"the model's tensor attribute {empty[0][:200]!r} (not a parameter or buffer) has no data "
+                        "when the model is built without weights", "load it onto the float model with load(model, "
+                        "path)")
     for ename, meta in extras.items():
         if ename not in EXTRAS:
             continue  # unknown extras are ignored (never read, never executed)
