@@ -1,0 +1,314 @@
+"""Tiny random diffusers denoisers, one per architecture a user may bring, each with the calls its pipeline makes.
+
+``ARCHS[name]`` is an ``Arch``: ``build()`` gives the float model (a few hundred K parameters at most), ``inputs(g, t)``
+one call's (args, kwargs) at timestep ``t`` on the [0, 1000) scale, made the way the class's diffusers pipeline calls
+it (classifier-free guidance as one batch of 2 where the pipeline does that; sigma in [0, 1] where it passes sigma).
+Used by ``test_architectures.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+CALIB_TS = (950, 700, 400, 100)  # calibration timesteps on the [0, 1000) scale
+EVAL_T = 550  # a timestep between the calibration ones
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.Generator, float], tuple]  # (g, t in [0, 1000)) -> (args, kwargs)
+    standalone: bool = True  # load_model(path) rebuilds it from the file alone (io.ARCH_CLASSES)
+
+
+def _r(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _tt(t, b):
+    return torch.full((b,), float(t))
+
+
+# ----------------------------------------------------------------------------------------------- UNets
+def _unet2d_uncond():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+
+
+def _unet2d_uncond_in(g, t):  # DDPMPipeline: unet(image, t) with a scalar-like timestep
+    return (_r(g, 2, 3, 8, 8), torch.tensor(int(t))), {}
+
+
+def _unet2d_class():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+                       class_embed_type="timestep")
+
+
+def _unet2d_class_in(g, t):
+    return (_r(g, 2, 3, 8, 8), _tt(t, 2)), dict(class_labels=torch.tensor([3, 7]))
+
+
+def _sd15():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+
+
+def _sd15_in(g, t):  # StableDiffusionPipeline: CFG as one batch of 2 (uncond, cond)
+    x = _r(g, 1, 4, 8, 8)
+    return (torch.cat([x, x]), torch.tensor(float(t))), dict(encoder_hidden_states=_r(g, 2, 6, 16), return_dict=False)
+
+
+def _sdxl():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=8,
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+
+
+def _sdxl_in(g, t):  # StableDiffusionXLPipeline: text_embeds (pooled) and time_ids in added_cond_kwargs
+    x = _r(g, 1, 4, 8, 8)
+    ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
+    return (torch.cat([x, x]), torch.tensor(float(t))), dict(
+        encoder_hidden_states=_r(g, 2, 6, 16), added_cond_kwargs=dict(text_embeds=_r(g, 2, 8), time_ids=ids),
+        timestep_cond=None, cross_attention_kwargs=None, return_dict=False)
+
+
+def _lcm():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8, time_cond_proj_dim=8)
+
+
+def _guidance_embedding(w, dim):  # LatentConsistencyModelPipeline.get_guidance_scale_embedding
+    w = w * 1000.0
+    half = dim // 2
+    emb = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w[:, None] * emb[None, :]
+    return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+
+
+def _lcm_in(g, t):  # LCM: no CFG batch; the guidance scale enters as timestep_cond
+    return (_r(g, 1, 4, 8, 8), torch.tensor(int(t))), dict(
+        timestep_cond=_guidance_embedding(torch.tensor([7.5 - 1]), 8), encoder_hidden_states=_r(g, 1, 6, 16),
+        return_dict=False)
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8)
+
+
+def _sd3_in(g, t):  # StableDiffusion3Pipeline: timestep = 1000 * sigma, expanded to the CFG batch
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(hidden_states=torch.cat([x, x]), timestep=_tt(t, 2), encoder_hidden_states=_r(g, 2, 6, 16),
+                    pooled_projections=_r(g, 2, 16), joint_attention_kwargs=None, return_dict=False)
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def _flux_ids():
+    img = torch.zeros(4, 4, 3)
+    img[..., 1] += torch.arange(4)[:, None]
+    img[..., 2] += torch.arange(4)[None, :]
+    return img.reshape(16, 3), torch.zeros(6, 3)
+
+
+def _flux_in(g, t):  # FluxPipeline (dev): packed 2x2 latents, sigma = t / 1000, guidance, no CFG batch
+    img_ids, txt_ids = _flux_ids()
+    return (), dict(hidden_states=_r(g, 1, 16, 16), timestep=_tt(t / 1000.0, 1), guidance=torch.full((1,), 3.5),
+                    pooled_projections=_r(g, 1, 16), encoder_hidden_states=_r(g, 1, 6, 16), txt_ids=txt_ids,
+                    img_ids=img_ids, joint_attention_kwargs=None, return_dict=False)
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                    num_layers=2, cross_attention_dim=16, caption_channels=16, sample_size=8,
+                                    patch_size=2)
+
+
+def _pixart_in(g, t):  # PixArtAlphaPipeline: CFG batch, resolution/aspect ratio None below 1024 px
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=_r(g, 2, 6, 16),
+                    encoder_attention_mask=torch.ones(2, 6), timestep=_tt(t, 2),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+
+def _dit():
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+
+
+def _dit_in(g, t):  # DiTPipeline: CFG batch with the null class (= num_classes)
+    x = _r(g, 1, 4, 8, 8)
+    return (torch.cat([x, x]),), dict(timestep=_tt(t, 2), class_labels=torch.tensor([3, 10]))
+
+
+def _sana():
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1)
+
+
+def _sana_in(g, t):  # SanaPipeline: flow matching with timestep = 1000 * sigma, CFG batch, text mask
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=_r(g, 2, 6, 16),
+                    encoder_attention_mask=torch.ones(2, 6), timestep=_tt(t, 2), return_dict=False)
+
+
+def _hunyuan():
+    from diffusers import HunyuanDiT2DModel
+
+    return HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+                             hidden_size=16, num_layers=2, cross_attention_dim=16, cross_attention_dim_t5=16,
+                             pooled_projection_dim=16, text_len=6, text_len_t5=6)
+
+
+def _hunyuan_in(g, t):  # HunyuanDiTPipeline: CLIP and T5 texts with masks, image meta size, style, rotary embedding
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    x = _r(g, 1, 4, 8, 8)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))
+    return (), dict(hidden_states=torch.cat([x, x]), timestep=_tt(t, 2), encoder_hidden_states=_r(g, 2, 6, 16),
+                    text_embedding_mask=torch.ones(2, 6, dtype=torch.long), encoder_hidden_states_t5=_r(g, 2, 6, 16),
+                    text_embedding_mask_t5=torch.ones(2, 6, dtype=torch.long),
+                    image_meta_size=torch.tensor([[64.0, 64, 64, 64, 0, 0]] * 2),
+                    style=torch.zeros(2, dtype=torch.long),
+                    image_rotary_emb=rope, return_dict=False)
+
+
+def _cogview3():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    return CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                          num_attention_heads=2, out_channels=4, text_embed_dim=16, time_embed_dim=16,
+                                          condition_dim=4, pos_embed_max_size=8, sample_size=8)
+
+
+def _cogview3_in(g, t):  # CogView3PlusPipeline: CFG batch, size/crop conditions
+    x = _r(g, 1, 4, 8, 8)
+    sz = torch.tensor([[64.0, 64.0]] * 2)
+    return (), dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=_r(g, 2, 6, 16), timestep=_tt(t, 2),
+                    original_size=sz, target_size=sz, crop_coords=torch.zeros(2, 2), return_dict=False)
+
+
+def _auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    return AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                      num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                      joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                      pos_embed_max_size=16)
+
+
+def _auraflow_in(g, t):  # AuraFlowPipeline: timestep = t / 1000 (sigma), CFG batch
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=_r(g, 2, 6, 16),
+                    timestep=_tt(t / 1000.0, 2), return_dict=False)
+
+
+def _lumina_next():
+    from diffusers import LuminaNextDiT2DModel
+
+    m = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                             num_attention_heads=2, num_kv_heads=1, multiple_of=16, cross_attention_dim=16,
+                             learn_sigma=True)
+    with torch.no_grad():  # diffusers leaves it as torch.empty (memory garbage, NaN at times); a checkpoint sets it
+        m.pad_token.normal_()
+    return m
+
+
+def _lumina_next_in(g, t):  # LuminaText2ImgPipeline: timestep 1 - t/1000 (reversed), CFG batch, complex rotary table
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    x = _r(g, 1, 4, 8, 8)
+    rope = get_2d_rotary_pos_embed_lumina(16, 16, 16, linear_factor=1.0, ntk_factor=1.0)
+    return (), dict(hidden_states=torch.cat([x, x]), timestep=_tt(1 - t / 1000.0, 2),
+                    encoder_hidden_states=_r(g, 2, 6, 16), encoder_mask=torch.ones(2, 6, dtype=torch.bool),
+                    image_rotary_emb=rope, cross_attention_kwargs={"base_sequence_length": 16}, return_dict=False)
+
+
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    return Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                                     num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                     axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=16)
+
+
+def _lumina2_in(g, t):  # Lumina2Pipeline: timestep 1 - t/1000; the pipeline calls cond and uncond separately
+    return (), dict(hidden_states=_r(g, 1, 4, 8, 8), timestep=_tt(1 - t / 1000.0, 1),
+                    encoder_hidden_states=_r(g, 1, 6, 16), encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool),
+                    return_dict=False)
+
+
+ARCHS = {a.name: a for a in (
+    Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
+    Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
+    Arch("sd15", _sd15, _sd15_in),
+    Arch("sdxl", _sdxl, _sdxl_in),
+    Arch("lcm", _lcm, _lcm_in),
+    Arch("sd3", _sd3, _sd3_in),
+    Arch("flux", _flux, _flux_in),
+    Arch("pixart", _pixart, _pixart_in),
+    Arch("dit", _dit, _dit_in),
+    Arch("sana", _sana, _sana_in),
+    Arch("hunyuan", _hunyuan, _hunyuan_in),
+    Arch("cogview3", _cogview3, _cogview3_in),
+    Arch("auraflow", _auraflow, _auraflow_in),
+    Arch("lumina-next", _lumina_next, _lumina_next_in),
+    Arch("lumina2", _lumina2, _lumina2_in),
+)}
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ARCHS[name].build().eval().requires_grad_(False)
+
+
+def record(model, name: str, ts=CALIB_TS, seed: int = 1):
+    """Calibration calls: one model call per timestep, recorded by ``CallRecorder``."""
+    from lowbit.quant import CallRecorder
+
+    g = torch.Generator().manual_seed(seed)
+    with CallRecorder(model) as rec, torch.no_grad():
+        for t in ts:
+            args, kwargs = ARCHS[name].inputs(g, t)
+            model(*args, **kwargs)
+    return rec.calls

@@ -1,0 +1,147 @@
+"""Robustness sweep over the diffusers denoisers a user may bring (``archs.py``: tiny random models of each class,
+called the way their pipelines call them). Per architecture: ``pipeline.run`` gives a finite deployed model near the
+float one, with its per-timestep tables keyed on the [0, T) scale; the saved file reloads onto the float model and
+standalone (``load_model(path)``) into models whose outputs are bit-identical to the one that was saved.
+
+The quick suite runs lp+ptqd W8A8 with the profile's name rules on every architecture; the measured precision plan
+(the default) and the 4-bit methods (recon+ptqd W4A8, efficientdm W4A4) are ``slow``.
+"""
+from functools import lru_cache
+
+import pytest
+import torch
+
+from archs import ARCHS, EVAL_T, build, record
+from lowbit.quant import (FinetuneConfig, LoadError, PipelineConfig, QuantConfig, ReconConfig, deploy_, get_context,
+                          load, load_model, pipeline, quantize, save)
+from lowbit.quant.calib import unet_output
+from lowbit.quant.layers import quant_layers
+
+NAMES = list(ARCHS)
+
+
+@lru_cache(maxsize=None)
+def _model_and_calls(name):
+    fp = build(name)
+    return fp, record(fp, name)
+
+
+def _eval_inputs(name):
+    return ARCHS[name].inputs(torch.Generator().manual_seed(5), EVAL_T)
+
+
+def _out(model, name):
+    a, kw = _eval_inputs(name)
+    with torch.no_grad():
+        return unet_output(model(*a, **kw)).float()
+
+
+def _check(name, cfg, bound, tmp_path):
+    fp, calls = _model_and_calls(name)
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    q = pipeline.run(fp, calls, cfg).model
+    assert all(torch.equal(v, fp.state_dict()[k]) for k, v in before.items()), "the float model changed"
+    assert quant_layers(q) and all(m.mode == "deployed" for _, m in quant_layers(q))
+    y, yq = _out(fp, name), _out(q, name)
+    assert torch.isfinite(yq).all()
+    rel = float((yq - y).norm() / y.norm())
+    assert rel < bound, f"{name} {cfg.method} {cfg.quant.name}: relative error {rel:.3f}"
+    # the tables are keyed by the timestep on the [0, T) scale, whatever the model receives (t or sigma)
+    assert get_context(q).t == pytest.approx(EVAL_T, abs=0.01)
+    p = save(q, str(tmp_path / f"{name}.safetensors"))
+    assert torch.equal(_out(load(fp, p), name), yq)
+    if ARCHS[name].standalone:
+        alone = load_model(p)
+        assert type(alone) is type(fp) and get_context(alone).profile == get_context(q).profile
+        assert torch.equal(_out(alone, name), yq)
+    else:
+        with pytest.raises(LoadError) as ei:
+            load_model(p)
+        assert "\n" not in str(ei.value) and "load(model, path)" in str(ei.value)
+    return q, rel
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_w8a8_ptqd_deploys_near_the_float_model_and_reloads(name, tmp_path):
+    _check(name, PipelineConfig.for_method("lp+ptqd", "W8A8", precision="rules"), 0.1, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_w8a8_ptqd_with_the_measured_plan(name, tmp_path):
+    _check(name, PipelineConfig.for_method("lp+ptqd", "W8A8"), 0.1, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_w4a8_recon_ptqd(name, tmp_path):
+    cfg = PipelineConfig.for_method("recon+ptqd", "W4A8", recon=ReconConfig.quick(weight_iters=5, batch_size=2),
+                                    precision="rules")
+    _check(name, cfg, 0.35, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_w4a4_efficientdm(name, tmp_path):
+    cfg = PipelineConfig.for_method("efficientdm", "W4A4", finetune=FinetuneConfig(steps=3, batch_size=2, rank=2),
+                                    precision="rules")
+    _check(name, cfg, 0.5, tmp_path)
+
+
+def test_layers_whose_weight_is_read_directly_stay_float():
+    """HunyuanDiT's attention pooling passes its projections' weights to F.multi_head_attention_forward instead of
+    calling them: they stay float (a deployed layer has no float weight to read), everything else is quantized."""
+    fp, calls = _model_and_calls("hunyuan")
+    q = quantize(fp, QuantConfig.preset("W8A8"), calls[:1])
+    names = {n for n, _ in quant_layers(q)}
+    pool = {f"time_extra_emb.pooler.{p}_proj" for p in "qkvc"}
+    assert not names & pool and "time_extra_emb.extra_embedder.linear_1" in names
+    why = {r["name"]: r["reason"] for r in get_context(q).report}
+    assert all("not called" in why[n] for n in pool)
+    deploy_(q)
+    assert torch.isfinite(_out(q, "hunyuan")).all()
+
+
+def test_joint_block_reconstruction_fits_both_streams():
+    """A joint transformer block returns (encoder_hidden_states, hidden_states) and SD3's last one None for the
+    first: the reconstruction loss covers every tensor the block returns."""
+    from lowbit.quant.recon import _out_tensors, _unit_loss
+
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    assert [t.shape for t in _out_tensors((None, b))] == [b.shape]
+    assert float(_unit_loss((a, b), (a, b), 2.0)) == 0.0
+    assert float(_unit_loss((a, b + 1), (a, b), 2.0)) > 0  # an error in the second stream counts
+
+
+def test_a_class_load_model_does_not_build_is_named_in_a_one_line_error(tmp_path):
+    """A user's subclass (or any class outside io.ARCH_CLASSES) saves and loads onto its float model; load_model
+    refuses it in one line naming the class and the fix."""
+    from diffusers import UNet2DModel
+
+    class MyUNet(UNet2DModel):
+        pass
+
+    torch.manual_seed(0)
+    fp = MyUNet(**{k: v for k, v in build("unet2d").config.items() if not k.startswith("_")}).eval()
+    fp.requires_grad_(False)
+    q = deploy_(quantize(fp, QuantConfig.preset("W8A8"), record(fp, "unet2d", ts=(900, 100))))
+    p = save(q, str(tmp_path / "mine.safetensors"))
+    with pytest.raises(LoadError) as ei:
+        load_model(p)
+    msg = str(ei.value)
+    assert "\n" not in msg and "MyUNet" in msg and "load(model, path)" in msg, msg
+    assert torch.equal(_out(load(fp, p), "unet2d"), _out(q, "unet2d"))
+
+
+def test_standalone_build_keeps_constructor_tensors_real():
+    """load_model builds the model with its parameters and buffers on meta, but a tensor a constructor keeps as a
+    plain attribute (Lumina 2's rotary table) is computed for real: no file holds it. One left on meta is named."""
+    from lowbit.quant.io import _EmptyTensors, _meta_attributes
+
+    fp = build("lumina2")
+    with _EmptyTensors():
+        empty = type(fp)(**{k: v for k, v in fp.config.items() if not k.startswith("_")})
+    assert all(t.is_meta for t in list(empty.parameters()) + list(empty.buffers()))
+    assert _meta_attributes(empty) == []
+    empty.rope_embedder.freqs_cis = [t.to("meta") for t in empty.rope_embedder.freqs_cis]
+    assert _meta_attributes(empty) == ["rope_embedder.freqs_cis"]
