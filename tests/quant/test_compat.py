@@ -90,7 +90,13 @@ def test_format_2_file_loads_on_the_float_model_and_not_alone(name):
     p = os.path.join(FIX, f"fmt2_{name}.safetensors")
     assert read_header(p)[0]["_migrated_from"] == 2
     exp = load_file(os.path.join(FIX, "fmt2_expected.safetensors"))
-    q = load(load_default_unet().eval().requires_grad_(False), p)
+    # the default model was retrained since that release: the tensors the file does not carry (norms, embeddings,
+    # biases) come from the model it is loaded onto, so give it that release's (fmt2_base_nonlinear)
+    base = load_default_unet()
+    missing, unexpected = base.load_state_dict(load_file(os.path.join(FIX, "fmt2_base_nonlinear.safetensors")),
+                                               strict=False)
+    assert not unexpected
+    q = load(base.eval().requires_grad_(False), p)
     x, t, lab = exp["x"], exp["t"], exp["labels"]
     with torch.no_grad(), forced_backend("eager"):
         out = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
