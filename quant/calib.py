@@ -8,8 +8,9 @@ with values beyond fp16's range keeps its own dtype: storing never turns a finit
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -121,6 +122,27 @@ def timestep_aware_subset(calls: List[Call], n_timesteps: int) -> List[Call]:
         idx = [round(i * (len(ts) - 1) / max(n_timesteps - 1, 1)) for i in range(n_timesteps)]
         keep = {ts[i] for i in idx}
     return [c for c in calls if c.t in keep]
+
+
+def probe_call(model: torch.nn.Module, call: "Call", pre_hooks: Dict[str, Callable], context=None) -> None:
+    """Run ``model`` once on the recorded ``call`` (no grad, inside ``context`` if given) with a forward pre-hook
+    ``fn(name, module, args)`` on each named submodule of ``pre_hooks`` (its return value is ignored: the inputs
+    are never replaced); every hook is removed again, also on an error. The one structural probe pass behind
+    ``split.find_concat_convs``, ``policy.called_layers`` and ``recon.find_units``."""
+    def wrap(name, fn):
+        def hook(mod, args):
+            fn(name, mod, args)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(wrap(n, fn)) for n, fn in pre_hooks.items()]
+    dev, dt = model_device_dtype(model)
+    try:
+        a, kw = call.to(dev, dt)
+        with torch.no_grad(), (context if context is not None else contextlib.nullcontext()):
+            model(*a, **kw)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def model_device_dtype(model: torch.nn.Module):

@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import torch
 import torch.nn as nn
 
 from .config import ACT_BITS_NONE, QuantConfig
@@ -41,19 +40,10 @@ def called_layers(model: nn.Module, call, names: Sequence[str]) -> set:
     parent reads its ``weight`` directly (e.g. diffusers' ``AttentionPooling`` of HunyuanDiT passes its projections'
     weights to ``F.multi_head_attention_forward``) never runs its forward: a quantized copy of it would compute in
     float while the deployed model, which drops the float weight, has none to read."""
-    from .calib import model_device_dtype
+    from .calib import probe_call
 
-    seen, hooks = set(), []
-    for n in names:
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: seen.add(n)))
-    dev, dt = model_device_dtype(model)
-    try:
-        a, kw = call.to(dev, dt)
-        with torch.no_grad():
-            model(*a, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = set()
+    probe_call(model, call, dict.fromkeys(names, lambda name, mod, args: seen.add(name)))
     return seen
 
 

@@ -24,7 +24,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_model, _to_store, model_device_dtype, unet_output
+from .calib import Call, _to_model, _to_store, model_device_dtype, probe_call, unet_output
 from .config import ReconConfig
 from .context import get_context
 from .errors import ConfigError, LowBitError
@@ -91,17 +91,9 @@ def find_units(qmodel: nn.Module, call: Call = None):
     units = _units_by_registration(qmodel)
     if call is None:
         return units
-    order, hooks = {}, []
-    for name, m in units:
-        hooks.append(m.register_forward_pre_hook(lambda mod, a, n=name: (order.setdefault(n, len(order)), None)[1]))
-    dev, dt = model_device_dtype(qmodel)
-    try:
-        a, kw = call.to(dev, dt)
-        with torch.no_grad():
-            qmodel(*a, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    order = {}
+    probe_call(qmodel, call, dict.fromkeys([name for name, _ in units],
+                                           lambda name, mod, args: order.setdefault(name, len(order))))
     return sorted(units, key=lambda u: order.get(u[0], len(order)))
 
 

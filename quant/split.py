@@ -148,31 +148,21 @@ class _CatProbe(TorchFunctionMode):
 def find_concat_convs(model: nn.Module, call, names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     """{conv name: channel sizes} for the convolutions among ``names`` whose input, on ``call`` (a recorded UNet
     call), is a channel concatenation of two or more tensors."""
-    from .calib import model_device_dtype
+    from .calib import probe_call
 
     probe = _CatProbe()
-    found, hooks = {}, []
+    found = {}
 
-    def pre(name):
-        def hook(mod, args):
-            x = args[0] if args else None
-            hit = probe.cats.get(id(x)) if isinstance(x, torch.Tensor) else None
-            if hit is not None and hit[0] is x and mod.groups == 1:
-                found[name] = hit[1]
-        return hook
+    def hook(name, mod, args):
+        x = args[0] if args else None
+        hit = probe.cats.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if hit is not None and hit[0] is x and mod.groups == 1:
+            found[name] = hit[1]
 
-    for n in names:
-        m = model.get_submodule(n)
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(pre(n)))
-    dev, dt = model_device_dtype(model)
+    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
     try:
-        a, kw = call.to(dev, dt)
-        with torch.no_grad(), probe:
-            model(*a, **kw)
+        probe_call(model, call, dict.fromkeys(convs, hook), context=probe)
     finally:
-        for h in hooks:
-            h.remove()
         probe.cats.clear()
     return found
 
