@@ -124,6 +124,20 @@ def timestep_aware_subset(calls: List[Call], n_timesteps: int) -> List[Call]:
     return [c for c in calls if c.t in keep]
 
 
+def batch_rows(tree, idx, n: int):
+    """Rows ``idx`` of every tensor in ``tree`` (nested dicts/lists/tuples) whose leading dimension is the batch
+    size ``n``; other tensors and values unchanged. (A non-batch tensor whose first dimension happens to equal
+    ``n``, e.g. Flux ``txt_ids`` of shape (n, 3), would be sliced too: record calls with a batch size unlike the
+    models' token counts.)"""
+    if torch.is_tensor(tree):
+        return tree[idx] if tree.dim() > 0 and tree.shape[0] == n else tree
+    if isinstance(tree, dict):
+        return {k: batch_rows(v, idx, n) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(batch_rows(v, idx, n) for v in tree)
+    return tree
+
+
 def probe_call(model: torch.nn.Module, call: "Call", pre_hooks: Dict[str, Callable], context=None) -> None:
     """Run ``model`` once on the recorded ``call`` (no grad, inside ``context`` if given) with a forward pre-hook
     ``fn(name, module, args)`` on each named submodule of ``pre_hooks`` (its return value is ignored: the inputs

@@ -52,7 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .calib import Call, CallRecorder, _to_model, model_device_dtype, unet_output
+from .calib import Call, CallRecorder, _to_model, batch_rows, model_device_dtype, unet_output
 from .config import FinetuneConfig, to_json_obj
 from .context import get_context, sample_of_call, timestep_of_call
 from .errors import ConfigError, LoadError, NumericalError
@@ -249,16 +249,6 @@ def _rows(call: Call, profile=None) -> int:
     return int(x.shape[0])
 
 
-def _take(v, idx, n):
-    if torch.is_tensor(v):
-        return v[idx] if (v.dim() >= 1 and v.shape[0] == n) else v
-    if isinstance(v, dict):
-        return {k: _take(x, idx, n) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_take(x, idx, n) for x in v)
-    return v
-
-
 class _Mismatch(Exception):
     pass
 
@@ -323,7 +313,8 @@ class _Bank:
         for ci, rows in parts:
             c, n = self.calls[ci], self.n[ci]
             idx = torch.tensor(rows, dtype=torch.long)
-            pieces.append((_take(c.args, idx, n), _take(c.kwargs, idx, n), self.teacher_out(teacher, ci)[idx]))
+            pieces.append((batch_rows(c.args, idx, n), batch_rows(c.kwargs, idx, n),
+                           self.teacher_out(teacher, ci)[idx]))
         if len(pieces) > 1:
             try:
                 ns = [len(r) for _, r in parts]

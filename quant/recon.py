@@ -24,7 +24,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_model, _to_store, model_device_dtype, probe_call, unet_output
+from .calib import Call, _to_model, _to_store, batch_rows, model_device_dtype, probe_call, unet_output
 from .config import ReconConfig
 from .context import get_context
 from .errors import ConfigError, LowBitError
@@ -172,17 +172,6 @@ def _capture(model, unit_name, call: Call, want: str):
     return box.get("v")
 
 
-def _rows(tree, idx, n):
-    """Rows ``idx`` of every tensor in ``tree`` whose leading dimension is the batch size ``n``."""
-    if torch.is_tensor(tree):
-        return tree[idx] if tree.dim() > 0 and tree.shape[0] == n else tree
-    if isinstance(tree, dict):
-        return {k: _rows(v, idx, n) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_rows(v, idx, n) for v in tree)
-    return tree
-
-
 def _minibatch(inp, tgt, batch_size, g):
     """A random mini-batch of ``batch_size`` samples of one cached call (all of it when it is smaller)."""
     first = tgt if torch.is_tensor(tgt) else tgt[0]  # one target tensor, or the unit's output tensors
@@ -190,7 +179,7 @@ def _minibatch(inp, tgt, batch_size, g):
     if batch_size >= n:
         return inp, tgt
     idx = torch.randperm(n, generator=g)[:batch_size]
-    return _rows(inp, idx, n), _rows(tgt, idx, n)
+    return batch_rows(inp, idx, n), batch_rows(tgt, idx, n)
 
 
 def _unit_layers(unit):
