@@ -418,14 +418,10 @@ class QuantLayer(nn.Module):
 
     def _deployed_forward(self, x):
         pw = self._modules["packed"]
-        ctx = self._ctx[0]
-        act = self._modules.get("act")
         # The act quantizer and the kernel depend on (timestep, activation bits) and (input shape, dtype, threads)
         # only; both are resolved once per key and kept (a deployed layer's tables are frozen), so a later call of the
         # same key goes straight to the kernel the autotuner chose (no dispatch, no ActQuant, no argument checks).
-        tkey = None if (ctx is None or act is None) else ctx.t
-        bits = None if act is None else (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled)
-                                         else self.a_bits)
+        tkey, bits = self._act_key()
         cache = pw.cache
         table = cache.get("autotune.layer")
         if table is not None and cache.get("autotune"):
@@ -451,6 +447,14 @@ class QuantLayer(nn.Module):
         xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
         return self._op(xq, ops.dequantize_weight(pw), self.bias).to(x.dtype)
 
+    def _act_key(self):
+        """(timestep, activation bits) the deployed input quantizer depends on now (None, None: float activations)."""
+        ctx = self._ctx[0]
+        if self._modules.get("act") is None:
+            return None, None
+        tkey = None if ctx is None else ctx.t
+        return tkey, (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled) else self.a_bits)
+
     def _deployed_aq(self, tkey, bits):
         if self.a_dynamic:
             return _dynamic_aq(self.a_bits)
@@ -468,12 +472,7 @@ class QuantLayer(nn.Module):
     def deployed_act(self):
         """The ``kernels.ActQuant`` a deployed layer applies to its input now (current timestep and activation bits;
         kept per (timestep, bits)), or None (float activations)."""
-        ctx = self._ctx[0]
-        act = self._modules.get("act")
-        tkey = None if (ctx is None or act is None) else ctx.t
-        bits = None if act is None else (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled)
-                                         else self.a_bits)
-        return self._deployed_aq(tkey, bits)
+        return self._deployed_aq(*self._act_key())
 
     def _kernel(self, x, pw, bias, aq):
         return self._kernel_op(x, pw, bias, *self._kernel_tail(aq))
