@@ -77,13 +77,13 @@ def build(m, calib, method: str, bits: str, a, **over):
     return pipeline.run(m.denoiser, calib, PipelineConfig.for_method(method, bits, **over), progress=None)
 
 
-def _key_scale(model) -> float:
-    """The factor from the timestep a model call carries to its PTQD table key (the profile's scale)."""
+def _table_key(model):
+    """The map from the timestep a model call carries to its PTQD table key (the profile's ``table_key``)."""
     from ..quant.context import get_context
     from ..quant.profiles import get_profile
 
     ctx = get_context(model)
-    return 1.0 if ctx is None else float(get_profile(ctx.profile).timestep_scale)
+    return float if ctx is None else get_profile(ctx.profile).table_key
 
 
 def _report_sums(report) -> dict:
@@ -155,8 +155,8 @@ def run_model(name: str, a, log=print) -> list:
             qs = time.perf_counter() - t0
             kept = [dict(name=r["name"], mode=r["mode"], reason=r["reason"]) for r in res.info.get("precision", [])]
             # the PTQD residual variance (any +ptqd method) feeds the per-step report; only +vsc applies VSC
-            scale, rv = _key_scale(res.model), pipeline.get_stats_var(res.model)
-            var_fn = None if rv is None else (lambda s, f=rv, c=scale: f(float(s) * c))
+            key, rv = _table_key(res.model), pipeline.get_stats_var(res.model)
+            var_fn = None if rv is None else (lambda s, f=rv, k=key: f(k(s)))
             vsc_method = res.var_fn is not None
             ctx = get_context(res.model)
             ptqd_on = bool(ctx is not None and getattr(ctx, "ptqd_active", False))

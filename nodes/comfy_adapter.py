@@ -125,21 +125,17 @@ def num_train_timesteps(model) -> int:
     return int(sig.shape[0]) if torch.is_tensor(sig) and sig.dim() == 1 else 1000
 
 
-def timestep_scale(model) -> float:
-    """The factor the model's profile applies to the timestep it receives (1000 for ComfyUI's Flux)."""
+def percent_to_timestep_fn(model):
+    """percent of the run (0 = start) -> the table key the UNet sees there (the timestep it receives, mapped by its
+    profile's ``ModelProfile.table_key``: x1000 for ComfyUI's Flux)."""
     from ..quant.profiles import profile_for
 
-    return float(profile_for(unet_of(model)).timestep_scale)
-
-
-def percent_to_timestep_fn(model):
-    """percent of the run (0 = start) -> the table key (the profile-scaled timestep) the UNet sees there."""
     ms = model_sampling(model)
-    scale = timestep_scale(model)
+    key = profile_for(unet_of(model)).table_key
 
     def f(p: float) -> float:
         sigma = ms.percent_to_sigma(float(p))
-        return float(ms.timestep(torch.tensor(float(sigma))).float()) * scale
+        return key(float(ms.timestep(torch.tensor(float(sigma))).float()))
 
     return f
 
@@ -469,14 +465,14 @@ def sync_lora_side_paths(patcher):
 class PTQDView:
     """What a sampler needs to apply PTQD variance-schedule calibration at a given sigma."""
 
-    def __init__(self, model_sampling, stats, corrected: bool, eps_prediction: bool, scale: float = 1.0):
+    def __init__(self, model_sampling, stats, corrected: bool, eps_prediction: bool, table_key=float):
         self.model_sampling, self.stats, self.corrected, self.eps_prediction = \
             model_sampling, stats, corrected, eps_prediction
-        self.scale = scale  # the profile's timestep scale: the tables are keyed by scale * model_sampling.timestep
+        self.table_key = table_key  # the profile's map from model_sampling.timestep to the tables' key
 
     def timestep(self, sigma) -> float:
         s = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
-        return self.scale * float(self.model_sampling.timestep(s.reshape(1)).float()[0])
+        return self.table_key(float(self.model_sampling.timestep(s.reshape(1)).float()[0]))
 
     def residual_var(self, sigma) -> float:
         return self.stats.residual_var_at(self.timestep(sigma), corrected=self.corrected)
@@ -522,8 +518,7 @@ def ptqd_view(model_k) -> Optional[PTQDView]:
     ctx = get_context(unet)
     from ..quant.profiles import profile_for
 
-    return PTQDView(ms, stats, bool(getattr(ctx, "ptqd_active", False)), eps,
-                    float(profile_for(unet).timestep_scale))
+    return PTQDView(ms, stats, bool(getattr(ctx, "ptqd_active", False)), eps, profile_for(unet).table_key)
 
 
 def ksampler(sampler_function, extra_options: dict):

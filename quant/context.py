@@ -70,7 +70,7 @@ def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
         # A batch shares one timestep in every sampler we know (cond and uncond are evaluated at the same
         # t); with mixed timesteps the median is used for the activation scale.
         t = float(t.detach().float().flatten().median())
-    return p.timestep_offset + float(t) * p.timestep_scale
+    return p.table_key(t)
 
 
 def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:

@@ -58,6 +58,10 @@ class ModelProfile:
     priority: int = 0  # higher is tried first
     description: str = field(default="", compare=False)
 
+    def table_key(self, t: float) -> float:
+        """The per-timestep table key of a received timestep ``t``: ``timestep_offset + timestep_scale * t``."""
+        return self.timestep_offset + float(t) * self.timestep_scale
+
 
 PROFILES: Dict[str, ModelProfile] = {}
 
