@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .calib import Call, model_device_dtype, timestep_aware_subset, unet_output
+from .calib import Call, model_device_dtype, run_calls, timestep_aware_subset, unet_output
 from .config import ACT_BITS_NONE, LayerRule, QuantConfig
 from .progress import Stage
 
@@ -181,12 +181,6 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     if not calls:
         return PrecisionPlan(tuple(config.rules), [], {})
     sub = timestep_aware_subset(list(calls), n_calls) if len(calls) > n_calls else list(calls)
-    dev, dt = model_device_dtype(fp_model)
-    with torch.no_grad():
-        fp_outs = []
-        for c in sub:
-            a, kw = c.to(dev, dt)
-            fp_outs.append(unet_output(fp_model(*a, **kw)).float())
     everything = (LayerRule(".*", "quant"),)
     user = tuple(config.rules)
     target = dataclasses.replace(config, rules=user + everything)
@@ -199,6 +193,8 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     if budget <= 0:  # nothing can be upgraded: every layer keeps the target bits, no need to measure
         rules = list(user) + [LayerRule(f"^{re.escape(u)}$", "quant") for u in units if u not in decided_by_user]
         return PrecisionPlan(tuple(rules), [], {}, 0.0, 0.0)
+    fp_outs = []
+    run_calls(fp_model, sub, fn=lambda c, out: fp_outs.append(unet_output(out).float()))
     only, screened = None, {}
     if len(measured) > screen_above:
         try:
