@@ -24,7 +24,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_model, _to_store, batch_rows, model_device_dtype, probe_call, unet_output
+from .calib import Call, _to_model, _to_store, batch_rows, model_device_dtype, probe_call
 from .config import ReconConfig
 from .context import get_context
 from .errors import ConfigError, LowBitError
@@ -112,9 +112,6 @@ def _units_by_registration(qmodel):
             units.append((name, m))
             covered.add(name)
     return units
-
-
-_first_tensor = unet_output  # a block's output tensor, read like a UNet's
 
 
 def _out_tensors(out) -> tuple:
