@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
+if os.environ["OMP_WAIT_POLICY"] == "default":  # OpenMP's own default (spin a while, then sleep): a user's process
+    del os.environ["OMP_WAIT_POLICY"]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -199,7 +201,7 @@ def main(argv=None):
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                 load_avg=os.getloadavg(), load_avg_start=load_start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))

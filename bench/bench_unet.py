@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
+if os.environ["OMP_WAIT_POLICY"] == "default":  # OpenMP's own default (spin a while, then sleep): a user's process
+    del os.environ["OMP_WAIT_POLICY"]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -172,45 +174,14 @@ def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: st
 ALTERNATE = {
     "fp32": ("fp32", {}),
     "bf16": ("bf16", {}),
-    "W8A8": ("W8A8", {}),
-    "W8A8-fastq": ("W8A8", {"LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
-    "W8A8-bf16": ("W8A8-bf16", {}),
-    "W8A8-bf16-fastq": ("W8A8-bf16", {"LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
-    # prototype of a proposed quant/layers.py change: deployed layers hand bf16 activations to the kernels as they
-    # are (no x.float() before, no cast after; the kernels quantize from bf16 and oneDNN writes bf16 outputs)
-    "W8A8-bf16-nocast": ("W8A8-bf16", {"_LOWBIT_BENCH_NOCAST": "1"}),
-    "W8A8-bf16-nocast-fastq": ("W8A8-bf16", {"_LOWBIT_BENCH_NOCAST": "1", "LOWBIT_CPU_FAST_ACT_QUANT": "1"}),
+    "W8A8": ("W8A8", {}),  # default: fused one-pass activation quantization (kernels/cpu.py)
+    "W8A8-exact": ("W8A8", {"LOWBIT_CPU_EXACT_ACT_QUANT": "1"}),  # the reference's activation codes, bit for bit
+    "W8A8-bf16": ("W8A8-bf16", {}),  # float parts (norms, attention, residuals) in bf16, integer layers as W8A8
+    "W4A8": ("W4A8", {}),
+    "W4A16": ("W4A16", {}),
     "torchao-int8wo-bf16": ("torchao-int8wo-bf16", {}),
     "torchao-int8dq-bf16": ("torchao-int8dq-bf16", {}),
 }
-
-
-def _install_nocast_prototype(model):
-    """Bench-only: while ``_LOWBIT_BENCH_NOCAST=1``, deployed layers call their kernel on x in its own dtype (what
-    ``QuantLayer._deployed_forward`` does, minus ``x.float()`` / ``.to(x.dtype)``)."""
-    if __package__:
-        from ..kernels import ActQuant
-        from ..quant.layers import QuantLayer
-    else:
-        from lowbit.kernels import ActQuant
-        from lowbit.quant.layers import QuantLayer
-    for m in model.modules():
-        if not isinstance(m, QuantLayer) or m.mode != "deployed":
-            continue
-        orig = m._deployed_forward
-
-        def fwd(x, m=m, orig=orig):
-            if os.environ.get("_LOWBIT_BENCH_NOCAST") != "1" or m.packed.fmt.backends is not None:
-                return orig(x)
-            if m.a_dynamic:
-                aq = ActQuant(bits=m.a_bits, scale=None, zero_point=0, dynamic=True)
-            else:
-                p = m.act_params()
-                aq = None if p is None else ActQuant(bits=p[0], scale=float(p[1]), zero_point=int(round(float(p[2]))))
-            return m._kernel(x, m.packed, m.bias, aq)
-
-        m._deployed_forward = fwd
-    return model
 
 
 def _build_for_alternate(key: str, latent: int):
@@ -221,7 +192,7 @@ def _build_for_alternate(key: str, latent: int):
         return model.to(torch.bfloat16)
     if key in OURS:
         model = _quantize_ours(model, key, latent)
-        return _install_nocast_prototype(model.to(torch.bfloat16)) if key.endswith("-bf16") else model
+        return model.to(torch.bfloat16) if key.endswith("-bf16") else model
     if key.startswith("torchao"):
         return _quantize_torchao(model, key)
     return model
@@ -320,7 +291,7 @@ def main(argv=None):
         import torch
 
         meta = dict(mode="alternate", latent=a.latent, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
-                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), load_avg=os.getloadavg(),
+                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"), load_avg=os.getloadavg(),
                     date=time.strftime("%Y-%m-%d %H:%M"))
         out = a.out if a.out != str(Path(__file__).resolve().parent / "results" / "unet.json") else \
             str(Path(__file__).resolve().parent / "results" / "unet_alternate.json")
@@ -386,7 +357,7 @@ def main(argv=None):
     import torch
 
     meta = dict(latent=a.latent, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {a.out}")

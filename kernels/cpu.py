@@ -19,11 +19,18 @@
     otherwise the weight is dequantized to bf16 at each call and a bf16 GEMM / conv runs (faster than the
     int4pack GEMM at M >= 64 on AVX512-BF16 CPUs, see bench/README.md).
 
-Activations are quantized exactly as in the reference (``kernels/eager.py``): static ones in three passes, the true
-division, ``round_`` (half to even), then ``torch.quantize_per_tensor(y, 1.0, zp)`` on the rounded integers for the
-clamp, the zero point and the uint8 cast in one pass (exact: nothing is left to round; tested bit for bit, ties
-included). ``LOWBIT_CPU_FAST_ACT_QUANT=1`` makes it one pass, ``quantize_per_tensor(x, scale, zp)``, which multiplies
-by 1/scale: a handful of codes per million land one step away.
+Static activations are quantized in **one fused pass** by default: ``torch.quantize_per_tensor(x, scale, zp)``,
+which computes ``round(x * (1/scale) + zp)`` with a single rounding (fbgemm's fused multiply-add on x86) where the
+reference (``kernels/eager.py``) computes ``round(x / scale) + zp``. The two differ by one step on values within an
+ulp of a rounding tie (~3 per million on SD1.5-like activations; ``tests/kernels/test_cpu.py`` bounds it). That is
+the size of difference the library already has between its integer and float paths (float summation order), and it
+moves whole sampling runs by the same amount (bench/README.md, "fused activation quantization": 47-58 dB between
+fused and exact codes, 48-59 dB between the float and integer paths with exact codes), while it costs a third of
+the exact quantizer's passes. The float path (``kernels/dense.py``) uses the same fused codes, so a deployed model
+has the same integers whichever path the autotuner picks. ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` gives the reference's
+codes bit for bit: the true fp32 division, ``round_`` (half to even), then ``torch.quantize_per_tensor(y, 1.0, zp)``
+on the rounded integers for the clamp, the zero point and the uint8 cast (exact: nothing is left to round; ties
+and +-inf included).
 
 Convolutions return the input's memory format (NCHW for NCHW inputs, as ``F.conv2d``): oneDNN and the im2col GEMM
 write channels_last, and a channels_last tensor among NCHW ones slowed the model's next ops more than the copy costs.
@@ -51,17 +58,15 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecat
 
 _HAS_ONEDNN = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
                and torch.backends.mkldnn.is_available())
-# torch.quantize_per_tensor multiplies by 1/scale: ties land one step off the reference (x / scale) and
-# the flips cascade through a UNet (2% end-to-end on W8A8), so the exact division is the default. It is one fused
-# pass instead of five (5-10x faster on SD1.5 activations), so LOWBIT_CPU_FAST_ACT_QUANT=1 trades bit-exactness
-# with the reference for speed (static 8-bit activations only).
 _HAS_QPT = hasattr(torch, "quantize_per_tensor")
 
 
-def fast_act_quant() -> bool:
-    """``LOWBIT_CPU_FAST_ACT_QUANT=1``: static activations quantized by the fused ``torch.quantize_per_tensor``
-    (x * (1/scale): a few codes per million differ by one step from the reference's x / scale)."""
-    return _HAS_QPT and getenv("LOWBIT_CPU_FAST_ACT_QUANT", "0") not in ("", "0", "false", "False")
+def exact_act_quant() -> bool:
+    """``LOWBIT_CPU_EXACT_ACT_QUANT=1``: static activations quantized with the reference's codes bit for bit (three
+    passes) instead of the fused one-pass quantizer (the default, see the module docstring)."""
+    return not _HAS_QPT or getenv("LOWBIT_CPU_EXACT_ACT_QUANT", "0") not in ("", "0", "false", "False")
+
+
 _HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _INT4PACK_GROUPS = (256, 128, 64, 32)
 # below this many rows the int4pack GEMV (reads 4-bit weights) beats dequantize + bf16 GEMM
@@ -127,16 +132,15 @@ def _u8_view(q: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
-    """float x (fp32 or bf16) -> uint8 q = clamp(round(x / scale) + zp, 0, qmax), same shape, the division in fp32.
+    """float x (fp32 or bf16) -> uint8 q = clamp(round(x / scale) + zp, 0, qmax), same shape.
 
-    The division is a true fp32 division and the rounding ``torch.round`` (half to even), as in the reference; the
+    Default: the fused one-pass quantizer (:func:`quant_static_fused`). With ``LOWBIT_CPU_EXACT_ACT_QUANT=1``: the
+    division is a true fp32 division and the rounding ``torch.round`` (half to even), as in the reference; the
     clamp, the zero point and the cast to uint8 are one fused pass (``torch.quantize_per_tensor`` with scale 1 on
     the already rounded integers, which is exact: no rounding is left for it to do). Without quantized tensors:
     clamp(round(x / s) + zp, 0, qmax) == clamp(round(x / s), -zp, qmax - zp) + zp in place, then a cast."""
-    if fast_act_quant():
-        q = _u8_view(torch.quantize_per_tensor(x.to(torch.float32).contiguous(), act.scale, act.zero_point,
-                                               torch.quint8))
-        return q.clamp_(max=act.qmax) if act.bits < 8 else q
+    if not exact_act_quant():
+        return _u8_view(quant_static_fused(x, act))
     y = torch.div(x.to(torch.float32), act.scale)
     y.round_()
     if _HAS_QPT:
@@ -146,6 +150,16 @@ def _quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
         return q.clamp_(max=act.qmax) if act.bits < 8 else q
     y.clamp_(-act.zero_point, act.qmax - act.zero_point).add_(act.zero_point)
     return y.to(torch.uint8)
+
+
+def quant_static_fused(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """quint8 tensor (scale, zero point = act's) of x's static codes from the fused quantizer, one pass:
+    ``clamp(round(x * (1/scale) + zp), 0, qmax)`` with one rounding (fbgemm's fused multiply-add on x86). Its
+    ``.dequantize()`` is the fake-quantized x; ``_u8_view`` of it the uint8 codes (no copy)."""
+    q = torch.quantize_per_tensor(x.to(torch.float32).contiguous(), act.scale, act.zero_point, torch.quint8)
+    if act.bits < 8:
+        _u8_view(q).clamp_(max=act.qmax)
+    return q
 
 
 def _quant_rows(x2: torch.Tensor, bits: int):

@@ -3,9 +3,10 @@
 The weight is dequantized **once** and cached in ``pw.cache`` (``dense.w.fp32`` for fp32 inputs, ``dense.w.bf16``
 for bf16 inputs; a float copy costs 4 resp. 2 bytes per weight on top of the packed integers: the autotuner reports
 that trade; fp32 layers whose weight is smaller than their input also keep the weight times the last activation
-step, ``dense.ws.fp32``: 4 bytes more per weight of such small layers). Activations are fake-quantized exactly as
-the reference (``kernels/eager.py``: ``round(x / scale)``, same zero points, per-token / per-sample dynamic ranges),
-then a float GEMM / convolution runs. So the function is
+step, ``dense.ws.fp32``: 4 bytes more per weight of such small layers). Activations are fake-quantized with
+the codes the integer kernels use (on CPU the fused one-pass quantizer of kernels/cpu.py; elsewhere, and with
+``LOWBIT_CPU_EXACT_ACT_QUANT=1``, exactly the reference, ``kernels/eager.py``: ``round(x / scale)``; same zero
+points, per-token / per-sample dynamic ranges), then a float GEMM / convolution runs. So the function is
 the reference's, ``F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias)``, with the float library's speed.
 
 Priority -10: plain dispatch never picks it (the eager reference, priority 0, accepts everything); it runs when the
@@ -49,6 +50,8 @@ def _fake_quant(x: torch.Tensor, act, granularity: str, dtype: torch.dtype) -> t
         return x.to(dtype)
     if act.dynamic:
         return fake_quant_act(x.to(torch.float32), act, granularity).to(dtype)
+    if _fused(x, act):
+        return _fused_fake_quant(x, act).to(dtype)
     y = torch.div(x.to(torch.float32), act.scale)
     y.round_().clamp_(-act.zero_point, act.qmax - act.zero_point).mul_(act.scale)
     return y.to(dtype)
@@ -83,11 +86,31 @@ def _fp32_args(x, pw, bias, act, granularity):
     if act.dynamic:
         return fake_quant_act(x, act, granularity), w, bias
     zp = act.zero_point
+    if _fused(x, act):
+        return _fused_fake_quant(x, act), w, bias
     xq = torch.div(x, act.scale)
     xq.round_().clamp_(-zp, act.qmax - zp)
     if w.numel() < xq.numel():
         return xq, _scaled_weight(pw, w, act.scale), bias
     return xq.mul_(act.scale), w, bias
+
+
+def _fused(x, act) -> bool:
+    """CPU static activations take the fused quantizer's codes, as the CPU integer kernels do (kernels/cpu.py), so
+    a deployed layer computes with the same integers on either path; ``LOWBIT_CPU_EXACT_ACT_QUANT=1``: the
+    reference's codes on both."""
+    return x.device.type == "cpu" and not act.dynamic and not _cpu().exact_act_quant()
+
+
+def _fused_fake_quant(x, act):
+    """Static x fake-quantized by the fused CPU quantizer, fp32: two passes, one of them over uint8."""
+    return _cpu().quant_static_fused(x, act).dequantize()
+
+
+def _cpu():
+    from . import cpu
+
+    return cpu
 
 
 def _scaled_weight(pw, w, scale: float):

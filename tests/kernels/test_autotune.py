@@ -170,13 +170,27 @@ def test_loser_caches_dropped_and_summary(tune_env):
 
 @pytest.mark.parametrize("act", [ActQuant(8, 0.037, 121), ActQuant(4, 0.3, 7), ActQuant(8, 0.011, 0),
                                  ActQuant(8, 0.02, 255), ActQuant(8, dynamic=True)])
-def test_dense_activation_fake_quant_is_bit_exact(act):
+def test_dense_activation_fake_quant_uses_the_integer_kernels_codes(act, monkeypatch):
+    """The float path fake-quantizes with the codes the CPU integer kernels use: by default the fused quantizer's
+    (so both paths of a deployed layer compute with the same integers), with LOWBIT_CPU_EXACT_ACT_QUANT=1 the
+    reference's, bit for bit."""
+    from lowbit.kernels import cpu as cpu_mod
     from lowbit.kernels.dense import _fake_quant
     from lowbit.kernels.eager import fake_quant_act
 
     x = torch.randn(64, 5000) * 4
     x[0, :4] = torch.tensor([0.0185, -0.0185, 0.0555, 1e-9])  # ties and tiny values
-    assert torch.equal(_fake_quant(x, act, "token", torch.float32), fake_quant_act(x, act, "token"))
+    ref = fake_quant_act(x, act, "token")
+    monkeypatch.delenv("LOWBIT_CPU_EXACT_ACT_QUANT", raising=False)
+    fused = _fake_quant(x, act, "token", torch.float32)
+    if act.dynamic:
+        assert torch.equal(fused, ref)
+    else:
+        codes = cpu_mod._quant_static(x, act).float()
+        assert torch.equal(fused, (codes - act.zero_point) * torch.tensor(act.scale))
+        assert float((fused - ref).abs().max()) <= act.scale * 1.0001  # one step at most, at ties
+    monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1")
+    assert torch.equal(_fake_quant(x, act, "token", torch.float32), ref)
 
 
 @pytest.mark.parametrize("times,expected", [({"fake": 1.05, "dense": 1.0, "cpu": 1.3}, "fake"),
@@ -311,9 +325,10 @@ def test_settle_modes_compute_the_same_function(tune_env):
     assert autotune.settle(_tiny_deployed(False), lambda m: None) is None  # nothing tuned: nothing to settle
 
 
-def test_dense_scaled_weight_follows_the_activation_step():
-    """The float path keeps w * step for the last step seen (small weights, large inputs): a new step (per-timestep
-    tables) replaces it, the outputs stay the reference's."""
+def test_dense_scaled_weight_follows_the_activation_step(monkeypatch):
+    """With the exact codes (LOWBIT_CPU_EXACT_ACT_QUANT=1) the float path keeps w * step for the last step seen
+    (small weights, large inputs): a new step (per-timestep tables) replaces it, the outputs stay the reference's."""
+    monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1")
     pw = ops.quantize_weight(torch.randn(6, 5) * 0.1, 8)
     x = torch.randn(40, 5)
     for a in (ActQuant(8, 0.05, 128), ActQuant(8, 0.02, 100), ActQuant(8, 0.05, 128)):

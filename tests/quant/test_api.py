@@ -16,7 +16,7 @@ def out(m, t=300):
 
 
 @pytest.mark.parametrize("preset", ["W8A8", "W4A8", "W4A4", "W4A16"])
-def test_quantize_leaves_input_untouched_and_deploy_matches_fake(unet, calls, preset):
+def test_quantize_leaves_input_untouched_and_deploy_matches_fake(unet, calls, preset, monkeypatch):
     before = state_copy(unet)
     q = quantize(unet, QuantConfig.preset(preset, time_bins=2), calls)
     assert_same_state(unet, before)
@@ -29,9 +29,16 @@ def test_quantize_leaves_input_untouched_and_deploy_matches_fake(unet, calls, pr
     deploy_(q)
     with torch.no_grad():
         for n, l in quant_layers(q):
-            # same inputs, same step sizes: integer kernels == fake-quant up to float summation order (1e-5)
+            # same inputs, same step sizes, the reference's activation codes: integer kernels == fake-quant up to
+            # float summation order (1e-5)
+            monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1")
             e = float((l(ins[n]) - fake[n]).norm() / fake[n].norm().clamp_min(1e-12))
             assert e < (2e-2 if preset == "W4A16" else 1e-5), (n, e)  # W4A16 runs bf16 GEMMs on CPU
+            # the default fused CPU codes: a code one step off at a rare tie (~2 per million inputs here; one flip
+            # among a small layer's 4096 inputs moves its output ~4e-4)
+            monkeypatch.delenv("LOWBIT_CPU_EXACT_ACT_QUANT")
+            e = float((l(ins[n]) - fake[n]).norm() / fake[n].norm().clamp_min(1e-12))
+            assert e < (2e-2 if preset == "W4A16" else 2e-3), (n, e)
     yd = out(q)
     # End to end, float summation-order differences (~1e-7) flip a few rounding ties in later quantizers;
     # on this random-weight UNet the flips add up to at most a few percent (stated tolerance 5%).
