@@ -24,10 +24,11 @@ which computes ``round(x * (1/scale) + zp)`` with a single rounding (fbgemm's fu
 reference (``kernels/eager.py``) computes ``round(x / scale) + zp``. The two differ by one step on values within an
 ulp of a rounding tie (~3 per million on SD1.5-like activations; ``tests/kernels/test_cpu.py`` bounds it). That is
 the size of difference the library already has between its integer and float paths (float summation order), and it
-moves whole sampling runs by the same amount (bench/README.md, "fused activation quantization": 47-58 dB between
-fused and exact codes, 48-59 dB between the float and integer paths with exact codes), while it costs a third of
-the exact quantizer's passes. The float path (``kernels/dense.py``) uses the same fused codes, so a deployed model
-has the same integers whichever path the autotuner picks. ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` gives the reference's
+moves whole sampling runs by the same amount (``python -m lowbit.bench.act_quant_codes``: 43-58 dB PSNR between
+fused and exact codes, 44-59 dB between the float and integer paths with exact codes, quality against fp32 the
+same), while it costs a third of the exact quantizer's passes. The float path (``kernels/dense.py``, fused split
+convolutions included) uses the same fused codes, so a deployed model has the same integers whichever path the
+autotuner picks. ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` gives the reference's
 codes bit for bit: the true fp32 division, ``round_`` (half to even), then ``torch.quantize_per_tensor(y, 1.0, zp)``
 on the rounded integers for the clamp, the zero point and the uint8 cast (exact: nothing is left to round; ties
 and +-inf included).

@@ -165,8 +165,17 @@ def channel_codes(x: torch.Tensor, acts, sizes) -> torch.Tensor:
     """``x`` [B, C, H, W] fp32 whose consecutive channel groups ``sizes`` have their own static quantizers ``acts``:
     the centered integer codes ``clamp(round(x_i / s_i), -zp_i, qmax_i - zp_i)`` of every group, in one fp32 buffer
     (the same integers as the reference's ``clamp(round(x_i / s_i) + zp_i, 0, qmax_i) - zp_i``: a true fp32
-    division by each element's own step, half-to-even rounding)."""
+    division by each element's own step, half-to-even rounding). On CPU, unless ``LOWBIT_CPU_EXACT_ACT_QUANT=1``,
+    each group's codes are the fused quantizer's instead, as the CPU kernels and the parts path compute them."""
+    if _fused_channels(x, acts):
+        cpu = _cpu()
+        return torch.cat([cpu._u8_view(cpu.quant_static_fused(xi, a)).float() - a.zero_point
+                          for xi, a in zip(torch.split(x, list(sizes), 1), acts)], 1)
     return _codes(x, *_channel_qparams(acts, sizes, x.device))
+
+
+def _fused_channels(x, acts) -> bool:
+    return x.device.type == "cpu" and not any(a.dynamic for a in acts) and not _cpu().exact_act_quant()
 
 
 def _codes(x, s, runs):
@@ -204,6 +213,11 @@ def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
         qp = cache["fused.act"] = (acts, *_channel_qparams(acts, [pw.shape[1] for pw in pws], x.device))
         cache.pop("fused.ws", None)
     _, s, runs = qp
+    if _fused_channels(x, acts):  # the fused CPU codes, as the parts path computes them: one pass + one per part
+        cpu = _cpu()
+        xq = torch.cat([cpu.quant_static_fused(xi, a).dequantize()
+                        for xi, a in zip(torch.split(x, [pw.shape[1] for pw in pws], 1), acts)], 1)
+        return F.conv2d(xq, w, bias, stride, padding, dilation)
     xq = _codes(x, s, runs)
     if w.numel() < xq.numel():
         ws = cache.get("fused.ws")

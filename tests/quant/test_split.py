@@ -138,8 +138,11 @@ def tune_env(monkeypatch):
     autotune.clear()
 
 
-def test_channel_codes_are_the_reference_integers():
+def test_channel_codes_are_the_reference_integers(monkeypatch):
+    """With LOWBIT_CPU_EXACT_ACT_QUANT=1 the reference's integers; by default the CPU kernels' fused codes (the parts
+    path's), which differ from them by one step at ties only."""
     from lowbit.kernels import ActQuant
+    from lowbit.kernels import cpu as cpu_mod
     from lowbit.kernels.dense import channel_codes
     from lowbit.kernels.eager import quantize_act
 
@@ -148,10 +151,16 @@ def test_channel_codes_are_the_reference_integers():
     x = torch.randn(8, 9, 70, 50) * 4
     x[0, 0, 0, :4] = torch.tensor([0.0185, -0.0185, 0.0555, 1e-9])
     x[0, 7, 0, :3] = torch.tensor([0.0185 * 2.5, 0.0185 * 3.5, -1e9])  # ties, a clamp
+    monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1")
     codes = channel_codes(x, acts, sizes)
     for xi, ci, a in zip(torch.split(x, sizes, 1), torch.split(codes, sizes, 1), acts):
         q, _, zp = quantize_act(xi, a, "sample")
         assert torch.equal(ci, q - zp)
+    monkeypatch.delenv("LOWBIT_CPU_EXACT_ACT_QUANT")
+    fused = channel_codes(x, acts, sizes)
+    for xi, ci, a in zip(torch.split(x, sizes, 1), torch.split(fused, sizes, 1), acts):
+        assert torch.equal(ci, cpu_mod._quant_static(xi, a).float() - a.zero_point)
+    assert float((fused - codes).abs().max()) <= 1
 
 
 @pytest.mark.parametrize("pick", ["fused", "parts"])
