@@ -193,6 +193,7 @@ def test_demo_writes_table_and_grid(tmp_path, capsys):
     assert rc == 0
     cap = capsys.readouterr()
     assert "| full precision | fp32 |" in cap.out and "| naive | W4A8 |" in cap.out
+    assert "sampling s: one run per model" in cap.out and "bench_sampling" in cap.out  # the timing is explained
     assert os.path.getsize(tmp_path / "demo_grid.png") > 100
     assert "sample (ddim)" in cap.err  # the core's stage names reach the terminal
 
