@@ -156,3 +156,19 @@ def test_default_fused_codes_stay_near_the_reference(clean_env, backend):
     out = ops.run_on(backend, "linear", x, pw, None, act)
     assert rel_err(out, ops.run_on("eager", "linear", x, pw, None, act)) < 1e-3
     assert rel_err(out, ops.run_on("dense", "linear", x, pw, None, act)) < INT_TOL
+
+
+@pytest.mark.parametrize("shape,bits,group", [((37, 101), 4, None), ((300, 256), 4, 128), ((64, 33, 3, 3), 8, None),
+                                              ((129, 64), 4, 32)])
+def test_weight_dequant_in_row_chunks_is_the_whole_product(monkeypatch, shape, bits, group):
+    """The weight-only path's bf16 weight, built in row chunks (small temporaries), equals the one-shot
+    ``(q.float() * scale).bfloat16()`` bit for bit, whatever the chunk boundaries."""
+    from lowbit.kernels.eager import expand_scale
+    from lowbit.kernels.formats import unpack_int4
+
+    pw = ops.quantize_weight(torch.randn(*shape), bits, **({} if group is None else {"group_size": group}))
+    q = unpack_int4(pw.qdata, pw.K) if bits <= 4 else pw.qdata
+    ref = (q.to(torch.float32) * expand_scale(pw)).to(torch.bfloat16).reshape(pw.shape)
+    for chunk in (1, 7 * pw.K, 1 << 21):  # one row per chunk, 7 rows, everything at once
+        monkeypatch.setattr(cpu_mod, "_DEQUANT_CHUNK", chunk)
+        assert torch.equal(cpu_mod._dequant_bf16(pw), ref)
