@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
-if os.environ["OMP_WAIT_POLICY"] == "default":  # OpenMP's own default (spin a while, then sleep): a user's process
-    del os.environ["OMP_WAIT_POLICY"]
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -10,9 +10,7 @@ noise (eta > 0); a bias of the same sign at every step accumulates whatever the 
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

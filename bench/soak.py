@@ -9,7 +9,6 @@ import argparse
 import gc
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

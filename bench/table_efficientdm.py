@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads collapse on 2 shared cores
 
 import argparse  # noqa: E402
 import copy  # noqa: E402

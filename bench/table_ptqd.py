@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
