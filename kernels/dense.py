@@ -42,7 +42,7 @@ def cached_weight(pw, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fake_quant(x: torch.Tensor, act, granularity: str, dtype: torch.dtype) -> torch.Tensor:
-    """x fake-quantized with the reference semantics, returned in ``dtype``.
+    """x fake-quantized with the integer kernels' codes (:func:`_fused`), returned in ``dtype``.
 
     Static: ``(clamp(round(x / s) + zp, 0, qmax) - zp) * s`` computed as ``clamp(round(x / s), -zp, qmax - zp) * s``
     (the same integers for an integer zp, so the same floats): one temporary, four passes."""
@@ -95,11 +95,18 @@ def _fp32_args(x, pw, bias, act, granularity):
     return xq.mul_(act.scale), w, bias
 
 
-def _fused(x, act) -> bool:
+def _fused(x, *acts) -> bool:
     """CPU static activations take the fused quantizer's codes, as the CPU integer kernels do (kernels/cpu.py), so
     a deployed layer computes with the same integers on either path; ``LOWBIT_CPU_EXACT_ACT_QUANT=1``: the
     reference's codes on both."""
-    return x.device.type == "cpu" and not act.dynamic and not _cpu().exact_act_quant()
+    return x.device.type == "cpu" and not any(a.dynamic for a in acts) and not _cpu().exact_act_quant()
+
+
+def _fused_parts(x, acts, sizes) -> list:
+    """The fused CPU quantizer's quint8 codes of each consecutive channel group ``sizes`` of x, each group with its
+    own static quantizer (what the parts of a split convolution compute)."""
+    quant = _cpu().quant_static_fused
+    return [quant(xi, a) for xi, a in zip(torch.split(x, list(sizes), 1), acts)]
 
 
 def _fused_fake_quant(x, act):
@@ -167,15 +174,10 @@ def channel_codes(x: torch.Tensor, acts, sizes) -> torch.Tensor:
     (the same integers as the reference's ``clamp(round(x_i / s_i) + zp_i, 0, qmax_i) - zp_i``: a true fp32
     division by each element's own step, half-to-even rounding). On CPU, unless ``LOWBIT_CPU_EXACT_ACT_QUANT=1``,
     each group's codes are the fused quantizer's instead, as the CPU kernels and the parts path compute them."""
-    if _fused_channels(x, acts):
-        cpu = _cpu()
-        return torch.cat([cpu._u8_view(cpu.quant_static_fused(xi, a)).float() - a.zero_point
-                          for xi, a in zip(torch.split(x, list(sizes), 1), acts)], 1)
+    if _fused(x, *acts):
+        u8 = _cpu()._u8_view
+        return torch.cat([u8(q).float() - a.zero_point for q, a in zip(_fused_parts(x, acts, sizes), acts)], 1)
     return _codes(x, *_channel_qparams(acts, sizes, x.device))
-
-
-def _fused_channels(x, acts) -> bool:
-    return x.device.type == "cpu" and not any(a.dynamic for a in acts) and not _cpu().exact_act_quant()
 
 
 def _codes(x, s, runs):
@@ -208,16 +210,14 @@ def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
         w = cache["fused.w"] = torch.cat([ops.dequantize_weight(pw).to(torch.float32) for pw in pws], 1).contiguous()
         cache.pop("fused.act", None)
         cache.pop("fused.ws", None)
+    if _fused(x, *acts):  # the fused CPU codes, as the parts path computes them: one pass per part
+        xq = torch.cat([q.dequantize() for q in _fused_parts(x, acts, [pw.shape[1] for pw in pws])], 1)
+        return F.conv2d(xq, w, bias, stride, padding, dilation)
     qp = cache.get("fused.act")
     if qp is None or qp[0] != acts:
         qp = cache["fused.act"] = (acts, *_channel_qparams(acts, [pw.shape[1] for pw in pws], x.device))
         cache.pop("fused.ws", None)
     _, s, runs = qp
-    if _fused_channels(x, acts):  # the fused CPU codes, as the parts path computes them: one pass + one per part
-        cpu = _cpu()
-        xq = torch.cat([cpu.quant_static_fused(xi, a).dequantize()
-                        for xi, a in zip(torch.split(x, [pw.shape[1] for pw in pws], 1), acts)], 1)
-        return F.conv2d(xq, w, bias, stride, padding, dilation)
     xq = _codes(x, s, runs)
     if w.numel() < xq.numel():
         ws = cache.get("fused.ws")
