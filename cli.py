@@ -20,8 +20,10 @@ import sys
 import tempfile
 import time
 
-# Spin-waiting OpenMP threads make 2-core machines up to 5x slower when shared. Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's thread waiting is left as the environment sets it (OpenMP's default: spin a while, then sleep), what
+# every other torch program gets. On a machine shared with other busy processes, OMP_WAIT_POLICY=PASSIVE stops
+# idle threads spinning (up to 5x faster there); on an idle one it costs the quantized model more than the float
+# one (each parallel region wakes a sleeping thread; bench/README.md).
 
 _PKG = __package__ or "lowbit"
 SUFFIX = ".safetensors"

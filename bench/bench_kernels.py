@@ -133,7 +133,7 @@ def main(argv=None):
             rows += _run_case(f"conv3x3 {c}ch@{s}x{s}", x, w, torch.randn(c) * 0.1, True, a.budget)
             _print(rows, f"conv3x3 {c}ch@{s}x{s}")
     meta = dict(threads=a.threads, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), budget_s=a.budget)
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"), budget_s=a.budget)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nwrote {a.out}")

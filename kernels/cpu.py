@@ -33,14 +33,22 @@ codes bit for bit: the true fp32 division, ``round_`` (half to even), then ``tor
 on the rounded integers for the clamp, the zero point and the uint8 cast (exact: nothing is left to round; ties
 and +-inf included).
 
-Convolutions return the input's memory format (NCHW for NCHW inputs, as ``F.conv2d``): oneDNN and the im2col GEMM
-write channels_last, and a channels_last tensor among NCHW ones slowed the model's next ops more than the copy costs.
+Convolutions return the input's memory format (NCHW for NCHW inputs, as ``F.conv2d``; channels-last for
+channels-last inputs and channel slices of them, whose codes the quantizer writes channels-last): oneDNN and the
+im2col GEMM write channels_last, and a channels_last tensor among NCHW ones slowed the model's next ops more than the
+copy costs (torch's channels-last GroupNorm is 2-13x slower than its NCHW one on this CPU:
+``python -m lowbit.bench.cpu_overheads``).
+
+Under ``OMP_WAIT_POLICY=PASSIVE`` the activation quantizer (up to 1M values) and the copy back to NCHW (up to 512K)
+run on the calling thread (:func:`_serial`): there each parallel region wakes a sleeping thread (~60 us here, the
+same bench), which costs more than doing that work on one thread; with OpenMP's default nothing changes.
 
 Memory: int4 weights are unpacked to int8 at every call unless ``LOWBIT_CPU_CACHE_INT4=1``; onednn blobs of 8-bit
 weights are always cached (``PackedWeight.cache``) and counted by ``PackedWeight.nbytes()``.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -60,6 +68,27 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecat
 _HAS_ONEDNN = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
                and torch.backends.mkldnn.is_available())
 _HAS_QPT = hasattr(torch, "quantize_per_tensor")
+
+# With OMP_WAIT_POLICY=PASSIVE the OpenMP threads sleep between parallel regions, and waking the second one cost
+# ~60 us per region on a 2-core VM (bench/cpu_overheads.py), more than quantizing 1M activations on one thread.
+# A quantized layer adds regions of its own (the activation quantizer, the copy back from channels-last), so under
+# PASSIVE those run on the calling thread up to these sizes; with OpenMP's default (spin, then sleep) one thread
+# was never faster, and nothing changes. The policy is read once: OpenMP reads it when torch loads.
+_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+SERIAL_QUANT_MAX = (1 << 20) if _PASSIVE else 0  # elements
+SERIAL_COPY_MAX = (1 << 19) if _PASSIVE else 0
+
+
+def _serial(limit: int, n: int, fn, *args):
+    """``fn(*args)``, on the calling thread alone when ``n <= limit`` (the thread count restored after)."""
+    threads = torch.get_num_threads() if n <= limit else 1
+    if threads == 1:
+        return fn(*args)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def exact_act_quant() -> bool:
@@ -157,10 +186,25 @@ def quant_static_fused(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """quint8 tensor (scale, zero point = act's) of x's static codes from the fused quantizer, one pass:
     ``clamp(round(x * (1/scale) + zp), 0, qmax)`` with one rounding (fbgemm's fused multiply-add on x86). Its
     ``.dequantize()`` is the fake-quantized x; ``_u8_view`` of it the uint8 codes (no copy)."""
-    q = torch.quantize_per_tensor(x.to(torch.float32).contiguous(), act.scale, act.zero_point, torch.quint8)
+    x = _dense_layout(x.to(torch.float32))
+    q = _serial(SERIAL_QUANT_MAX, x.numel(), torch.quantize_per_tensor, x, act.scale, act.zero_point, torch.quint8)
     if act.bits < 8:
         _u8_view(q).clamp_(max=act.qmax)
     return q
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """x is a 4-d tensor laid out channels-last (channels innermost), or a view of one such as a channel slice."""
+    return x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def _dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in dense memory, keeping its layout: channels-last tensors and views of them stay channels-last (the
+    quantizer writes its codes in that layout, oneDNN reads it without a reorder), everything else NCHW."""
+    if channels_last(x):
+        return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(
+            memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 def _quant_rows(x2: torch.Tensor, bits: int):
@@ -441,7 +485,6 @@ def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     the im2col GEMM write channels_last, and a channels_last tensor among a model's NCHW ones made the ops after it
     slower (measured on the zoo's latent_text UNet: a residual add 5x, GroupNorm 1.6x; the whole non-quantized part
     of a forward about 10 %), more than this one copy costs. The autotuner times the copy with the kernel."""
-    if out.dim() == 4 and not out.is_contiguous() and (
-            x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):  # NCHW or a strided view
-        return out.contiguous()
+    if out.dim() == 4 and not out.is_contiguous() and not channels_last(x):
+        return _serial(SERIAL_COPY_MAX, out.numel(), out.contiguous)
     return out

@@ -172,3 +172,54 @@ def test_weight_dequant_in_row_chunks_is_the_whole_product(monkeypatch, shape, b
     for chunk in (1, 7 * pw.K, 1 << 21):  # one row per chunk, 7 rows, everything at once
         monkeypatch.setattr(cpu_mod, "_DEQUANT_CHUNK", chunk)
         assert torch.equal(cpu_mod._dequant_bf16(pw), ref)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "dense"])
+def test_conv_keeps_the_input_layout(clean_env, backend):
+    """NCHW in, NCHW out (as F.conv2d); channels-last in, channels-last out, also for a channel slice of a
+    channels-last tensor (what a split convolution's parts read): the codes are written in the input's layout
+    and the result is the NCHW computation's, whatever the layout."""
+    clean_env.delenv("LOWBIT_CPU_EXACT_ACT_QUANT")
+    x = torch.randn(2, 24, 9, 7)
+    pw = ops.quantize_weight(torch.randn(16, 12, 3, 3) * 0.05, 8)
+    act = ActQuant(8, 0.05, 120)
+    part = x[:, 12:]  # an NCHW channel slice: contiguous
+    ref = ops.run_on(backend, "conv2d", part.contiguous(), pw, None, 1, 1, 1, 1, act)
+    assert ref.is_contiguous()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    for inp in (part.contiguous(memory_format=torch.channels_last), xcl[:, 12:]):
+        assert cpu_mod.channels_last(inp)
+        out = ops.run_on(backend, "conv2d", inp, pw, None, 1, 1, 1, 1, act)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert rel_err(out, ref) < INT_TOL
+    codes = cpu_mod.quant_static_fused(xcl, act)
+    assert codes.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cpu_mod._u8_view(codes), cpu_mod._u8_view(cpu_mod.quant_static_fused(x, act)))
+    assert not cpu_mod.channels_last(x) and not cpu_mod.channels_last(torch.randn(3, 4))
+
+
+def test_serial_runs_small_work_on_one_thread_and_restores_the_count(monkeypatch):
+    """Under OMP_WAIT_POLICY=PASSIVE small quantizations and copies run on the calling thread (a parallel region
+    costs a thread wake-up there); the thread count is restored, also when the work raises."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        cpu_mod._serial(100, 100, lambda: seen.append(torch.get_num_threads()))
+        cpu_mod._serial(100, 101, lambda: seen.append(torch.get_num_threads()))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        with pytest.raises(ZeroDivisionError):
+            cpu_mod._serial(100, 1, lambda: 1 / 0)
+        assert torch.get_num_threads() == 2
+        # the quantizer takes the path under the module's thresholds, with the same codes
+        x = torch.randn(4, 8, 5, 5)
+        act = ActQuant(8, 0.05, 120)
+        par = cpu_mod._u8_view(cpu_mod.quant_static_fused(x, act)).clone()
+        monkeypatch.setattr(cpu_mod, "SERIAL_QUANT_MAX", 1 << 20)
+        calls = []
+        real = cpu_mod._serial
+        monkeypatch.setattr(cpu_mod, "_serial", lambda lim, n, fn, *a: calls.append((lim, n)) or real(lim, n, fn, *a))
+        assert torch.equal(cpu_mod._u8_view(cpu_mod.quant_static_fused(x, act)), par)
+        assert calls == [(1 << 20, x.numel())]
+    finally:
+        torch.set_num_threads(threads)
