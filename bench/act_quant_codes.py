@@ -60,9 +60,9 @@ def _code_mismatch(q, call) -> tuple:
         if aq is None or aq.dynamic:
             continue
         os.environ[_ENV] = "1"
-        exact = cpu._quant_static(x, aq)
+        exact = cpu.quant_static(x, aq)
         os.environ[_ENV] = "0"
-        fused = cpu._quant_static(x, aq)
+        fused = cpu.quant_static(x, aq)
         diff += int((exact != fused).sum())
         total += x.numel()
     return diff, total

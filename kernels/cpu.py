@@ -161,7 +161,7 @@ def _u8_view(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
-def _quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
+def quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """float x (fp32 or bf16) -> uint8 q = clamp(round(x / scale) + zp, 0, qmax), same shape.
 
     Default: the fused one-pass quantizer (:func:`quant_static_fused`). With ``LOWBIT_CPU_EXACT_ACT_QUANT=1``: the
@@ -258,7 +258,7 @@ def cpu_linear(x, pw, bias=None, act=None):
     if act.dynamic:
         q, sx, zp = _quant_rows(x2, act.bits)
     else:
-        q, sx, zp = _quant_static(x2, act), act.scale, act.zero_point
+        q, sx, zp = quant_static(x2, act), act.scale, act.zero_point
     w8 = _int8_weight(pw)
     acc = torch._int_mm(q, w8.t())
     out = _epilogue(acc, pw, w8, sx, zp, bias, act.dynamic)
@@ -386,7 +386,7 @@ def cpu_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
         q, sx, zp = _quant_rows(xf.reshape(b, -1), act.bits)
         q = q.reshape(xf.shape)
     else:
-        q, sx, zp = _quant_static(xf, act), act.scale, act.zero_point
+        q, sx, zp = quant_static(xf, act), act.scale, act.zero_point
     kh, kw = pw.shape[2], pw.shape[3]
     cols, ho, wo = _im2col_u8(q, kh, kw, stride, dilation)
     w8 = _int8_weight_hwc(pw)
@@ -439,7 +439,7 @@ def onednn_linear(x, pw, bias=None, act=None):
         packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw), None)
     sw, wzp = _onednn_wscale(pw)
     lead = x.shape[:-1]
-    q = _quant_static(x.reshape(-1, pw.K), act)
+    q = quant_static(x.reshape(-1, pw.K), act)
     b = None if bias is None else bias.to(torch.float32)
     # bf16 inputs get bf16 outputs written by oneDNN's epilogue itself (no conversion pass)
     out = torch.ops.onednn.qlinear_pointwise(q, act.scale, act.zero_point, packed, sw, wzp, b, 1.0, 0,
@@ -470,7 +470,7 @@ def onednn_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 
                                                   list(dilation), groups, 1.0, 0, _out_dtype(x), "none", [], "")
 
     if not act.dynamic:
-        out = run(_quant_static(xf, act), act.scale, act.zero_point)
+        out = run(quant_static(xf, act), act.scale, act.zero_point)
     else:
         q, sx, zp = _quant_rows(xf.reshape(xf.shape[0], -1), act.bits)
         q = q.reshape(xf.shape)

@@ -15,9 +15,9 @@ from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig, check_verb_arg
 from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
-from .policy import called_layers, plan_layers
+from .policy import plan_layers
 from .progress import Stage
-from .split import apply_splits, find_concat_convs
+from .split import apply_splits, probe_layers
 from .transaction import check_finite, transaction
 
 
@@ -80,15 +80,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
 
     prof = profile_for(model) if profile is None else get_profile(profile)
     qmodel = structural_copy(model)
-    splits = {}
-    if static_act and config.split_concat:
-        convs = [p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
-        splits = find_concat_convs(qmodel, calib[0], convs)
+    splits, called = {}, None
+    if calib:  # one probe pass: the convolutions that read a channel concatenation (split for their own
+        # activation scales) and the layers that run their own forward (the others, whose parent reads their
+        # weight directly, stay float: deployed layers have no float weight)
+        convs = ([p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
+                 if static_act and config.split_concat else [])
+        called, splits = probe_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
+                                                         if n and qlayer_class_for(m) is not None], convs)
         apply_splits(qmodel, splits)
-    called = None
-    if calib:  # layers whose parent reads their weight directly stay float (deployed layers have no float weight)
-        called = called_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
-                                                   if n and qlayer_class_for(m) is not None])
+        called |= {f"{n}.parts.{i}" for n, sizes in splits.items() for i in range(len(sizes))}
     all_plans = plan_layers(qmodel, config, prof, called=called)
     plans = [p for p in all_plans if p.mode != "fp"]
     ctx = QuantContext(num_train_timesteps)

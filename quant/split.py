@@ -148,23 +148,33 @@ class _CatProbe(TorchFunctionMode):
 def find_concat_convs(model: nn.Module, call, names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     """{conv name: channel sizes} for the convolutions among ``names`` whose input, on ``call`` (a recorded UNet
     call), is a channel concatenation of two or more tensors."""
+    return probe_layers(model, call, (), names)[1]
+
+
+def probe_layers(model: nn.Module, call, layers: Sequence[str], convs: Sequence[str]):
+    """One probe pass of ``model`` on ``call``: (the names among ``layers`` whose own forward runs, as
+    ``policy.called_layers``; :func:`find_concat_convs` of ``convs``). ``quantize`` needs both before it plans."""
     from .calib import probe_call
 
-    probe = _CatProbe()
-    found = {}
+    convs = [n for n in convs if isinstance(model.get_submodule(n), nn.Conv2d)]
+    probe = _CatProbe() if convs else None
+    seen, found = set(), {}
 
-    def hook(name, mod, args):
+    def cat_hook(name, mod, args):
+        seen.add(name)
         x = args[0] if args else None
         hit = probe.cats.get(id(x)) if isinstance(x, torch.Tensor) else None
         if hit is not None and hit[0] is x and mod.groups == 1:
             found[name] = hit[1]
 
-    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+    hooks = {n: (lambda name, mod, args: seen.add(name)) for n in layers}
+    hooks.update(dict.fromkeys(convs, cat_hook))
     try:
-        probe_call(model, call, dict.fromkeys(convs, hook), context=probe)
+        probe_call(model, call, hooks, context=probe)
     finally:
-        probe.cats.clear()
-    return found
+        if probe is not None:
+            probe.cats.clear()
+    return seen & set(layers), found
 
 
 def apply_splits(model: nn.Module, splits: Dict[str, Sequence[int]]):

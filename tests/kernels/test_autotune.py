@@ -186,7 +186,7 @@ def test_dense_activation_fake_quant_uses_the_integer_kernels_codes(act, monkeyp
     if act.dynamic:
         assert torch.equal(fused, ref)
     else:
-        codes = cpu_mod._quant_static(x, act).float()
+        codes = cpu_mod.quant_static(x, act).float()
         assert torch.equal(fused, (codes - act.zero_point) * torch.tensor(act.scale))
         assert float((fused - ref).abs().max()) <= act.scale * 1.0001  # one step at most, at ties
     monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1")

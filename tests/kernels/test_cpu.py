@@ -118,8 +118,8 @@ def test_exact_static_act_quant_is_the_reference_exactly(clean_env, bits, scale,
     """LOWBIT_CPU_EXACT_ACT_QUANT=1: the static quantizer (true division, round half to even, then clamp + zero
     point + uint8 in one pass) gives the reference's codes bit for bit, ties and out-of-range values included."""
     act, x, ref = _act_quant_cases(bits, scale, zp, dtype)
-    assert torch.equal(cpu_mod._quant_static(x, act), ref)
-    assert torch.equal(cpu_mod._quant_static(x.reshape(1, -1, 1, 1), act).flatten(), ref)
+    assert torch.equal(cpu_mod.quant_static(x, act), ref)
+    assert torch.equal(cpu_mod.quant_static(x.reshape(1, -1, 1, 1), act).flatten(), ref)
 
 
 @pytest.mark.parametrize("bits,scale,zp", ACT_CASES)
@@ -132,7 +132,7 @@ def test_fused_static_act_quant_is_one_step_from_the_reference_at_ties_only(clea
     tie-breaks (half to even before or after adding the zero point) differ for odd zero points."""
     clean_env.delenv("LOWBIT_CPU_EXACT_ACT_QUANT")
     act, x, ref = _act_quant_cases(bits, scale, zp, dtype)
-    q = cpu_mod._quant_static(x, act)
+    q = cpu_mod.quant_static(x, act)
     assert q.dtype == torch.uint8 and q.shape == x.shape
     d = (q.int() - ref.int()).abs()
     assert int(d.max()) <= 1
@@ -142,7 +142,7 @@ def test_fused_static_act_quant_is_one_step_from_the_reference_at_ties_only(clea
     if dtype == torch.float32:
         assert int(d[:20000].sum()) <= 2
     assert torch.equal(q[-7:], ref[-7:])  # +-inf, +-3e9, 1e30, +-0
-    assert torch.equal(cpu_mod._quant_static(x.reshape(1, -1, 1, 1), act).flatten(), q)
+    assert torch.equal(cpu_mod.quant_static(x.reshape(1, -1, 1, 1), act).flatten(), q)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "onednn"])

@@ -159,7 +159,7 @@ def test_channel_codes_are_the_reference_integers(monkeypatch):
     monkeypatch.delenv("LOWBIT_CPU_EXACT_ACT_QUANT")
     fused = channel_codes(x, acts, sizes)
     for xi, ci, a in zip(torch.split(x, sizes, 1), torch.split(fused, sizes, 1), acts):
-        assert torch.equal(ci, cpu_mod._quant_static(xi, a).float() - a.zero_point)
+        assert torch.equal(ci, cpu_mod.quant_static(xi, a).float() - a.zero_point)
     assert float((fused - codes).abs().max()) <= 1
 
 
@@ -244,3 +244,42 @@ def test_whole_model_modes_take_fused_or_parts(tune_env):
             (ch,) = q.skip.parts[0].packed.cache["autotune.paths"].values()
             assert ch.name == path
             assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class ReadsWeight(nn.Module):
+    """``head``'s weight is read by its parent (like diffusers' AttentionPooling), its forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 4, 1)
+        self.skip = nn.Conv2d(7, 2, 1)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x, t):
+        h = self.skip(torch.cat([self.a(x), self.b(x)], dim=1))
+        return torch.nn.functional.linear(h.permute(0, 2, 3, 1), self.head.weight).permute(0, 3, 1, 2)
+
+
+def test_one_probe_pass_finds_splits_and_layers_whose_forward_never_runs(monkeypatch):
+    """quantize runs one structural probe forward: it finds the convolution reading a concatenation (split) and the
+    layer whose parent reads its weight directly (kept float, reported), and quantizes the split's parts."""
+    from lowbit.quant import CallRecorder, calib
+    from lowbit.quant.policy import NOT_CALLED
+
+    m = ReadsWeight()
+    x, t = torch.randn(1, 2, 4, 4), torch.tensor([10])
+    with CallRecorder(m) as rec:
+        m(x, t)
+    probes = []
+    real = calib.probe_call
+    monkeypatch.setattr(calib, "probe_call", lambda *a, **k: probes.append(1) or real(*a, **k))
+    q = quantize(m, QuantConfig.preset("W8A8"), rec.calls)
+    assert len(probes) == 1
+    ctx = get_context(q)
+    assert ctx.splits == {"skip": (3, 4)}
+    assert type(q.head) is nn.Linear  # float: deployed layers have no float weight for the parent to read
+    assert [r["name"] for r in ctx.report if r["reason"] == NOT_CALLED] == ["head"]
+    assert {n for n, _ in quant_layers(q)} == {"a", "b", "skip.parts.0", "skip.parts.1"}
+    with torch.no_grad():  # on the calibration input: quantized (W8A8, its ranges), not broken
+        y, yq = m(x, t), q(x, t)
+    assert float((yq - y).norm() / y.norm()) < 0.05
