@@ -304,11 +304,26 @@ _DEQUANT_CHUNK = 1 << 21
 
 def _dequant_bf16(pw: PackedWeight) -> torch.Tensor:
     """bf16 weight of logical shape, rebuilt at every call (never cached: that would be a 16-bit copy): the values of
-    ``(q.float() * scale).bfloat16()``, computed in row chunks (unpack, one int8 x fp32 product, the bf16 cast
-    written into the output): 84 -> ~11 ms for a 1280x1280x3x3 int4 weight (bench/README.md, fourth pass)."""
+    ``(q.float() * scale).bfloat16()``, computed in row chunks: 84 -> ~11 ms for a 1280x1280x3x3 int4 weight
+    (bench/README.md). int4 weights of even K (and, group-wise, even groups dividing K) skip the unpacked int8 copy
+    and the expanded scale: each nibble half is multiplied by its row's (group's) scale and written, as bf16, straight
+    into its interleaved place in the output (``torch.mul(..., out=)`` rounds the same fp32 product once)."""
     out = torch.empty(pw.N, pw.K, dtype=torch.bfloat16, device=pw.device)
-    scale = expand_scale(pw)
     rows = max(1, _DEQUANT_CHUNK // max(pw.K, 1))
+    g = pw.group_size if pw.group_size is not None and pw.group_size < pw.K else None
+    if pw.bits <= 4 and pw.K % 2 == 0 and (g is None or (g % 2 == 0 and pw.K % g == 0)):
+        for r0 in range(0, pw.N, rows):
+            n = min(pw.N, r0 + rows) - r0
+            p = pw.qdata[r0:r0 + n].view(torch.int8)
+            if g is None:
+                s, o = pw.scale[r0:r0 + n].reshape(n, 1), out[r0:r0 + n].view(n, pw.K // 2, 2)
+            else:  # a nibble pair never straddles two groups
+                s, o = pw.scale[r0:r0 + n].reshape(n, -1, 1), out[r0:r0 + n].view(n, pw.K // g, g // 2, 2)
+                p = p.view(n, pw.K // g, g // 2)
+            torch.mul((p << 4) >> 4, s, out=o[..., 0])  # low nibble, sign-extended
+            torch.mul(p >> 4, s, out=o[..., 1])
+        return out.reshape(pw.shape)
+    scale = expand_scale(pw)
     for r0 in range(0, pw.N, rows):
         q = unpack_int4(pw.qdata[r0:r0 + rows], pw.K) if pw.bits <= 4 else pw.qdata[r0:r0 + rows]
         out[r0:r0 + rows].copy_(torch.mul(q, scale[r0:r0 + rows]))

@@ -159,7 +159,8 @@ def test_default_fused_codes_stay_near_the_reference(clean_env, backend):
 
 
 @pytest.mark.parametrize("shape,bits,group", [((37, 101), 4, None), ((300, 256), 4, 128), ((64, 33, 3, 3), 8, None),
-                                              ((129, 64), 4, 32)])
+                                              ((129, 64), 4, 32), ((40, 30, 3, 3), 4, None), ((24, 96), 4, 64),
+                                              ((16, 50), 4, 5)])
 def test_weight_dequant_in_row_chunks_is_the_whole_product(monkeypatch, shape, bits, group):
     """The weight-only path's bf16 weight, built in row chunks (small temporaries), equals the one-shot
     ``(q.float() * scale).bfloat16()`` bit for bit, whatever the chunk boundaries."""
