@@ -175,7 +175,8 @@ ALTERNATE = {
     "W8A8-exact": ("W8A8", {"LOWBIT_CPU_EXACT_ACT_QUANT": "1"}),  # the reference's activation codes, bit for bit
     "W8A8-bf16": ("W8A8-bf16", {}),  # float parts (norms, attention, residuals) in bf16, integer layers as W8A8
     "W4A8": ("W4A8", {}),
-    "W4A16": ("W4A16", {}),
+    "W4A16": ("W4A16", {}),  # default: the bf16 weights built in a per-thread scratch buffer (kernels/cpu.py)
+    "W4A16-fresh": ("W4A16", {"LOWBIT_CPU_DEQUANT_SCRATCH": "0"}),  # a fresh weight-sized buffer at every call
     "torchao-int8wo-bf16": ("torchao-int8wo-bf16", {}),
     "torchao-int8dq-bf16": ("torchao-int8dq-bf16", {}),
 }

@@ -49,6 +49,7 @@ weights are always cached (``PackedWeight.cache``) and counted by ``PackedWeight
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Optional
 
@@ -292,7 +293,7 @@ def _weight_only_linear(x, pw, bias):
         if bias is not None:
             out = out + bias.to(torch.bfloat16)
     else:
-        w = _dequant_bf16(pw)
+        w = _dequant_bf16(pw, scratch=_scratch_ok(x))
         out = F.linear(x2, w, None if bias is None else bias.to(torch.bfloat16))
     return out.reshape(*lead, pw.N).to(x.dtype)
 
@@ -302,13 +303,38 @@ def _weight_only_linear(x, pw, bias):
 _DEQUANT_CHUNK = 1 << 21
 
 
-def _dequant_bf16(pw: PackedWeight) -> torch.Tensor:
+_SCRATCH = threading.local()
+
+
+def _scratch_ok(x: torch.Tensor) -> bool:
+    """The dequantized weight may live in the thread's scratch buffer: nothing keeps it after the op (autograd
+    would save it for a backward pass when ``x`` needs a gradient). ``LOWBIT_CPU_DEQUANT_SCRATCH=0``: never (a
+    fresh buffer per call, as before; for comparison, ``bench_unet --alternate --variants W4A16,W4A16-fresh``)."""
+    return (not (torch.is_grad_enabled() and x.requires_grad)
+            and getenv("LOWBIT_CPU_DEQUANT_SCRATCH", "1") not in ("0", "false", "False"))
+
+
+def _bf16_buffer(pw: PackedWeight, scratch: bool) -> torch.Tensor:
+    """[N, K] bf16 output of :func:`_dequant_bf16`. ``scratch``: a view of one buffer per thread, grown to the
+    largest weight seen (29 MB for SD1.5) and kept: a fresh weight-sized allocation at every call is mapped memory
+    that the kernel faults in page by page (thousands of page faults per SD1.5 convolution, about as long as the
+    dequantization itself, when it alternates with the convolution's own buffers)."""
+    n = pw.N * pw.K
+    if not scratch:
+        return torch.empty(pw.N, pw.K, dtype=torch.bfloat16, device=pw.device)
+    buf = getattr(_SCRATCH, "bf16", None)
+    if buf is None or buf.numel() < n or buf.device != pw.device:
+        buf = _SCRATCH.bf16 = torch.empty(n, dtype=torch.bfloat16, device=pw.device)
+    return buf[:n].view(pw.N, pw.K)
+
+
+def _dequant_bf16(pw: PackedWeight, scratch: bool = False) -> torch.Tensor:
     """bf16 weight of logical shape, rebuilt at every call (never cached: that would be a 16-bit copy): the values of
     ``(q.float() * scale).bfloat16()``, computed in row chunks: 84 -> ~11 ms for a 1280x1280x3x3 int4 weight
     (bench/README.md). int4 weights of even K (and, group-wise, even groups dividing K) skip the unpacked int8 copy
     and the expanded scale: each nibble half is multiplied by its row's (group's) scale and written, as bf16, straight
     into its interleaved place in the output (``torch.mul(..., out=)`` rounds the same fp32 product once)."""
-    out = torch.empty(pw.N, pw.K, dtype=torch.bfloat16, device=pw.device)
+    out = _bf16_buffer(pw, scratch)
     rows = max(1, _DEQUANT_CHUNK // max(pw.K, 1))
     g = pw.group_size if pw.group_size is not None and pw.group_size < pw.K else None
     if pw.bits <= 4 and pw.K % 2 == 0 and (g is None or (g % 2 == 0 and pw.K % g == 0)):
@@ -389,7 +415,8 @@ def _int8_weight_hwc(pw: PackedWeight) -> torch.Tensor:
 @cpu.op("conv2d", supports=_cpu_conv_supports)
 def cpu_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
     if act is None:
-        out = F.conv2d(x.to(torch.bfloat16), _dequant_bf16(pw), None if bias is None else bias.to(torch.bfloat16),
+        out = F.conv2d(x.to(torch.bfloat16), _dequant_bf16(pw, scratch=_scratch_ok(x)),
+                       None if bias is None else bias.to(torch.bfloat16),
                        stride, padding, dilation, groups)
         return out.to(x.dtype)
     xf = x.to(torch.float32)

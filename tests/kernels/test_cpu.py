@@ -224,3 +224,31 @@ def test_serial_runs_small_work_on_one_thread_and_restores_the_count(monkeypatch
         assert calls == [(1 << 20, x.numel())]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_weight_only_scratch_buffer_is_shared_but_never_kept(clean_env):
+    """Weight-only layers build their bf16 weight in one per-thread scratch buffer: layers of different sizes in
+    turn give exactly the results of fresh buffers, the buffer grows to the largest weight and no more, and with
+    a gradient to compute (autograd keeps the weight for backward) a fresh buffer is used."""
+    import torch.nn.functional as F
+
+    pws = [ops.quantize_weight(torch.randn(64, 32, 3, 3), 4), ops.quantize_weight(torch.randn(16, 32, 3, 3), 8),
+           ops.quantize_weight(torch.randn(40, 32, 3, 3), 4)]
+    x = torch.randn(2, 32, 6, 6)
+    fresh = [F.conv2d(x.bfloat16(), cpu_mod._dequant_bf16(pw), padding=1).float() for pw in pws]
+    cpu_mod._SCRATCH.__dict__.pop("bf16", None)
+    for _ in range(2):
+        for pw, ref in zip(pws, fresh):
+            assert torch.equal(ops.run_on("cpu", "conv2d", x, pw, None, 1, 1, 1, 1, None), ref)
+    assert cpu_mod._SCRATCH.bf16.numel() == 64 * 32 * 9
+    xg = x.clone().requires_grad_(True)
+    y = ops.run_on("cpu", "conv2d", xg, pws[0], None, 1, 1, 1, 1, None)
+    ops.run_on("cpu", "conv2d", x, pws[2], None, 1, 1, 1, 1, None)  # reuses the scratch buffer
+    y.sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.conv2d(xr.bfloat16(), cpu_mod._dequant_bf16(pws[0]), padding=1).float().sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+    cpu_mod._SCRATCH.__dict__.pop("bf16", None)
+    clean_env.setenv("LOWBIT_CPU_DEQUANT_SCRATCH", "0")
+    assert torch.equal(ops.run_on("cpu", "conv2d", x, pws[0], None, 1, 1, 1, 1, None), fresh[0])
+    assert not hasattr(cpu_mod._SCRATCH, "bf16")
