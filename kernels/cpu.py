@@ -36,11 +36,11 @@ and +-inf included).
 Convolutions return the input's memory format (NCHW for NCHW inputs, as ``F.conv2d``; channels-last for
 channels-last inputs and channel slices of them, whose codes the quantizer writes channels-last): oneDNN and the
 im2col GEMM write channels_last, and a channels_last tensor among NCHW ones slowed the model's next ops more than the
-copy costs (torch's channels-last GroupNorm is 2-13x slower than its NCHW one on this CPU:
+copy costs (torch's channels-last GroupNorm is 3-10x slower than its NCHW one on this CPU:
 ``python -m lowbit.bench.cpu_overheads``).
 
 Under ``OMP_WAIT_POLICY=PASSIVE`` the activation quantizer (up to 1M values) and the copy back to NCHW (up to 512K)
-run on the calling thread (:func:`_serial`): there each parallel region wakes a sleeping thread (~60 us here, the
+run on the calling thread (:func:`_serial`): there each parallel region wakes a sleeping thread (~55 us here, the
 same bench), which costs more than doing that work on one thread; with OpenMP's default nothing changes.
 
 Memory: int4 weights are unpacked to int8 at every call unless ``LOWBIT_CPU_CACHE_INT4=1``; onednn blobs of 8-bit
@@ -71,10 +71,11 @@ _HAS_ONEDNN = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv
 _HAS_QPT = hasattr(torch, "quantize_per_tensor")
 
 # With OMP_WAIT_POLICY=PASSIVE the OpenMP threads sleep between parallel regions, and waking the second one cost
-# ~60 us per region on a 2-core VM (bench/cpu_overheads.py), more than quantizing 1M activations on one thread.
+# ~55 us per region on a 2-core VM (bench/cpu_overheads.py), about what quantizing 512K activations costs.
 # A quantized layer adds regions of its own (the activation quantizer, the copy back from channels-last), so under
 # PASSIVE those run on the calling thread up to these sizes; with OpenMP's default (spin, then sleep) one thread
-# was never faster, and nothing changes. The policy is read once: OpenMP reads it when torch loads.
+# gained little (within 20 % up to 256K) and lost above, so nothing changes there. The policy is read once: OpenMP
+# reads it when torch loads.
 _PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 SERIAL_QUANT_MAX = (1 << 20) if _PASSIVE else 0  # elements
 SERIAL_COPY_MAX = (1 << 19) if _PASSIVE else 0
