@@ -18,15 +18,13 @@ call. Writes ``bench/results/act_quant_codes.json``.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "act_quant_codes.json"
 _ENV = "LOWBIT_CPU_EXACT_ACT_QUANT"

@@ -7,18 +7,16 @@ backend that ran it. Weight bytes are resident bytes (qdata + scales + backend c
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import statistics
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 if __package__:
     from ..kernels import ActQuant, ops

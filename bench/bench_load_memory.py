@@ -24,17 +24,15 @@ reports the output's sha256: the two paths must give the same digest (checked; a
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,

@@ -14,12 +14,11 @@ import copy
 import statistics
 import time
 
+import torch
 
-import torch  # noqa: E402
-
-from lowbit import models as M  # noqa: E402
-from lowbit.quant import CallRecorder, FinetuneConfig, QuantConfig, deploy_, quantize  # noqa: E402
-from lowbit.quant import efficientdm as E  # noqa: E402
+from lowbit import models as M
+from lowbit.quant import CallRecorder, FinetuneConfig, QuantConfig, deploy_, quantize
+from lowbit.quant import efficientdm as E
 
 
 def main(argv=None):

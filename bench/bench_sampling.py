@@ -23,16 +23,14 @@ Writes ``bench/results/sampling.json``. Target: tuned deployed time / full preci
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sampling.json"
 

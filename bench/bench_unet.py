@@ -12,18 +12,16 @@ configs run when ``torchao`` imports (they quantize Linear layers only).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 OURS = {  # name -> (QuantConfig preset, overrides)
     "W8A8": ("W8A8", {}),

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 
-import torch  # noqa: E402
-
-from lowbit.quant import PTQDConfig, ReconConfig, collect_stats, timestep_aware_subset  # noqa: E402
-from lowbit.recipes import build, default_setup, record_calibration  # noqa: E402
+from lowbit.quant import PTQDConfig, ReconConfig, collect_stats, timestep_aware_subset
+from lowbit.recipes import build, default_setup, record_calibration
 
 
 def main(argv=None):

@@ -9,8 +9,7 @@ import argparse
 import gc
 import os
 
-
-import torch  # noqa: E402
+import torch
 
 
 def rss_mb() -> float:

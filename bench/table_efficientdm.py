@@ -23,22 +23,20 @@ rank and fan-in); ``--lr-scale-factor F`` uses lr = mean weight step x F for eve
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
 if __package__:
     from .. import models as M

@@ -15,11 +15,10 @@ import dataclasses
 import json
 import os
 
+import torch
 
-import torch  # noqa: E402
-
-from lowbit.quant import ReconConfig, timestep_aware_subset  # noqa: E402
-from lowbit.recipes import build, default_setup, evaluate, record_calibration  # noqa: E402
+from lowbit.quant import ReconConfig, timestep_aware_subset
+from lowbit.recipes import build, default_setup, evaluate, record_calibration
 
 LADDER = ["naive", "recon", "recon+act", "recon+ptqd(paper)", "recon+ptqd", "recon+ptqd+vsc", "recon+ptqd+vsc+mixed"]
 
