@@ -115,14 +115,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
-    from .bench_sampling import embedded_subject, zoo_subjects
+    from .bench_sampling import subjects_for
 
     torch.set_num_threads(a.threads)
-    names = None if a.models is None else [s.strip() for s in a.models.split(",") if s.strip()]
-    subjects = []
-    if names is None or "embedded" in names:
-        subjects.append(embedded_subject(a.samples, a.steps))
-    subjects += zoo_subjects(None if names is None else [n for n in names if n != "embedded"], a.samples, a.steps)
+    subjects = subjects_for(a.models, a.samples, a.steps)
     rows = [measure(s, b.strip(), log=print) for s in subjects for b in a.bits.split(",") if b.strip()]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, threads=a.threads,
                 samples=a.samples, steps=a.steps)

@@ -85,6 +85,14 @@ def zoo_subjects(names, samples: int, steps: int, log=print):
     return out
 
 
+def subjects_for(models, samples: int, steps: int) -> list:
+    """The models a ``--models`` value names (comma list of ``embedded`` and zoo names; None: all there are), the
+    embedded one first."""
+    names = None if models is None else {s.strip() for s in models.split(",") if s.strip()}
+    out = [embedded_subject(samples, steps)] if names is None or "embedded" in names else []
+    return out + zoo_subjects(None if names is None else names - {"embedded"}, samples, steps)
+
+
 def deployed(subject: _Subject, bits: str, tune: bool):
     from ..kernels import autotune
     from ..quant import CallRecorder, QuantConfig, deploy_, quantize
@@ -169,12 +177,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
-    names = None if a.models is None else {s.strip() for s in a.models.split(",") if s.strip()}
     bits_list = [b for b in a.bits.split(",") if b]
-    subjects = []
-    if names is None or "embedded" in names:
-        subjects.append(embedded_subject(a.samples, a.steps))
-    subjects += zoo_subjects(None if names is None else names - {"embedded"}, a.samples, a.steps)
+    subjects = subjects_for(a.models, a.samples, a.steps)
     results = []
     for s in subjects:
         print(f"[{s.name}] timing {', '.join(['fp32', *bits_list])} ({a.repeats} alternating rounds) ...", flush=True)
