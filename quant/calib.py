@@ -142,8 +142,8 @@ def probe_call(model: torch.nn.Module, call: "Call", pre_hooks: Dict[str, Callab
     """Run ``model`` once on the recorded ``call`` (no grad, inside ``context`` if given) with a forward pre-hook
     ``fn(name, module, args)`` on each named submodule of ``pre_hooks`` (its return value is ignored: the inputs
     are never replaced); every hook is removed again, also on an error. The one structural probe pass behind
-    ``split.probe_layers`` (split convolutions and called layers, one pass for ``quantize``),
-    ``policy.called_layers`` and ``recon.find_units``."""
+    ``split.probe_layers`` (split convolutions and called layers, one pass for ``quantize``) and
+    ``recon.find_units``."""
     def wrap(name, fn):
         def hook(mod, args):
             fn(name, mod, args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch.nn as nn
 
@@ -35,22 +35,11 @@ def _kind(m):
 NOT_CALLED = "not called as a module on a calibration call (its weight is read directly, or it is unused)"
 
 
-def called_layers(model: nn.Module, call, names: Sequence[str]) -> set:
-    """The layers among ``names`` whose own forward runs when ``model`` runs the recorded ``call``. A layer whose
-    parent reads its ``weight`` directly (e.g. diffusers' ``AttentionPooling`` of HunyuanDiT passes its projections'
-    weights to ``F.multi_head_attention_forward``) never runs its forward: a quantized copy of it would compute in
-    float while the deployed model, which drops the float weight, has none to read."""
-    from .calib import probe_call
-
-    seen = set()
-    probe_call(model, call, dict.fromkeys(names, lambda name, mod, args: seen.add(name)))
-    return seen
-
-
 def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None, called: Optional[set] = None) -> List[LayerPlan]:
     """One plan per Conv2d/Linear: the user's rules (``cfg.rules``) first, then the profile's edge rules, then
     (if the profile asks for it) the first and last convolution at W8A8. ``called``: the layers that run their own
-    forward (``called_layers``); the others stay float (None: not known, every layer is planned)."""
+    forward on a calibration call (``split.probe_layers``); the others stay float (None: not known, every layer is
+    planned)."""
     from .profiles import get_profile, profile_for
 
     profile = profile_for(model) if profile is None else get_profile(profile) if isinstance(profile, str) else profile

@@ -152,8 +152,10 @@ def find_concat_convs(model: nn.Module, call, names: Sequence[str]) -> Dict[str,
 
 
 def probe_layers(model: nn.Module, call, layers: Sequence[str], convs: Sequence[str]):
-    """One probe pass of ``model`` on ``call``: (the names among ``layers`` whose own forward runs, as
-    ``policy.called_layers``; :func:`find_concat_convs` of ``convs``). ``quantize`` needs both before it plans."""
+    """One probe pass of ``model`` on ``call``: (the names among ``layers`` whose own forward runs; a layer whose
+    parent reads its ``weight`` directly, e.g. diffusers' ``AttentionPooling`` of HunyuanDiT, never runs it, and a
+    quantized copy of it would compute in float while the deployed model has no float weight for it;
+    :func:`find_concat_convs` of ``convs``). ``quantize`` needs both before it plans."""
     from .calib import probe_call
 
     convs = [n for n in convs if isinstance(model.get_submodule(n), nn.Conv2d)]
