@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cpu import _serial
-
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(64, 64, 4, 4), (64, 64, 8, 8), (64, 32, 16, 16), (64, 64, 16, 16), (128, 128, 8, 8)]
 CALLS, ROUNDS = 200, 5
 
 
 def _one_thread(fn):
+    from ..kernels.cpu import _serial  # (lazily: importing lowbit.kernels imports triton, whose tests need the
+    # interpreter switched on first, tests/kernels/conftest.py)
+
     return _serial(1 << 62, 0, fn)  # the kernels' own helper, with every size under its limit
 
 
