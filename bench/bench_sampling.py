@@ -18,6 +18,11 @@ less sensitive to other jobs on a shared machine). Variants:
   choice summary is printed.
 * ``<bits> untuned``: deployed, registry priority order (``LOWBIT_AUTOTUNE`` semantics off for these weights),
   what the kernels did before the autotuner.
+* ``bf16`` (the peer, on unless ``--peers ""``): the float model cast to bf16, inputs cast to bf16 and outputs back
+  to fp32 (:class:`Bf16`): what a CPU user gets from no quantization at all.
+* ``<bits>-bf16`` (``--bf16-parts``): the deployed model cast to bf16, so everything outside the quantized layers
+  (norms, attention, residuals) runs in bf16 while the quantized layers keep their integer weights and fp32 scales
+  (``QuantLayer._apply``); tuned and checked like ``<bits>``.
 
 Writes ``bench/results/sampling.json``. Target: tuned deployed time / full precision <= 1.0.
 """
@@ -93,6 +98,33 @@ def subjects_for(models, samples: int, steps: int) -> list:
     return out + zoo_subjects(None if names is None else names - {"embedded"}, samples, steps)
 
 
+def _cast(v, dtype):
+    if torch.is_tensor(v):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v
+
+
+class Bf16(torch.nn.Module):
+    """``model`` (cast to bf16 here) behind fp32 inputs and an fp32 output tensor: a bf16 variant the samplers
+    call like the fp32 model (floating arguments cast to bf16; integer ones, timesteps and ids, untouched)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.to(torch.bfloat16)
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16))
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float()
+
+
 def deployed(subject: _Subject, bits: str, tune: bool):
     from ..kernels import autotune
     from ..quant import CallRecorder, QuantConfig, deploy_, quantize
@@ -111,12 +143,22 @@ def deployed(subject: _Subject, bits: str, tune: bool):
     return q
 
 
-def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print, settle: bool = True) -> dict:
+def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print, settle: bool = True,
+                 peers=("bf16",), bf16_parts: bool = False) -> dict:
+    import copy
+
     from ..kernels import autotune
 
     variants = {"fp32": subject.float_model}
+    if "bf16" in peers:
+        variants["bf16"] = Bf16(copy.deepcopy(subject.float_model))
+    tuned = []  # the deployed, tuned variants: whole-model check, kernel-choice summary
     for bits in bits_list:
         variants[bits] = deployed(subject, bits, tune=True)
+        tuned.append(bits)
+        if bf16_parts:
+            variants[f"{bits}-bf16"] = Bf16(deployed(subject, bits, tune=True))
+            tuned.append(f"{bits}-bf16")
         if untuned:
             variants[f"{bits} untuned"] = deployed(subject, bits, tune=False)
     from ..quant import CallRecorder
@@ -131,7 +173,7 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
                 call = rec.calls[len(rec.calls) // 2]
             else:
                 subject.run(m, seed=0)
-            if name in bits_list and settle:  # per-layer choices made: check them with whole forwards
+            if name in tuned and settle:  # per-layer choices made: check them with whole forwards
                 settled[name] = autotune.settle(m, call)
                 log(f"[{subject.name} {name}] whole-model check: {settled[name]}")
             warm[name] = time.perf_counter() - t0
@@ -153,7 +195,7 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
                    x_fp32_per_round=[t / b for t, b in zip(ts, times["fp32"])],
                    # the median of the rounds' own ratios: each round's runs are back to back, so this pairs them
                    x_fp32_paired=statistics.median(t / b for t, b in zip(ts, times["fp32"])))
-        if name in bits_list:
+        if name in tuned:
             s = autotune.summary(variants[name])
             row["kernel_choice"] = {k: v for k, v in s.items() if k != "rows"}
             row["kernel_choice_rows"] = s["rows"]
@@ -172,8 +214,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-untuned", action="store_true", help="skip the registry-order (untuned) variants")
     p.add_argument("--no-settle", action="store_true", help="keep the per-layer choices (no whole-model check)")
+    p.add_argument("--peers", default="bf16", help='comma list of float peers timed in the same rounds: bf16 (the '
+                   'float model in bf16); "" for none')
+    p.add_argument("--bf16-parts", action="store_true",
+                   help="also time each <bits> deployed model cast to bf16 (<bits>-bf16: float parts in bf16)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
+    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    unknown = sorted(set(peers) - {"bf16"})
+    if unknown:
+        p.error(f"--peers {','.join(unknown)}: unknown peer (known: bf16)")
     torch.set_num_threads(a.threads)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
@@ -181,9 +231,11 @@ def main(argv=None):
     subjects = subjects_for(a.models, a.samples, a.steps)
     results = []
     for s in subjects:
-        print(f"[{s.name}] timing {', '.join(['fp32', *bits_list])} ({a.repeats} alternating rounds) ...", flush=True)
+        names = ["fp32", *peers, *bits_list, *(f"{b}-bf16" for b in bits_list if a.bf16_parts)]
+        print(f"[{s.name}] timing {', '.join(names)} ({a.repeats} alternating rounds) ...", flush=True)
         try:
-            results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned, settle=not a.no_settle))
+            results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned, settle=not a.no_settle,
+                                        peers=peers, bf16_parts=a.bf16_parts))
         except Exception as exc:
             print(f"[{s.name}] FAILED: {type(exc).__name__}: {exc}")
             results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))
@@ -200,6 +252,7 @@ def main(argv=None):
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
+                peers=peers, bf16_parts=a.bf16_parts,
                 date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                 load_avg=os.getloadavg(), load_avg_start=load_start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,10 @@ calls:
 * ``quantize``: ``torch.quantize_per_tensor`` (the CPU kernels' fused activation quantizer) on all threads and on
   the calling thread alone (``kernels.cpu._serial``, what the kernels do under PASSIVE up to 1M values);
 * ``copy_nchw``: a channels-last fp32 tensor copied to NCHW (after every oneDNN int8 convolution), both ways;
+  ``copy_same_layout``: the same bytes copied without a layout change (``clone``), the yardstick;
+  ``codes_channels_last``: uint8 NCHW codes copied to channels-last (what oneDNN's int8 convolution does with
+  NCHW input codes): torch's eager copy between layouts is an element-by-element strided loop, several times a
+  plain copy, and 1-byte elements cost about what 4-byte ones do;
 * ``group_norm``: ``F.group_norm`` on NCHW and on channels-last input (why the deployed model does not stay
   channels-last between layers);
 * ``region_us``: the cost of one parallel region, as the time of a tiny parallel op (quantizing 64K values on all
@@ -60,6 +64,7 @@ def measure(threads: int) -> list:
         x = torch.randn(shape)
         xcl = x.contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(shape[1]), torch.randn(shape[1])
+        u8 = torch.randint(0, 256, shape, dtype=torch.uint8)
 
         def quant(t=x):
             return torch.quantize_per_tensor(t, 0.05, 128, torch.quint8)
@@ -69,6 +74,8 @@ def measure(threads: int) -> list:
                    quantize_one_thread=median_us(lambda: _one_thread(quant)),
                    copy_nchw_parallel=median_us(xcl.contiguous),
                    copy_nchw_one_thread=median_us(lambda: _one_thread(xcl.contiguous)),
+                   copy_same_layout=median_us(x.clone),
+                   codes_channels_last=median_us(lambda: u8.contiguous(memory_format=torch.channels_last)),
                    group_norm_nchw=median_us(lambda: F.group_norm(x, 32, w, b)),
                    group_norm_channels_last=median_us(lambda: F.group_norm(xcl, 32, w, b)))
         rows.append(row)
@@ -94,6 +101,10 @@ def main(argv=None):
     print(f"one parallel region costs about {region:.0f} us here (64K-value quantization, all threads - one)")
     gn = [r["group_norm_channels_last"] / r["group_norm_nchw"] for r in rows]
     print(f"channels-last GroupNorm / NCHW GroupNorm: {min(gn):.1f}-{max(gn):.1f}x")
+    cp = [r["copy_nchw_parallel"] / r["copy_same_layout"] for r in rows]
+    u8 = [r["codes_channels_last"] / r["copy_same_layout"] for r in rows]
+    print(f"channels-last -> NCHW fp32 copy / same-layout fp32 copy: {min(cp):.1f}-{max(cp):.1f}x; "
+          f"uint8 NCHW -> channels-last / same-layout fp32 copy: {min(u8):.1f}-{max(u8):.1f}x")
     out = Path(a.out) if a.out else RESULTS / f"cpu_overheads_{policy.lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(threads=a.threads, omp_wait_policy=policy, torch=torch.__version__,

@@ -15,9 +15,43 @@ def test_bench_sampling_smoke(tmp_path):
     (res,) = data["results"]
     assert res["model"] == "embedded"
     rows = {r["variant"]: r for r in res["rows"]}
-    assert set(rows) == {"fp32", "W8A8", "W8A8 untuned"}
+    assert set(rows) == {"fp32", "bf16", "W8A8", "W8A8 untuned"}  # bf16: the float peer, on by default
     assert rows["fp32"]["x_fp32"] == 1.0
     choice = rows["W8A8"]["kernel_choice"]
     assert sum(choice["layers"].values()) > 0 and choice["untuned"] == 0  # every deployed layer was tuned
     assert choice["settled"]["mode"] in ("tuned", "float", "integer")  # the whole-model check ran
     assert "kernel_choice" not in rows["W8A8 untuned"]
+
+
+def test_bf16_peer_casts_floats_only_and_returns_fp32():
+    """The bf16 peer runs its model in bf16 behind the fp32 interface the samplers use: floating arguments cast,
+    integer ones (timesteps, labels) untouched, a ``.sample`` output unwrapped and returned in fp32."""
+    import torch
+
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t, cond=None):
+            seen.update(x=x.dtype, t=t.dtype, cond=cond.dtype, w=self.lin.weight.dtype)
+            return Out(self.lin(x) + cond)
+
+    net = Net()
+    ref = net(torch.ones(2, 4), torch.tensor([1, 2]), cond=torch.zeros(2, 4)).sample
+    y = bs.Bf16(net)(torch.ones(2, 4), torch.tensor([1, 2]), cond=torch.zeros(2, 4))  # net cast in place
+    assert seen == dict(x=torch.bfloat16, t=torch.int64, cond=torch.bfloat16, w=torch.bfloat16)
+    assert y.dtype == torch.float32 and y.shape == (2, 4)
+    assert torch.allclose(y, ref, atol=0.05) and not torch.equal(y, ref)  # bf16 arithmetic, not fp32
+
+
+def test_unknown_peer_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        bs.main(["--peers", "fp16", "--models", "embedded"])
+    assert "unknown peer" in capsys.readouterr().err

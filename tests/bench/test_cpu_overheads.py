@@ -18,6 +18,6 @@ def test_cpu_overheads_smoke(tmp_path, monkeypatch):
     (row,) = d["rows"]
     assert row["shape"] == [2, 32, 4, 4] and row["numel"] == 1024
     keys = ("quantize_parallel", "quantize_one_thread", "copy_nchw_parallel", "copy_nchw_one_thread",
-            "group_norm_nchw", "group_norm_channels_last")
+            "group_norm_nchw", "group_norm_channels_last", "copy_same_layout", "codes_channels_last")
     assert all(row[k] > 0 for k in keys)
     assert d["meta"]["threads"] == 1 and isinstance(d["region_us"], float)
