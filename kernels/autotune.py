@@ -89,11 +89,11 @@ _LOCK = threading.RLock()
 
 # ----------------------------------------------------------------------------------------------- switches
 def enabled() -> bool:
-    return registry.getenv("LOWBIT_AUTOTUNE", "1") not in ("0", "false", "False", "off")
+    return registry.env_flag("LOWBIT_AUTOTUNE", True)
 
 
 def _dense_allowed() -> bool:
-    return registry.getenv("LOWBIT_AUTOTUNE_DENSE", "1") not in ("0", "false", "False", "off")
+    return registry.env_flag("LOWBIT_AUTOTUNE_DENSE", True)
 
 
 def attach(pw, cache_int4: bool = True):
@@ -171,9 +171,9 @@ def _machine() -> str:
 
 def _cache_file() -> Optional[Path]:
     v = os.environ.get("LOWBIT_AUTOTUNE_CACHE", "").strip()
-    if not v or v in ("0", "false", "off"):
+    if not v or v.lower() in registry.FALSE_WORDS:  # the switches' spellings (registry.env_flag), or a path
         return None
-    if v in ("1", "true", "on"):
+    if v.lower() in ("1", "true", "on", "yes"):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return base / "lowbit" / "autotune.json"
     return Path(v)

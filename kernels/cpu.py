@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from .eager import dynamic_qparams, expand_scale
 from .formats import ActQuant, PackedWeight, unpack_int4
-from .registry import getenv, register_backend
+from .registry import env_flag, register_backend
 
 onednn = register_backend("onednn", priority=30, description="oneDNN int8 conv / static-activation linear (CPU)")
 cpu = register_backend("cpu", priority=20, description="torch._int_mm int8 GEMM, int4pack weight-only (CPU)")
@@ -96,7 +96,7 @@ def _serial(limit: int, n: int, fn, *args):
 def exact_act_quant() -> bool:
     """``LOWBIT_CPU_EXACT_ACT_QUANT=1``: static activations quantized with the reference's codes bit for bit (three
     passes) instead of the fused one-pass quantizer (the default, see the module docstring)."""
-    return not _HAS_QPT or getenv("LOWBIT_CPU_EXACT_ACT_QUANT", "0") not in ("", "0", "false", "False")
+    return not _HAS_QPT or env_flag("LOWBIT_CPU_EXACT_ACT_QUANT", False)
 
 
 _HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -110,7 +110,7 @@ def cache_int4(pw: Optional[PackedWeight] = None) -> bool:
     per weight when ``pw.cache["cache_int4"]`` is set (the autotuner does that, see kernels/autotune.py)."""
     if pw is not None and pw.cache.get("cache_int4"):
         return True
-    return getenv("LOWBIT_CPU_CACHE_INT4", "0") not in ("", "0", "false", "False")
+    return env_flag("LOWBIT_CPU_CACHE_INT4", False)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -312,7 +312,7 @@ def _scratch_ok(x: torch.Tensor) -> bool:
     would save it for a backward pass when ``x`` needs a gradient). ``LOWBIT_CPU_DEQUANT_SCRATCH=0``: never (a
     fresh buffer per call, as before; for comparison, ``bench_unet --alternate --variants W4A16,W4A16-fresh``)."""
     return (not (torch.is_grad_enabled() and x.requires_grad)
-            and getenv("LOWBIT_CPU_DEQUANT_SCRATCH", "1") not in ("0", "false", "False"))
+            and env_flag("LOWBIT_CPU_DEQUANT_SCRATCH", True))
 
 
 def _bf16_buffer(pw: PackedWeight, scratch: bool) -> torch.Tensor:

@@ -131,6 +131,19 @@ def getenv(name: str, default: str = "") -> str:
     return default if v is None else os.fsdecode(v)
 
 
+FALSE_WORDS = frozenset(("0", "false", "off", "no"))
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean switch from the environment, one rule for all of LowBit's: unset or blank -> ``default``;
+    ``0`` / ``false`` / ``off`` / ``no`` (any case, surrounding spaces ignored) -> False; any other value -> True."""
+    v = getenv(name)
+    if v in ("0", "1"):  # the common spellings without the normalisation (read at every kernel call)
+        return v == "1"
+    v = v.strip().lower()
+    return default if not v else v not in FALSE_WORDS
+
+
 def _disabled() -> set:
     v = getenv("LOWBIT_DISABLE_BACKENDS")
     return {s.strip() for s in v.split(",") if s.strip()} if v else set()

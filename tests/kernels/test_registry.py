@@ -91,3 +91,27 @@ def test_new_backend_registers_and_wins(clean_env):
         assert calls == [1]
     finally:
         registry._BACKENDS.pop("test_dummy")
+
+
+def test_env_flag_one_rule_for_every_switch(monkeypatch):
+    """Every boolean LOWBIT_* switch reads the same spellings: unset / blank -> default, 0 / false / off / no (any
+    case, spaces ignored) -> off, anything else -> on. (Before, LOWBIT_CPU_CACHE_INT4=off switched caching on.)"""
+    from lowbit.kernels import autotune, cpu
+    from lowbit.kernels.registry import env_flag
+
+    name = "LOWBIT_TEST_FLAG"
+    monkeypatch.delenv(name, raising=False)
+    assert env_flag(name, True) is True and env_flag(name, False) is False
+    for v, want in [("", None), ("  ", None), ("0", False), ("1", True), ("off", False), ("OFF", False),
+                    (" no ", False), ("False", False), ("true", True), ("yes", True), ("on", True), ("2", True)]:
+        monkeypatch.setenv(name, v)
+        for default in (True, False):
+            assert env_flag(name, default) is (default if want is None else want), (v, default)
+    monkeypatch.setenv("LOWBIT_CPU_CACHE_INT4", "off")
+    assert cpu.cache_int4() is False
+    monkeypatch.setenv("LOWBIT_CPU_CACHE_INT4", "On")
+    assert cpu.cache_int4() is True
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "No")
+    assert autotune.enabled() is False
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "")
+    assert autotune.enabled() is True
