@@ -1,3 +1,11 @@
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines (docs/CPU_KERNELS.md)
+# One intra-op thread unless told otherwise (OMP_NUM_THREADS=2 pytest ...): the suite is many small ops, and on the
+# 2-core machine every parallel region pays for waking the second thread (PASSIVE) or fights other jobs for it (spin
+# waiting): the quick suite took 6 min 06 s with one thread against 8 min 25 s with two (2026-12-03, idle machine).
+# Tests of multi-threaded behaviour set their thread count themselves (tests/kernels/test_cpu.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # a plugin imported torch first: it read the environment already
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
