@@ -17,7 +17,8 @@ def example() -> str:
     return m.group(1)
 
 
-SHORT = [("steps=20)", "steps=6)"), ("torch.arange(20)", "torch.arange(8)"), ("ReconConfig.quick()", "ReconConfig.quick(weight_iters=5)"),
+SHORT = [("steps=20)", "steps=6)"), ("torch.arange(20)", "torch.arange(8)"),
+         ("ReconConfig.quick()", "ReconConfig.quick(weight_iters=5)"),
          ("steps=300", "steps=8")]
 
 
