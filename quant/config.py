@@ -586,7 +586,8 @@ class FinetuneConfig(_Config):
                                                            "automatic, from steps, rank and fan-in)",
                                               lo_open=True, optional=True)
     lr_multiplier: float = _float(1.0, 0, 100, "scales the LoRA learning rates (either rule)", lo_open=True)
-    act_lr: float = _float(5e-4, 0, 1, "learning rate of the per-timestep activation scales (TALSQ)")
+    act_lr: float = _float(5e-4, 0, 1, "learning rate of the per-timestep activation scales (TALSQ); each layer's "
+                                       "capped at 1 % of its mean step size per step")
     weight_decay: float = _float(0.0, 0, 1, "AdamW weight decay on LoRA and scales")
     batch_size: int = _int(8, 1, 4096, "samples per step", label="fine-tune batch size")
     sampling_steps: int = _int(25, 1, 1000, "sampling steps of the teacher trajectories")

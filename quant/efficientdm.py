@@ -71,6 +71,12 @@ ADAPTER_FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 MAX_LOSS_GROWTH = 10.0  # loss (summed over timestep bins) above this multiple of the initial one stops the run
 MIN_ACT_SCALE = 1e-8
+# TALSQ's learning rate is absolute (``FinetuneConfig.act_lr``, the paper's setting), but Adam moves every parameter
+# by about its lr per step whatever the gradient's size, so a layer whose activation step is small moves by a large
+# fraction of it: with 8-bit steps of 0.008-0.08 on the embedded model, 5e-4 per step drifted them 6 % per step and
+# wrecked the t = 0 outputs within 16 steps (the README example diverged). Each layer's step sizes are therefore
+# capped at this fraction of their mean per step; steps of 0.05 and more (typical at 4 bits) keep ``act_lr``.
+TALSQ_MAX_REL_STEP = 0.01
 
 
 # ----------------------------------------------------------------------------------------------- QALoRA
@@ -214,14 +220,23 @@ def lora_lr(layer, cfg: FinetuneConfig) -> float:
 
 
 def _param_groups(targets, cfg: FinetuneConfig):
-    groups, act = [], []
+    """AdamW groups: each layer's LoRA pair (its own lr), each layer's TALSQ step sizes (``act_lr``, capped at
+    ``TALSQ_MAX_REL_STEP`` x their mean, see there), and all zero points (``act_lr``, in units of codes)."""
+    groups, zeros = [], []
     for name, layer in targets:
         lr = lora_lr(layer, cfg)
         groups.append(dict(params=[layer.modifier.lora_A, layer.modifier.lora_B], lr=lr, name=name))
-        if layer.act is not None:
-            act += [p for b in layer.act.bits_set for p in layer.act.table(b) if p.requires_grad]
-    if act:
-        groups.append(dict(params=act, lr=cfg.act_lr, name="talsq"))
+        if layer.act is None:
+            continue
+        for b in layer.act.bits_set:
+            scale, zero = layer.act.table(b)
+            if scale.requires_grad:
+                cap = TALSQ_MAX_REL_STEP * float(scale.detach().abs().mean())
+                groups.append(dict(params=[scale], lr=min(cfg.act_lr, cap), name=f"talsq:{name}:{b}"))
+            if zero.requires_grad:
+                zeros.append(zero)
+    if zeros:
+        groups.append(dict(params=zeros, lr=cfg.act_lr, name="talsq:zero"))
     return groups
 
 
@@ -488,6 +503,11 @@ def _initial_loss(net, trainable, init, args, kwargs, target) -> float:
                 p.copy_(v)
 
 
+def _loss_key(t):
+    """The divergence test's key of a step's timestep: the recorded value itself (see ``_train``)."""
+    return None if t is None else round(float(t), 6)
+
+
 def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, progress, dist, rank, world):
     """The distillation loop over ``groups`` (AdamW param groups with their lrs). Returns (first, last) loss."""
     trainable = [p for g in groups for p in g["params"]]
@@ -509,12 +529,13 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
         net = DDP(student, find_unused_parameters=multi)
     dev, dt = model_device_dtype(student)
     first = lval = None
-    # Divergence: the distillation loss summed over the timestep bins seen so far (each bin: its latest batch)
-    # against the same sum for the *initial* student (each bin: its first batch). Losses differ by orders of
-    # magnitude across timesteps, so one global reference misfires; but a per-bin test misfires too: at late
-    # timesteps the quantized model is nearly exact (losses ~1e-4) and batch noise alone passes 10x there.
-    # A run that really diverges raises the loss at every timestep, so the sum, dominated by the large bins,
-    # catches it.
+    # Divergence: the distillation loss summed over the timesteps seen so far (each: its latest batch) against
+    # the same sum for the *initial* student (each: its first batch). Losses differ by orders of magnitude across
+    # timesteps, so one global reference misfires; but a per-timestep test misfires too: at late timesteps the
+    # quantized model is nearly exact (losses ~1e-4) and batch noise alone passes 10x there. A run that really
+    # diverges raises the loss at every timestep, so the sum, dominated by the large terms, catches it. Keyed by
+    # the recorded timestep itself, not a bin of them: t = 0 and t = 50 differed 12x on the embedded model, and a
+    # bin's reference taken at t = 50 made the first t = 0 batch look like divergence.
     ref, cur = {}, {}
     init = [p.detach().clone() for p in trainable]
     try:
@@ -534,14 +555,14 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                 lval = float(lval)
                 first = lval if first is None else first
                 t = timestep_of_call(args, kwargs, get_context(student).profile)
-                tbin = None if t is None else int(t // 100)
-                if tbin not in ref:
-                    ref[tbin] = _initial_loss(net, trainable, init, args, kwargs, target)
-                cur[tbin] = lval
+                key = _loss_key(t)
+                if key not in ref:
+                    ref[key] = _initial_loss(net, trainable, init, args, kwargs, target)
+                cur[key] = lval
                 base, now = sum(ref.values()), sum(cur.values())
                 if not math.isfinite(lval) or now > MAX_LOSS_GROWTH * max(base, 1e-12):
                     what = "NaN/Inf" if not math.isfinite(lval) else (
-                        f"{now:.4g} summed over {len(cur)} timestep bins, above {MAX_LOSS_GROWTH:g}x the loss "
+                        f"{now:.4g} summed over {len(cur)} timesteps, above {MAX_LOSS_GROWTH:g}x the loss "
                         f"before fine-tuning ({base:.4g})")
                     raise NumericalError(
                         f"EfficientDM fine-tune diverged at step {step}/{cfg.steps}: loss {what}; lower "

@@ -318,3 +318,31 @@ def test_automatic_lora_lr_follows_steps_rank_and_fan_in(setup):
     assert math.isclose(lr(steps=300, rank=32), lr(steps=300, rank=8) / 2, rel_tol=1e-6)
     assert math.isclose(lr(steps=300, lr_scale_factor=1 / 2500), step / 2500, rel_tol=1e-6)  # the paper's rule
     assert math.isclose(lr(steps=300, rank=8, lr_multiplier=0.5), lr(steps=300, rank=8) / 2, rel_tol=1e-6)
+
+
+def test_talsq_step_sizes_move_by_at_most_a_fraction_of_themselves(setup):
+    """Adam moves a parameter by about its lr per step, so TALSQ's absolute act_lr is capped per layer at
+    TALSQ_MAX_REL_STEP of the layer's mean step size (small 8-bit steps drifted 6 % per step and the README example
+    diverged); zero points (units of codes) keep act_lr."""
+    unet, q, calls, held, _ = setup
+    for act_lr in (1e-4, 1.0):
+        cfg = FinetuneConfig(**dict(FAST, act_lr=act_lr))
+        student = E._shared_copy(q)
+        student.requires_grad_(False)
+        groups = E._param_groups(E._attach(student, cfg), cfg)
+        scales = [g for g in groups if g["name"].startswith("talsq:") and g["name"] != "talsq:zero"]
+        assert scales, "no TALSQ step-size group"
+        for g in scales:
+            (p,) = g["params"]
+            cap = E.TALSQ_MAX_REL_STEP * float(p.detach().abs().mean())
+            assert g["lr"] == pytest.approx(min(act_lr, cap))
+        assert any(g["lr"] < act_lr for g in scales) == (act_lr == 1.0)  # W4A4 steps here are ~0.1: 1e-4 uncapped
+        (zero,) = [g for g in groups if g["name"] == "talsq:zero"]
+        assert zero["lr"] == act_lr
+
+
+def test_divergence_reference_is_per_recorded_timestep():
+    """t = 0 and t = 50 fall in one bin of 100 but their losses differ by an order of magnitude on the embedded
+    model: each recorded timestep gets its own initial-loss reference."""
+    assert E._loss_key(0) != E._loss_key(50) and E._loss_key(50.0) == E._loss_key(50)
+    assert E._loss_key(None) is None
