@@ -69,7 +69,7 @@ TALSQ_TABLES = "lowbit_talsq.safetensors"
 ADAPTER_FORMAT = "lowbit.qalora"
 ADAPTER_FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
-MAX_LOSS_GROWTH = 10.0  # loss (summed over timestep bins) above this multiple of the initial one stops the run
+MAX_LOSS_GROWTH = 10.0  # loss (summed over recorded timesteps) above this multiple of the initial one stops the run
 MIN_ACT_SCALE = 1e-8
 # TALSQ's learning rate is absolute (``FinetuneConfig.act_lr``, the paper's setting), but Adam moves every parameter
 # by about its lr per step whatever the gradient's size, so a layer whose activation step is small moves by a large
