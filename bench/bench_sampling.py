@@ -98,16 +98,6 @@ def subjects_for(models, samples: int, steps: int) -> list:
     return out + zoo_subjects(None if names is None else names - {"embedded"}, samples, steps)
 
 
-def _cast(v, dtype):
-    if torch.is_tensor(v):
-        return v.to(dtype) if v.is_floating_point() else v
-    if isinstance(v, (list, tuple)):
-        return type(v)(_cast(x, dtype) for x in v)
-    if isinstance(v, dict):
-        return {k: _cast(x, dtype) for k, x in v.items()}
-    return v
-
-
 class Bf16(torch.nn.Module):
     """``model`` (cast to bf16 here) behind fp32 inputs and an fp32 output tensor: a bf16 variant the samplers
     call like the fp32 model (floating arguments cast to bf16; integer ones, timesteps and ids, untouched)."""
@@ -117,12 +107,11 @@ class Bf16(torch.nn.Module):
         self.model = model.to(torch.bfloat16)
 
     def forward(self, *args, **kwargs):
-        out = self.model(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16))
-        if hasattr(out, "sample"):
-            out = out.sample
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        return out.float()
+        from ..quant.calib import _to_model, model_device_dtype, unet_output  # (the recorded calls' own casts)
+
+        dev = model_device_dtype(self.model)[0]
+        out = self.model(*_to_model(args, dev, torch.bfloat16), **_to_model(kwargs, dev, torch.bfloat16))
+        return unet_output(out).float()
 
 
 def deployed(subject: _Subject, bits: str, tune: bool):
