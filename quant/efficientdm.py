@@ -221,7 +221,8 @@ def lora_lr(layer, cfg: FinetuneConfig) -> float:
 
 def _param_groups(targets, cfg: FinetuneConfig):
     """AdamW groups: each layer's LoRA pair (its own lr), each layer's TALSQ step sizes (``act_lr``, capped at
-    ``TALSQ_MAX_REL_STEP`` x their mean, see there), and all zero points (``act_lr``, in units of codes)."""
+    ``TALSQ_MAX_REL_STEP`` x their mean, see there; marked ``talsq_scale``, the tensors kept positive after each
+    step), and all zero points (``act_lr``, in units of codes)."""
     groups, zeros = [], []
     for name, layer in targets:
         lr = lora_lr(layer, cfg)
@@ -232,7 +233,7 @@ def _param_groups(targets, cfg: FinetuneConfig):
             scale, zero = layer.act.table(b)
             if scale.requires_grad:
                 cap = TALSQ_MAX_REL_STEP * float(scale.detach().abs().mean())
-                groups.append(dict(params=[scale], lr=min(cfg.act_lr, cap), name=f"talsq:{name}:{b}"))
+                groups.append(dict(params=[scale], lr=min(cfg.act_lr, cap), name=f"talsq:{name}:{b}", talsq_scale=True))
             if zero.requires_grad:
                 zeros.append(zero)
     if zeros:
@@ -479,8 +480,7 @@ def _finetune(qmodel, teacher, calls, cfg: FinetuneConfig, progress):
     student.requires_grad_(False)
     targets = _attach(student, cfg)
     groups = _param_groups(targets, cfg)
-    act_scales = [l.act.table(b)[0] for _, l in targets if l.act is not None for b in l.act.bits_set
-                  if l.act.table(b)[0].requires_grad]
+    act_scales = [p for g in groups if g.get("talsq_scale") for p in g["params"]]  # kept positive after each step
     first, last = _train(student, teacher, shard, cfg, groups, act_scales, progress, dist, rank, world)
     get_context(student).finetune_info = dict(config=to_json_obj(cfg), steps=cfg.steps, first_loss=first,
                                               last_loss=last,
