@@ -132,24 +132,38 @@ def deployed(subject: _Subject, bits: str, tune: bool):
     return q
 
 
+def variant_plan(bits_list, untuned: bool, peers=("bf16",), bf16_parts: bool = False) -> list:
+    """(name, bits, kind) of every variant :func:`time_subject` times, in its order: ``fp32``, the float peers,
+    then per format the tuned deployed model, its float-parts-in-bf16 copy and the untuned one."""
+    plan = [("fp32", None, "fp32")] + [(p, None, "peer") for p in peers]
+    for bits in bits_list:
+        plan.append((bits, bits, "tuned"))
+        if bf16_parts:
+            plan.append((f"{bits}-bf16", bits, "bf16-parts"))
+        if untuned:
+            plan.append((f"{bits} untuned", bits, "untuned"))
+    return plan
+
+
 def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print, settle: bool = True,
                  peers=("bf16",), bf16_parts: bool = False) -> dict:
     import copy
 
     from ..kernels import autotune
 
-    variants = {"fp32": subject.float_model}
-    if "bf16" in peers:
-        variants["bf16"] = Bf16(copy.deepcopy(subject.float_model))
+    variants = {}
     tuned = []  # the deployed, tuned variants: whole-model check, kernel-choice summary
-    for bits in bits_list:
-        variants[bits] = deployed(subject, bits, tune=True)
-        tuned.append(bits)
-        if bf16_parts:
-            variants[f"{bits}-bf16"] = Bf16(deployed(subject, bits, tune=True))
-            tuned.append(f"{bits}-bf16")
-        if untuned:
-            variants[f"{bits} untuned"] = deployed(subject, bits, tune=False)
+    for name, bits, kind in variant_plan(bits_list, untuned, peers, bf16_parts):
+        if kind == "fp32":
+            variants[name] = subject.float_model
+        elif kind == "peer":  # (only bf16 is known, see main)
+            variants[name] = Bf16(copy.deepcopy(subject.float_model))
+        elif kind == "untuned":
+            variants[name] = deployed(subject, bits, tune=False)
+        else:
+            m = deployed(subject, bits, tune=True)
+            variants[name] = Bf16(m) if kind == "bf16-parts" else m
+            tuned.append(name)
     from ..quant import CallRecorder
 
     warm, settled = {}, {}
@@ -220,7 +234,7 @@ def main(argv=None):
     subjects = subjects_for(a.models, a.samples, a.steps)
     results = []
     for s in subjects:
-        names = ["fp32", *peers, *bits_list, *(f"{b}-bf16" for b in bits_list if a.bf16_parts)]
+        names = [n for n, _, _ in variant_plan(bits_list, not a.no_untuned, peers, a.bf16_parts)]
         print(f"[{s.name}] timing {', '.join(names)} ({a.repeats} alternating rounds) ...", flush=True)
         try:
             results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned, settle=not a.no_settle,

@@ -7,7 +7,7 @@ from lowbit.bench import bench_sampling as bs
 
 
 @pytest.mark.slow  # about 20 s on an idle 2-core machine, minutes when it is shared
-def test_bench_sampling_smoke(tmp_path):
+def test_bench_sampling_smoke(tmp_path, capsys):
     out = tmp_path / "s.json"
     bs.main(["--models", "embedded", "--bits", "W8A8", "--samples", "8", "--steps", "2", "--repeats", "1",
              "--threads", "1", "--out", str(out)])
@@ -21,6 +21,17 @@ def test_bench_sampling_smoke(tmp_path):
     assert sum(choice["layers"].values()) > 0 and choice["untuned"] == 0  # every deployed layer was tuned
     assert choice["settled"]["mode"] in ("tuned", "float", "integer")  # the whole-model check ran
     assert "kernel_choice" not in rows["W8A8 untuned"]
+    # the progress line names what is timed, in the order of the rows
+    assert "timing fp32, bf16, W8A8, W8A8 untuned (1 alternating rounds)" in capsys.readouterr().out
+    assert [r["variant"] for r in res["rows"]] == ["fp32", "bf16", "W8A8", "W8A8 untuned"]
+
+
+def test_variant_plan_order_and_kinds():
+    plan = bs.variant_plan(["W8A8", "W4A8"], untuned=True, peers=["bf16"], bf16_parts=True)
+    assert [n for n, _, _ in plan] == ["fp32", "bf16", "W8A8", "W8A8-bf16", "W8A8 untuned",
+                                       "W4A8", "W4A8-bf16", "W4A8 untuned"]
+    assert [k for _, b, k in plan if b == "W4A8"] == ["tuned", "bf16-parts", "untuned"]
+    assert bs.variant_plan(["W8A8"], untuned=False, peers=[]) == [("fp32", None, "fp32"), ("W8A8", "W8A8", "tuned")]
 
 
 def test_bf16_peer_casts_floats_only_and_returns_fp32():
