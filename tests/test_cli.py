@@ -91,6 +91,7 @@ BAD = [
     (["quantize", "q.safetensors", "--unet", "unet_cond"], ["UNet2DConditionModel", "UNet2DModel only"]),
     (["quantize", "q.safetensors", "--unet", "unet_rgb"], ["in_channels=4", "needs 1"]),
     (["quantize", "q.safetensors", "--calib-samples", "0"], ["--calib-samples", "0 is out of range", "1..1024"]),
+    (["demo", "--samples", "1"], ["--samples", "1 is out of range", "2..100_000"]),  # FID needs two samples
     (["quantize", "q.safetensors", "--calib-samples", "-5"], ["--calib-samples", "-5 is out of range"]),
     (["quantize", "q.safetensors", "--calib-samples", "many"], ["--calib-samples", "not a whole number"]),
     (["quantize", "q.safetensors", "--calib-steps", "-5"], ["--calib-steps", "out of range", "1..1000"]),
