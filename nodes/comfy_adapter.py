@@ -147,12 +147,21 @@ def load_model(model):
     comfy.model_management.load_models_gpu([model])
 
 
-def attach_quantized_unet(model, q_unet):
-    """A clone of ``model`` that runs ``q_unet``; ``model`` itself is not changed."""
+def attach_quantized_unet(model, q_unet, merged: bool = False):
+    """A clone of ``model`` that runs ``q_unet``; ``model`` itself is not changed.
+
+    ``merged``: ``q_unet`` was quantized from ``model``'s weights with its LoRA (weight) patches applied
+    (:func:`load_model`), so the clone drops those patches: kept, they would be added a second time, as side paths
+    on the quantized layers (:func:`sync_lora_side_paths`) and by ComfyUI on the float ones. A LoRA loaded after
+    this node adds new patches to the clone, which do become side paths. Without ``merged`` (a file loaded onto
+    ``model``, a fine-tuned student) the patches stay: they were not part of ``q_unet``."""
     import comfy.model_management
 
     fp_unet = unet_of(model)
     m = model.clone()
+    if merged:
+        for key in [k for k in m.patches if k.startswith("diffusion_model.")]:
+            del m.patches[key]
     m.add_object_patch("diffusion_model", q_unet)
     # A new patches_uuid makes ComfyUI reload when switching between this clone and the float one (otherwise
     # an already-loaded float model with the same uuid is reused without moving/patching the quantized UNet).
@@ -601,6 +610,26 @@ def lowbit_file_path(name: str) -> str:
                              "save one with Save Quantized UNet (LowBit) or copy it into models/lowbit/, then "
                              "refresh the browser (R)")
     return path
+
+
+def native_quant_formats() -> Optional[frozenset]:
+    """The ``comfy_quant`` formats this ComfyUI's stock loader reads (``comfy.quant_ops.QUANT_ALGOS``), or None when
+    it has no such loader (v0.3.64 and older: it would load a native-layout file's integers as float weights)."""
+    try:
+        import comfy.quant_ops as qo
+    except ImportError:
+        return None
+    algos = getattr(qo, "QUANT_ALGOS", None)
+    return frozenset(algos) if algos is not None else None
+
+
+def comfyui_version() -> str:
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except Exception:
+        return "unknown version"
 
 
 def diffusion_models_folder() -> str:

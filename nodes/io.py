@@ -179,7 +179,14 @@ def export_native(model, filename_prefix: str, folder: str):
     from ..quant.export_comfy import export_comfy
 
     q = adapter.require_quantized_unet(model)
-    return _save_free(lambda path: export_comfy(q, path, prefix="", overwrite=False), filename_prefix, folder)
+    formats = adapter.native_quant_formats()
+    if formats is None:
+        raise NodeInputError(
+            f"layout comfyui-native: this ComfyUI ({adapter.comfyui_version()}) has no comfy_quant loader "
+            "(comfy/quant_ops.py), so its Load Diffusion Model would read the integers as float weights; update "
+            "ComfyUI, or save with layout=lowbit and load with Load Quantized UNet")
+    return _save_free(lambda path: export_comfy(q, path, prefix="", overwrite=False, reader_formats=formats),
+                      filename_prefix, folder)
 
 
 def native_folder() -> str:
@@ -194,8 +201,9 @@ class LowBitSaveQuantizedUNet:
                    "models/lowbit/<prefix>_NNNNN.safetensors: packed integer weights, scales, activation tables "
                    "and PTQD statistics, with a versioned header. Never overwrites. LoRAs applied on top are not "
                    "saved. Load it later with Load Quantized UNet on the same checkpoint. layout=comfyui-native "
-                   "writes ComfyUI's own quantized layout instead (models/diffusion_models/, stock loader, no "
-                   "custom node) and lists what that layout cannot hold.")
+                   "writes ComfyUI's own quantized layout instead (into the folder the stock Load Diffusion Model "
+                   "reads: models/diffusion_models/ or models/unet/; no custom node needed to load it; needs a "
+                   "ComfyUI with the comfy_quant loader) and lists what that layout cannot hold.")
     CATEGORY = f"{CATEGORY}/io"
     RETURN_TYPES = ()
     OUTPUT_NODE = True

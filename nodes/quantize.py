@@ -151,7 +151,7 @@ def _quantize_model(model, positive, negative, settings, schedule, progress):
     report = "\n".join(pipeline.describe(res.model))
     summary = (f"LowBit: quantized the UNet to {settings.bits} ({config.method}) with {len(calls)} calibration calls "
                f"in {res.total_seconds:.1f} s")
-    return adapter.attach_quantized_unet(model, res.model), report, summary
+    return adapter.attach_quantized_unet(model, res.model, merged=True), report, summary
 
 
 class LowBitQuantizeUNet:

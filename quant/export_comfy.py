@@ -38,7 +38,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Collection, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -306,11 +306,15 @@ def _dt(dtype: torch.dtype) -> str:
 
 def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype: Optional[torch.dtype] = None,
                  w4_layout: str = "awq_w4a16", scale_dtype: Union[str, torch.dtype] = "float32", key_map=None,
-                 overwrite: bool = False, log: Optional[Callable[[str], None]] = None) -> ExportResult:
+                 overwrite: bool = False, log: Optional[Callable[[str], None]] = None,
+                 reader_formats: Optional[Collection[str]] = None) -> ExportResult:
     """Write ``qmodel`` (a LowBit quantized model, fake-quant or deployed) as a ComfyUI-native quantized
     safetensors file at ``path`` (never replacing a file unless ``overwrite``; the folder must exist). Returns an
     :class:`ExportResult`; its ``dropped`` lines (also in the file's ``lowbit_export`` header entry and passed to
-    ``log``, e.g. ``print``) say what the ComfyUI layouts cannot carry. Options: :func:`comfy_state_dict`."""
+    ``log``, e.g. ``print``) say what the ComfyUI layouts cannot carry. ``reader_formats``: the ``comfy_quant``
+    formats the ComfyUI that will read the file knows (its ``comfy.quant_ops.QUANT_ALGOS``); a layer in any other
+    format is refused before anything is written (that ComfyUI would load its integers as float weights).
+    Options: :func:`comfy_state_dict`."""
     from safetensors.torch import save_file
 
     from .io import SaveError, SaveExistsError, SaveFolderError
@@ -325,6 +329,14 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
         raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     tensors, metadata, result = comfy_state_dict(qmodel, prefix=prefix, float_dtype=float_dtype, w4_layout=w4_layout,
                                                  scale_dtype=scale_dtype, key_map=key_map)
+    if reader_formats is not None:
+        unknown = sorted({c["format"] for c in result.layers.values()} - set(reader_formats))
+        if unknown:
+            raise ConfigError(f"the ComfyUI that reads this file does not know the comfy_quant format(s) "
+                              f"{', '.join(unknown)} (it knows: {', '.join(sorted(reader_formats)) or 'none'}) and "
+                              "would load those integers as float weights; update ComfyUI"
+                              + (", or pass w4_layout='int8_tensorwise'" if "awq_w4a16" in unknown
+                                 and "int8_tensorwise" in reader_formats else ""))
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)

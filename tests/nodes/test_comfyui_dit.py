@@ -36,7 +36,21 @@ pytestmark = pytest.mark.comfyui
 # Written into <base>/custom_nodes/ before the server starts; ComfyUI imports single-file custom nodes.
 TEST_NODES = r'''
 """Test-only nodes for LowBit's DiT integration tests (written by tests/nodes/test_comfyui_dit.py)."""
+import sys
+import types
+
 import torch
+
+# ComfyUI 0.3.64 has no comfy_quant loader, so the Save node refuses layout=comfyui-native there (its stock
+# loader would read the integers as float weights; tests/nodes/test_comfyui_integration.py checks the refusal).
+# These tests check the native file's keys and header and 0.3.64's model detection of it, so they stand in the
+# format registry of a newer ComfyUI (2026's comfy/quant_ops.py: QUANT_ALGOS) when the host has none.
+try:
+    import comfy.quant_ops  # noqa: F401
+except ImportError:
+    _stand_in = types.ModuleType("comfy.quant_ops")
+    _stand_in.QUANT_ALGOS = {"int8_tensorwise": {}, "awq_w4a16": {}}
+    sys.modules["comfy.quant_ops"] = _stand_in
 
 
 class LowBitTestConditioning:

@@ -179,6 +179,22 @@ def test_quantize_rejects_bad_settings_before_running(comfy):
         comfy.queue_prompt(g)
 
 
+def test_native_layout_is_refused_where_comfyui_cannot_load_it(comfy):
+    """ComfyUI 0.3.64 has no comfy_quant loader: its Load Diffusion Model would read a native file's integers as
+    float weights, so Save with layout=comfyui-native refuses there, naming the fix (a newer ComfyUI's loader is
+    stood in by test_comfyui_dit.py to check the file itself)."""
+    from pathlib import Path
+
+    if (Path(comfy.server.comfyui_dir) / "comfy" / "quant_ops.py").exists():
+        pytest.skip("this ComfyUI has comfy/quant_ops.py: the native layout is allowed here")
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g, bits="W8A8", method="naive")
+    g["60"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/native_refused",
+                                                                    "layout": "comfyui-native"}}
+    with pytest.raises(AssertionError, match="no comfy_quant loader.*layout=lowbit"):
+        comfy.run(g, timeout=1800)
+
+
 def test_efficientdm_node_runs_a_few_steps(comfy):
     g = _text_graph(comfy.checkpoint)
     q = _quantize(g)
@@ -279,6 +295,36 @@ def test_lora_on_quantized_model_changes_output_and_unpatch_restores_it(comfy, s
     assert (with_lora - plain).abs().max() > 1e-3, "the LoRA did not change the quantized model's output"
     again = _latent(comfy, comfy.run(graph(False, True, "lowbit_plain_again"), timeout=1800), "85")
     assert torch.equal(again, plain), "removing the LoRA did not restore the quantized output bit for bit"
+
+
+def test_lora_loaded_before_quantizing_counts_once(comfy, sd15_fixture):
+    """LoRA -> Quantize UNet merges the LoRA into the integers; the quantized clone must not add it again as side
+    paths: its samples equal those of the file it saves, loaded onto the model without the LoRA."""
+    import torch
+
+    loras = comfy.server.base_dir / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    _write_lora(loras / "lowbit_merge_lora.safetensors", _fixture_unet_shapes(sd15_fixture))
+    g = _text_graph(comfy.checkpoint)
+    g["80"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": "lowbit_merge_lora.safetensors", "strength_model": 1.0}}
+    q = _quantize(g, model=("80", 0))
+    g["81"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["85"] = {"class_type": "SaveLatent", "inputs": {"samples": _sampler_custom(g, "82", q, "81"),
+                                                      "filename_prefix": "latents/lowbit_merged"}}
+    g["86"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/merged"}}
+    hist = comfy.run(g, timeout=1800)
+    in_graph = _latent(comfy, hist, "85")
+    rel = hist["outputs"]["86"]["lowbit_files"][0]
+
+    g2 = _text_graph(comfy.checkpoint)
+    g2["91"] = {"class_type": "LowBitLoadQuantizedUNet", "inputs": {"model": ["1", 0], "unet_name": rel}}
+    g2["81"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g2["85"] = {"class_type": "SaveLatent", "inputs": {"samples": _sampler_custom(g2, "82", ["91", 0], "81"),
+                                                       "filename_prefix": "latents/lowbit_merged_file"}}
+    from_file = _latent(comfy, comfy.run(g2, timeout=1800), "85")
+    assert torch.equal(in_graph, from_file), (
+        f"LoRA applied twice: in-graph vs saved file differ by {(in_graph - from_file).abs().max():.4g}")
 
 
 def _not_loaded_keys(log_text: str) -> list:

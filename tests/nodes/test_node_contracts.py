@@ -188,6 +188,8 @@ def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
     monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
     monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(tmp_path / "diffusion_models"),
                         raising=False)
+    # a ComfyUI whose loader knows the layouts (2026's comfy.quant_ops.QUANT_ALGOS)
+    monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: frozenset({"int8_tensorwise", "awq_w4a16"}))
     out = cls().save(object(), "sd/unet", layout="comfyui-native")
     assert out["ui"]["text"][0] == "saved models/diffusion_models/sd/unet_00001.safetensors (ComfyUI-native)"
     with safe_open(str(tmp_path / "diffusion_models" / "sd" / "unet_00001.safetensors"), "pt") as f:
@@ -200,6 +202,31 @@ def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
 
     with pytest.raises(NodeInputError, match="layout"):
         cls().save(object(), "sd/unet", layout="gguf")
+
+
+def test_comfyui_native_save_refuses_a_comfyui_that_cannot_load_it(tmp_path, monkeypatch):
+    """A ComfyUI without the comfy_quant loader (0.3.64) would read the file's integers as float weights: the
+    node refuses before writing, naming the fix; one that lacks a format the file needs (awq_w4a16 for 4-bit
+    weights) is refused by export_comfy before writing too."""
+    from lowbit.nodes.common import NodeInputError
+    from lowbit.quant import ConfigError, QuantConfig, quantize
+
+    cls = MAPPINGS["LowBitSaveQuantizedUNet"]
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
+    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=16, w_init="minmax", rules=()))
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
+    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(folder), raising=False)
+    monkeypatch.setattr(nio.adapter, "comfyui_version", lambda: "0.3.64")
+    monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: None)
+    with pytest.raises(NodeInputError, match=r"ComfyUI \(0\.3\.64\) has no comfy_quant loader.*layout=lowbit"):
+        cls().save(object(), "sd/unet", layout="comfyui-native")
+    monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: frozenset({"int8_tensorwise"}))
+    with pytest.raises(ConfigError, match="awq_w4a16.*update ComfyUI"):
+        cls().save(object(), "sd/unet", layout="comfyui-native")
+    assert not any(folder.rglob("*.safetensors")), "nothing may be written when the reader cannot load it"
 
 
 # ---------------------------------------------------------------------------------------- schedule
