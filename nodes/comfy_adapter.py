@@ -510,7 +510,8 @@ def ptqd_view(model_k) -> Optional[PTQDView]:
     stats = get_stats(unet)
     if stats is None:
         if "nostats" not in _warned:
-            log.warning("LowBit PTQD Sampler: the model has no PTQD statistics (quantize with method 'ptqd'); "
+            log.warning("LowBit PTQD Sampler: the model has no PTQD statistics (quantize with a method "
+                        "containing '+ptqd', e.g. 'lp+ptqd'); "
                         "sampling without variance correction")
             _warned.add("nostats")
         return None

@@ -94,6 +94,12 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
         check_float("size_budget", size_budget, SIZE_BUDGET.lo, SIZE_BUDGET.hi)
 
 
+def method_for_schedule(method: str, auto: bool) -> str:
+    """The pipeline method for a Quantize UNet ``method`` with an auto (SNR) Bitwidth Schedule or without: that
+    schedule is the pipeline's ``+mixed`` stage, added unless the method already names it."""
+    return method + ("+mixed" if auto and "mixed" not in method.split("+") else "")
+
+
 def quantize_model(model, positive, negative, settings: QuantizeSettings, schedule: Optional[ScheduleSpec] = None,
                    progress=None, text=None):
     """The node's work; returns the quantized MODEL (a clone) and the text report of the core's decisions.
@@ -118,7 +124,7 @@ def _quantize_model(model, positive, negative, settings, schedule, progress):
         progress.forward = adapter.NodeProgress()
     T = adapter.num_train_timesteps(model)
     auto = schedule is not None and schedule.mode == MODE_AUTO
-    method = settings.method + ("+mixed" if auto else "")
+    method = method_for_schedule(settings.method, auto)
     config = PipelineConfig(
         method=method, quant=QuantConfig.preset(settings.bits, time_bins=settings.time_bins,
                                                 w_init=settings.weight_init),
@@ -157,7 +163,8 @@ def _quantize_model(model, positive, negative, settings, schedule, progress):
 class LowBitQuantizeUNet:
     DESCRIPTION = ("Quantize the MODEL's UNet to low-bit integers (W8A8, W4A8, W4A4, or weight-only W4A16). "
                    "Calibration runs this model with ComfyUI's own sampler on your conditioning and records the "
-                   "UNet's inputs; activation ranges (and PTQD noise statistics with method 'ptqd') come from "
+                   "UNet's inputs; activation ranges (and PTQD noise statistics with a '+ptqd' method such as "
+                   "'lp+ptqd') come from "
                    "them. Outputs a quantized copy; the input MODEL stays usable for comparison. Use the PTQD "
                    "Sampler to also apply PTQD's variance correction.")
     CATEGORY = f"{CATEGORY}/quantize"

@@ -81,7 +81,8 @@ _VSC_TIP = ("Reduce the injected noise by the quantization noise measured during
 class LowBitPTQDSampler:
     DESCRIPTION = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced that applies PTQD variance-schedule "
                    "calibration using the statistics stored on the quantized MODEL being sampled (Quantize UNet "
-                   "with method 'ptqd', or a loaded file that has them). With a float model or a model without "
+                   "with a '+ptqd' method such as 'lp+ptqd', or a loaded file that has them). With a float model "
+                   "or a model without "
                    "statistics it is an ordinary sampler. " + _SAMPLER_TIP)
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = ("SAMPLER",)

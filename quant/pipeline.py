@@ -69,9 +69,13 @@ def parse_method(name: str) -> Method:
         raise ConfigError(f"unknown method {name!r}: it must start with one of {', '.join(BASES)}; "
                           f"choose one of {', '.join(METHODS)}")
     bad = [m for m in mods if m not in MODIFIERS]
-    if bad or len(set(mods)) != len(mods):
-        raise ConfigError(f"unknown or repeated part {(bad or mods)[0]!r} in method {name!r}; parts after the base "
+    if bad:
+        raise ConfigError(f"unknown part {bad[0]!r} in method {name!r}; parts after the base "
                           f"are {', '.join(MODIFIERS)}; e.g. {DEFAULT_METHOD!r}")
+    twice = [m for i, m in enumerate(mods) if m in mods[:i]]
+    if twice:
+        raise ConfigError(f"part {twice[0]!r} appears twice in method {name!r}; give each part once, "
+                          f"e.g. {DEFAULT_METHOD!r}")
     m = Method(base, ptqd=any(x.startswith("ptqd") for x in mods), paper="ptqd(paper)" in mods, vsc="vsc" in mods,
                mixed="mixed" in mods, act="act" in mods, minmax_acts="minmax-acts" in mods)
     if m.vsc and not m.ptqd:
@@ -318,6 +322,11 @@ def describe(q: nn.Module) -> List[str]:
     for r in ctx.report:
         if r.get("mode") == "fp":
             lines.append(f"  {r['name']}: float ({r['reason']})")
+    if ctx.schedule is not None:  # step-aware precision: what the A<bits> above become along the run
+        segs = ", ".join(f"t {lo:g}..{hi:g}: A{b}" for lo, hi, b in sorted(ctx.schedule.segments, reverse=True))
+        n = sum(1 for _, l in layers if getattr(l, "scheduled", False) and l.a_bits != 16)
+        lines.append(f"activation bits by timestep (bit-width schedule, used by {n} layers in place of their "
+                     f"A bits above): {segs}")
     return lines
 
 

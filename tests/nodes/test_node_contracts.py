@@ -413,3 +413,17 @@ def test_example_workflows_have_thumbnails():
     assert len(wf) >= 3
     for p in wf:
         assert p.with_suffix(".jpg").is_file(), f"{p.name} has no same-name .jpg thumbnail"
+
+
+def test_auto_schedule_adds_mixed_once():
+    """The auto (SNR) schedule is the pipeline's +mixed stage; a method that already has it is left as is (it was
+    appended again, and the pipeline refused 'recon+ptqd+vsc+mixed+mixed')."""
+    from lowbit.nodes.quantize import method_for_schedule
+    from lowbit.quant.pipeline import parse_method
+
+    assert method_for_schedule("lp+ptqd", auto=True) == "lp+ptqd+mixed"
+    assert method_for_schedule("recon+ptqd+vsc+mixed", auto=True) == "recon+ptqd+vsc+mixed"
+    assert method_for_schedule("lp+ptqd", auto=False) == "lp+ptqd"
+    parse_method(method_for_schedule("recon+ptqd+vsc+mixed", auto=True))
+    with pytest.raises(ValueError, match="part 'mixed' appears twice"):
+        parse_method("recon+ptqd+vsc+mixed+mixed")

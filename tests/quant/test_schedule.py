@@ -29,3 +29,19 @@ def test_auto_schedule_switches_bits_by_timestep(unet, calls):
         ctx.t = t
         assert layer.current_a_bits() == sched.a_bits_at(t)
     assert dict(quant_layers(q))["conv_in"].current_a_bits() == 8  # W8A8 edge layers do not follow it
+
+
+def test_describe_states_the_schedule_over_the_preset_bits(unet, calls):
+    """A schedule overrides the A bits of the scheduled layers: the report says so (it read 'W4A4' alone)."""
+    from lowbit.quant import pipeline
+    from lowbit.quant.config import BitwidthSchedule
+
+    q = quantize(unet, QuantConfig.preset("W4A4"), calls, a_bits_candidates=(4, 8))
+    assert not any("bit-width schedule" in ln for ln in pipeline.describe(q))
+    get_context(q).schedule = BitwidthSchedule.from_percent(0.3, 4, 8)
+    lines = pipeline.describe(q)
+    n = sum(1 for _, l in quant_layers(q) if l.scheduled and l.a_bits != 16)
+    assert n > 0
+    (line,) = [ln for ln in lines if "bit-width schedule" in ln]
+    assert f"used by {n} layers" in line and "A4" in line and "A8" in line
+    assert line.index("A4") < line.index("A8")  # the noisy end (high t) first, as the run goes
