@@ -41,7 +41,7 @@ class LowBitCompareImages:
 
         p, s = psnr(image_a, image_b), ssim(image_a, image_b)
         heat, peak = difference_map(image_a, image_b)
-        text = report(p, s, peak)
+        text = report(p, s, peak, sizes=(image_a.shape[0], image_b.shape[0]))
         ui = {"a_images": adapter.save_preview(image_a, "lowbit_compare_a"),
               "b_images": adapter.save_preview(image_b, "lowbit_compare_b"),
               "text": [text],

@@ -167,9 +167,12 @@ def _finetune(fp_model, quantized_model, positive, negative, teacher, q, config,
                            progress=tracker)
     student = res.model
     lora_side.clear_side_paths(student)
-    log.info("LowBit: EfficientDM fine-tune done (%d steps, loss %.4g -> %.4g)", steps,
-             tracker.losses[0] if tracker.losses else float("nan"),
-             tracker.losses[-1] if tracker.losses else float("nan"))
+    # each step trains at one timestep, whose loss scale differs by orders of magnitude: compare the means of the
+    # first and last quarter of the run (first -> last step alone compared two different timesteps)
+    ls = tracker.losses
+    k = max(1, len(ls) // 4)
+    log.info("LowBit: EfficientDM fine-tune done (%d steps, mean loss of the first %d -> last %d steps: %.4g -> %.4g)",
+             steps, k, k, sum(ls[:k]) / k if ls else float("nan"), sum(ls[-k:]) / k if ls else float("nan"))
     return adapter.attach_quantized_unet(quantized_model, student), loss_curve_image(tracker.losses)
 
 

@@ -12,7 +12,7 @@ Images are float [B, H, W, C] in [0, 1] (ComfyUI's IMAGE layout; C = 1, 3 or 4, 
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +102,21 @@ def difference_map(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, floa
     return heat_colour(d / peak if peak > 0 else d).float(), peak
 
 
-def report(p: List[float], s: List[float], peak: float) -> str:
+def report(p: List[float], s: List[float], peak: float, sizes: Optional[Tuple[int, int]] = None) -> str:
+    """Text for PSNRs ``p`` and SSIMs ``s`` per pair. Over several pairs the PSNR line is that of the mean squared
+    error (a mean of dB values reads near-lossless when one pair is identical); ``sizes`` (images in a, in b) says
+    when one single image was compared with each image of the other batch."""
     def fmt(v):
         return "inf (identical)" if math.isinf(v) else f"{v:.2f} dB"
 
-    lines = [f"image {i}: PSNR {fmt(pi)}, SSIM {si:.4f}" for i, (pi, si) in enumerate(zip(p, s))]
+    lines = []
+    if sizes is not None and sizes[0] != sizes[1]:
+        one, many = ("image_a", "image_b") if sizes[0] == 1 else ("image_b", "image_a")
+        lines.append(f"{one} has 1 image: compared with each of the {max(sizes)} images of {many}")
+    lines += [f"image {i}: PSNR {fmt(pi)}, SSIM {si:.4f}" for i, (pi, si) in enumerate(zip(p, s))]
     if len(p) > 1:
-        finite = [v for v in p if not math.isinf(v)]
-        mp = sum(finite) / len(finite) if finite else float("inf")
-        lines.append(f"mean: PSNR {fmt(mp)}, SSIM {sum(s) / len(s):.4f}")
+        mse = sum(0.0 if math.isinf(v) else 10.0 ** (-v / 10.0) for v in p) / len(p)
+        mp = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+        lines.append(f"all {len(p)}: PSNR {fmt(mp)} (of the mean squared error), mean SSIM {sum(s) / len(s):.4f}")
     lines.append(f"heat map: white = mean |difference| {peak:.4f} (of 1.0)")
     return "\n".join(lines)

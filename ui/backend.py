@@ -102,7 +102,7 @@ def compare_images(fp: torch.Tensor, q: torch.Tensor, title: str = "") -> Compar
 
     p, s = psnr(fp, q), ssim(fp, q)
     heat, peak = difference_map(fp, q)
-    text = report(p, s, peak)
+    text = report(p, s, peak, sizes=(fp.shape[0], q.shape[0]))
     return Comparison(fp, q, heat, p, s, f"{title}\n{text}" if title else text)
 
 

@@ -297,6 +297,16 @@ def test_compare_checks_shapes_and_heatmap():
     assert len(compare.psnr(torch.rand(3, 8, 8, 3), torch.rand(1, 8, 8, 3))) == 3  # broadcast one side
 
 
+def test_compare_report_over_a_batch_uses_the_mean_squared_error_and_says_when_one_image_is_reused():
+    """An identical pair and a bad one: the batch line is the PSNR of the mean squared error (13.0 dB here, not the
+    61.6 dB a mean of 111 and 12 dB gives), and a single image_a compared with each of two is said."""
+    text = compare.report([float("inf"), 10.0], [1.0, 0.2], 0.5, sizes=(1, 2))
+    assert text.splitlines()[0] == "image_a has 1 image: compared with each of the 2 images of image_b"
+    assert "all 2: PSNR 13.01 dB (of the mean squared error), mean SSIM 0.6000" in text
+    assert "compared with each" not in compare.report([30.0, 30.0], [0.9, 0.9], 0.1, sizes=(2, 2))
+    assert "all 2: PSNR 30.00 dB" in compare.report([30.0, 30.0], [0.9, 0.9], 0.1, sizes=(2, 2))
+
+
 # ------------------------------------------------------------------------------------- PTQD sampler
 class _Denoiser:
     """A fake ComfyUI model_k: denoised = x * c (no ``inner_model``, so no PTQD statistics are found)."""
