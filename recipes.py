@@ -111,28 +111,69 @@ def image_grid(rows: List[torch.Tensor], scale: int = 4):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
-         methods=("lp",), precision: Optional[str] = None, size_budget: Optional[float] = None) -> dict:
-    """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid and
-    return the table rows. ``precision`` / ``size_budget``: the per-layer precision plan (see ``build``)."""
+DEMO_GRID = "demo_grid.png"
+
+
+def demo_grid_path(out_dir: str, overwrite: bool = False) -> str:
+    """Where :func:`demo` writes its grid; refuses (before any work) a folder of that name, and an existing file
+    unless ``overwrite``."""
     import os
 
+    from .quant.io import SaveError, SaveExistsError
+
+    path = os.path.join(out_dir, DEMO_GRID)
+    if os.path.isdir(path):
+        raise SaveError(f"{path} is a folder; choose another output folder")
+    if os.path.lexists(path) and not overwrite:
+        raise SaveExistsError(f"{path} already exists; choose another output folder or pass overwrite")
+    return path
+
+
+def _labelled(progress, label: str):
+    """``progress`` with ``label`` before every stage name (which model a sampling run is for); as is when it is
+    not a callback (None, "tqdm")."""
+    if not callable(progress):
+        return progress
+
+    def f(done, total, info=None):
+        info = dict(info or {})
+        info["stage"] = f"{label}: {info.get('stage') or 'working'}"
+        return progress(done, total, info)
+
+    return f
+
+
+def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
+         methods=("lp",), precision: Optional[str] = None, size_budget: Optional[float] = None,
+         overwrite: bool = False) -> dict:
+    """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid
+    (``<out_dir>/demo_grid.png``; an existing one only with ``overwrite``) and return the table rows.
+    ``precision`` / ``size_budget``: the per-layer precision plan (see ``build``). Every setting is checked before
+    the work starts."""
+    import os
+
+    path = demo_grid_path(out_dir, overwrite)
+    plan = {k: v for k, v in dict(precision=precision, size_budget=size_budget).items() if v is not None}
+    for bits in bits_list:  # each combination's config, checked now rather than after the ones before it ran
+        for method in methods:
+            PipelineConfig.for_method(method, bits, **plan)
     os.makedirs(out_dir, exist_ok=True)
     setup = default_setup()
-    calls = timestep_aware_subset(record_calibration(setup, progress=progress), 10)
+    calls = timestep_aware_subset(record_calibration(setup, progress=_labelled(progress, "calibration")), 10)
     rows = []
-    fp = evaluate(setup, setup.unet, n=n_eval, steps=steps, progress=progress)
+    fp = evaluate(setup, setup.unet, n=n_eval, steps=steps, progress=_labelled(progress, "full precision"))
     rows.append(dict(model="full precision", bits="fp32", weight_bytes=weight_bytes(setup.unet), fid=fp["fid"],
                      acc=fp["acc"], seconds=fp["seconds"]))
     grid_rows = [fp["images"][:10]]
     for bits in bits_list:
         for method in methods:
-            b = build(setup, method, bits, calls, precision=precision, size_budget=size_budget)
-            ev = evaluate(setup, b.model, n=n_eval, steps=steps, var_fn=b.var_fn, progress=progress)
+            label = f"{bits} {method}"
+            b = build(setup, method, bits, calls, precision=precision, size_budget=size_budget,
+                      progress=_labelled(progress, label))
+            ev = evaluate(setup, b.model, n=n_eval, steps=steps, var_fn=b.var_fn, progress=_labelled(progress, label))
             rows.append(dict(model=method, bits=bits, weight_bytes=weight_bytes(b.model), fid=ev["fid"], acc=ev["acc"],
                              seconds=ev["seconds"]))
             grid_rows += [ev["images"][:10], (ev["images"][:10] - fp["images"][:10]).abs() / 2]
-    path = os.path.join(out_dir, "demo_grid.png")
     image_grid(grid_rows).save(path)
     return dict(rows=rows, grid=path)
 

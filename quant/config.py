@@ -637,6 +637,14 @@ ARGS: Dict[str, Spec] = {n: Spec(name=n, **kw) for n, kw in dict(
 ).items()}
 
 
+def check_schedule_fits(quant: "QuantConfig", scheduled: bool) -> None:
+    """A bit-width schedule (fixed, or measured by a method's +mixed part) switches activation bits: refused for
+    weight-only formats. One rule for PipelineConfig and the CLI's checks (this module needs no torch)."""
+    if scheduled and quant.a_bits == 16:
+        raise ConfigError(f"{quant.name} is weight-only: a bit-width schedule (+mixed) switches activation "
+                          "bits; pick W4A8/W4A4 or drop the schedule")
+
+
 def arg_field(name: str):
     """A config field declared by ``ARGS[name]`` (same default, limits and help as the verb/CLI argument)."""
     a = ARGS[name]

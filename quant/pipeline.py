@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch.nn as nn
 
 from .config import (METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig, ReconConfig, _Config, _field,
-                     _version, arg_field, register_config)
+                     _version, arg_field, check_schedule_fits, register_config)
 from .errors import ConfigError
 
 BASES = ("naive", "lp", "recon", "efficientdm")
@@ -125,10 +125,7 @@ class PipelineConfig(_Config):
     def _check_combinations(self):
         m = parse_method(self.method)
         object.__setattr__(self, "method", m.name)
-        weight_only = self.quant.a_bits == 16
-        if weight_only and (m.mixed or self.schedule is not None):
-            raise ConfigError(f"{self.quant.name} is weight-only: a bit-width schedule (+mixed) switches activation "
-                              "bits; pick W4A8/W4A4 or drop the schedule")
+        check_schedule_fits(self.quant, m.mixed or self.schedule is not None)
         cands = self.mixed_candidates
         if not isinstance(cands, tuple) or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8
                                                for b in cands):

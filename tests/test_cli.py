@@ -68,6 +68,9 @@ def ws(tmp_path):
     _unet_dir(w, "unet_rgb", config={"in_channels": 4, "out_channels": 4}, weights="ok")
     (w / "unet_noconfig").mkdir()
     _safetensors(w / "plain.safetensors", metadata={"format": "pt"})
+    (w / "outdir").mkdir()
+    (w / "outdir" / "demo_grid.png").write_bytes(b"a user's file")
+    (w / "outdir2" / "demo_grid.png").mkdir(parents=True)
     return w
 
 
@@ -92,6 +95,12 @@ BAD = [
     (["quantize", "q.safetensors", "--unet", "unet_rgb"], ["in_channels=4", "needs 1"]),
     (["quantize", "q.safetensors", "--calib-samples", "0"], ["--calib-samples", "0 is out of range", "1..1024"]),
     (["demo", "--samples", "1"], ["--samples", "1 is out of range", "2..100_000"]),  # FID needs two samples
+    (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
+    (["demo", "--out", "outdir2"], ["demo_grid.png is a folder"]),
+    (["demo", "--bits", "W8A8", "W4A16", "--methods", "recon+ptqd+vsc+mixed"],
+     ["--bits W4A16 with --method recon+ptqd+vsc+mixed", "weight-only"]),
+    (["quantize", "q.safetensors", "--bits", "W4A16", "--method", "recon+ptqd+vsc+mixed"],
+     ["--bits W4A16 with --method recon+ptqd+vsc+mixed", "weight-only", "W4A8"]),
     (["quantize", "q.safetensors", "--calib-samples", "-5"], ["--calib-samples", "-5 is out of range"]),
     (["quantize", "q.safetensors", "--calib-samples", "many"], ["--calib-samples", "not a whole number"]),
     (["quantize", "q.safetensors", "--calib-steps", "-5"], ["--calib-steps", "out of range", "1..1000"]),
@@ -197,6 +206,9 @@ def test_demo_writes_table_and_grid(tmp_path, capsys):
     assert "sampling s: one run per model" in cap.out and "bench_sampling" in cap.out  # the timing is explained
     assert os.path.getsize(tmp_path / "demo_grid.png") > 100
     assert "sample (ddim)" in cap.err  # the core's stage names reach the terminal
+    # which model each stage is for, the quantization included (it ran silently)
+    assert "full precision: sample (ddim)" in cap.err and "W4A8 naive: sample (ddim)" in cap.err
+    assert [ln for ln in cap.err.splitlines() if "W8A8 naive:" in ln and "sample (ddim)" not in ln]
 
 
 def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tmp_path, capsys):
