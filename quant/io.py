@@ -140,6 +140,17 @@ def migrate(header: dict, path: str = "<header>") -> dict:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
         _fail(path, f"format version {v!r} is not supported (this LowBit reads 1..{FORMAT_VERSION})",
               "upgrade LowBit or re-save the file with this version")
+    # fields a later version introduced, in a header that claims an earlier one: not a file that version wrote
+    # (e.g. a version-3 file relabelled 1, which would skip its tensor checksums)
+    layers = header.get("layers")
+    found = {2: [k for k in ("tensor_sha256",) if k in header],
+             3: [k for k in ("arch", "float_tensors") if k in header]}
+    if isinstance(layers, dict) and any(isinstance(lm, dict) and "w_format" in lm for lm in layers.values()):
+        found[2].append("per-layer w_format")
+    for since, fields in found.items():
+        if v < since and fields:
+            _fail(path, f"it says format version {v} but holds {', '.join(fields)} (version {since} and later)",
+                  "the file was edited after saving; save it again with LowBit")
     header["_migrated_from"] = v
     while v < FORMAT_VERSION:
         header = MIGRATIONS[v](header)

@@ -169,12 +169,20 @@ def test_unused_tensor_is_refused_not_read(unet, good, tmp_path):
     _refused(unet, _craft(good, tmp_path, edit), "tensors no layer uses")
 
 
+def _as_version_1(ts, h):
+    """The header a version-1 LowBit wrote: no per-layer w_format (v2), checksums (v2), arch or float list (v3)."""
+    h["format_version"] = 1
+    for lm in h["layers"].values():
+        del lm["w_format"]
+    for k in ("tensor_sha256", "arch", "float_tensors"):
+        h.pop(k, None)
+    for k in [k for k in ts if k.startswith("__float__.")]:
+        del ts[k]
+
+
 def test_version_1_file_is_migrated(unet, good, tmp_path):
     """A version-1 header (no w_format) loads through MIGRATIONS[1]."""
-    def edit(ts, h):
-        h["format_version"] = 1
-        for lm in h["layers"].values():
-            del lm["w_format"]
+    edit = _as_version_1
 
     q = load(unet, _craft(good, tmp_path, edit))
     q2 = load(unet, good[0])
@@ -191,6 +199,25 @@ def test_flipped_data_byte_is_caught_by_the_checksum(unet, good, tmp_path):
     p = tmp_path / "flipped.safetensors"
     p.write_bytes(bytes(raw))
     _refused(unet, str(p), "does not match its checksum")
+
+
+@pytest.mark.parametrize("keep, field", [("tensor_sha256", "tensor_sha256"), ("arch", "arch"),
+                                         ("float_tensors", "float_tensors"), ("w_format", "per-layer w_format")])
+def test_header_relabelled_to_an_older_version_is_refused(unet, good, tmp_path, keep, field):
+    """A version-1 label on a header holding a later version's field (a file relabelled to skip its checksums) is
+    refused, naming the field; a changed tensor would otherwise load unchecked."""
+    def edit(ts, h):
+        kept = h["layers"] if keep == "w_format" else {keep: h.get(keep)}
+        saved = json.loads(json.dumps(kept))
+        _as_version_1(ts, h)
+        if keep == "w_format":
+            for n, lm in h["layers"].items():
+                lm["w_format"] = saved[n]["w_format"]
+        else:
+            h[keep] = saved[keep]
+        next(v for k, v in ts.items() if v.is_floating_point()).add_(100.0)  # the edit the checksums would catch
+
+    _refused(unet, _craft(good, tmp_path, edit), f"says format version 1 but holds {field}")
 
 
 def test_missing_checksums_in_a_version_2_file(unet, good, tmp_path):
