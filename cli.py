@@ -515,7 +515,8 @@ def _config_text(obj) -> str:
     if not isinstance(obj, dict) or "_data" not in obj:
         return "none"
     data = obj["_data"] if isinstance(obj["_data"], dict) else {}
-    parts = [f"{k}={len(v)} rules" if k == "rules" else f"{k}={v}" for k, v in data.items()]
+    parts = [f"{k}={len(v)} rules" if k == "rules" and isinstance(v, (list, tuple)) else f"{k}={v}"
+             for k, v in data.items()]
     return f"{obj.get('_type')} v{obj.get('_version')}: " + ", ".join(parts)
 
 
@@ -538,7 +539,8 @@ def inspect_text(path: str, layers: bool = False) -> str:
     if header.get("schedule"):
         method.append("step-aware bit schedule")
     if header.get("splits"):
-        method.append(f"shortcut split ({len(header['splits'])} convs)")
+        splits = header["splits"]
+        method.append(f"shortcut split ({len(splits) if isinstance(splits, (dict, list)) else '?'} convs)")
     dec = extras.get("decisions") if isinstance(extras.get("decisions"), dict) else {}
     dec_layers = ([d for d in dec.get("layers", []) if isinstance(d, dict)]
                   if isinstance(dec.get("layers"), list) else [])
@@ -596,18 +598,30 @@ def inspect_text(path: str, layers: bool = False) -> str:
         out.append(f"  {'layer':<48}{'kind':<8}{'shape':<20}{'precision':<14}{'bytes':>10}")
         for lname, m in lm.items():
             m = m if isinstance(m, dict) else {}
-            shape = "x".join(map(str, m.get("shape") or []))
+            shape = m.get("shape")
+            shape = "x".join(map(str, shape)) if isinstance(shape, list) else str(shape)
             out.append(f"  {lname:<48}{str(m.get('kind')):<8}{shape:<20}{_precision(m):<14}"
                        f"{_nbytes(index, lname + '.'):>10,}")
-    return "\n".join(out)
+    return "\n".join(_printable(line) for line in out)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``...): header strings are the file's, and a
+    crafted one must not drive the terminal (escape sequences)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _cmd_inspect(a, prog: Progress):
-    if a.json:
+    if a.json:  # (json.dumps escapes control characters itself)
         header, _ = _quant().read_header(a.file)
         print(json.dumps(header, indent=2, sort_keys=True))
-    else:
-        print(inspect_text(a.file, layers=a.layers))
+        return 0
+    try:
+        text = inspect_text(a.file, layers=a.layers)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a field of the wrong type or shape
+        raise _core("errors").LoadError(f"{a.file}: its LowBit header has a malformed field ({exc}); the file is "
+                                        "corrupt or was edited: save it again with LowBit") from None
+    print(text)
     return 0
 
 

@@ -274,3 +274,25 @@ def test_precision_options_reach_the_plan(tmp_path, capsys):
         main(["quantize", str(tmp_path / "x.safetensors"), "--size-budget", "1.5"])
     assert exc.value.code == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_inspect_shows_a_crafted_header_escaped_and_survives_fields_of_the_wrong_type(tmp_path, capsys):
+    """Header strings are the file's: control characters are printed escaped (a crafted one must not drive the
+    terminal), and a field of the wrong type (splits, rules, a layer's shape as numbers) is shown, not a traceback."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lowbit.quant.io import FORMAT
+
+    h = {"format": FORMAT, "format_version": 3, "method": "\x1b[2Jcleared\x07", "splits": 5,
+         "config": {"_type": "QuantConfig", "_version": 1, "_data": {"rules": 5, "w_bits": 4, "a_bits": 8}},
+         "layers": {"conv\x1b[31m": {"shape": 5, "kind": "conv"}}, "model": {"cls": "X\x1b]0;title\x07"}}
+    p = str(tmp_path / "crafted.safetensors")
+    save_file({"x": torch.zeros(1)}, p, metadata={"lowbit": json.dumps(h)})
+    for argv in (["inspect", p], ["inspect", p, "--layers"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out
+        assert "\\x1b[2Jcleared\\x07" in out and "rules=5" in out
