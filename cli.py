@@ -3,6 +3,7 @@
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
   lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
   lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, method, configs
+  lowbit export --comfy IN OUT   a saved file in ComfyUI's own quantized layout (stock Load Diffusion Model)
   lowbit ui              serve the gradio app on localhost
 
 Every input is checked before any work starts: a bad one prints one line (the problem and the fix) and exits
@@ -163,7 +164,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,inspect,ui}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,inspect,export,ui}")
 
     d = sub.add_parser("demo", help="quantize the embedded default model and compare it with full precision",
                        description="Quantize the embedded default model, sample the same seeds with full "
@@ -242,6 +243,10 @@ def _writable_dir(d: str) -> bool:
 
 def _check_safetensors(path: str, what: str):
     """A real safetensors file (8-byte size, JSON header inside the file), read without torch."""
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder; give a .safetensors file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -365,14 +370,16 @@ def _check_combinations(bits_list, methods):
 
 def _check_export(a):
     _check_safetensors(a.input, "input")
-    _check_output_file(a.output, a.overwrite)
     if os.path.abspath(a.input) == os.path.abspath(a.output):
         raise UsageError(f"output {a.output} is the input file; choose another output name")
+    _check_output_file(a.output, a.overwrite)
     if a.unet:
         _check_unet(a.unet)
 
 
 def _check_inspect(a):
+    if os.path.isdir(a.file):
+        raise UsageError(f"{a.file} is a folder; give a .safetensors file saved by LowBit")
     if not os.path.isfile(a.file):
         raise UsageError(f"{a.file}: no such file; give a .safetensors file saved by LowBit")
     _check_safetensors(a.file, "file")

@@ -278,7 +278,7 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
         d.append(f"per-timestep activation tables of {time_tables} layers (TALSQ / time bins)")
     convs = [n for n, why in result.float_layers.items() if "Linear layers only" in why or "split" in why]
     if convs:
-        d.append(f"{len(convs)} convolutions are written as float {_dt(float_dtype)} weights (LowBit's dequantized "
+        d.append(f"{len(convs)} convolutions are written as {_dt(float_dtype)} weights (LowBit's dequantized "
                  f"integers{', exact' if float_dtype == torch.float32 else ', rounded'}): ComfyUI quantizes Linear "
                  "layers only")
     other = {n: why for n, why in result.float_layers.items() if n not in convs}
@@ -325,6 +325,9 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
         raise SaveFolderError(f"cannot export to {path}: folder {folder} does not exist; create it first")
     if os.path.isdir(path):
         raise SaveError(f"cannot export to {path}: it is a folder; give a file name ending in .safetensors")
+    if not os.access(folder, os.W_OK):
+        raise SaveFolderError(f"cannot export to {path}: folder {folder} is not writable (permission or a "
+                              "read-only file system); choose a writable folder")
     if not overwrite and os.path.lexists(path):
         raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     tensors, metadata, result = comfy_state_dict(qmodel, prefix=prefix, float_dtype=float_dtype, w4_layout=w4_layout,

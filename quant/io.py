@@ -349,6 +349,9 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
         raise SaveError(f"cannot save {path}: it is a folder; give a file name ending in .safetensors")
     if not overwrite and os.path.lexists(path):  # early answer only; the link below is the real no-clobber check
         raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    if not os.access(folder, os.W_OK):
+        raise SaveFolderError(f"cannot save {path}: folder {folder} is not writable (permission or a read-only "
+                              "file system); choose a writable folder")
     clean_stale_temps(folder)
     if arch is not None and arch is not False:
         try:
@@ -361,7 +364,11 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
     header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
+    except OSError as exc:  # read-only or immutable folder, no permission: said before anything is written
+        raise SaveFolderError(f"cannot save {path}: cannot write in folder {folder} ({exc.strerror}); choose a "
+                              "writable folder") from None
     try:
         mode = os.fstat(fd).st_mode & 0o777
     finally:

@@ -106,3 +106,11 @@ def test_missing_folder_is_an_error_unless_asked(qmodel, tmp_path):
     assert not (tmp_path / "no").exists()
     save(qmodel, str(p), make_dirs=True)
     assert p.is_file()
+
+
+def test_unwritable_folder_is_a_save_error_before_anything_is_written(qmodel):
+    """A folder the process cannot write in (here /proc: no new files even for root) is a one-line SaveError that
+    says so, not a raw OSError naming a hidden temporary file."""
+    with pytest.raises(LowBitError, match=r"folder /proc.*choose a writable folder") as ei:
+        save(qmodel, "/proc/lowbit-q.safetensors")
+    assert isinstance(ei.value, OSError) and "\n" not in str(ei.value) and ".tmp" not in str(ei.value)
