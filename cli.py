@@ -619,9 +619,11 @@ def _printable(text: str) -> str:
 
 
 def _cmd_inspect(a, prog: Progress):
-    if a.json:  # (json.dumps escapes control characters itself)
-        header, _ = _quant().read_header(a.file)
-        print(json.dumps(header, indent=2, sort_keys=True))
+    if a.json:  # the file's own header, as written (read_header would show it migrated to today's version);
+        # read_header still checks it is a LowBit file first. json.dumps escapes control characters itself.
+        _quant().read_header(a.file)
+        raw = json.loads(_check_safetensors(a.file, "file")["__metadata__"]["lowbit"])
+        print(json.dumps(raw, indent=2, sort_keys=True))
         return 0
     try:
         text = inspect_text(a.file, layers=a.layers)

@@ -300,3 +300,17 @@ def test_inspect_shows_a_crafted_header_escaped_and_survives_fields_of_the_wrong
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x07" not in out
         assert "\\x1b[2Jcleared\\x07" in out and "rules=5" in out
+
+
+def test_inspect_json_prints_the_header_as_written(capsys):
+    """--json is the file's own header: a version-1 file shows version 1 (it showed the header migrated to today's
+    version, with fields the file does not hold)."""
+    import json
+    from pathlib import Path
+
+    p = str(Path(__file__).parent / "fixtures" / "fmt1_w8a8.safetensors")
+    assert main(["inspect", p, "--json"]) == 0
+    h = json.loads(capsys.readouterr().out)
+    assert h["format_version"] == 1 and "_migrated_from" not in h and "arch" not in h
+    assert main(["inspect", p]) == 0  # the summary still reads it through today's reader
+    assert "quantized layers" in capsys.readouterr().out
