@@ -552,7 +552,7 @@ def inspect_text(path: str, layers: bool = False) -> str:
     dec_layers = ([d for d in dec.get("layers", []) if isinstance(d, dict)]
                   if isinstance(dec.get("layers"), list) else [])
     if dec_layers:
-        method.append("per-layer precision from measurement")
+        method.append("per-layer precision plan")
     method += [k for k in extras if k not in ("ptqd", "decisions")]
     out = [f"file       {path} ({total:,} bytes)",
            f"format     {header.get('format')} v{header.get('format_version')}",
@@ -598,7 +598,7 @@ def inspect_text(path: str, layers: bool = False) -> str:
             modes[d.get("mode")] = modes.get(d.get("mode"), 0) + 1
         out.append("decisions  " + ", ".join(f"{n} layers {'kept in float' if m == 'fp' else 'at ' + str(m)}"
                                              for m, n in sorted(modes.items(), key=str)) +
-                   ("" if layers else " (--layers lists them with the measured reason)"))
+                   ("" if layers else " (--layers lists them with the reason: measured, or a name rule)"))
     if layers:
         for d in dec_layers:
             out.append(f"  {str(d.get('name')):<48}{str(d.get('mode')):<8}{d.get('reason', '')}")
