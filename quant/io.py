@@ -898,6 +898,9 @@ def load(model, path: Optional[str] = None) -> nn.Module:
         if isinstance(model, (str, os.PathLike)):
             return load_model(model)
         raise ConfigError("load needs a file: load(model, path), or load(path) to build the model from the file")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"load(model, path): model must be the full-precision torch module the file was made from, "
+                          f"got {type(model).__name__}; to build the model from the file alone use load(path)")
     path = os.fspath(path)
     header, index = read_header(path)
     return _load(model, path, header, index, standalone=False)

@@ -108,3 +108,10 @@ def test_save_never_overwrites(saved):
         save(q, p)
     assert os.path.getmtime(p) == mtime
     assert not [f for f in os.listdir(os.path.dirname(p)) if f.endswith(".tmp")]
+
+
+def test_load_with_a_path_in_place_of_the_model_says_what_to_pass(tmp_path):
+    from lowbit.quant import ConfigError, load
+
+    with pytest.raises(ConfigError, match=r"model must be the full-precision torch module.*got str.*load\(path\)"):
+        load(str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"))
