@@ -221,12 +221,12 @@ class LowBitEfficientDMFinetune:
                                             "keeps them fixed.", step=0.0001, round=1e-6, advanced=True),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    # Only what INPUT_TYPES cannot say (multiples of 8); ComfyUI checks the other inputs' declared ranges itself,
+    # one error per bad input (a VALIDATE_INPUTS message is attached to every input it names). fine_tune() checks
+    # everything again before any work.
     @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, rank=None, lr_scale=None, seed=None, samples=None, sampling_steps=None,
-                        cfg=None, width=None, height=None, batch_size=None, act_lr=None):
-        return validation_result(check_finetune_settings, steps=steps, rank=rank, lr_scale=lr_scale, seed=seed,
-                                 samples=samples, sampling_steps=sampling_steps, cfg=cfg, width=width, height=height,
-                                 batch_size=batch_size, act_lr=act_lr)
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        return validation_result(check_finetune_settings, width=width, height=height)
 
     def fine_tune(self, fp_model, quantized_model, positive, negative, steps, rank, lr_scale, seed, samples=4,
                  sampling_steps=10, cfg=7.0, width=512, height=512, batch_size=8, act_lr=5e-4, unique_id=None):

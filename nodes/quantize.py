@@ -234,16 +234,14 @@ class LowBitQuantizeUNet:
                                  "fraction of the layers' fp16 size (0.03 = 3 %).", step=0.01, advanced=True),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    # Only what INPUT_TYPES cannot say: ComfyUI checks every other input against its declared range or choices
+    # itself, one error on that input, while a VALIDATE_INPUTS message is attached to every input it names (one
+    # bad seed showed as ten errors). method: also the names of earlier releases (not in the list);
+    # width / height: multiples of 8. quantize() checks everything again before any work.
     @classmethod
-    def VALIDATE_INPUTS(cls, bits=None, method=None, calibration_steps=None, calibration_samples=None, seed=None,
-                        cfg=None, calibration_width=None, calibration_height=None, calibration_timesteps=None,
-                        time_bins=None, recon_iters=None, weight_init=None, precision=None, size_budget=None):
-        return validation_result(check_quantize_settings, bits=bits, method=method, precision=precision,
-                                 size_budget=size_budget,
-                                 calibration_steps=calibration_steps, calibration_samples=calibration_samples,
-                                 seed=seed, cfg=cfg, calibration_width=calibration_width,
-                                 calibration_height=calibration_height, calibration_timesteps=calibration_timesteps,
-                                 time_bins=time_bins, recon_iters=recon_iters, weight_init=weight_init)
+    def VALIDATE_INPUTS(cls, method=None, calibration_width=None, calibration_height=None):
+        return validation_result(check_quantize_settings, method=method, calibration_width=calibration_width,
+                                 calibration_height=calibration_height)
 
     def quantize(self, model, positive, negative, bits, method, calibration_steps, calibration_samples, seed, cfg,
                  bitwidth_schedule=None, calibration_width=512, calibration_height=512, calibration_timesteps=0,

@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..quant.sampling import KDIFF_SAMPLERS, KDIFF_STOCHASTIC, ancestral_step, sample_sigmas_ptqd  # noqa: F401
 from . import comfy_adapter as adapter
 from .common import (BOOL, CATEGORY, COMBO, FLOAT, INT, SOCKET, NodeInputError, check_choice, check_float,
-                     check_int, validation_result)
+                     check_int)
 
 PTQD_SAMPLERS, STOCHASTIC = KDIFF_SAMPLERS, KDIFF_STOCHASTIC
 
@@ -98,9 +98,8 @@ class LowBitPTQDSampler:
             "variance_correction": BOOL(True, _VSC_TIP),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, sampler_name=None, eta=None, s_noise=None):
-        return validation_result(check_sampler_settings, sampler_name=sampler_name, eta=eta, s_noise=s_noise)
+    # (no VALIDATE_INPUTS: ComfyUI checks the declared ranges and choices itself, one error per bad input;
+    # make_sampler checks them again)
 
     def get_sampler(self, sampler_name, eta, s_noise, variance_correction):
         return (make_sampler(sampler_name, eta, s_noise, variance_correction),)
@@ -147,16 +146,14 @@ class LowBitPTQDKSampler:
             "variance_correction": BOOL(True, _VSC_TIP, advanced=True),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, steps=None, cfg=None, denoise=None, scheduler=None, sampler_name=None, eta=None,
-                        s_noise=None):
-        return validation_result(check_ksampler_settings, steps=steps, cfg=cfg, denoise=denoise, scheduler=scheduler,
-                                 sampler_name=sampler_name, eta=eta, s_noise=s_noise)
+    # (no VALIDATE_INPUTS: ComfyUI checks the declared ranges and choices itself, one error per bad input;
+    # sample() checks them again)
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise=1.0, eta=1.0, s_noise=1.0, variance_correction=True):
         if denoise <= 0:
             raise NodeInputError("denoise=0 runs no step; use a value in (0, 1]")
+        check_ksampler_settings(steps=steps, cfg=cfg, denoise=denoise, scheduler=scheduler)
         sampler = make_sampler(sampler_name, eta, s_noise, variance_correction)
         return (adapter.sample_with_sampler(model, sampler, seed, steps, cfg, scheduler, positive, negative,
                                             latent_image, denoise),)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .common import (CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, NodeInputError, check_choice,
-                     check_float, check_int, validation_result)
+                     check_float, check_int)
 
 MODE_FIXED = "fixed percent split"
 MODE_AUTO = "auto (SNR)"
@@ -100,10 +100,8 @@ class LowBitBitwidthSchedule:
             "late_bits": INT(8, 2, 8, "Activation bits for the rest of the run, where fine detail is formed."),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, mode=None, switch_percent=None, early_bits=None, late_bits=None):
-        return validation_result(check_schedule_settings, mode=mode, switch_percent=switch_percent,
-                                 early_bits=early_bits, late_bits=late_bits)
+    # (no VALIDATE_INPUTS: ComfyUI checks the declared ranges and choices itself, one error per bad input;
+    # build() checks them again)
 
     def build(self, mode, switch_percent, early_bits, late_bits):
         check_schedule_settings(mode, switch_percent, early_bits, late_bits)

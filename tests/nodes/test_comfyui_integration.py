@@ -195,6 +195,31 @@ def test_native_layout_is_refused_where_comfyui_cannot_load_it(comfy):
         comfy.run(g, timeout=1800)
 
 
+def _node_errors(exc, node_id) -> list:
+    """The ``node_errors`` of one node from the harness's failure text for an HTTP 400 /prompt answer."""
+    text = str(exc).split("\n--- ComfyUI log tail")[0]
+    return _json.loads(text[text.index("{"):])["node_errors"][node_id]["errors"]
+
+
+def test_a_bad_value_is_one_error_on_its_own_input(comfy):
+    """ComfyUI attaches a VALIDATE_INPUTS message to every input the function names; the nodes leave declared
+    ranges to ComfyUI, so seed=-1 is one error, on seed (it was ten, one per input, most on unrelated ones), and a
+    width that is not a multiple of 8 names only the inputs VALIDATE_INPUTS checks."""
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g, seed=-1)
+    g["60"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "x"}}
+    with pytest.raises(AssertionError) as ei:
+        comfy.queue_prompt(g)
+    errors = _node_errors(ei.value, "10")
+    assert [e["extra_info"]["input_name"] for e in errors] == ["seed"], errors
+    g["10"]["inputs"].update(seed=0, calibration_width=60)
+    with pytest.raises(AssertionError) as ei:
+        comfy.queue_prompt(g)
+    errors = _node_errors(ei.value, "10")
+    assert {e["extra_info"]["input_name"] for e in errors} <= {"method", "calibration_width", "calibration_height"}
+    assert all("multiple of 8" in e["details"] for e in errors)
+
+
 def test_efficientdm_node_runs_a_few_steps(comfy):
     g = _text_graph(comfy.checkpoint)
     q = _quantize(g)

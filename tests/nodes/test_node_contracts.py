@@ -119,38 +119,86 @@ def test_validate_inputs_accepts_the_defaults(node_id):
     (dict(weight_init="mse"), ["weight_init", "lp"]),
 ])
 def test_quantize_rejects_bad_settings(kwargs, words):
-    msg = MAPPINGS["LowBitQuantizeUNet"].VALIDATE_INPUTS(**kwargs)
-    assert isinstance(msg, str)
-    for w in words:
-        assert w in msg, msg
-    with pytest.raises(ValueError):
+    """The node's own check (run by quantize() before any work, and by VALIDATE_INPUTS for what INPUT_TYPES cannot
+    declare) names the input and the fix."""
+    with pytest.raises(ValueError) as ei:
         check_quantize_settings(**kwargs)
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
 
 
-def test_schedule_rejects_bad_settings_and_weight_only_bits():
-    v = MAPPINGS["LowBitBitwidthSchedule"].VALIDATE_INPUTS
-    assert "switch_percent" in v(switch_percent=1.5)
-    assert "early_bits" in v(early_bits=1)
-    assert "late_bits" in v(late_bits=9)
-    assert "mode" in v(mode="cosine")
+# what each node's VALIDATE_INPUTS checks: only what INPUT_TYPES cannot declare (ComfyUI attaches a VALIDATE_INPUTS
+# message to every input the function names, so one bad value showed as up to 14 errors on unrelated inputs)
+CUSTOM_CHECKED = {
+    "LowBitQuantizeUNet": {"method", "calibration_width", "calibration_height"},  # old method names; multiples of 8
+    "LowBitEfficientDMFinetune": {"width", "height"},  # multiples of 8
+    "LowBitSaveQuantizedUNet": {"filename_prefix"},  # path rules
+    "LowBitBitwidthSchedule": set(), "LowBitPTQDSampler": set(), "LowBitPTQDKSampler": set(),
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(CUSTOM_CHECKED))
+def test_validate_inputs_names_only_what_input_types_cannot_declare(node_id):
+    v = getattr(MAPPINGS[node_id], "VALIDATE_INPUTS", None)
+    assert (set(inspect.signature(v).parameters) if v is not None else set()) == CUSTOM_CHECKED[node_id]
+
+
+def _node_checks():
+    from lowbit.nodes import finetune as ft
+
+    return {"LowBitQuantizeUNet": check_quantize_settings, "LowBitEfficientDMFinetune": ft.check_finetune_settings,
+            "LowBitBitwidthSchedule": sch.check_schedule_settings,
+            "LowBitPTQDSampler": smp.check_sampler_settings}
+
+
+@pytest.mark.parametrize("node_id", ["LowBitQuantizeUNet", "LowBitEfficientDMFinetune", "LowBitBitwidthSchedule",
+                                     "LowBitPTQDSampler"])
+def test_declared_ranges_and_choices_are_the_checks_ones(node_id):
+    """ComfyUI validates the inputs VALIDATE_INPUTS does not name from INPUT_TYPES (min / max, the combo's list);
+    the node's own check, run again before any work, accepts exactly those: the bounds and every listed choice
+    pass, one step outside or an unlisted value is refused."""
+    check = _node_checks()[node_id]
+    for _, name, entry in all_inputs(MAPPINGS[node_id]):
+        if name in CUSTOM_CHECKED[node_id] or name not in inspect.signature(check).parameters:
+            continue
+        kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+        if isinstance(kind, list):
+            for choice in kind:
+                check(**{name: choice})
+            with pytest.raises(ValueError, match=name):
+                check(**{name: "not-a-choice"})
+        elif kind in ("INT", "FLOAT"):
+            step = 1 if kind == "INT" else 1e-3 * max(1.0, abs(opts["max"]))
+            check(**{name: opts["min"]})
+            check(**{name: opts["max"]})
+            for bad in (opts["min"] - step, opts["max"] + step):
+                with pytest.raises(ValueError, match=name):
+                    check(**{name: bad})
+
+
+def test_schedule_rejects_weight_only_bits():
     spec = sch.ScheduleSpec(sch.MODE_FIXED, 0.5, 4, 8)
     with pytest.raises(ValueError, match="W4A16"):
         sch.check_schedule_with_bits(spec, "W4A16")
     sch.check_schedule_with_bits(spec, "W4A8")
 
 
-def test_sampler_rejects_bad_settings():
-    assert "eta" in MAPPINGS["LowBitPTQDSampler"].VALIDATE_INPUTS(eta=2.0)
-    assert "sampler_name" in MAPPINGS["LowBitPTQDSampler"].VALIDATE_INPUTS(sampler_name="dpmpp_2m")
-    assert "denoise" in MAPPINGS["LowBitPTQDKSampler"].VALIDATE_INPUTS(denoise=1.5)
-    assert "scheduler" in MAPPINGS["LowBitPTQDKSampler"].VALIDATE_INPUTS(scheduler="nope")
+def test_sampler_checks_name_the_bad_input():
+    for kwargs, word in ((dict(eta=2.0), "eta"), (dict(sampler_name="dpmpp_2m"), "sampler_name")):
+        with pytest.raises(ValueError, match=word):
+            smp.check_sampler_settings(**kwargs)
+    with pytest.raises(ValueError, match="denoise"):
+        smp.check_ksampler_settings(denoise=1.5)
 
 
 def test_finetune_rejects_bad_settings():
     v = MAPPINGS["LowBitEfficientDMFinetune"].VALIDATE_INPUTS
-    assert "rank" in v(rank=0)
-    assert "lr_scale" in v(lr_scale=0.0)
     assert "multiple of 8" in v(width=100)
+    from lowbit.nodes import finetune as ft
+
+    for kwargs, word in ((dict(rank=0), "rank"), (dict(lr_scale=0.0), "lr_scale")):
+        with pytest.raises(ValueError, match=word):
+            ft.check_finetune_settings(**kwargs)
 
 
 def test_save_prefix_rules(tmp_path):
