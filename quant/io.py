@@ -41,6 +41,7 @@ import os
 import re
 import secrets
 import struct
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -994,6 +995,15 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
                             f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}", "pick the file made from this "
                             "architecture")
         fneed = [FLOAT_PREFIX + k for k in own]
+    elif fnames:  # onto a given float model, but the file holds the float tensors it was saved with: those are used
+        own = {k: v for k, v in model_state(qmodel).items()
+               if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        for k in sorted(set(own) & set(fnames)):
+            e = index[FLOAT_PREFIX + k]
+            if tuple(e["shape"]) != tuple(own[k].shape):
+                _fail(path, f"float tensor {k[:200]!r} is {e['shape']}, this model holds {list(own[k].shape)}",
+                      "pick the file made from this architecture")
+        fneed = [FLOAT_PREFIX + k for k in sorted(set(own) & set(fnames))]
     extras = header.get("extras") or {}
     if not isinstance(extras, dict):
         _fail(path, "its extras are not an object", "the file is corrupt")
@@ -1054,8 +1064,23 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         layer._params_to_buffers()
         _set_module(qmodel, n, layer)
     _set_state(qmodel, ctx, cfg, sched, splits)
+    differ = []
     for k in fneed:
-        _assign(qmodel, k[len(FLOAT_PREFIX):], tensors.pop(k))
+        t = tensors.pop(k)
+        key = k[len(FLOAT_PREFIX):]
+        if not standalone:  # in the model's dtype (a checkpoint loaded in fp16 keeps running in fp16)
+            mine = own[key].detach()
+            t = t.to(mine.dtype)
+            ref = mine.cpu()
+            if t.is_floating_point() and not torch.allclose(t.float(), ref.float(), rtol=1e-2, atol=1e-6) \
+                    or not t.is_floating_point() and not torch.equal(t, ref):
+                differ.append(key)
+            t = t.to(mine.device)
+        _assign(qmodel, key, t)
+    if differ:
+        warnings.warn(f"{path}: {len(differ)} float tensors of the given model differ from the ones saved in the "
+                      f"file (e.g. {differ[0][:200]!r}): it was made from another checkpoint; the file's are used, "
+                      "so the result is the saved model", stacklevel=3)
     if standalone:
         for k, t in list(qmodel.named_parameters()) + list(qmodel.named_buffers()):
             if t.is_meta:

@@ -115,3 +115,27 @@ def test_load_with_a_path_in_place_of_the_model_says_what_to_pass(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model must be the full-precision torch module.*got str.*load\(path\)"):
         load(str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"))
+
+
+def test_loading_onto_another_checkpoint_gives_the_saved_model_and_says_so(unet, saved):
+    """A finetune of the same architecture (different float tensors: norms, embeddings) used to give a hybrid, the
+    file's integers with the other model's float parts, silently. The file holds the float tensors it was saved
+    with: they are used (the result is the saved model) and a warning names the difference; the given model is not
+    changed."""
+    import copy
+    import warnings
+
+    q, p = saved
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, t in other.named_parameters():
+            if "norm" in name:
+                t.mul_(1.5)
+    before = state_copy(other)
+    with pytest.warns(UserWarning, match=r"float tensors of the given model differ.*another checkpoint"):
+        q2 = load(other, p)
+    assert torch.equal(out(q2), out(q))
+    assert_same_state(other, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the checkpoint it was made from: no warning
+        assert torch.equal(out(load(unet, p)), out(q))
