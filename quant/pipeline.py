@@ -192,6 +192,23 @@ def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
     return m
 
 
+def _check_calls_fit(fp_model: nn.Module, calls) -> None:
+    """The float model runs the first recorded call (one forward, before any work): calls recorded from another
+    model fail here with a ConfigError saying so, not later inside a stage with the model's own error."""
+    if not calls:
+        return
+    from .calib import run_calls
+
+    try:
+        run_calls(fp_model, calls[:1])
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        if "out of memory" in str(exc).lower():  # (torch.OutOfMemoryError; not a mismatch)
+            raise
+        raise ConfigError(f"the recorded calls do not fit this model: the float model fails on the first one "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); record the calls with "
+                          "CallRecorder around a sampling run of this model") from exc
+
+
 def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *, alphas_cumprod=None,
         num_train_timesteps: Optional[int] = None, profile: Optional[str] = None, stat_calls=None,
         start: Optional[nn.Module] = None, progress=None) -> Result:
@@ -206,6 +223,7 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
 
     m = check(fp_model, list(calls or []), config, alphas_cumprod)
     calls = list(calls or [])
+    _check_calls_fit(fp_model, calls)
     if num_train_timesteps is None:
         num_train_timesteps = len(alphas_cumprod) if alphas_cumprod is not None else 1000
     qcfg = _effective_quant(config, m)

@@ -138,3 +138,15 @@ def test_user_forward_pre_hooks_keep_working_after_quantize_(unet, calls):
     m.register_forward_pre_hook(lambda mod, args: seen.append(("late", len(args))))
     out(m, t=123)
     assert seen[-1] == ("late", 2) and ctx.t == 123.0
+
+
+def test_calls_recorded_from_another_model_are_refused_before_any_work(unet, calls):
+    """The pipeline replays the first call on the float model before its stages: calls of another architecture are
+    a ConfigError saying so (it was the model's own error, deep in a stage)."""
+    import torch.nn as nn
+
+    from lowbit.quant import ConfigError, PipelineConfig, pipeline
+
+    other = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ConfigError, match="recorded calls do not fit this model.*CallRecorder"):
+        pipeline.run(other, calls, PipelineConfig.for_method("naive", "W8A8"))
