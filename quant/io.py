@@ -1034,8 +1034,11 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     if "ptqd" in extras and "ptqd" in EXTRAS:
         _check_ptqd_values(path, {k[len("__extra__.ptqd."):]: v for k, v in tensors.items()
                                   if k.startswith("__extra__.ptqd.")}, T)
-    for k in fneed:
+    for k in list(fneed):
         if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
+            if not standalone:  # onto a given model: its own tensor stays (e.g. a buffer a checkpoint does not
+                fneed.remove(k)  # fill, uninitialised memory in unused parts: differs between processes anyway)
+                continue
             _fail(path, f"float tensor {k[len(FLOAT_PREFIX):][:200]!r} contains NaN/Inf",
                   "the file is corrupt or was saved from a diverged run")
 
