@@ -244,7 +244,7 @@ def _writable_dir(d: str) -> bool:
 def _check_safetensors(path: str, what: str):
     """A real safetensors file (8-byte size, JSON header inside the file), read without torch."""
     if not os.path.lexists(path):
-        raise UsageError(f"{what} {path}: no such file")
+        raise UsageError(f"{what} {path}: no such file; check the path")
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder; give a .safetensors file")
     try:
@@ -378,11 +378,7 @@ def _check_export(a):
 
 
 def _check_inspect(a):
-    if os.path.isdir(a.file):
-        raise UsageError(f"{a.file} is a folder; give a .safetensors file saved by LowBit")
-    if not os.path.isfile(a.file):
-        raise UsageError(f"{a.file}: no such file; give a .safetensors file saved by LowBit")
-    _check_safetensors(a.file, "file")
+    _check_safetensors(a.file, "file")  # (a missing file, a folder, not safetensors: one line each)
 
 
 def _check_ui(a):

@@ -69,15 +69,19 @@ class Built:
     info: dict = field(default_factory=dict)
 
 
+def _plan(precision: Optional[str], size_budget: Optional[float]) -> dict:
+    """The per-layer precision plan's PipelineConfig fields that were given (None: the config's default)."""
+    return {k: v for k, v in dict(precision=precision, size_budget=size_budget).items() if v is not None}
+
+
 def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, recon: Optional[ReconConfig] = None,
           finetune: Optional[FinetuneConfig] = None, stat_calls=None, progress=None, precision: Optional[str] = None,
           size_budget: Optional[float] = None) -> Built:
     """One quantized model of the default model: ``lowbit.quant.pipeline.run`` with ``method`` (the pipeline's
     vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``); ``precision`` / ``size_budget``: the
     per-layer precision plan (None: PipelineConfig's defaults)."""
-    plan = {k: v for k, v in dict(precision=precision, size_budget=size_budget).items() if v is not None}
     cfg = PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
-                                    deploy=deploy, **plan)
+                                    deploy=deploy, **_plan(precision, size_budget))
     r = pipeline.run(setup.unet, calls, cfg, alphas_cumprod=setup.alphas_cumprod, stat_calls=stat_calls,
                      progress=progress)
     return Built(r.model, r.var_fn, r.total_seconds, dict(r.info, seconds=r.seconds))
@@ -153,10 +157,9 @@ def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W
     import os
 
     path = demo_grid_path(out_dir, overwrite)
-    plan = {k: v for k, v in dict(precision=precision, size_budget=size_budget).items() if v is not None}
     for bits in bits_list:  # each combination's config, checked now rather than after the ones before it ran
         for method in methods:
-            PipelineConfig.for_method(method, bits, **plan)
+            PipelineConfig.for_method(method, bits, **_plan(precision, size_budget))
     os.makedirs(out_dir, exist_ok=True)
     setup = default_setup()
     calls = timestep_aware_subset(record_calibration(setup, progress=_labelled(progress, "calibration")), 10)

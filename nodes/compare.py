@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from ..quant.compare import difference_map, psnr, report, ssim
+from ..quant.compare import compare as compare_images
 from .common import CATEGORY, SOCKET
 
 
@@ -39,9 +39,7 @@ class LowBitCompareImages:
     def compare(self, image_a, image_b):
         from . import comfy_adapter as adapter
 
-        p, s = psnr(image_a, image_b), ssim(image_a, image_b)
-        heat, peak = difference_map(image_a, image_b)
-        text = report(p, s, peak, sizes=(image_a.shape[0], image_b.shape[0]))
+        p, s, heat, text = compare_images(image_a, image_b)
         ui = {"a_images": adapter.save_preview(image_a, "lowbit_compare_a"),
               "b_images": adapter.save_preview(image_b, "lowbit_compare_b"),
               "text": [text],

@@ -120,3 +120,11 @@ def report(p: List[float], s: List[float], peak: float, sizes: Optional[Tuple[in
         lines.append(f"all {len(p)}: PSNR {fmt(mp)} (of the mean squared error), mean SSIM {sum(s) / len(s):.4f}")
     lines.append(f"heat map: white = mean |difference| {peak:.4f} (of 1.0)")
     return "\n".join(lines)
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> Tuple[List[float], List[float], torch.Tensor, str]:
+    """Everything a comparison shows, for the Compare node and the web UI alike: (PSNR per pair, SSIM per pair,
+    heat map IMAGE, the text of :func:`report`)."""
+    p, s = psnr(a, b), ssim(a, b)
+    heat, peak = difference_map(a, b)
+    return p, s, heat, report(p, s, peak, sizes=(a.shape[0], b.shape[0]))

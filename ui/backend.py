@@ -98,11 +98,9 @@ class Comparison:
 
 def compare_images(fp: torch.Tensor, q: torch.Tensor, title: str = "") -> Comparison:
     # The metric code is the core's (quant/compare.py), shared with the Compare node.
-    from ..quant.compare import difference_map, psnr, report, ssim
+    from ..quant.compare import compare
 
-    p, s = psnr(fp, q), ssim(fp, q)
-    heat, peak = difference_map(fp, q)
-    text = report(p, s, peak, sizes=(fp.shape[0], q.shape[0]))
+    p, s, heat, text = compare(fp, q)
     return Comparison(fp, q, heat, p, s, f"{title}\n{text}" if title else text)
 
 
