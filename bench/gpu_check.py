@@ -12,9 +12,12 @@ On a CUDA machine, in one process and within ``--budget`` seconds (default 7 min
    W8A8, W4A8, W4A4 (4-bit weights unpacked in registers, int8 MMA: Triton has no int4 MMA) and W4A16
    (Linear only; the Triton backend has no weight-only conv), against torch bf16 (cuBLAS / cuDNN) and
    ``torch._int_mm`` (int8 GEMM alone; for a conv at its implicit-GEMM shape M = B*Ho*Wo, K = C*kh*kw).
+   Then a **tile sweep** (``--no-tiles`` skips it): W8A8 and W4A8 at the largest SD1.5 / SDXL Linear and conv
+   shapes under the tile configurations of ``TILE_CONFIGS`` (the kernels launch the first one by default).
 3. **Whole UNet**: an SD1.5-architecture ``UNet2DConditionModel`` (random weights, latent 64, batch 2, text
    77x768) in bf16 and deployed W8A8 / W4A8 through ``lowbit.quant`` (min/max ranges from one recorded call;
-   float parts in bf16).
+   float parts in bf16), each with the triton kernels everywhere and with ``deploy_(tune=True)`` (``-tuned``: each
+   layer's kernel chosen by measured speed, the float path of the same weights where the integer kernel loses).
 
 Prints ratio tables (time / bf16 time: < 1 is faster) and writes JSON. Without CUDA it prints one line and
 exits 0. Setup on a fresh machine (bench/README.md): ``pip install torch triton diffusers safetensors && pip
@@ -300,6 +303,21 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
             record(f"linear {m}x{k}x{n} W{wbits} g{gs} act={act}", lc)
 
+    if large:
+        # bf16 activations (a deployed layer in a bf16 model): the weight-only kernel multiplies in bf16 (tl.dot
+        # bf16 x bf16), which the Triton interpreter computes wrongly, so only a GPU checks it
+        for m, k, n, wbits, gs in [(45, 131, 70, 4, None), (2 * 77, 768, 320, 4, 64), (2 * 1024, 640, 640, 8, None)]:
+            for act in (None, ActQuant(8, dynamic=True)):
+                def lb(m=m, k=k, n=n, wbits=wbits, gs=gs, act=act):
+                    x = rnd(m, k).to(torch.bfloat16)
+                    pw = ops.quantize_weight(rnd(n, k) * 0.05, wbits, gs)
+                    bias = rnd(n)
+                    ref = ops.run_on("eager", "linear", x, pw, bias, act)
+                    out = ops.run_on("triton", "linear", x, pw, bias, act)
+                    e = _rel_err(out.float(), ref.float())
+                    return e < 1e-2 and out.shape == ref.shape and out.dtype == torch.bfloat16, f"rel err {e:.2e}"
+                record(f"linear bf16 {m}x{k}x{n} W{wbits} g{gs} act={act}", lb)
+
     convs = [((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 2), (2, 1), (2, 1), torch.float32),
              ((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 1), (1, 1), (1, 1), torch.bfloat16),
              ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (1, 1), (1, 1), (1, 1), torch.float32),
@@ -376,11 +394,54 @@ def kernel_variants(device="cuda"):
     return v
 
 
-def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2, formats=("W8A8", "W4A8"),
+# (BM, BN, BK, num_warps, num_stages); the first is what the kernels launch without an override
+TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                (64, 128, 128, 4, 4)]
+
+
+def tile_cases() -> list:
+    """The cases of the tile sweep: the largest SD1.5 / SDXL Linear and 3x3 conv shapes."""
+    pick = {("sd15", "ff geglu 4096x320->2560"), ("sdxl", "ff geglu 1024x1280->10240"),
+            ("sd15", "conv 320@64x64"), ("sdxl", "conv 640@64x64")}
+    return [c for c in linear_cases() + conv_cases() if (c.model, c.name) in pick]
+
+
+def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None):
+    """name -> make(case) for the tile sweep: each of ``formats`` under each tile configuration
+    (``kernels.triton_gpu.tiles``), plus bf16 as the baseline. Names: ``<fmt> <BM>x<BN>x<BK> w<warps> s<stages>``."""
+    from ..kernels import triton_gpu
+
+    base = kernel_variants(device)
+    v = {"bf16": base["bf16"]}
+    for fmt in formats:
+        for cfg in (configs or TILE_CONFIGS):
+            def make(case, fmt=fmt, cfg=cfg):
+                fn = base[fmt](case)
+                if fn is None:
+                    return None
+
+                def call():
+                    with triton_gpu.tiles(*cfg):
+                        return fn()
+                return call
+            v[f"{fmt} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]}"] = make
+    return v
+
+
+def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
+                 formats=("W8A8", "W4A8", "W8A8-tuned", "W4A8-tuned"),
                  deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768) -> List[dict]:
     """Whole SD1.5-architecture UNet forward: bf16 and our deployed formats (float parts bf16).
-    ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model; tests pass a tiny one."""
+    A format named ``<fmt>-tuned`` is deployed with ``tune=True`` (each layer's kernel chosen by measured speed,
+    the float path of the same quantized weights where the integer kernel loses; the row reports the choice);
+    the others take the registry's kernels (triton on CUDA) everywhere.
+    ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model once (copied per variant); tests
+    pass a tiny one."""
+    import copy
+
     import torch
+
+    from ..kernels import autotune
 
     from ..quant import CallRecorder, QuantConfig, deploy_, quantize_
     from .bench_unet import build_unet
@@ -394,6 +455,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2, formats
     text = torch.randn(batch, 77, text_dim, generator=g).to(device)
     rows = []
     ref = None
+    base_model = build()
     for name in ("bf16", *formats):
         if deadline is not None and time.monotonic() > deadline:
             rows.append(dict(variant=name, skipped="time budget spent"))
@@ -405,24 +467,29 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2, formats
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            model = build().to(device)
+            model = copy.deepcopy(base_model).to(device)
+            fmt, tuned = (name[:-len("-tuned")], True) if name.endswith("-tuned") else (name, False)
             if name != "bf16":
-                cfg = QuantConfig.preset(name, w_init="minmax", a_init="minmax")
+                cfg = QuantConfig.preset(fmt, w_init="minmax", a_init="minmax")
                 with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
                     model(sample, t, encoder_hidden_states=text)
                 quantize_(model, cfg, calib=rec.calls)
-                deploy_(model)
+                deploy_(model, tune=tuned)
             model = model.to(torch.bfloat16)
             row["setup_s"] = time.perf_counter() - t0
             xs, xt = sample.to(torch.bfloat16), text.to(torch.bfloat16)
             with torch.no_grad():
-                out = model(xs, t, encoder_hidden_states=xt).sample.float()
+                out = model(xs, t, encoder_hidden_states=xt).sample.float()  # tuned: the per-layer choice
+                if name.endswith("-tuned"):
+                    summ = autotune.summary(model)
+                    row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
+                                          float_copy_bytes=summ["dense_bytes"])
                 row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
             if cuda:
                 row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
-            if ref is None:
+            if name == "bf16":
                 ref = out
-            else:
+            elif ref is not None:
                 row["rel_err_vs_bf16"] = _rel_err(out, ref)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -444,6 +511,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--budget", type=float, default=420.0, help="seconds for everything after setup (default 420)")
     p.add_argument("--no-unet", action="store_true", help="skip the whole-UNet forward")
+    p.add_argument("--no-tiles", action="store_true", help="skip the tile sweep of the integer GEMM kernels")
     p.add_argument("--only", choices=["linear", "conv"], default=None)
     a = p.parse_args(argv)
     try:
@@ -488,22 +556,31 @@ def main(argv=None) -> int:
     print("2. kernels (ms per call, ratio to bf16)")
     cases = ([] if a.only == "conv" else linear_cases()) + ([] if a.only == "linear" else conv_cases())
     unet_reserve = 0 if a.no_unet else 150.0
-    rows = run_timings(cases, variants, timer, deadline=deadline - unet_reserve)
+    tile_reserve = 0 if a.no_tiles else 60.0
+    rows = run_timings(cases, variants, timer, deadline=deadline - unet_reserve - tile_reserve)
     report["kernels"] = rows
     print(ratio_table(rows))
     write_json(a.out, report)
 
+    if not a.no_tiles:
+        print("2b. tile sweep of the integer GEMM kernels (BMxBNxBK, warps, stages; the first is the default)")
+        trows = run_timings(tile_cases(), tile_variants("cuda"), timer, deadline=deadline - unet_reserve)
+        report["tiles"] = trows
+        print(ratio_table(trows))
+        write_json(a.out, report)
+
     if not a.no_unet:
         print("3. SD1.5-architecture UNet forward, latent 64, batch 2 (bf16 float parts)")
         report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline)
-        print("| variant | ms/forward | x bf16 | peak GPU GB | rel err vs bf16 |")
-        print("|---|---|---|---|---|")
+        print("| variant | ms/forward | x bf16 | peak GPU GB | rel err vs bf16 | kernels chosen |")
+        print("|---|---|---|---|---|---|")
         for r in unet_rows:
             if "seconds" in r:
                 print(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r.get('x_bf16', 1.0):.2f} | "
-                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.2f} | {r.get('rel_err_vs_bf16', 0.0):.1e} |")
+                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.2f} | {r.get('rel_err_vs_bf16', 0.0):.1e} | "
+                      f"{(r.get('kernels') or {}).get('layers', '')} |")
             else:
-                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | |")
+                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | |")
     report["meta"]["wall_s"] = time.monotonic() - start
     path = write_json(a.out, report)
     print(f"wrote {path} ({report['meta']['wall_s']:.0f} s)")

@@ -25,6 +25,7 @@ The kernels are written as plain functions and jitted on first use (:func:`kerne
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -284,8 +285,38 @@ def fake_quant_act(x, act, granularity="token"):
     return ((q.to(torch.float32) + 128.0 - zp[:, None]) * scale[:, None]).reshape(x.shape).to(x.dtype)
 
 
+_TILE_OVERRIDE = None  # (BM, BN, BK, num_warps, num_stages) while :func:`tiles` is active
+
+
+@contextmanager
+def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
+    """Launch the GEMM kernels with these tiles inside the block (the GPU check's tile sweep); per-channel weights
+    only (group-wise ones keep BK from their group size). BK must be a multiple of 32 (int8 MMA)."""
+    global _TILE_OVERRIDE
+    for name, v in (("bm", bm), ("bn", bn), ("bk", bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name}={v}: tiles must be powers of two >= 16")
+    if bk % 32:
+        raise ValueError(f"bk={bk}: int8 MMA needs K-blocks that are multiples of 32")
+    old, _TILE_OVERRIDE = _TILE_OVERRIDE, (bm, bn, bk, num_warps, num_stages)
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = old
+
+
 def _tiles(m, n, pw):
+    grouped = pw.group_size is not None and pw.group_size < pw.K
+    if _TILE_OVERRIDE is not None and not grouped:
+        return _TILE_OVERRIDE[:3]
     return (32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)
+
+
+def _launch_opts(pw) -> dict:
+    grouped = pw.group_size is not None and pw.group_size < pw.K
+    if _TILE_OVERRIDE is None or grouped:
+        return {}
+    return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
 
 
 def _weight_args(pw):
@@ -305,13 +336,13 @@ def linear(x, pw, bias=None, act=None):
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     if act is None:
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
-                                HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk)
+                                HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
     else:
         q, sx, zp = quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, HAS_BIAS=bias is not None,
-                                 BM=bm, BN=bn, BK=bk)
+                                 BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
     return out.reshape(*lead, n).to(x.dtype)
 
 
@@ -333,5 +364,5 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1],
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, HAS_BIAS=bias is not None,
-                             BM=bm, BN=bn, BK=bk)
+                             BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
     return out.to(x.dtype)

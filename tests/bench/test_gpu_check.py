@@ -108,9 +108,15 @@ def test_unet_part_runs_on_cpu_with_a_tiny_unet():
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                     attention_head_dim=4, norm_num_groups=8).eval()
 
-    rows = gc.unet_timings(lambda fn: (fn(), 0.5)[1], device="cpu", latent=8, batch=2, formats=("W8A8",),
-                           build=tiny, text_dim=32, log=lambda s: None)
-    assert [r["variant"] for r in rows] == ["bf16", "W8A8"]
+    rows = gc.unet_timings(lambda fn: (fn(), 0.5)[1], device="cpu", latent=8, batch=2,
+                           formats=("W8A8", "W8A8-tuned"), build=tiny, text_dim=32, log=lambda s: None)
+    assert [r["variant"] for r in rows] == ["bf16", "W8A8", "W8A8-tuned"]
     assert all("error" not in r for r in rows), rows
     assert rows[1]["x_bf16"] == pytest.approx(1.0)
-    assert 0 < rows[1]["rel_err_vs_bf16"] < 0.5
+    assert 0 < rows[1]["rel_err_vs_bf16"] < 0.5 and 0 < rows[2]["rel_err_vs_bf16"] < 0.5
+    # the tuned row reports what the per-layer measurement chose; the untuned one does not tune
+    assert "kernels" not in rows[1]
+    chosen = rows[2]["kernels"]["layers"]
+    from lowbit.kernels import registry
+    assert sum(chosen.values()) > 0 and set(chosen) <= {b.name for b in registry.backends()} - {"eager"}
+
