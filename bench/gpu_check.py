@@ -341,7 +341,24 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
     return results
 
 
-def kernel_variants(device="cuda"):
+def cuda_graphed(fn):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream): its replay runs the same kernels
+    without Python and launch overhead, so the timing shows what the GPU itself spends."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def kernel_variants(device="cuda", graphs: bool = False):
     """name -> make(case) -> fn for the kernel timing table (inputs built once per case, outside the timing)."""
     import torch
     import torch.nn.functional as F
@@ -391,6 +408,15 @@ def kernel_variants(device="cuda"):
     v = {"bf16": bf16, "int_mm": int_mm}
     for fmt in FORMATS:
         v[fmt] = ours(fmt)
+    if graphs:  # the same calls replayed from CUDA graphs: GPU time without the Python / launch overhead
+        def graphed(make):
+            def make_graphed(case):
+                fn = make(case)
+                return None if fn is None else cuda_graphed(fn)
+            return make_graphed
+
+        for name in ("bf16", "W8A8", "W4A8"):
+            v[name + " graph"] = graphed(v[name])
     return v
 
 
@@ -430,13 +456,14 @@ def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None):
 
 def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                  formats=("W8A8", "W4A8", "W8A8-tuned", "W4A8-tuned"),
-                 deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768) -> List[dict]:
+                 deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768,
+                 graphs: bool = False) -> List[dict]:
     """Whole SD1.5-architecture UNet forward: bf16 and our deployed formats (float parts bf16).
     A format named ``<fmt>-tuned`` is deployed with ``tune=True`` (each layer's kernel chosen by measured speed,
     the float path of the same quantized weights where the integer kernel loses; the row reports the choice);
     the others take the registry's kernels (triton on CUDA) everywhere.
     ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model once (copied per variant); tests
-    pass a tiny one."""
+    pass a tiny one. ``graphs``: each row also times the forward replayed from a CUDA graph (``graph_seconds``)."""
     import copy
 
     import torch
@@ -485,6 +512,13 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                     row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
                                           float_copy_bytes=summ["dense_bytes"])
                 row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
+                if graphs:
+                    try:
+                        replay = cuda_graphed(lambda m=model: m(xs, t, encoder_hidden_states=xt))
+                        row["graph_seconds"] = float(timer(replay))
+                        del replay
+                    except Exception as exc:
+                        row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             if cuda:
                 row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
             if name == "bf16":
@@ -500,9 +534,12 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
         log(f"  unet {name}: " + (f"{row['seconds'] * 1e3:.1f} ms/forward" if "seconds" in row
                                   else row.get("error", row.get("skipped", ""))))
     base = next((r["seconds"] for r in rows if r["variant"] == "bf16" and "seconds" in r), None)
+    gbase = next((r["graph_seconds"] for r in rows if r["variant"] == "bf16" and "graph_seconds" in r), None)
     for r in rows:
         if base and "seconds" in r:
             r["x_bf16"] = r["seconds"] / base
+        if gbase and "graph_seconds" in r:
+            r["graph_x_bf16"] = r["graph_seconds"] / gbase
     return rows
 
 
@@ -552,7 +589,7 @@ def main(argv=None) -> int:
     write_json(a.out, report)
 
     timer = median_timer_factory(torch.cuda.synchronize)
-    variants = kernel_variants("cuda")
+    variants = kernel_variants("cuda", graphs=True)
     print("2. kernels (ms per call, ratio to bf16)")
     cases = ([] if a.only == "conv" else linear_cases()) + ([] if a.only == "linear" else conv_cases())
     unet_reserve = 0 if a.no_unet else 150.0
@@ -571,16 +608,18 @@ def main(argv=None) -> int:
 
     if not a.no_unet:
         print("3. SD1.5-architecture UNet forward, latent 64, batch 2 (bf16 float parts)")
-        report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline)
-        print("| variant | ms/forward | x bf16 | peak GPU GB | rel err vs bf16 | kernels chosen |")
-        print("|---|---|---|---|---|---|")
+        report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline, graphs=True)
+        print("| variant | ms/forward | x bf16 | CUDA graph ms | x bf16 | peak GPU GB | rel err vs bf16 | kernels |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in unet_rows:
             if "seconds" in r:
-                print(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r.get('x_bf16', 1.0):.2f} | "
+                gms = (f"{r['graph_seconds'] * 1e3:.1f} | {r.get('graph_x_bf16', 1.0):.2f}" if "graph_seconds" in r
+                       else f"{r.get('graph_error', '-')} | ")
+                print(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r.get('x_bf16', 1.0):.2f} | {gms} | "
                       f"{r.get('peak_gpu_bytes', 0) / 1e9:.2f} | {r.get('rel_err_vs_bf16', 0.0):.1e} | "
                       f"{(r.get('kernels') or {}).get('layers', '')} |")
             else:
-                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | |")
+                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | | | |")
     report["meta"]["wall_s"] = time.monotonic() - start
     path = write_json(a.out, report)
     print(f"wrote {path} ({report['meta']['wall_s']:.0f} s)")

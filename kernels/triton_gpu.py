@@ -41,19 +41,16 @@ _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, R, L, s_static, zp_static,
+def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_static, zp_static,
                       QMAX: tl.constexpr, DYNAMIC: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr):
+    # one [BR, BL] tile per program: a 2-D grid, so that a few long rows (Conv2d: one row per sample, C*H*W
+    # values) spread over the whole GPU. Dynamic: the row minima / maxima come from torch (lo, hi).
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BL + tl.arange(0, BL)
     rmask = rows < R
     if DYNAMIC:
-        lo = tl.zeros((BR,), dtype=tl.float32)
-        hi = tl.zeros((BR,), dtype=tl.float32)
-        for l0 in range(0, L, BL):
-            cols = l0 + tl.arange(0, BL)
-            m = rmask[:, None] & (cols < L)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            lo = tl.minimum(lo, tl.min(x, axis=1))
-            hi = tl.maximum(hi, tl.max(x, axis=1))
+        lo = tl.minimum(tl.load(lo_ptr + rows, mask=rmask, other=0.0), 0.0)
+        hi = tl.maximum(tl.load(hi_ptr + rows, mask=rmask, other=0.0), 0.0)
         scale = tl.math.div_rn(hi - lo, tl.full((BR,), QMAX, tl.float32))
         scale = tl.where(scale > 0, scale, 1.0)
         z = tl.math.div_rn(-lo, scale)
@@ -61,16 +58,16 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, R, L, s_static, zp_static
     else:
         scale = tl.full((BR,), 1.0, tl.float32) * s_static
         z = tl.full((BR,), 1.0, tl.float32) * zp_static
-    tl.store(scale_ptr + rows, scale, mask=rmask)
-    tl.store(zp_ptr + rows, z, mask=rmask)
-    for l0 in range(0, L, BL):
-        cols = l0 + tl.arange(0, BL)
-        m = rmask[:, None] & (cols < L)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * L + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, scale[:, None])
-        y = tl.minimum(tl.maximum(y, -512.0), 512.0)
-        q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
-        tl.store(q_ptr + rows[:, None] * L + cols[None, :], (q - 128.0).to(tl.int8), mask=m)
+    first = rmask & ((rows * 0 + tl.program_id(1)) == 0)  # the scales are written by the first column block
+    tl.store(scale_ptr + rows, scale, mask=first)
+    tl.store(zp_ptr + rows, z, mask=first)
+    m = rmask[:, None] & (cols < L)[None, :]
+    offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(x, scale[:, None])
+    y = tl.minimum(tl.maximum(y, -512.0), 512.0)
+    q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
+    tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
 
 
 def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
@@ -144,7 +141,7 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
 
 
 def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GROUP_SIZE,
-                    W4: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    W4: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -167,7 +164,10 @@ def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GR
         bf = b.to(tl.float32)
         if GROUPED:
             bf = bf * tl.load(ws_ptr + rn * G + k0 // GROUP_SIZE, mask=nmask, other=0.0)[None, :]
-        acc = tl.dot(a, bf.to(a.dtype), acc)
+        if IEEE:  # fp32 inputs: fp32 products, as torch's F.linear (tl.dot would round them to TF32)
+            acc = tl.dot(a, bf.to(a.dtype), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, bf.to(a.dtype), acc)
     if not GROUPED:
         acc = acc * tl.load(ws_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -269,12 +269,17 @@ def quantize_rows(x2: torch.Tensor, act):
     q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device) if _interpret() else \
         torch.empty((r, l), dtype=torch.int8, device=x2.device)
     scale, zp = _out((r,), x2.device), _out((r,), x2.device)
-    br = 16
     bl = min(1024, triton.next_power_of_2(l))
+    br = max(1, min(64, 4096 // bl))
+    if act.dynamic:
+        lo, hi = torch.aminmax(x2, dim=1)
+        lo, hi = lo.to(torch.float32).contiguous(), hi.to(torch.float32).contiguous()
+    else:
+        lo = hi = scale  # not read
     s_static = 1.0 if act.dynamic else act.scale
     zp_static = 0.0 if act.dynamic else float(act.zero_point)
-    kernel("act_quant")[(triton.cdiv(r, br),)](x2, q, scale, zp, r, l, s_static, zp_static,
-                                               QMAX=act.qmax, DYNAMIC=act.dynamic, BR=br, BL=bl)
+    kernel("act_quant")[(triton.cdiv(r, br), triton.cdiv(l, bl))](
+        x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, BR=br, BL=bl)
     return q, scale, zp
 
 
@@ -336,7 +341,8 @@ def linear(x, pw, bias=None, act=None):
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     if act is None:
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
-                                HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
+                                HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
+                                **_launch_opts(pw))
     else:
         q, sx, zp = quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,

@@ -91,8 +91,12 @@ _AOT_SCRIPT = textwrap.dedent(r"""
                            BM=64, BN=64, BK=32, **cfg)
             mma = sorted(set(re.findall(r"\w*mma[\w.:]*\.s32\.s8\.s8[\w.]*", ptx)))
             print("RESULT", cap, cfg["W4"], mma)
-    compile_("act_quant", 80, {"x_ptr": "*fp32"}, QMAX=255, DYNAMIC=True, BR=16, BL=1024)
-    ptx = compile_("wo_gemm", 80, {"w_ptr": "*u8"}, W4=True, GROUPED=True, HAS_BIAS=False, BM=64, BN=64, BK=64)
+    for cap in (80, 90):
+        compile_("act_quant", cap, {"x_ptr": "*fp32"}, QMAX=255, DYNAMIC=True, BR=4, BL=1024)
+        compile_("wo_gemm", cap, {"w_ptr": "*u8", "x_ptr": "*fp32"}, W4=True, GROUPED=False, HAS_BIAS=True,
+                 IEEE=True, BM=64, BN=64, BK=64)
+    ptx = compile_("wo_gemm", 80, {"w_ptr": "*u8"}, W4=True, GROUPED=True, HAS_BIAS=False, IEEE=False,
+                   BM=64, BN=64, BK=64)
     print("RESULT wo", sorted(set(re.findall(r"mma[\w.:]*bf16[\w.]*", ptx))))
 """)
 
