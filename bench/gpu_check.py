@@ -13,7 +13,7 @@ On a CUDA machine, in one process and within ``--budget`` seconds (default 7 min
    (Linear only; the Triton backend has no weight-only conv), against torch bf16 (cuBLAS / cuDNN) and
    ``torch._int_mm`` (int8 GEMM alone; for a conv at its implicit-GEMM shape M = B*Ho*Wo, K = C*kh*kw).
    Then a **tile sweep** (``--no-tiles`` skips it): W8A8 and W4A8 at the largest SD1.5 / SDXL Linear and conv
-   shapes under the tile configurations of ``TILE_CONFIGS`` (the kernels launch the first one by default).
+   shapes under the tile configurations of ``TILE_CONFIGS``.
 3. **Whole UNet**: an SD1.5-architecture ``UNet2DConditionModel`` (random weights, latent 64, batch 2, text
    77x768) in bf16 and deployed W8A8 / W4A8 through ``lowbit.quant`` (min/max ranges from one recorded call;
    float parts in bf16), each with the triton kernels everywhere and with ``deploy_(tune=True)`` (``-tuned``: each
@@ -420,9 +420,9 @@ def kernel_variants(device="cuda", graphs: bool = False):
     return v
 
 
-# (BM, BN, BK, num_warps, num_stages); the first is what the kernels launch without an override
-TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                (64, 128, 128, 4, 4)]
+# (BM, BN, BK, num_warps, num_stages): the kernels' default for small problems, their default for large ones
+# (kernels/triton_gpu.py _LARGE_TILES, chosen from a wider sweep: bench/README.md), one more
+TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4)]
 
 
 def tile_cases() -> list:
@@ -463,7 +463,10 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
     the float path of the same quantized weights where the integer kernel loses; the row reports the choice);
     the others take the registry's kernels (triton on CUDA) everywhere.
     ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model once (copied per variant); tests
-    pass a tiny one. ``graphs``: each row also times the forward replayed from a CUDA graph (``graph_seconds``)."""
+    pass a tiny one. ``graphs`` (CUDA): after all rows, each model's forward is first run once with
+    ``torch.cuda.set_sync_debug_mode("error")`` (``sync_point``: where it synchronises with the host, which a graph
+    cannot hold), then timed replayed from a CUDA graph (``graph_seconds``). A failed capture can leave the CUDA
+    state unusable, hence last."""
     import copy
 
     import torch
@@ -482,6 +485,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
     text = torch.randn(batch, 77, text_dim, generator=g).to(device)
     rows = []
     ref = None
+    kept = []  # (row, model) for the CUDA graph timings after all rows
     base_model = build()
     for name in ("bf16", *formats):
         if deadline is not None and time.monotonic() > deadline:
@@ -493,6 +497,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # earlier rows' models, kept for the graph timings
             t0 = time.perf_counter()
             model = copy.deepcopy(base_model).to(device)
             fmt, tuned = (name[:-len("-tuned")], True) if name.endswith("-tuned") else (name, False)
@@ -512,15 +517,10 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                     row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
                                           float_copy_bytes=summ["dense_bytes"])
                 row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
-                if graphs:
-                    try:
-                        replay = cuda_graphed(lambda m=model: m(xs, t, encoder_hidden_states=xt))
-                        row["graph_seconds"] = float(timer(replay))
-                        del replay
-                    except Exception as exc:
-                        row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if graphs:
+                kept.append((row, model))
             if cuda:
-                row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+                row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - resident)
             if name == "bf16":
                 ref = out
             elif ref is not None:
@@ -533,6 +533,32 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
         rows.append(row)
         log(f"  unet {name}: " + (f"{row['seconds'] * 1e3:.1f} ms/forward" if "seconds" in row
                                   else row.get("error", row.get("skipped", ""))))
+    for row, model in kept:
+        if deadline is not None and time.monotonic() > deadline:
+            row["graph_error"] = "time budget spent"
+            continue
+        fwd = (lambda m=model: m(xs, t, encoder_hidden_states=xt))
+        with torch.no_grad():
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    fwd()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            except Exception as exc:
+                frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                          for f in traceback.extract_tb(exc.__traceback__)[-4:]]
+                row["sync_point"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]} at " + " <- ".join(
+                    reversed(frames))
+            try:
+                row["graph_seconds"] = float(timer(cuda_graphed(fwd)))
+            except Exception as exc:
+                row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log(f"  unet {row['variant']} CUDA graph: " + (f"{row['graph_seconds'] * 1e3:.1f} ms/forward"
+                                                       if "graph_seconds" in row else row["graph_error"])
+            + (f"; host sync: {row['sync_point']}" if "sync_point" in row else ""))
+    del kept
     base = next((r["seconds"] for r in rows if r["variant"] == "bf16" and "seconds" in r), None)
     gbase = next((r["graph_seconds"] for r in rows if r["variant"] == "bf16" and "graph_seconds" in r), None)
     for r in rows:
@@ -600,7 +626,7 @@ def main(argv=None) -> int:
     write_json(a.out, report)
 
     if not a.no_tiles:
-        print("2b. tile sweep of the integer GEMM kernels (BMxBNxBK, warps, stages; the first is the default)")
+        print("2b. tile sweep of the integer GEMM kernels (BMxBNxBK, warps, stages)")
         trows = run_timings(tile_cases(), tile_variants("cuda"), timer, deadline=deadline - unet_reserve)
         report["tiles"] = trows
         print(ratio_table(trows))

@@ -63,7 +63,9 @@ def dynamic_qparams(x2: torch.Tensor, bits: int):
     # two reductions: torch.aminmax(dim=1) is ~20x slower than amin + amax on CPU (torch 2.13)
     lo = x2.amin(1).clamp_(max=0.0)
     hi = x2.amax(1).clamp_(min=0.0)
-    scale = (hi - lo) / qmax
+    # a tensor divisor: torch on CUDA divides by a Python number as a product with its reciprocal (not correctly
+    # rounded, so not the kernels' division); by a tensor it divides exactly, on every device
+    scale = (hi - lo) / torch.full_like(hi, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zp = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
     return scale, zp

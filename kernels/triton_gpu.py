@@ -310,18 +310,33 @@ def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
         _TILE_OVERRIDE = old
 
 
+# large per-channel GEMMs: 128x128x128 tiles, 8 warps, 3 stages. The GPU check's tile sweep on an H200 (2026-12-04,
+# bench/README.md) had them fastest or level at the largest SD1.5 / SDXL Linear and conv shapes, W8A8 and W4A8
+# (up to 1.5x over 64x64x64 with 4 warps, which stays for smaller problems)
+_LARGE_TILES = (128, 128, 128, 8, 3)
+
+
+def _large(m, n, pw) -> bool:
+    grouped = pw.group_size is not None and pw.group_size < pw.K
+    return not grouped and m >= 1024 and n >= 256 and pw.K >= 256
+
+
 def _tiles(m, n, pw):
     grouped = pw.group_size is not None and pw.group_size < pw.K
     if _TILE_OVERRIDE is not None and not grouped:
         return _TILE_OVERRIDE[:3]
+    if _large(m, n, pw):
+        return _LARGE_TILES[:3]
     return (32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)
 
 
-def _launch_opts(pw) -> dict:
+def _launch_opts(pw, m=0, n=0) -> dict:
     grouped = pw.group_size is not None and pw.group_size < pw.K
-    if _TILE_OVERRIDE is None or grouped:
-        return {}
-    return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
+    if _TILE_OVERRIDE is not None and not grouped:
+        return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
+    if _large(m, n, pw):
+        return dict(num_warps=_LARGE_TILES[3], num_stages=_LARGE_TILES[4])
+    return {}
 
 
 def _weight_args(pw):
@@ -342,13 +357,13 @@ def linear(x, pw, bias=None, act=None):
     if act is None:
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
                                 HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                **_launch_opts(pw))
+                                **_launch_opts(pw, m, n))
     else:
         q, sx, zp = quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, HAS_BIAS=bias is not None,
-                                 BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
+                                 BM=bm, BN=bn, BK=bk, **_launch_opts(pw, m, n))
     return out.reshape(*lead, n).to(x.dtype)
 
 
@@ -370,5 +385,5 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1],
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, HAS_BIAS=bias is not None,
-                             BM=bm, BN=bn, BK=bk, **_launch_opts(pw))
+                             BM=bm, BN=bn, BK=bk, **_launch_opts(pw, m, n))
     return out.to(x.dtype)

@@ -160,3 +160,19 @@ def test_gpu_check_kernel_and_tile_variants(triton_interpret):
         with triton_gpu.tiles(64, 64, 16):
             pass
     assert torch.is_tensor(variants["int_mm"](gc.LinearCase("t", "mm", 32, 64, 32))())
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_large_problems_take_the_large_tiles(triton_interpret, wbits):
+    """M >= 1024, N >= 256, K >= 256 per-channel: the 128x128x128 tiles (8 warps), still exact against eager."""
+    from lowbit.kernels import triton_gpu
+
+    x = torch.randn(1030, 264)
+    pw = ops.quantize_weight(torch.randn(260, 264) * 0.05, wbits, None)
+    assert triton_gpu._tiles(1030, 260, pw) == (128, 128, 128)
+    assert triton_gpu._launch_opts(pw, 1030, 260) == dict(num_warps=8, num_stages=3)
+    assert triton_gpu._tiles(1030, 260, ops.quantize_weight(torch.randn(260, 264), 4, 64))[:2] == (64, 64)
+    act = ActQuant(8, 0.05, 128)
+    ref = ops.run_on("eager", "linear", x, pw, None, act)
+    out = ops.run_on("triton", "linear", x, pw, None, act)
+    assert rel_err(out, ref) < 1e-5
