@@ -294,6 +294,19 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
     return qmodel
 
 
+def _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) -> float:
+    """The unit's relative reconstruction loss over every cached calibration call (whole batches, no gradient)."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            a, kw = _to_model(inputs[i], dev, dt)
+            tgt = tuple(t.to(dev, torch.float32) for t in targets[i])
+            ctx.t = calls[i].t
+            size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
+            total += float(_unit_loss(unit(*a, **kw), tgt, config.p_act) / size)
+    return total
+
+
 def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, seed):
     ctx = get_context(qmodel)
     units = units or find_units(qmodel, calls[0])
@@ -317,7 +330,9 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
             opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.act_iters, eta_min=0.0)
             saved_t = ctx.t
+            kept = [sc.detach().clone() for sc in scales]
             try:
+                loss0 = _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt)
                 for _ in range(config.act_iters):
                     i, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
                     ctx.t = calls[i].t  # the step size at this call's timestep
@@ -334,6 +349,14 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                         for sc in scales:
                             sc.clamp_(min=1e-8)
                     st.step(loss=float(loss.detach()))
+                for sc in scales:
+                    sc.requires_grad_(False)
+                # the learned step sizes stay only where they lower the unit's loss on all the calibration data
+                # (a mini-batch trajectory can end worse than the L_p search it started from)
+                if _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) >= loss0:
+                    with torch.no_grad():
+                        for sc, k in zip(scales, kept):
+                            sc.copy_(k)
             finally:
                 ctx.t = saved_t
                 for sc in scales:

@@ -13,6 +13,21 @@ FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 NAMES = ("w4a8_ptqd", "w8a8", "w4a16")
 
 
+def assert_reproduces(out, want, name):
+    """``out`` is the release's output ``want``. A weight-only file (no activation quantizer) matches to 1e-5.
+    With quantized activations the match is to 0.5 % of the output's norm: on another CPU the float parts differ in
+    their last bits (oneDNN picks other kernels; the fixtures were made on an AMD Zen 4), which moves some
+    activations across a rounding boundary of the quantizer, and the flips spread (seen: 2.1e-3 for W4A8 + PTQD and
+    6.4e-5 for W8A8 on an Intel Xeon). A wrong load is outside: the float model's output is 0.15 away, and the
+    release's W8A8 and W4A8 + PTQD outputs are 2.0e-2 apart."""
+    assert out.shape == want.shape
+    if name == "w4a16":
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    else:
+        err = float((out - want).norm() / want.norm())
+        assert err < 5e-3, f"{name}: relative error {err:.2e} against the release's output"
+
+
 @pytest.fixture(scope="module")
 def default_unet():
     from safetensors.torch import load_file
@@ -43,9 +58,7 @@ def test_release_file_loads_and_computes_the_same(default_unet, expected, name):
     x, t, lab = expected["x"], expected["t"], expected["labels"]
     with torch.no_grad(), forced_backend("eager"):
         out = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
-    want = expected[f"out_{name}"]
-    assert out.shape == want.shape
-    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    assert_reproduces(out, expected[f"out_{name}"], name)
 
 
 def test_release_file_keeps_its_ptqd_statistics(default_unet):
@@ -74,7 +87,7 @@ def test_release_file_resaved_loads_without_the_float_model(default_unet, expect
         out_q = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
         out_b = torch.cat([b(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
     assert torch.equal(out_q, out_b)
-    torch.testing.assert_close(out_b, expected[f"out_{name}"], rtol=0, atol=1e-5)
+    assert_reproduces(out_b, expected[f"out_{name}"], name)
 
 
 @pytest.mark.parametrize("name", ["w4a8_ptqd", "w8a8"])
@@ -100,7 +113,7 @@ def test_format_2_file_loads_on_the_float_model_and_not_alone(name):
     x, t, lab = exp["x"], exp["t"], exp["labels"]
     with torch.no_grad(), forced_backend("eager"):
         out = torch.cat([q(x[i:i + 1], t[i:i + 1], class_labels=lab[i:i + 1]).sample for i in range(len(t))])
-    torch.testing.assert_close(out, exp[f"out_{name}"], rtol=0, atol=1e-5)
+    assert_reproduces(out, exp[f"out_{name}"], name)
     with pytest.raises(LoadError, match="file format 2.*load\\(model, path\\)") as ei:
         load_model(p)
     assert "\n" not in str(ei.value)

@@ -11,6 +11,7 @@ temporaries. Measured here: 1.51x. Without streaming (every block's activations 
 in the papers' code) memory grows with samples x blocks instead."""
 import json
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -53,7 +54,9 @@ CHILD = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_calibration_memory_bounded_on_sd15_architecture():
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=1800)
+    # cwd outside the repository root (see tests/quant/test_save_files.py)
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=1800,
+                       cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     ratio = (res["peak"] - res["base"]) / res["fp_bytes"]

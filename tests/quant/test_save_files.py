@@ -44,7 +44,9 @@ def test_sigkill_during_save_is_cleaned_by_the_next_save(qmodel, unet, tmp_path)
         stt.save_file = killed
         save(q, {str(tmp_path / "a.safetensors")!r})
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # cwd outside the repository root: `python -c` puts the cwd first on sys.path, and the root's kernels/ folder
+    # would shadow the PyPI package `kernels` that diffusers -> transformers imports
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (tmp_path / "a.safetensors").exists()  # the final name never holds a partial file
     left = _temps(tmp_path)
