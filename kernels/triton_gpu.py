@@ -3,7 +3,9 @@
 Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
 
 ``_act_quant_kernel``  x fp32/bf16/fp16 [R, L] -> q int8 [R, L] holding (q_u8 - 128), scale fp32 [R], zp fp32 [R].
-    Rows are tokens (Linear) or samples (Conv2d). Static: the ActQuant constants are written to every row.
+    Rows are tokens (Linear) or samples (Conv2d); one program per [BR, BL] tile (a 2-D grid: a conv row is a whole
+    sample). Static: the ActQuant constants are written to every row; dynamic: from the row minima / maxima, which
+    ``torch.aminmax`` computes first.
     Unsigned activations are stored shifted by -128 because ``tl.dot`` multiplies int8 x int8; the GEMM adds
     ``(128 - zp) * colsum(W)`` back, which also removes the zero point.
 ``_int_gemm_kernel``   W8A8 / W4A8 / W4A4 Linear and implicit-GEMM Conv2d (groups == 1, any stride/padding/dilation).
@@ -316,14 +318,16 @@ def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
 _LARGE_TILES = (128, 128, 128, 8, 3)
 
 
+def _grouped(pw) -> bool:
+    return pw.group_size is not None and pw.group_size < pw.K
+
+
 def _large(m, n, pw) -> bool:
-    grouped = pw.group_size is not None and pw.group_size < pw.K
-    return not grouped and m >= 1024 and n >= 256 and pw.K >= 256
+    return not _grouped(pw) and m >= 1024 and n >= 256 and pw.K >= 256
 
 
 def _tiles(m, n, pw):
-    grouped = pw.group_size is not None and pw.group_size < pw.K
-    if _TILE_OVERRIDE is not None and not grouped:
+    if _TILE_OVERRIDE is not None and not _grouped(pw):
         return _TILE_OVERRIDE[:3]
     if _large(m, n, pw):
         return _LARGE_TILES[:3]
@@ -331,8 +335,7 @@ def _tiles(m, n, pw):
 
 
 def _launch_opts(pw, m=0, n=0) -> dict:
-    grouped = pw.group_size is not None and pw.group_size < pw.K
-    if _TILE_OVERRIDE is not None and not grouped:
+    if _TILE_OVERRIDE is not None and not _grouped(pw):
         return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
     if _large(m, n, pw):
         return dict(num_warps=_LARGE_TILES[3], num_stages=_LARGE_TILES[4])
@@ -340,8 +343,7 @@ def _launch_opts(pw, m=0, n=0) -> dict:
 
 
 def _weight_args(pw):
-    grouped = pw.group_size is not None and pw.group_size < pw.K
-    return pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, (pw.group_size or pw.K), grouped
+    return pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, (pw.group_size or pw.K), _grouped(pw)
 
 
 @backend.op("linear", supports=_linear_supports)
