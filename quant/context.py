@@ -1,8 +1,9 @@
 """The per-model quantization context: which timestep the UNet is at, which activation bits apply.
 
-A forward pre-hook on the root module reads the timestep argument of the UNet call (diffusers
-``forward(sample, timestep, ...)``, ComfyUI/Forge ``forward(x, timesteps, ...)``) and stores it here; every
-quantized layer reads it to pick its per-timestep activation scales and its bits. Nothing depends on a
+A forward pre-hook on the root module keeps the timestep argument of the UNet call (diffusers
+``forward(sample, timestep, ...)``, ComfyUI/Forge ``forward(x, timesteps, ...)``) here; a quantized layer with
+per-timestep activation scales or scheduled bits reads it (``QuantContext.t``, converted on the first read of
+each call, so a model that needs no timestep never makes the host wait for a GPU tensor). Nothing depends on a
 call counter (the fault of EfficientDM's TALSQ, docs/PAPERS.md section E), so classifier-free guidance in
 one or two calls, multi-evaluation samplers, img2img and any step count all pick the same scales for the
 same timestep.
@@ -19,7 +20,8 @@ from .config import BitwidthSchedule
 class QuantContext:
     def __init__(self, num_train_timesteps: int = 1000):
         self.num_train_timesteps = num_train_timesteps
-        self.t: Optional[float] = None
+        self._t: Optional[float] = None  # the timestep on the tables' scale (``t``)
+        self._t_call = None  # (raw timestep argument, profile) of the latest call, read into ``_t`` on demand
         self.a_bits_override: Optional[int] = None
         self.schedule: Optional[BitwidthSchedule] = None
         self.observing = False  # calibration: layers record activation statistics
@@ -37,6 +39,32 @@ class QuantContext:
         self.host_state: dict = {}  # a host adapter's bookkeeping (e.g. which LoRA patches are applied)
         self.report: list = []  # per-layer precision decisions with their reasons (``pipeline``/``sensitivity``)
 
+    @property
+    def t(self) -> Optional[float]:
+        """The current timestep on the [0, T) scale of the per-timestep tables, or None.
+
+        The model's timestep hook only keeps the call's timestep argument; it is read (a host synchronisation when
+        it is a GPU tensor) the first time something asks: a table with several timestep entries, a bit-width
+        schedule, calibration, PTQD. A model whose layers need no timestep (one activation scale each) never
+        synchronises, so CUDA graphs and ``torch.compile`` can hold its forward."""
+        if self._t_call is not None:
+            raw, profile = self._t_call
+            self._t_call = None
+            value = timestep_value(raw, profile)
+            if value is not None:  # an empty timestep keeps the previous one, as before
+                self._t = value
+        return self._t
+
+    @t.setter
+    def t(self, value: Optional[float]):
+        self._t_call = None
+        self._t = value
+
+    def note_call_timestep(self, raw) -> None:
+        """Keep a call's raw timestep argument (tensor or number) for :attr:`t` to read when asked."""
+        if raw is not None:
+            self._t_call = (raw, self.profile)
+
     def a_bits_for(self, default: int) -> int:
         if self.a_bits_override is not None:
             return self.a_bits_override
@@ -51,17 +79,17 @@ def _profile(profile):
     return profile if profile is not None and not isinstance(profile, str) else get_profile(profile)
 
 
-def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
-    """The timestep of a model call on the [0, T) scale of the per-timestep tables (``profile``: a
-    ``ModelProfile`` or its name, giving the keyword names and the scale; None: the generic convention)."""
+def raw_timestep_of_call(args, kwargs, profile=None):
+    """The timestep argument of a model call as given (tensor or number; None when the call has none)."""
     p = _profile(profile)
-    t = None
     for k in p.timestep_kwargs:
         if k in kwargs and kwargs[k] is not None:
-            t = kwargs[k]
-            break
-    if t is None and len(args) > 1:
-        t = args[1]
+            return kwargs[k]
+    return args[1] if len(args) > 1 else None
+
+
+def timestep_value(t, profile=None) -> Optional[float]:
+    """A raw timestep argument on the [0, T) scale of the per-timestep tables (a host read for a GPU tensor)."""
     if t is None:
         return None
     if torch.is_tensor(t):
@@ -70,7 +98,13 @@ def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
         # A batch shares one timestep in every sampler we know (cond and uncond are evaluated at the same
         # t); with mixed timesteps the median is used for the activation scale.
         t = float(t.detach().float().flatten().median())
-    return p.table_key(t)
+    return _profile(profile).table_key(t)
+
+
+def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
+    """The timestep of a model call on the [0, T) scale of the per-timestep tables (``profile``: a
+    ``ModelProfile`` or its name, giving the keyword names and the scale; None: the generic convention)."""
+    return timestep_value(raw_timestep_of_call(args, kwargs, profile), profile)
 
 
 def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:
@@ -90,9 +124,7 @@ class TimestepHook:
         self.ctx = ctx
 
     def __call__(self, module, args, kwargs):
-        t = timestep_of_call(args, kwargs, self.ctx.profile)
-        if t is not None:
-            self.ctx.t = t
+        self.ctx.note_call_timestep(raw_timestep_of_call(args, kwargs, self.ctx.profile))
         return None
 
 

@@ -392,7 +392,8 @@ class QuantLayer(nn.Module):
             raise RuntimeError(f"layer {self.name!r} has no activation scales for {bits} bits (calibrated for "
                                f"{self.act.bits_set}); re-quantize with a schedule that includes {bits} bits")
         ctx = self.ctx
-        s, z = self.act.lookup(ctx.t if ctx is not None else None, bits)
+        # one table entry: the timestep is not needed (and not read: no host sync on a GPU)
+        s, z = self.act.lookup(ctx.t if (ctx is not None and len(self.act.tgrid) > 1) else None, bits)
         return bits, s, z
 
     def _fake_act(self, x):
@@ -452,7 +453,7 @@ class QuantLayer(nn.Module):
         ctx = self._ctx[0]
         if self._modules.get("act") is None:
             return None, None
-        tkey = None if ctx is None else ctx.t
+        tkey = None if (ctx is None or len(self._modules["act"].tgrid) <= 1) else ctx.t
         return tkey, (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled) else self.a_bits)
 
     def _deployed_aq(self, tkey, bits):

@@ -150,3 +150,25 @@ def test_calls_recorded_from_another_model_are_refused_before_any_work(unet, cal
     other = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(ConfigError, match="recorded calls do not fit this model.*CallRecorder"):
         pipeline.run(other, calls, PipelineConfig.for_method("naive", "W8A8"))
+
+
+@pytest.mark.parametrize("time_bins", [1, 8])
+def test_timestep_is_read_only_when_a_table_needs_it(unet, calls, time_bins, monkeypatch):
+    """One activation scale per layer (time_bins=1): a forward never converts the timestep tensor to a number (on a
+    GPU that is a host synchronisation, which CUDA graphs cannot hold); per-timestep tables read it once per call.
+    Outputs equal those of reading it at every call, and ``ctx.t`` still answers when asked."""
+    from lowbit.quant import context
+
+    q = quantize(unet, QuantConfig.preset("W8A8", time_bins=time_bins), calls)
+    d = deploy_(quantize(unet, QuantConfig.preset("W8A8", time_bins=time_bins), calls))
+    reads = []
+    real = context.timestep_value
+    monkeypatch.setattr(context, "timestep_value", lambda t, p=None: reads.append(t) or real(t, p))
+    lazy = [out(m, t) for m in (q, d) for t in (900, 300)]
+    assert len(reads) == (0 if time_bins == 1 else 4)
+    assert get_context(d).t == 300.0 and len(reads) == (1 if time_bins == 1 else 4)
+    # the former behaviour: the hook reads the timestep at every call
+    monkeypatch.setattr(context.QuantContext, "note_call_timestep",
+                        lambda self, raw: setattr(self, "t", real(raw, self.profile)))
+    eager = [out(m, t) for m in (q, d) for t in (900, 300)]
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
