@@ -18,6 +18,10 @@ On a CUDA machine, in one process and within ``--budget`` seconds (default 7 min
    77x768) in bf16 and deployed W8A8 / W4A8 through ``lowbit.quant`` (min/max ranges from one recorded call;
    float parts in bf16), each with the triton kernels everywhere and with ``deploy_(tune=True)`` (``-tuned``: each
    layer's kernel chosen by measured speed, the float path of the same weights where the integer kernel loses).
+   The kernel table and the UNet rows are also timed replayed from CUDA graphs (GPU time without the host's
+   launch overhead); before its UNet capture each model runs once under ``torch.cuda.set_sync_debug_mode("error")``,
+   and the row names where the forward makes the host wait (``sync_point``), which a graph cannot hold.
+   On an H200 the whole check took 128 s (2026-12-04; results/gpu_check.json).
 
 Prints ratio tables (time / bf16 time: < 1 is faster) and writes JSON. Without CUDA it prints one line and
 exits 0. Setup on a fresh machine (bench/README.md): ``pip install torch triton diffusers safetensors && pip
