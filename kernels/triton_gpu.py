@@ -26,6 +26,7 @@ The kernels are written as plain functions and jitted on first use (:func:`kerne
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -48,7 +49,6 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
     # one [BR, BL] tile per program: a 2-D grid, so that a few long rows (Conv2d: one row per sample, C*H*W
     # values) spread over the whole GPU. Dynamic: the row minima / maxima come from torch (lo, hi).
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BL + tl.arange(0, BL)
     rmask = rows < R
     if DYNAMIC:
         lo = tl.minimum(tl.load(lo_ptr + rows, mask=rmask, other=0.0), 0.0)
@@ -63,13 +63,16 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
     first = rmask & ((rows * 0 + tl.program_id(1)) == 0)  # the scales are written by the first column block
     tl.store(scale_ptr + rows, scale, mask=first)
     tl.store(zp_ptr + rows, z, mask=first)
-    m = rmask[:, None] & (cols < L)[None, :]
-    offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = tl.math.div_rn(x, scale[:, None])
-    y = tl.minimum(tl.maximum(y, -512.0), 512.0)
-    q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
-    tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
+    # a grid's second dimension holds at most 65535 blocks: longer rows are walked in strides of the grid
+    for c0 in range(tl.program_id(1) * BL, L, tl.num_programs(1) * BL):
+        cols = c0 + tl.arange(0, BL)
+        m = rmask[:, None] & (cols < L)[None, :]
+        offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, scale[:, None])
+        y = tl.minimum(tl.maximum(y, -512.0), 512.0)
+        q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
+        tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
 
 
 def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
@@ -265,6 +268,9 @@ def _out(shape, device):
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
 def quantize_rows(x2: torch.Tensor, act):
     """x2 float [R, L] contiguous -> (int8 [R, L] = q - 128, scale fp32 [R], zero point fp32 [R])."""
     r, l = x2.shape
@@ -280,7 +286,7 @@ def quantize_rows(x2: torch.Tensor, act):
         lo = hi = scale  # not read
     s_static = 1.0 if act.dynamic else act.scale
     zp_static = 0.0 if act.dynamic else float(act.zero_point)
-    kernel("act_quant")[(triton.cdiv(r, br), triton.cdiv(l, bl))](
+    kernel("act_quant")[(triton.cdiv(r, br), min(triton.cdiv(l, bl), _MAX_GRID_Y))](
         x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, BR=br, BL=bl)
     return q, scale, zp
 
@@ -322,22 +328,36 @@ def _grouped(pw) -> bool:
     return pw.group_size is not None and pw.group_size < pw.K
 
 
-def _large(m, n, pw) -> bool:
-    return not _grouped(pw) and m >= 1024 and n >= 256 and pw.K >= 256
+@functools.lru_cache(maxsize=None)
+def _large_tiles_fit(device_type: str, index) -> bool:
+    """The large tiles' int8 operands take about 96 KB of shared memory per block in 3 stages: GPUs that give a
+    block at least 160 KB (A100, H100, H200) take them, smaller ones (consumer cards: 99 KB, T4: 64 KB) keep the
+    small tiles; the interpreter (CPU) has no such limit."""
+    if device_type != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
 
 
-def _tiles(m, n, pw):
+def _large(m, n, pw, integer: bool) -> bool:
+    # integer kernels only: the sweep timed W8A8 / W4A8; the weight-only kernel's fp32 / bf16 operands are 2-4x
+    # larger per tile
+    return (integer and not _grouped(pw) and m >= 1024 and n >= 256 and pw.K >= 256
+            and _large_tiles_fit(pw.device.type, pw.device.index))
+
+
+def _tiles(m, n, pw, integer: bool = True):
     if _TILE_OVERRIDE is not None and not _grouped(pw):
         return _TILE_OVERRIDE[:3]
-    if _large(m, n, pw):
+    if _large(m, n, pw, integer):
         return _LARGE_TILES[:3]
     return (32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)
 
 
-def _launch_opts(pw, m=0, n=0) -> dict:
+def _launch_opts(pw, m=0, n=0, integer: bool = True) -> dict:
     if _TILE_OVERRIDE is not None and not _grouped(pw):
         return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
-    if _large(m, n, pw):
+    if _large(m, n, pw, integer):
         return dict(num_warps=_LARGE_TILES[3], num_stages=_LARGE_TILES[4])
     return {}
 
@@ -354,12 +374,12 @@ def linear(x, pw, bias=None, act=None):
     w, ws, k_w, g, gs, grouped = _weight_args(pw)
     out = _out((m, n), x.device)
     b = bias.to(torch.float32).contiguous() if bias is not None else out
-    bm, bn, bk = _tiles(m, n, pw)
+    bm, bn, bk = _tiles(m, n, pw, integer=act is not None)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     if act is None:
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
                                 HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                **_launch_opts(pw, m, n))
+                                **_launch_opts(pw, m, n, integer=False))
     else:
         q, sx, zp = quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,

@@ -62,8 +62,8 @@ class QuantContext:
 
     def note_call_timestep(self, raw) -> None:
         """Keep a call's raw timestep argument (tensor or number) for :attr:`t` to read when asked."""
-        if raw is not None:
-            self._t_call = (raw, self.profile)
+        if raw is not None:  # detached: a kept graph would make the model impossible to deep-copy
+            self._t_call = (raw.detach() if torch.is_tensor(raw) else raw, self.profile)
 
     def a_bits_for(self, default: int) -> int:
         if self.a_bits_override is not None:

@@ -295,15 +295,22 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
 
 
 def _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) -> float:
-    """The unit's relative reconstruction loss over every cached calibration call (whole batches, no gradient)."""
+    """The unit's relative reconstruction loss over every cached calibration call (in chunks of ``batch_size``
+    samples, as the training steps, so peak memory stays theirs; no gradient)."""
     total = 0.0
     with torch.no_grad():
         for i in range(len(inputs)):
-            a, kw = _to_model(inputs[i], dev, dt)
-            tgt = tuple(t.to(dev, torch.float32) for t in targets[i])
+            first = targets[i] if torch.is_tensor(targets[i]) else targets[i][0]
+            n = first.shape[0] if first.dim() > 0 else 1
             ctx.t = calls[i].t
-            size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
-            total += float(_unit_loss(unit(*a, **kw), tgt, config.p_act) / size)
+            for start in range(0, n, max(1, config.batch_size)):
+                idx = torch.arange(start, min(n, start + max(1, config.batch_size)))
+                inp, tgt = (inputs[i], targets[i]) if len(idx) == n else \
+                    (batch_rows(inputs[i], idx, n), batch_rows(targets[i], idx, n))
+                a, kw = _to_model(inp, dev, dt)
+                tgt = tuple(t.to(dev, torch.float32) for t in tgt)
+                size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
+                total += float(_unit_loss(unit(*a, **kw), tgt, config.p_act) / size) * len(idx) / n
     return total
 
 
@@ -353,7 +360,7 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                     sc.requires_grad_(False)
                 # the learned step sizes stay only where they lower the unit's loss on all the calibration data
                 # (a mini-batch trajectory can end worse than the L_p search it started from)
-                if _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) >= loss0:
+                if not _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) < loss0:  # NaN too
                     with torch.no_grad():
                         for sc, k in zip(scales, kept):
                             sc.copy_(k)

@@ -176,3 +176,27 @@ def test_large_problems_take_the_large_tiles(triton_interpret, wbits):
     ref = ops.run_on("eager", "linear", x, pw, None, act)
     out = ops.run_on("triton", "linear", x, pw, None, act)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_activation_quantizer_walks_rows_longer_than_the_grid(triton_interpret, monkeypatch):
+    """A conv row (a whole sample) can need more column blocks than a CUDA grid's second dimension holds (65535):
+    the kernel then strides over the row. With the limit set to 2 blocks, 5000-value rows are still bit-exact."""
+    from lowbit.kernels import triton_gpu
+    from lowbit.kernels.eager import quantize_act
+
+    monkeypatch.setattr(triton_gpu, "_MAX_GRID_Y", 2)
+    x = torch.randn(3, 5000) * 2
+    for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.03, 120)):
+        q, scale, zp = triton_gpu.quantize_rows(x.contiguous(), act)
+        q_ref, s_ref, z_ref = quantize_act(x, act, "token")
+        assert torch.equal(q.float() + 128, q_ref)
+        if act.dynamic:
+            assert torch.equal(scale, s_ref) and torch.equal(zp, z_ref)
+
+
+def test_weight_only_kernel_keeps_the_small_tiles(triton_interpret):
+    from lowbit.kernels import triton_gpu
+
+    pw = ops.quantize_weight(torch.randn(260, 264) * 0.05, 4, None)
+    assert triton_gpu._tiles(1030, 260, pw, integer=False) == (64, 64, 64)
+    assert triton_gpu._launch_opts(pw, 1030, 260, integer=False) == {}

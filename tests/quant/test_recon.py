@@ -55,3 +55,19 @@ def test_minibatch_takes_rows_of_batched_tensors_only():
     (a, kw), t = _minibatch(inp, tgt, 2, torch.Generator().manual_seed(0))
     assert a[0].shape == (2, 1) and a[1].dim() == 0 and kw["emb"].shape == (2, 2) and kw["k"] == 3
     assert torch.equal(t, a[0].view(-1) * 10) and torch.equal(kw["emb"][:, 0], a[0].view(-1) * 2)
+
+
+def test_activation_pass_restores_step_sizes_that_do_not_help(unet, calls):
+    """A unit keeps its learned activation step sizes only if they lower its loss on all the calibration calls:
+    with a step-size learning rate 1000x the one above (the largest allowed), Adam throws them far off, and the
+    units keep their L_p-search step sizes (the output error stays what it was)."""
+    from lowbit.quant.recon import reconstruct_activations
+
+    q = quantize(unet, QuantConfig.preset("W4A4", time_bins=4), calls)
+    before = {n: l.act.table(4)[0].clone() for n, l in quant_layers(q) if l.act is not None and 4 in l.act.bits_set}
+    err0 = output_error(unet, q, calls)
+    reconstruct_activations(unet, q, calls, ReconConfig(act_iters=5, act_lr=1.0))
+    after = {n: l.act.table(4)[0] for n, l in quant_layers(q) if n in before}
+    kept = [n for n in before if torch.equal(before[n], after[n])]
+    assert len(kept) >= 0.8 * len(before), (len(kept), len(before))
+    assert output_error(unet, q, calls) <= err0 * 1.05
