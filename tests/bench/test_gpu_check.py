@@ -96,20 +96,22 @@ def test_median_timer_with_fake_clock():
     assert s == pytest.approx(0.2)
 
 
-def test_unet_part_runs_on_cpu_with_a_tiny_unet():
-    """The whole-UNet code path (build, record one call, quantize_, deploy_, bf16 float parts, time) on CPU."""
+def _tiny_unet():
+    """A two-level cross-attention UNet small enough for CPU (the whole-UNet code path, not its speed)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    def tiny():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8).eval()
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8).eval()
 
+
+def test_unet_part_runs_on_cpu_with_a_tiny_unet():
+    """The whole-UNet code path (build, record one call, quantize_, deploy_, bf16 float parts, time) on CPU."""
     rows = gc.unet_timings(lambda fn: (fn(), 0.5)[1], device="cpu", latent=8, batch=2,
-                           formats=("W8A8", "W8A8-tuned"), build=tiny, text_dim=32, log=lambda s: None)
+                           formats=("W8A8", "W8A8-tuned"), build=_tiny_unet, text_dim=32, log=lambda s: None)
     assert [r["variant"] for r in rows] == ["bf16", "W8A8", "W8A8-tuned"]
     assert all("error" not in r for r in rows), rows
     assert rows[1]["x_bf16"] == pytest.approx(1.0)
@@ -126,21 +128,13 @@ def test_unet_graph_section_records_errors_instead_of_failing():
     """The CUDA-graph part of the UNet timings (sync check, capture) runs after all rows and records what went wrong
     per row instead of raising; without CUDA every row says so and keeps its eager timing."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     if torch.cuda.is_available():
         pytest.skip("this checks the no-CUDA path; on a CUDA machine the graphs really run")
 
-    def tiny():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8).eval()
-
     logs = []
     rows = gc.unet_timings(lambda fn: (fn(), 0.5)[1], device="cpu", latent=8, batch=2, formats=("W8A8",),
-                           build=tiny, text_dim=32, log=logs.append, graphs=True)
+                           build=_tiny_unet, text_dim=32, log=logs.append, graphs=True)
     assert [r["variant"] for r in rows] == ["bf16", "W8A8"]
     assert all(r["seconds"] == 0.5 and "graph_error" in r and "sync_point" in r for r in rows), rows
     assert sum("CUDA graph" in line for line in logs) == 2
