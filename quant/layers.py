@@ -81,6 +81,12 @@ class ActQuantizer(nn.Module):
     def table(self, bits: int):
         return getattr(self, f"scale_{bits}"), getattr(self, f"zero_{bits}")
 
+    @property
+    def per_timestep(self) -> bool:
+        """Whether the tables have several timestep entries (else the timestep is never needed, nor read: no host
+        synchronisation on a GPU)."""
+        return len(self.tgrid) > 1
+
     def lookup(self, t: Optional[float], bits: int):
         """(scale, zero) at timestep t, linear interpolation over the table (scalar tensors)."""
         scale, zero = self.table(bits)
@@ -392,8 +398,7 @@ class QuantLayer(nn.Module):
             raise RuntimeError(f"layer {self.name!r} has no activation scales for {bits} bits (calibrated for "
                                f"{self.act.bits_set}); re-quantize with a schedule that includes {bits} bits")
         ctx = self.ctx
-        # one table entry: the timestep is not needed (and not read: no host sync on a GPU)
-        s, z = self.act.lookup(ctx.t if (ctx is not None and len(self.act.tgrid) > 1) else None, bits)
+        s, z = self.act.lookup(ctx.t if (ctx is not None and self.act.per_timestep) else None, bits)
         return bits, s, z
 
     def _fake_act(self, x):
@@ -453,7 +458,7 @@ class QuantLayer(nn.Module):
         ctx = self._ctx[0]
         if self._modules.get("act") is None:
             return None, None
-        tkey = None if (ctx is None or len(self._modules["act"].tgrid) <= 1) else ctx.t
+        tkey = ctx.t if (ctx is not None and self._modules["act"].per_timestep) else None
         return tkey, (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled) else self.a_bits)
 
     def _deployed_aq(self, tkey, bits):

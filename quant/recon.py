@@ -135,6 +135,13 @@ def _unit_loss(out, tgt, p: float) -> torch.Tensor:
     return sum(lp_loss(o.float(), t, p) for o, t in zip(outs, tgt))
 
 
+def _relative_unit_loss(out, tgt, p: float) -> torch.Tensor:
+    """``_unit_loss`` relative to the target's own size: otherwise calls near t = 0, whose block outputs and errors
+    are largest but matter least for the image, would decide every activation step size."""
+    size = sum(lp_loss(t, torch.zeros_like(t), p) for t in tgt).clamp_min(1e-12)
+    return _unit_loss(out, tgt, p) / size
+
+
 def _capture(model, unit_name, call: Call, want: str):
     """Run ``model`` on ``call`` until unit ``unit_name``; return its (args, kwargs) or its output."""
     unit = model.get_submodule(unit_name)
@@ -169,10 +176,15 @@ def _capture(model, unit_name, call: Call, want: str):
     return box.get("v")
 
 
+def _samples(tgt) -> int:
+    """Samples in one cached call's target (one tensor, or the unit's output tensors)."""
+    first = tgt if torch.is_tensor(tgt) else tgt[0]
+    return first.shape[0] if first.dim() > 0 else 1
+
+
 def _minibatch(inp, tgt, batch_size, g):
     """A random mini-batch of ``batch_size`` samples of one cached call (all of it when it is smaller)."""
-    first = tgt if torch.is_tensor(tgt) else tgt[0]  # one target tensor, or the unit's output tensors
-    n = first.shape[0] if first.dim() > 0 else 1
+    n = _samples(tgt)
     if batch_size >= n:
         return inp, tgt
     idx = torch.randperm(n, generator=g)[:batch_size]
@@ -300,8 +312,7 @@ def _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) -> float
     total = 0.0
     with torch.no_grad():
         for i in range(len(inputs)):
-            first = targets[i] if torch.is_tensor(targets[i]) else targets[i][0]
-            n = first.shape[0] if first.dim() > 0 else 1
+            n = _samples(targets[i])
             ctx.t = calls[i].t
             for start in range(0, n, max(1, config.batch_size)):
                 idx = torch.arange(start, min(n, start + max(1, config.batch_size)))
@@ -309,8 +320,7 @@ def _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) -> float
                     (batch_rows(inputs[i], idx, n), batch_rows(targets[i], idx, n))
                 a, kw = _to_model(inp, dev, dt)
                 tgt = tuple(t.to(dev, torch.float32) for t in tgt)
-                size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
-                total += float(_unit_loss(unit(*a, **kw), tgt, config.p_act) / size) * len(idx) / n
+                total += float(_relative_unit_loss(unit(*a, **kw), tgt, config.p_act)) * len(idx) / n
     return total
 
 
@@ -343,11 +353,7 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                 for _ in range(config.act_iters):
                     i, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
                     ctx.t = calls[i].t  # the step size at this call's timestep
-                    out = unit(*a, **kw)
-                    # relative to the target's own size: otherwise calls near t = 0, whose block outputs and
-                    # errors are largest but matter least for the image, decide every step size
-                    size = sum(lp_loss(t, torch.zeros_like(t), config.p_act) for t in tgt).clamp_min(1e-12)
-                    loss = _unit_loss(out, tgt, config.p_act) / size
+                    loss = _relative_unit_loss(unit(*a, **kw), tgt, config.p_act)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -356,8 +362,6 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                         for sc in scales:
                             sc.clamp_(min=1e-8)
                     st.step(loss=float(loss.detach()))
-                for sc in scales:
-                    sc.requires_grad_(False)
                 # the learned step sizes stay only where they lower the unit's loss on all the calibration data
                 # (a mini-batch trajectory can end worse than the L_p search it started from)
                 if not _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) < loss0:  # NaN too
