@@ -346,20 +346,14 @@ def _large(m, n, pw, integer: bool) -> bool:
             and _large_tiles_fit(pw.device.type, pw.device.index))
 
 
-def _tiles(m, n, pw, integer: bool = True):
-    if _TILE_OVERRIDE is not None and not _grouped(pw):
-        return _TILE_OVERRIDE[:3]
-    if _large(m, n, pw, integer):
-        return _LARGE_TILES[:3]
-    return (32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)
-
-
-def _launch_opts(pw, m=0, n=0, integer: bool = True) -> dict:
-    if _TILE_OVERRIDE is not None and not _grouped(pw):
-        return dict(num_warps=_TILE_OVERRIDE[3], num_stages=_TILE_OVERRIDE[4])
-    if _large(m, n, pw, integer):
-        return dict(num_warps=_LARGE_TILES[3], num_stages=_LARGE_TILES[4])
-    return {}
+def _tile_config(m, n, pw, integer: bool = True):
+    """((BM, BN, BK), launch options) of a GEMM: the :func:`tiles` override, the large tiles, or the default
+    (small tiles, Triton's default warps and stages)."""
+    cfg = _TILE_OVERRIDE if _TILE_OVERRIDE is not None and not _grouped(pw) else \
+        _LARGE_TILES if _large(m, n, pw, integer) else None
+    if cfg is None:
+        return ((32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)), {}
+    return cfg[:3], dict(num_warps=cfg[3], num_stages=cfg[4])
 
 
 def _weight_args(pw):
@@ -374,18 +368,18 @@ def linear(x, pw, bias=None, act=None):
     w, ws, k_w, g, gs, grouped = _weight_args(pw)
     out = _out((m, n), x.device)
     b = bias.to(torch.float32).contiguous() if bias is not None else out
-    bm, bn, bk = _tiles(m, n, pw, integer=act is not None)
+    (bm, bn, bk), opts = _tile_config(m, n, pw, integer=act is not None)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     if act is None:
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
                                 HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                **_launch_opts(pw, m, n, integer=False))
+                                **opts)
     else:
         q, sx, zp = quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, HAS_BIAS=bias is not None,
-                                 BM=bm, BN=bn, BK=bk, **_launch_opts(pw, m, n))
+                                 BM=bm, BN=bn, BK=bk, **opts)
     return out.reshape(*lead, n).to(x.dtype)
 
 
@@ -401,11 +395,11 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     w, ws, k_w, g, gs, grouped = _weight_args(pw)
     out = _out((bsz, n, ho, wo), x.device)
     b = bias.to(torch.float32).contiguous() if bias is not None else out
-    bm, bn, bk = _tiles(m, n, pw)
+    (bm, bn, bk), opts = _tile_config(m, n, pw)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, ho * wo,
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1],
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, HAS_BIAS=bias is not None,
-                             BM=bm, BN=bn, BK=bk, **_launch_opts(pw, m, n))
+                             BM=bm, BN=bn, BK=bk, **opts)
     return out.to(x.dtype)

@@ -169,9 +169,8 @@ def test_large_problems_take_the_large_tiles(triton_interpret, wbits):
 
     x = torch.randn(1030, 264)
     pw = ops.quantize_weight(torch.randn(260, 264) * 0.05, wbits, None)
-    assert triton_gpu._tiles(1030, 260, pw) == (128, 128, 128)
-    assert triton_gpu._launch_opts(pw, 1030, 260) == dict(num_warps=8, num_stages=3)
-    assert triton_gpu._tiles(1030, 260, ops.quantize_weight(torch.randn(260, 264), 4, 64))[:2] == (64, 64)
+    assert triton_gpu._tile_config(1030, 260, pw) == ((128, 128, 128), dict(num_warps=8, num_stages=3))
+    assert triton_gpu._tile_config(1030, 260, ops.quantize_weight(torch.randn(260, 264), 4, 64))[0][:2] == (64, 64)
     act = ActQuant(8, 0.05, 128)
     ref = ops.run_on("eager", "linear", x, pw, None, act)
     out = ops.run_on("triton", "linear", x, pw, None, act)
@@ -198,5 +197,4 @@ def test_weight_only_kernel_keeps_the_small_tiles(triton_interpret):
     from lowbit.kernels import triton_gpu
 
     pw = ops.quantize_weight(torch.randn(260, 264) * 0.05, 4, None)
-    assert triton_gpu._tiles(1030, 260, pw, integer=False) == (64, 64, 64)
-    assert triton_gpu._launch_opts(pw, 1030, 260, integer=False) == {}
+    assert triton_gpu._tile_config(1030, 260, pw, integer=False) == ((64, 64, 64), {})
