@@ -183,7 +183,7 @@ def run_timings(cases, variants: Dict[str, Callable], timer: Callable[[Callable]
                     row["seconds"] = s
                     row["tops"] = case.flops() / s / 1e12 if s > 0 else None
             except Exception as exc:  # one failing variant must not hide the others
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                row["error"] = _error_line(exc)
             rows.append(row)
         log("  " + case.model + " " + case.name + ": " + ", ".join(
             f"{r['variant']} {r['seconds'] * 1e3:.3f} ms" if "seconds" in r else f"{r['variant']} -"
@@ -238,6 +238,11 @@ def ratio_table(rows: List[dict], baseline: str = BASELINE) -> str:
     return "\n".join(lines)
 
 
+def _error_line(exc: BaseException) -> str:
+    """``<Type>: <first line of the message>``, at most 300 characters, for a row that failed."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 def write_json(path, report: dict) -> Path:
     """Writes ``report`` as indented JSON (parents created; a temporary file renamed, so no partial file)."""
     path = Path(path)
@@ -277,7 +282,7 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
         try:
             ok, detail = fn()
         except Exception as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            ok, detail = False, _error_line(exc)
         results.append(dict(check=name, ok=bool(ok), detail=detail, seconds=time.perf_counter() - t0))
 
     for act in (ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True), ActQuant(4, dynamic=True), ActQuant(3, 0.25, 2)):
@@ -516,7 +521,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
             xs, xt = sample.to(torch.bfloat16), text.to(torch.bfloat16)
             with torch.no_grad():
                 out = model(xs, t, encoder_hidden_states=xt).sample.float()  # tuned: the per-layer choice
-                if name.endswith("-tuned"):
+                if tuned:
                     summ = autotune.summary(model)
                     row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
                                           float_copy_bytes=summ["dense_bytes"])
@@ -530,7 +535,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
             elif ref is not None:
                 row["rel_err_vs_bf16"] = _rel_err(out, ref)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            row["error"] = _error_line(exc)
             log(traceback.format_exc(limit=3))
         finally:
             del model
@@ -558,7 +563,7 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
             try:
                 row["graph_seconds"] = float(timer(cuda_graphed(fwd)))
             except Exception as exc:
-                row["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                row["graph_error"] = _error_line(exc)
         log(f"  unet {row['variant']} CUDA graph: " + (f"{row['graph_seconds'] * 1e3:.1f} ms/forward"
                                                        if "graph_seconds" in row else row["graph_error"])
             + (f"; host sync: {row['sync_point']}" if "sync_point" in row else ""))
