@@ -327,12 +327,31 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                     return e < 1e-2 and out.shape == ref.shape and out.dtype == torch.bfloat16, f"rel err {e:.2e}"
                 record(f"linear bf16 {m}x{k}x{n} W{wbits} g{gs} act={act}", lb)
 
+    # fake quantization in one pass (the dense path's activations on CUDA): the reference's values bit for bit.
+    # (The Triton interpreter, on CPU, casts fp32 to bf16 by truncation where a GPU rounds to nearest even: there
+    # bf16 values may differ by one bf16 step.)
+    for dt in (torch.float32, torch.bfloat16):
+        for act in (ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True)):
+            def fq(dt=dt, act=act):
+                x = (rnd(2, 16, 5, 6) * 2).to(dt)
+                out = ops.run_on("triton", "fake_quant_act", x, act, "sample")
+                ref = ops.run_on("eager", "fake_quant_act", x, act, "sample")
+                diff = int((out != ref).sum())
+                if device != "cuda" and dt == torch.bfloat16:
+                    step = float(((out.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-30)).max())
+                    return step <= 2 ** -7 and out.dtype == dt, f"{diff} values differ, at most {step:.1e} relative"
+                return diff == 0 and out.dtype == dt, f"{diff} of {out.numel()} values differ"
+            record(f"fake_quant_act {dt} act={act}", fq)
+
+    # C = 5: the NCHW kernel; C % 16 == 0 with per-channel weights: the channels-last (NHWC) kernel
     convs = [((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 2), (2, 1), (2, 1), torch.float32),
              ((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 1), (1, 1), (1, 1), torch.bfloat16),
+             ((2, 16, 9, 7), (24, 16, 3, 3), 8, None, (1, 2), (1, 1), (2, 1), torch.float32),
+             ((1, 48, 6, 5), (40, 48, 3, 3), 4, None, (1, 1), (1, 1), (1, 1), torch.bfloat16),
              ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (1, 1), (1, 1), (1, 1), torch.float32),
              ((2, 640, 32, 32), (640, 640, 3, 3), 4, None, (1, 1), (1, 1), (1, 1), torch.float32),
              ((2, 320, 64, 64), (320, 320, 3, 3), 8, None, (2, 2), (1, 1), (1, 1),
-              torch.float32)][:None if large else 2]
+              torch.float32)][:None if large else 4]
     for xs, ws, wbits, gs, st, pad, dil, dt in convs:
         for act in (ActQuant(8, dynamic=True), ActQuant(8, 0.05, 128)):
             def cc(xs=xs, ws=ws, wbits=wbits, gs=gs, st=st, pad=pad, dil=dil, dt=dt, act=act):
@@ -347,6 +366,20 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 lim = 1e-2 if dt == torch.bfloat16 else 5 * tol
                 return e < lim and out.shape == ref.shape and out.dtype == dt, f"rel err {e:.2e}"
             record(f"conv x{list(xs)} w{list(ws)} W{wbits} g{gs} s{st} p{pad} d{dil} {dt} act={act}", cc)
+
+    # the two conv kernels sum the same int32 products: equal outputs, also for a channels-last input
+    for wbits in (8, 4):
+        def lay(wbits=wbits):
+            x = rnd(2, 32, 7, 9)
+            pw = ops.quantize_weight(rnd(24, 32, 3, 3) * 0.05, wbits)
+            args = (rnd(24), (1, 1), (1, 1), (1, 1), 1, ActQuant(8, dynamic=True))
+            nhwc = ops.run_on("triton", "conv2d", x, pw, *args)
+            cl = ops.run_on("triton", "conv2d", x.contiguous(memory_format=torch.channels_last), pw, *args)
+            with triton_gpu.conv_layout(nhwc=False):
+                nchw = ops.run_on("triton", "conv2d", x, pw, *args)
+            same = torch.equal(nhwc, nchw) and torch.equal(cl, nchw)
+            return same, "equal" if same else f"max diff {float((nhwc - nchw).abs().max()):.2e}"
+        record(f"conv NHWC == NCHW kernel W{wbits}", lay)
     return results
 
 
@@ -430,8 +463,10 @@ def kernel_variants(device="cuda", graphs: bool = False):
 
 
 # (BM, BN, BK, num_warps, num_stages): the kernels' default for small problems, their default for large ones
-# (kernels/triton_gpu.py _LARGE_TILES, chosen from a wider sweep: bench/README.md), one more
-TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4)]
+# (kernels/triton_gpu.py _LARGE_TILES, chosen from a wider sweep: bench/README.md), wider ones for Hopper's
+# warpgroup MMA
+TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4),
+                (128, 128, 64, 4, 4)]
 
 
 def tile_cases() -> list:
@@ -441,25 +476,28 @@ def tile_cases() -> list:
     return [c for c in linear_cases() + conv_cases() if (c.model, c.name) in pick]
 
 
-def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None):
+def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None, graphs: bool = False):
     """name -> make(case) for the tile sweep: each of ``formats`` under each tile configuration
-    (``kernels.triton_gpu.tiles``), plus bf16 as the baseline. Names: ``<fmt> <BM>x<BN>x<BK> w<warps> s<stages>``."""
+    (``kernels.triton_gpu.tiles``), for convolutions also with the NCHW kernel instead of the channels-last one
+    (``conv_layout``), plus bf16 as the baseline. Names: ``<fmt> <BM>x<BN>x<BK> w<warps> s<stages>[ nchw]``.
+    ``graphs``: each call replayed from a CUDA graph (kernel time without the host's launch overhead)."""
     from ..kernels import triton_gpu
 
     base = kernel_variants(device)
-    v = {"bf16": base["bf16"]}
+    v = {"bf16": (lambda case: cuda_graphed(base["bf16"](case))) if graphs else base["bf16"]}
     for fmt in formats:
         for cfg in (configs or TILE_CONFIGS):
-            def make(case, fmt=fmt, cfg=cfg):
-                fn = base[fmt](case)
-                if fn is None:
-                    return None
+            for nhwc in (True, False):
+                def make(case, fmt=fmt, cfg=cfg, nhwc=nhwc):
+                    fn = base[fmt](case)
+                    if fn is None or (not nhwc and case.kind != "conv"):
+                        return None
 
-                def call():
-                    with triton_gpu.tiles(*cfg):
-                        return fn()
-                return call
-            v[f"{fmt} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]}"] = make
+                    def call():
+                        with triton_gpu.tiles(*cfg), triton_gpu.conv_layout(nhwc):
+                            return fn()
+                    return cuda_graphed(call) if graphs else call
+                v[f"{fmt} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]}" + ("" if nhwc else " nchw")] = make
     return v
 
 
@@ -635,8 +673,9 @@ def main(argv=None) -> int:
     write_json(a.out, report)
 
     if not a.no_tiles:
-        print("2b. tile sweep of the integer GEMM kernels (BMxBNxBK, warps, stages)")
-        trows = run_timings(tile_cases(), tile_variants("cuda"), timer, deadline=deadline - unet_reserve)
+        print("2b. tile sweep of the integer GEMM kernels (BMxBNxBK, warps, stages; conv: channels-last kernel, "
+              "and nchw), from CUDA graphs")
+        trows = run_timings(tile_cases(), tile_variants("cuda", graphs=True), timer, deadline=deadline - unet_reserve)
         report["tiles"] = trows
         print(ratio_table(trows))
         write_json(a.out, report)

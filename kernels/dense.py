@@ -48,6 +48,8 @@ def _fake_quant(x: torch.Tensor, act, granularity: str, dtype: torch.dtype) -> t
     (the same integers for an integer zp, so the same floats): one temporary, four passes."""
     if act is None:
         return x.to(dtype)
+    if x.is_cuda:
+        return _gpu_fake_quant(x, act, granularity).to(dtype)
     if act.dynamic:
         return fake_quant_act(x.to(torch.float32), act, granularity).to(dtype)
     if _fused(x, act):
@@ -83,6 +85,8 @@ def _fp32_args(x, pw, bias, act, granularity):
         bias = bias.float()
     if act is None:
         return x, w, bias
+    if x.is_cuda:
+        return _gpu_fake_quant(x, act, granularity), w, bias
     if act.dynamic:
         return fake_quant_act(x, act, granularity), w, bias
     zp = act.zero_point
@@ -93,6 +97,14 @@ def _fp32_args(x, pw, bias, act, granularity):
     if w.numel() < xq.numel():
         return xq, _scaled_weight(pw, w, act.scale), bias
     return xq.mul_(act.scale), w, bias
+
+
+def _gpu_fake_quant(x, act, granularity):
+    """CUDA: the best backend's fake quantizer (Triton: one pass, the reference's codes; without Triton the
+    reference itself), in x's dtype."""
+    from . import ops
+
+    return ops.fake_quant_act(x, act, granularity)
 
 
 def _fused(x, *acts) -> bool:

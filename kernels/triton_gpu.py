@@ -45,7 +45,8 @@ _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds
 
 # ----------------------------------------------------------------------------------------------- kernels
 def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_static, zp_static,
-                      QMAX: tl.constexpr, DYNAMIC: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr):
+                      QMAX: tl.constexpr, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr,
+                      BR: tl.constexpr, BL: tl.constexpr):
     # one [BR, BL] tile per program: a 2-D grid, so that a few long rows (Conv2d: one row per sample, C*H*W
     # values) spread over the whole GPU. Dynamic: the row minima / maxima come from torch (lo, hi).
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -72,14 +73,17 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
         y = tl.math.div_rn(x, scale[:, None])
         y = tl.minimum(tl.maximum(y, -512.0), 512.0)
         q = tl.minimum(tl.maximum((y + _RNE) - _RNE + z[:, None], 0.0), QMAX)
-        tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
+        if DEQUANT:  # fake quantization: the dequantized value, in q's (float) dtype
+            tl.store(q_ptr + offs, ((q - z[:, None]) * scale[:, None]).to(q_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
 
 
-def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
+def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
                      M, N, K, K_W, G, GROUP_SIZE, ROWS_PER_SCALE,
-                     C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW,
-                     W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, CB,
+                     W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, NHWC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -97,22 +101,40 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
         ow = pix % WO
         pad_val = (zpx - 128.0).to(tl.int8)  # float 0 == zero point, shifted
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    csum = tl.zeros((BN,), dtype=tl.int32)
     accf = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K
-        if IS_CONV:
-            c = rk // (KH * KW)
-            rs = rk % (KH * KW)
-            ih = oh[:, None] * SH - PH + (rs // KW)[None, :] * DH
-            iw = ow[:, None] * SW - PW + (rs % KW)[None, :] * DW
-            inb = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            addr = bidx[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
-            a = tl.load(a_ptr + addr, mask=mmask[:, None] & kmask[None, :] & inb, other=0)
-            a = tl.where(inb, a, pad_val[:, None])
+    # K-blocks: NHWC convolutions walk (kh, kw) and, inside, CB blocks of BK channels (contiguous in memory, as are
+    # the weights reordered to [N, KH, KW, C]); everything else walks K in blocks of BK
+    n_blocks = KH * KW * CB if NHWC else tl.cdiv(K, BK)
+    for i in range(0, n_blocks):
+        if NHWC:
+            r = i // CB
+            rc = (i % CB) * BK + tl.arange(0, BK)
+            k0 = r * C + (i % CB) * BK
+            kmask = rc < C
+            rk = r * C + rc
+            ih_r = oh * SH - PH + (r // KW) * DH  # one input pixel per output row in this block
+            iw_r = ow * SW - PW + (r % KW) * DW
+            inb_r = (ih_r >= 0) & (ih_r < H) & (iw_r >= 0) & (iw_r < W)
+            pixel = (bidx.to(tl.int64) * H + ih_r) * W + iw_r
+            a = tl.load(a_ptr + pixel[:, None] * C + rc[None, :], mask=(mmask & inb_r)[:, None] & kmask[None, :],
+                        other=0)
+            # outside the image: the zero point; channels past C: 0 (W4 weights there belong to the next (kh, kw))
+            a = tl.where(inb_r[:, None] | (rc >= C)[None, :], a, pad_val[:, None])
         else:
-            a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+            k0 = i * BK
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < K
+            if IS_CONV:
+                c = rk // (KH * KW)
+                rs = rk % (KH * KW)
+                ih = oh[:, None] * SH - PH + (rs // KW)[None, :] * DH
+                iw = ow[:, None] * SW - PW + (rs % KW)[None, :] * DW
+                inb = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                addr = bidx[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
+                a = tl.load(a_ptr + addr, mask=mmask[:, None] & kmask[None, :] & inb, other=0)
+                a = tl.where(inb, a, pad_val[:, None])
+            else:
+                a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
         if W4:
             rkk = k0 // 2 + tl.arange(0, BK // 2)
             p = tl.load(w_ptr + rn[None, :] * K_W + rkk[:, None], mask=(rkk < K_W)[:, None] & nmask[None, :], other=0)
@@ -122,27 +144,29 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
             b = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))  # row 2*kk + j  <-  k = k0 + 2*kk + j
         else:
             b = tl.load(w_ptr + rn[None, :] * K_W + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
-        cs = tl.sum(b.to(tl.int32), axis=0)
         if GROUPED:
+            g = k0 // GROUP_SIZE
+            cs = tl.load(cs_ptr + rn * G + g, mask=nmask, other=0)
             part = tl.dot(a, b, out_dtype=tl.int32) + comp[:, None] * cs[None, :]
-            wsg = tl.load(ws_ptr + rn * G + k0 // GROUP_SIZE, mask=nmask, other=0.0)
+            wsg = tl.load(ws_ptr + rn * G + g, mask=nmask, other=0.0)
             accf += part.to(tl.float32) * wsg[None, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            csum += cs
     if GROUPED:
         out = accf * sx[:, None]
     else:
+        # the weight's column sums (precomputed, :func:`_prepared`) turn the shifted codes back into q_u8 - zp
+        csum = tl.load(cs_ptr + rn, mask=nmask, other=0)
         sw = tl.load(ws_ptr + rn, mask=nmask, other=0.0)
         out = (acc + comp[:, None] * csum[None, :]).to(tl.float32) * sw[None, :] * sx[:, None]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     omask = mmask[:, None] & nmask[None, :]
     if IS_CONV:
-        optr = out_ptr + bidx[:, None] * (N * HO * WO) + rn[None, :] * (HO * WO) + pix[:, None]
+        optr = out_ptr + bidx[:, None].to(tl.int64) * (N * HO * WO) + rn[None, :] * (HO * WO) + pix[:, None]
     else:
-        optr = out_ptr + rm[:, None] * N + rn[None, :]
-    tl.store(optr, out, mask=omask)
+        optr = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GROUP_SIZE,
@@ -176,8 +200,9 @@ def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GR
     if not GROUPED:
         acc = acc * tl.load(ws_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
 
 
 KERNELS = {"act_quant": _act_quant_kernel, "int_gemm": _int_gemm_kernel, "wo_gemm": _wo_gemm_kernel}
@@ -261,21 +286,25 @@ def _fq_supports(x, act, granularity="token"):
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def _out(shape, device):
+def _out(shape, device, dtype=torch.float32):
     # under the interpreter (tests) outputs are poisoned with NaN so that an unwritten element cannot pass
     if _interpret():
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
-def quantize_rows(x2: torch.Tensor, act):
-    """x2 float [R, L] contiguous -> (int8 [R, L] = q - 128, scale fp32 [R], zero point fp32 [R])."""
+def quantize_rows(x2: torch.Tensor, act, dequant: bool = False):
+    """x2 float [R, L] contiguous -> (int8 [R, L] = q - 128, scale fp32 [R], zero point fp32 [R]); with
+    ``dequant`` the first is instead the fake-quantized x2 (``(q - zp) * scale``, x2's dtype), from the same pass."""
     r, l = x2.shape
-    q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device) if _interpret() else \
-        torch.empty((r, l), dtype=torch.int8, device=x2.device)
+    if dequant:
+        q = _out((r, l), x2.device, x2.dtype)
+    else:
+        q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device) if _interpret() else \
+            torch.empty((r, l), dtype=torch.int8, device=x2.device)
     scale, zp = _out((r,), x2.device), _out((r,), x2.device)
     bl = min(1024, triton.next_power_of_2(l))
     br = max(1, min(64, 4096 // bl))
@@ -287,15 +316,15 @@ def quantize_rows(x2: torch.Tensor, act):
     s_static = 1.0 if act.dynamic else act.scale
     zp_static = 0.0 if act.dynamic else float(act.zero_point)
     kernel("act_quant")[(triton.cdiv(r, br), min(triton.cdiv(l, bl), _MAX_GRID_Y))](
-        x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, BR=br, BL=bl)
+        x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, DEQUANT=dequant,
+        BR=br, BL=bl)
     return q, scale, zp
 
 
 @backend.op("fake_quant_act", supports=_fq_supports)
 def fake_quant_act(x, act, granularity="token"):
     x2 = (x.reshape(-1, x.shape[-1]) if granularity == "token" else x.reshape(x.shape[0], -1)).contiguous()
-    q, scale, zp = quantize_rows(x2, act)
-    return ((q.to(torch.float32) + 128.0 - zp[:, None]) * scale[:, None]).reshape(x.shape).to(x.dtype)
+    return quantize_rows(x2, act, dequant=True)[0].reshape(x.shape)
 
 
 _TILE_OVERRIDE = None  # (BM, BN, BK, num_warps, num_stages) while :func:`tiles` is active
@@ -356,8 +385,65 @@ def _tile_config(m, n, pw, integer: bool = True):
     return cfg[:3], dict(num_warps=cfg[3], num_stages=cfg[4])
 
 
-def _weight_args(pw):
-    return pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, (pw.group_size or pw.K), _grouped(pw)
+_CONV_NHWC = True  # the channels-last implicit GEMM for convolutions that allow it (:func:`conv_layout`)
+
+
+@contextmanager
+def conv_layout(nhwc: bool):
+    """Inside the block, convolutions take the channels-last kernel (``nhwc``) where allowed, else the NCHW one
+    (the GPU check times both)."""
+    global _CONV_NHWC
+    old, _CONV_NHWC = _CONV_NHWC, bool(nhwc)
+    try:
+        yield
+    finally:
+        _CONV_NHWC = old
+
+
+def _nhwc(pw, groups: int = 1) -> bool:
+    """The channels-last conv kernel: per-channel weights, channels a multiple of 16 (whole int4 pairs per block; the
+    first conv of a UNet, 4 channels, keeps the NCHW kernel)."""
+    return _CONV_NHWC and groups == 1 and not _grouped(pw) and len(pw.shape) == 4 and pw.shape[1] % 16 == 0
+
+
+def _pack_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] (K even, values in -8..7) -> uint8 [N, K/2], low nibble = even k (the kernel layout)."""
+    v = v.to(torch.int16) & 0xF
+    return (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _prepared(pw, nhwc: bool = False):
+    """Weight-constant inputs of the integer GEMM, computed once per weight and kept in ``pw.cache`` (dropped on
+    device moves, counted by ``pw.nbytes()``): the column sums of the integer weights (int32 [N] per channel,
+    [N, G] per group), which the epilogue needs to undo the activations' shift by 128 and zero point, and for the
+    channels-last conv kernel the weights reordered to [N, KH, KW, C] (packed like the original: one more copy of the
+    packed weight, same size)."""
+    key = "triton.nhwc" if nhwc else "triton.colsum"
+    hit = pw.cache.get(key)
+    if hit is not None and hit[0].device == pw.device:
+        return hit
+    from . import ops
+
+    q = ops.unpack_weight(pw).to(pw.device)
+    n, k = pw.N, pw.K
+    if _grouped(pw):
+        gs, g = pw.group_size, pw.num_groups
+        cs = torch.nn.functional.pad(q.reshape(n, k).to(torch.int32), (0, g * gs - k)).reshape(n, g, gs).sum(2)
+    else:
+        cs = q.reshape(n, k).to(torch.int32).sum(1)
+    w, k_w = pw.qdata, pw.qdata.shape[1]
+    if nhwc:
+        w = q.permute(0, 2, 3, 1).reshape(n, k).contiguous()
+        if pw.bits <= 4:
+            w = _pack_nibbles(w)
+        k_w = w.shape[1]
+    hit = pw.cache[key] = (cs.to(torch.int32).contiguous(), w, k_w)
+    return hit
+
+
+def _weight_args(pw, nhwc: bool = False):
+    cs, w, k_w = _prepared(pw, nhwc)
+    return w, pw.scale.contiguous(), cs, k_w, pw.num_groups, (pw.group_size or pw.K), _grouped(pw)
 
 
 @backend.op("linear", supports=_linear_supports)
@@ -365,41 +451,45 @@ def linear(x, pw, bias=None, act=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.K).contiguous()
     m, n, k = x2.shape[0], pw.N, pw.K
-    w, ws, k_w, g, gs, grouped = _weight_args(pw)
-    out = _out((m, n), x.device)
-    b = bias.to(torch.float32).contiguous() if bias is not None else out
+    out = _out((m, n), x.device, x.dtype)
+    b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw, integer=act is not None)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     if act is None:
+        w, ws, k_w, g, gs, grouped = pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, \
+            (pw.group_size or pw.K), _grouped(pw)
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
                                 HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
                                 **opts)
     else:
+        w, ws, cs, k_w, g, gs, grouped = _weight_args(pw)
         q, sx, zp = quantize_rows(x2, act)
-        kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
-                                 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1,
-                                 W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, HAS_BIAS=bias is not None,
-                                 BM=bm, BN=bn, BK=bk, **opts)
-    return out.reshape(*lead, n).to(x.dtype)
+        kernel("int_gemm")[grid](q, w, ws, cs, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
+                                 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1,
+                                 W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, NHWC=False,
+                                 HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **opts)
+    return out.reshape(*lead, n)
 
 
 @backend.op("conv2d", supports=_conv_supports)
 def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, act=None):
-    x = x.contiguous()
     bsz, c, h, wd = x.shape
     kh, kw = pw.shape[2], pw.shape[3]
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    q, sx, zp = quantize_rows(x.reshape(bsz, -1), act)
+    nhwc = _nhwc(pw, groups)
+    # channels-last: a free view when x already is (torch.channels_last), else one transposing copy
+    xr = x.permute(0, 2, 3, 1).contiguous() if nhwc else x.contiguous()
+    q, sx, zp = quantize_rows(xr.reshape(bsz, -1), act)
     m, n, k = bsz * ho * wo, pw.N, pw.K
-    w, ws, k_w, g, gs, grouped = _weight_args(pw)
-    out = _out((bsz, n, ho, wo), x.device)
-    b = bias.to(torch.float32).contiguous() if bias is not None else out
+    w, ws, cs, k_w, g, gs, grouped = _weight_args(pw, nhwc)
+    out = _out((bsz, n, ho, wo), x.device, x.dtype)
+    b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    kernel("int_gemm")[grid](q, w, ws, sx, zp, b, out, m, n, k, k_w, g, gs, ho * wo,
+    kernel("int_gemm")[grid](q, w, ws, cs, sx, zp, b, out, m, n, k, k_w, g, gs, ho * wo,
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
-                             dilation[0], dilation[1],
-                             W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, HAS_BIAS=bias is not None,
+                             dilation[0], dilation[1], triton.cdiv(c, bk),
+                             W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, HAS_BIAS=bias is not None,
                              BM=bm, BN=bn, BK=bk, **opts)
-    return out.to(x.dtype)
+    return out
