@@ -367,7 +367,8 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 return e < lim and out.shape == ref.shape and out.dtype == dt, f"rel err {e:.2e}"
             record(f"conv x{list(xs)} w{list(ws)} W{wbits} g{gs} s{st} p{pad} d{dil} {dt} act={act}", cc)
 
-    # the two conv kernels sum the same int32 products: equal outputs, also for a channels-last input
+    # the two conv kernels sum the same int32 products: equal outputs, also for a channels-last input (whose output
+    # is channels-last too, as torch's conv keeps the memory format)
     for wbits in (8, 4):
         def lay(wbits=wbits):
             x = rnd(2, 32, 7, 9)
@@ -377,7 +378,8 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
             cl = ops.run_on("triton", "conv2d", x.contiguous(memory_format=torch.channels_last), pw, *args)
             with triton_gpu.conv_layout(nhwc=False):
                 nchw = ops.run_on("triton", "conv2d", x, pw, *args)
-            same = torch.equal(nhwc, nchw) and torch.equal(cl, nchw)
+            same = (torch.equal(nhwc, nchw) and torch.equal(cl, nchw) and nhwc.is_contiguous()
+                    and cl.is_contiguous(memory_format=torch.channels_last))
             return same, "equal" if same else f"max diff {float((nhwc - nchw).abs().max()):.2e}"
         record(f"conv NHWC == NCHW kernel W{wbits}", lay)
     return results
@@ -463,10 +465,9 @@ def kernel_variants(device="cuda", graphs: bool = False):
 
 
 # (BM, BN, BK, num_warps, num_stages): the kernels' default for small problems, their default for large ones
-# (kernels/triton_gpu.py _LARGE_TILES, chosen from a wider sweep: bench/README.md), wider ones for Hopper's
-# warpgroup MMA
-TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4),
-                (128, 128, 64, 4, 4)]
+# (kernels/triton_gpu.py _LARGE_TILES, chosen from this sweep: bench/README.md), the previous large default, two more
+TILE_CONFIGS = [(64, 64, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4),
+                (128, 256, 64, 8, 4)]
 
 
 def tile_cases() -> list:
@@ -502,13 +503,14 @@ def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None, graphs:
 
 
 def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
-                 formats=("W8A8", "W4A8", "W8A8-tuned", "W4A8-tuned"),
+                 formats=("W8A8", "W4A8", "W8A8-tuned", "W4A8-tuned", "bf16-cl", "W8A8-tuned-cl"),
                  deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768,
                  graphs: bool = False) -> List[dict]:
     """Whole SD1.5-architecture UNet forward: bf16 and our deployed formats (float parts bf16).
     A format named ``<fmt>-tuned`` is deployed with ``tune=True`` (each layer's kernel chosen by measured speed,
     the float path of the same quantized weights where the integer kernel loses; the row reports the choice);
-    the others take the registry's kernels (triton on CUDA) everywhere.
+    the others take the registry's kernels (triton on CUDA) everywhere. A name ending ``-cl`` runs the model and its
+    input in ``torch.channels_last`` memory format (cuDNN's and the channels-last conv kernel's native layout).
     ``build`` (default: bench_unet.build_unet, SD1.5) makes the float model once (copied per variant); tests
     pass a tiny one. ``graphs`` (CUDA): after all rows, each model's forward is first run once with
     ``torch.cuda.set_sync_debug_mode("error")`` (``sync_point``: where it synchronises with the host, which a graph
@@ -532,9 +534,9 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
     text = torch.randn(batch, 77, text_dim, generator=g).to(device)
     rows = []
     ref = None
-    kept = []  # (row, model) for the CUDA graph timings after all rows
+    kept = []  # (row, model, input) for the CUDA graph timings after all rows
     base_model = build()
-    for name in ("bf16", *formats):
+    for name in ("bf16", *(f for f in formats if f != "bf16")):
         if deadline is not None and time.monotonic() > deadline:
             rows.append(dict(variant=name, skipped="time budget spent"))
             continue
@@ -547,26 +549,36 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                 resident = torch.cuda.memory_allocated()  # earlier rows' models, kept for the graph timings
             t0 = time.perf_counter()
             model = copy.deepcopy(base_model).to(device)
-            fmt, tuned = (name[:-len("-tuned")], True) if name.endswith("-tuned") else (name, False)
-            if name != "bf16":
+            fmt, *flags = name.split("-")
+            tuned, cl = "tuned" in flags, "cl" in flags
+            if fmt != "bf16":
                 cfg = QuantConfig.preset(fmt, w_init="minmax", a_init="minmax")
                 with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
                     model(sample, t, encoder_hidden_states=text)
                 quantize_(model, cfg, calib=rec.calls)
                 deploy_(model, tune=tuned)
             model = model.to(torch.bfloat16)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
             row["setup_s"] = time.perf_counter() - t0
+            if cuda:  # the setup (fp32 copy, calibration, quantization) peaks higher than the model runs
+                row["setup_peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - resident)
+                torch.cuda.reset_peak_memory_stats()
             xs, xt = sample.to(torch.bfloat16), text.to(torch.bfloat16)
+            if cl:
+                xs = xs.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 out = model(xs, t, encoder_hidden_states=xt).sample.float()  # tuned: the per-layer choice
+                if cuda:  # the model on the GPU, with what its first forward cached (kernel-side weight forms)
+                    row["model_gpu_bytes"] = int(torch.cuda.memory_allocated() - resident - out.numel() * 4)
                 if tuned:
                     summ = autotune.summary(model)
                     row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
                                           float_copy_bytes=summ["dense_bytes"])
                 row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
             if graphs:
-                kept.append((row, model))
-            if cuda:
+                kept.append((row, model, xs))
+            if cuda:  # the forwards' peak, model included
                 row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - resident)
             if name == "bf16":
                 ref = out
@@ -580,11 +592,11 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
         rows.append(row)
         log(f"  unet {name}: " + (f"{row['seconds'] * 1e3:.1f} ms/forward" if "seconds" in row
                                   else row.get("error", row.get("skipped", ""))))
-    for row, model in kept:
+    for row, model, xs in kept:
         if deadline is not None and time.monotonic() > deadline:
             row["graph_error"] = "time budget spent"
             continue
-        fwd = (lambda m=model: m(xs, t, encoder_hidden_states=xt))
+        fwd = (lambda m=model, xs=xs: m(xs, t, encoder_hidden_states=xt))
         with torch.no_grad():
             try:
                 torch.cuda.synchronize()
@@ -683,17 +695,19 @@ def main(argv=None) -> int:
     if not a.no_unet:
         print("3. SD1.5-architecture UNet forward, latent 64, batch 2 (bf16 float parts)")
         report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline, graphs=True)
-        print("| variant | ms/forward | x bf16 | CUDA graph ms | x bf16 | peak GPU GB | rel err vs bf16 | kernels |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| variant | ms/forward | x bf16 | CUDA graph ms | x bf16 | model GB | forward peak GB | rel err vs bf16 "
+              "| kernels |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in unet_rows:
             if "seconds" in r:
                 gms = (f"{r['graph_seconds'] * 1e3:.1f} | {r.get('graph_x_bf16', 1.0):.2f}" if "graph_seconds" in r
                        else f"{r.get('graph_error', '-')} | ")
                 print(f"| {r['variant']} | {r['seconds'] * 1e3:.1f} | {r.get('x_bf16', 1.0):.2f} | {gms} | "
-                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.2f} | {r.get('rel_err_vs_bf16', 0.0):.1e} | "
+                      f"{r.get('model_gpu_bytes', 0) / 1e9:.2f} | {r.get('peak_gpu_bytes', 0) / 1e9:.2f} | "
+                      f"{r.get('rel_err_vs_bf16', 0.0):.1e} | "
                       f"{(r.get('kernels') or {}).get('layers', '')} |")
             else:
-                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | | | |")
+                print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | | | | |")
     report["meta"]["wall_s"] = time.monotonic() - start
     path = write_json(a.out, report)
     print(f"wrote {path} ({report['meta']['wall_s']:.0f} s)")

@@ -52,8 +52,8 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < R
     if DYNAMIC:
-        lo = tl.minimum(tl.load(lo_ptr + rows, mask=rmask, other=0.0), 0.0)
-        hi = tl.maximum(tl.load(hi_ptr + rows, mask=rmask, other=0.0), 0.0)
+        lo = tl.minimum(tl.load(lo_ptr + rows, mask=rmask, other=0.0).to(tl.float32), 0.0)
+        hi = tl.maximum(tl.load(hi_ptr + rows, mask=rmask, other=0.0).to(tl.float32), 0.0)
         scale = tl.math.div_rn(hi - lo, tl.full((BR,), QMAX, tl.float32))
         scale = tl.where(scale > 0, scale, 1.0)
         z = tl.math.div_rn(-lo, scale)
@@ -61,9 +61,10 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
     else:
         scale = tl.full((BR,), 1.0, tl.float32) * s_static
         z = tl.full((BR,), 1.0, tl.float32) * zp_static
-    first = rmask & ((rows * 0 + tl.program_id(1)) == 0)  # the scales are written by the first column block
-    tl.store(scale_ptr + rows, scale, mask=first)
-    tl.store(zp_ptr + rows, z, mask=first)
+    if DYNAMIC:  # the row scales are written by the first column block (static ones are the GEMM's constants)
+        first = rmask & ((rows * 0 + tl.program_id(1)) == 0)
+        tl.store(scale_ptr + rows, scale, mask=first)
+        tl.store(zp_ptr + rows, z, mask=first)
     # a grid's second dimension holds at most 65535 blocks: longer rows are walked in strides of the grid
     for c0 in range(tl.program_id(1) * BL, L, tl.num_programs(1) * BL):
         cols = c0 + tl.arange(0, BL)
@@ -79,20 +80,25 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
             tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
 
 
-def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr,
+def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr, s_static, zp_static,
                      M, N, K, K_W, G, GROUP_SIZE, ROWS_PER_SCALE,
                      C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, CB,
                      W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, NHWC: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     STATIC_ACT: tl.constexpr, OUT_NHWC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
     nmask = rn < N
-    sidx = rm // ROWS_PER_SCALE
-    sx = tl.load(xs_ptr + sidx, mask=mmask, other=1.0)
-    zpx = tl.load(xzp_ptr + sidx, mask=mmask, other=128.0)
+    if STATIC_ACT:  # one scale and zero point for every row
+        sx = tl.full((BM,), 1.0, tl.float32) * s_static
+        zpx = tl.full((BM,), 1.0, tl.float32) * zp_static
+    else:
+        sidx = rm // ROWS_PER_SCALE
+        sx = tl.load(xs_ptr + sidx, mask=mmask, other=1.0)
+        zpx = tl.load(xzp_ptr + sidx, mask=mmask, other=128.0)
     comp = 128 - zpx.to(tl.int32)  # q_u8 = a + 128, minus the zero point
     if IS_CONV:
         bidx = rm // (HO * WO)
@@ -162,9 +168,9 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, ou
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if IS_CONV:
+    if IS_CONV and not OUT_NHWC:
         optr = out_ptr + bidx[:, None].to(tl.int64) * (N * HO * WO) + rn[None, :] * (HO * WO) + pix[:, None]
-    else:
+    else:  # Linear [M, N], or a channels-last conv output: row m = (b, oh, ow), N channels each
         optr = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -296,29 +302,34 @@ def _out(shape, device, dtype=torch.float32):
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a jitted function: microseconds per host call)
+
+
 def quantize_rows(x2: torch.Tensor, act, dequant: bool = False):
     """x2 float [R, L] contiguous -> (int8 [R, L] = q - 128, scale fp32 [R], zero point fp32 [R]); with
-    ``dequant`` the first is instead the fake-quantized x2 (``(q - zp) * scale``, x2's dtype), from the same pass."""
+    ``dequant`` the first is instead the fake-quantized x2 (``(q - zp) * scale``, x2's dtype), from the same pass.
+    Static quantizers have one scale and zero point (``act.scale``, ``act.zero_point``): scale and zp are None."""
     r, l = x2.shape
     if dequant:
         q = _out((r, l), x2.device, x2.dtype)
+    elif _interpret():
+        q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device)
     else:
-        q = torch.full((r, l), 127, dtype=torch.int8, device=x2.device) if _interpret() else \
-            torch.empty((r, l), dtype=torch.int8, device=x2.device)
-    scale, zp = _out((r,), x2.device), _out((r,), x2.device)
-    bl = min(1024, triton.next_power_of_2(l))
+        q = torch.empty((r, l), dtype=torch.int8, device=x2.device)
+    bl = min(1024, 1 << max(0, l - 1).bit_length())
     br = max(1, min(64, 4096 // bl))
     if act.dynamic:
-        lo, hi = torch.aminmax(x2, dim=1)
-        lo, hi = lo.to(torch.float32).contiguous(), hi.to(torch.float32).contiguous()
+        scale, zp = _out((r,), x2.device), _out((r,), x2.device)
+        lo, hi = torch.aminmax(x2, dim=1)  # in x2's dtype: the kernel reads them as fp32 (exact)
+        s_static, zp_static = 1.0, 0.0
     else:
-        lo = hi = scale  # not read
-    s_static = 1.0 if act.dynamic else act.scale
-    zp_static = 0.0 if act.dynamic else float(act.zero_point)
-    kernel("act_quant")[(triton.cdiv(r, br), min(triton.cdiv(l, bl), _MAX_GRID_Y))](
+        scale = zp = lo = hi = q  # not read, not written
+        s_static, zp_static = act.scale, float(act.zero_point)
+    kernel("act_quant")[(_cdiv(r, br), min(_cdiv(l, bl), _MAX_GRID_Y))](
         x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, DEQUANT=dequant,
         BR=br, BL=bl)
-    return q, scale, zp
+    return (q, scale, zp) if act.dynamic else (q, None, None)
 
 
 @backend.op("fake_quant_act", supports=_fq_supports)
@@ -347,10 +358,11 @@ def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
         _TILE_OVERRIDE = old
 
 
-# large per-channel GEMMs: 128x128x128 tiles, 8 warps, 3 stages. The GPU check's tile sweep on an H200 (2026-12-04,
-# bench/README.md): at the largest SD1.5 / SDXL Linear and conv shapes, W8A8 and W4A8, never more than 4 % slower
-# than 64x64x64 with 4 warps (which stays for smaller problems) and up to 1.5x faster
-_LARGE_TILES = (128, 128, 128, 8, 3)
+# large per-channel GEMMs: 128x128x64 tiles, 4 warps, 4 stages. The GPU check's tile sweep on an H200 (2026-12-04,
+# run 5, timed from CUDA graphs, bench/README.md): at the largest SD1.5 / SDXL Linear shapes the fastest of five
+# configurations for W8A8 and W4A8 (0.87x resp. 0.76x the time of 128x128x128 / 8 warps, the previous default), on
+# the channels-last 3x3 convs within 11 % of the fastest (64x64x64 with 4 warps stays for smaller problems)
+_LARGE_TILES = (128, 128, 64, 4, 4)
 
 
 def _grouped(pw) -> bool:
@@ -359,9 +371,9 @@ def _grouped(pw) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _large_tiles_fit(device_type: str, index) -> bool:
-    """The large tiles' int8 operands take about 96 KB of shared memory per block in 3 stages: GPUs that give a
-    block at least 160 KB (A100, H100, H200) take them, smaller ones (consumer cards: 99 KB, T4: 64 KB) keep the
-    small tiles; the interpreter (CPU) has no such limit."""
+    """The large tiles' int8 operands take 64 KB of shared memory per block in 4 stages, plus the epilogue's: GPUs
+    that give a block at least 160 KB (A100, H100, H200) take them; smaller ones (consumer cards: 99 KB, T4: 64 KB),
+    where they were never timed, keep the small tiles; the interpreter (CPU) has no such limit."""
     if device_type != "cuda":
         return True
     props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
@@ -441,6 +453,11 @@ def _prepared(pw, nhwc: bool = False):
     return hit
 
 
+def _static_args(act):
+    """(scale, zero point) of a static activation quantizer for the GEMM (dynamic: placeholders, not read)."""
+    return (1.0, 0.0) if act.dynamic else (act.scale, float(act.zero_point))
+
+
 def _weight_args(pw, nhwc: bool = False):
     cs, w, k_w = _prepared(pw, nhwc)
     return w, pw.scale.contiguous(), cs, k_w, pw.num_groups, (pw.group_size or pw.K), _grouped(pw)
@@ -454,7 +471,7 @@ def linear(x, pw, bias=None, act=None):
     out = _out((m, n), x.device, x.dtype)
     b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw, integer=act is not None)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = (_cdiv(m, bm), _cdiv(n, bn))
     if act is None:
         w, ws, k_w, g, gs, grouped = pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, \
             (pw.group_size or pw.K), _grouped(pw)
@@ -464,10 +481,12 @@ def linear(x, pw, bias=None, act=None):
     else:
         w, ws, cs, k_w, g, gs, grouped = _weight_args(pw)
         q, sx, zp = quantize_rows(x2, act)
-        kernel("int_gemm")[grid](q, w, ws, cs, sx, zp, b, out, m, n, k, k_w, g, gs, 1,
+        kernel("int_gemm")[grid](q, w, ws, cs, sx if act.dynamic else q, zp if act.dynamic else q, b, out,
+                                 *_static_args(act), m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, NHWC=False,
-                                 HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **opts)
+                                 STATIC_ACT=not act.dynamic, OUT_NHWC=False, HAS_BIAS=bias is not None,
+                                 BM=bm, BN=bn, BK=bk, **opts)
     return out.reshape(*lead, n)
 
 
@@ -478,18 +497,24 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     nhwc = _nhwc(pw, groups)
-    # channels-last: a free view when x already is (torch.channels_last), else one transposing copy
+    # channels-last: a free view when x already is (torch.channels_last; then the output is too, as torch's conv
+    # keeps the memory format), else one transposing copy
+    out_nhwc = nhwc and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     xr = x.permute(0, 2, 3, 1).contiguous() if nhwc else x.contiguous()
     q, sx, zp = quantize_rows(xr.reshape(bsz, -1), act)
     m, n, k = bsz * ho * wo, pw.N, pw.K
     w, ws, cs, k_w, g, gs, grouped = _weight_args(pw, nhwc)
-    out = _out((bsz, n, ho, wo), x.device, x.dtype)
+    if out_nhwc:
+        out = _out((bsz, ho, wo, n), x.device, x.dtype).permute(0, 3, 1, 2)
+    else:
+        out = _out((bsz, n, ho, wo), x.device, x.dtype)
     b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    kernel("int_gemm")[grid](q, w, ws, cs, sx, zp, b, out, m, n, k, k_w, g, gs, ho * wo,
+    grid = (_cdiv(m, bm), _cdiv(n, bn))
+    kernel("int_gemm")[grid](q, w, ws, cs, sx if act.dynamic else q, zp if act.dynamic else q, b, out,
+                             *_static_args(act), m, n, k, k_w, g, gs, ho * wo,
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
-                             dilation[0], dilation[1], triton.cdiv(c, bk),
-                             W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, HAS_BIAS=bias is not None,
-                             BM=bm, BN=bn, BK=bk, **opts)
+                             dilation[0], dilation[1], _cdiv(c, bk),
+                             W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, STATIC_ACT=not act.dynamic,
+                             OUT_NHWC=out_nhwc, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **opts)
     return out
