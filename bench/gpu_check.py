@@ -502,10 +502,86 @@ def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None, graphs:
     return v
 
 
+def host_cost_variants(device="cuda") -> Dict[str, Callable[[], object]]:
+    """name -> fn: calls whose GPU work is negligible (a 16x64 input), so that back-to-back calls without
+    synchronisation measure what the host spends per call: Python, allocation, the Triton launcher. The two empty
+    Triton kernels (2 and 38 arguments, like the integer GEMM's) separate the launcher's cost from ours."""
+    import torch
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+
+    from ..kernels import ActQuant, ops, triton_gpu
+
+    def empty_2(a_ptr, n):
+        pass
+
+    def empty_38(a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, g_ptr, h_ptr, s0, s1, i0, i1, i2, i3, i4, i5, i6, i7, i8,
+                 i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19, i20, i21, i22,
+                 C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr):
+        pass
+
+    x = torch.randn(16, 64, device=device, dtype=torch.bfloat16)
+    w = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+    pw = ops.quantize_weight(w.float(), 8)
+    act = ActQuant(8, 0.05, 128)
+    buf = torch.zeros(64, device=device)
+    k2, k38 = triton.jit(empty_2), triton.jit(empty_38)
+    ints = list(range(3, 26))
+    return {
+        "bf16 F.linear": lambda: F.linear(x, w),
+        "torch.empty": lambda: torch.empty(16, 64, device=device),
+        "empty triton kernel, 2 args": lambda: k2[(1,)](buf, 64),
+        "empty triton kernel, 38 args": lambda: k38[(1,)](*([buf] * 8), 1.0, 2.0, *ints, C0=1, C1=2, C2=3, C3=4,
+                                                         C4=5),
+        "act quant (quantize_rows)": lambda: triton_gpu.quantize_rows(x, act),
+        "W8A8 linear (triton)": lambda: ops.run_on("triton", "linear", x, pw, None, act),
+        "W8A8 linear (dense: fake quant + F.linear)": lambda: ops.run_on("dense", "linear", x, pw, None, act),
+    }
+
+
+def host_costs(device="cuda", calls: int = 200, sync=None) -> Dict[str, float]:
+    """Seconds per call of each :func:`host_cost_variants` entry: ``calls`` back-to-back calls, one sync at the end
+    (best of three)."""
+    sync = sync or (lambda: None)
+    out = {}
+    for name, fn in host_cost_variants(device).items():
+        best = float("inf")
+        for _ in range(3):
+            for _ in range(5):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best = min(best, (time.perf_counter() - t0) / calls)
+        out[name] = best
+    return out
+
+
+def host_profile(fn, calls: int = 3, top: int = 12) -> List[str]:
+    """The ``top`` functions by own time over ``calls`` calls of ``fn`` (cProfile), one line each."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    lines = [line.strip() for line in text.getvalue().splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("ncalls")), len(lines))
+    return [line for line in lines[start:start + top + 1] if line]
+
+
 def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                  formats=("W8A8", "W4A8", "W8A8-tuned", "W4A8-tuned", "bf16-cl", "W8A8-tuned-cl"),
                  deadline: Optional[float] = None, log=print, build=None, text_dim: int = 768,
-                 graphs: bool = False) -> List[dict]:
+                 graphs: bool = False, profile: bool = False) -> List[dict]:
     """Whole SD1.5-architecture UNet forward: bf16 and our deployed formats (float parts bf16).
     A format named ``<fmt>-tuned`` is deployed with ``tune=True`` (each layer's kernel chosen by measured speed,
     the float path of the same quantized weights where the integer kernel loses; the row reports the choice);
@@ -515,7 +591,8 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
     pass a tiny one. ``graphs`` (CUDA): after all rows, each model's forward is first run once with
     ``torch.cuda.set_sync_debug_mode("error")`` (``sync_point``: where it synchronises with the host, which a graph
     cannot hold), then timed replayed from a CUDA graph (``graph_seconds``). A failed capture can leave the CUDA
-    state unusable, hence last."""
+    state unusable, hence last. ``profile``: the W8A8 rows also keep a host profile of eager forwards
+    (``host_profile``)."""
     import copy
 
     import torch
@@ -576,6 +653,8 @@ def unet_timings(timer, device="cuda", latent: int = 64, batch: int = 2,
                     row["kernels"] = dict(layers=summ["layers"], untuned=summ["untuned"],
                                           float_copy_bytes=summ["dense_bytes"])
                 row["seconds"] = float(timer(lambda m=model: m(xs, t, encoder_hidden_states=xt)))
+                if profile and name in ("W8A8", "W8A8-tuned"):  # where the host spends an eager forward
+                    row["host_profile"] = host_profile(lambda m=model: m(xs, t, encoder_hidden_states=xt))
             if graphs:
                 kept.append((row, model, xs))
             if cuda:  # the forwards' peak, model included
@@ -692,9 +771,19 @@ def main(argv=None) -> int:
         print(ratio_table(trows))
         write_json(a.out, report)
 
+    print("2c. host cost per call (tiny inputs, back-to-back calls: Python, allocation, launches)")
+    try:
+        report["host_costs"] = costs = host_costs("cuda", sync=torch.cuda.synchronize)
+        for name, sec in costs.items():
+            print(f"  {name}: {sec * 1e6:.1f} us")
+    except Exception as exc:
+        report["host_costs"] = dict(error=_error_line(exc))
+        print(f"  {_error_line(exc)}")
+    write_json(a.out, report)
+
     if not a.no_unet:
         print("3. SD1.5-architecture UNet forward, latent 64, batch 2 (bf16 float parts)")
-        report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline, graphs=True)
+        report["unet"] = unet_rows = unet_timings(timer, "cuda", deadline=deadline, graphs=True, profile=True)
         print("| variant | ms/forward | x bf16 | CUDA graph ms | x bf16 | model GB | forward peak GB | rel err vs bf16 "
               "| kernels |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -708,6 +797,10 @@ def main(argv=None) -> int:
                       f"{(r.get('kernels') or {}).get('layers', '')} |")
             else:
                 print(f"| {r['variant']} | {r.get('error', r.get('skipped'))} | | | | | | | |")
+        for r in unet_rows:
+            if r.get("host_profile"):
+                print(f"host profile, unet {r['variant']}, 3 eager forwards (top functions by own time):")
+                print("\n".join("  " + line for line in r["host_profile"]))
     report["meta"]["wall_s"] = time.monotonic() - start
     path = write_json(a.out, report)
     print(f"wrote {path} ({report['meta']['wall_s']:.0f} s)")

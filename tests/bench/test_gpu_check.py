@@ -112,11 +112,14 @@ def test_unet_part_runs_on_cpu_with_a_tiny_unet():
     """The whole-UNet code path (build, record one call, quantize_, deploy_, bf16 float parts, time) on CPU."""
     rows = gc.unet_timings(lambda fn: (fn(), 0.5)[1], device="cpu", latent=8, batch=2,
                            formats=("W8A8", "W8A8-tuned", "bf16-cl", "W8A8-tuned-cl"), build=_tiny_unet,
-                           text_dim=32, log=lambda s: None)
+                           text_dim=32, log=lambda s: None, profile=True)
     assert [r["variant"] for r in rows] == ["bf16", "W8A8", "W8A8-tuned", "bf16-cl", "W8A8-tuned-cl"]
     assert all("error" not in r for r in rows), rows
     assert rows[1]["x_bf16"] == pytest.approx(1.0)
     assert 0 < rows[1]["rel_err_vs_bf16"] < 0.5 and 0 < rows[2]["rel_err_vs_bf16"] < 0.5
+    # the host profile of the two W8A8 rows names our layers' forward among the functions it lists
+    assert [bool(r.get("host_profile")) for r in rows] == [False, True, True, False, False]
+    assert rows[1]["host_profile"][0].startswith("ncalls") and any("layers.py" in ln for ln in rows[1]["host_profile"])
     # channels-last: the same function (bf16 float rounding apart)
     assert rows[3]["rel_err_vs_bf16"] < 2e-2 and 0 < rows[4]["rel_err_vs_bf16"] < 0.5
     # the tuned row reports what the per-layer measurement chose; the untuned one does not tune
@@ -141,3 +144,4 @@ def test_unet_graph_section_records_errors_instead_of_failing():
     assert [r["variant"] for r in rows] == ["bf16", "W8A8"]
     assert all(r["seconds"] == 0.5 and "graph_error" in r and "sync_point" in r for r in rows), rows
     assert sum("CUDA graph" in line for line in logs) == 2
+

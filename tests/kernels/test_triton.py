@@ -245,3 +245,13 @@ def test_prepared_weight_inputs_are_cached_once(triton_interpret, wbits, gs):
     hit = pw.cache["triton.nhwc" if nhwc else "triton.colsum"]
     ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act)
     assert pw.cache["triton.nhwc" if nhwc else "triton.colsum"] is hit  # not recomputed
+
+
+def test_host_costs_run_in_the_interpreter(triton_interpret):
+    """The host-cost section's calls (empty Triton kernels, act quant, both W8A8 linear paths) run; each cost is a
+    positive time."""
+    from lowbit.bench import gpu_check as gc
+
+    costs = gc.host_costs("cpu", calls=2)
+    assert set(costs) == set(gc.host_cost_variants("cpu")) and len(costs) == 7
+    assert all(0 < c < 1 for c in costs.values()), costs
