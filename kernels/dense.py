@@ -5,8 +5,9 @@ for bf16 inputs; a float copy costs 4 resp. 2 bytes per weight on top of the pac
 that trade; fp32 layers whose weight is smaller than their input also keep the weight times the last activation
 step, ``dense.ws.fp32``: 4 bytes more per weight of such small layers). Activations are fake-quantized with
 the codes the integer kernels use (on CPU the fused one-pass quantizer of kernels/cpu.py; elsewhere, and with
-``LOWBIT_CPU_EXACT_ACT_QUANT=1``, exactly the reference, ``kernels/eager.py``: ``round(x / scale)``; same zero
-points, per-token / per-sample dynamic ranges), then a float GEMM / convolution runs. So the function is
+``LOWBIT_CPU_EXACT_ACT_QUANT=1``, exactly the reference, ``kernels/eager.py``: ``round(x / scale)``, on CUDA through
+the best backend's ``fake_quant_act``, Triton's in one pass; same zero points, per-token / per-sample dynamic
+ranges), then a float GEMM / convolution runs. So the function is
 the reference's, ``F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias)``, with the float library's speed.
 
 Priority -10: plain dispatch never picks it (the eager reference, priority 0, accepts everything); it runs when the

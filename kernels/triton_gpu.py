@@ -2,22 +2,24 @@
 
 Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
 
-``_act_quant_kernel``  x fp32/bf16/fp16 [R, L] -> q int8 [R, L] holding (q_u8 - 128), scale fp32 [R], zp fp32 [R].
+``_act_quant_kernel``  x fp32/bf16/fp16 [R, L] -> q int8 [R, L] holding (q_u8 - 128), and for dynamic quantizers
+    scale fp32 [R], zp fp32 [R] (static ones have one scale and zero point: the GEMM takes them as constants).
     Rows are tokens (Linear) or samples (Conv2d); one program per [BR, BL] tile (a 2-D grid: a conv row is a whole
-    sample). Static: the ActQuant constants are written to every row; dynamic: from the row minima / maxima, which
-    ``torch.aminmax`` computes first.
+    sample). Dynamic: from the row minima / maxima, which ``torch.aminmax`` computes first. ``DEQUANT``: writes the
+    fake-quantized values ``(q - zp) * scale`` in x's dtype instead (one pass; the dense path's activations on CUDA).
     Unsigned activations are stored shifted by -128 because ``tl.dot`` multiplies int8 x int8; the GEMM adds
     ``(128 - zp) * colsum(W)`` back, which also removes the zero point.
 ``_int_gemm_kernel``   W8A8 / W4A8 / W4A4 Linear and implicit-GEMM Conv2d (groups == 1, any stride/padding/dilation).
-    A: the int8 activations above ([M, K] for Linear; the NCHW int8 input for Conv2d, gathered per (c, kh, kw)).
-    W: int8 [N, K] (bits > 4) or uint8 [N, ceil(K/2)] nibbles unpacked in registers with arithmetic shifts.
+    A: the int8 activations above: [M, K] for Linear; for Conv2d either channels-last ([B, H, W, C], ``NHWC``:
+    per-channel weights with C % 16 == 0; a K-block is BK contiguous channels of one input pixel) or NCHW, gathered
+    per (c, kh, kw) (the rest, e.g. a UNet's 4-channel first conv, and group-wise weights).
+    W: int8 [N, K] (bits > 4) or uint8 [N, ceil(K/2)] nibbles unpacked in registers with arithmetic shifts; for the
+    channels-last conv the same packing of the weight reordered to [N, KH, KW, C] (once, ``pw.cache``).
     int32 ``tl.dot`` over K-blocks of BK >= 32 (int8 MMA needs K >= 32). Per-channel weights accumulate in int32 over
     all of K; group-wise weights (group_size % BK == 0) flush each block into fp32 scaled by its group's scale.
-    Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]``, fp32 written
-    [M, N] (Linear) or NCHW (Conv2d).
-``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32
-    accumulation.
-
+    Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]`` with the weight's
+    column sums computed once per weight (``pw.cache``), written in x's dtype: [M, N] (Linear), NCHW, or channels-last
+    when the conv's input is.
 Rounding is half-to-even (``(y + 1.5*2^23) - 1.5*2^23`` after clamping |y| <= 512) and the division is ``div_rn``,
 so the activation quantization matches ``torch.round(x / scale)`` of the eager reference bit for bit.
 
