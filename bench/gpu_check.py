@@ -44,11 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-try:  # the host-cost section's empty kernels say tl.constexpr: Triton resolves that name in this module
-    import triton.language as tl
-except ImportError:  # no triton: the check skips (CUDA machines have it)
-    tl = None
-
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 SKIP_MESSAGE = ("gpu_check: skipped, no CUDA device (torch.cuda.is_available() is False); run it on a CUDA "
                 "machine: python -m lowbit.bench.gpu_check")
@@ -507,16 +502,6 @@ def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None, graphs:
     return v
 
 
-def _empty_2(a_ptr, n):
-    pass
-
-
-def _empty_38(a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, g_ptr, h_ptr, s0, s1, i0, i1, i2, i3, i4, i5, i6, i7, i8,
-              i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19, i20, i21, i22,
-              C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr):
-    pass
-
-
 def host_cost_variants(device="cuda") -> Dict[str, Callable[[], object]]:
     """name -> fn: calls whose GPU work is negligible (a 16x64 input), so that back-to-back calls without
     synchronisation measure what the host spends per call: Python, allocation, the Triton launcher. The two empty
@@ -526,13 +511,14 @@ def host_cost_variants(device="cuda") -> Dict[str, Callable[[], object]]:
     import triton
 
     from ..kernels import ActQuant, ops, triton_gpu
+    from ._empty_kernels import empty_2, empty_38
 
     x = torch.randn(16, 64, device=device, dtype=torch.bfloat16)
     w = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
     pw = ops.quantize_weight(w.float(), 8)
     act = ActQuant(8, 0.05, 128)
     buf = torch.zeros(64, device=device)
-    k2, k38 = triton.jit(_empty_2), triton.jit(_empty_38)
+    k2, k38 = triton.jit(empty_2), triton.jit(empty_38)
     ints = list(range(3, 26))
     return {
         "bf16 F.linear": lambda: F.linear(x, w),

@@ -145,3 +145,15 @@ def test_unet_graph_section_records_errors_instead_of_failing():
     assert all(r["seconds"] == 0.5 and "graph_error" in r and "sync_point" in r for r in rows), rows
     assert sum("CUDA graph" in line for line in logs) == 2
 
+
+
+def test_importing_the_check_does_not_import_triton(tmp_path):
+    """The test suite imports gpu_check while collecting; were triton imported then, without TRITON_INTERPRET=1, every
+    Triton interpreter test would skip (tests/kernels/conftest.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lowbit.bench.gpu_check; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

@@ -104,8 +104,8 @@ _AOT_SCRIPT = textwrap.dedent(r"""
         compile_("wo_gemm", cap, {"w_ptr": "*u8", "x_ptr": "*fp32"}, W4=True, GROUPED=False, HAS_BIAS=True,
                  IEEE=True, BM=64, BN=64, BK=64)
     # the GPU check's empty kernels (host cost per launch), as a CUDA machine compiles them
-    from lowbit.bench import gpu_check as gc
-    for fn, n_const in ((gc._empty_2, 0), (gc._empty_38, 5)):
+    from lowbit.bench import _empty_kernels as ek
+    for fn, n_const in ((ek.empty_2, 0), (ek.empty_38, 5)):
         jf = triton.runtime.jit.JITFunction(fn)
         const = {f"C{i}": i + 1 for i in range(n_const)}
         sig = {a: ("constexpr" if a in const else "*fp32" if a.endswith("_ptr") else "fp32" if a in ("s0", "s1")
