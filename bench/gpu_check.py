@@ -330,18 +330,23 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
     # fake quantization in one pass (the dense path's activations on CUDA): the reference's values bit for bit.
     # (The Triton interpreter, on CPU, casts fp32 to bf16 by truncation where a GPU rounds to nearest even: there
     # bf16 values may differ by one bf16 step.)
-    for dt in (torch.float32, torch.bfloat16):
+    # A channels-last input keeps its layout, as the reference's elementwise ops keep it.
+    for dt, cl in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
         for act in (ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True)):
-            def fq(dt=dt, act=act):
+            def fq(dt=dt, act=act, cl=cl):
                 x = (rnd(2, 16, 5, 6) * 2).to(dt)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 out = ops.run_on("triton", "fake_quant_act", x, act, "sample")
                 ref = ops.run_on("eager", "fake_quant_act", x, act, "sample")
+                if cl and not out.is_contiguous(memory_format=torch.channels_last):
+                    return False, "channels-last input, output not channels-last"
                 diff = int((out != ref).sum())
                 if device != "cuda" and dt == torch.bfloat16:
                     step = float(((out.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-30)).max())
                     return step <= 2 ** -7 and out.dtype == dt, f"{diff} values differ, at most {step:.1e} relative"
                 return diff == 0 and out.dtype == dt, f"{diff} of {out.numel()} values differ"
-            record(f"fake_quant_act {dt} act={act}", fq)
+            record(f"fake_quant_act {dt}{' channels-last' if cl else ''} act={act}", fq)
 
     # C = 5: the NCHW kernel; C % 16 == 0 with per-channel weights: the channels-last (NHWC) kernel
     convs = [((2, 5, 8, 7), (24, 5, 3, 3), 4, 32, (1, 2), (2, 1), (2, 1), torch.float32),
@@ -368,11 +373,11 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
             record(f"conv x{list(xs)} w{list(ws)} W{wbits} g{gs} s{st} p{pad} d{dil} {dt} act={act}", cc)
 
     # the two conv kernels sum the same int32 products: equal outputs, also for a channels-last input (whose output
-    # is channels-last too, as torch's conv keeps the memory format)
-    for wbits in (8, 4):
-        def lay(wbits=wbits):
-            x = rnd(2, 32, 7, 9)
-            pw = ops.quantize_weight(rnd(24, 32, 3, 3) * 0.05, wbits)
+    # is channels-last too, as torch's conv keeps the memory format; C = 5 and group-wise weights: the NCHW kernel)
+    for wbits, c, gs in ((8, 32, None), (4, 32, None), (4, 5, 32)):
+        def lay(wbits=wbits, c=c, gs=gs):
+            x = rnd(2, c, 7, 9)
+            pw = ops.quantize_weight(rnd(24, c, 3, 3) * 0.05, wbits, gs)
             args = (rnd(24), (1, 1), (1, 1), (1, 1), 1, ActQuant(8, dynamic=True))
             nhwc = ops.run_on("triton", "conv2d", x, pw, *args)
             cl = ops.run_on("triton", "conv2d", x.contiguous(memory_format=torch.channels_last), pw, *args)
@@ -381,7 +386,7 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
             same = (torch.equal(nhwc, nchw) and torch.equal(cl, nchw) and nhwc.is_contiguous()
                     and cl.is_contiguous(memory_format=torch.channels_last))
             return same, "equal" if same else f"max diff {float((nhwc - nchw).abs().max()):.2e}"
-        record(f"conv NHWC == NCHW kernel W{wbits}", lay)
+        record(f"conv NHWC == NCHW kernel W{wbits} C{c} g{gs}", lay)
     return results
 
 

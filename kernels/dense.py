@@ -101,11 +101,15 @@ def _fp32_args(x, pw, bias, act, granularity):
 
 
 def _gpu_fake_quant(x, act, granularity):
-    """CUDA: the best backend's fake quantizer (Triton: one pass, the reference's codes; without Triton the
-    reference itself), in x's dtype."""
-    from . import ops
+    """CUDA: Triton's one-pass fake quantizer (the reference's codes) where it is registered, enabled and accepts
+    the call, else the reference itself; in x's dtype. Not through dispatch: with the dense backend forced
+    (``LOWBIT_BACKEND=dense``), dispatch would look for ``fake_quant_act`` in this backend."""
+    from . import registry
 
-    return ops.fake_quant_act(x, act, granularity)
+    tb = registry._BACKENDS.get("triton")
+    if tb is not None and "triton" not in registry._disabled() and tb.check("fake_quant_act", x, act, granularity)[0]:
+        return tb.ops["fake_quant_act"].impl(x, act, granularity)
+    return fake_quant_act(x, act, granularity)
 
 
 def _fused(x, *acts) -> bool:

@@ -20,6 +20,9 @@ Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
     Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]`` with the weight's
     column sums computed once per weight (``pw.cache``), written in x's dtype: [M, N] (Linear), NCHW, or channels-last
     when the conv's input is.
+``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32
+    accumulation, written in x's dtype.
+
 Rounding is half-to-even (``(y + 1.5*2^23) - 1.5*2^23`` after clamping |y| <= 512) and the division is ``div_rn``,
 so the activation quantization matches ``torch.round(x / scale)`` of the eager reference bit for bit.
 
@@ -36,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import PackedWeight
+from .formats import PackedWeight, pack_int4
 from .registry import register_backend
 
 backend = register_backend("triton", priority=40,
@@ -82,7 +85,7 @@ def _act_quant_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, R, L, s_s
             tl.store(q_ptr + offs, (q - 128.0).to(tl.int8), mask=m)
 
 
-def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, out_ptr, s_static, zp_static,
+def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, bias_ptr, out_ptr, xs_ptr, xzp_ptr, s_static, zp_static,
                      M, N, K, K_W, G, GROUP_SIZE, ROWS_PER_SCALE,
                      C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, CB,
                      W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, NHWC: tl.constexpr,
@@ -138,11 +141,12 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, xs_ptr, xzp_ptr, bias_ptr, ou
                 ih = oh[:, None] * SH - PH + (rs // KW)[None, :] * DH
                 iw = ow[:, None] * SW - PW + (rs % KW)[None, :] * DW
                 inb = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                addr = bidx[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
+                addr = bidx.to(tl.int64)[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
                 a = tl.load(a_ptr + addr, mask=mmask[:, None] & kmask[None, :] & inb, other=0)
                 a = tl.where(inb, a, pad_val[:, None])
             else:
-                a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+                a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                            other=0)
         if W4:
             rkk = k0 // 2 + tl.arange(0, BK // 2)
             p = tl.load(w_ptr + rn[None, :] * K_W + rkk[:, None], mask=(rkk < K_W)[:, None] & nmask[None, :], other=0)
@@ -190,7 +194,8 @@ def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GR
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < K
-        a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)
         if W4:
             rkk = k0 // 2 + tl.arange(0, BK // 2)
             p = tl.load(w_ptr + rn[None, :] * K_W + rkk[:, None], mask=(rkk < K_W)[:, None] & nmask[None, :], other=0)
@@ -334,8 +339,18 @@ def quantize_rows(x2: torch.Tensor, act, dequant: bool = False):
     return (q, scale, zp) if act.dynamic else (q, None, None)
 
 
+def _channels_last(x) -> bool:
+    """A 4-D tensor stored channels-last (and not also plain contiguous, as when C == 1 or H == W == 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 @backend.op("fake_quant_act", supports=_fq_supports)
 def fake_quant_act(x, act, granularity="token"):
+    if _channels_last(x) and (granularity == "sample" or not act.dynamic):
+        # a sample's values in any order have the same range: quantize the channels-last storage as it lies and
+        # give back a channels-last tensor, as the reference's elementwise ops do
+        xr = x.permute(0, 2, 3, 1)
+        return quantize_rows(xr.reshape(x.shape[0], -1), act, dequant=True)[0].reshape(xr.shape).permute(0, 3, 1, 2)
     x2 = (x.reshape(-1, x.shape[-1]) if granularity == "token" else x.reshape(x.shape[0], -1)).contiguous()
     return quantize_rows(x2, act, dequant=True)[0].reshape(x.shape)
 
@@ -420,49 +435,56 @@ def _nhwc(pw, groups: int = 1) -> bool:
     return _CONV_NHWC and groups == 1 and not _grouped(pw) and len(pw.shape) == 4 and pw.shape[1] % 16 == 0
 
 
-def _pack_nibbles(v: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] (K even, values in -8..7) -> uint8 [N, K/2], low nibble = even k (the kernel layout)."""
-    v = v.to(torch.int16) & 0xF
-    return (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8)
-
-
-def _prepared(pw, nhwc: bool = False):
-    """Weight-constant inputs of the integer GEMM, computed once per weight and kept in ``pw.cache`` (dropped on
-    device moves, counted by ``pw.nbytes()``): the column sums of the integer weights (int32 [N] per channel,
-    [N, G] per group), which the epilogue needs to undo the activations' shift by 128 and zero point, and for the
-    channels-last conv kernel the weights reordered to [N, KH, KW, C] (packed like the original: one more copy of the
-    packed weight, same size)."""
-    key = "triton.nhwc" if nhwc else "triton.colsum"
+def _cached(pw, key: str, build):
+    """``pw.cache[key]``, built by ``build()`` on first use (``pw.cache`` is dropped on device moves, copies and
+    state-dict loads, and counted by ``pw.nbytes()``)."""
     hit = pw.cache.get(key)
-    if hit is not None and hit[0].device == pw.device:
-        return hit
-    from . import ops
-
-    q = ops.unpack_weight(pw).to(pw.device)
-    n, k = pw.N, pw.K
-    if _grouped(pw):
-        gs, g = pw.group_size, pw.num_groups
-        cs = torch.nn.functional.pad(q.reshape(n, k).to(torch.int32), (0, g * gs - k)).reshape(n, g, gs).sum(2)
-    else:
-        cs = q.reshape(n, k).to(torch.int32).sum(1)
-    w, k_w = pw.qdata, pw.qdata.shape[1]
-    if nhwc:
-        w = q.permute(0, 2, 3, 1).reshape(n, k).contiguous()
-        if pw.bits <= 4:
-            w = _pack_nibbles(w)
-        k_w = w.shape[1]
-    hit = pw.cache[key] = (cs.to(torch.int32).contiguous(), w, k_w)
+    if hit is None:
+        hit = pw.cache[key] = build()
     return hit
 
 
-def _static_args(act):
-    """(scale, zero point) of a static activation quantizer for the GEMM (dynamic: placeholders, not read)."""
-    return (1.0, 0.0) if act.dynamic else (act.scale, float(act.zero_point))
+def _colsum(pw) -> torch.Tensor:
+    """Column sums of the integer weights, int32 [N] per channel or [N, G] per group: the epilogue's correction for
+    the activations' shift by 128 and their zero point."""
+    def build():
+        from . import ops
+
+        q = ops.unpack_weight(pw).to(pw.device).reshape(pw.N, pw.K).to(torch.int32)
+        if not _grouped(pw):
+            return q.sum(1).contiguous()
+        gs, g = pw.group_size, pw.num_groups
+        return torch.nn.functional.pad(q, (0, g * gs - pw.K)).reshape(pw.N, g, gs).sum(2).contiguous()
+    return _cached(pw, "triton.colsum", build)
 
 
-def _weight_args(pw, nhwc: bool = False):
-    cs, w, k_w = _prepared(pw, nhwc)
-    return w, pw.scale.contiguous(), cs, k_w, pw.num_groups, (pw.group_size or pw.K), _grouped(pw)
+def _nhwc_weight(pw):
+    """(weights reordered to [N, KH, KW, C] and packed like the original, their row length in bytes) for the
+    channels-last conv kernel: one more copy of the packed weight, the same size."""
+    def build():
+        from . import ops
+
+        w = ops.unpack_weight(pw).to(pw.device).permute(0, 2, 3, 1).reshape(pw.N, pw.K).contiguous()
+        if pw.bits <= 4:
+            w = pack_int4(w)  # K = KH * KW * C is even (C % 16 == 0)
+        return w, w.shape[1]
+    return _cached(pw, "triton.nhwc", build)
+
+
+def _weight_args(pw, nhwc: bool = False, integer: bool = True):
+    """(qdata or its channels-last copy, scales, column sums (None for the weight-only kernel), row bytes, groups,
+    group size, grouped)."""
+    w, k_w = _nhwc_weight(pw) if nhwc else (pw.qdata, pw.qdata.shape[1])
+    return (w, pw.scale.contiguous(), _colsum(pw) if integer else None, k_w, pw.num_groups, (pw.group_size or pw.K),
+            _grouped(pw))
+
+
+def _act_args(q, scale, zp, act):
+    """The GEMM's activation-quantizer arguments (xs_ptr, xzp_ptr, s_static, zp_static): the per-row tensors of a
+    dynamic quantizer (the constants unused), or a static one's constants (the pointers unused: ``q``)."""
+    if act.dynamic:
+        return scale, zp, 1.0, 0.0
+    return q, q, act.scale, float(act.zero_point)
 
 
 @backend.op("linear", supports=_linear_supports)
@@ -475,16 +497,14 @@ def linear(x, pw, bias=None, act=None):
     (bm, bn, bk), opts = _tile_config(m, n, pw, integer=act is not None)
     grid = (_cdiv(m, bm), _cdiv(n, bn))
     if act is None:
-        w, ws, k_w, g, gs, grouped = pw.qdata, pw.scale.contiguous(), pw.qdata.shape[1], pw.num_groups, \
-            (pw.group_size or pw.K), _grouped(pw)
+        w, ws, _, k_w, g, gs, grouped = _weight_args(pw, integer=False)
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
                                 HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
                                 **opts)
     else:
         w, ws, cs, k_w, g, gs, grouped = _weight_args(pw)
         q, sx, zp = quantize_rows(x2, act)
-        kernel("int_gemm")[grid](q, w, ws, cs, sx if act.dynamic else q, zp if act.dynamic else q, b, out,
-                                 *_static_args(act), m, n, k, k_w, g, gs, 1,
+        kernel("int_gemm")[grid](q, w, ws, cs, b, out, *_act_args(q, sx, zp, act), m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, NHWC=False,
                                  STATIC_ACT=not act.dynamic, OUT_NHWC=False, HAS_BIAS=bias is not None,
@@ -499,9 +519,9 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     nhwc = _nhwc(pw, groups)
-    # channels-last: a free view when x already is (torch.channels_last; then the output is too, as torch's conv
-    # keeps the memory format), else one transposing copy
-    out_nhwc = nhwc and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # a channels-last input gives a channels-last output (as torch's conv keeps the memory format); the channels-last
+    # kernel reads such an input as it lies (else from one transposing copy), the NCHW kernel from an NCHW copy
+    out_nhwc = _channels_last(x)
     xr = x.permute(0, 2, 3, 1).contiguous() if nhwc else x.contiguous()
     q, sx, zp = quantize_rows(xr.reshape(bsz, -1), act)
     m, n, k = bsz * ho * wo, pw.N, pw.K
@@ -513,8 +533,7 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw)
     grid = (_cdiv(m, bm), _cdiv(n, bn))
-    kernel("int_gemm")[grid](q, w, ws, cs, sx if act.dynamic else q, zp if act.dynamic else q, b, out,
-                             *_static_args(act), m, n, k, k_w, g, gs, ho * wo,
+    kernel("int_gemm")[grid](q, w, ws, cs, b, out, *_act_args(q, sx, zp, act), m, n, k, k_w, g, gs, ho * wo,
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1], _cdiv(c, bk),
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, STATIC_ACT=not act.dynamic,

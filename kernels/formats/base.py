@@ -178,9 +178,9 @@ class PackedWeight(nn.Module):
     bits  : int in 2..8; integer values are symmetric signed in [-2^(b-1), 2^(b-1)-1] (zero point 0)
     shape : logical float weight shape: (N, K) for Linear, (N, C/groups, kh, kw) for Conv2d
     group_size : int | None
-    cache : backend-prepacked forms of this weight (onednn blobs, int4pack tiles, rowsums...), keyed by backend.
-            Not persistent: never saved, never deep-copied, dropped on device moves, rebuilt on first use;
-            counted by :meth:`nbytes`.
+    cache : backend-prepacked forms of this weight (onednn blobs, int4pack tiles, column sums, reordered copies...),
+            keyed by backend. Not persistent: never saved, never deep-copied, dropped on device moves and state-dict
+            loads, rebuilt on first use; counted by :meth:`nbytes`.
 
     Dequantized weight: ``w[n, k] = q[n, k] * scale[n]`` or ``q[n, k] * scale[n, k // group_size]``.
     Other formats keep ``qdata``/``scale`` buffers with their own meaning (see their files).
@@ -244,6 +244,11 @@ class PackedWeight(nn.Module):
             return out.to(t.dtype) if out.dtype != t.dtype else out
 
         return super()._apply(keep_dtype, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new integers / scales: every prepacked form of the old ones is stale
+        self.cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         new = PackedWeight(copy.deepcopy(self.qdata, memo), copy.deepcopy(self.scale, memo), self.bits, self.shape,

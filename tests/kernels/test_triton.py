@@ -153,8 +153,8 @@ def test_gpu_check_correctness_cases_in_interpreter(triton_interpret):
     from lowbit.bench import gpu_check
 
     res = gpu_check.correctness_checks("cpu", large=False)
-    assert len(res) == 4 + 4 * 4 + 2 * 2 + 4 * 2 + 2
-    assert sum("NHWC" in r["check"] for r in res) == 2
+    assert len(res) == 4 + 4 * 4 + 3 * 2 + 4 * 2 + 3  # act quant, linear, fake quant, conv, conv layouts
+    assert sum("NHWC" in r["check"] for r in res) == 3 and sum("channels-last" in r["check"] for r in res) == 2
     assert [r for r in res if not r["ok"]] == []
 
 
@@ -233,30 +233,31 @@ def test_weight_only_kernel_keeps_the_small_tiles(triton_interpret):
 @pytest.mark.parametrize("wbits,gs", [(8, None), (4, None), (4, 32)])
 def test_prepared_weight_inputs_are_cached_once(triton_interpret, wbits, gs):
     """The integer GEMM's weight-constant inputs (column sums; for channels-last convs the weights reordered to
-    [N, KH, KW, C]) are computed on first use, kept in ``pw.cache`` and counted by ``nbytes``."""
-
+    [N, KH, KW, C]) are computed on first use, kept in ``pw.cache``, counted by ``nbytes`` and dropped when a
+    state dict loads other integers into the weight."""
     pw = ops.quantize_weight(torch.randn(24, 32, 3, 3) * 0.05, wbits, gs)
     q = ops.unpack_weight(pw).reshape(24, -1).to(torch.int32)
     before = pw.nbytes()
     x, act = torch.randn(1, 32, 5, 5), ActQuant(8, dynamic=True)
     ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act)
-    nhwc = gs is None
-    cs, w, k_w = pw.cache["triton.nhwc" if nhwc else "triton.colsum"]
-    if gs is None:
-        assert torch.equal(cs, q.sum(1))
-    else:
-        assert torch.equal(cs, q.reshape(24, -1, gs).sum(2))
+    cs = pw.cache["triton.colsum"]
+    assert torch.equal(cs, q.sum(1) if gs is None else q.reshape(24, -1, gs).sum(2))
+    nhwc = gs is None  # group-wise weights keep the NCHW kernel
+    assert ("triton.nhwc" in pw.cache) == nhwc
     if nhwc:
-        reordered = ops.unpack_weight(pw).permute(0, 2, 3, 1).reshape(24, -1)
+        w, k_w = pw.cache["triton.nhwc"]
         assert k_w == w.shape[1] == (32 * 9 if wbits > 4 else 32 * 9 // 2)
         if wbits <= 4:  # nibbles: low = even k
             w = torch.stack([(w.view(torch.int8) << 4) >> 4, w.view(torch.int8) >> 4], 2).reshape(24, -1)
-        assert torch.equal(w, reordered)
+        assert torch.equal(w, ops.unpack_weight(pw).permute(0, 2, 3, 1).reshape(24, -1))
         assert pw.nbytes() >= before + pw.qdata.numel()  # the reordered copy is counted
-    hit = pw.cache["triton.nhwc" if nhwc else "triton.colsum"]
     ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act)
-    assert pw.cache["triton.nhwc" if nhwc else "triton.colsum"] is hit  # not recomputed
-
+    assert pw.cache["triton.colsum"] is cs  # not recomputed
+    other = ops.quantize_weight(torch.randn(24, 32, 3, 3) * 0.05, wbits, gs)
+    pw.load_state_dict(other.state_dict())
+    assert pw.cache == {}
+    ref = ops.run_on("eager", "conv2d", x, other, None, 1, 1, 1, 1, act)
+    assert rel_err(ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act), ref) < 1e-5
 
 def test_host_costs_run_in_the_interpreter(triton_interpret):
     """The host-cost section's calls (empty Triton kernels, act quant, both W8A8 linear paths) run; each cost is a
@@ -266,3 +267,19 @@ def test_host_costs_run_in_the_interpreter(triton_interpret):
     costs = gc.host_costs("cpu", calls=2)
     assert set(costs) == set(gc.host_cost_variants("cpu")) and len(costs) == 7
     assert all(0 < c < 1 for c in costs.values()), costs
+
+
+@pytest.mark.parametrize("env", ["triton_interpret", "clean_env"])
+def test_dense_fake_quant_on_cuda_path_with_dense_forced(request, env):
+    """The dense path's CUDA fake quantizer (``dense._gpu_fake_quant``, called here on CPU tensors) uses Triton's
+    one-pass kernel where Triton accepts the call (here: under the interpreter) and the reference otherwise, also
+    with the dense backend forced (dispatch would look for ``fake_quant_act`` in the dense backend and fail)."""
+    from lowbit.kernels import dense, registry
+
+    request.getfixturevalue(env)  # triton_interpret: Triton accepts CPU tensors; clean_env: it refuses them
+    x = torch.randn(2, 16, 5, 6) * 2
+    for act in (ActQuant(8, 0.02, 131), ActQuant(8, dynamic=True)):
+        ref = ops.run_on("eager", "fake_quant_act", x, act, "sample")
+        with registry.forced_backend("dense"):
+            out = dense._gpu_fake_quant(x, act, "sample")
+        assert torch.equal(out, ref)
