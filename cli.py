@@ -3,6 +3,7 @@
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
   lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
   lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, method, configs
+                         (also a ComfyUI-layout file from export --comfy: its formats and what it dropped)
   lowbit export --comfy IN OUT   a saved file in ComfyUI's own quantized layout (stock Load Diffusion Model)
   lowbit ui              serve the gradio app on localhost
 
@@ -196,12 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists; default: refuse")
     q.set_defaults(fn=_cmd_quantize, check=_check_quantize)
 
-    i = sub.add_parser("inspect", help="show what a saved LowBit file holds (no model needed)",
+    i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout one from "
+                                       "export --comfy (no model needed)",
                        description="Format, model, configs, method, and every layer's precision and bytes of a "
-                                   "file saved by LowBit. Reads only the header.")
-    i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit")
+                                   "file saved by LowBit; for a file in ComfyUI's quantized layout (lowbit export "
+                                   "--comfy), its layers per comfy_quant format and what the export dropped. Reads "
+                                   "only the header.")
+    i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit (or exported with --comfy)")
     i.add_argument("--layers", action="store_true", help="list every layer; default: a summary by precision")
-    i.add_argument("--json", action="store_true", help="print the raw LowBit header as JSON; default: off")
+    i.add_argument("--json", action="store_true", help="print the raw LowBit header (ComfyUI layout: its "
+                                                       "quantization metadata) as JSON; default: off")
     i.set_defaults(fn=_cmd_inspect, check=_check_inspect)
 
     e = sub.add_parser("export", help="rewrite a LowBit file in ComfyUI's native quantized layout",
@@ -378,7 +383,8 @@ def _check_export(a):
 
 
 def _check_inspect(a):
-    _check_safetensors(a.file, "file")  # (a missing file, a folder, not safetensors: one line each)
+    # (a missing file, a folder, not safetensors, malformed ComfyUI quantization metadata: one line each)
+    _comfy_layout(_check_safetensors(a.file, "file"))
 
 
 def _check_ui(a):
@@ -614,7 +620,80 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _comfy_layout(header: dict):
+    """(quantization metadata, LowBit export record or None) of a file in ComfyUI's own quantized layout (its
+    ``_quantization_metadata`` header entry; ``lowbit export --comfy`` adds ``lowbit_export``), each field checked for
+    meaning; None when the file has LowBit's own metadata or no ComfyUI quantization metadata."""
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or "lowbit" in meta or "_quantization_metadata" not in meta:
+        return None
+
+    def bad(what):
+        raise UsageError(f"{what}: the file's ComfyUI quantization metadata is malformed; the file is corrupt or was "
+                         "edited: export it again (lowbit export --comfy)")
+
+    try:
+        qm = json.loads(meta["_quantization_metadata"]) if isinstance(meta["_quantization_metadata"], str) else None
+        ex = json.loads(meta["lowbit_export"]) if isinstance(meta.get("lowbit_export"), str) else None
+    except (ValueError, RecursionError):
+        bad("not JSON")
+    if not isinstance(qm, dict) or not isinstance(qm.get("layers"), dict):
+        bad("no 'layers' object")
+    for name, conf in qm["layers"].items():
+        if not isinstance(conf, dict) or not isinstance(conf.get("format"), str) or not conf["format"]:
+            bad(f"layer {name!r} has no format name")
+    if "lowbit_export" in meta:
+        ok = (isinstance(ex, dict) and isinstance(ex.get("dropped", []), list)
+              and all(isinstance(d, str) for d in ex.get("dropped", []))
+              and isinstance(ex.get("float_layers", {}), dict)
+              and all(isinstance(v, str) for v in ex.get("float_layers", {}).values()))
+        if not ok:
+            bad("its 'lowbit_export' record is not LowBit's")
+    return qm, ex
+
+
+def comfy_inspect_text(path: str, header: dict, layers: bool = False) -> str:
+    """``lowbit inspect`` of a file in ComfyUI's quantized layout (header only): layers per ``comfy_quant`` format
+    with their weight bytes, and, for a ``lowbit export --comfy`` file, what the layout could not carry."""
+    qm, ex = _comfy_layout(header)
+    index = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+             and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2}
+    groups = {}
+    for name, conf in qm["layers"].items():
+        g = groups.setdefault(conf["format"], [0, 0])
+        g[0] += 1
+        g[1] += _nbytes(index, name + ".weight")
+    out = [f"file       {path} ({os.path.getsize(path):,} bytes)",
+           f"format     ComfyUI quantized layout (_quantization_metadata v{qm.get('format_version')}): ComfyUI's "
+           "own loaders read it (Load Diffusion Model)",
+           "written by " + ("lowbit export --comfy" if ex is not None else "another tool (no lowbit_export record)"),
+           f"layers     {len(qm['layers'])} quantized layers",
+           f"  {'comfy_quant format':<22}{'layers':>7}{'weight bytes':>16}"]
+    out += [f"  {fmt:<22}{n:>7}{wb:>16,}" for fmt, (n, wb) in sorted(groups.items())]
+    floats = ex.get("float_layers", {}) if ex else {}
+    if floats:
+        out.append(f"float      {len(floats)} layers written as float weights"
+                   + ("" if layers else " (--layers lists them with the reason)"))
+    for d in (ex.get("dropped", []) if ex else []):
+        out.append(f"dropped    {d}")
+    if layers:
+        out.append(f"  {'layer':<48}{'format':<22}{'bytes':>12}")
+        out += [f"  {name:<48}{conf['format']:<22}{_nbytes(index, name + '.'):>12,}"
+                for name, conf in qm["layers"].items()]
+        out += [f"  {name:<48}{'float':<22}{why}" for name, why in floats.items()]
+    return "\n".join(_printable(line) for line in out)
+
+
 def _cmd_inspect(a, prog: Progress):
+    st_header = _check_safetensors(a.file, "file")
+    comfy = _comfy_layout(st_header)
+    if comfy is not None:  # ComfyUI's own layout (lowbit export --comfy): its metadata, checked, no torch
+        if a.json:
+            print(json.dumps({"_quantization_metadata": comfy[0], "lowbit_export": comfy[1]}, indent=2,
+                             sort_keys=True))
+        else:
+            print(comfy_inspect_text(a.file, st_header, layers=a.layers))
+        return 0
     if a.json:  # the file's own header, as written (read_header would show it migrated to today's version);
         # read_header still checks it is a LowBit file first. json.dumps escapes control characters itself.
         _quant().read_header(a.file)

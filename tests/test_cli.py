@@ -169,6 +169,20 @@ def test_bad_input_one_line_exit_2_before_any_work(ws, tmp_path, argv, words):
     assert _snapshot(ws) == before, "something was written"
 
 
+def test_malformed_comfy_layout_metadata_is_refused_by_inspect_in_one_line(ws, tmp_path):
+    # ComfyUI-layout metadata (as lowbit export --comfy writes) with a layer lacking its format: refused before any
+    # work, one line, torch not imported
+    _safetensors(ws / "badcomfy.safetensors",
+                 metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {"x": {}}})})
+    before = _snapshot(ws)
+    r, dt, rep = _run(["inspect", "badcomfy.safetensors"], ws, tmp_path)
+    err = r.stderr.rstrip("\n")
+    assert r.returncode == 2 and r.stdout == "" and "\n" not in err, err
+    assert "ComfyUI quantization metadata is malformed" in err and "'x'" in err
+    assert not rep["torch"]
+    assert _snapshot(ws) == before
+
+
 def test_non_lowbit_file_is_refused_by_inspect_in_one_line(ws, tmp_path):
     # a valid safetensors without LowBit metadata: the core's reader refuses it (this one imports torch)
     before = _snapshot(ws)
@@ -247,7 +261,20 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     from safetensors import safe_open
 
     with safe_open(c, "pt") as f:
-        assert "_quantization_metadata" in (f.metadata() or {})
+        meta = f.metadata() or {}
+        assert "_quantization_metadata" in meta
+    # inspect reads the ComfyUI layout too: its formats, the export's dropped lines, every layer with --layers
+    qm, ex = json.loads(meta["_quantization_metadata"]), json.loads(meta["lowbit_export"])
+    assert main(["inspect", c]) == 0
+    out = capsys.readouterr().out
+    assert "ComfyUI quantized layout" in out and "lowbit export --comfy" in out
+    assert f"{len(qm['layers'])} quantized layers" in out and "int8_tensorwise" in out
+    assert sum(ln.startswith("dropped    ") for ln in out.splitlines()) == len(ex["dropped"]) > 0
+    assert main(["inspect", c, "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in list(qm["layers"]) + list(ex["float_layers"]))
+    assert main(["inspect", c, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"_quantization_metadata": qm, "lowbit_export": ex}
 
 
 def test_bad_bits_give_a_clear_error(tmp_path, capsys):
