@@ -40,7 +40,7 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------ light imports
 
 def _core(name: str):
-    """``lowbit.quant.<name>`` for a module that needs no torch (``config``, ``errors``), without running
+    """``lowbit.quant.<name>`` for a module that needs no torch (``config``, ``errors``, ``sthdr``), without running
     ``quant/__init__.py`` (which imports torch, about 2 s): ``lowbit --help`` and the input checks stay fast.
 
     The submodule is imported under a temporary bare ``lowbit.quant`` package that is removed again, so a later
@@ -61,7 +61,7 @@ def _core(name: str):
 def _quant():
     """The real ``lowbit.quant`` (imports torch); re-attaches submodules loaded early by :func:`_core`."""
     q = importlib.import_module(f"{_PKG}.quant")
-    for sub in ("config", "errors"):
+    for sub in ("config", "errors", "sthdr"):
         m = sys.modules.get(f"{_PKG}.quant.{sub}")
         if m is not None and getattr(q, sub, None) is not m:
             setattr(q, sub, m)
@@ -384,7 +384,7 @@ def _check_export(a):
 
 def _check_inspect(a):
     # (a missing file, a folder, not safetensors, malformed ComfyUI quantization metadata: one line each)
-    _comfy_layout(_check_safetensors(a.file, "file"))
+    _comfy_layout(a.file, _check_safetensors(a.file, "file"))
 
 
 def _check_ui(a):
@@ -603,13 +603,15 @@ def inspect_text(path: str, layers: bool = False) -> str:
                    ("" if layers else " (--layers lists them with the reason: measured, or a name rule)"))
     if layers:
         for d in dec_layers:
-            out.append(f"  {str(d.get('name')):<48}{str(d.get('mode')):<8}{d.get('reason', '')}")
+            out.append(f"  {_printable(str(d.get('name'))):<48}{_printable(str(d.get('mode'))):<8}"
+                       f"{d.get('reason', '')}")
         out.append(f"  {'layer':<48}{'kind':<8}{'shape':<20}{'precision':<14}{'bytes':>10}")
         for lname, m in lm.items():
             m = m if isinstance(m, dict) else {}
             shape = m.get("shape")
             shape = "x".join(map(str, shape)) if isinstance(shape, list) else str(shape)
-            out.append(f"  {lname:<48}{str(m.get('kind')):<8}{shape:<20}{_precision(m):<14}"
+            out.append(f"  {_printable(lname):<48}{_printable(str(m.get('kind'))):<8}{_printable(shape):<20}"
+                       f"{_printable(_precision(m)):<14}"
                        f"{_nbytes(index, lname + '.'):>10,}")
     return "\n".join(_printable(line) for line in out)
 
@@ -620,44 +622,52 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _comfy_layout(header: dict):
+def _comfy_layout(path: str, header: dict):
     """(quantization metadata, LowBit export record or None) of a file in ComfyUI's own quantized layout (its
-    ``_quantization_metadata`` header entry; ``lowbit export --comfy`` adds ``lowbit_export``), each field checked for
-    meaning; None when the file has LowBit's own metadata or no ComfyUI quantization metadata."""
+    ``_quantization_metadata`` header entry; ``lowbit export --comfy`` adds ``lowbit_export``), every field checked
+    for meaning, the tensor index too (dtypes, shapes, offsets, file length); None when the file has LowBit's own
+    metadata or no ComfyUI quantization metadata. No torch."""
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or "lowbit" in meta or "_quantization_metadata" not in meta:
         return None
+    sthdr = _core("sthdr")
+    ours = "lowbit_export" in meta
 
     def bad(what):
-        raise UsageError(f"{what}: the file's ComfyUI quantization metadata is malformed; the file is corrupt or was "
-                         "edited: export it again (lowbit export --comfy)")
+        raise UsageError(f"file {path}: {what}; the file is corrupt or was edited"
+                         + (": export it again (lowbit export --comfy)" if ours else
+                            " (it is not a ComfyUI quantized checkpoint this reader understands)"))
 
     try:
-        qm = json.loads(meta["_quantization_metadata"]) if isinstance(meta["_quantization_metadata"], str) else None
-        ex = json.loads(meta["lowbit_export"]) if isinstance(meta.get("lowbit_export"), str) else None
-    except (ValueError, RecursionError):
-        bad("not JSON")
+        if not isinstance(meta["_quantization_metadata"], str) or (ours and not isinstance(meta["lowbit_export"], str)):
+            bad("its ComfyUI quantization metadata is malformed (not a JSON string)")
+        qm = sthdr.parse_json(meta["_quantization_metadata"], "its ComfyUI quantization metadata")
+        ex = sthdr.parse_json(meta["lowbit_export"], "its lowbit_export record") if ours else None
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+        sthdr.check_index({k: v for k, v in header.items() if k != "__metadata__"}, 8 + n, os.path.getsize(path))
+    except ValueError as exc:
+        bad(str(exc))
     if not isinstance(qm, dict) or not isinstance(qm.get("layers"), dict):
-        bad("no 'layers' object")
+        bad("its ComfyUI quantization metadata is malformed (no 'layers' object)")
+    if not isinstance(qm.get("format_version"), str):
+        bad("its ComfyUI quantization metadata is malformed (format_version is not a string)")
     for name, conf in qm["layers"].items():
         if not isinstance(conf, dict) or not isinstance(conf.get("format"), str) or not conf["format"]:
-            bad(f"layer {name!r} has no format name")
-    if "lowbit_export" in meta:
-        ok = (isinstance(ex, dict) and isinstance(ex.get("dropped", []), list)
-              and all(isinstance(d, str) for d in ex.get("dropped", []))
-              and isinstance(ex.get("float_layers", {}), dict)
-              and all(isinstance(v, str) for v in ex.get("float_layers", {}).values()))
-        if not ok:
-            bad("its 'lowbit_export' record is not LowBit's")
+            bad(f"its ComfyUI quantization metadata is malformed (layer {name[:200]!r} has no format name)")
+    if ours and not (isinstance(ex, dict) and isinstance(ex.get("dropped", []), list)
+                     and all(isinstance(d, str) for d in ex.get("dropped", []))
+                     and isinstance(ex.get("float_layers", {}), dict)
+                     and all(isinstance(v, str) for v in ex.get("float_layers", {}).values())):
+        bad("its lowbit_export record is not LowBit's")
     return qm, ex
 
 
 def comfy_inspect_text(path: str, header: dict, layers: bool = False) -> str:
     """``lowbit inspect`` of a file in ComfyUI's quantized layout (header only): layers per ``comfy_quant`` format
     with their weight bytes, and, for a ``lowbit export --comfy`` file, what the layout could not carry."""
-    qm, ex = _comfy_layout(header)
-    index = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-             and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2}
+    qm, ex = _comfy_layout(path, header)
+    index = {k: v for k, v in header.items() if k != "__metadata__"}  # checked by _comfy_layout
     groups = {}
     for name, conf in qm["layers"].items():
         g = groups.setdefault(conf["format"], [0, 0])
@@ -669,7 +679,7 @@ def comfy_inspect_text(path: str, header: dict, layers: bool = False) -> str:
            "written by " + ("lowbit export --comfy" if ex is not None else "another tool (no lowbit_export record)"),
            f"layers     {len(qm['layers'])} quantized layers",
            f"  {'comfy_quant format':<22}{'layers':>7}{'weight bytes':>16}"]
-    out += [f"  {fmt:<22}{n:>7}{wb:>16,}" for fmt, (n, wb) in sorted(groups.items())]
+    out += [f"  {_printable(fmt):<22}{n:>7}{wb:>16,}" for fmt, (n, wb) in sorted(groups.items())]
     floats = ex.get("float_layers", {}) if ex else {}
     if floats:
         out.append(f"float      {len(floats)} layers written as float weights"
@@ -678,15 +688,15 @@ def comfy_inspect_text(path: str, header: dict, layers: bool = False) -> str:
         out.append(f"dropped    {d}")
     if layers:
         out.append(f"  {'layer':<48}{'format':<22}{'bytes':>12}")
-        out += [f"  {name:<48}{conf['format']:<22}{_nbytes(index, name + '.'):>12,}"
+        out += [f"  {_printable(name):<48}{_printable(conf['format']):<22}{_nbytes(index, name + '.'):>12,}"
                 for name, conf in qm["layers"].items()]
-        out += [f"  {name:<48}{'float':<22}{why}" for name, why in floats.items()]
+        out += [f"  {_printable(name):<48}{'float':<22}{why}" for name, why in floats.items()]
     return "\n".join(_printable(line) for line in out)
 
 
 def _cmd_inspect(a, prog: Progress):
     st_header = _check_safetensors(a.file, "file")
-    comfy = _comfy_layout(st_header)
+    comfy = _comfy_layout(a.file, st_header)
     if comfy is not None:  # ComfyUI's own layout (lowbit export --comfy): its metadata, checked, no torch
         if a.json:
             print(json.dumps({"_quantization_metadata": comfy[0], "lowbit_export": comfy[1]}, indent=2,

@@ -436,12 +436,12 @@ def _nhwc(pw, groups: int = 1) -> bool:
 
 
 def _cached(pw, key: str, build):
-    """``pw.cache[key]``, built by ``build()`` on first use (``pw.cache`` is dropped on device moves, copies and
-    state-dict loads, and counted by ``pw.nbytes()``)."""
+    """``build()``, kept in ``pw.cache[key]`` with the weight's device (``pw.cache`` is dropped on device moves,
+    copies and state-dict loads, and counted by ``pw.nbytes()``; the device is checked all the same)."""
     hit = pw.cache.get(key)
-    if hit is None:
-        hit = pw.cache[key] = build()
-    return hit
+    if hit is None or hit[0] != pw.device:
+        hit = pw.cache[key] = (pw.device, build())
+    return hit[1]
 
 
 def _colsum(pw) -> torch.Tensor:

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from . import config as C
+from . import sthdr
 from .context import QuantContext, attach_context, get_context
 from .errors import ConfigError, LoadError, LowBitError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
@@ -56,8 +57,6 @@ from .split import ChannelSplitConv2d, apply_splits
 FORMAT = "lowbit.quantized_unet"
 FORMAT_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-MAX_JSON_DEPTH = 32  # nesting of any JSON value in the header
-MAX_INT_DIGITS = 18  # integers in the header: |n| < 10^18
 MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256
 MAX_FLOAT_TENSORS = 100_000
@@ -406,39 +405,14 @@ def _fail(path, problem, fix):
 
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I32": torch.int32, "I64": torch.int64}
-_DSIZE = {"I8": 1, "U8": 1, "F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}
-
-
-def _bounded_int(s: str) -> int:
-    if len(s.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"integer with {len(s)} digits")
-    return int(s)
-
-
-def _no_constant(s: str):
-    raise ValueError(f"{s} is not valid JSON")
-
-
-def _json_depth_ok(s: str) -> bool:
-    """Nesting of brackets outside strings is at most MAX_JSON_DEPTH (checked before parsing: no RecursionError)."""
-    depth = 0
-    for ch in re.sub(r'"(?:[^"\\]|\\.)*"', '""', s):
-        if ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
 
 
 def _parse_json(path, text: str, what: str):
-    if not _json_depth_ok(text):
-        _fail(path, f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", "the file is corrupt or crafted")
     try:
-        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        _fail(path, f"{what} is not valid JSON ({str(exc)[:120]})", "the file is corrupt or not safetensors")
+        return sthdr.parse_json(text, what)
+    except ValueError as exc:
+        _fail(path, str(exc), "the file is corrupt or crafted" if "nested" in str(exc) else
+              "the file is corrupt or not safetensors")
 
 
 def read_header(path: str):
@@ -476,23 +450,11 @@ def read_header(path: str):
     if header.get("format") != FORMAT:
         _fail(path, f"unknown format {str(header.get('format'))[:80]!r}", "this file was not written by LowBit")
     header = migrate(header, path)
-    end = 0
-    for k, e in index.items():
-        if not (isinstance(e, dict) and e.get("dtype") in _DTYPES and isinstance(e.get("shape"), list)
-                and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
-            _fail(path, f"tensor {k[:200]!r} has a malformed or unsupported entry", "the file is corrupt")
-        a, b = e["data_offsets"]
-        numel = 1
-        for d in e["shape"]:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                _fail(path, f"tensor {k[:200]!r} has an invalid shape", "the file is corrupt")
-            numel *= d
-        if not (isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and not isinstance(b, bool)
-                and 0 <= a <= b) or b - a != numel * _DSIZE[e["dtype"]]:
-            _fail(path, f"tensor {k[:200]!r} has inconsistent offsets", "the file is corrupt")
-        end = max(end, b)
-    if 8 + n + end != size:
-        _fail(path, f"expected {8 + n + end} bytes, found {size}", "the file is truncated or padded; save it again")
+    try:
+        sthdr.check_index(index, 8 + n, size, dtypes=_DTYPES)
+    except ValueError as exc:
+        _fail(path, str(exc), "the file is truncated or padded; save it again" if "bytes, found" in str(exc) else
+              "the file is corrupt")
     return header, index
 
 

@@ -386,6 +386,11 @@ class QuantLayer(nn.Module):
         self.w_scale = nn.Parameter(scale, requires_grad=False)
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new activation tables: the quantizers built from the old ones (deployed forward) are stale
+        self.__dict__.pop("_aq_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     # ---- activations ---------------------------------------------------------------------------------
     def act_params(self):
         """(bits, scale, zero) of the static activation quantizer at the current timestep, or None."""

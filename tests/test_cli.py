@@ -169,18 +169,54 @@ def test_bad_input_one_line_exit_2_before_any_work(ws, tmp_path, argv, words):
     assert _snapshot(ws) == before, "something was written"
 
 
-def test_malformed_comfy_layout_metadata_is_refused_by_inspect_in_one_line(ws, tmp_path):
-    # ComfyUI-layout metadata (as lowbit export --comfy writes) with a layer lacking its format: refused before any
-    # work, one line, torch not imported
-    _safetensors(ws / "badcomfy.safetensors",
-                 metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {"x": {}}})})
+def _comfy_file(path, layers=None, version="1.0", offsets=(0, 4), data=4, export=True, raw_qm=None):
+    """A small file in ComfyUI's quantized layout: one int8 tensor ``x.weight`` [4], crafted as asked."""
+    qm = raw_qm if raw_qm is not None else json.dumps({"format_version": version,
+                                                      "layers": {"x": {"format": "int8_tensorwise"}}
+                                                      if layers is None else layers})
+    meta = {"_quantization_metadata": qm}
+    if export:
+        meta["lowbit_export"] = json.dumps({"dropped": ["a line"], "float_layers": {}})
+    header = {"x.weight": {"dtype": "I8", "shape": [4], "data_offsets": list(offsets)}, "__metadata__": meta}
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+
+
+COMFY_BAD = [  # (file's crafting, words of the one-line error)
+    (dict(layers={"x": {}}), ["malformed", "'x' has no format name", "export it again"]),
+    (dict(layers={"x": {"format": ""}}, export=False), ["no format name", "not a ComfyUI quantized checkpoint"]),
+    (dict(offsets=("0", "4")), ["inconsistent offsets"]),
+    (dict(offsets=(4, 0)), ["inconsistent offsets"]),
+    (dict(offsets=(0, 400)), ["inconsistent offsets"]),
+    (dict(data=2), ["bytes, found"]),
+    (dict(version=1.0), ["format_version is not a string"]),
+    (dict(raw_qm='{"format_version": NaN, "layers": {}}'), ["not valid JSON"]),
+    (dict(raw_qm="[" * 40 + "]" * 40), ["nested deeper"]),
+]
+
+
+@pytest.mark.parametrize("craft,words", COMFY_BAD, ids=[str(i) for i in range(len(COMFY_BAD))])
+def test_malformed_comfy_layout_file_is_refused_by_inspect_in_one_line(ws, tmp_path, craft, words):
+    # a file in ComfyUI's quantized layout (as lowbit export --comfy writes) with one field made wrong: refused
+    # before any work, one line, exit 2, torch not imported; the advice to export again only for LowBit's exports
+    _comfy_file(ws / "badcomfy.safetensors", **craft)
     before = _snapshot(ws)
     r, dt, rep = _run(["inspect", "badcomfy.safetensors"], ws, tmp_path)
     err = r.stderr.rstrip("\n")
     assert r.returncode == 2 and r.stdout == "" and "\n" not in err, err
-    assert "ComfyUI quantization metadata is malformed" in err and "'x'" in err
+    for w in words:
+        assert w in err, (w, err)
     assert not rep["torch"]
     assert _snapshot(ws) == before
+
+
+def test_comfy_layout_file_of_another_tool_inspects(ws, tmp_path):
+    _comfy_file(ws / "other.safetensors", export=False)
+    r, _, rep = _run(["inspect", "other.safetensors"], ws, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "another tool" in r.stdout and "1 quantized layers" in r.stdout and "int8_tensorwise" in r.stdout
+    assert not rep["torch"]
 
 
 def test_non_lowbit_file_is_refused_by_inspect_in_one_line(ws, tmp_path):

@@ -180,7 +180,8 @@ class PackedWeight(nn.Module):
     group_size : int | None
     cache : backend-prepacked forms of this weight (onednn blobs, int4pack tiles, column sums, reordered copies...),
             keyed by backend. Not persistent: never saved, never deep-copied, dropped on device moves and state-dict
-            loads, rebuilt on first use; counted by :meth:`nbytes`.
+            loads (with it the autotuner's choices and whole-model mode; ``tune`` stays, so they are measured
+            again), rebuilt on first use; counted by :meth:`nbytes`.
 
     Dequantized weight: ``w[n, k] = q[n, k] * scale[n]`` or ``q[n, k] * scale[n, k // group_size]``.
     Other formats keep ``qdata``/``scale`` buffers with their own meaning (see their files).

@@ -240,19 +240,19 @@ def test_prepared_weight_inputs_are_cached_once(triton_interpret, wbits, gs):
     before = pw.nbytes()
     x, act = torch.randn(1, 32, 5, 5), ActQuant(8, dynamic=True)
     ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act)
-    cs = pw.cache["triton.colsum"]
+    cs = pw.cache["triton.colsum"][1]
     assert torch.equal(cs, q.sum(1) if gs is None else q.reshape(24, -1, gs).sum(2))
     nhwc = gs is None  # group-wise weights keep the NCHW kernel
     assert ("triton.nhwc" in pw.cache) == nhwc
     if nhwc:
-        w, k_w = pw.cache["triton.nhwc"]
+        w, k_w = pw.cache["triton.nhwc"][1]
         assert k_w == w.shape[1] == (32 * 9 if wbits > 4 else 32 * 9 // 2)
         if wbits <= 4:  # nibbles: low = even k
             w = torch.stack([(w.view(torch.int8) << 4) >> 4, w.view(torch.int8) >> 4], 2).reshape(24, -1)
         assert torch.equal(w, ops.unpack_weight(pw).permute(0, 2, 3, 1).reshape(24, -1))
         assert pw.nbytes() >= before + pw.qdata.numel()  # the reordered copy is counted
     ops.run_on("triton", "conv2d", x, pw, None, 1, 1, 1, 1, act)
-    assert pw.cache["triton.colsum"] is cs  # not recomputed
+    assert pw.cache["triton.colsum"][1] is cs  # not recomputed
     other = ops.quantize_weight(torch.randn(24, 32, 3, 3) * 0.05, wbits, gs)
     pw.load_state_dict(other.state_dict())
     assert pw.cache == {}

@@ -172,3 +172,14 @@ def test_timestep_is_read_only_when_a_table_needs_it(unet, calls, time_bins, mon
                         lambda self, raw: setattr(self, "t", real(raw, self.profile)))
     eager = [out(m, t) for m in (q, d) for t in (900, 300)]
     assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+
+
+def test_a_deployed_model_loading_another_state_computes_the_other(unet, calls):
+    """A deployed model that has run (its layers keep the activation quantizers they built, the kernels their
+    prepacked weights) and then loads another quantized model's state dict computes that model, not a mix."""
+    a = deploy_(quantize(unet, QuantConfig.preset("W8A8"), calls))
+    b = deploy_(quantize(unet, QuantConfig.preset("W8A8"), [c for c in calls[:1]]))  # other activation ranges
+    ya, yb = out(a), out(b)
+    assert float((ya - yb).norm() / yb.norm()) > 1e-3  # the two really differ
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(out(a), yb)
