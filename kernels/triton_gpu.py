@@ -376,9 +376,10 @@ def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
 
 
 # large per-channel GEMMs: 128x128x64 tiles, 4 warps, 4 stages. The GPU check's tile sweep on an H200 (2026-12-04,
-# run 5, timed from CUDA graphs, bench/README.md): at the largest SD1.5 / SDXL Linear shapes the fastest of five
-# configurations for W8A8 and W4A8 (0.87x resp. 0.76x the time of 128x128x128 / 8 warps, the previous default), on
-# the channels-last 3x3 convs within 11 % of the fastest (64x64x64 with 4 warps stays for smaller problems)
+# runs 5-7, timed from CUDA graphs, bench/README.md "GPU, second session"): at the SD1.5 / SDXL Linear shapes within
+# 4 % of the fastest of five configurations (W8A8 and W4A8) and up to 1.3x faster than the previous default
+# 128x128x128 / 8 warps; on the channels-last 3x3 convs level with or faster than that (up to 1.2x), within 20 % of
+# the fastest. The NCHW conv kernel (a gather per element) keeps 64x64x64: the large tiles made it 3-7x slower.
 _LARGE_TILES = (128, 128, 64, 4, 4)
 
 
@@ -397,18 +398,18 @@ def _large_tiles_fit(device_type: str, index) -> bool:
     return getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
 
 
-def _large(m, n, pw, integer: bool) -> bool:
+def _large(m, n, pw, integer: bool, gather: bool) -> bool:
     # integer kernels only: the sweep timed W8A8 / W4A8; the weight-only kernel's fp32 / bf16 operands are 2-4x
-    # larger per tile
-    return (integer and not _grouped(pw) and m >= 1024 and n >= 256 and pw.K >= 256
+    # larger per tile. Not the NCHW conv kernel (``gather``): 3-7x slower with them
+    return (integer and not gather and not _grouped(pw) and m >= 1024 and n >= 256 and pw.K >= 256
             and _large_tiles_fit(pw.device.type, pw.device.index))
 
 
-def _tile_config(m, n, pw, integer: bool = True):
+def _tile_config(m, n, pw, integer: bool = True, gather: bool = False):
     """((BM, BN, BK), launch options) of a GEMM: the :func:`tiles` override, the large tiles, or the default
-    (small tiles, Triton's default warps and stages)."""
+    (small tiles, Triton's default warps and stages). ``gather``: the NCHW conv kernel."""
     cfg = _TILE_OVERRIDE if _TILE_OVERRIDE is not None and not _grouped(pw) else \
-        _LARGE_TILES if _large(m, n, pw, integer) else None
+        _LARGE_TILES if _large(m, n, pw, integer, gather) else None
     if cfg is None:
         return ((32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)), {}
     return cfg[:3], dict(num_warps=cfg[3], num_stages=cfg[4])
@@ -531,7 +532,7 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
     else:
         out = _out((bsz, n, ho, wo), x.device, x.dtype)
     b = bias.contiguous() if bias is not None else out
-    (bm, bn, bk), opts = _tile_config(m, n, pw)
+    (bm, bn, bk), opts = _tile_config(m, n, pw, gather=not nhwc)
     grid = (_cdiv(m, bm), _cdiv(n, bn))
     kernel("int_gemm")[grid](q, w, ws, cs, b, out, *_act_args(q, sx, zp, act), m, n, k, k_w, g, gs, ho * wo,
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],

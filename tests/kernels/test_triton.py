@@ -201,6 +201,7 @@ def test_large_problems_take_the_large_tiles(triton_interpret, wbits):
     pw = ops.quantize_weight(torch.randn(260, 264) * 0.05, wbits, None)
     assert triton_gpu._tile_config(1030, 260, pw) == ((128, 128, 64), dict(num_warps=4, num_stages=4))
     assert triton_gpu._tile_config(1030, 260, ops.quantize_weight(torch.randn(260, 264), 4, 64))[0][:2] == (64, 64)
+    assert triton_gpu._tile_config(1030, 260, pw, gather=True)[0][:2] == (64, 64)  # the NCHW conv kernel
     act = ActQuant(8, 0.05, 128)
     ref = ops.run_on("eager", "linear", x, pw, None, act)
     out = ops.run_on("triton", "linear", x, pw, None, act)
