@@ -311,6 +311,18 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 e = _rel_err(out, ref)
                 return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
             record(f"linear {m}x{k}x{n} W{wbits} g{gs} act={act}", lc)
+        # the experimental one-launch path (static activations quantized inside the GEMM): the same codes
+        for act in (ActQuant(8, 0.05, 128), ActQuant(4, 0.3, 5)):
+            def lf(m=m, k=k, n=n, wbits=wbits, gs=gs, act=act):
+                x = rnd(m, k)
+                pw = ops.quantize_weight(rnd(n, k) * 0.05, wbits, gs)
+                bias = rnd(n)
+                ref = ops.run_on("eager", "linear", x, pw, bias, act)
+                with triton_gpu.fused_act_quant():
+                    out = ops.run_on("triton", "linear", x, pw, bias, act)
+                e = _rel_err(out, ref)
+                return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
+            record(f"linear fused-act {m}x{k}x{n} W{wbits} g{gs} act={act}", lf)
 
     if large:
         # bf16 activations (a deployed layer in a bf16 model): the weight-only kernel multiplies in bf16 (tl.dot
@@ -436,7 +448,7 @@ def kernel_variants(device="cuda", graphs: bool = False):
         bt = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=device)
         return lambda: torch._int_mm(a, bt.t())
 
-    def ours(fmt):
+    def ours(fmt, fused=False):
         wbits, abits, gs = FORMATS[fmt]
 
         def make(case):
@@ -448,8 +460,17 @@ def kernel_variants(device="cuda", graphs: bool = False):
             act = None if abits is None else ActQuant(abits, float(x.abs().max()) * 2 / ((1 << abits) - 1),
                                                       (1 << (abits - 1)))
             xb = x.to(torch.bfloat16)  # deployed layers in a bf16 model receive bf16 activations
+            if case.kind == "linear" and fused:
+                from ..kernels import triton_gpu
+
+                def call():
+                    with triton_gpu.fused_act_quant():
+                        return ops.run_on("triton", "linear", xb, pw, b, act)
+                return call
             if case.kind == "linear":
                 return lambda: ops.run_on("triton", "linear", xb, pw, b, act)
+            if fused:
+                return None  # Linear only
             return lambda: ops.run_on("triton", "conv2d", xb, pw, b, (1, 1), (case.k // 2,) * 2, (1, 1), 1, act)
 
         return make
@@ -457,6 +478,7 @@ def kernel_variants(device="cuda", graphs: bool = False):
     v = {"bf16": bf16, "int_mm": int_mm}
     for fmt in FORMATS:
         v[fmt] = ours(fmt)
+    v["W8A8 fused-act"] = ours("W8A8", fused=True)  # one launch per call (experimental, off by default)
     if graphs:  # the same calls replayed from CUDA graphs: GPU time without the Python / launch overhead
         def graphed(make):
             def make_graphed(case):
@@ -464,7 +486,7 @@ def kernel_variants(device="cuda", graphs: bool = False):
                 return None if fn is None else cuda_graphed(fn)
             return make_graphed
 
-        for name in ("bf16", "W8A8", "W4A8"):
+        for name in ("bf16", "W8A8", "W4A8", "W8A8 fused-act"):
             v[name + " graph"] = graphed(v[name])
     return v
 
@@ -534,7 +556,14 @@ def host_cost_variants(device="cuda") -> Dict[str, Callable[[], object]]:
         "act quant (quantize_rows)": lambda: triton_gpu.quantize_rows(x, act),
         "W8A8 linear (triton)": lambda: ops.run_on("triton", "linear", x, pw, None, act),
         "W8A8 linear (dense: fake quant + F.linear)": lambda: ops.run_on("dense", "linear", x, pw, None, act),
+        "W8A8 linear (triton, activation quantizer fused, one launch)": lambda: _fused_call(
+            triton_gpu, lambda: ops.run_on("triton", "linear", x, pw, None, act)),
     }
+
+
+def _fused_call(triton_gpu, fn):
+    with triton_gpu.fused_act_quant():
+        return fn()
 
 
 def host_costs(device="cuda", calls: int = 200, sync=None) -> Dict[str, float]:

@@ -17,6 +17,8 @@ Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
     channels-last conv the same packing of the weight reordered to [N, KH, KW, C] (once, ``pw.cache``).
     int32 ``tl.dot`` over K-blocks of BK >= 32 (int8 MMA needs K >= 32). Per-channel weights accumulate in int32 over
     all of K; group-wise weights (group_size % BK == 0) flush each block into fp32 scaled by its group's scale.
+    ``FUSED_A`` (off by default, :func:`fused_act_quant`): a Linear's static activations are quantized in the K loop
+    from the float input, with the act-quant kernel's arithmetic (one launch instead of two).
     Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]`` with the weight's
     column sums computed once per weight (``pw.cache``), written in x's dtype: [M, N] (Linear), NCHW, or channels-last
     when the conv's input is.
@@ -90,6 +92,7 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, bias_ptr, out_ptr, xs_ptr, xz
                      C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, CB,
                      W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, NHWC: tl.constexpr,
                      STATIC_ACT: tl.constexpr, OUT_NHWC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     FUSED_A: tl.constexpr, QMAX: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -144,6 +147,13 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, bias_ptr, out_ptr, xs_ptr, xz
                 addr = bidx.to(tl.int64)[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
                 a = tl.load(a_ptr + addr, mask=mmask[:, None] & kmask[None, :] & inb, other=0)
                 a = tl.where(inb, a, pad_val[:, None])
+            elif FUSED_A:  # Linear, static activations quantized here from the float input (no act-quant launch):
+                # the act-quant kernel's arithmetic, so the same codes; masked k: b is 0 there
+                xa = tl.load(a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                             other=0.0).to(tl.float32)
+                y = tl.math.div_rn(xa, sx[:, None] + tl.zeros((BM, BK), tl.float32))
+                y = tl.minimum(tl.maximum(y, -512.0), 512.0)
+                a = (tl.minimum(tl.maximum((y + _RNE) - _RNE + zpx[:, None], 0.0), QMAX) - 128.0).to(tl.int8)
             else:
                 a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :],
                             other=0)
@@ -416,6 +426,20 @@ def _tile_config(m, n, pw, integer: bool = True, gather: bool = False):
 
 
 _CONV_NHWC = True  # the channels-last implicit GEMM for convolutions that allow it (:func:`conv_layout`)
+_FUSED_ACT = False  # static Linear activations quantized inside the GEMM (:func:`fused_act_quant`)
+
+
+@contextmanager
+def fused_act_quant(enabled: bool = True):
+    """Inside the block, Linear layers with static activation quantizers quantize their float input inside the
+    integer GEMM (one launch per call instead of two; each input block is quantized once per output-column block).
+    Off by default: an experiment for the GPU check, which times it against the two-launch path (same codes)."""
+    global _FUSED_ACT
+    old, _FUSED_ACT = _FUSED_ACT, bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_ACT = old
 
 
 @contextmanager
@@ -504,12 +528,13 @@ def linear(x, pw, bias=None, act=None):
                                 **opts)
     else:
         w, ws, cs, k_w, g, gs, grouped = _weight_args(pw)
-        q, sx, zp = quantize_rows(x2, act)
+        fused = _FUSED_ACT and not act.dynamic
+        q, sx, zp = (x2, None, None) if fused else quantize_rows(x2, act)
         kernel("int_gemm")[grid](q, w, ws, cs, b, out, *_act_args(q, sx, zp, act), m, n, k, k_w, g, gs, 1,
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, NHWC=False,
                                  STATIC_ACT=not act.dynamic, OUT_NHWC=False, HAS_BIAS=bias is not None,
-                                 BM=bm, BN=bn, BK=bk, **opts)
+                                 FUSED_A=fused, QMAX=act.qmax if fused else 0, BM=bm, BN=bn, BK=bk, **opts)
     return out.reshape(*lead, n)
 
 
@@ -538,5 +563,6 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1], _cdiv(c, bk),
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, STATIC_ACT=not act.dynamic,
-                             OUT_NHWC=out_nhwc, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **opts)
+                             OUT_NHWC=out_nhwc, HAS_BIAS=bias is not None, FUSED_A=False, QMAX=0,
+                             BM=bm, BN=bn, BK=bk, **opts)
     return out

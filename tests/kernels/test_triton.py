@@ -83,17 +83,23 @@ _AOT_SCRIPT = textwrap.dedent(r"""
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
         return triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["ptx"]
 
-    CFGS = {"w4_grouped_conv": dict(W4=True, GROUPED=True, IS_CONV=True, NHWC=False, STATIC_ACT=False, OUT_NHWC=False),
-            "w8_linear": dict(W4=False, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True, OUT_NHWC=False),
-            "w4_nhwc_conv": dict(W4=True, GROUPED=False, IS_CONV=True, NHWC=True, STATIC_ACT=False, OUT_NHWC=True),
-            "w8_nhwc_conv": dict(W4=False, GROUPED=False, IS_CONV=True, NHWC=True, STATIC_ACT=True, OUT_NHWC=False)}
+    F = dict(FUSED_A=False, QMAX=0)
+    CFGS = {"w4_grouped_conv": dict(W4=True, GROUPED=True, IS_CONV=True, NHWC=False, STATIC_ACT=False, OUT_NHWC=False,
+                                    **F),
+            "w8_linear": dict(W4=False, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True, OUT_NHWC=False, **F),
+            "w4_nhwc_conv": dict(W4=True, GROUPED=False, IS_CONV=True, NHWC=True, STATIC_ACT=False, OUT_NHWC=True, **F),
+            "w8_nhwc_conv": dict(W4=False, GROUPED=False, IS_CONV=True, NHWC=True, STATIC_ACT=True, OUT_NHWC=False,
+                                 **F),
+            "w4_linear_fused": dict(W4=True, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True,
+                                    OUT_NHWC=False, FUSED_A=True, QMAX=255)}
     for cap in (80, 86, 89, 90):
         for name, cfg in CFGS.items():
             if cap not in (80, 90) and not name.startswith("w4"):
                 continue
             big = cap == 90 and not cfg["GROUPED"]  # the large tiles of big problems on an H100 / H200
             ptx = compile_("int_gemm", cap, {"w_ptr": "*u8" if cfg["W4"] else "*i8", "out_ptr": "*bf16",
-                                             "bias_ptr": "*bf16", "cs_ptr": "*i32"}, HAS_BIAS=True,
+                                             "bias_ptr": "*bf16", "cs_ptr": "*i32",
+                                             "a_ptr": "*bf16" if cfg["FUSED_A"] else "*i8"}, HAS_BIAS=True,
                            BM=128 if big else 64, BN=128 if big else 64, BK=64 if big else 32, **cfg)
             mma = sorted(set(re.findall(r"\w*mma[\w.:]*\.s32\.s8\.s8[\w.]*", ptx)))
             print("RESULT", cap, name, mma)
@@ -119,7 +125,7 @@ _AOT_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-CFG_NAMES = ("w4_grouped_conv", "w8_linear", "w4_nhwc_conv", "w8_nhwc_conv")
+CFG_NAMES = ("w4_grouped_conv", "w8_linear", "w4_nhwc_conv", "w8_nhwc_conv", "w4_linear_fused")
 
 
 def test_aot_compile_for_cuda_targets():
@@ -136,7 +142,7 @@ def test_aot_compile_for_cuda_targets():
     res = {tuple(l.split(None, 3)[1:3]): l.split(None, 3)[3] for l in proc.stdout.splitlines()
            if l.startswith("RESULT") and not l.startswith("RESULT wo")}
     for cap in ("80", "86", "89"):
-        for name in ("w4_grouped_conv", "w4_nhwc_conv"):
+        for name in ("w4_grouped_conv", "w4_nhwc_conv", "w4_linear_fused"):
             assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[(cap, name)], res
     for name in ("w8_linear", "w8_nhwc_conv"):
         assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[("80", name)], res
@@ -153,7 +159,8 @@ def test_gpu_check_correctness_cases_in_interpreter(triton_interpret):
     from lowbit.bench import gpu_check
 
     res = gpu_check.correctness_checks("cpu", large=False)
-    assert len(res) == 4 + 4 * 4 + 3 * 2 + 4 * 2 + 3  # act quant, linear, fake quant, conv, conv layouts
+    assert len(res) == 4 + 4 * 4 + 4 * 2 + 3 * 2 + 4 * 2 + 3  # act quant, linear (+ fused), fake quant, conv, layouts
+    assert sum("fused-act" in r["check"] for r in res) == 8
     assert sum("NHWC" in r["check"] for r in res) == 3 and sum("channels-last" in r["check"] for r in res) == 2
     assert [r for r in res if not r["ok"]] == []
 
@@ -177,8 +184,8 @@ def test_gpu_check_kernel_and_tile_variants(triton_interpret):
                     assert make(case) is None  # no weight-only conv kernel
                 continue
             fn = make(case)
-            if name.endswith(" nchw") and case.kind == "linear":
-                assert fn is None  # the NCHW kernel is a conv layout
+            if (name.endswith(" nchw") and case.kind == "linear") or (name == "W8A8 fused-act" and case.kind == "conv"):
+                assert fn is None  # the NCHW kernel is a conv layout; the fused activation quantizer Linear only
                 continue
             out = fn().float()
             err = float((out - ref).norm() / ref.norm())
@@ -266,7 +273,7 @@ def test_host_costs_run_in_the_interpreter(triton_interpret):
     from lowbit.bench import gpu_check as gc
 
     costs = gc.host_costs("cpu", calls=2)
-    assert set(costs) == set(gc.host_cost_variants("cpu")) and len(costs) == 7
+    assert set(costs) == set(gc.host_cost_variants("cpu")) and len(costs) == 8
     assert all(0 < c < 1 for c in costs.values()), costs
 
 
