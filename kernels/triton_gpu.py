@@ -365,24 +365,45 @@ def fake_quant_act(x, act, granularity="token"):
     return quantize_rows(x2, act, dequant=True)[0].reshape(x.shape)
 
 
-_TILE_OVERRIDE = None  # (BM, BN, BK, num_warps, num_stages) while :func:`tiles` is active
+# launch choices the GPU check overrides inside a ``with`` block (:func:`tiles`, :func:`conv_layout`,
+# :func:`fused_act_quant`)
+_TILE_OVERRIDE = None  # (BM, BN, BK, num_warps, num_stages)
+_CONV_NHWC = True  # the channels-last implicit GEMM for convolutions that allow it
+_FUSED_ACT = False  # static Linear activations quantized inside the GEMM
 
 
 @contextmanager
+def _setting(name: str, value):
+    old = globals()[name]
+    globals()[name] = value
+    try:
+        yield
+    finally:
+        globals()[name] = old
+
+
 def tiles(bm: int, bn: int, bk: int, num_warps: int = 4, num_stages: int = 3):
     """Launch the GEMM kernels with these tiles inside the block (the GPU check's tile sweep); per-channel weights
     only (group-wise ones keep BK from their group size). BK must be a multiple of 32 (int8 MMA)."""
-    global _TILE_OVERRIDE
     for name, v in (("bm", bm), ("bn", bn), ("bk", bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v}: tiles must be powers of two >= 16")
     if bk % 32:
         raise ValueError(f"bk={bk}: int8 MMA needs K-blocks that are multiples of 32")
-    old, _TILE_OVERRIDE = _TILE_OVERRIDE, (bm, bn, bk, num_warps, num_stages)
-    try:
-        yield
-    finally:
-        _TILE_OVERRIDE = old
+    return _setting("_TILE_OVERRIDE", (bm, bn, bk, num_warps, num_stages))
+
+
+def fused_act_quant(enabled: bool = True):
+    """Inside the block, Linear layers with static activation quantizers quantize their float input inside the
+    integer GEMM (one launch per call instead of two; each input block is quantized once per output-column block).
+    Off by default: an experiment for the GPU check, which times it against the two-launch path (same codes)."""
+    return _setting("_FUSED_ACT", bool(enabled))
+
+
+def conv_layout(nhwc: bool):
+    """Inside the block, convolutions take the channels-last kernel (``nhwc``) where allowed, else the NCHW one
+    (the GPU check times both)."""
+    return _setting("_CONV_NHWC", bool(nhwc))
 
 
 # large per-channel GEMMs: 128x128x64 tiles, 4 warps, 4 stages. The GPU check's tile sweep on an H200 (2026-12-04,
@@ -423,35 +444,6 @@ def _tile_config(m, n, pw, integer: bool = True, gather: bool = False):
     if cfg is None:
         return ((32 if m <= 32 else 64), (32 if n <= 32 else 64), _block_k(pw)), {}
     return cfg[:3], dict(num_warps=cfg[3], num_stages=cfg[4])
-
-
-_CONV_NHWC = True  # the channels-last implicit GEMM for convolutions that allow it (:func:`conv_layout`)
-_FUSED_ACT = False  # static Linear activations quantized inside the GEMM (:func:`fused_act_quant`)
-
-
-@contextmanager
-def fused_act_quant(enabled: bool = True):
-    """Inside the block, Linear layers with static activation quantizers quantize their float input inside the
-    integer GEMM (one launch per call instead of two; each input block is quantized once per output-column block).
-    Off by default: an experiment for the GPU check, which times it against the two-launch path (same codes)."""
-    global _FUSED_ACT
-    old, _FUSED_ACT = _FUSED_ACT, bool(enabled)
-    try:
-        yield
-    finally:
-        _FUSED_ACT = old
-
-
-@contextmanager
-def conv_layout(nhwc: bool):
-    """Inside the block, convolutions take the channels-last kernel (``nhwc``) where allowed, else the NCHW one
-    (the GPU check times both)."""
-    global _CONV_NHWC
-    old, _CONV_NHWC = _CONV_NHWC, bool(nhwc)
-    try:
-        yield
-    finally:
-        _CONV_NHWC = old
 
 
 def _nhwc(pw, groups: int = 1) -> bool:
