@@ -194,9 +194,23 @@ def _build_for_alternate(key: str, latent: int):
     return model
 
 
-def run_alternating(variants, latent: int, repeats: int, threads: int, log=print) -> list:
+def op_profile(fn, top: int = 12) -> list:
+    """One call of ``fn`` under torch.profiler: the ``top`` operators by their own CPU time, as
+    ``{"op", "ms", "calls", "share"}`` (share of the whole forward's own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) or 1.0
+    return [dict(op=e.key, ms=e.self_cpu_time_total / 1e3, calls=e.count, share=e.self_cpu_time_total / total)
+            for e in ops[:top]]
+
+
+def run_alternating(variants, latent: int, repeats: int, threads: int, log=print, profile: bool = False) -> list:
     """All variants in one process; each round runs one forward of every variant in turn (so a shared machine's
-    load hits all alike); median per variant. Weight bytes as in the subprocess mode; no per-variant peak RSS."""
+    load hits all alike); median per variant. Weight bytes as in the subprocess mode; no per-variant peak RSS.
+    ``profile``: after the rounds, one more forward of each variant under torch.profiler (:func:`op_profile`)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -234,6 +248,7 @@ def run_alternating(variants, latent: int, repeats: int, threads: int, log=print
                 call(v)
                 times[v].append(time.perf_counter() - t0)
             log(f"round {r + 1}/{repeats}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants))
+        profiles = {v: op_profile(lambda v=v: call(v)) for v in variants} if profile else {}
     ref = outs.get("fp32")
     base = statistics.median(times["fp32"]) if "fp32" in times else None
     fp_bytes = resident_weight_bytes(models["fp32"]) if "fp32" in models else None
@@ -248,6 +263,8 @@ def run_alternating(variants, latent: int, repeats: int, threads: int, log=print
             row["weight_ratio"] = wb / fp_bytes
         if ref is not None:
             row["rel_err_vs_fp32"] = ((outs[v] - ref).norm() / ref.norm()).item()
+        if v in profiles:
+            row["profile"] = profiles[v]
         rows.append(row)
     return rows
 
@@ -262,6 +279,9 @@ def main(argv=None):
     p.add_argument("--alternate", action="store_true",
                    help="all variants in one process, forwards alternating (ratios robust to a shared machine's "
                         f"load; no peak RSS); variants: {list(ALTERNATE)}")
+    p.add_argument("--profile", action="store_true",
+                   help="with --alternate: after the rounds, one profiled forward per variant (the top operators by "
+                        "own CPU time, printed and in the JSON)")
     p.add_argument("--_child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.alternate:
@@ -275,7 +295,7 @@ def main(argv=None):
             names = [v for v in names if not v.startswith("torchao")]
         if "fp32" not in names:
             names.insert(0, "fp32")
-        rows = run_alternating(names, a.latent, a.repeats, a.threads)
+        rows = run_alternating(names, a.latent, a.repeats, a.threads, profile=a.profile)
         print(f"\nSD1.5 UNet, latent 1x4x{a.latent}x{a.latent}, threads={a.threads}, median of {a.repeats} "
               "alternating rounds (one process)")
         print("| variant | s/forward | x fp32 | weight MB | x fp32 | rel. error vs fp32 |")
@@ -284,6 +304,11 @@ def main(argv=None):
             print(f"| {r['variant']} | {r['median_s']:.2f} | {r.get('time_ratio', float('nan')):.2f} | "
                   f"{r['weight_bytes'] / 1e6:.0f} | {r.get('weight_ratio', float('nan')):.3f} | "
                   f"{r.get('rel_err_vs_fp32', float('nan')):.1e} |")
+        for r in rows:
+            if r.get("profile"):
+                print(f"\nprofile of one {r['variant']} forward (own CPU time): "
+                      + ", ".join(f"{e['op']} {e['ms']:.0f} ms ({e['share']:.0%}, {e['calls']} calls)"
+                                  for e in r["profile"]))
         import torch
 
         meta = dict(mode="alternate", latent=a.latent, repeats=a.repeats, threads=a.threads, torch=torch.__version__,

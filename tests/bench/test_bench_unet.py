@@ -23,3 +23,12 @@ def test_resident_bytes_count_packed_weights_and_their_caches():
     cached = sum(pw.nbytes(True) - pw.nbytes(False) for pw in q.modules()
                  if hasattr(pw, "cache") and hasattr(pw, "nbytes"))
     assert cached > 0 and B.resident_weight_bytes(q) == packed + cached
+
+
+def test_op_profile_names_the_operators_of_one_call():
+    """--profile's table: the operators of one call by own CPU time, the heaviest first, shares summing to <= 1."""
+    x = torch.randn(256, 256)
+    rows = B.op_profile(lambda: (x @ x).relu_().sum(), top=5)
+    assert rows and rows == sorted(rows, key=lambda r: -r["ms"])
+    assert any("mm" in r["op"] for r in rows)
+    assert all(r["calls"] >= 1 and 0 <= r["share"] <= 1 for r in rows) and sum(r["share"] for r in rows) <= 1.0001
