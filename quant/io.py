@@ -411,7 +411,7 @@ def _parse_json(path, text: str, what: str):
     try:
         return sthdr.parse_json(text, what)
     except ValueError as exc:
-        _fail(path, str(exc), "the file is corrupt or crafted" if "nested" in str(exc) else
+        _fail(path, str(exc), "the file is corrupt or crafted" if isinstance(exc, sthdr.TooDeep) else
               "the file is corrupt or not safetensors")
 
 
@@ -453,7 +453,7 @@ def read_header(path: str):
     try:
         sthdr.check_index(index, 8 + n, size, dtypes=_DTYPES)
     except ValueError as exc:
-        _fail(path, str(exc), "the file is truncated or padded; save it again" if "bytes, found" in str(exc) else
+        _fail(path, str(exc), "the file is truncated or padded; save it again" if isinstance(exc, sthdr.Length) else
               "the file is corrupt")
     return header, index
 

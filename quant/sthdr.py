@@ -2,12 +2,21 @@
 
 :mod:`.io` reads LowBit files with them (``read_header``); the command line (``lowbit inspect``) reads files in
 ComfyUI's quantized layout with them, without importing torch. Every function raises ``ValueError`` with the
-problem in words; the caller adds the file and the fix.
+problem in words (:class:`TooDeep` for nesting past the bound, :class:`Length` for a file longer or shorter than its
+index); the caller adds the file and the fix.
 """
 from __future__ import annotations
 
 import json
 import re
+
+class TooDeep(ValueError):
+    """JSON nested deeper than :data:`MAX_JSON_DEPTH` (a crafted header rather than a damaged one)."""
+
+
+class Length(ValueError):
+    """The tensor data does not end where the file does (truncated or padded)."""
+
 
 MAX_JSON_DEPTH = 32  # nesting of any JSON value in a header
 MAX_INT_DIGITS = 18  # integers in a header: |n| < 10^18
@@ -43,7 +52,7 @@ def json_depth_ok(s: str) -> bool:
 def parse_json(text: str, what: str):
     """``text`` parsed as JSON: nesting, integer size and the non-JSON constants (NaN, Infinity) bounded."""
     if not json_depth_ok(text):
-        raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        raise TooDeep(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -71,4 +80,4 @@ def check_index(index: dict, data_start: int, file_size: int, dtypes=None) -> No
             raise ValueError(f"tensor {k[:200]!r} has inconsistent offsets")
         end = max(end, b)
     if data_start + end != file_size:
-        raise ValueError(f"expected {data_start + end} bytes, found {file_size}")
+        raise Length(f"expected {data_start + end} bytes, found {file_size}")
