@@ -663,10 +663,11 @@ def _comfy_layout(path: str, header: dict):
     return qm, ex
 
 
-def comfy_inspect_text(path: str, header: dict, layers: bool = False) -> str:
-    """``lowbit inspect`` of a file in ComfyUI's quantized layout (header only): layers per ``comfy_quant`` format
-    with their weight bytes, and, for a ``lowbit export --comfy`` file, what the layout could not carry."""
-    qm, ex = _comfy_layout(path, header)
+def comfy_inspect_text(path: str, header: dict, layout, layers: bool = False) -> str:
+    """``lowbit inspect`` of a file in ComfyUI's quantized layout (header only; ``layout``: what
+    :func:`_comfy_layout` read from it): layers per ``comfy_quant`` format with their weight bytes, and, for a
+    ``lowbit export --comfy`` file, what the layout could not carry."""
+    qm, ex = layout
     index = {k: v for k, v in header.items() if k != "__metadata__"}  # checked by _comfy_layout
     groups = {}
     for name, conf in qm["layers"].items():
@@ -702,7 +703,7 @@ def _cmd_inspect(a, prog: Progress):
             print(json.dumps({"_quantization_metadata": comfy[0], "lowbit_export": comfy[1]}, indent=2,
                              sort_keys=True))
         else:
-            print(comfy_inspect_text(a.file, st_header, layers=a.layers))
+            print(comfy_inspect_text(a.file, st_header, comfy, layers=a.layers))
         return 0
     if a.json:  # the file's own header, as written (read_header would show it migrated to today's version);
         # read_header still checks it is a LowBit file first. json.dumps escapes control characters itself.
