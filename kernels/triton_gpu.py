@@ -339,14 +339,18 @@ def quantize_rows(x2: torch.Tensor, act, dequant: bool = False):
     if act.dynamic:
         scale, zp = _out((r,), x2.device), _out((r,), x2.device)
         lo, hi = torch.aminmax(x2, dim=1)  # in x2's dtype: the kernel reads them as fp32 (exact)
-        s_static, zp_static = 1.0, 0.0
     else:
         scale = zp = lo = hi = q  # not read, not written
-        s_static, zp_static = act.scale, float(act.zero_point)
     kernel("act_quant")[(_cdiv(r, br), min(_cdiv(l, bl), _MAX_GRID_Y))](
-        x2, q, scale, zp, lo, hi, r, l, s_static, zp_static, QMAX=act.qmax, DYNAMIC=act.dynamic, DEQUANT=dequant,
+        x2, q, scale, zp, lo, hi, r, l, *_static_qparams(act), QMAX=act.qmax, DYNAMIC=act.dynamic, DEQUANT=dequant,
         BR=br, BL=bl)
     return (q, scale, zp) if act.dynamic else (q, None, None)
+
+
+def _static_qparams(act):
+    """(scale, zero point) a kernel takes as constants: a static quantizer's; placeholders, not read, for a dynamic
+    one (its per-row values come in tensors)."""
+    return (1.0, 0.0) if act.dynamic else (act.scale, float(act.zero_point))
 
 
 def _channels_last(x) -> bool:
@@ -499,9 +503,7 @@ def _weight_args(pw, nhwc: bool = False, integer: bool = True):
 def _act_args(q, scale, zp, act):
     """The GEMM's activation-quantizer arguments (xs_ptr, xzp_ptr, s_static, zp_static): the per-row tensors of a
     dynamic quantizer (the constants unused), or a static one's constants (the pointers unused: ``q``)."""
-    if act.dynamic:
-        return scale, zp, 1.0, 0.0
-    return q, q, act.scale, float(act.zero_point)
+    return (scale, zp, *_static_qparams(act)) if act.dynamic else (q, q, *_static_qparams(act))
 
 
 @backend.op("linear", supports=_linear_supports)
