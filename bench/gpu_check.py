@@ -463,10 +463,7 @@ def kernel_variants(device="cuda", graphs: bool = False):
             if case.kind == "linear" and fused:
                 from ..kernels import triton_gpu
 
-                def call():
-                    with triton_gpu.fused_act_quant():
-                        return ops.run_on("triton", "linear", xb, pw, b, act)
-                return call
+                return _inside(triton_gpu.fused_act_quant, lambda: ops.run_on("triton", "linear", xb, pw, b, act))
             if case.kind == "linear":
                 return lambda: ops.run_on("triton", "linear", xb, pw, b, act)
             if fused:
@@ -521,9 +518,7 @@ def tile_variants(device="cuda", formats=("W8A8", "W4A8"), configs=None, graphs:
                     if fn is None or (not nhwc and case.kind != "conv"):
                         return None
 
-                    def call():
-                        with triton_gpu.tiles(*cfg), triton_gpu.conv_layout(nhwc):
-                            return fn()
+                    call = _inside(lambda: triton_gpu.tiles(*cfg), _inside(lambda: triton_gpu.conv_layout(nhwc), fn))
                     return cuda_graphed(call) if graphs else call
                 v[f"{fmt} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]}" + ("" if nhwc else " nchw")] = make
     return v
@@ -556,14 +551,18 @@ def host_cost_variants(device="cuda") -> Dict[str, Callable[[], object]]:
         "act quant (quantize_rows)": lambda: triton_gpu.quantize_rows(x, act),
         "W8A8 linear (triton)": lambda: ops.run_on("triton", "linear", x, pw, None, act),
         "W8A8 linear (dense: fake quant + F.linear)": lambda: ops.run_on("dense", "linear", x, pw, None, act),
-        "W8A8 linear (triton, activation quantizer fused, one launch)": lambda: _fused_call(
-            triton_gpu, lambda: ops.run_on("triton", "linear", x, pw, None, act)),
+        "W8A8 linear (triton, activation quantizer fused, one launch)": _inside(
+            triton_gpu.fused_act_quant, lambda: ops.run_on("triton", "linear", x, pw, None, act)),
     }
 
 
-def _fused_call(triton_gpu, fn):
-    with triton_gpu.fused_act_quant():
-        return fn()
+def _inside(make_ctx, fn):
+    """A zero-argument function calling ``fn`` inside the context ``make_ctx()`` (a kernel-launch override such as
+    ``triton_gpu.tiles``), entered at every call."""
+    def call():
+        with make_ctx():
+            return fn()
+    return call
 
 
 def host_costs(device="cuda", calls: int = 200, sync=None) -> Dict[str, float]:
