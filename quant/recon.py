@@ -204,9 +204,13 @@ def _unit_data(fp_model, qmodel, uname, calls):
 def _draw(inputs, targets, config: ReconConfig, g, dev, dt):
     """(call index, args, kwargs, target) of a random mini-batch of a random cached call."""
     i = int(torch.randint(len(inputs), (1,), generator=g))
-    inp, tgt = _minibatch(inputs[i], targets[i], config.batch_size, g)
+    return (i, *_on_device(*_minibatch(inputs[i], targets[i], config.batch_size, g), dev, dt))
+
+
+def _on_device(inp, tgt, dev, dt):
+    """(args, kwargs, target) of a cached batch, on the model's device: inputs in its dtype, targets in fp32."""
     a, kw = _to_model(inp, dev, dt)
-    return i, a, kw, tuple(t.to(dev, torch.float32) for t in tgt)
+    return a, kw, tuple(t.to(dev, torch.float32) for t in tgt)
 
 
 def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], config: ReconConfig = ReconConfig(),
@@ -318,8 +322,7 @@ def _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) -> float
                 idx = torch.arange(start, min(n, start + max(1, config.batch_size)))
                 inp, tgt = (inputs[i], targets[i]) if len(idx) == n else \
                     (batch_rows(inputs[i], idx, n), batch_rows(targets[i], idx, n))
-                a, kw = _to_model(inp, dev, dt)
-                tgt = tuple(t.to(dev, torch.float32) for t in tgt)
+                a, kw, tgt = _on_device(inp, tgt, dev, dt)
                 total += float(_relative_unit_loss(unit(*a, **kw), tgt, config.p_act)) * len(idx) / n
     return total
 
