@@ -267,9 +267,9 @@ def _choices(pw):
 
 def _drop_loser_caches(pw):
     winners = {c.name for c in _choices(pw)}
+    # (a backend's caches are named after it: the cpu backend's int8 copies / row sums are ``cpu.*``; oneDNN keeps
+    # only its prepacked blobs, so an int4 weight whose calls all went to oneDNN keeps no unpacked int8 copy)
     keep = set(_KEEP_CACHE) | winners
-    if winners & {"cpu", "onednn"}:
-        keep.add("cpu")  # int8 copies / rowsums (cpu.*) serve both CPU integer backends
     for k in list(pw.cache):
         prefix = (k[0] if isinstance(k, tuple) else str(k)).split(".")[0]
         if k not in keep and prefix not in keep:

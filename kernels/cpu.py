@@ -138,14 +138,15 @@ def _per_channel_scale(pw: PackedWeight) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- weights
-def _int8_weight(pw: PackedWeight) -> torch.Tensor:
-    """int8 [N, K]: qdata itself (bits > 4) or the unpacked nibbles (cached only if LOWBIT_CPU_CACHE_INT4=1)."""
+def _int8_weight(pw: PackedWeight, keep: bool = True) -> torch.Tensor:
+    """int8 [N, K]: qdata itself (bits > 4) or the unpacked nibbles, cached when int8 copies are kept
+    (:func:`cache_int4`) and ``keep`` (False for oneDNN's prepacking: its blob is the int8 copy it runs on)."""
     if pw.bits > 4:
         return pw.qdata
     w = pw.cache.get("cpu.int8")
     if w is None:
         w = unpack_int4(pw.qdata, pw.K).contiguous()
-        if cache_int4(pw):
+        if keep and cache_int4(pw):
             pw.cache["cpu.int8"] = w
     return w
 
@@ -500,7 +501,7 @@ def _onednn_wscale(pw):
 def onednn_linear(x, pw, bias=None, act=None):
     packed = pw.cache.get("onednn.linear")
     if packed is None:
-        packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw), None)
+        packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw, keep=False), None)
     sw, wzp = _onednn_wscale(pw)
     lead = x.shape[:-1]
     q = quant_static(x.reshape(-1, pw.K), act)
@@ -523,7 +524,7 @@ def onednn_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 
     if packed is None:
         # the blob does not depend on the activation scale / zero point passed here (verified: any later pair works)
         packed = pw.cache[key] = torch.ops.onednn.qconv_prepack(
-            _int8_weight(pw).reshape(pw.shape), _per_channel_scale(pw), 1.0, 0, list(stride), list(padding),
+            _int8_weight(pw, keep=False).reshape(pw.shape), _per_channel_scale(pw), 1.0, 0, list(stride), list(padding),
             list(dilation), groups, None)
     sw, wzp = _onednn_wscale(pw)
     b = None if bias is None else bias.to(torch.float32)
