@@ -14,9 +14,11 @@ backend that was **measured** fastest for the call's shape on this machine:
 * cache: in memory, keyed by (candidate backends, format, shapes, dtype, threads, device); optionally also a JSON
   file (``LOWBIT_AUTOTUNE_CACHE=1`` for ``$XDG_CACHE_HOME/lowbit/autotune.json``, or a path), keyed in addition
   by the CPU model and torch version, so a second process skips the measurements;
-* memory: the losers' caches are dropped from the weight. With tuning, int4 weights keep an int8 copy (needed by
-  oneDNN and to avoid unpacking at every call: +1 byte per weight), and a layer that falls back to float keeps a
-  float copy (+4 bytes per weight for fp32 inputs, +2 for bf16). :func:`summary` reports the bytes.
+* memory: the losers' caches are dropped from the weight (a backend's caches carry its name: ``cpu.*``,
+  ``onednn.*``, ``dense.*``). With tuning, an int4 weight the integer kernels win keeps one int8 copy (oneDNN's
+  prepacked blob, or the cpu backend's unpacked copy, which saves unpacking at every call: +1 byte per weight), and
+  a layer that falls back to float keeps a float copy (+4 bytes per weight for fp32 inputs, +2 for bf16).
+  :func:`summary` reports the bytes.
 
 ``LOWBIT_AUTOTUNE=0`` turns tuning off (registry order, as before); ``LOWBIT_AUTOTUNE_DENSE=0`` keeps the integer
 kernels only (no float copies: memory first); ``LOWBIT_BACKEND`` / ``forced_backend`` always win over the tuner.
