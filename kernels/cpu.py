@@ -429,7 +429,8 @@ def _int8_weight_hwc(pw: PackedWeight) -> torch.Tensor:
     w = pw.cache.get("cpu.int8_hwc")
     if w is not None:
         return w
-    w = _int8_weight(pw).reshape(pw.shape).permute(0, 2, 3, 1).reshape(pw.N, pw.K).contiguous()
+    # (the [N, K] copy it is built from is not kept: a conv weight's calls read this layout only)
+    w = _int8_weight(pw, keep=False).reshape(pw.shape).permute(0, 2, 3, 1).reshape(pw.N, pw.K).contiguous()
     if (pw.bits <= 4 and cache_int4(pw)) or pw.cache.get("autotune"):  # tuned weights: +1 byte per weight if cpu wins
         pw.cache["cpu.int8_hwc"] = w
     return w

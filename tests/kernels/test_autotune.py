@@ -177,7 +177,8 @@ def test_onednn_winner_keeps_no_unpacked_int8_copy(tune_env):
     x, act = torch.randn(1, 16, 12, 12), ActQuant(8, 0.05, 128)
     args = (x, pw, None, 1, 1, 1, 1, act)
     ref = ops.run_on("cpu", "conv2d", *args)
-    assert "cpu.int8" in pw.cache  # the cpu backend keeps int8 copies of tuned int4 weights while it may win
+    # the cpu backend keeps an int8 copy of a tuned int4 weight while it may win: one, in the layout it reads
+    assert "cpu.int8_hwc" in pw.cache and "cpu.int8" not in pw.cache
     out = ops.run_on("onednn", "conv2d", *args)
     fn = lambda *a: None  # noqa: E731 (the Choice's implementations are not called here)
     pw.cache["autotune.fast"] = {"k": autotune.Choice({"onednn": fn, "cpu": fn}, "onednn", None, "onednn")}
