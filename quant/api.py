@@ -22,12 +22,15 @@ from .transaction import check_finite, transaction
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
-    """Deep copy that shares (does not duplicate) the weights of Conv2d/Linear layers, which the
-    quantized layers replace anyway; everything else (norms, embeddings, buffers) is copied."""
+    """Deep copy that shares (does not duplicate) the weight memory of Conv2d/Linear layers, which the quantized
+    layers replace anyway; everything else (norms, embeddings, buffers) is copied. The copy's weights are its own
+    Parameter objects over that memory: a layer the plan keeps in float is not the user's layer, so casting or
+    moving the quantized model (``.to(torch.bfloat16)``, ``.cuda()``, which swap a parameter's data) leaves the
+    user's model as it was."""
     memo = {}
     for m in model.modules():
         if qlayer_class_for(m) is not None and not isinstance(m, QuantLayer):
-            memo[id(m.weight)] = m.weight
+            memo[id(m.weight)] = nn.Parameter(m.weight.detach(), requires_grad=m.weight.requires_grad)
     return copy.deepcopy(model, memo)
 
 

@@ -183,3 +183,36 @@ def test_a_deployed_model_loading_another_state_computes_the_other(unet, calls):
     assert float((ya - yb).norm() / yb.norm()) > 1e-3  # the two really differ
     a.load_state_dict(b.state_dict())
     assert torch.equal(out(a), yb)
+
+
+def test_casting_or_moving_the_quantized_model_leaves_the_users_model_alone():
+    """A layer the plan keeps in float (here a reflect-padded conv, which the kernels do not take) shares its weight
+    memory with the user's model but not the Parameter: ``q.to(bfloat16)`` (which swaps a parameter's data in
+    place) cast the user's weight too, leaving the user's model with a bf16 weight and an fp32 bias."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+            self.body = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.body(torch.relu(self.inp(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y0 = m(x)
+    for deployed in (False, True):
+        q = quantize(m, QuantConfig.preset("W8A8", a_dynamic=True))
+        kept = [r["name"] for r in get_context(q).report if r["mode"] == "fp"]
+        assert "inp" in kept and q.inp.weight is not m.inp.weight
+        assert q.inp.weight.data_ptr() == m.inp.weight.data_ptr()  # no copy of the memory
+        if deployed:
+            deploy_(q)
+        q.to(torch.bfloat16)
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+        with torch.no_grad():
+            assert torch.equal(m(x), y0)
+            assert q(x.bfloat16()).dtype == torch.bfloat16
