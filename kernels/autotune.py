@@ -42,7 +42,7 @@ from . import dense  # noqa: F401  (registers the dense backend)
 from . import registry
 from .formats.base import _nested_bytes
 
-__all__ = ["attach", "attach_model", "is_attached", "run", "summary", "format_summary", "clear", "decisions",
+__all__ = ["attach", "attach_model", "is_attached", "usable", "run", "summary", "format_summary", "clear", "decisions",
            "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "settle", "set_mode", "ROUNDS"]
 
 ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
@@ -291,6 +291,21 @@ def active() -> bool:
     return enabled() and registry._forced() is None
 
 
+def _float_ok() -> bool:
+    """The float path may run now: ``LOWBIT_AUTOTUNE_DENSE`` on and the dense backend not disabled."""
+    return _dense_allowed() and "dense" not in registry._disabled()
+
+
+def usable(ch: "Choice") -> bool:
+    """Whether a stored choice may run now (read at every call, as the registry reads its environment): not a
+    backend listed in ``LOWBIT_DISABLE_BACKENDS`` since it was made, nor the float path while
+    ``LOWBIT_AUTOTUNE_DENSE=0`` or the dense backend is disabled. A choice that may not is made again among what
+    is allowed (and replaces it)."""
+    if ch.name == ch.float_name:
+        return _float_ok()
+    return ch.name not in registry._disabled()
+
+
 def chosen(op: str, args):
     """The :class:`Choice` already made for this call's shape on ``args[1]`` (normalized arguments; its ``impl`` is
     the backend implementation in use), or None (not attached, not tuned yet, or tuning off / a backend forced).
@@ -300,7 +315,8 @@ def chosen(op: str, args):
     if not (active() and is_attached(pw)):
         return None
     fast = pw.cache.get("autotune.fast")
-    return None if fast is None else fast.get(_fast_key(op, args))
+    ch = None if fast is None else fast.get(_fast_key(op, args))
+    return ch if ch is not None and usable(ch) else None
 
 
 def run(op: str, *args):
@@ -310,7 +326,7 @@ def run(op: str, *args):
     fast = pw.cache.get("autotune.fast")
     if fast is not None:
         hit = fast.get(fk)
-        if hit is not None:
+        if hit is not None and usable(hit):
             return hit.impl(*args)
     ck = _call_key(op, args)
     names = _candidates(op, args)
@@ -363,7 +379,8 @@ def path_choice(pw, key):
     if not (active() and is_attached(pw)):
         return None
     paths = pw.cache.get("autotune.paths")
-    return None if paths is None else paths.get(key)
+    ch = None if paths is None else paths.get(key)
+    return ch if ch is not None and usable(ch) else None
 
 
 def choose_path(pw, key, options: dict, args, default: str, float_name: Optional[str] = None):
@@ -375,11 +392,17 @@ def choose_path(pw, key, options: dict, args, default: str, float_name: Optional
     ``float_name``: the float-path option (the "float" mode's). Timing as for kernels: one warm-up call each, then
     alternating rounds, minimum per option. Returns (choice, output of this call)."""
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if float_name in options and not _float_ok():  # (LOWBIT_AUTOTUNE_DENSE=0, or the dense backend disabled)
+        options = {n: f for n, f in options.items() if n != float_name}
     with _LOCK:
-        times, outs = _time_alternating({n: (lambda f=f: f(*args)) for n, f in options.items()}, x)
-        best = min(times, key=times.get)
-        if times[default] <= times[best] * (1.0 + MARGIN):
-            best = default
+        if len(options) == 1:  # nothing to measure
+            (best, f), = options.items()
+            times, outs = {}, {best: f(*args)}
+        else:
+            times, outs = _time_alternating({n: (lambda f=f: f(*args)) for n, f in options.items()}, x)
+            best = min(times, key=times.get)
+            if times[default] <= times[best] * (1.0 + MARGIN):
+                best = default
         ch = Choice(dict(options), best, float_name, default, times, _mode(pw))
         pw.cache.setdefault("autotune.paths", {})[key] = ch
         _drop_loser_caches(pw)

@@ -438,7 +438,8 @@ class QuantLayer(nn.Module):
         if table is not None and cache.get("autotune"):
             key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads())
             hit = table.get(key)
-            if hit is not None and _kernels().autotune.active():
+            at = _kernels().autotune
+            if hit is not None and at.active() and at.usable(hit[0]):
                 return hit[0].impl(x, pw, self.bias, *hit[1])
         aq = self._deployed_aq(tkey, bits)
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call

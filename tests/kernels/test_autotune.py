@@ -379,3 +379,37 @@ def test_settle_does_not_take_less_cpu_time_for_more_wall_time(tune_env, monkeyp
                                                                 perf_counter=clock_of("wall", 1e-3)))
     with torch.no_grad():
         assert autotune.settle(q, ((x, t), {}), rounds=2)["mode"] == "tuned"
+
+
+def test_backends_disabled_after_tuning_are_not_used(tune_env):
+    """LOWBIT_DISABLE_BACKENDS and LOWBIT_AUTOTUNE_DENSE=0 are read at every call, also for shapes already tuned:
+    a stored choice of a backend disabled since is made again among the others (kernel level and through a deployed
+    layer's own table)."""
+    from lowbit.quant import QuantConfig, deploy_, quant_layers, quantize
+
+    pw = autotune.attach(ops.quantize_weight(torch.randn(64, 64) * 0.1, 8))
+    x, act = torch.randn(32, 64), ActQuant(8, dynamic=True)
+    ops.linear(x, pw, None, act)
+    first = autotune.chosen("linear", (x, pw, None, act)).name
+    tune_env.setenv("LOWBIT_DISABLE_BACKENDS", first)
+    ref = ops.run_on("eager", "linear", x, pw, None, act)
+    assert rel_err(ops.linear(x, pw, None, act), ref) < 1e-4
+    again = autotune.chosen("linear", (x, pw, None, act))
+    assert again.name != first and first not in again.options
+    tune_env.delenv("LOWBIT_DISABLE_BACKENDS")
+    tune_env.setenv("LOWBIT_AUTOTUNE_DENSE", "0")
+    ops.linear(x, pw, None, act)
+    ch = autotune.chosen("linear", (x, pw, None, act))
+    assert ch.name != "dense" and "dense" not in ch.options and not any(str(k).startswith("dense.") for k in pw.cache)
+    tune_env.delenv("LOWBIT_AUTOTUNE_DENSE")
+
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    q = deploy_(quantize(m, QuantConfig.preset("W8A8", a_dynamic=True)), tune=True)
+    with torch.no_grad():
+        y0 = q(x)
+        layer = dict(quant_layers(q))["0"]
+        (hit,) = layer.packed_weight().cache["autotune.layer"].values()
+        tune_env.setenv("LOWBIT_DISABLE_BACKENDS", hit[0].name)
+        y1 = q(x)
+    (hit2,) = layer.packed_weight().cache["autotune.layer"].values()
+    assert hit2[0].name != hit[0].name and rel_err(y1, y0) < 1e-3

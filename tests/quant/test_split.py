@@ -194,6 +194,30 @@ def test_fused_split_conv_is_the_parts_path(tune_env, pick):
         assert s["paths"] == {pick: 1}
 
 
+def test_split_conv_float_path_honours_dense_switches(tune_env):
+    """The fused float path is the dense backend's: with LOWBIT_AUTOTUNE_DENSE=0 it is not offered, and a choice
+    of it made before the switch (or before ``LOWBIT_DISABLE_BACKENDS=dense``) is made again without it."""
+    from lowbit.kernels import autotune
+
+    q = _deployed_catnet(True)
+    sp = q.skip
+    tune_env.setattr(autotune, "_time_alternating", _timer_picking("fused"))
+    x, t = torch.randn(2, 3, 8, 8) * 2, torch.tensor([500.0] * 2)
+    with torch.no_grad():
+        y = q(x, t)
+        (ch,) = sp.parts[0].packed.cache["autotune.paths"].values()
+        assert ch.name == "fused"
+        for var, val in (("LOWBIT_AUTOTUNE_DENSE", "0"), ("LOWBIT_DISABLE_BACKENDS", "dense")):
+            tune_env.setenv(var, val)
+            y2 = q(x, t)
+            (ch,) = sp.parts[0].packed.cache["autotune.paths"].values()
+            assert ch.name == "parts" and "fused" not in ch.options
+            assert (y2 - y).abs().max() <= 1e-5 * y.abs().max()
+            tune_env.delenv(var)
+            sp.parts[0].packed.cache.pop("autotune.paths")
+            q(x, t)  # chosen again with the float path allowed
+
+
 def test_split_conv_falls_back_to_the_parts_path(tune_env):
     from lowbit.kernels import ActQuant  # noqa: F401
 
