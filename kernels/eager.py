@@ -5,6 +5,8 @@ All arithmetic is fp32; outputs are cast back to the input dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +54,8 @@ def rows_of(x: torch.Tensor, granularity: str) -> torch.Tensor:
     """View ``x`` as [R, L] rows that each get one dynamic scale: tokens (last dim) or samples (dim 0)."""
     if granularity == "token":
         return x.reshape(-1, x.shape[-1])
-    if granularity == "sample":
-        return x.reshape(x.shape[0], -1)
+    if granularity == "sample":  # (the row length spelled out: -1 cannot be inferred for an empty batch)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
     raise ValueError(f"granularity must be 'token' or 'sample', got {granularity!r}")
 
 

@@ -66,3 +66,14 @@ def test_quantization_error_is_plausible():
     e8 = rel_err(ops.linear(x, ops.quantize_weight(w, 8), None, ActQuant(8, dynamic=True)), ref)
     e4 = rel_err(ops.linear(x, ops.quantize_weight(w, 4), None, None), ref)
     assert 1e-3 < e8 < 2e-2 and 5e-2 < e4 < 0.25
+
+
+@pytest.mark.parametrize("act", [ActQuant(8, 0.05, 120), ActQuant(8, dynamic=True), None])
+def test_empty_batch_gives_an_empty_output(act):
+    """A batch of 0 (e.g. an empty conditioning half) runs: every backend refuses empty input, the reference takes
+    it; per-sample dynamic ranges of no samples used to fail on ``reshape(0, -1)``."""
+    pw = ops.quantize_weight(torch.randn(16, 8, 3, 3), 8)
+    assert ops.conv2d(torch.randn(0, 8, 5, 5), pw, None, 1, 1, 1, 1, act).shape == (0, 16, 5, 5)
+    pwl = ops.quantize_weight(torch.randn(16, 72), 8)
+    assert ops.linear(torch.randn(0, 72), pwl, None, act).shape == (0, 16)
+    assert ops.linear(torch.randn(2, 0, 72), pwl, None, act).shape == (2, 0, 16)
