@@ -50,6 +50,11 @@ ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 # (per-layer timings on a shared machine are noisy, and a layer timed alone runs with hotter caches than in a model)
 MARGIN = 0.10
 _SLOW_CALL_S = 0.5  # a candidate slower than this gets one timed round only
+# call shapes tuned per weight (and decisions kept in this process): inputs whose shapes keep changing (variable
+# token counts) would otherwise grow the tables, and pay a measurement, at every new shape; beyond the limit a new
+# shape runs in registry order, untuned
+MAX_SHAPES = 256
+MAX_DECISIONS = 65536
 _KEEP_CACHE = ("autotune", "cache_int4")
 
 _MODES = ("tuned", "float", "integer")
@@ -328,6 +333,8 @@ def run(op: str, *args):
         hit = fast.get(fk)
         if hit is not None and usable(hit):
             return hit.impl(*args)
+        if hit is None and len(fast) >= MAX_SHAPES:
+            return registry.dispatch(op, *args)
     ck = _call_key(op, args)
     names = _candidates(op, args)
     if not names:  # nothing but the reference accepts it
@@ -354,7 +361,8 @@ def run(op: str, *args):
                     best = default
                     out = None  # the output kept by _measure is the fastest candidate's
                 dec = {"backend": best, "times": times}
-            _DECISIONS[key] = dec
+            if len(_DECISIONS) < MAX_DECISIONS or key in _DECISIONS:
+                _DECISIONS[key] = dec
             if path is not None:
                 _save_file(path)
         # the integer kernels in registry order: what dispatch picks, or else the first integer candidate

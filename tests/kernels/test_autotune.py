@@ -413,3 +413,20 @@ def test_backends_disabled_after_tuning_are_not_used(tune_env):
         y1 = q(x)
     (hit2,) = layer.packed_weight().cache["autotune.layer"].values()
     assert hit2[0].name != hit[0].name and rel_err(y1, y0) < 1e-3
+
+
+def test_tuned_shapes_per_weight_are_bounded(tune_env):
+    """Inputs whose shapes keep changing do not grow a weight's tables (nor pay a measurement) without end: past
+    ``MAX_SHAPES`` a new shape runs in registry order, untuned, and still computes the layer."""
+    tune_env.setattr(autotune, "MAX_SHAPES", 3)
+    pw = autotune.attach(ops.quantize_weight(torch.randn(32, 48) * 0.1, 8))
+    act = ActQuant(8, 0.05, 128)
+    measured = []
+    real = autotune._measure
+    tune_env.setattr(autotune, "_measure", lambda *a: measured.append(1) or real(*a))
+    for rows in range(1, 7):
+        x = torch.randn(rows, 48)
+        assert rel_err(ops.linear(x, pw, None, act), ops.run_on("eager", "linear", x, pw, None, act)) < 1e-4
+    assert len(pw.cache["autotune.fast"]) == 3 and len(pw.cache["autotune.calls"]) == 3 and len(measured) <= 3
+    x = torch.randn(2, 48)  # a shape tuned before the limit keeps its choice
+    assert autotune.chosen("linear", (x, pw, None, act)) is not None
