@@ -215,16 +215,19 @@ def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
     acts[i])`` (+ bias) up to float summation order. x fp32 [B, sum C_i, H, W]; pws: each part's PackedWeight
     [N, C_i, kh, kw]; acts: each part's static ActQuant. One convolution instead of one per part plus the adds.
 
-    Caches, in ``pws[0].cache`` (dropped with it on device moves and copies; counted as float copies by the
-    autotuner's summary): ``fused.w`` the concatenated fp32 weight (4 bytes per weight, dequantized once) and, for
+    Caches, in ``pws[0].cache`` (dropped with it on device moves and copies; rebuilt when another part's integers
+    change, by its ``cache_id``; counted as float copies by the autotuner's summary): ``fused.w`` the concatenated
+    fp32 weight (4 bytes per weight, dequantized once) and, for
     the last quantizers seen, their per-channel parameters and (``fused.ws``) the weight with the activation steps
     folded in, used when the weight is smaller than the activations (one pass over the activations less)."""
     cache = pws[0].cache
     w = cache.get("fused.w")
-    if w is None or w.device != x.device:
+    src = tuple(pw.cache_id for pw in pws)  # (a part given new integers since: its cache_id changed)
+    if w is None or w.device != x.device or cache.get("fused.src") != src:
         from . import ops
 
         w = cache["fused.w"] = torch.cat([ops.dequantize_weight(pw).to(torch.float32) for pw in pws], 1).contiguous()
+        cache["fused.src"] = src
         cache.pop("fused.act", None)
         cache.pop("fused.ws", None)
     if _fused(x, *acts):  # the fused CPU codes, as the parts path computes them: one pass per part

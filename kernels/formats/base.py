@@ -18,6 +18,7 @@ accounting see them. Everything here is plain PyTorch and host-free; the backend
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -61,6 +62,7 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ registry
 FORMATS: Dict[str, "WeightFormat"] = {}
+_CACHE_IDS = itertools.count()  # PackedWeight.cache_id: never reused in a process
 
 
 def register_format(cls):
@@ -202,6 +204,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         self.cache: dict = {}
+        self.cache_id = next(_CACHE_IDS)  # new whenever ``cache`` is reset: caches built from several weights check it
         # the autotuner's arming (None: not tuned; else whether int4 weights may keep an int8 copy); unlike
         # ``cache`` it survives device moves and copies
         self.tune: Optional[bool] = None
@@ -238,7 +241,7 @@ class PackedWeight(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # prepacked forms are device-specific; integer data and scales never change dtype
-        self.cache = {}
+        self.cache, self.cache_id = {}, next(_CACHE_IDS)
 
         def keep_dtype(t):
             out = fn(t)
@@ -248,7 +251,7 @@ class PackedWeight(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         # new integers / scales: every prepacked form of the old ones is stale
-        self.cache = {}
+        self.cache, self.cache_id = {}, next(_CACHE_IDS)
         super()._load_from_state_dict(*args, **kwargs)
 
     def __deepcopy__(self, memo):

@@ -194,6 +194,30 @@ def test_fused_split_conv_is_the_parts_path(tune_env, pick):
         assert s["paths"] == {pick: 1}
 
 
+def test_fused_split_conv_follows_a_part_given_new_integers(tune_env):
+    """The fused path's concatenated weight lives in part 0's cache; loading new integers into another part alone
+    (its own ``load_state_dict``) made the fused path keep computing with the old ones."""
+    from lowbit.kernels import autotune
+
+    q, other = _deployed_catnet(True), _deployed_catnet(True)
+    with torch.no_grad():  # another model's part 1: different integers
+        for b in other.skip.parts[1].packed.buffers():
+            b.copy_(b.flip(0))
+    tune_env.setattr(autotune, "_time_alternating", _timer_picking("fused"))
+    x, t = torch.randn(2, 3, 8, 8) * 2, torch.tensor([500.0] * 2)
+    sp = q.skip
+    with torch.no_grad():
+        q(x, t)  # the first call chooses (and tunes the parts' kernels), the next one takes the fused path
+        y0 = q(x, t)
+        (ch,) = sp.parts[0].packed.cache["autotune.paths"].values()
+        assert ch.name == "fused" and "fused.w" in sp.parts[0].packed.cache
+        sp.parts[1].load_state_dict(other.skip.parts[1].state_dict())
+        y1 = q(x, t)
+        autotune.set_mode(q, "integer")  # the parts path, each part with its own (new) integers
+        ref = q(x, t)
+    assert not torch.equal(y0, y1) and (y1 - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_split_conv_float_path_honours_dense_switches(tune_env):
     """The fused float path is the dense backend's: with LOWBIT_AUTOTUNE_DENSE=0 it is not offered, and a choice
     of it made before the switch (or before ``LOWBIT_DISABLE_BACKENDS=dense``) is made again without it."""
