@@ -28,6 +28,8 @@ OURS = {  # name -> (QuantConfig preset, overrides)
     "W8A8-dyn": ("W8A8", {"a_dynamic": True}),
     "W4A8": ("W4A8", {}),
     "W4A16": ("W4A16", {}),
+    "W4A4": ("W4A4", {}),
+    "W8A16": ("W8A16", {}),
     # W4A8 keeping an int8 copy of every int4 weight (kernels/cpu.py cache_int4): int8 kernels (oneDNN) at the
     # price of int8 memory on top of the int4 weights; the weight bytes column shows the trade
     "W4A8-int8cache": ("W4A8", {}),
@@ -182,6 +184,8 @@ ALTERNATE = {
     "W8A8-bf16": ("W8A8-bf16", {}),  # float parts (norms, attention, residuals) in bf16, integer layers as W8A8
     "W4A8": ("W4A8", {}),
     "W4A8-int8cache": ("W4A8-int8cache", {}),
+    "W4A4": ("W4A4", {}),
+    "W8A16": ("W8A16", {}),
     "W4A16": ("W4A16", {}),  # default: the bf16 weights built in a per-thread scratch buffer (kernels/cpu.py)
     "W4A16-fresh": ("W4A16", {"LOWBIT_CPU_DEQUANT_SCRATCH": "0"}),  # a fresh weight-sized buffer at every call
     "torchao-int8wo-bf16": ("torchao-int8wo-bf16", {}),
