@@ -190,11 +190,15 @@ def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=
                 cpu[name].append(time.process_time() - c0)
     base = statistics.median(times["fp32"])
     base_cpu = statistics.median(cpu["fp32"])
+    from .bench_unet import resident_weight_bytes  # parameters + buffers + packed weights' backend caches
+
+    bytes_now = {name: resident_weight_bytes(m) for name, m in variants.items()}  # after the runs (caches built)
     rows = []
     for name, ts in times.items():
         row = dict(variant=name, median_s=statistics.median(ts), times_s=ts, warmup_s=warm[name],
                    x_fp32=statistics.median(ts) / base, cpu_s=cpu[name],
                    x_fp32_cpu=statistics.median(cpu[name]) / base_cpu,
+                   weight_bytes=bytes_now[name], x_fp32_bytes=bytes_now[name] / bytes_now["fp32"],
                    x_fp32_per_round=[t / b for t, b in zip(ts, times["fp32"])],
                    # the median of the rounds' own ratios: each round's runs are back to back, so this pairs them
                    x_fp32_paired=statistics.median(t / b for t, b in zip(ts, times["fp32"])))
@@ -245,13 +249,13 @@ def main(argv=None):
     print(f"\nsampling time, {a.samples} samples x {a.steps} steps, threads={a.threads}, median of {a.repeats} "
           "alternating rounds")
     print("| model | variant | s / sampling run | x fp32 (medians) | x fp32 (median per round) | per round "
-          "| x fp32, CPU time |")
-    print("|---|---|---|---|---|---|---|")
+          "| x fp32, CPU time | x fp32 weight bytes (with caches) |")
+    print("|---|---|---|---|---|---|---|---|")
     for res in results:
         for r in res.get("rows", []):
             rounds = " / ".join(f"{v:.2f}" for v in r["x_fp32_per_round"])
             print(f"| {res['model']} | {r['variant']} | {r['median_s']:.2f} | {r['x_fp32']:.2f} "
-                  f"| {r['x_fp32_paired']:.2f} | {rounds} | {r['x_fp32_cpu']:.2f} |")
+                  f"| {r['x_fp32_paired']:.2f} | {rounds} | {r['x_fp32_cpu']:.2f} | {r['x_fp32_bytes']:.2f} |")
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,

@@ -17,6 +17,10 @@ def test_bench_sampling_smoke(tmp_path, capsys):
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"fp32", "bf16", "W8A8", "W8A8 untuned"}  # bf16: the float peer, on by default
     assert rows["fp32"]["x_fp32"] == 1.0
+    # weight bytes with the backends' caches, after the runs: bf16 halves them, untuned W8A8 keeps int8 integers
+    # (+ oneDNN's prepacked copy) and fp32 float parts
+    assert rows["fp32"]["x_fp32_bytes"] == 1.0 and abs(rows["bf16"]["x_fp32_bytes"] - 0.5) < 0.01
+    assert 0.2 < rows["W8A8 untuned"]["x_fp32_bytes"] < 0.8 and rows["W8A8"]["weight_bytes"] > 0
     choice = rows["W8A8"]["kernel_choice"]
     assert sum(choice["layers"].values()) > 0 and choice["untuned"] == 0  # every deployed layer was tuned
     assert choice["settled"]["mode"] in ("tuned", "float", "integer")  # the whole-model check ran
