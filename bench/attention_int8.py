@@ -3,7 +3,7 @@ AV) as an option with its quality measured").
 
     python -m lowbit.bench.attention_int8 [--threads 2] [--repeats 5] [--out bench/results/attention_int8.json]
 
-Attention is not a quantized layer in LowBit; on the 2-core AMX Xeon it is 27-40 % of a deployed W8A8 SD1.5
+Attention is not a quantized layer in LowBit; on the 2-core AMX Xeon it is 27-45 % of a deployed W8A8 SD1.5
 UNet forward (README, "Speed and memory"). This bench times, at the self-attention shapes of SD1.5 and SDXL UNets
 (batch 1), torch's fused ``scaled_dot_product_attention`` in fp32 and bf16 against an int8 attention built from
 torch's integer matrix product (``torch._int_mm``, the op behind LowBit's CPU Linear kernels):
