@@ -300,7 +300,7 @@ def _int4pack_group(pw: PackedWeight):
 
 def _weight_only_linear(x, pw, bias):
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, pw.K).to(torch.bfloat16)
+    x2 = x.reshape(-1, pw.K).to(torch.bfloat16).contiguous()  # (the int4pack GEMM refuses strided rows)
     g = _int4pack_group(pw) if (pw.bits <= 4 and _HAS_INT4PACK and pw.N % 16 == 0) else None
     if g is not None and x2.shape[0] <= INT4PACK_MAX_M:
         packed = pw.cache.get("cpu.int4pack")

@@ -273,3 +273,14 @@ def test_large_planes_go_channels_last_in_channel_blocks(clean_env, monkeypatch)
         ref = ops.run_on("eager", "conv2d", x, pw, None, 1, 1, 1, 1, act)
         assert rel_err(ops.run_on("onednn", "conv2d", x, pw, None, 1, 1, 1, 1, act), ref) < INT_TOL
     assert calls  # the conv went through it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_only_int4_takes_strided_inputs(dtype):
+    """A W4A16 layer in a half-precision model gets non-contiguous rows (a transposed or sliced activation): the
+    int4pack GEMM refused them ("expect A to be contiguous")."""
+    pw = ops.quantize_weight(torch.randn(32, 64) * 0.1, 4, group_size=32)
+    x = torch.randn(64, 3).to(dtype).t()  # [3, 64], strided
+    ref = ops.run_on("eager", "linear", x.float(), pw, None, None)
+    out = ops.run_on("cpu", "linear", x, pw, None, None)
+    assert out.dtype == dtype and rel_err(out.float(), ref) < 2e-2
