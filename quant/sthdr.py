@@ -49,22 +49,35 @@ def json_depth_ok(s: str) -> bool:
     return True
 
 
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:  # (readers disagree on which of two values counts: none is taken)
+            raise ValueError(f"key {k[:200]!r} appears twice")
+        out[k] = v
+    return out
+
+
 def parse_json(text: str, what: str):
-    """``text`` parsed as JSON: nesting, integer size and the non-JSON constants (NaN, Infinity) bounded."""
+    """``text`` parsed as JSON: nesting, integer size and the non-JSON constants (NaN, Infinity) bounded, no key
+    twice in an object."""
     if not json_depth_ok(text):
         raise TooDeep(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
 
 
 def check_index(index: dict, data_start: int, file_size: int, dtypes=None) -> None:
     """Every tensor entry of a safetensors header (``__metadata__`` removed) names a known dtype (``dtypes``, default
-    all of :data:`DSIZE`), a shape of non-negative ints and offsets ``0 <= a <= b`` that span exactly its bytes, and
-    the data ends where the file does (``data_start`` = 8 + header length)."""
+    all of :data:`DSIZE`), a shape of non-negative ints and offsets ``0 <= a <= b`` that span exactly its bytes; the
+    tensors tile the data without overlap or gap (as the safetensors format requires: two names on the same bytes,
+    or bytes no tensor owns, are refused) and the data ends where the file does (``data_start`` = 8 + header
+    length)."""
     dtypes = DSIZE if dtypes is None else dtypes
     end = 0
+    spans = []
     for k, e in index.items():
         if not (isinstance(e, dict) and e.get("dtype") in dtypes and isinstance(e.get("shape"), list)
                 and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
@@ -79,5 +92,13 @@ def check_index(index: dict, data_start: int, file_size: int, dtypes=None) -> No
                 and 0 <= a <= b) or b - a != numel * DSIZE[e["dtype"]]:
             raise ValueError(f"tensor {k[:200]!r} has inconsistent offsets")
         end = max(end, b)
+        spans.append((a, b, k))
+    pos = 0
+    for a, b, k in sorted(spans):
+        if a < pos:
+            raise ValueError(f"tensor {k[:200]!r} overlaps another tensor's bytes")
+        if a > pos:
+            raise ValueError(f"tensor {k[:200]!r} starts at byte {a}, after {a - pos} bytes no tensor owns")
+        pos = b
     if data_start + end != file_size:
         raise Length(f"expected {data_start + end} bytes, found {file_size}")
