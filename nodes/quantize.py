@@ -21,7 +21,7 @@ from .common import (BITS_PRESETS, CATEGORY, COMBO, FLOAT, INT, SCHEDULE_TYPE, S
 from .schedule import MODE_AUTO, ScheduleSpec, check_schedule_with_bits
 from ..quant.config import METHODS, QuantConfig, ReconConfig, arg_spec, field_spec
 from ..quant.errors import ConfigError
-from ..quant.pipeline import parse_method
+from ..quant.pipeline import ALIASES, parse_method
 
 log = logging.getLogger("lowbit.nodes")
 
@@ -97,6 +97,7 @@ def check_quantize_settings(bits=None, method=None, calibration_steps=None, cali
 def method_for_schedule(method: str, auto: bool) -> str:
     """The pipeline method for a Quantize UNet ``method`` with an auto (SNR) Bitwidth Schedule or without: that
     schedule is the pipeline's ``+mixed`` stage, added unless the method already names it."""
+    method = ALIASES.get(method.strip(), method.strip())  # an old name ("ptqd") as the pipeline reads it
     return method + ("+mixed" if auto and "mixed" not in method.split("+") else "")
 
 

@@ -483,5 +483,8 @@ def test_auto_schedule_adds_mixed_once():
     assert method_for_schedule("recon+ptqd+vsc+mixed", auto=True) == "recon+ptqd+vsc+mixed"
     assert method_for_schedule("lp+ptqd", auto=False) == "lp+ptqd"
     parse_method(method_for_schedule("recon+ptqd+vsc+mixed", auto=True))
+    # an old method name the node accepts, with the auto schedule: resolved before +mixed ('ptqd+mixed' was refused)
+    assert method_for_schedule("ptqd", auto=True) == "lp+ptqd+mixed"
+    parse_method(method_for_schedule("ptqd+recon", auto=True))
     with pytest.raises(ValueError, match="part 'mixed' appears twice"):
         parse_method("recon+ptqd+vsc+mixed+mixed")
