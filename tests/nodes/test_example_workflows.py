@@ -132,6 +132,25 @@ def test_lowbit_nodes_carry_every_widget_value(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_lowbit_nodes_serialize_every_output(path):
+    """The frontend takes a loaded node's output slots from the file: a shipped workflow lists every output of the
+    node's class, in order, with its name and type (the Quantize node's ``report`` was missing, so it did not
+    appear until the node was recreated), and its links point back at the slot they leave from."""
+    wf = json.loads(path.read_text())
+    links = {ln[0]: ln for ln in wf["links"]}
+    for n in wf["nodes"]:
+        cls = nodes_pkg.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is None:
+            continue
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        got = [(o["name"], o["type"]) for o in n.get("outputs") or []]
+        assert got == list(zip(names, cls.RETURN_TYPES)), (path.name, n["id"], n["type"], got)
+        for slot, o in enumerate(n.get("outputs") or []):
+            for lid in o.get("links") or []:
+                assert links[lid][1] == n["id"] and links[lid][2] == slot, (path.name, lid)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_lowbit_settings_in_every_workflow_pass_the_nodes_own_checks(path):
     """The LowBit nodes' values, mapped exactly as the real-host test maps them, pass the ranges, choices and
     VALIDATE_INPUTS the server applies (the GPU-sized files are not run here; their values are checked)."""
