@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, List, Optional, Union
 
@@ -317,7 +316,7 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
     Options: :func:`comfy_state_dict`."""
     from safetensors.torch import save_file
 
-    from .io import SaveError, SaveExistsError, SaveFolderError
+    from .io import SaveError, SaveExistsError, SaveFolderError, clean_stale_temps, write_new_file
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -340,22 +339,8 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
                               "would load those integers as float weights; update ComfyUI"
                               + (", or pass w4_layout='int8_tensorwise'" if "awq_w4a16" in unknown
                                  and "int8_tensorwise" in reader_formats else ""))
-    tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic no-clobber
-            except FileExistsError:
-                raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
-            except OSError:  # no hard links on this file system
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+    clean_stale_temps(folder)  # (an interrupted export's or save's temporary file)
+    write_new_file(path, folder, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
     result.path = path
     if log is not None:
         log(result.summary())

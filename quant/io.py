@@ -218,6 +218,45 @@ def clean_stale_temps(folder: str) -> list:
                 pass
     return removed
 
+def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
+    """Write a file the way every LowBit file is written: ``write(tmp)`` fills a temporary file
+    ``.<name>.lowbit-<pid>-<rand>.tmp`` in ``folder`` (mode from the umask, like any new file: safetensors itself
+    writes 0600), synced to disk, then put at ``path`` atomically, never over an existing file unless
+    ``overwrite`` (:class:`SaveExistsError`); the temporary file is removed whatever happens."""
+    tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
+    except OSError as exc:  # read-only or immutable folder, no permission: said before anything is written
+        raise SaveFolderError(f"cannot save {path}: cannot write in folder {folder} ({exc.strerror}); choose a "
+                              "writable folder") from None
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
+            except FileExistsError:
+                raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
+            except OSError:  # file systems without hard links: claim the name exclusively, then replace it
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") \
+                        from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 
 def plain_json(v, depth=0):
     """``v`` as plain JSON (tuples -> lists), or raise ValueError for anything else."""
@@ -363,38 +402,8 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
         header["arch"] = arch or None
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
     header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
-    tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
-    except OSError as exc:  # read-only or immutable folder, no permission: said before anything is written
-        raise SaveFolderError(f"cannot save {path}: cannot write in folder {folder} ({exc.strerror}); choose a "
-                              "writable folder") from None
-    try:
-        mode = os.fstat(fd).st_mode & 0o777
-    finally:
-        os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"lowbit": json.dumps(header, sort_keys=True)})
-        os.chmod(tmp, mode)  # safetensors writes a new file with mode 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
-            except FileExistsError:
-                raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
-            except OSError:  # file systems without hard links: claim the name exclusively, then replace it
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                except FileExistsError:
-                    raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True") \
-                        from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+    write_new_file(path, folder, lambda tmp: save_file(tensors, tmp, metadata={"lowbit": json.dumps(header,
+                                                                                       sort_keys=True)}), overwrite)
     return path
 
 

@@ -271,3 +271,20 @@ def test_w8a8_model_output_difference_from_dropped_features_is_measured(toy, cal
     print(f"W8A8 toy model: relative L2 ComfyUI-native vs LowBit {drop:.4f} (dropped: {len(res.dropped)} items); "
           f"vs float: LowBit {q_err:.4f}, ComfyUI-native {c_err:.4f}")
     assert 0 < drop < 0.1
+
+
+def test_export_is_written_like_a_save(toy, calls, tmp_path):
+    """An export gets the umask's mode as any new file (safetensors alone writes 0600: a ComfyUI running as
+    another user could not read it), and the temporary file of an interrupted export is cleaned up by the next one."""
+    import os
+
+    q = _q(toy, calls, w_bits=8, a_bits=8)
+    stale = tmp_path / ".old.safetensors.lowbit-999999999-0123abcd.tmp"  # a pid that does not exist
+    stale.write_bytes(b"partial")
+    old = os.umask(0o022)
+    try:
+        export_comfy(q, str(tmp_path / "e.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "e.safetensors").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors"]
