@@ -312,7 +312,9 @@ def _embedded_unet_config() -> dict:
         return {}
 
 
-def _check_unet(path: str):
+def _check_unet(path: str, sampling: bool = True):
+    """A diffusers UNet2DModel folder the CLI can read; ``sampling``: also one whose inputs fit the CLI's
+    calibration sampling (``quantize``; ``export`` only loads a file onto it)."""
     fix = "give a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)"
     if not os.path.exists(path):
         raise UsageError(f"--unet {path}: no such folder; {fix}")
@@ -336,6 +338,8 @@ def _check_unet(path: str):
         raise UsageError(f"--unet {path} has no diffusion_pytorch_model{SUFFIX} (pickle .bin checkpoints are not "
                          "read); save the model with safe_serialization=True")
     _check_safetensors(weights, "--unet weights")
+    if not sampling:
+        return
     ref = _embedded_unet_config()
     bad = [f"{k}={cfg.get(k)!r} (needs {ref[k]!r})" for k in _UNET_IO_KEYS if k in ref and cfg.get(k) != ref[k]]
     if bad:
@@ -374,12 +378,29 @@ def _check_combinations(bits_list, methods):
 
 
 def _check_export(a):
-    _check_safetensors(a.input, "input")
+    sthdr = _core("sthdr")
+    header = _check_safetensors(a.input, "input")
     if os.path.abspath(a.input) == os.path.abspath(a.output):
         raise UsageError(f"output {a.output} is the input file; choose another output name")
     _check_output_file(a.output, a.overwrite)
+    meta = header.get("__metadata__")
+    raw = meta.get("lowbit") if isinstance(meta, dict) else None
+    if not isinstance(raw, str):
+        raise UsageError(f"input {a.input} is not a LowBit quantized file (its header has no LowBit metadata); "
+                         "export reads files written by `lowbit quantize` or lowbit.quant.save")
+    try:
+        lb = sthdr.parse_json(raw, "its LowBit metadata")
+    except ValueError as exc:
+        raise UsageError(f"input {a.input}: {exc}; the file is corrupt") from None
+    v = lb.get("format_version") if isinstance(lb, dict) else None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= sthdr.LOWBIT_FORMAT_VERSION:
+        raise UsageError(f"input {a.input}: LowBit format version {v!r} is not supported (this LowBit reads "
+                         f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or re-save the file with this version")
+    # a file that records its architecture is exported from the model it builds (lowbit.quant.load_model), unless
+    # --unet names the float model; others are loaded onto the embedded model or --unet
+    a.standalone = bool(lb.get("arch"))
     if a.unet:
-        _check_unet(a.unet)
+        _check_unet(a.unet, sampling=False)
 
 
 def _check_inspect(a):
@@ -487,13 +508,14 @@ def _cmd_export(a, prog: Progress):
     q = _quant()
     from . import recipes
 
-    fp = recipes.default_setup().unet
     if a.unet:
         from diffusers import UNet2DModel
 
         fp = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+    elif not getattr(a, "standalone", False):
+        fp = recipes.default_setup().unet
     prog.banner(f"loading {a.input}")
-    qmodel = q.load(fp, a.input)
+    qmodel = q.load(fp, a.input) if a.unet or not getattr(a, "standalone", False) else q.load_model(a.input)
     prog.banner(f"writing {a.output} (ComfyUI-native)")
     q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
     print(f"wrote {a.output} in {time.time() - prog.t0:.1f} s")

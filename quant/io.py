@@ -55,7 +55,7 @@ from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .split import ChannelSplitConv2d, apply_splits
 
 FORMAT = "lowbit.quantized_unet"
-FORMAT_VERSION = 3
+FORMAT_VERSION = sthdr.LOWBIT_FORMAT_VERSION
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256

@@ -68,6 +68,8 @@ def ws(tmp_path):
     _unet_dir(w, "unet_rgb", config={"in_channels": 4, "out_channels": 4}, weights="ok")
     (w / "unet_noconfig").mkdir()
     _safetensors(w / "plain.safetensors", metadata={"format": "pt"})
+    _safetensors(w / "future.safetensors", metadata={"lowbit": json.dumps({"format_version": 99})})
+    _safetensors(w / "twice.safetensors", metadata={"lowbit": '{"format_version": 3, "format_version": 1}'})
     (w / "outdir").mkdir()
     (w / "outdir" / "demo_grid.png").write_bytes(b"a user's file")
     (w / "outdir2" / "demo_grid.png").mkdir(parents=True)
@@ -131,6 +133,10 @@ BAD = [
     (["export", "plain.safetensors", "out.safetensors"], ["required", "--comfy"]),
     (["export", "--comfy", "text.safetensors", "out.safetensors"], ["input", "not a safetensors file"]),
     (["export", "--comfy", "plain.safetensors", "exists.safetensors"], ["already exists", "--overwrite"]),
+    # checked before torch loads (it took 4.5 s to refuse these)
+    (["export", "--comfy", "plain.safetensors", "out.safetensors"], ["not a LowBit quantized file", "lowbit quantize"]),
+    (["export", "--comfy", "future.safetensors", "out.safetensors"], ["format version 99", "1..3"]),
+    (["export", "--comfy", "twice.safetensors", "out.safetensors"], ["'format_version' appears twice", "corrupt"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["frobnicate"], ["invalid choice", "quantize"]),
     ([], ["required"]),
@@ -291,6 +297,7 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     assert main(["inspect", p, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layers"] == header["layers"]
     c = str(tmp_path / "comfy.safetensors")
+    assert header.get("arch")  # a file that records its architecture: exported from the model it builds
     assert main(["export", "--comfy", p, c]) == 0  # ComfyUI's native layout, with what it drops
     out = capsys.readouterr().out
     assert "int8_tensorwise" in out and "dropped:" in out
@@ -377,3 +384,25 @@ def test_inspect_json_prints_the_header_as_written(capsys):
     assert h["format_version"] == 1 and "_migrated_from" not in h and "arch" not in h
     assert main(["inspect", p]) == 0  # the summary still reads it through today's reader
     assert "quantized layers" in capsys.readouterr().out
+
+
+def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
+    """``export --unet`` only loads the file onto the named float UNet: it no longer asks for the embedded model's
+    sample size and class embeddings (which ``quantize`` needs for its calibration sampling), so a file quantized
+    from the user's own UNet through the library exports; a file without a recorded architecture is loaded onto
+    --unet."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from lowbit.quant import QuantConfig, quantize, save
+
+    torch.manual_seed(0)
+    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                     norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    folder = tmp_path / "myunet"
+    fp.save_pretrained(folder, safe_serialization=True)
+    p, c = str(tmp_path / "q.safetensors"), str(tmp_path / "c.safetensors")
+    save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
+    assert main(["export", "--comfy", p, c, "--unet", str(folder)]) == 0
+    assert os.path.getsize(c) > 0 and "wrote" in capsys.readouterr().out
