@@ -53,7 +53,12 @@ def next_free_path(folder: str, prefix: str) -> str:
 LAYOUTS = ("lowbit", "comfyui-native")
 
 
+UNRECORDED = "this file needs the float MODEL connected to load: its architecture could not be recorded"
+
+
 def save_unet(model, filename_prefix: str, folder: str) -> str:
+    """Save the quantized UNet of ``model``; returns the path. The file records the architecture (and loads without
+    a MODEL) when :func:`comfy_arch` can describe it; the node warns when it could not."""
     from ..quant.io import save
 
     q = adapter.require_quantized_unet(model)
@@ -245,10 +250,15 @@ class LowBitSaveQuantizedUNet:
             print(f"[LowBit] {res.summary()}")
             return {"ui": {"text": [f"saved models/{where} (ComfyUI-native)"] + [f"dropped: {d}" for d in res.dropped]},
                     "result": ()}
+        from ..quant.io import read_header
+
         folder = adapter.lowbit_folder()
         path = save_unet(model, filename_prefix, folder)
         rel = os.path.relpath(path, folder).replace(os.sep, "/")
-        return {"ui": {"text": [f"saved models/lowbit/{rel}"], "lowbit_files": [rel]}, "result": ()}
+        text = [f"saved models/lowbit/{rel}"]
+        if not read_header(path)[0].get("arch"):  # (comfy_arch printed why on the console)
+            text.append(f"warning: {UNRECORDED} (see the console)")
+        return {"ui": {"text": text, "lowbit_files": [rel]}, "result": ()}
 
 
 class LowBitLoadQuantizedUNet:

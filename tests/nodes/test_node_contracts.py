@@ -488,3 +488,30 @@ def test_auto_schedule_adds_mixed_once():
     parse_method(method_for_schedule("ptqd+recon", auto=True))
     with pytest.raises(ValueError, match="part 'mixed' appears twice"):
         parse_method("recon+ptqd+vsc+mixed+mixed")
+
+
+def test_save_node_warns_when_the_file_cannot_load_without_a_model(tmp_path, monkeypatch):
+    """Save Quantized UNet said "saved ..." even when the architecture record failed (the file then needs the float
+    MODEL to load): the node's text now says so."""
+    import torch
+
+    from lowbit.nodes import io as nio
+    from lowbit.quant import QuantConfig, quantize, save
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    q = quantize(m, QuantConfig.preset("W8A8", a_dynamic=True))
+    for arch, warned in ((False, True), ({"library": "torch", "class": "Sequential"}, False)):
+        monkeypatch.setattr(nio.adapter, "lowbit_folder", lambda: str(tmp_path))
+        path = str(tmp_path / f"u{int(warned)}.safetensors")
+
+        def fake_save(model, prefix, folder, path=path):
+            save(q, path)  # (a torch Sequential: no architecture recorded)
+            return path
+
+        monkeypatch.setattr(nio, "save_unet", fake_save)
+        if arch:  # stand in for a recorded architecture: the header's arch entry is all the node reads
+            from lowbit.quant import io as qio
+            monkeypatch.setattr(qio, "read_header", lambda p, arch=arch: ({"arch": arch}, None))
+        text = nio.LowBitSaveQuantizedUNet().save(None, "u")["ui"]["text"]
+        assert text[0].startswith("saved models/lowbit/")
+        assert any(nio.UNRECORDED in t for t in text) == warned, text
