@@ -300,6 +300,9 @@ class Backend:
         subject = self.check_subject(subject)
         seed, steps, count = check_int("seed", seed), check_int("steps", steps), check_int("count", count)
         size = check_int("size", size) if (self.show_size and size is not None) else None
+        if size is not None and size % 8:  # (latents are 1/8 of the image: the host renders the nearest multiple)
+            raise SettingError(f"image size = {size} must be a multiple of 8, e.g. {size - size % 8} or "
+                               f"{size - size % 8 + 8}")
         with self._job():
             q = self._require_q()
             fp_img = self.render(None, subject, seed, steps, count, size,
@@ -317,7 +320,8 @@ class Backend:
     def list_saved(self) -> List[str]:
         if not os.path.isdir(self.models_dir):
             return []
-        return sorted(f for f in os.listdir(self.models_dir) if f.endswith(SAVE_SUFFIX))
+        return sorted(f for f in os.listdir(self.models_dir)  # (only names Load accepts: check_name's)
+                      if f.endswith(SAVE_SUFFIX) and _NAME_RE.match(f[: -len(SAVE_SUFFIX)]))
 
     def save(self, name) -> str:
         fname = check_name(name)

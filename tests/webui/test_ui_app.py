@@ -214,3 +214,16 @@ def test_webui_script_imports_the_package(tmp_path, mode):
     assert out["scripts"] == ["LowBitScript"]
     assert out["callbacks"][:3] == ["ui_settings", "ui_tabs", "model_loaded"]
     assert "list_unets" in out["callbacks"]  # no `modules_forge` here: the A1111 SD Unet options are registered
+
+
+def test_size_must_be_a_multiple_of_8_and_the_saved_list_holds_loadable_names(tmp_path):
+    """A host renders the nearest multiple of 8 (latents are 1/8 of the image): a size of 100 ran the full-precision
+    render and then failed as if interrupted; it is refused first. Files Load refuses by name (hand-copied ones with
+    spaces) are not offered in the list."""
+    b = DefaultModelBackend(models_dir=str(tmp_path), setup=object())  # never touched
+    b.show_size = True
+    with pytest.raises(SettingError, match="multiple of 8, e.g. 96 or 104"):
+        b.compare("3", 1, 5, 1, size=100)
+    for name in ("ok-1.safetensors", "my model (1).safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert b.list_saved() == ["ok-1.safetensors"]
