@@ -112,7 +112,7 @@ def check_ksampler_settings(steps=None, cfg=None, denoise=None, scheduler=None, 
     if cfg is not None:
         check_float("cfg", cfg, 0.0, 100.0)
     if denoise is not None:
-        check_float("denoise", denoise, 0.0, 1.0)
+        check_float("denoise", denoise, 0.01, 1.0)  # (0 runs no step: refused by ComfyUI's range check, up front)
     if scheduler is not None:
         check_choice("scheduler", scheduler, adapter.scheduler_names())
 
@@ -138,7 +138,7 @@ class LowBitPTQDKSampler:
             "positive": SOCKET("CONDITIONING", "What the image should show."),
             "negative": SOCKET("CONDITIONING", "What the image should not show."),
             "latent_image": SOCKET("LATENT", "The latent to denoise (Empty Latent Image for text-to-image)."),
-            "denoise": FLOAT(1.0, 0.0, 1.0, "Fraction of the schedule to run (below 1 keeps part of the input "
+            "denoise": FLOAT(1.0, 0.01, 1.0, "Fraction of the schedule to run (below 1 keeps part of the input "
                                             "latent, as in img2img)."),
         }, "optional": {
             "eta": FLOAT(1.0, 0.0, 1.0, _ETA_TIP, advanced=True),

@@ -189,6 +189,10 @@ def test_sampler_checks_name_the_bad_input():
             smp.check_sampler_settings(**kwargs)
     with pytest.raises(ValueError, match="denoise"):
         smp.check_ksampler_settings(denoise=1.5)
+    # denoise=0 runs no step: the widget's own range refuses it before the graph runs (it failed only in sample())
+    assert smp.LowBitPTQDKSampler.INPUT_TYPES()["required"]["denoise"][1]["min"] > 0
+    with pytest.raises(ValueError, match="denoise"):
+        smp.check_ksampler_settings(denoise=0.0)
 
 
 def test_finetune_rejects_bad_settings():
