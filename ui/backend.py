@@ -245,7 +245,9 @@ class Backend:
             if progress is not None:
                 progress(0.0, f"quantizing to {bits} ({method})")
             self._stop_check("quantization")
-            built = build(self.make_setup(), method, bits, calls)
+            # (the pipeline's stages reach the bar, and Stop is honoured at each of their steps)
+            built = build(self.make_setup(), method, bits, calls,
+                          progress=self.progress_fn(progress, f"quantizing to {bits} ({method})"))
             self.qmodel, self.calls = built.model, calls
             self.info = {"bits": bits, "method": method}
             return f"quantized in {built.seconds:.1f} s from {len(calls)} recorded UNet calls. {self.status()}"

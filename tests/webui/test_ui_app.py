@@ -91,6 +91,25 @@ def test_jobs_need_a_quantized_model_first(tmp_path):
 def test_quantize_reports_progress(quantized):
     assert quantized._test_progress and all(0.0 <= f <= 1.0 for f, _ in quantized._test_progress)
     assert any("calibration" in t for _, t in quantized._test_progress)
+    # the quantization's own stages reach the bar (it stood at "quantizing to ..." for the whole build)
+    assert any(t.startswith("quantizing to W8A8 (naive): ") and "quantize weights" in t
+               for _, t in quantized._test_progress), quantized._test_progress[-5:]
+
+
+def test_stop_is_honoured_during_quantization(tmp_path):
+    """Stop during the quantization itself (not only between calibration and quantizing): the job ends with the
+    previous model unchanged."""
+    from lowbit.ui.backend import Interrupted
+
+    b = DefaultModelBackend(models_dir=str(tmp_path), setup=_random_setup())
+
+    def report(f, text):
+        if text.startswith("quantizing to W8A8 (naive): "):
+            b._stop.set()
+
+    with pytest.raises(Interrupted, match="stopped by the user"):
+        b.quantize("W8A8", "naive", 1, 2, progress=report)
+    assert b.qmodel is None
 
 
 def test_compare_returns_images_and_metrics(quantized):
