@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from ..quant.calib import CallRecorder, sanitize_calls
+from ..quant.calib import CallRecorder, plain_calls, plain_copy, sanitize_calls, training_mode  # noqa: F401
 from ..quant.context import get_context
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.profiles import comfy_sd3 as _comfy_sd3  # noqa: F401  (registers ComfyUI's SD3 profile)
@@ -219,47 +219,6 @@ def record_unet_calls(model, positive, negative, *, steps: int, samples: int, se
         raise NodeInputError("calibration recorded no model calls; check that the MODEL is a diffusion model "
                              "(SD1.x/SD2.x/SDXL UNet, SD3 or Flux transformer) and that calibration_steps > 0")
     return sanitize_calls(rec.calls)
-
-
-def _plain(v):
-    if torch.is_tensor(v):
-        return v.clone()
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_plain(x) for x in v)
-    return v
-
-
-def plain_calls(calls):
-    """Copies of recorded calls made outside inference mode (see ``training_mode``)."""
-    import dataclasses
-
-    return [dataclasses.replace(c, args=_plain(c.args), kwargs=_plain(c.kwargs)) for c in calls]
-
-
-class training_mode:
-    """ComfyUI runs every node under ``torch.inference_mode()``; tensors made there (the checkpoint, recorded
-    calls) cannot be saved for backward. Training code runs inside this block on copies made inside it."""
-
-    def __enter__(self):
-        self._stack = [torch.inference_mode(False), torch.enable_grad()]
-        for c in self._stack:
-            c.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for c in reversed(self._stack):
-            c.__exit__(*exc)
-        return False
-
-
-def plain_copy(unet):
-    """A copy of a float UNet whose tensors are plain (call inside ``training_mode``): ComfyUI's checkpoint
-    tensors are inference tensors, which autograd may not save for backward (norms in training stages)."""
-    import copy
-
-    return copy.deepcopy(unet)
 
 
 def copy_quantized(q_unet):

@@ -210,3 +210,69 @@ def sanitize_calls(calls: List[Call], key: str = "transformer_options") -> List[
         if isinstance(to, dict):
             c.kwargs[key] = {k: v for k, v in to.items() if not _has_tensor(v)}
     return calls
+
+
+# ---------------------------------------------------------------------------------------- hosts' inference mode
+# Hosts load checkpoints and sample under ``torch.inference_mode()`` (ComfyUI runs every node there, Forge loads
+# models and generates there). Tensors made there (the checkpoint, the recorded calls) cannot be saved for
+# backward, so training stages (reconstruction, EfficientDM) run inside ``training_mode`` on plain copies.
+
+def _plain(v):
+    if torch.is_tensor(v):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    return v
+
+
+def plain_calls(calls):
+    """Copies of recorded calls made outside inference mode (see ``training_mode``)."""
+    import dataclasses
+
+    return [dataclasses.replace(c, args=_plain(c.args), kwargs=_plain(c.kwargs)) for c in calls]
+
+
+class training_mode:
+    """Inference mode off and gradients on for the block (a host may run its callbacks under
+    ``torch.inference_mode()``); copies made inside it (:func:`plain_copy`, :func:`plain_calls`) are plain tensors."""
+
+    def __enter__(self):
+        self._stack = [torch.inference_mode(False), torch.enable_grad()]
+        for c in self._stack:
+            c.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for c in reversed(self._stack):
+            c.__exit__(*exc)
+        return False
+
+
+def plain_copy(unet):
+    """A copy of a float UNet whose tensors are plain (call inside ``training_mode``)."""
+    import copy
+
+    return copy.deepcopy(unet)
+
+
+def _has_inference_tensors(v) -> bool:
+    if torch.is_tensor(v):
+        return v.is_inference()
+    if isinstance(v, dict):
+        return any(_has_inference_tensors(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_inference_tensors(x) for x in v)
+    return False
+
+
+def for_training(unet, calls):
+    """``(unet, calls)`` that training stages can use (call inside ``training_mode``): plain copies of whichever
+    holds inference tensors, the objects themselves otherwise (no copy where none is needed: a float UNet's copy
+    is its size again)."""
+    if any(t.is_inference() for t in list(unet.parameters()) + list(unet.buffers())):
+        unet = plain_copy(unet)
+    if any(_has_inference_tensors((c.args, c.kwargs)) for c in calls):
+        calls = plain_calls(calls)
+    return unet, calls

@@ -246,3 +246,32 @@ def test_size_must_be_a_multiple_of_8_and_the_saved_list_holds_loadable_names(tm
     for name in ("ok-1.safetensors", "my model (1).safetensors", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert b.list_saved() == ["ok-1.safetensors"]
+
+
+def test_training_works_on_a_host_that_samples_under_inference_mode(tmp_path):
+    """Forge loads checkpoints and generates under ``torch.inference_mode()``: the float UNet and the recorded
+    calls are inference tensors, which autograd may not save. Fine-tuning failed there ("Inference tensors cannot be
+    saved for backward"); training stages now get plain copies (``quant.calib.for_training``), made only when
+    needed."""
+    import torch
+
+    from lowbit.quant.calib import for_training, training_mode
+    from lowbit.recipes import record_calibration
+
+    with torch.inference_mode():
+        setup = _random_setup()
+
+    class ForgeLike(DefaultModelBackend):
+        def record_calls(self, samples, steps, progress=None):
+            with torch.inference_mode():
+                return record_calibration(self.setup(), n_samples=samples, steps=steps, progress=progress)
+
+    b = ForgeLike(models_dir=str(tmp_path), setup=setup)
+    assert "quantized" in b.quantize("W8A8", "naive", 1, 2)
+    assert "fine-tuned" in b.fine_tune(2, 4, 2, 1, 2)
+    with training_mode():
+        unet, calls = for_training(setup.unet, b.calls)
+        assert unet is not setup.unet and not any(p.is_inference() for p in unet.parameters())
+        assert calls is not b.calls and not calls[0].args[0].is_inference()
+        plain = DefaultModelBackend(models_dir=str(tmp_path), setup=_random_setup()).setup().unet
+        assert for_training(plain, [])[0] is plain  # no copy where none is needed
