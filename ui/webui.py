@@ -161,7 +161,8 @@ def calibrate_in_generation(p, samples: int, steps: int, kwargs):
     """Built-in calibration: ``samples`` full-precision runs of this txt2img generation's own prompt and size
     with ``steps`` steps (Forge's sampler), recording every UNet call. The generation's RNG is restored, so the
     image itself is the one a full-precision run would start from."""
-    if not hasattr(p, "txt2img_image_conditioning") or "x" not in kwargs or "c" not in kwargs:
+    # (img2img's processing object holds init_images; txt2img_image_conditioning is defined for both)
+    if getattr(p, "init_images", None) is not None or "x" not in kwargs or "c" not in kwargs:
         raise SettingError("LowBit calibrates during txt2img only; quantize in the LowBit tab (or run one txt2img "
                            "with LowBit enabled) before using it in img2img")
     patcher = p.sd_model.forge_objects.unet

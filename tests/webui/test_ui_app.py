@@ -275,3 +275,19 @@ def test_training_works_on_a_host_that_samples_under_inference_mode(tmp_path):
         assert calls is not b.calls and not calls[0].args[0].is_inference()
         plain = DefaultModelBackend(models_dir=str(tmp_path), setup=_random_setup()).setup().unet
         assert for_training(plain, [])[0] is plain  # no copy where none is needed
+
+
+def test_img2img_is_refused_before_calibrating():
+    """The built-in calibration records txt2img generations only: an img2img pass (its processing object holds
+    ``init_images``) is refused up front. The old test looked for a method Forge defines on every processing class,
+    so img2img ran the full-precision calibration anyway."""
+    import types
+
+    import torch
+
+    from lowbit.ui import webui
+
+    x, c = torch.zeros(1, 4, 8, 8), {}
+    img2img = types.SimpleNamespace(init_images=["an image"], txt2img_image_conditioning=lambda *a: None)
+    with pytest.raises(SettingError, match="txt2img only"):
+        webui.calibrate_in_generation(img2img, 1, 1, {"x": x, "c": c})
