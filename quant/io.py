@@ -981,6 +981,10 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     extra_keys = [k for k in index if k.startswith("__extra__.")]
     if len(extra_keys) > MAX_EXTRA_TENSORS:
         _fail(path, f"it has {len(extra_keys)} extra tensors (at most {MAX_EXTRA_TENSORS})", "the file is corrupt")
+    undeclared = [k for k in extra_keys if k.split(".")[1] not in extras]  # (declared but unknown extras: ignored)
+    if undeclared:
+        _fail(path, f"it holds {len(undeclared)} extra tensors its header does not declare (e.g. "
+                    f"{undeclared[0][:200]!r})", "the file is corrupt or crafted; save it again with LowBit")
     unknown = [k for k in index if k not in need and not k.startswith("__extra__.") and not k.startswith(FLOAT_PREFIX)]
     if unknown:
         _fail(path, f"it holds {len(unknown)} tensors no layer uses (e.g. {unknown[0][:200]!r})",

@@ -139,3 +139,20 @@ def test_loading_onto_another_checkpoint_gives_the_saved_model_and_says_so(unet,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the checkpoint it was made from: no warning
         assert torch.equal(out(load(unet, p)), out(q))
+
+
+def test_extra_tensors_the_header_does_not_declare_are_refused(saved, unet, tmp_path):
+    """``__extra__.<name>.*`` tensors belong to an extra the header declares (a declared extra this LowBit does not
+    know is ignored, for files of later versions); undeclared ones were accepted and never read (a hidden payload)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.quant import LoadError, load
+
+    _, p = saved
+    with safe_open(p, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = str(tmp_path / "hidden.safetensors")
+    save_file(dict(tensors, **{"__extra__.payload.blob": torch.zeros(1024, dtype=torch.uint8)}), bad, metadata=meta)
+    with pytest.raises(LoadError, match="does not declare"):
+        load(unet, bad)
