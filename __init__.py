@@ -9,6 +9,7 @@ The core never imports a host; host detection happens here and in ``scripts/`` o
 """
 import importlib.util
 import logging
+import sys
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,10 @@ def _running_inside_comfyui() -> bool:
 if _running_inside_comfyui():
     try:
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    except Exception as exc:  # a failed optional import disables the nodes, not the host
+    except Exception as exc:
+        if "folder_paths" in sys.modules:  # ComfyUI itself is loading the pack: it lists it as IMPORT FAILED, with
+            raise  # this error, where users look (ComfyUI-Manager); swallowed, the pack looked loaded with 0 nodes
+        # a library import in an environment that also has ComfyUI: the nodes are disabled, not `import lowbit`
         _log.exception("LowBit: the ComfyUI nodes failed to load (%s); the pack is disabled.", exc)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]
