@@ -205,6 +205,11 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
         tab = SHARED.tab_backend
         if tab is None or tab.qmodel is None:
             raise SettingError("LowBit: 'from LowBit tab' needs a UNet quantized (or loaded) in the LowBit tab first")
+        loras = lora_key(p.sd_model.forge_objects.unet)
+        if loras:  # (Forge applies them to the float weights; the tab's quantized UNet has neither: they were lost)
+            raise SettingError(f"LowBit: the prompt's LoRAs ({', '.join(loras)[:200]}) cannot act on the LowBit tab's "
+                               "quantized UNet; remove them, or pick bits here so that LowBit quantizes this "
+                               "generation's model")
         install(p, tab.qmodel, f"{tab.info.get('bits', '?')} {tab.info.get('method', '')} (LowBit tab)".strip())
         return
     if bits not in BITS_CHOICES:

@@ -291,3 +291,23 @@ def test_img2img_is_refused_before_calibrating():
     img2img = types.SimpleNamespace(init_images=["an image"], txt2img_image_conditioning=lambda *a: None)
     with pytest.raises(SettingError, match="txt2img only"):
         webui.calibrate_in_generation(img2img, 1, 1, {"x": x, "c": c})
+
+
+def test_from_tab_with_the_prompts_loras_is_refused(monkeypatch):
+    """Forge applies a prompt's LoRAs to the float weights; the tab's quantized UNet has none, so "from LowBit tab"
+    generated without them while the infotext listed them. It is refused, naming the LoRAs and the way out."""
+    import types
+
+    from lowbit.ui import webui
+
+    installed = []
+    monkeypatch.setattr(webui, "install", lambda *a: installed.append(a))
+    monkeypatch.setattr(webui.SHARED, "tab_backend", types.SimpleNamespace(qmodel=object(), info={}))
+    patcher = types.SimpleNamespace(lora_patches={"style_lora.safetensors": []})
+    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=patcher)))
+    with pytest.raises(SettingError, match="style_lora.safetensors"):
+        webui.process_before_every_sampling(p, True, webui.FROM_TAB, "naive", 1, 1)
+    assert not installed
+    patcher.lora_patches = {}
+    webui.process_before_every_sampling(p, True, webui.FROM_TAB, "naive", 1, 1)
+    assert len(installed) == 1
