@@ -9,6 +9,7 @@ with values beyond fp16's range keeps its own dtype: storing never turns a finit
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -267,12 +268,17 @@ def _has_inference_tensors(v) -> bool:
     return False
 
 
+def plain_module(module):
+    """``module``, or a plain copy of it if it holds inference tensors (call inside ``training_mode``; no copy where
+    none is needed: a UNet's copy is its size again)."""
+    if any(t.is_inference() for t in itertools.chain(module.parameters(), module.buffers())):
+        return plain_copy(module)
+    return module
+
+
 def for_training(unet, calls):
     """``(unet, calls)`` that training stages can use (call inside ``training_mode``): plain copies of whichever
-    holds inference tensors, the objects themselves otherwise (no copy where none is needed: a float UNet's copy
-    is its size again)."""
-    if any(t.is_inference() for t in list(unet.parameters()) + list(unet.buffers())):
-        unet = plain_copy(unet)
+    holds inference tensors, the objects themselves otherwise."""
     if any(_has_inference_tensors((c.args, c.kwargs)) for c in calls):
         calls = plain_calls(calls)
-    return unet, calls
+    return plain_module(unet), calls

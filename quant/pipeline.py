@@ -217,12 +217,32 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
     ``calls``). ``start``: continue from this LowBit quantized model instead of quantizing ``fp_model`` (e.g.
     fine-tune or re-measure PTQD on a loaded file; the base's quantization is taken as done; ``start`` is not
     changed either). ``progress(done, total, info)`` sees ``info["stage"]`` and may raise
-    to cancel; a cancelled run leaves its inputs unchanged and returns nothing."""
+    to cancel; a cancelled run leaves its inputs unchanged and returns nothing.
+
+    Training stages (bases ``recon`` and ``efficientdm``) run with autograd on, on plain copies of a float model or
+    calls a host made under ``torch.inference_mode()`` (Forge and ComfyUI load checkpoints and sample there; autograd
+    may not save such tensors); the other bases use them as they are (no copy)."""
+    m = check(fp_model, list(calls or []), config, alphas_cumprod)
+    calls = list(calls or [])
+    args = dict(alphas_cumprod=alphas_cumprod, num_train_timesteps=num_train_timesteps, profile=profile,
+                stat_calls=stat_calls, start=start, progress=progress)
+    if m.base not in ("recon", "efficientdm"):
+        return _stages(m, fp_model, calls, config, **args)
+    from .calib import for_training, plain_module, training_mode
+
+    with training_mode():
+        fp_model, calls = for_training(fp_model, calls)
+        if start is not None:  # (a model quantized from the host's inference tensors holds some of them)
+            args["start"] = plain_module(start)
+        return _stages(m, fp_model, calls, config, **args)
+
+
+def _stages(m: Method, fp_model: nn.Module, calls, config: PipelineConfig, *, alphas_cumprod, num_train_timesteps,
+            profile, stat_calls, start, progress) -> Result:
+    """:func:`run`'s stages, after its checks (``m``: the parsed method)."""
     from .api import deploy_, quantize
     from .ptqd import attach_stats, collect_stats
 
-    m = check(fp_model, list(calls or []), config, alphas_cumprod)
-    calls = list(calls or [])
     _check_calls_fit(fp_model, calls)
     if num_train_timesteps is None:
         num_train_timesteps = len(alphas_cumprod) if alphas_cumprod is not None else 1000

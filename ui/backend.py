@@ -16,8 +16,6 @@ Subclasses implement five hooks:
 """
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import math
 import os
@@ -247,15 +245,9 @@ class Backend:
             if progress is not None:
                 progress(0.0, f"quantizing to {bits} ({method})")
             self._stop_check("quantization")
-            # (the pipeline's stages reach the bar, and Stop is honoured at each of their steps; a host that loads
-            # and samples under inference mode, Forge, gave inference tensors: training methods get plain copies)
-            from ..quant.calib import for_training, training_mode
-
-            setup = self.make_setup()
-            with training_mode():
-                unet, tcalls = for_training(setup.unet, calls)
-                built = build(dataclasses.replace(setup, unet=unet), method, bits, tcalls,
-                              progress=self.progress_fn(progress, f"quantizing to {bits} ({method})"))
+            # (the pipeline's stages reach the bar, and Stop is honoured at each of their steps)
+            built = build(self.make_setup(), method, bits, calls,
+                          progress=self.progress_fn(progress, f"quantizing to {bits} ({method})"))
             self.qmodel, self.calls = built.model, calls
             self.info = {"bits": bits, "method": method}
             return f"quantized in {built.seconds:.1f} s from {len(calls)} recorded UNet calls. {self.status()}"
@@ -296,12 +288,8 @@ class Backend:
                                  finetune=FinetuneConfig(steps=steps, rank=rank, batch_size=batch),
                                  ptqd=old.config if old is not None else PipelineConfig().ptqd)
             calls = self._calls(samples, csteps, progress)
-            from ..quant.calib import for_training, training_mode
-
-            with training_mode():  # (plain copies of a host's inference tensors, see quantize)
-                fp, tcalls = for_training(self.fp_unet(), calls)
-                res = pipeline.run(fp, tcalls, cfg, start=q,
-                                   progress=self.progress_fn(progress, "EfficientDM fine-tune"))
+            res = pipeline.run(self.fp_unet(), calls, cfg, start=q,
+                               progress=self.progress_fn(progress, "EfficientDM fine-tune"))
             last = res.info.get("finetune", {})
             self.qmodel = res.model
             self.info = dict(self.info, finetuned=steps, file=None)

@@ -188,11 +188,9 @@ def calibrate_in_generation(p, samples: int, steps: int, kwargs):
 def build_for(patcher, calls, bits: str, method: str):
     from ..recipes import Setup, build
 
-    from ..quant.calib import for_training, training_mode
-
-    with training_mode():  # Forge loads and samples under inference mode: training methods need plain copies
-        unet, calls = for_training(check_float_weights(fp_unet_of(patcher)), calls)
-        return build(Setup(unet, alphas_cumprod_of(patcher), None, None), method, bits, calls).model
+    # (Forge loads and samples under inference mode: the pipeline gives training methods plain copies)
+    setup = Setup(check_float_weights(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
+    return build(setup, method, bits, calls).model
 
 
 def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib_steps, **kwargs):

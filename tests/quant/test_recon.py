@@ -71,3 +71,21 @@ def test_activation_pass_restores_step_sizes_that_do_not_help(unet, calls):
     kept = [n for n in before if torch.equal(before[n], after[n])]
     assert len(kept) >= 0.8 * len(before), (len(kept), len(before))
     assert output_error(unet, q, calls) <= err0 * 1.05
+
+
+def test_training_stages_run_on_a_hosts_inference_tensors():
+    """Hosts (Forge, ComfyUI) load checkpoints and sample under ``torch.inference_mode()``: reconstruction, called
+    there on such a model and calls, gets plain copies from the pipeline (autograd may not save inference tensors);
+    the model and calls given are left as they are."""
+    from lowbit.quant import PipelineConfig, pipeline
+
+    from qutil import record, tiny_unet
+
+    with torch.inference_mode():
+        fp = tiny_unet()
+        calls = record(fp, ts=(900, 300))
+        cfg = PipelineConfig.for_method("recon", "W8A8", recon=ReconConfig(weight_iters=2, act_iters=0),
+                                         precision="rules")
+        res = pipeline.run(fp, calls, cfg)
+    assert res.model is not None and all(p.is_inference() for p in fp.parameters())
+    assert calls[0].args[0].is_inference()
