@@ -258,7 +258,7 @@ def _check_safetensors(path: str, what: str):
             raw = f.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             ok = 2 <= n <= min(MAX_ST_HEADER, size - 8)
-            header = json.loads(f.read(n).decode("utf-8")) if ok else None
+            header = _core("sthdr").parse_json(f.read(n).decode("utf-8"), "the header") if ok else None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         header = None
     if not isinstance(header, dict):
@@ -393,7 +393,7 @@ def _check_export(a):
     except ValueError as exc:
         raise UsageError(f"input {a.input}: {exc}; the file is corrupt") from None
     v = lb.get("format_version") if isinstance(lb, dict) else None
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= sthdr.LOWBIT_FORMAT_VERSION:
+    if not sthdr.lowbit_version_ok(v):
         raise UsageError(f"input {a.input}: LowBit format version {v!r} is not supported (this LowBit reads "
                          f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or re-save the file with this version")
     # a file that records its architecture is exported from the model it builds (lowbit.quant.load_model), unless
@@ -508,14 +508,15 @@ def _cmd_export(a, prog: Progress):
     q = _quant()
     from . import recipes
 
+    standalone = getattr(a, "standalone", False) and not a.unet  # (set by _check_export)
     if a.unet:
         from diffusers import UNet2DModel
 
         fp = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
-    elif not getattr(a, "standalone", False):
+    elif not standalone:
         fp = recipes.default_setup().unet
     prog.banner(f"loading {a.input}")
-    qmodel = q.load(fp, a.input) if a.unet or not getattr(a, "standalone", False) else q.load_model(a.input)
+    qmodel = q.load_model(a.input) if standalone else q.load(fp, a.input)
     prog.banner(f"writing {a.output} (ComfyUI-native)")
     q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
     print(f"wrote {a.output} in {time.time() - prog.t0:.1f} s")

@@ -71,13 +71,18 @@ def tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _packed_of(m):
+    """The PackedWeight a module is (deployed layers hold theirs as a submodule) or holds (older layers: in
+    ``_packed``), else None."""
+    return m if hasattr(m, "nbytes") and hasattr(m, "cache") else getattr(m, "_packed", None)
+
+
 def resident_weight_bytes(model) -> int:
     """Parameters + buffers of every module, plus the backend caches of packed weights (onednn blobs, ...)."""
     total = sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
     seen = set()
     for m in model.modules():
-        # deployed layers hold their PackedWeight as a submodule (older layers: in ``_packed``)
-        pw = m if hasattr(m, "nbytes") and hasattr(m, "cache") else getattr(m, "_packed", None)
+        pw = _packed_of(m)
         if pw is not None and hasattr(pw, "nbytes") and id(pw) not in seen:
             seen.add(id(pw))
             total += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
@@ -104,7 +109,7 @@ def _quantize_ours(model, fmt: str, latent: int):
     deploy_(model)
     if fmt.endswith("-int8cache"):
         for m in model.modules():
-            pw = m if hasattr(m, "nbytes") and hasattr(m, "cache") else None
+            pw = _packed_of(m)
             if pw is not None and pw.bits <= 4:
                 pw.cache["cache_int4"] = True
     return model
@@ -163,7 +168,7 @@ def run_variant(name: str, latent: int, repeats: int, threads: int, out_path: st
             from lowbit.kernels import ops
         del ops  # (imported so that the report can name the registered backends)
         for m in model.modules():
-            pw = m if hasattr(m, "nbytes") and hasattr(m, "cache") else getattr(m, "_packed", None)
+            pw = _packed_of(m)
             if pw is not None:
                 for key in pw.cache:
                     backends[str(key[0] if isinstance(key, tuple) else key).split(".")[0]] = 1

@@ -207,14 +207,15 @@ def record_unet_calls(model, positive, negative, *, steps: int, samples: int, se
     with rec:
         for i in range(samples):
             rec.new_trajectory()
-            noise = comfy.sample.prepare_noise(latent, (seed + i) % 2 ** 64)  # (the widget allows up to 2^64 - 1)
+            seed_i = (seed + i) % 2 ** 64  # (the widget allows up to 2^64 - 1)
+            noise = comfy.sample.prepare_noise(latent, seed_i)
 
             def cb(step, x0, x, total_steps, _i=i):
                 if progress is not None:
                     progress(_i * steps + step + 1, total, {"stage": "calibration sampling"})
 
             comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                denoise=1.0, callback=cb, disable_pbar=True, seed=(seed + i) % 2 ** 64)
+                                denoise=1.0, callback=cb, disable_pbar=True, seed=seed_i)
     if not rec.calls:
         raise NodeInputError("calibration recorded no model calls; check that the MODEL is a diffusion model "
                              "(SD1.x/SD2.x/SDXL UNet, SD3 or Flux transformer) and that calibration_steps > 0")

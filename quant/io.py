@@ -137,7 +137,7 @@ MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate
 
 def migrate(header: dict, path: str = "<header>") -> dict:
     v = header.get("format_version")
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
+    if not sthdr.lowbit_version_ok(v):
         _fail(path, f"format version {v!r} is not supported (this LowBit reads 1..{FORMAT_VERSION})",
               "upgrade LowBit or re-save the file with this version")
     # fields a later version introduced, in a header that claims an earlier one: not a file that version wrote
@@ -218,6 +218,7 @@ def clean_stale_temps(folder: str) -> list:
                 pass
     return removed
 
+
 def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     """Write a file the way every LowBit file is written: ``write(tmp)`` fills a temporary file
     ``.<name>.lowbit-<pid>-<rand>.tmp`` in ``folder`` (mode from the umask, like any new file: safetensors itself
@@ -255,7 +256,6 @@ def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
-
 
 
 def plain_json(v, depth=0):

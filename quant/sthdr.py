@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+
 class TooDeep(ValueError):
     """JSON nested deeper than :data:`MAX_JSON_DEPTH` (a crafted header rather than a damaged one)."""
 
@@ -25,6 +26,11 @@ MAX_INT_DIGITS = 18  # integers in a header: |n| < 10^18
 # bytes per element of every safetensors dtype this reader knows (sub-byte float formats are not among them)
 DSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
          "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def lowbit_version_ok(v) -> bool:
+    """``v`` is a LowBit ``format_version`` this code reads: an int (not a bool) in 1..LOWBIT_FORMAT_VERSION."""
+    return not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= LOWBIT_FORMAT_VERSION
 
 
 def _bounded_int(s: str) -> int:
