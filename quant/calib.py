@@ -192,13 +192,14 @@ def unet_output(out) -> torch.Tensor:
     raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
 
 
-def _has_tensor(v) -> bool:
+def _has_tensor(v, pred=None) -> bool:
+    """``v`` (nested dicts / lists / tuples) holds a tensor (for which ``pred`` holds, when given)."""
     if torch.is_tensor(v):
-        return True
+        return pred is None or bool(pred(v))
     if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
+        return any(_has_tensor(x, pred) for x in v.values())
     if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
+        return any(_has_tensor(x, pred) for x in v)
     return False
 
 
@@ -258,16 +259,6 @@ def plain_copy(unet):
     return copy.deepcopy(unet)
 
 
-def _has_inference_tensors(v) -> bool:
-    if torch.is_tensor(v):
-        return v.is_inference()
-    if isinstance(v, dict):
-        return any(_has_inference_tensors(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_has_inference_tensors(x) for x in v)
-    return False
-
-
 def plain_module(module):
     """``module``, or a plain copy of it if it holds inference tensors (call inside ``training_mode``; no copy where
     none is needed: a UNet's copy is its size again)."""
@@ -279,6 +270,6 @@ def plain_module(module):
 def for_training(unet, calls):
     """``(unet, calls)`` that training stages can use (call inside ``training_mode``): plain copies of whichever
     holds inference tensors, the objects themselves otherwise."""
-    if any(_has_inference_tensors((c.args, c.kwargs)) for c in calls):
+    if any(_has_tensor((c.args, c.kwargs), torch.Tensor.is_inference) for c in calls):
         calls = plain_calls(calls)
     return plain_module(unet), calls
