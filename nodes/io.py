@@ -56,13 +56,14 @@ LAYOUTS = ("lowbit", "comfyui-native")
 UNRECORDED = "this file needs the float MODEL connected to load: its architecture could not be recorded"
 
 
-def save_unet(model, filename_prefix: str, folder: str) -> str:
+def save_unet(model, filename_prefix: str, folder: str, arch=None) -> str:
     """Save the quantized UNet of ``model``; returns the path. The file records the architecture (and loads without
-    a MODEL) when :func:`comfy_arch` can describe it; the node warns when it could not."""
+    a MODEL) when :func:`comfy_arch` can describe it (``arch``: its result, when the caller has it; False: it could
+    not, and the node warns)."""
     from ..quant.io import save
 
     q = adapter.require_quantized_unet(model)
-    arch = comfy_arch(model)
+    arch = comfy_arch(model) if arch is None else arch
     return _save_free(lambda path: save(q, path, overwrite=False, arch=arch), filename_prefix, folder)
 
 
@@ -250,13 +251,12 @@ class LowBitSaveQuantizedUNet:
             print(f"[LowBit] {res.summary()}")
             return {"ui": {"text": [f"saved models/{where} (ComfyUI-native)"] + [f"dropped: {d}" for d in res.dropped]},
                     "result": ()}
-        from ..quant.io import read_header
-
         folder = adapter.lowbit_folder()
-        path = save_unet(model, filename_prefix, folder)
+        arch = comfy_arch(model)
+        path = save_unet(model, filename_prefix, folder, arch=arch)
         rel = os.path.relpath(path, folder).replace(os.sep, "/")
         text = [f"saved models/lowbit/{rel}"]
-        if not read_header(path)[0].get("arch"):  # (comfy_arch printed why on the console)
+        if not arch:  # (comfy_arch printed why on the console)
             text.append(f"warning: {UNRECORDED} (see the console)")
         return {"ui": {"text": text, "lowbit_files": [rel]}, "result": ()}
 

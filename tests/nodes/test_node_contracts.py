@@ -504,18 +504,16 @@ def test_save_node_warns_when_the_file_cannot_load_without_a_model(tmp_path, mon
 
     m = torch.nn.Sequential(torch.nn.Linear(8, 8))
     q = quantize(m, QuantConfig.preset("W8A8", a_dynamic=True))
+    monkeypatch.setattr(nio.adapter, "lowbit_folder", lambda: str(tmp_path))
     for arch, warned in ((False, True), ({"library": "torch", "class": "Sequential"}, False)):
-        monkeypatch.setattr(nio.adapter, "lowbit_folder", lambda: str(tmp_path))
         path = str(tmp_path / f"u{int(warned)}.safetensors")
+        monkeypatch.setattr(nio, "comfy_arch", lambda model, arch=arch: arch)  # what ComfyUI's model gave
 
-        def fake_save(model, prefix, folder, path=path):
-            save(q, path)  # (a torch Sequential: no architecture recorded)
+        def fake_save(model, prefix, folder, arch=None, path=path):
+            save(q, path)  # (a torch Sequential: the file itself records no architecture)
             return path
 
         monkeypatch.setattr(nio, "save_unet", fake_save)
-        if arch:  # stand in for a recorded architecture: the header's arch entry is all the node reads
-            from lowbit.quant import io as qio
-            monkeypatch.setattr(qio, "read_header", lambda p, arch=arch: ({"arch": arch}, None))
         text = nio.LowBitSaveQuantizedUNet().save(None, "u")["ui"]["text"]
         assert text[0].startswith("saved models/lowbit/")
         assert any(nio.UNRECORDED in t for t in text) == warned, text
