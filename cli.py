@@ -472,10 +472,12 @@ def _cmd_demo(a, prog: Progress):
                progress=prog, precision=a.precision, size_budget=a.size_budget, overwrite=a.overwrite)
     prog.banner("done")
     print(format_table(res["rows"]))
-    print("\nsampling s: one run per model, one after the other in this process, kernels in registry order (no "
-          "autotuner), OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or "
-          "shared machine. Deployed vs full precision measured with runs alternating and the kernel autotuner: "
-          "python -m lowbit.bench.bench_sampling (README, 'Speed and memory').")
+    print("\nweight bytes: packed integers and scales, without the kernels' copies (deploy_ tunes each layer's "
+          "kernel by measured speed and may keep float / int8 copies, at most 64 MiB per model). sampling s: one run "
+          "per model, one after the other in this process (the quantized runs include the kernel tuning), "
+          "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or shared "
+          "machine. Deployed vs full precision measured with runs alternating: python -m lowbit.bench.bench_sampling "
+          "(README, 'Speed and memory').")
     print(f"\nside-by-side grid (rows: full precision, then per format: quantized, |difference|): {res['grid']}")
     return 0
 

@@ -10,8 +10,9 @@ time, not quality), deploy, and time whole sampling runs (``--samples`` images, 
 time; also the median of the per-round ratios, ``x_fp32_paired``, and the process CPU time, ``x_fp32_cpu``, both
 less sensitive to other jobs on a shared machine). Variants:
 
-* ``<bits>``: deployed with the kernel autotuner (``kernels/autotune.py``: per-shape measured choice between the
-  integer kernels and the float path of the same quantized weights). Its tuning happens in a warm-up run that
+* ``<bits>``: deployed as ``deploy_`` does by default: with the kernel autotuner (``kernels/autotune.py``: per-shape
+  measured choice between the integer kernels and the float path of the same quantized weights, its copies within
+  the default 64 MiB budget per model). Its tuning happens in a warm-up run that
   is not timed (a cached decision costs nothing later), followed by the whole-model check
   (``autotune.settle``: whole forwards on one recorded call of the sampling run under the per-layer choice, the
   float path everywhere and the integer kernels everywhere, the fastest kept; ``--no-settle`` skips it); the
@@ -115,21 +116,14 @@ class Bf16(torch.nn.Module):
 
 
 def deployed(subject: _Subject, bits: str, tune: bool):
-    from ..kernels import autotune
+    """The subject quantized (min/max ranges) and deployed as ``deploy_`` does by default (``tune``: the kernel
+    autotuner within the default copy budget) or with ``tune=False`` (registry order)."""
     from ..quant import CallRecorder, QuantConfig, deploy_, quantize
 
     with CallRecorder(subject.float_model) as rec, torch.no_grad():
         subject.calib_run(subject.float_model)
     q = quantize(subject.float_model, QuantConfig.preset(bits, w_init="minmax", a_init="minmax"), rec.calls)
-    q = deploy_(q)
-    for _, pw in autotune._packed_weights(q):
-        if tune:
-            autotune.attach(pw)
-        else:  # registry order, whatever deploy_ attached
-            pw.cache.pop("autotune", None)
-            pw.cache.pop("cache_int4", None)
-            pw.tune = None
-    return q
+    return deploy_(q) if tune else deploy_(q, tune=False)
 
 
 def variant_plan(bits_list, untuned: bool, peers=("bf16",), bf16_parts: bool = False) -> list:

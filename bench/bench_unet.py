@@ -33,6 +33,10 @@ OURS = {  # name -> (QuantConfig preset, overrides)
     # W4A8 keeping an int8 copy of every int4 weight (kernels/cpu.py cache_int4): int8 kernels (oneDNN) at the
     # price of int8 memory on top of the int4 weights; the weight bytes column shows the trade
     "W4A8-int8cache": ("W4A8", {}),
+    # deploy_(tune=False): every layer on its registry kernel, no autotuner (the variants above take deploy_'s
+    # default: each layer's kernel measured for its shape, float / int8 copies within the 64 MiB copy budget)
+    "W8A8-untuned": ("W8A8", {}),
+    "W4A8-untuned": ("W4A8", {}),
     # the same, with everything that is not a quantized layer (norms, attention) in bf16: model.to(bfloat16)
     # keeps LowBit's integer weights and fp32 scales (QuantLayer._apply) and casts only the float parts
     "W8A8-bf16": ("W8A8", {}),
@@ -106,7 +110,7 @@ def _quantize_ours(model, fmt: str, latent: int):
     with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
         model(sample, t, encoder_hidden_states=text)
     quantize_(model, cfg, calib=rec.calls)
-    deploy_(model)
+    deploy_(model, tune=not fmt.endswith(("-untuned", "-int8cache")))
     if fmt.endswith("-int8cache"):
         for m in model.modules():
             pw = _packed_of(m)
@@ -189,6 +193,8 @@ ALTERNATE = {
     "W8A8-bf16": ("W8A8-bf16", {}),  # float parts (norms, attention, residuals) in bf16, integer layers as W8A8
     "W4A8": ("W4A8", {}),
     "W4A8-int8cache": ("W4A8-int8cache", {}),
+    "W8A8-untuned": ("W8A8-untuned", {}),
+    "W4A8-untuned": ("W4A8-untuned", {}),
     "W4A4": ("W4A4", {}),
     "W8A16": ("W8A16", {}),
     "W4A16": ("W4A16", {}),  # default: the bf16 weights built in a per-thread scratch buffer (kernels/cpu.py)

@@ -18,7 +18,13 @@ backend that was **measured** fastest for the call's shape on this machine:
   ``onednn.*``, ``dense.*``). With tuning, an int4 weight the integer kernels win keeps one int8 copy (oneDNN's
   prepacked blob, or the cpu backend's unpacked copy, which saves unpacking at every call: +1 byte per weight), and
   a layer that falls back to float keeps a float copy (+4 bytes per weight for fp32 inputs, +2 for bf16).
-  :func:`summary` reports the bytes.
+  :func:`summary` reports the bytes;
+* budget: the copies one model's tuned weights keep together are bounded (:class:`Budget`, ``attach_model``'s
+  ``budget_bytes``; ``quant.deploy_`` gives 64 MiB by default). A weight is admitted at its first call if the most its
+  copies can take (4 bytes per weight: a float copy) fits in what is left; then its actual caches are charged after
+  each decision. A weight that does not fit is not tuned: it runs in registry order with no copies, as an untuned
+  model does. Small models (whose small layers are where integer kernels lose to float GEMMs) are tuned whole; a
+  large model spends the budget on its first layers called and keeps the packed size elsewhere.
 
 ``LOWBIT_AUTOTUNE=0`` turns tuning off (registry order, as before); ``LOWBIT_AUTOTUNE_DENSE=0`` keeps the integer
 kernels only (no float copies: memory first); ``LOWBIT_BACKEND`` / ``forced_backend`` always win over the tuner.
@@ -29,10 +35,12 @@ Report: ``summary(model)`` -> dict (layers per backend, per-layer measured times
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -42,8 +50,9 @@ from . import dense  # noqa: F401  (registers the dense backend)
 from . import registry
 from .formats.base import _nested_bytes
 
-__all__ = ["attach", "attach_model", "is_attached", "usable", "run", "summary", "format_summary", "clear", "decisions",
-           "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "settle", "set_mode", "ROUNDS"]
+__all__ = ["attach", "attach_model", "Budget", "is_attached", "usable", "run", "summary", "format_summary", "clear",
+           "decisions", "enabled", "active", "chosen", "Choice", "path_choice", "choose_path", "settle", "set_mode",
+           "ROUNDS"]
 
 ROUNDS = 3  # timed rounds per candidate (after one warm-up call each)
 # the registry's own choice is kept unless another candidate is measured faster by more than this fraction
@@ -103,24 +112,85 @@ def _dense_allowed() -> bool:
     return registry.env_flag("LOWBIT_AUTOTUNE_DENSE", True)
 
 
-def attach(pw, cache_int4: bool = True):
-    """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc)."""
+_RESERVE_PER_WEIGHT = 4  # bytes per weight a tuned layer may keep at most: a float copy for fp32 inputs
+
+
+class Budget:
+    """Bytes of backend caches (float copies for the float path, int8 copies of int4 weights, prepacked blobs) that
+    the tuned weights of one model may keep together; ``limit`` None: no bound. Shared by the model's weights
+    (their ``tune`` arming holds it); a copied or unpickled model gets its own, empty one."""
+
+    def __init__(self, limit: Optional[int]):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"Budget: limit must be a non-negative number of bytes or None, got {limit!r}")
+        self.limit = limit
+        self._charges = weakref.WeakKeyDictionary()  # weight -> bytes charged (a reservation, then its caches)
+
+    def __reduce__(self):  # copies (deepcopy, pickle) start empty: their caches are rebuilt on use
+        return (Budget, (self.limit,))
+
+    def used(self) -> int:
+        return sum(self._charges.values())
+
+    def admit(self, pw) -> bool:
+        """Whether ``pw`` may be tuned: the most its copies can take fits in what is left (then reserved)."""
+        if self.limit is None:
+            return True
+        reserve = math.prod(pw.shape) * _RESERVE_PER_WEIGHT
+        if self.used() - self._charges.get(pw, 0) + reserve > self.limit:
+            return False
+        self._charges[pw] = reserve
+        return True
+
+    def charge(self, pw):
+        """Charge ``pw``'s caches as they are now (after a decision dropped the losers')."""
+        if self.limit is not None and pw in self._charges:
+            self._charges[pw] = pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
+
+    def __repr__(self):
+        lim = "none" if self.limit is None else f"{self.limit / 2**20:.1f} MiB"
+        return f"Budget(limit {lim}, used {self.used() / 2**20:.2f} MiB)"
+
+
+def _arming(pw):
+    """(cache_int4, budget) the weight was attached with, or None."""
+    arm = getattr(pw, "tune", None)
+    if arm is None or arm is False:
+        return None
+    return arm if isinstance(arm, tuple) else (bool(arm), None)
+
+
+def attach(pw, cache_int4: bool = True, budget: Optional[Budget] = None):
+    """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc);
+    ``budget``: the :class:`Budget` its copies count against (shared with the rest of its model), or None: none."""
     pw.cache["autotune"] = True
     if cache_int4 and pw.bits <= 4:
         pw.cache["cache_int4"] = True
     if hasattr(pw, "tune"):  # survives a cache reset on device moves and copies (PackedWeight.tune)
-        pw.tune = bool(cache_int4)
+        pw.tune = (bool(cache_int4), budget)
     return pw
 
 
 def is_attached(pw) -> bool:
-    if pw.cache.get("autotune"):
-        return True
-    flag = getattr(pw, "tune", None)
-    if flag is not None:  # the cache was reset (device move, copy): re-arm
-        attach(pw, flag)
-        return True
-    return False
+    """Whether ``pw``'s calls are tuned: attached, and admitted by its budget (decided at the first ask after
+    each cache reset; a weight refused runs in registry order without copies, as if never attached)."""
+    c = pw.cache
+    fits = c.get("autotune.fits")
+    if fits is not None:
+        return fits
+    arm = _arming(pw)
+    if not c.get("autotune"):
+        if arm is None:
+            return False
+        attach(pw, *arm)  # the cache was reset (device move, copy): re-arm
+    budget = arm[1] if arm else None
+    with _LOCK:
+        fits = budget is None or budget.admit(pw)
+        if not fits:  # as untuned: registry order, no int8 copies of int4 weights
+            c.pop("autotune", None)
+            c.pop("cache_int4", None)
+        c["autotune.fits"] = fits
+    return fits
 
 
 def _packed_weights(model):
@@ -142,10 +212,12 @@ def _packed_weights(model):
     return out
 
 
-def attach_model(model, cache_int4: bool = True):
-    """:func:`attach` every packed weight of a deployed model; returns the model."""
+def attach_model(model, cache_int4: bool = True, budget_bytes: Optional[int] = None):
+    """:func:`attach` every packed weight of a deployed model to one :class:`Budget` of ``budget_bytes`` (None: no
+    bound); returns the model."""
+    budget = Budget(budget_bytes)
     for _, pw in _packed_weights(model):
-        attach(pw, cache_int4)
+        attach(pw, cache_int4, budget)
     return model
 
 
@@ -281,6 +353,9 @@ def _drop_loser_caches(pw):
         prefix = (k[0] if isinstance(k, tuple) else str(k)).split(".")[0]
         if k not in keep and prefix not in keep:
             del pw.cache[k]
+    arm = _arming(pw)
+    if arm is not None and arm[1] is not None:
+        arm[1].charge(pw)
 
 
 def _fast_key(op: str, args) -> tuple:
@@ -371,8 +446,9 @@ def run(op: str, *args):
                     "dense" if "dense" in names else None, int_name, dec["times"], _mode(pw))
         pw.cache.setdefault("autotune.fast", {})[fk] = ch
         pw.cache.setdefault("autotune.calls", {})[ck] = dec
-        _drop_loser_caches(pw)
-    return out if (out is not None and ch.name == dec["backend"]) else ch.impl(*args)
+        y = out if (out is not None and ch.name == dec["backend"]) else ch.impl(*args)
+        _drop_loser_caches(pw)  # (after the call: a decision found in memory or on file builds its caches there)
+    return y
 
 
 def _mode(pw) -> str:
@@ -523,15 +599,20 @@ def decisions() -> Dict[str, dict]:
 def summary(model) -> dict:
     """What the tuner chose for a deployed model (after at least one forward).
 
-    returns dict(layers={backend: count}, untuned=count, cache_bytes, dense_bytes, packed_bytes,
+    returns dict(layers={backend: count}, untuned=count (not called yet), over_budget=count (not tuned: their
+                 copies would not fit in the model's budget), cache_bytes, dense_bytes, packed_bytes, budget_bytes,
                  paths={option: count} (layers with alternative paths, e.g. split convolutions: fused or parts),
                  settled=None or the whole-model check of :func:`settle` (mode, times_ms per mode),
                  rows=[dict(name, backend, shape, times_ms={backend: ms})])
     """
     layers, rows, paths = {}, [], {}
-    settled = None
-    untuned = cache_b = dense_b = packed_b = 0
+    settled = budget = None
+    untuned = over = cache_b = dense_b = packed_b = 0
     for name, pw in _packed_weights(model):
+        arm = _arming(pw)
+        budget = budget or (arm[1] if arm else None)
+        if pw.cache.get("autotune.fits") is False:  # refused by the budget: registry order, not tuned
+            over += 1
         packed_b += pw.nbytes(include_cache=False)
         cache_b += pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
         for k, v in pw.cache.items():
@@ -543,15 +624,16 @@ def summary(model) -> dict:
         calls = pw.cache.get("autotune.calls")
         fast = list(pw.cache.get("autotune.fast", {}).values())
         if not calls or not fast:
-            untuned += 1
+            untuned += pw.cache.get("autotune.fits") is not False
             continue
         dec = list(calls.values())[-1]
         backend = fast[-1].name
         layers[backend] = layers.get(backend, 0) + 1
         rows.append(dict(name=name, backend=backend, shape=list(pw.shape), calls=len(calls),
                          times_ms={b: round(t * 1e3, 4) for b, t in dec["times"].items()}))
-    return dict(layers=layers, untuned=untuned, cache_bytes=cache_b, dense_bytes=dense_b, packed_bytes=packed_b,
-                paths=paths, settled=settled, rows=rows)
+    return dict(layers=layers, untuned=untuned, over_budget=over, cache_bytes=cache_b, dense_bytes=dense_b,
+                packed_bytes=packed_b, budget_bytes=None if budget is None else budget.limit, paths=paths,
+                settled=settled, rows=rows)
 
 
 def format_summary(s: dict, max_rows: int = 0) -> str:
@@ -559,7 +641,9 @@ def format_summary(s: dict, max_rows: int = 0) -> str:
     tuned = sum(s["layers"].values())
     parts = ", ".join(f"{b} {n}" for b, n in sorted(s["layers"].items(), key=lambda kv: -kv[1]))
     lines = [f"kernel choice (measured on this machine): {tuned} layers: {parts or 'none yet (run a forward)'}"
-             + (f"; {s['untuned']} not called yet" if s["untuned"] else "")]
+             + (f"; {s['untuned']} not called yet" if s["untuned"] else "")
+             + (f"; {s['over_budget']} in registry order (their copies would exceed the "
+                f"{s['budget_bytes'] / 2**20:.3g} MiB budget)" if s.get("over_budget") else "")]
     chosen = sum(r["times_ms"].get(r["backend"], 0.0) for r in s["rows"] if r["times_ms"])
     ints = [min((t for b, t in r["times_ms"].items() if b != "dense"), default=None) for r in s["rows"]]
     dens = [r["times_ms"].get("dense") for r in s["rows"]]

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch.nn as nn
 
 from .calib import Call, run_calls
-from .config import ACT_BITS_NONE, BitwidthSchedule, QuantConfig, check_verb_args
+from .config import ACT_BITS_NONE, DEFAULT_COPY_BUDGET_MB, BitwidthSchedule, QuantConfig, check_verb_args
 from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
 from .layers import QuantLayer, qlayer_class_for, quant_layers
@@ -165,23 +165,38 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, **kw) -> nn.Mod
     return model
 
 
-def deploy_(qmodel: nn.Module, tune: bool = False) -> nn.Module:
+def deploy_(qmodel: nn.Module, tune: bool = True,
+            copy_budget_mb: Optional[float] = DEFAULT_COPY_BUDGET_MB) -> nn.Module:
     """Pack every quantized layer into integers (drops the float weights); computes through kernels.
     A failure part-way (e.g. no kernel for a layer) leaves the model as it was, not half deployed.
 
-    ``tune``: choose each layer's kernel by measured speed for its shape at its first call (kernels/autotune.py),
-    falling back to the float path of the same integers where integer kernels lose. Faster on small models, but
-    it trades memory for it (float copies for the float path, int8 copies of int4 weights): measured on the
-    embedded model, W4A8 resident weight bytes 0.15x -> 0.56x fp32. Off by default: low bits are for memory first.
-    ``kernels.autotune.summary(model)`` reports the choice."""
+    ``tune`` (default on): choose each layer's kernel by measured speed for its shape at its first call
+    (kernels/autotune.py), falling back to the float path of the same integers where integer kernels lose (small
+    layers, where a float GEMM beats an integer one plus the activation quantizer). The copies this keeps (a float
+    copy for the float path, an int8 copy of an int4 weight) are bounded per model by ``copy_budget_mb`` (None: no
+    bound): a layer is tuned only if its copies fit in what is left, else it runs its registry kernel on the packed
+    integers, as with ``tune=False``. A small model is tuned whole (its copies are a few MB); a large one keeps its
+    packed size but for the budget. ``kernels.autotune.summary(model)`` reports the choice and the bytes."""
+    if not isinstance(tune, bool):
+        raise ConfigError(f"deploy_: tune must be True or False, got {tune!r}")
+    if copy_budget_mb is not None and (isinstance(copy_budget_mb, bool) or not isinstance(copy_budget_mb, (int, float))
+                                       or not 0 <= copy_budget_mb < float("inf")):
+        raise ConfigError(f"deploy_: copy_budget_mb must be a number of MiB >= 0 or None (no bound), got "
+                          f"{copy_budget_mb!r}")
     with transaction(qmodel):
         for _, layer in quant_layers(qmodel):
             layer.deploy()
     if tune:
-        from ..kernels import autotune
-
-        autotune.attach_model(qmodel)
+        tune_kernels_(qmodel, copy_budget_mb)
     return qmodel
+
+
+def tune_kernels_(qmodel: nn.Module, copy_budget_mb: Optional[float] = DEFAULT_COPY_BUDGET_MB) -> nn.Module:
+    """Arm the kernel autotuner on every deployed layer of ``qmodel``, its copies within ``copy_budget_mb`` (what
+    ``deploy_`` does by default, and ``load`` / ``load_model`` for the models they build)."""
+    from ..kernels import autotune
+
+    return autotune.attach_model(qmodel, budget_bytes=None if copy_budget_mb is None else int(copy_budget_mb * 2**20))
 
 
 def undeploy_(qmodel: nn.Module) -> nn.Module:

@@ -33,6 +33,9 @@ MAX_JSON_DEPTH = 32  # nesting deeper than this in a config object is refused (n
 CONFIG_TYPES: dict = {}
 
 ACT_BITS_NONE = 16  # a_bits=16 means "activations stay in floating point" (weight-only formats)
+# deploy_ / PipelineConfig.kernel_copy_mb: MiB of copies (float copies for the float path, int8 copies of int4
+# weights) the kernel autotuner may keep per model; layers beyond it run their integer kernel untuned
+DEFAULT_COPY_BUDGET_MB = 64.0
 WEIGHT_INIT = ("minmax", "lp")
 ACT_INIT = ("minmax", "lp")
 LAYER_MODES = ("quant", "w8a8", "fp")

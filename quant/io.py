@@ -879,7 +879,7 @@ def load(model, path: Optional[str] = None) -> nn.Module:
 
 
 def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool) -> nn.Module:
-    from .api import _set_module, structural_copy
+    from .api import _set_module, structural_copy, tune_kernels_
     from .layers import QLAYERS
 
     check_arch(path, header.get("arch"))
@@ -1082,4 +1082,4 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     from .transaction import check_finite
 
     check_finite(qmodel, "load")
-    return qmodel
+    return tune_kernels_(qmodel)  # each layer's kernel chosen by measured speed, as deploy_ does by default

@@ -25,13 +25,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 
-from .config import (METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig, ReconConfig, _Config, _field,
-                     _version, arg_field, check_schedule_fits, register_config)
+from .config import (DEFAULT_COPY_BUDGET_MB, METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig,
+                     ReconConfig, _Config, _field, _version, arg_field, check_schedule_fits, register_config)
 from .errors import ConfigError
 
 BASES = ("naive", "lp", "recon", "efficientdm")
 MODIFIERS = ("ptqd", "ptqd(paper)", "vsc", "mixed", "act", "minmax-acts")
-# What the hosts offer (the rest of the grammar is accepted by ``run`` and used by the benches' ablations).
 # What the hosts offer: ``config.METHODS`` (declared there with the other limits; the rest of the grammar is
 # accepted by ``run`` and used by the benches' ablations).
 DEFAULT_METHOD = "recon+ptqd+vsc"
@@ -117,9 +116,12 @@ class PipelineConfig(_Config):
     precision: str = arg_field("precision")
     size_budget: float = arg_field("size_budget")
     deploy: bool = _field("bool", True, "pack to integers and run on the kernels at the end")
-    tune_kernels: bool = _field("bool", False, "at deploy, choose each layer's kernel by measured speed (float copies "
-                                "where faster, int8 copies of int4 weights: more memory), then check the choice "
-                                "with whole forwards on a calibration call (kernels.autotune.settle)")
+    tune_kernels: bool = _field("bool", True, "at deploy, choose each layer's kernel by measured speed (float copies "
+                                "where faster, int8 copies of int4 weights, within kernel_copy_mb), then check the "
+                                "choice with whole forwards on a calibration call (kernels.autotune.settle)")
+    kernel_copy_mb: float = _field("float", DEFAULT_COPY_BUDGET_MB, "MiB of copies the kernel choice may keep per "
+                                   "model (a layer whose copies do not fit runs its integer kernel untuned)",
+                                   lo=0.0, hi=1e7)
     version: int = _version(1)
 
     def _check_combinations(self):
@@ -314,7 +316,7 @@ def _stages(m: Method, fp_model: nn.Module, calls, config: PipelineConfig, *, al
             res.var_fn = get_stats_var(q)
         lap("PTQD statistics")
     if config.deploy:
-        deploy_(q, tune=config.tune_kernels)
+        deploy_(q, tune=config.tune_kernels, copy_budget_mb=config.kernel_copy_mb)
         if config.tune_kernels and calls:  # per-layer choices, then the whole-model check on a calibration call
             from ..kernels import autotune
 

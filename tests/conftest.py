@@ -9,3 +9,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines (d
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # a plugin imported torch first: it read the environment already
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def registry_kernels(monkeypatch):
+    """Kernels in registry order for this test (LOWBIT_AUTOTUNE=0): two models with the same integers and scales
+    then compute bit for bit the same (the autotuner's per-model measured choices may differ by float summation
+    order, and a code next to a rounding tie can flip)."""
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "0")

@@ -205,9 +205,9 @@ class PackedWeight(nn.Module):
         self.register_buffer("scale", scale)
         self.cache: dict = {}
         self.cache_id = next(_CACHE_IDS)  # new whenever ``cache`` is reset: caches built from several weights check it
-        # the autotuner's arming (None: not tuned; else whether int4 weights may keep an int8 copy); unlike
-        # ``cache`` it survives device moves and copies
-        self.tune: Optional[bool] = None
+        # the autotuner's arming (None: not tuned; else (whether int4 weights may keep an int8 copy, the model's
+        # copy budget or None), see kernels/autotune.py); unlike ``cache`` it survives device moves and copies
+        self.tune: Optional[tuple] = None
         self.fmt.validate(self)
 
     @property
@@ -257,7 +257,9 @@ class PackedWeight(nn.Module):
     def __deepcopy__(self, memo):
         new = PackedWeight(copy.deepcopy(self.qdata, memo), copy.deepcopy(self.scale, memo), self.bits, self.shape,
                            self.group_size, self.format)
-        new.tune = self.tune  # a copied deployed model stays tuned (its caches are rebuilt on use)
+        # a copied deployed model stays tuned (its caches are rebuilt on use), with a budget of its own (one per
+        # copied model: ``memo`` copies a shared budget once)
+        new.tune = copy.deepcopy(self.tune, memo)
         memo[id(self)] = new
         return new
 

@@ -40,10 +40,10 @@ def test_op_profile_names_the_operators_of_one_call():
 
 def test_w4a8_int8cache_variant_keeps_int8_copies_and_counts_them():
     """W4A8-int8cache: the int4 weights' int8 copies are kept (oneDNN runs them) and the weight bytes show it;
-    plain W4A8 rebuilds them per call and keeps none."""
+    W4A8 deployed untuned rebuilds them per call and keeps none."""
     s, t, text = B.inputs(8)
     sizes = {}
-    for name in ("W4A8", "W4A8-int8cache"):
+    for name in ("W4A8-untuned", "W4A8-int8cache"):
         q = B._quantize_ours(_tiny_unet(), name, 8)
         with torch.no_grad():
             out = q(s, t, encoder_hidden_states=text).sample
@@ -51,6 +51,6 @@ def test_w4a8_int8cache_variant_keeps_int8_copies_and_counts_them():
         kept = [pw for pw in pws if "cpu.int8" in pw.cache or any(isinstance(k, tuple) or str(k).startswith("onednn.")
                                                                   and k != "onednn.wzp" for k in pw.cache)]
         sizes[name] = (B.resident_weight_bytes(q), len(pws), len(kept), out)
-    (b4, n4, k4, o4), (b8, n8, k8, o8) = sizes["W4A8"], sizes["W4A8-int8cache"]
+    (b4, n4, k4, o4), (b8, n8, k8, o8) = sizes["W4A8-untuned"], sizes["W4A8-int8cache"]
     assert n4 == n8 > 0 and k4 == 0 and k8 == n8
     assert b8 > b4 and torch.allclose(o4, o8, atol=1e-3, rtol=1e-3)

@@ -430,3 +430,84 @@ def test_tuned_shapes_per_weight_are_bounded(tune_env):
     assert len(pw.cache["autotune.fast"]) == 3 and len(pw.cache["autotune.calls"]) == 3 and len(measured) <= 3
     x = torch.randn(2, 48)  # a shape tuned before the limit keeps its choice
     assert autotune.chosen("linear", (x, pw, None, act)) is not None
+
+
+def _linears(budget_mb, tune=True, bits="W4A8"):
+    """Deployed Linears 64->64, 64->256, 256->256, 256->64 (reservations at 4 bytes per weight: 16, 64, 256 and
+    64 KiB), with the call they were calibrated on."""
+    from lowbit.quant import CallRecorder, QuantConfig, deploy_, quantize
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 64)).eval()
+    x = torch.randn(8, 64)
+    with CallRecorder(fp, store_dtype=torch.float32) as rec, torch.no_grad():
+        fp(x)
+    q = quantize(fp, QuantConfig.preset(bits, w_init="minmax", a_init="minmax"), rec.calls)
+    return deploy_(q, tune=tune, copy_budget_mb=budget_mb), x
+
+
+def test_copy_budget_bounds_what_tuning_keeps(tune_env):
+    """deploy_'s copy budget: a layer is tuned only while the most its copies can take (4 bytes per weight) fits in
+    what the model's tuned layers keep; a layer refused runs in registry order and keeps what an untuned deployment
+    keeps (no float copy, no int8 copy of its int4 weight), and the model's caches stay within the budget, also
+    when the decisions are already known (a second model: no measurement builds the caches first)."""
+    from lowbit.kernels.formats.base import _nested_bytes
+
+    plain, x = _linears(None, tune=False)
+    with torch.no_grad():
+        ref = plain(x)
+    untuned = {n: sorted(map(str, pw.cache)) for n, pw in autotune._packed_weights(plain)}
+    for attempt in range(2):
+        q, _ = _linears(0.1)  # 104857 bytes: 16 + 64 KiB admitted, then 256 KiB and 64 KiB refused
+        with torch.no_grad():
+            y = q(x)
+        s = autotune.summary(q)
+        assert s["over_budget"] == 2 and sum(s["layers"].values()) == 2 and s["budget_bytes"] == 104857, s
+        assert s["cache_bytes"] <= 104857 and rel_err(y, ref) < 1e-2
+        pws = dict(autotune._packed_weights(q))
+        for n in ("2", "3"):
+            assert not autotune.is_attached(pws[n])
+            assert sorted(str(k) for k in pws[n].cache if k != "autotune.fits") == untuned[n]
+        assert all(autotune.is_attached(pws[n]) for n in ("0", "1"))
+        assert "2 in registry order (their copies would exceed the 0.1 MiB budget)" in autotune.format_summary(s)
+    # no budget: every layer tuned; a zero budget: none, and the bytes of an untuned deployment
+    q, _ = _linears(None)
+    with torch.no_grad():
+        q(x)
+    assert autotune.summary(q)["over_budget"] == 0 and sum(autotune.summary(q)["layers"].values()) == 4
+    q, _ = _linears(0)
+    with torch.no_grad():
+        q(x)
+    assert autotune.summary(q)["over_budget"] == 4
+    assert ({n: _nested_bytes(pw.cache) for n, pw in autotune._packed_weights(q)}
+            == {n: _nested_bytes(pw.cache) for n, pw in autotune._packed_weights(plain)})
+
+
+def test_a_copied_model_has_a_budget_of_its_own(tune_env):
+    import copy
+
+    q, x = _linears(0.1)
+    with torch.no_grad():
+        q(x)
+    q2 = copy.deepcopy(q)
+    b1 = autotune._arming(dict(autotune._packed_weights(q))["0"])[1]
+    arms = [autotune._arming(pw) for _, pw in autotune._packed_weights(q2)]
+    assert all(a[1] is arms[0][1] for a in arms) and arms[0][1] is not b1 and arms[0][1].limit == b1.limit
+    used = b1.used()
+    with torch.no_grad():
+        q2(x)
+    assert b1.used() == used and arms[0][1].used() == used  # the copy charged its own budget, the same way
+    assert autotune.summary(q2)["over_budget"] == 2
+
+
+@pytest.mark.parametrize("kw", [dict(tune="yes"), dict(tune=1), dict(copy_budget_mb=-1), dict(copy_budget_mb=True),
+                                dict(copy_budget_mb=float("nan")), dict(copy_budget_mb=float("inf")),
+                                dict(copy_budget_mb="64")])
+def test_deploy_settings_refused_before_any_work(tune_env, kw):
+    from lowbit.quant import ConfigError, QuantConfig, deploy_, quantize
+    from lowbit.quant.layers import quant_layers
+
+    q = quantize(nn.Sequential(nn.Linear(8, 8)), QuantConfig.preset("W8A8", a_dynamic=True))
+    with pytest.raises(ConfigError, match="deploy_: (tune|copy_budget_mb)"):
+        deploy_(q, **kw)
+    assert all(layer.mode != "deployed" for _, layer in quant_layers(q))

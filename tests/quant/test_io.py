@@ -25,7 +25,7 @@ def saved(unet, calls, tmp_path_factory):
     return q, p
 
 
-def test_round_trip_identical(unet, saved):
+def test_round_trip_identical(unet, saved, registry_kernels):
     q, p = saved
     before = state_copy(unet)
     q2 = load(unet, p)
@@ -117,7 +117,7 @@ def test_load_with_a_path_in_place_of_the_model_says_what_to_pass(tmp_path):
         load(str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"))
 
 
-def test_loading_onto_another_checkpoint_gives_the_saved_model_and_says_so(unet, saved):
+def test_loading_onto_another_checkpoint_gives_the_saved_model_and_says_so(unet, saved, registry_kernels):
     """A finetune of the same architecture (different float tensors: norms, embeddings) used to give a hybrid, the
     file's integers with the other model's float parts, silently. The file holds the float tensors it was saved
     with: they are used (the result is the saved model) and a warning names the difference; the given model is not

@@ -42,7 +42,7 @@ def test_comfy_flux_profile_reports_the_unpatchified_channels():
     assert m.out_channels == 16 and prof.out_channels(m) == 4
 
 
-def test_ptqd_file_of_a_packed_token_model_loads(tmp_path):
+def test_ptqd_file_of_a_packed_token_model_loads(tmp_path, registry_kernels):
     torch.manual_seed(0)
     m = Flux().eval()
     g = torch.Generator().manual_seed(1)

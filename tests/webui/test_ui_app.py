@@ -134,7 +134,7 @@ def test_ptqd_attaches_statistics(quantized):
     assert get_stats(quantized.qmodel) is not None
 
 
-def test_save_never_overwrites_and_load_restores(quantized):
+def test_save_never_overwrites_and_load_restores(quantized, registry_kernels):
     msg = quantized.save("unit-test")
     assert "unit-test.safetensors" in msg and quantized.list_saved() == ["unit-test.safetensors"]
     with pytest.raises(SettingError, match="never overwrites"):
