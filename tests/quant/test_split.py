@@ -68,9 +68,8 @@ def test_split_lowers_the_error_of_a_4bit_skip_conv(unet, calls):
     assert errs[True] < errs[False], errs
 
 
-def test_save_load_and_in_place_keep_the_split(unet, calls, tmp_path):
-    # (registry-order kernels: the tuned choice may differ between the two models by float summation order)
-    q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls), tune=False)
+def test_save_load_and_in_place_keep_the_split(unet, calls, tmp_path, registry_kernels):
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls))
     p = save(q, str(tmp_path / "q.safetensors"))
     before = state_copy(unet)
     q2 = load(unet, p)
