@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 OURS = {  # name -> (QuantConfig preset, overrides)
     "W8A8": ("W8A8", {}),
@@ -262,10 +263,12 @@ def run_alternating(variants, latent: int, repeats: int, threads: int, log=print
                 else:
                     os.environ[k] = val
 
-    outs, times = {}, {v: [] for v in variants}
+    outs, times, warm = {}, {v: [] for v in variants}, {}
     with torch.no_grad():
-        for v in variants:  # warm-up (prepacking, first-call allocations)
+        for v in variants:  # warm-up (prepacking, first-call allocations; the kernel autotuner's measurements)
+            t0 = time.perf_counter()
             outs[v] = call(v)
+            warm[v] = time.perf_counter() - t0
         for r in range(repeats):
             for v in variants:
                 t0 = time.perf_counter()
@@ -280,7 +283,10 @@ def run_alternating(variants, latent: int, repeats: int, threads: int, log=print
     for v in variants:
         med = statistics.median(times[v])
         wb = resident_weight_bytes(models[ALTERNATE[v][0]])
-        row = dict(variant=v, median_s=med, times_s=times[v], weight_bytes=wb)
+        row = dict(variant=v, median_s=med, times_s=times[v], warmup_s=warm[v], weight_bytes=wb)
+        kc = _kernel_choice(models[ALTERNATE[v][0]])
+        if kc:
+            row["kernel_choice"] = kc
         if base:
             row["time_ratio"] = med / base
         if fp_bytes:
@@ -291,6 +297,20 @@ def run_alternating(variants, latent: int, repeats: int, threads: int, log=print
             row["profile"] = profiles[v]
         rows.append(row)
     return rows
+
+
+def _kernel_choice(model) -> Optional[dict]:
+    """The autotuner's summary of a deployed model (layers per kernel, layers refused by the copy budget, bytes),
+    None for a model without tuned layers."""
+    if __package__:
+        from ..kernels import autotune
+    else:
+        from lowbit.kernels import autotune
+    s = autotune.summary(model)
+    if not s["layers"] and not s["over_budget"]:
+        return None
+    return {k: s[k] for k in ("layers", "untuned", "over_budget", "cache_bytes", "dense_bytes", "packed_bytes",
+                              "budget_bytes")}
 
 
 def main(argv=None):
@@ -322,11 +342,11 @@ def main(argv=None):
         rows = run_alternating(names, a.latent, a.repeats, a.threads, profile=a.profile)
         print(f"\nSD1.5 UNet, latent 1x4x{a.latent}x{a.latent}, threads={a.threads}, median of {a.repeats} "
               "alternating rounds (one process)")
-        print("| variant | s/forward | x fp32 | weight MB | x fp32 | rel. error vs fp32 |")
-        print("|---|---|---|---|---|---|")
+        print("| variant | s/forward | x fp32 | first forward s (tuning) | weight MB | x fp32 | rel. error vs fp32 |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['variant']} | {r['median_s']:.2f} | {r.get('time_ratio', float('nan')):.2f} | "
-                  f"{r['weight_bytes'] / 1e6:.0f} | {r.get('weight_ratio', float('nan')):.3f} | "
+                  f"{r['warmup_s']:.1f} | {r['weight_bytes'] / 1e6:.0f} | {r.get('weight_ratio', float('nan')):.3f} | "
                   f"{r.get('rel_err_vs_fp32', float('nan')):.1e} |")
         for r in rows:
             if r.get("profile"):

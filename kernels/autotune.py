@@ -366,14 +366,32 @@ def _fast_key(op: str, args) -> tuple:
             args[3:-1], torch.get_num_threads())
 
 
+_SWITCH_KEYS = ("LOWBIT_AUTOTUNE", "LOWBIT_AUTOTUNE_DENSE", "LOWBIT_BACKEND", "LOWBIT_DISABLE_BACKENDS")
+_SWITCH_STATES: Dict[tuple, tuple] = {}
+
+
+def _switches() -> tuple:
+    """(tuning active, disabled backends, float path allowed), read from the environment at every call (tests and
+    users change the switches between calls) but derived once per set of raw values: a deployed layer asks at each
+    of its calls, and parsing four variables each time cost microseconds per layer."""
+    raw = registry.raw_env(_SWITCH_KEYS) + ((registry._forced_stack[-1],) if registry._forced_stack else ())
+    st = _SWITCH_STATES.get(raw)
+    if st is None:
+        disabled = frozenset(registry._disabled())
+        st = (enabled() and registry._forced() is None, disabled, _dense_allowed() and "dense" not in disabled)
+        if len(_SWITCH_STATES) < 256:
+            _SWITCH_STATES[raw] = st
+    return st
+
+
 def active() -> bool:
     """Whether tuned weights take their tuned kernel now: tuning on and no backend forced (read at every call)."""
-    return enabled() and registry._forced() is None
+    return _switches()[0]
 
 
 def _float_ok() -> bool:
     """The float path may run now: ``LOWBIT_AUTOTUNE_DENSE`` on and the dense backend not disabled."""
-    return _dense_allowed() and "dense" not in registry._disabled()
+    return _switches()[2]
 
 
 def usable(ch: "Choice") -> bool:
@@ -381,9 +399,14 @@ def usable(ch: "Choice") -> bool:
     backend listed in ``LOWBIT_DISABLE_BACKENDS`` since it was made, nor the float path while
     ``LOWBIT_AUTOTUNE_DENSE=0`` or the dense backend is disabled. A choice that may not is made again among what
     is allowed (and replaces it)."""
-    if ch.name == ch.float_name:
-        return _float_ok()
-    return ch.name not in registry._disabled()
+    st = _switches()
+    return st[2] if ch.name == ch.float_name else ch.name not in st[1]
+
+
+def runnable(ch: "Choice") -> bool:
+    """``active() and usable(ch)`` with one read of the environment (a deployed layer's fast path, every call)."""
+    on, disabled, float_ok = _switches()
+    return on and (float_ok if ch.name == ch.float_name else ch.name not in disabled)
 
 
 def chosen(op: str, args):

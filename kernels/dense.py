@@ -131,10 +131,16 @@ def _fused_fake_quant(x, act):
     return _cpu().quant_static_fused(x, act).dequantize()
 
 
-def _cpu():
-    from . import cpu
+_CPU = []
 
-    return cpu
+
+def _cpu():
+    """kernels.cpu, imported on first use (an import statement at every call costs microseconds per layer)."""
+    if not _CPU:
+        from . import cpu
+
+        _CPU.append(cpu)
+    return _CPU[0]
 
 
 def _scaled_weight(pw, w, scale: float):

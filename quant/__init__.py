@@ -3,13 +3,14 @@
 Verbs (everything else is private):
   quantize(model, QuantConfig, calib)        naive PTQ baseline -> quantized copy (fake-quant mode)
   quantize_(model, QuantConfig, calib)       the same, in place (swapped in only on success)
-  deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels / back to fake-quant
+  deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels (each layer's kernel chosen by
+                                             measured speed, copies within DEFAULT_COPY_BUDGET_MB) / back to fake-quant
   save(qmodel, path) / load(model, path)     safetensors + versioned JSON header (load_model(path): no float model)
   CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
   pipeline.run(model, calls, PipelineConfig) the whole method (quantize, reconstruct, fine-tune, PTQD, deploy)
 """
 from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, QuantConfig, ReconConfig,
-                     ACT_BITS_NONE)
+                     ACT_BITS_NONE, DEFAULT_COPY_BUDGET_MB)
 from .config import Spec, arg_spec, check_verb_args, field_spec, specs
 from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalError
 from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output

@@ -85,7 +85,7 @@ class ActQuantizer(nn.Module):
     def per_timestep(self) -> bool:
         """Whether the tables have several timestep entries (else the timestep is never needed, nor read: no host
         synchronisation on a GPU)."""
-        return len(self.tgrid) > 1
+        return self._buffers["tgrid"].shape[0] > 1  # (len() of a buffer costs microseconds at every layer call)
 
     def lookup(self, t: Optional[float], bits: int):
         """(scale, zero) at timestep t, linear interpolation over the table (scalar tensors)."""
@@ -438,8 +438,7 @@ class QuantLayer(nn.Module):
         if table is not None and cache.get("autotune"):
             key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads())
             hit = table.get(key)
-            at = _kernels().autotune
-            if hit is not None and at.active() and at.usable(hit[0]):
+            if hit is not None and _kernels().autotune.runnable(hit[0]):
                 return hit[0].impl(x, pw, self.bias, *hit[1])
         aq = self._deployed_aq(tkey, bits)
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call

@@ -1,5 +1,7 @@
 """A new weight format (``toy_format.py``) and a new architecture (``toy_profile.py``), each added in one file,
 run the whole pipeline together: quantize, reconstruct, PTQD, deploy, save, load."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,3 +64,31 @@ def test_pipeline_tune_kernels_checks_the_choice_with_whole_forwards():
     rep = res.info["kernel_choice"]
     assert rep["mode"] in ("tuned", "float", "integer") and set(rep["cpu_ms"]) == {"tuned", "float", "integer"}
     assert autotune.summary(res.model)["settled"] == rep
+
+
+def test_kernel_tuning_is_the_default_within_the_copy_budget(tmp_path):
+    """deploy_, the pipeline and load all arm the kernel autotuner by default, with the 64 MiB copy budget
+    (PipelineConfig.kernel_copy_mb sets it; tune_kernels=False / deploy_(tune=False) leave the registry order)."""
+    from lowbit.kernels import autotune
+    from lowbit.quant import DEFAULT_COPY_BUDGET_MB, deploy_, quantize
+    from lowbit.quant.layers import quant_layers
+
+    def budgets(model):
+        arms = [autotune._arming(layer.packed_weight()) for _, layer in quant_layers(model)]
+        return {None if a is None else ("unbounded" if a[1].limit is None else a[1].limit) for a in arms}
+
+    assert DEFAULT_COPY_BUDGET_MB == 64.0 and PipelineConfig().tune_kernels
+    torch.manual_seed(0)
+    fp = ToyDenoiser().eval().requires_grad_(False)
+    calls = _calls(fp)
+    q = quantize(fp, QuantConfig.preset("W8A8"), calls)
+    assert budgets(deploy_(q)) == {64 << 20}
+    assert budgets(deploy_(quantize(fp, QuantConfig.preset("W8A8"), calls), tune=False)) == {None}
+    assert budgets(deploy_(quantize(fp, QuantConfig.preset("W8A8"), calls), copy_budget_mb=None)) == {"unbounded"}
+    cfg = PipelineConfig.for_method("naive", quant=QuantConfig.preset("W8A8"), precision="rules", kernel_copy_mb=2.0)
+    res = pipeline.run(fp, calls, cfg)
+    assert budgets(res.model) == {2 << 20} and res.info["kernel_choice"] is not None
+    off = pipeline.run(fp, calls, dataclasses.replace(cfg, tune_kernels=False))
+    assert budgets(off.model) == {None} and "kernel_choice" not in off.info
+    path = save(res.model, str(tmp_path / "toy.safetensors"))
+    assert budgets(load(fp, path)) == {64 << 20}
