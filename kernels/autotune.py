@@ -21,8 +21,8 @@ backend that was **measured** fastest for the call's shape on this machine:
   :func:`summary` reports the bytes;
 * budget: the copies one model's tuned weights keep together are bounded (:class:`Budget`, ``attach_model``'s
   ``budget_bytes``; ``quant.deploy_`` gives 64 MiB by default). A weight is admitted at its first call if the most its
-  copies can take (4 bytes per weight: a float copy) fits in what is left; then its actual caches are charged after
-  each decision. A weight that does not fit is not tuned: it runs in registry order with no copies, as an untuned
+  copies can take (8 bytes per weight: the float path's fp32 copies) fits in what is left, and charged at least that
+  much. A weight that does not fit is not tuned: it runs in registry order with no copies, as an untuned
   model does. Small models (whose small layers are where integer kernels lose to float GEMMs) are tuned whole; a
   large model spends the budget on its first layers called and keeps the packed size elsewhere.
 
@@ -112,40 +112,51 @@ def _dense_allowed() -> bool:
     return registry.env_flag("LOWBIT_AUTOTUNE_DENSE", True)
 
 
-_RESERVE_PER_WEIGHT = 4  # bytes per weight a tuned layer may keep at most: a float copy for fp32 inputs
+# bytes per weight a tuned layer may keep: the float path's copies for fp32 inputs, the dequantized weight and (for
+# static activations, when the weight is the smaller operand) the same with the activation step folded in
+_RESERVE_PER_WEIGHT = 8
 
 
 class Budget:
     """Bytes of backend caches (float copies for the float path, int8 copies of int4 weights, prepacked blobs) that
     the tuned weights of one model may keep together; ``limit`` None: no bound. Shared by the model's weights
-    (their ``tune`` arming holds it); a copied or unpickled model gets its own, empty one."""
+    (their ``tune`` arming holds it); a copied or unpickled model gets its own, empty one.
+
+    Each admitted weight is charged the larger of its reservation (8 bytes per weight, what the float path keeps at
+    most) and what its caches hold after each decision, so admissions are bounded by the reservations whatever
+    the first decisions kept. Charges belong to the weight's cache as it was (``cache_id``): after a device move or
+    a state-dict load drops the caches, the weight is admitted again and its old charge no longer counts. Caches
+    can pass the reservation in two cases, then charged as they are: a weight whose call shapes chose both the
+    integer and the float path keeps both, and a split convolution's fused float copy spans all its parts."""
 
     def __init__(self, limit: Optional[int]):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"Budget: limit must be a non-negative number of bytes or None, got {limit!r}")
         self.limit = limit
-        self._charges = weakref.WeakKeyDictionary()  # weight -> bytes charged (a reservation, then its caches)
+        self._charges = weakref.WeakKeyDictionary()  # weight -> (its cache_id, reservation, bytes charged)
 
     def __reduce__(self):  # copies (deepcopy, pickle) start empty: their caches are rebuilt on use
         return (Budget, (self.limit,))
 
     def used(self) -> int:
-        return sum(self._charges.values())
+        return sum(c[2] for pw, c in list(self._charges.items()) if c[0] == getattr(pw, "cache_id", c[0]))
 
     def admit(self, pw) -> bool:
         """Whether ``pw`` may be tuned: the most its copies can take fits in what is left (then reserved)."""
         if self.limit is None:
             return True
+        self._charges.pop(pw, None)  # (an earlier charge belongs to caches that are gone)
         reserve = math.prod(pw.shape) * _RESERVE_PER_WEIGHT
-        if self.used() - self._charges.get(pw, 0) + reserve > self.limit:
+        if self.used() + reserve > self.limit:
             return False
-        self._charges[pw] = reserve
+        self._charges[pw] = (getattr(pw, "cache_id", None), reserve, reserve)
         return True
 
     def charge(self, pw):
-        """Charge ``pw``'s caches as they are now (after a decision dropped the losers')."""
-        if self.limit is not None and pw in self._charges:
-            self._charges[pw] = pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)
+        """Charge ``pw``'s caches as they are now (after a decision dropped the losers'), at least its reservation."""
+        c = self._charges.get(pw) if self.limit is not None else None
+        if c is not None and c[0] == getattr(pw, "cache_id", None):
+            self._charges[pw] = (c[0], c[1], max(c[1], pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False)))
 
     def __repr__(self):
         lim = "none" if self.limit is None else f"{self.limit / 2**20:.1f} MiB"
@@ -163,6 +174,8 @@ def _arming(pw):
 def attach(pw, cache_int4: bool = True, budget: Optional[Budget] = None):
     """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc);
     ``budget``: the :class:`Budget` its copies count against (shared with the rest of its model), or None: none."""
+    if "autotune.fits" in pw.cache and hasattr(pw, "reset_cache"):
+        pw.reset_cache()  # armed before: choices and copies go, admitted again by ``budget`` at its next call
     pw.cache["autotune"] = True
     if cache_int4 and pw.bits <= 4:
         pw.cache["cache_int4"] = True
@@ -186,9 +199,12 @@ def is_attached(pw) -> bool:
     budget = arm[1] if arm else None
     with _LOCK:
         fits = budget is None or budget.admit(pw)
-        if not fits:  # as untuned: registry order, no int8 copies of int4 weights
-            c.pop("autotune", None)
-            c.pop("cache_int4", None)
+        if not fits:  # as untuned: registry order, no copies (also none an earlier arming made)
+            if hasattr(pw, "reset_cache"):
+                pw.reset_cache()
+            else:
+                pw.cache.clear()
+            c = pw.cache
         c["autotune.fits"] = fits
     return fits
 
@@ -528,10 +544,12 @@ def set_mode(model, mode: str = "tuned"):
     split convolutions) or "integer" (the integer kernels everywhere, registry order). Returns the model."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    for _, pw in _packed_weights(model):
-        pw.cache["autotune.mode"] = mode
-        for ch in _choices(pw):
-            ch.use(mode)
+    with _LOCK:
+        for _, pw in _packed_weights(model):
+            pw.cache["autotune.mode"] = mode
+            for ch in _choices(pw):
+                ch.use(mode)
+            _drop_loser_caches(pw)  # (the other modes' caches; this mode's are built at its next calls)
     return model
 
 
@@ -623,7 +641,8 @@ def summary(model) -> dict:
     """What the tuner chose for a deployed model (after at least one forward).
 
     returns dict(layers={backend: count}, untuned=count (not called yet), over_budget=count (not tuned: their
-                 copies would not fit in the model's budget), cache_bytes, dense_bytes, packed_bytes, budget_bytes,
+                 copies would not fit in the model's budget), cache_bytes (every weight's, tuned or not), dense_bytes,
+                 packed_bytes, budget_bytes (its limit) and budget_used (what its tuned weights are charged),
                  paths={option: count} (layers with alternative paths, e.g. split convolutions: fused or parts),
                  settled=None or the whole-model check of :func:`settle` (mode, times_ms per mode),
                  rows=[dict(name, backend, shape, times_ms={backend: ms})])
@@ -655,8 +674,8 @@ def summary(model) -> dict:
         rows.append(dict(name=name, backend=backend, shape=list(pw.shape), calls=len(calls),
                          times_ms={b: round(t * 1e3, 4) for b, t in dec["times"].items()}))
     return dict(layers=layers, untuned=untuned, over_budget=over, cache_bytes=cache_b, dense_bytes=dense_b,
-                packed_bytes=packed_b, budget_bytes=None if budget is None else budget.limit, paths=paths,
-                settled=settled, rows=rows)
+                packed_bytes=packed_b, budget_bytes=None if budget is None else budget.limit,
+                budget_used=None if budget is None else budget.used(), paths=paths, settled=settled, rows=rows)
 
 
 def format_summary(s: dict, max_rows: int = 0) -> str:
@@ -666,7 +685,7 @@ def format_summary(s: dict, max_rows: int = 0) -> str:
     lines = [f"kernel choice (measured on this machine): {tuned} layers: {parts or 'none yet (run a forward)'}"
              + (f"; {s['untuned']} not called yet" if s["untuned"] else "")
              + (f"; {s['over_budget']} in registry order (their copies would exceed the "
-                f"{s['budget_bytes'] / 2**20:.3g} MiB budget)" if s.get("over_budget") else "")]
+                f"{(s['budget_bytes'] or 0) / 2**20:.3g} MiB budget)" if s.get("over_budget") else "")]
     chosen = sum(r["times_ms"].get(r["backend"], 0.0) for r in s["rows"] if r["times_ms"])
     ints = [min((t for b, t in r["times_ms"].items() if b != "dense"), default=None) for r in s["rows"]]
     dens = [r["times_ms"].get("dense") for r in s["rows"]]

@@ -5,6 +5,7 @@ Verbs (everything else is private):
   quantize_(model, QuantConfig, calib)       the same, in place (swapped in only on success)
   deploy_(qmodel) / undeploy_(qmodel)        pack to integers and run on kernels (each layer's kernel chosen by
                                              measured speed, copies within DEFAULT_COPY_BUDGET_MB) / back to fake-quant
+  tune_kernels_(qmodel, copy_budget_mb)      arm the kernel autotuner again (another budget; None: no bound)
   save(qmodel, path) / load(model, path)     safetensors + versioned JSON header (load_model(path): no float model)
   CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
   pipeline.run(model, calls, PipelineConfig) the whole method (quantize, reconstruct, fine-tune, PTQD, deploy)
@@ -16,7 +17,8 @@ from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalE
 from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output
 from .context import QuantContext, get_context
 from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
-from .api import calibrate_activations, deploy_, quantize, quantize_, structural_copy, undeploy_, weight_bytes
+from .api import (calibrate_activations, deploy_, quantize, quantize_, structural_copy, tune_kernels_, undeploy_,
+                  weight_bytes)
 from .io import load, load_model, save, read_header, register_extra
 from . import ptqd, sampling
 from .ptqd import PTQDStats, attach_stats, collect_stats, get_stats

@@ -235,13 +235,17 @@ class PackedWeight(nn.Module):
         numel*itemsize)."""
         total = sum(_tensor_bytes(t) for t in self._buffers.values() if t is not None)
         if include_cache:
-            for v in self.cache.values():
+            for v in list(self.cache.values()):  # (a snapshot: another thread may be adding a cache)
                 total += _nested_bytes(v)
         return total
 
+    def reset_cache(self):
+        """Drop every backend cache (prepacked forms, copies, the autotuner's choices): a new ``cache_id``."""
+        self.cache, self.cache_id = {}, next(_CACHE_IDS)
+
     def _apply(self, fn, *args, **kwargs):
         # prepacked forms are device-specific; integer data and scales never change dtype
-        self.cache, self.cache_id = {}, next(_CACHE_IDS)
+        self.reset_cache()
 
         def keep_dtype(t):
             out = fn(t)
@@ -251,7 +255,7 @@ class PackedWeight(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         # new integers / scales: every prepacked form of the old ones is stale
-        self.cache, self.cache_id = {}, next(_CACHE_IDS)
+        self.reset_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __deepcopy__(self, memo):

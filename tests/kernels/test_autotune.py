@@ -433,8 +433,8 @@ def test_tuned_shapes_per_weight_are_bounded(tune_env):
 
 
 def _linears(budget_mb, tune=True, bits="W4A8"):
-    """Deployed Linears 64->64, 64->256, 256->256, 256->64 (reservations at 4 bytes per weight: 16, 64, 256 and
-    64 KiB), with the call they were calibrated on."""
+    """Deployed Linears 64->64, 64->256, 256->256, 256->64 (reservations at 8 bytes per weight: 32, 128, 512 and
+    128 KiB), with the call they were calibrated on."""
     from lowbit.quant import CallRecorder, QuantConfig, deploy_, quantize
 
     torch.manual_seed(0)
@@ -447,7 +447,7 @@ def _linears(budget_mb, tune=True, bits="W4A8"):
 
 
 def test_copy_budget_bounds_what_tuning_keeps(tune_env):
-    """deploy_'s copy budget: a layer is tuned only while the most its copies can take (4 bytes per weight) fits in
+    """deploy_'s copy budget: a layer is tuned only while the most its copies can take (8 bytes per weight) fits in
     what the model's tuned layers keep; a layer refused runs in registry order and keeps what an untuned deployment
     keeps (no float copy, no int8 copy of its int4 weight), and the model's caches stay within the budget, also
     when the decisions are already known (a second model: no measurement builds the caches first)."""
@@ -458,18 +458,18 @@ def test_copy_budget_bounds_what_tuning_keeps(tune_env):
         ref = plain(x)
     untuned = {n: sorted(map(str, pw.cache)) for n, pw in autotune._packed_weights(plain)}
     for attempt in range(2):
-        q, _ = _linears(0.1)  # 104857 bytes: 16 + 64 KiB admitted, then 256 KiB and 64 KiB refused
+        q, _ = _linears(0.2)  # 209715 bytes: 32 + 128 KiB admitted, then 512 KiB and 128 KiB refused
         with torch.no_grad():
             y = q(x)
         s = autotune.summary(q)
-        assert s["over_budget"] == 2 and sum(s["layers"].values()) == 2 and s["budget_bytes"] == 104857, s
-        assert s["cache_bytes"] <= 104857 and rel_err(y, ref) < 1e-2
+        assert s["over_budget"] == 2 and sum(s["layers"].values()) == 2 and s["budget_bytes"] == 209715, s
+        assert s["cache_bytes"] <= 209715 and rel_err(y, ref) < 1e-2
         pws = dict(autotune._packed_weights(q))
         for n in ("2", "3"):
             assert not autotune.is_attached(pws[n])
             assert sorted(str(k) for k in pws[n].cache if k != "autotune.fits") == untuned[n]
         assert all(autotune.is_attached(pws[n]) for n in ("0", "1"))
-        assert "2 in registry order (their copies would exceed the 0.1 MiB budget)" in autotune.format_summary(s)
+        assert "2 in registry order (their copies would exceed the 0.2 MiB budget)" in autotune.format_summary(s)
     # no budget: every layer tuned; a zero budget: none, and the bytes of an untuned deployment
     q, _ = _linears(None)
     with torch.no_grad():
@@ -486,7 +486,7 @@ def test_copy_budget_bounds_what_tuning_keeps(tune_env):
 def test_a_copied_model_has_a_budget_of_its_own(tune_env):
     import copy
 
-    q, x = _linears(0.1)
+    q, x = _linears(0.2)
     with torch.no_grad():
         q(x)
     q2 = copy.deepcopy(q)
@@ -511,3 +511,51 @@ def test_deploy_settings_refused_before_any_work(tune_env, kw):
     with pytest.raises(ConfigError, match="deploy_: (tune|copy_budget_mb)"):
         deploy_(q, **kw)
     assert all(layer.mode != "deployed" for _, layer in quant_layers(q))
+
+
+def test_budget_charges_follow_the_caches_through_moves_and_re_arming(tune_env):
+    """A device move (here a no-op .to('cpu'), which drops the caches as any move does) or a state-dict load does
+    not leave the old caches' charges counted: the same layers are tuned after it. Arming the model again (another
+    budget, or none) admits every weight again; a weight refused keeps no copy from an earlier arming; set_mode
+    drops the caches of the mode left."""
+    from lowbit.quant import tune_kernels_
+
+    q, x = _linears(0.2)
+    with torch.no_grad():
+        q(x)
+    budget = autotune._arming(dict(autotune._packed_weights(q))["0"])[1]
+    tuned = [autotune.is_attached(pw) for _, pw in autotune._packed_weights(q)]
+    used = budget.used()
+    assert tuned == [True, True, False, False] and 0 < used <= budget.limit
+    for step in ("move", "load"):
+        if step == "move":
+            q.to("cpu")
+        else:
+            q.load_state_dict(q.state_dict())
+        assert budget.used() == 0  # (charges of dropped caches do not count)
+        with torch.no_grad():
+            q(x)
+        assert [autotune.is_attached(pw) for _, pw in autotune._packed_weights(q)] == tuned
+        assert budget.used() == used
+    tune_kernels_(q, None)  # no bound: every weight tuned at its next call
+    with torch.no_grad():
+        q(x)
+    s = autotune.summary(q)
+    assert s["over_budget"] == 0 and sum(s["layers"].values()) == 4 and s["budget_bytes"] is None
+    autotune.format_summary(s)
+    tune_kernels_(q, 0)  # nothing fits: the copies the unbounded tuning made are dropped
+    with torch.no_grad():
+        q(x)
+    plain, _ = _linears(None, tune=False)
+    with torch.no_grad():
+        plain(x)
+    assert autotune.summary(q)["over_budget"] == 4
+    assert [sorted(str(k) for k in pw.cache if k != "autotune.fits") for _, pw in autotune._packed_weights(q)] == \
+        [sorted(map(str, pw.cache)) for _, pw in autotune._packed_weights(plain)]
+    q, x = _linears(None)
+    with torch.no_grad():
+        q(x)
+    for mode, gone in (("integer", "dense."), ("float", "onednn")):
+        autotune.set_mode(q, mode)
+        assert not [k for _, pw in autotune._packed_weights(q) for k in pw.cache if str(k).startswith(gone)
+                    and not any(ch.name == gone.rstrip(".") for ch in autotune._choices(pw))]
