@@ -21,12 +21,13 @@ backend that was **measured** fastest for the call's shape on this machine:
   :func:`summary` reports the bytes;
 * budget: the copies one model's tuned weights keep together are bounded (:class:`Budget`, ``attach_model``'s
   ``budget_bytes``; ``quant.deploy_`` gives 64 MiB by default). A weight is admitted at its first call if the most its
-  copies can take (8 bytes per weight: the float path's fp32 copies) fits in what is left, and charged at least that
-  much. A weight that does not fit is not tuned: it runs in registry order with no copies, as an untuned
+  copies can take (5 bytes per weight: a float copy and an int8 copy) fits in what is left, and charged at least
+  that much. A weight that does not fit is not tuned: it runs in registry order with no copies, as an untuned
   model does. Small models (whose small layers are where integer kernels lose to float GEMMs) are tuned whole; a
   large model spends the budget on its first layers called and keeps the packed size elsewhere.
 
-``LOWBIT_AUTOTUNE=0`` turns tuning off (registry order, as before); ``LOWBIT_AUTOTUNE_DENSE=0`` keeps the integer
+``LOWBIT_AUTOTUNE=0`` turns tuning off (registry order, as untuned: set before a weight's first call, it keeps no
+copies; set later, the copies already made stay); ``LOWBIT_AUTOTUNE_DENSE=0`` keeps the integer
 kernels only (no float copies: memory first); ``LOWBIT_BACKEND`` / ``forced_backend`` always win over the tuner.
 
 Report: ``summary(model)`` -> dict (layers per backend, per-layer measured times, cache bytes) and
@@ -112,28 +113,31 @@ def _dense_allowed() -> bool:
     return registry.env_flag("LOWBIT_AUTOTUNE_DENSE", True)
 
 
-# bytes per weight a tuned layer may keep: the float path's copies for fp32 inputs, the dequantized weight and (for
-# static activations, when the weight is the smaller operand) the same with the activation step folded in
-_RESERVE_PER_WEIGHT = 8
+# bytes per weight a tuned layer may keep: the float path's copy for fp32 inputs (4) and an int8 copy (1; oneDNN's
+# prepacked blob or an unpacked int4 weight) for a weight whose call shapes choose both paths
+_RESERVE_PER_WEIGHT = 5
 
 
 class Budget:
     """Bytes of backend caches (float copies for the float path, int8 copies of int4 weights, prepacked blobs) that
     the tuned weights of one model may keep together; ``limit`` None: no bound. Shared by the model's weights
-    (their ``tune`` arming holds it); a copied or unpickled model gets its own, empty one.
+    (their ``tune`` arming holds it), it also holds the model's whole-model tuning state (``state``: the mode
+    :func:`set_mode` / :func:`settle` fixed, kept through device moves); a copied or unpickled model gets its own,
+    empty one.
 
-    Each admitted weight is charged the larger of its reservation (8 bytes per weight, what the float path keeps at
-    most) and what its caches hold after each decision, so admissions are bounded by the reservations whatever
+    Each admitted weight is charged the larger of its reservation (5 bytes per weight: a float copy and an int8
+    copy) and what its caches hold after each decision, so admissions are bounded by the reservations whatever
     the first decisions kept. Charges belong to the weight's cache as it was (``cache_id``): after a device move or
     a state-dict load drops the caches, the weight is admitted again and its old charge no longer counts. Caches
-    can pass the reservation in two cases, then charged as they are: a weight whose call shapes chose both the
-    integer and the float path keeps both, and a split convolution's fused float copy spans all its parts."""
+    can pass the reservation in one case, then charged as they are: a split convolution's fused float copy, kept
+    with its first part, spans all its parts."""
 
     def __init__(self, limit: Optional[int]):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"Budget: limit must be a non-negative number of bytes or None, got {limit!r}")
         self.limit = limit
         self._charges = weakref.WeakKeyDictionary()  # weight -> (its cache_id, reservation, bytes charged)
+        self.state: dict = {}  # the model's whole-model tuning state (set_mode's mode, settle's report)
 
     def __reduce__(self):  # copies (deepcopy, pickle) start empty: their caches are rebuilt on use
         return (Budget, (self.limit,))
@@ -165,7 +169,7 @@ class Budget:
 
 def _arming(pw):
     """(cache_int4, budget) the weight was attached with, or None."""
-    arm = getattr(pw, "tune", None)
+    arm = getattr(pw, "tune", None) if hasattr(pw, "tune") else pw.cache.get("autotune.arm")
     if arm is None or arm is False:
         return None
     return arm if isinstance(arm, tuple) else (bool(arm), None)
@@ -173,37 +177,43 @@ def _arming(pw):
 
 def attach(pw, cache_int4: bool = True, budget: Optional[Budget] = None):
     """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc);
-    ``budget``: the :class:`Budget` its copies count against (shared with the rest of its model), or None: none."""
-    if "autotune.fits" in pw.cache and hasattr(pw, "reset_cache"):
-        pw.reset_cache()  # armed before: choices and copies go, admitted again by ``budget`` at its next call
-    pw.cache["autotune"] = True
-    if cache_int4 and pw.bits <= 4:
-        pw.cache["cache_int4"] = True
+    ``budget``: the :class:`Budget` its copies count against (shared with the rest of its model), or None: none.
+    Only arms it: the weight is admitted (and the backends told to keep copies) at its first tuned call, so
+    ``LOWBIT_AUTOTUNE=0`` from the start leaves it exactly as untuned."""
+    if "autotune.fits" in pw.cache:  # armed before: choices and copies go, admitted again at its next call
+        if hasattr(pw, "reset_cache"):
+            pw.reset_cache()
+        else:
+            pw.cache.clear()
     if hasattr(pw, "tune"):  # survives a cache reset on device moves and copies (PackedWeight.tune)
         pw.tune = (bool(cache_int4), budget)
+    else:
+        pw.cache["autotune.arm"] = (bool(cache_int4), budget)
     return pw
 
 
 def is_attached(pw) -> bool:
-    """Whether ``pw``'s calls are tuned: attached, and admitted by its budget (decided at the first ask after
-    each cache reset; a weight refused runs in registry order without copies, as if never attached)."""
+    """Whether ``pw``'s calls are tuned: armed (:func:`attach`), and admitted by its budget (decided at the first
+    ask after each cache reset; a weight refused runs in registry order without copies, as if never attached)."""
     c = pw.cache
     fits = c.get("autotune.fits")
     if fits is not None:
         return fits
     arm = _arming(pw)
-    if not c.get("autotune"):
-        if arm is None:
-            return False
-        attach(pw, *arm)  # the cache was reset (device move, copy): re-arm
-    budget = arm[1] if arm else None
+    if arm is None:
+        return False
     with _LOCK:
-        fits = budget is None or budget.admit(pw)
-        if not fits:  # as untuned: registry order, no copies (also none an earlier arming made)
+        fits = arm[1] is None or arm[1].admit(pw)
+        if fits:
+            c["autotune"] = True  # (the backends' and the layer's sign of a tuned weight)
+            if arm[0] and pw.bits <= 4:
+                c["cache_int4"] = True
+        else:  # as untuned: registry order, no copies (also none an earlier arming made)
             if hasattr(pw, "reset_cache"):
                 pw.reset_cache()
             else:
-                pw.cache.clear()
+                c.clear()
+                c["autotune.arm"] = arm
             c = pw.cache
         c["autotune.fits"] = fits
     return fits
@@ -325,23 +335,27 @@ def _sync(x):
 
 def _time_alternating(fns: dict, x):
     """-> (times {name: min seconds}, outputs {name: last output}) of zero-argument functions: one warm-up call
-    each (caches: prepacking, int8 copies, float copies, first-call allocations), then rounds in which they
-    alternate, so the load of a shared machine hits all alike."""
-    outs, times = {}, {}
+    each (caches: prepacking, int8 copies, float copies, first-call allocations, a GPU kernel's compilation), then
+    rounds in which they alternate, so the load of a shared machine hits all alike. How many rounds follows the
+    first timed round (not the warm-up, whose compilation or prepacking says nothing of the call's cost)."""
+    outs = {}
     for n, f in fns.items():
-        t0 = time.perf_counter()
         outs[n] = f()
         _sync(x)
-        times[n] = time.perf_counter() - t0
-    slowest = max(times.values())
-    rounds = 1 if slowest > _SLOW_CALL_S else (2 * ROUNDS if slowest < 0.02 else ROUNDS)  # short calls: more rounds
     times = {n: float("inf") for n in fns}
-    for _ in range(rounds):
+
+    def one_round():
         for n, f in fns.items():
             t0 = time.perf_counter()
             outs[n] = f()
             _sync(x)
             times[n] = min(times[n], time.perf_counter() - t0)
+
+    one_round()
+    slowest = max(times.values())
+    rounds = 1 if slowest > _SLOW_CALL_S else (2 * ROUNDS if slowest < 0.02 else ROUNDS)  # short calls: more rounds
+    for _ in range(rounds - 1):
+        one_round()
     return times, outs
 
 
@@ -492,7 +506,7 @@ def run(op: str, *args):
 
 def _mode(pw) -> str:
     """The whole-model mode :func:`settle` fixed for ``pw``'s model ("tuned" unless settled otherwise)."""
-    return pw.cache.get("autotune.mode", "tuned")
+    return _state(pw).get("autotune.mode", "tuned")
 
 
 # ----------------------------------------------------------------------------------------------- path choices
@@ -538,19 +552,29 @@ SETTLE_MARGIN = 0.03  # the per-layer choice stays unless a whole-model mode is 
 _SETTLE_SLOW_S = 2.0  # a forward slower than this: one timed round per mode
 
 
-def set_mode(model, mode: str = "tuned"):
+def set_mode(model, mode: str = "tuned", _drop: bool = True):
     """Make every tuned weight of ``model`` (and the choices it makes later, for new shapes) take ``mode``:
     "tuned" (each call shape's measured choice), "float" (the float path everywhere: the dense backend, fused
-    split convolutions) or "integer" (the integer kernels everywhere, registry order). Returns the model."""
+    split convolutions) or "integer" (the integer kernels everywhere, registry order); the other modes' caches are
+    dropped (this mode's are built at its next calls). The mode is kept with the model's :class:`Budget`, so it
+    survives device moves. Returns the model."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     with _LOCK:
         for _, pw in _packed_weights(model):
-            pw.cache["autotune.mode"] = mode
+            _state(pw)["autotune.mode"] = mode
             for ch in _choices(pw):
                 ch.use(mode)
-            _drop_loser_caches(pw)  # (the other modes' caches; this mode's are built at its next calls)
+            if _drop:
+                _drop_loser_caches(pw)
     return model
+
+
+def _state(pw) -> dict:
+    """Where a weight's whole-model tuning state (mode, the whole-model check's report) lives: its model's
+    :class:`Budget` (one per model, kept through device moves and state-dict loads), else its own cache."""
+    arm = _arming(pw)
+    return arm[1].state if arm is not None and arm[1] is not None else pw.cache
 
 
 def _forward_of(model, call):
@@ -570,7 +594,8 @@ def _forward_of(model, call):
                     "model")
 
 
-def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARGIN) -> Optional[dict]:
+def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARGIN,
+           progress=None) -> Optional[dict]:
     """End-to-end guard of the per-layer choices: time whole forwards of ``model`` on ``call`` (a representative
     call: the shapes it will run) under the per-layer tuned choice, with every layer on the float path, and with the
     integer kernels everywhere (registry order), and keep the fastest for the whole model (:func:`set_mode`).
@@ -584,6 +609,9 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     ``margin`` and its minimum wall time is not longer (less CPU time from fewer busy threads is not a speed-up).
     The losers' caches are dropped. A forward slower than 2 s gets one round.
 
+    ``progress``: ``progress(done, total, info)`` after each forward, the core's protocol (quant/progress.py;
+    ``info["stage"]`` is "deploy: kernel check"): a host's progress bar, and its Cancel, which raises from it.
+
     Returns dict(mode, rounds, cpu_ms={mode: ms}, wall_ms={mode: ms}), also kept with the model's weights and
     reported by :func:`summary` / :func:`format_summary`; None if no weight of ``model`` is tuned (or tuning is off).
     """
@@ -595,22 +623,34 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     cpu = {m: [] for m in _MODES}
     wall = {m: [] for m in _MODES}
     with torch.no_grad():
-        set_mode(model, "tuned")
+        # (modes switch without dropping caches while timing: each mode's copies are built in its warm-up and
+        # kept until the choice is made, so no timed forward rebuilds them)
+        set_mode(model, "tuned", _drop=False)
         t0 = time.perf_counter()
         fwd()
         if time.perf_counter() - t0 > _SETTLE_SLOW_S:
             rounds = 1
+        rounds = max(1, int(rounds))
+        done, total = [0], len(_MODES) * (1 + rounds)
+
+        def tick(mode):
+            done[0] += 1
+            if callable(progress):
+                progress(done[0], total, dict(stage="deploy: kernel check", mode=mode))
+
         for m in _MODES:  # warm-up: the mode's caches
-            set_mode(model, m)
+            set_mode(model, m, _drop=False)
             fwd()
-        for r in range(max(1, int(rounds))):
+            tick(m)
+        for r in range(rounds):
             for m in (_MODES if r % 2 == 0 else _MODES[::-1]):
-                set_mode(model, m)
+                set_mode(model, m, _drop=False)
                 c0, t0 = time.process_time(), time.perf_counter()
                 fwd()
                 _sync(x)
                 wall[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
+                tick(m)
     score = {m: min(v) for m, v in cpu.items()}
     best = min(_MODES, key=score.get)
     if score[best] >= score["tuned"] * (1.0 - margin) or min(wall[best]) > min(wall["tuned"]):
@@ -620,7 +660,7 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     report = dict(mode=best, rounds=len(cpu["tuned"]), cpu_ms={m: round(v * 1e3, 2) for m, v in score.items()},
                   wall_ms={m: round(min(v) * 1e3, 2) for m, v in wall.items()})
     for pw in pws:
-        pw.cache["autotune.settled"] = report
+        _state(pw)["autotune.settled"] = report
         _drop_loser_caches(pw)
     return report
 
@@ -662,7 +702,7 @@ def summary(model) -> dict:
                 dense_b += _nested_bytes(v)
         for ch in pw.cache.get("autotune.paths", {}).values():
             paths[ch.name] = paths.get(ch.name, 0) + 1
-        settled = settled or pw.cache.get("autotune.settled")
+        settled = settled or _state(pw).get("autotune.settled")
         calls = pw.cache.get("autotune.calls")
         fast = list(pw.cache.get("autotune.fast", {}).values())
         if not calls or not fast:

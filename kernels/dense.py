@@ -2,13 +2,13 @@
 
 The weight is dequantized **once** and cached in ``pw.cache`` (``dense.w.fp32`` for fp32 inputs, ``dense.w.bf16``
 for bf16 inputs; a float copy costs 4 resp. 2 bytes per weight on top of the packed integers: the autotuner reports
-that trade; fp32 layers whose weight is smaller than their input also keep the weight times the last activation
-step, ``dense.ws.fp32``: 4 bytes more per weight of such small layers). Activations are fake-quantized with
-the codes the integer kernels use (on CPU the fused one-pass quantizer of kernels/cpu.py; elsewhere, and with
+that trade; with the reference's activation codes, fp32 layers whose weight is smaller than their input compute the
+weight times the activation step at each call instead of scaling the larger input). Activations are fake-quantized
+with the codes the integer kernels use (on CPU the fused one-pass quantizer of kernels/cpu.py; elsewhere, and with
 ``LOWBIT_CPU_EXACT_ACT_QUANT=1``, exactly the reference, ``kernels/eager.py``: ``round(x / scale)``, on CUDA through
 the best backend's ``fake_quant_act``, Triton's in one pass; same zero points, per-token / per-sample dynamic
-ranges), then a float GEMM / convolution runs. So the function is
-the reference's, ``F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias)``, with the float library's speed.
+ranges), then a float GEMM / convolution runs. So the function is the reference's, ``F.linear(fake_quant_act(x,
+act), dequantize_weight(pw), bias)``, with the float library's speed.
 
 Priority -10: plain dispatch never picks it (the eager reference, priority 0, accepts everything); it runs when the
 autotuner (:mod:`.autotune`) measured it fastest for a shape, or when forced (``LOWBIT_BACKEND=dense``).
@@ -144,14 +144,9 @@ def _cpu():
 
 
 def _scaled_weight(pw, w, scale: float):
-    """``w * scale`` for the last activation step seen on this weight (one scale for every step unless the layer
-    has per-timestep tables), kept in ``pw.cache["dense.ws.fp32"]``: no weight-sized product at every call."""
-    hit = pw.cache.get("dense.ws.fp32")
-    if hit is not None and hit[0] == scale and hit[1].device == w.device:
-        return hit[1]
-    ws = w * scale
-    pw.cache["dense.ws.fp32"] = (scale, ws)
-    return ws
+    """``w * scale``, computed at each call (the weight is the smaller operand here, so this pass costs less than
+    scaling the input; not kept: a second weight-sized copy would double the float path's memory)."""
+    return w * scale
 
 
 @backend.op("linear", supports=_supports)
@@ -224,8 +219,8 @@ def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
     Caches, in ``pws[0].cache`` (dropped with it on device moves and copies; rebuilt when another part's integers
     change, by its ``cache_id``; counted as float copies by the autotuner's summary): ``fused.w`` the concatenated
     fp32 weight (4 bytes per weight, dequantized once) and, for
-    the last quantizers seen, their per-channel parameters and (``fused.ws``) the weight with the activation steps
-    folded in, used when the weight is smaller than the activations (one pass over the activations less)."""
+    the last quantizers seen, their per-channel parameters (with the reference's codes, the activation steps are
+    folded into the weight at each call when the weight is smaller than the activations)."""
     cache = pws[0].cache
     w = cache.get("fused.w")
     src = tuple(pw.cache_id for pw in pws)  # (a part given new integers since: its cache_id changed)
@@ -235,21 +230,16 @@ def conv2d_concat(x, pws, bias, stride, padding, dilation, acts):
         w = cache["fused.w"] = torch.cat([ops.dequantize_weight(pw).to(torch.float32) for pw in pws], 1).contiguous()
         cache["fused.src"] = src
         cache.pop("fused.act", None)
-        cache.pop("fused.ws", None)
     if _fused(x, *acts):  # the fused CPU codes, as the parts path computes them: one pass per part
         xq = torch.cat([q.dequantize() for q in _fused_parts(x, acts, [pw.shape[1] for pw in pws])], 1)
         return F.conv2d(xq, w, bias, stride, padding, dilation)
     qp = cache.get("fused.act")
     if qp is None or qp[0] != acts:
         qp = cache["fused.act"] = (acts, *_channel_qparams(acts, [pw.shape[1] for pw in pws], x.device))
-        cache.pop("fused.ws", None)
     _, s, runs = qp
     xq = _codes(x, s, runs)
-    if w.numel() < xq.numel():
-        ws = cache.get("fused.ws")
-        if ws is None:
-            ws = cache["fused.ws"] = w * s
-        return F.conv2d(xq, ws, bias, stride, padding, dilation)
+    if w.numel() < xq.numel():  # (the scaled weight is computed, not kept: see _scaled_weight)
+        return F.conv2d(xq, w * s, bias, stride, padding, dilation)
     return F.conv2d(xq.mul_(s), w, bias, stride, padding, dilation)
 
 

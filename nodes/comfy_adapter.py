@@ -171,11 +171,14 @@ def attach_quantized_unet(model, q_unet, merged: bool = False):
     # ComfyUI's module_size sums state_dict() bytes, which miss the packed weights (they are not parameters and
     # the state dict reports zero-byte placeholders; ComfyUI's load log counted 119 MB for the W8A8 Flux
     # test model, whose comfyui-native export is 610 MiB), so
-    # the quantized UNet is counted with the core's weight_bytes (packed integers, scales, float rest).
+    # the quantized UNet is counted with the core's weight_bytes (packed integers, scales, float rest), plus what
+    # the kernels may keep next to them (the autotuner's copy budget, or the copies already made if larger).
     try:
-        from ..quant.api import weight_bytes
+        from ..kernels import autotune
+        from ..quant.api import kernel_copy_bytes, weight_bytes
 
-        q_bytes = max(comfy.model_management.module_size(q_unet), weight_bytes(q_unet))
+        copies = max(autotune.summary(q_unet)["budget_bytes"] or 0, kernel_copy_bytes(q_unet))
+        q_bytes = max(comfy.model_management.module_size(q_unet), weight_bytes(q_unet)) + copies
         size = model.model_size() - comfy.model_management.module_size(fp_unet) + q_bytes
         if size > 0:
             m.size = size

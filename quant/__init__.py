@@ -17,8 +17,8 @@ from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalE
 from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output
 from .context import QuantContext, get_context
 from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
-from .api import (calibrate_activations, deploy_, quantize, quantize_, structural_copy, tune_kernels_, undeploy_,
-                  weight_bytes)
+from .api import (calibrate_activations, deploy_, kernel_copy_bytes, quantize, quantize_, structural_copy,
+                  tune_kernels_, undeploy_, weight_bytes)
 from .io import load, load_model, save, read_header, register_extra
 from . import ptqd, sampling
 from .ptqd import PTQDStats, attach_stats, collect_stats, get_stats

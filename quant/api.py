@@ -177,18 +177,23 @@ def deploy_(qmodel: nn.Module, tune: bool = True,
     bound): a layer is tuned only if its copies fit in what is left, else it runs its registry kernel on the packed
     integers, as with ``tune=False``. A small model is tuned whole (its copies are a few MB); a large one keeps its
     packed size but for the budget. ``kernels.autotune.summary(model)`` reports the choice and the bytes."""
-    if not isinstance(tune, bool):
-        raise ConfigError(f"deploy_: tune must be True or False, got {tune!r}")
-    if copy_budget_mb is not None and (isinstance(copy_budget_mb, bool) or not isinstance(copy_budget_mb, (int, float))
-                                       or not 0 <= copy_budget_mb < float("inf")):
-        raise ConfigError(f"deploy_: copy_budget_mb must be a number of MiB >= 0 or None (no bound), got "
-                          f"{copy_budget_mb!r}")
+    check_tune_args("deploy_", tune, copy_budget_mb)
     with transaction(qmodel):
         for _, layer in quant_layers(qmodel):
             layer.deploy()
     if tune:
         tune_kernels_(qmodel, copy_budget_mb)
     return qmodel
+
+
+def check_tune_args(verb: str, tune, copy_budget_mb) -> None:
+    """The kernel-tuning arguments of ``deploy_`` and the loaders, checked before any work."""
+    if not isinstance(tune, bool):
+        raise ConfigError(f"{verb}: tune must be True or False, got {tune!r}")
+    if copy_budget_mb is not None and (isinstance(copy_budget_mb, bool) or not isinstance(copy_budget_mb, (int, float))
+                                       or not 0 <= copy_budget_mb < float("inf")):
+        raise ConfigError(f"{verb}: copy_budget_mb must be a number of MiB >= 0 or None (no bound), got "
+                          f"{copy_budget_mb!r}")
 
 
 def tune_kernels_(qmodel: nn.Module, copy_budget_mb: Optional[float] = DEFAULT_COPY_BUDGET_MB) -> nn.Module:
@@ -205,8 +210,16 @@ def undeploy_(qmodel: nn.Module) -> nn.Module:
     return qmodel
 
 
+def kernel_copy_bytes(model: nn.Module) -> int:
+    """Bytes the kernels keep now next to a deployed model's packed weights (oneDNN's prepacked blobs, int8 copies of
+    int4 weights, the autotuner's float copies; at most the copy budget for the tuned layers, see ``deploy_``)."""
+    return sum(layer.packed_weight().nbytes(include_cache=True) - layer.packed_weight().nbytes(include_cache=False)
+               for _, layer in quant_layers(model) if layer.mode == "deployed")
+
+
 def weight_bytes(model: nn.Module, only_quantized_layers: bool = False) -> int:
-    """Bytes of weights: packed integers + scales for quantized layers, storage bytes for the rest."""
+    """Bytes of weights: packed integers + scales for quantized layers, storage bytes for the rest (what the model
+    holds whether or not it has run; the kernels' copies built at its calls: ``kernel_copy_bytes``)."""
     total = 0
     qnames = set()
     for name, layer in quant_layers(model):

@@ -826,11 +826,13 @@ def build_arch(path, arch) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: str) -> nn.Module:
+def load_model(path: str, tune: bool = True, copy_budget_mb: Optional[float] = C.DEFAULT_COPY_BUDGET_MB) -> nn.Module:
     """Build the model recorded in the file at ``path`` on the meta device and fill it from the file alone: the
     float weights never exist in memory (peak memory is the quantized model's). Returns a deployed quantized
     model, the same as ``load(float_model, path)`` gives. The file must record its architecture (format 3, a
-    diffusers class of ``ARCH_CLASSES``; files of other hosts load through their node)."""
+    diffusers class of ``ARCH_CLASSES``; files of other hosts load through their node). ``tune`` /
+    ``copy_budget_mb``: the kernel autotuner, as ``deploy_`` arms it (``tune=False``: registry order)."""
+    _check_tune(tune, copy_budget_mb)
     path = os.fspath(path)
     header, index = read_header(path)
     arch = check_arch(path, header.get("arch"))
@@ -847,38 +849,50 @@ def load_model(path: str) -> nn.Module:
     if arch["library"] != "diffusers":
         _fail(path, f"its architecture is a {arch['library']} model ({arch['class']})",
               "load it in that host (ComfyUI: Load Quantized UNet with no MODEL connected)")
-    return _load(build_arch(path, arch), path, header, index, standalone=True)
+    return _load(build_arch(path, arch), path, header, index, standalone=True, tune=(tune, copy_budget_mb))
 
 
-def load_empty(model: nn.Module, path: str) -> nn.Module:
+def load_empty(model: nn.Module, path: str, tune: bool = True,
+               copy_budget_mb: Optional[float] = C.DEFAULT_COPY_BUDGET_MB) -> nn.Module:
     """Fill ``model``, built without weights (on the meta device, by a host's node), from the file at ``path``:
     quantized layers and every float tensor come from the file, which must hold them all. ``model`` becomes the
-    returned quantized model (it is not copied)."""
+    returned quantized model (it is not copied). ``tune`` / ``copy_budget_mb``: as for ``load_model``."""
+    _check_tune(tune, copy_budget_mb)
     path = os.fspath(path)
     header, index = read_header(path)
     if not header.get("float_tensors"):
         _fail(path, f"it holds no float tensors (written in file format {header.get('_migrated_from')})",
               "load it onto the float model, then save it again with this LowBit")
-    return _load(model, path, header, index, standalone=True)
+    return _load(model, path, header, index, standalone=True, tune=(tune, copy_budget_mb))
 
 
-def load(model, path: Optional[str] = None) -> nn.Module:
+def _check_tune(tune, copy_budget_mb):
+    from .api import check_tune_args
+
+    check_tune_args("load", tune, copy_budget_mb)
+
+
+def load(model, path: Optional[str] = None, tune: bool = True,
+         copy_budget_mb: Optional[float] = C.DEFAULT_COPY_BUDGET_MB) -> nn.Module:
     """Apply the quantized UNet saved at ``path`` to ``model`` (the same full-precision architecture) and
     return a new deployed quantized model. ``model`` itself is never modified. ``load(path)`` loads without a
-    float model (``load_model``)."""
+    float model (``load_model``). ``tune`` / ``copy_budget_mb``: the kernel autotuner, as ``deploy_`` arms it (not
+    recorded in files: a loaded model is armed as asked here; ``tune=False``: registry order)."""
+    _check_tune(tune, copy_budget_mb)
     if path is None:
         if isinstance(model, (str, os.PathLike)):
-            return load_model(model)
+            return load_model(model, tune, copy_budget_mb)
         raise ConfigError("load needs a file: load(model, path), or load(path) to build the model from the file")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load(model, path): model must be the full-precision torch module the file was made from, "
                           f"got {type(model).__name__}; to build the model from the file alone use load(path)")
     path = os.fspath(path)
     header, index = read_header(path)
-    return _load(model, path, header, index, standalone=False)
+    return _load(model, path, header, index, standalone=False, tune=(tune, copy_budget_mb))
 
 
-def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool) -> nn.Module:
+def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool,
+          tune: tuple = (True, C.DEFAULT_COPY_BUDGET_MB)) -> nn.Module:
     from .api import _set_module, structural_copy, tune_kernels_
     from .layers import QLAYERS
 
@@ -1082,4 +1096,5 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     from .transaction import check_finite
 
     check_finite(qmodel, "load")
-    return tune_kernels_(qmodel)  # each layer's kernel chosen by measured speed, as deploy_ does by default
+    # each layer's kernel chosen by measured speed, as deploy_ does by default
+    return tune_kernels_(qmodel, tune[1]) if tune[0] else qmodel

@@ -489,8 +489,8 @@ class QuantLayer(nn.Module):
         return self._kernel_op(x, pw, bias, *self._kernel_tail(aq))
 
     def weight_bytes(self) -> int:
-        if self.mode == "deployed":  # resident bytes, including backend-prepacked copies (e.g. oneDNN blobs)
-            return self.packed_weight().nbytes(include_cache=True)
+        if self.mode == "deployed":  # the packed integers and scales (the kernels' copies: kernel_copy_bytes)
+            return self.packed_weight().nbytes(include_cache=False)
         n = 1
         for d in self.weight_shape:
             n *= d

@@ -320,7 +320,7 @@ def _stages(m: Method, fp_model: nn.Module, calls, config: PipelineConfig, *, al
         if config.tune_kernels and calls:  # per-layer choices, then the whole-model check on a calibration call
             from ..kernels import autotune
 
-            res.info["kernel_choice"] = autotune.settle(q, calls[len(calls) // 2], rounds=3)
+            res.info["kernel_choice"] = autotune.settle(q, calls[len(calls) // 2], rounds=3, progress=progress)
         lap("deploy")
     res.model = q
     return res

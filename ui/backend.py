@@ -220,11 +220,13 @@ class Backend:
     def status(self) -> str:
         if self.qmodel is None:
             return "no quantized UNet yet"
-        from ..quant import get_stats, weight_bytes
+        from ..quant import get_stats, kernel_copy_bytes, weight_bytes
 
         stats = get_stats(self.qmodel)
+        copies = kernel_copy_bytes(self.qmodel)
         parts = [f"quantized UNet: {self.info.get('bits', '?')} ({self.info.get('method', '?')})",
-                 f"weights {weight_bytes(self.qmodel) / 2 ** 20:.2f} MiB",
+                 f"weights {weight_bytes(self.qmodel) / 2 ** 20:.2f} MiB"
+                 + (f" (+ {copies / 2 ** 20:.2f} MiB kept by the kernels so far)" if copies else ""),
                  "PTQD correction on" if stats is not None else "no PTQD statistics"]
         if self.info.get("finetuned"):
             parts.append(f"EfficientDM fine-tuned ({self.info['finetuned']} steps)")

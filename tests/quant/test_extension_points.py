@@ -92,3 +92,25 @@ def test_kernel_tuning_is_the_default_within_the_copy_budget(tmp_path):
     assert budgets(off.model) == {None} and "kernel_choice" not in off.info
     path = save(res.model, str(tmp_path / "toy.safetensors"))
     assert budgets(load(fp, path)) == {64 << 20}
+
+
+def test_loaders_take_the_tuning_arguments_and_weight_bytes_are_the_packed_size(tmp_path):
+    """load(tune=False) leaves the registry order; bad tuning arguments are refused before the file is read;
+    weight_bytes is what the model holds whether or not it ran (the kernels' copies: kernel_copy_bytes)."""
+    from lowbit.kernels import autotune
+    from lowbit.quant import ConfigError, deploy_, kernel_copy_bytes, quantize, weight_bytes
+
+    torch.manual_seed(0)
+    fp = ToyDenoiser().eval().requires_grad_(False)
+    calls = _calls(fp)
+    q = deploy_(quantize(fp, QuantConfig.preset("W8A8"), calls))
+    before = weight_bytes(q)
+    a, kw = calls[0].to("cpu", torch.float32)
+    with torch.no_grad():
+        q(*a, **kw)
+    assert weight_bytes(q) == before and kernel_copy_bytes(q) > 0
+    path = save(q, str(tmp_path / "toy.safetensors"))
+    plain = load(fp, path, tune=False)
+    assert all(autotune._arming(layer.packed_weight()) is None for _, layer in quant_layers(plain))
+    with pytest.raises(ConfigError, match="load: copy_budget_mb"):
+        load(fp, str(tmp_path / "missing.safetensors"), copy_budget_mb=-1)
