@@ -496,8 +496,9 @@ def _cmd_quantize(a, prog: Progress):
     calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
     prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
+    # (saved, not run here: no kernel tuning, whose choices are measured again where the file is loaded)
     b = recipes.build(setup, a.method, a.bits, calls, progress=prog, precision=a.precision,
-                      size_budget=a.size_budget)
+                      size_budget=a.size_budget, tune_kernels=False)
     print("\n".join(q.pipeline.describe(b.model)))
     prog.banner(f"saving {a.output}")
     q.save(b.model, a.output, overwrite=a.overwrite)

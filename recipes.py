@@ -76,12 +76,13 @@ def _plan(precision: Optional[str], size_budget: Optional[float]) -> dict:
 
 def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, recon: Optional[ReconConfig] = None,
           finetune: Optional[FinetuneConfig] = None, stat_calls=None, progress=None, precision: Optional[str] = None,
-          size_budget: Optional[float] = None) -> Built:
+          size_budget: Optional[float] = None, tune_kernels: bool = True) -> Built:
     """One quantized model of the default model: ``lowbit.quant.pipeline.run`` with ``method`` (the pipeline's
     vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``); ``precision`` / ``size_budget``: the
-    per-layer precision plan (None: PipelineConfig's defaults)."""
+    per-layer precision plan (None: PipelineConfig's defaults); ``tune_kernels=False`` for a model that is only
+    saved (the kernel choice is measured where the model runs: loading arms it again)."""
     cfg = PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
-                                    deploy=deploy, **_plan(precision, size_budget))
+                                    deploy=deploy, tune_kernels=tune_kernels, **_plan(precision, size_budget))
     r = pipeline.run(setup.unet, calls, cfg, alphas_cumprod=setup.alphas_cumprod, stat_calls=stat_calls,
                      progress=progress)
     return Built(r.model, r.var_fn, r.total_seconds, dict(r.info, seconds=r.seconds))

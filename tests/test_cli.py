@@ -279,6 +279,7 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     err = capsys.readouterr().err
     for stage in ("recording calibration", "sample (ddim)", "quantizing to W8A8 with naive", "saving"):
         assert stage in err, stage
+    assert "kernel check" not in err  # saved, not run: no whole-model kernel check (loading arms the tuner again)
     mtime = os.path.getmtime(p)
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
