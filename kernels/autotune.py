@@ -520,19 +520,28 @@ def path_choice(pw, key):
     return ch if ch is not None and usable(ch) else None
 
 
-def choose_path(pw, key, options: dict, args, default: str, float_name: Optional[str] = None):
+def choose_path(pw, key, options: dict, args, default: str, float_name: Optional[str] = None,
+                shared_key: Optional[tuple] = None):
     """Measure interchangeable computations of one layer call and keep the fastest for ``key`` on ``pw``.
 
     ``options``: name -> function(*args), each computing the same function (the layer's contract) a different way
     (e.g. a split convolution's parts, or its fused float path); ``default``: the one used without tuning, kept
     unless another is faster by more than ``MARGIN`` (also the one the "integer" mode of :func:`settle` takes);
     ``float_name``: the float-path option (the "float" mode's). Timing as for kernels: one warm-up call each, then
-    alternating rounds, minimum per option. Returns (choice, output of this call)."""
+    alternating rounds, minimum per option. ``shared_key`` (shapes, dtype, device...: what the timing depends on):
+    the decision is also kept in this process's decisions, as kernel choices are, so that the same call on another
+    weight of these shapes, or on this one after a device move dropped its caches, is not measured again.
+    Returns (choice, output of this call)."""
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if float_name in options and not _float_ok():  # (LOWBIT_AUTOTUNE_DENSE=0, or the dense backend disabled)
         options = {n: f for n, f in options.items() if n != float_name}
+    dkey = None if shared_key is None else "path|" + "|".join(map(str, shared_key)) + "|" + ",".join(sorted(options))
     with _LOCK:
-        if len(options) == 1:  # nothing to measure
+        dec = None if dkey is None else _DECISIONS.get(dkey)
+        if dec is not None and dec.get("backend") in options:  # decided before: no measurement
+            best, times = dec["backend"], dict(dec.get("times", {}))
+            outs = {best: options[best](*args)}
+        elif len(options) == 1:  # nothing to measure
             (best, f), = options.items()
             times, outs = {}, {best: f(*args)}
         else:
@@ -540,7 +549,11 @@ def choose_path(pw, key, options: dict, args, default: str, float_name: Optional
             best = min(times, key=times.get)
             if times[default] <= times[best] * (1.0 + MARGIN):
                 best = default
+            if dkey is not None and len(_DECISIONS) < MAX_DECISIONS:
+                _DECISIONS[dkey] = {"backend": best, "times": times}
         ch = Choice(dict(options), best, float_name, default, times, _mode(pw))
+        if ch.name not in outs:  # (a whole-model mode other than "tuned" takes another option)
+            outs[ch.name] = ch.impl(*args)
         pw.cache.setdefault("autotune.paths", {})[key] = ch
         _drop_loser_caches(pw)
     return ch, outs[ch.name]

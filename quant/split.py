@@ -105,8 +105,10 @@ class ChannelSplitConv2d(nn.Module):
         ch = at.path_choice(pws[0], key)
         if ch is not None:
             return ch.impl(self, x, pws, acts, bias)
+        shared = ("split", tuple(x.shape), tuple(tuple(pw.shape) for pw in pws), tuple(pw.format for pw in pws),
+                  x.dtype, x.device.type, torch.get_num_threads())
         _, out = at.choose_path(pws[0], key, {"fused": _fused_path, "parts": _parts_path}, (self, x, pws, acts, bias),
-                                default="parts", float_name="fused")
+                                default="parts", float_name="fused", shared_key=shared)
         return out
 
     def extra_repr(self):

@@ -331,3 +331,28 @@ def test_one_probe_pass_finds_splits_and_layers_whose_forward_never_runs(monkeyp
     with torch.no_grad():  # on the calibration input: quantized (W8A8, its ranges), not broken
         y, yq = m(x, t), q(x, t)
     assert float((yq - y).norm() / y.norm()) < 0.05
+
+
+def test_split_path_choice_is_not_measured_again_after_a_device_move(unet, calls, monkeypatch):
+    """A deployed split convolution's choice between its parts and the fused float path is kept in the process's
+    decisions, as kernel choices are: after a device move (which drops every cache) the next forward measures
+    nothing again, and the choices are the same."""
+    from lowbit.kernels import autotune
+
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls))
+    a, kw = calls[0].to("cpu", torch.float32)
+    with torch.no_grad():
+        q(*a, **kw)
+    splits = [m for m in q.modules() if isinstance(m, ChannelSplitConv2d)]
+    assert splits
+    before = [sorted(ch.name for ch in m.parts[0].packed.cache.get("autotune.paths", {}).values()) for m in splits]
+    assert any(before)
+    timed = []
+    real = autotune._time_alternating
+    monkeypatch.setattr(autotune, "_time_alternating", lambda fns, x: timed.append(sorted(fns)) or real(fns, x))
+    q.to("cpu")  # (a no-op move: every packed weight drops its caches, as on any move)
+    with torch.no_grad():
+        q(*a, **kw)
+    assert timed == []
+    assert [sorted(ch.name for ch in m.parts[0].packed.cache.get("autotune.paths", {}).values())
+            for m in splits] == before
