@@ -175,16 +175,23 @@ def _arming(pw):
     return arm if isinstance(arm, tuple) else (bool(arm), None)
 
 
+def _reset(pw, arm=None):
+    """Drop ``pw``'s caches (a new ``cache_id`` for a PackedWeight; a duck-typed weight keeps its arming ``arm``)."""
+    if hasattr(pw, "reset_cache"):
+        pw.reset_cache()
+    else:
+        pw.cache.clear()
+        if arm is not None:
+            pw.cache["autotune.arm"] = arm
+
+
 def attach(pw, cache_int4: bool = True, budget: Optional[Budget] = None):
     """Tune ``pw``'s calls from now on. ``cache_int4``: keep an int8 copy of an int4 weight (see module doc);
     ``budget``: the :class:`Budget` its copies count against (shared with the rest of its model), or None: none.
     Only arms it: the weight is admitted (and the backends told to keep copies) at its first tuned call, so
     ``LOWBIT_AUTOTUNE=0`` from the start leaves it exactly as untuned."""
     if "autotune.fits" in pw.cache:  # armed before: choices and copies go, admitted again at its next call
-        if hasattr(pw, "reset_cache"):
-            pw.reset_cache()
-        else:
-            pw.cache.clear()
+        _reset(pw)
     if hasattr(pw, "tune"):  # survives a cache reset on device moves and copies (PackedWeight.tune)
         pw.tune = (bool(cache_int4), budget)
     else:
@@ -209,11 +216,7 @@ def is_attached(pw) -> bool:
             if arm[0] and pw.bits <= 4:
                 c["cache_int4"] = True
         else:  # as untuned: registry order, no copies (also none an earlier arming made)
-            if hasattr(pw, "reset_cache"):
-                pw.reset_cache()
-            else:
-                c.clear()
-                c["autotune.arm"] = arm
+            _reset(pw, arm)
             c = pw.cache
         c["autotune.fits"] = fits
     return fits
@@ -429,14 +432,18 @@ def usable(ch: "Choice") -> bool:
     backend listed in ``LOWBIT_DISABLE_BACKENDS`` since it was made, nor the float path while
     ``LOWBIT_AUTOTUNE_DENSE=0`` or the dense backend is disabled. A choice that may not is made again among what
     is allowed (and replaces it)."""
-    st = _switches()
-    return st[2] if ch.name == ch.float_name else ch.name not in st[1]
+    return _allowed(ch, _switches())
 
 
 def runnable(ch: "Choice") -> bool:
     """``active() and usable(ch)`` with one read of the environment (a deployed layer's fast path, every call)."""
-    on, disabled, float_ok = _switches()
-    return on and (float_ok if ch.name == ch.float_name else ch.name not in disabled)
+    st = _switches()
+    return st[0] and _allowed(ch, st)
+
+
+def _allowed(ch: "Choice", st: tuple) -> bool:
+    """``ch`` may run under the switches ``st`` (:func:`_switches`)."""
+    return st[2] if ch.name == ch.float_name else ch.name not in st[1]
 
 
 def chosen(op: str, args):

@@ -213,8 +213,8 @@ def undeploy_(qmodel: nn.Module) -> nn.Module:
 def kernel_copy_bytes(model: nn.Module) -> int:
     """Bytes the kernels keep now next to a deployed model's packed weights (oneDNN's prepacked blobs, int8 copies of
     int4 weights, the autotuner's float copies; at most the copy budget for the tuned layers, see ``deploy_``)."""
-    return sum(layer.packed_weight().nbytes(include_cache=True) - layer.packed_weight().nbytes(include_cache=False)
-               for _, layer in quant_layers(model) if layer.mode == "deployed")
+    pws = [layer.packed_weight() for _, layer in quant_layers(model) if layer.mode == "deployed"]
+    return sum(pw.nbytes(include_cache=True) - pw.nbytes(include_cache=False) for pw in pws)
 
 
 def weight_bytes(model: nn.Module, only_quantized_layers: bool = False) -> int:

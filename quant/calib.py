@@ -38,24 +38,23 @@ def _store_tensor(v: torch.Tensor, dtype, what: str = _RECORD_WHAT, fix: str = _
     return v.cpu().contiguous()
 
 
+def map_tensors(tree, fn):
+    """``tree`` (nested dicts / lists / tuples) with every tensor replaced by ``fn(tensor)``; other values kept."""
+    if torch.is_tensor(tree):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(x, fn) for k, x in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(x, fn) for x in tree)
+    return tree
+
+
 def _to_store(v, dtype, what: str = _RECORD_WHAT, fix: str = _RECORD_FIX):
-    if torch.is_tensor(v):
-        return _store_tensor(v, dtype, what, fix)
-    if isinstance(v, dict):
-        return {k: _to_store(x, dtype, what, fix) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to_store(x, dtype, what, fix) for x in v)
-    return v
+    return map_tensors(v, lambda t: _store_tensor(t, dtype, what, fix))
 
 
 def _to_model(v, device, dtype):
-    if torch.is_tensor(v):
-        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-    if isinstance(v, dict):
-        return {k: _to_model(x, device, dtype) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to_model(x, device, dtype) for x in v)
-    return v
+    return map_tensors(v, lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
 
 
 @dataclass
@@ -130,13 +129,7 @@ def batch_rows(tree, idx, n: int):
     size ``n``; other tensors and values unchanged. (A non-batch tensor whose first dimension happens to equal
     ``n``, e.g. Flux ``txt_ids`` of shape (n, 3), would be sliced too: record calls with a batch size unlike the
     models' token counts.)"""
-    if torch.is_tensor(tree):
-        return tree[idx] if tree.dim() > 0 and tree.shape[0] == n else tree
-    if isinstance(tree, dict):
-        return {k: batch_rows(v, idx, n) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(batch_rows(v, idx, n) for v in tree)
-    return tree
+    return map_tensors(tree, lambda t: t[idx] if t.dim() > 0 and t.shape[0] == n else t)
 
 
 def probe_call(model: torch.nn.Module, call: "Call", pre_hooks: Dict[str, Callable], context=None) -> None:
@@ -219,21 +212,12 @@ def sanitize_calls(calls: List[Call], key: str = "transformer_options") -> List[
 # models and generates there). Tensors made there (the checkpoint, the recorded calls) cannot be saved for
 # backward, so training stages (reconstruction, EfficientDM) run inside ``training_mode`` on plain copies.
 
-def _plain(v):
-    if torch.is_tensor(v):
-        return v.clone()
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_plain(x) for x in v)
-    return v
-
-
 def plain_calls(calls):
     """Copies of recorded calls made outside inference mode (see ``training_mode``)."""
     import dataclasses
 
-    return [dataclasses.replace(c, args=_plain(c.args), kwargs=_plain(c.kwargs)) for c in calls]
+    return [dataclasses.replace(c, args=map_tensors(c.args, torch.Tensor.clone),
+                                kwargs=map_tensors(c.kwargs, torch.Tensor.clone)) for c in calls]
 
 
 class training_mode:

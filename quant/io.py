@@ -849,7 +849,8 @@ def load_model(path: str, tune: bool = True, copy_budget_mb: Optional[float] = C
     if arch["library"] != "diffusers":
         _fail(path, f"its architecture is a {arch['library']} model ({arch['class']})",
               "load it in that host (ComfyUI: Load Quantized UNet with no MODEL connected)")
-    return _load(build_arch(path, arch), path, header, index, standalone=True, tune=(tune, copy_budget_mb))
+    return _load(build_arch(path, arch), path, header, index, standalone=True, tune=tune,
+                 copy_budget_mb=copy_budget_mb)
 
 
 def load_empty(model: nn.Module, path: str, tune: bool = True,
@@ -863,7 +864,7 @@ def load_empty(model: nn.Module, path: str, tune: bool = True,
     if not header.get("float_tensors"):
         _fail(path, f"it holds no float tensors (written in file format {header.get('_migrated_from')})",
               "load it onto the float model, then save it again with this LowBit")
-    return _load(model, path, header, index, standalone=True, tune=(tune, copy_budget_mb))
+    return _load(model, path, header, index, standalone=True, tune=tune, copy_budget_mb=copy_budget_mb)
 
 
 def _check_tune(tune, copy_budget_mb):
@@ -878,21 +879,21 @@ def load(model, path: Optional[str] = None, tune: bool = True,
     return a new deployed quantized model. ``model`` itself is never modified. ``load(path)`` loads without a
     float model (``load_model``). ``tune`` / ``copy_budget_mb``: the kernel autotuner, as ``deploy_`` arms it (not
     recorded in files: a loaded model is armed as asked here; ``tune=False``: registry order)."""
-    _check_tune(tune, copy_budget_mb)
     if path is None:
         if isinstance(model, (str, os.PathLike)):
-            return load_model(model, tune, copy_budget_mb)
+            return load_model(model, tune, copy_budget_mb)  # (checks the tuning arguments itself)
         raise ConfigError("load needs a file: load(model, path), or load(path) to build the model from the file")
+    _check_tune(tune, copy_budget_mb)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"load(model, path): model must be the full-precision torch module the file was made from, "
                           f"got {type(model).__name__}; to build the model from the file alone use load(path)")
     path = os.fspath(path)
     header, index = read_header(path)
-    return _load(model, path, header, index, standalone=False, tune=(tune, copy_budget_mb))
+    return _load(model, path, header, index, standalone=False, tune=tune, copy_budget_mb=copy_budget_mb)
 
 
-def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool,
-          tune: tuple = (True, C.DEFAULT_COPY_BUDGET_MB)) -> nn.Module:
+def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
+          copy_budget_mb: Optional[float]) -> nn.Module:
     from .api import _set_module, structural_copy, tune_kernels_
     from .layers import QLAYERS
 
@@ -1097,4 +1098,4 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
 
     check_finite(qmodel, "load")
     # each layer's kernel chosen by measured speed, as deploy_ does by default
-    return tune_kernels_(qmodel, tune[1]) if tune[0] else qmodel
+    return tune_kernels_(qmodel, copy_budget_mb) if tune else qmodel
