@@ -275,6 +275,48 @@ def test_large_planes_go_channels_last_in_channel_blocks(clean_env, monkeypatch)
     assert calls  # the conv went through it
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+def test_codes_are_padded_in_code_space_channels_last(clean_env, monkeypatch, blocked, layout):
+    """The im2col conv pads the uint8 codes with the zero point (one per sample for dynamic ranges) instead of
+    padding the float input before quantizing, and lays them out channels-last in the same pass (in blocks of
+    channels for large planes): the same bytes as F.pad of the codes, made channels-last."""
+    monkeypatch.setattr(cpu_mod, "BLOCKED_TRANSPOSE_MIN_HW", 1 if blocked else 1 << 30)
+    q = torch.randint(0, 256, (3, 70, 9, 11), dtype=torch.uint8)  # 70 channels: a partial last block
+    if layout == "channels_last":
+        q = q.contiguous(memory_format=torch.channels_last)
+    elif layout == "channel_slice":
+        q = q.contiguous(memory_format=torch.channels_last)[:, 3:60]
+    for zp in (100, torch.tensor([7.0, 0.0, 255.0])):
+        for pad in ((1, 1), (2, 0), (0, 3), (0, 0)):
+            out = cpu_mod._u8_nhwc_padded(q, pad, zp)
+            zs = [zp] * 3 if isinstance(zp, int) else [int(z) for z in zp]
+            ref = torch.cat([torch.nn.functional.pad(q[i:i + 1], (pad[1], pad[1], pad[0], pad[0]), value=z)
+                             for i, z in enumerate(zs)])
+            assert torch.equal(out, ref) and out.permute(0, 2, 3, 1).is_contiguous(), (zp, pad)
+
+
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last", "bf16"])
+def test_im2col_conv_large_plane_and_uneven_padding(clean_env, x_layout):
+    """The cpu conv at a plane past the blocked-copy threshold, with uneven padding and stride: the reference's
+    values, in the input's layout and dtype (fp32 NCHW outputs are written by the epilogue itself)."""
+    x = torch.randn(2, 40, 64, 66)
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif x_layout == "bf16":
+        x = x.bfloat16()
+    pw = ops.quantize_weight(torch.randn(24, 40, 3, 3) * 0.05, 4)
+    bias = torch.randn(24)
+    for act in (ActQuant(8, 0.05, 100), ActQuant(8, dynamic=True)):
+        for stride, pad in (((1, 1), (1, 2)), ((2, 1), (0, 1))):
+            ref = ops.run_on("eager", "conv2d", x, pw, bias, stride, pad, (1, 1), 1, act)
+            out = ops.run_on("cpu", "conv2d", x, pw, bias, stride, pad, (1, 1), 1, act)
+            assert out.dtype == x.dtype and out.shape == ref.shape
+            assert out.is_contiguous(memory_format=torch.channels_last if x_layout == "channels_last"
+                                     else torch.contiguous_format)
+            assert rel_err(out.float(), ref.float()) < (BF16_TOL if x_layout == "bf16" else INT_TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_weight_only_int4_takes_strided_inputs(dtype):
     """A W4A16 layer in a half-precision model gets non-contiguous rows (a transposed or sliced activation): the
