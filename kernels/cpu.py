@@ -438,8 +438,20 @@ def _conv_common_supports(x, pw, padding) -> str:
     return ""
 
 
+def _conv_too_small(x, pw, padding, dilation) -> str:
+    """Why the padded input is smaller than the dilated kernel ("" if it is not): F.conv2d (the reference) refuses
+    such a call, the integer paths would return an empty output."""
+    if isinstance(padding, str):
+        return ""
+    for d, (size, pad, k, dil) in enumerate(zip(x.shape[2:], padding, pw.shape[2:], dilation)):
+        if size + 2 * pad < dil * (k - 1) + 1:
+            return (f"input {list(x.shape)} padded by {list(padding)} is smaller than the kernel "
+                    f"{list(pw.shape[2:])} (dilation {list(dilation)})")
+    return ""
+
+
 def _cpu_conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
-    why = _conv_common_supports(x, pw, padding)
+    why = _conv_common_supports(x, pw, padding) or _conv_too_small(x, pw, padding, dilation)
     if why:
         return False, why
     if act is None:
@@ -614,7 +626,8 @@ def onednn_linear(x, pw, bias=None, act=None):
 
 
 def _onednn_conv_supports(x, pw, bias, stride, padding, dilation, groups, act):
-    why = _conv_common_supports(x, pw, padding) or _onednn_common(x, pw, act)
+    why = (_conv_common_supports(x, pw, padding) or _conv_too_small(x, pw, padding, dilation)
+           or _onednn_common(x, pw, act))
     return (False, why) if why else (True, "")
 
 

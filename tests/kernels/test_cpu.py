@@ -369,3 +369,17 @@ def test_weight_only_int4_takes_strided_inputs(dtype):
     ref = ops.run_on("eager", "linear", x.float(), pw, None, None)
     out = ops.run_on("cpu", "linear", x, pw, None, None)
     assert out.dtype == dtype and rel_err(out.float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onednn"])
+def test_kernel_larger_than_the_padded_input_is_refused_like_the_reference(clean_env, backend):
+    """F.conv2d refuses a kernel larger than the padded input; the integer paths returned an empty output. Now
+    they decline the call (dispatch then reaches the reference, which raises); found by audit."""
+    pw = ops.quantize_weight(torch.randn(8, 3, 3, 3), 8)
+    x = torch.randn(1, 3, 2, 2)
+    act = ActQuant(8, 0.02, 128)
+    with pytest.raises(Exception, match="smaller than the kernel"):
+        ops.run_on(backend, "conv2d", x, pw, None, 1, 0, 1, 1, act)
+    with pytest.raises(RuntimeError):
+        ops.conv2d(x, pw, None, 1, 0, 1, 1, act)
+    assert ops.run_on(backend, "conv2d", x, pw, None, 1, 1, 1, 1, act).shape == (1, 8, 2, 2)
