@@ -163,11 +163,13 @@ def _rowsum(pw: PackedWeight, w8: torch.Tensor, shift: int = 0) -> torch.Tensor:
 
 def _halves_ok(pw: PackedWeight, rows: int, gather: bool = False) -> bool:
     """Take :func:`_int4_x16_halves` for a call of ``rows`` activation rows: an int4 weight with an even K whose
-    int8 copies are not kept, and few rows: at most one per output channel, or one per 8 where the activations'
+    int8 copies are not kept, and few rows: at most one per 2 output channels, or one per 4 where the activations'
     columns are gathered element by element (a convolution's (c, kh, kw) order, ``gather``), so that reordering
-    the activations costs less than the weight's unpacking it saves (a 2-core Xeon: 1280 x 1280 x 3 x 3 at 8 x 8,
-    batch 2, 0.4x the unpacked path's time; at 16 x 16 1.6x)."""
-    return (pw.bits <= 4 and pw.K % 2 == 0 and rows * (8 if gather else 1) <= pw.N and not cache_int4(pw)
+    the activations costs less than the weight's unpacking it saves. Measured on one core of a Xeon (halves /
+    unpacked time): Linear 0.37-0.49 at 64 rows (SD1.5's 8x8 stage), 0.72 at 0.2 rows per channel, 0.92-1.05 at
+    0.5, 1.17 at 1.6; 3x3 convolutions 0.33-0.48 at 0.05-0.1 pixels per channel, 0.74-0.91 at 0.2-0.25, 1.02 at
+    0.33, 1.13 at 0.4, 2.1 at 1.6."""
+    return (pw.bits <= 4 and pw.K % 2 == 0 and rows * (4 if gather else 2) <= pw.N and not cache_int4(pw)
             and "cpu.int8" not in pw.cache and "cpu.int8_hwc" not in pw.cache)
 
 
