@@ -412,8 +412,11 @@ def _fail(path, problem, fix):
     raise LoadError(f"cannot load {path}: {problem}. {fix}")
 
 
+# every dtype a model's own tensors (norms, embeddings, buffers) may be saved in: float64 position tables
+# (CogVideoX), bool masks, fp8 weights kept in float
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I32": torch.int32, "I64": torch.int64}
+           "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "I16": torch.int16, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _parse_json(path, text: str, what: str):
@@ -1025,7 +1028,8 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         _check_ptqd_values(path, {k[len("__extra__.ptqd."):]: v for k, v in tensors.items()
                                   if k.startswith("__extra__.ptqd.")}, T)
     for k in list(fneed):
-        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
+        t = tensors[k]
+        if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
             if not standalone:  # onto a given model: its own tensor stays (e.g. a buffer a checkpoint does not
                 fneed.remove(k)  # fill, uninitialised memory in unused parts: differs between processes anyway)
                 continue
