@@ -40,15 +40,35 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
     setattr(parent, attr, new)
 
 
+# what a model raises when a recorded call does not fit it (another model's calls, wrong shapes or keywords)
+CALL_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError)
+
+
+def calls_misfit(exc: BaseException) -> BaseException:
+    """The error to raise when the float model fails on the first recorded call: a ConfigError saying the calls do
+    not fit (before any work), or ``exc`` itself for running out of memory (not a mismatch)."""
+    if "out of memory" in str(exc).lower():  # (torch.OutOfMemoryError)
+        return exc
+    return ConfigError(f"the recorded calls do not fit this model: the float model fails on the first one "
+                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); record the calls with "
+                       "CallRecorder around a sampling run of this model")
+
+
 def _validate_model(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module (a UNet), got {type(model).__name__}")
     if get_context(model) is not None or any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ConfigError("this model is already quantized by LowBit; pass the full-precision model "
                           "(quantizing twice would compound the error)")
-    if not any(qlayer_class_for(m) is not None for m in model.modules()):
+    layers = [(n, m) for n, m in model.named_modules() if qlayer_class_for(m) is not None]
+    if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize; "
                           "is this the UNet (diffusion model) and not a wrapper or a VAE?")
+    meta = next((n for n, m in layers if getattr(m, "weight", None) is not None and m.weight.is_meta), None)
+    if meta is not None:
+        raise ConfigError(f"layer {meta!r} has its weight on the meta device (the model's weights were never "
+                          "loaded); load them first (e.g. from_pretrained without device_map='meta', or "
+                          "load_state_dict(..., assign=True)), then quantize")
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] = None, *,
@@ -89,8 +109,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
         # weight directly, stay float: deployed layers have no float weight)
         convs = ([p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
                  if static_act and config.split_concat else [])
-        called, splits = probe_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
-                                                         if n and qlayer_class_for(m) is not None], convs)
+        try:
+            called, splits = probe_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
+                                                             if n and qlayer_class_for(m) is not None], convs)
+        except CALL_ERRORS as exc:
+            err = calls_misfit(exc)
+            if err is exc:
+                raise
+            raise err from exc
         apply_splits(qmodel, splits)
         called |= {f"{n}.parts.{i}" for n, sizes in splits.items() for i in range(len(sizes))}
     all_plans = plan_layers(qmodel, config, prof, called=called)

@@ -844,11 +844,12 @@ def load_model(path: str, tune: bool = True, copy_budget_mb: Optional[float] = C
         cls = (header.get("model") or {}).get("cls") if isinstance(header.get("model"), dict) else None
         why = f"written in file format {v}" if v < 3 else "saved without them (arch=False or a model LowBit " \
                                                             "cannot rebuild)"
+        fix = ("load it onto the float model with load(model, path) and save the result again with this LowBit, "
+               "which records them")
         if v >= 3 and arch is None and isinstance(cls, str) and cls not in ARCH_CLASSES:
             why = f"its model class {cls[:80]} is not one load_model builds: {', '.join(ARCH_CLASSES)}"
-        _fail(path, f"it does not record the model's architecture and float tensors ({why})",
-              "load it onto the float model with load(model, path) and save the result again with this LowBit, "
-              "which records them")
+            fix = "load it onto its float model instead: load(model, path) with the model built from its checkpoint"
+        _fail(path, f"it does not record the model's architecture and float tensors ({why})", fix)
     if arch["library"] != "diffusers":
         _fail(path, f"its architecture is a {arch['library']} model ({arch['class']})",
               "load it in that host (ComfyUI: Load Quantized UNet with no MODEL connected)")

@@ -199,16 +199,16 @@ def _check_calls_fit(fp_model: nn.Module, calls) -> None:
     model fail here with a ConfigError saying so, not later inside a stage with the model's own error."""
     if not calls:
         return
+    from .api import CALL_ERRORS, calls_misfit
     from .calib import run_calls
 
     try:
         run_calls(fp_model, calls[:1])
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        if "out of memory" in str(exc).lower():  # (torch.OutOfMemoryError; not a mismatch)
+    except CALL_ERRORS as exc:
+        err = calls_misfit(exc)
+        if err is exc:
             raise
-        raise ConfigError(f"the recorded calls do not fit this model: the float model fails on the first one "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); record the calls with "
-                          "CallRecorder around a sampling run of this model") from exc
+        raise err from exc
 
 
 def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *, alphas_cumprod=None,

@@ -150,6 +150,23 @@ def test_calls_recorded_from_another_model_are_refused_before_any_work(unet, cal
     other = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(ConfigError, match="recorded calls do not fit this model.*CallRecorder"):
         pipeline.run(other, calls, PipelineConfig.for_method("naive", "W8A8"))
+    # the research verb too (it raised the model's own RuntimeError from its first forward; found by audit)
+    with pytest.raises(ConfigError, match="recorded calls do not fit this model.*CallRecorder"):
+        quantize(other, QuantConfig.preset("W8A8"), calls)
+
+
+def test_a_model_whose_weights_were_never_loaded_is_refused_first(calls):
+    """A model built on the meta device (weights never loaded) was a raw "Tensor.item() cannot be called on meta
+    tensors" from the weight quantizer; now a ConfigError naming a layer and the fix; found by audit."""
+    from lowbit.quant import ConfigError
+
+    from qutil import tiny_unet
+
+    with torch.device("meta"):
+        m = tiny_unet()
+    for cfg, c in ((QuantConfig.preset("W8A16"), None), (QuantConfig.preset("W8A8"), calls)):
+        with pytest.raises(ConfigError, match="meta device.*load them first"):
+            quantize(m, cfg, c)
 
 
 @pytest.mark.parametrize("time_bins", [1, 8])

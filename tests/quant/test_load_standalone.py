@@ -310,3 +310,24 @@ def test_comfyui_server_load_node_with_no_model_gives_the_same_images():
             (im,) = comfy.images(comfy.run(g, timeout=1800), "23")
             images.append(np.asarray(im))
     assert images[0].std() > 0 and np.array_equal(images[0], images[1])
+
+
+def test_a_class_load_model_cannot_build_is_sent_to_load_onto_its_float_model(tmp_path):
+    """A file of a model class load_model does not build: the advice is to load it onto its float model (it said
+    to save it again, which cannot make that class buildable); found by audit."""
+    import torch.nn as nn
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x)
+
+    q = deploy_(quantize(Custom(), QuantConfig.preset("W8A16")))
+    p = str(tmp_path / "c.safetensors")
+    save(q, p)
+    with pytest.raises(LoadError, match=r"Custom is not one load_model builds.*load\(model, path\) with the model "
+                                        r"built from its checkpoint"):
+        load_model(p)
