@@ -107,10 +107,24 @@ INT4PACK_MAX_M = 32
 
 def cache_int4(pw: Optional[PackedWeight] = None) -> bool:
     """Keep int8 copies of int4 weights (faster, int8 memory): ``LOWBIT_CPU_CACHE_INT4=1`` for every weight, or
-    per weight when ``pw.cache["cache_int4"]`` is set (the autotuner does that, see kernels/autotune.py)."""
-    if pw is not None and pw.cache.get("cache_int4"):
+    per weight when ``pw.cache["cache_int4"]`` is set (the autotuner does that, see kernels/autotune.py) and tuning
+    is active now: with ``LOWBIT_AUTOTUNE=0`` (or a backend forced) a tuned weight runs exactly as an untuned one,
+    in registry order without its int8 copy (the copy it made stays, unused)."""
+    if pw is not None and pw.cache.get("cache_int4") and _autotune().active():
         return True
     return env_flag("LOWBIT_CPU_CACHE_INT4", False)
+
+
+_AUTOTUNE = []
+
+
+def _autotune():
+    """kernels.autotune, imported on first use (it imports the backends)."""
+    if not _AUTOTUNE:
+        from . import autotune
+
+        _AUTOTUNE.append(autotune)
+    return _AUTOTUNE[0]
 
 
 # ----------------------------------------------------------------------------------------------- checks

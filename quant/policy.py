@@ -61,6 +61,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, profile=None, called: Option
                 mode, reason = "w8a8", "first/last convolution"
         if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.weight.dim() != 4):
             mode, reason = "fp", "unsupported padding mode"
+        if any(re.search(p, rname) for p in profile.keep_float):
+            mode, reason = "fp", f"the model's code reads its float weight ({profile.name} profile)"
         if called is not None and name not in called:
             mode, reason = "fp", NOT_CALLED
         if mode == "w8a8":

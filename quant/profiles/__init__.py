@@ -40,6 +40,10 @@ class ModelProfile:
         tables are checked against when a file is loaded) where the model's own ``out_channels`` attribute means
         something else (ComfyUI's Flux: 16 * patch_size^2 packed-token channels, its output unpatchified to
         16); None: read from the model's config / attribute.
+    keep_float: regular expressions (searched in qualified names) of layers whose float weight or parameters the
+        model's own code reads outside their forward (diffusers' Wan: ``next(iter(time_embedder.parameters()))``,
+        Z-Image: ``t_embedder.mlp[0].weight.dtype``): a deployed layer holds neither, so these stay float whatever
+        the rules or the measured plan say.
     """
 
     name: str
@@ -55,6 +59,7 @@ class ModelProfile:
     channel_dim: int = 1
     host_option_keys: Tuple[str, ...] = ("transformer_options",)
     out_channels: Optional[Callable[[nn.Module], Optional[int]]] = None
+    keep_float: Tuple[str, ...] = ()
     priority: int = 0  # higher is tried first
     description: str = field(default="", compare=False)
 

@@ -87,3 +87,33 @@ LUMINA = register_profile(ModelProfile(
     ), structural_edges=False, block_types=("LuminaNextDiTBlock", "Lumina2TransformerBlock"),
     timestep_kwargs=("timestep",), sample_kwargs=("hidden_states",), timestep_scale=-1000.0, timestep_offset=1000.0,
     description="Lumina-Next / Lumina 2 transformers: NCHW, called with 1 - t/1000 in [0, 1] (reversed)"))
+
+# Packed-token transformers of the Flux lineage whose diffusers pipelines pass sigma = t / 1000 in [0, 1] (each
+# pipeline's ``timestep / 1000``): under the generic profile their per-timestep tables were all keyed within [0, 1],
+# one bin for every step (found by audit). Chroma, Flux.2 and LongCat/Ovis-Image keep Flux's layer names; Qwen-Image
+# uses img_in / txt_in / time_text_embed. The classes are matched by name (no import).
+_SIGMA_EDGES = _EDGES + (
+    LayerRule(r"(^|\.)(distilled_guidance_layer|time_guidance_embed|guidance_embedder)(\.|$)", "w8a8"),
+)
+_SIGMA_BLOCKS = _BLOCKS + ("ChromaTransformerBlock", "ChromaSingleTransformerBlock", "Flux2TransformerBlock",
+                           "Flux2SingleTransformerBlock", "QwenImageTransformerBlock",
+                           "LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock",
+                           "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock")
+
+def _token_channels(model):
+    """Channels of the packed output tokens: the output projection's width (patch_size**2 * out_channels; Qwen-Image
+    patches 2x2, so its config's out_channels is a quarter of it)."""
+    n = getattr(getattr(model, "proj_out", None), "out_features", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+SIGMA_PACKED = register_profile(ModelProfile(
+    name="sigma-packed", priority=20,
+    matches=class_named("ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
+                        "QwenImage21Transformer2DModel", "LongCatImageTransformer2DModel",
+                        "OvisImageTransformer2DModel"),
+    edge_rules=_SIGMA_EDGES, structural_edges=False, block_types=_SIGMA_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow", channel_dim=-1,
+    out_channels=_token_channels,
+    description="Chroma, Flux.2, Qwen-Image, LongCat-Image, Ovis-Image transformers: packed tokens, called with "
+                "sigma in [0, 1]"))

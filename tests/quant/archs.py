@@ -278,6 +278,49 @@ def _lumina2_in(g, t):  # Lumina2Pipeline: timestep 1 - t/1000; the pipeline cal
                     return_dict=False)
 
 
+def _chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                    axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+                                    approximator_layers=1)
+
+
+def _chroma_in(g, t):  # ChromaPipeline: Flux's packed tokens, sigma = t / 1000, no guidance input
+    img_ids, txt_ids = _flux_ids()
+    return (), dict(hidden_states=_r(g, 1, 16, 16), timestep=_tt(t / 1000.0, 1), encoder_hidden_states=_r(g, 1, 6, 16),
+                    txt_ids=txt_ids, img_ids=img_ids, attention_mask=None, joint_attention_kwargs=None,
+                    return_dict=False)
+
+
+def _qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                       axes_dims_rope=(2, 2, 4))
+
+
+def _qwenimage_in(g, t):  # QwenImagePipeline: packed latents, sigma = t / 1000, cond and uncond called separately
+    return (), dict(hidden_states=_r(g, 1, 16, 16), timestep=_tt(t / 1000.0, 1), guidance=None,
+                    encoder_hidden_states_mask=torch.ones(1, 6), encoder_hidden_states=_r(g, 1, 6, 16),
+                    img_shapes=[[(1, 4, 4)]], attention_kwargs=None, return_dict=False)
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 rope_max_seq_len=32)
+
+
+def _wan_in(g, t):  # WanPipeline: video latents [B, C, F, H, W], timestep in [0, 1000), cond and uncond separately
+    return (), dict(hidden_states=_r(g, 1, 4, 2, 8, 8), timestep=_tt(t, 1), encoder_hidden_states=_r(g, 1, 6, 16),
+                    return_dict=False)
+
+
 ARCHS = {a.name: a for a in (
     Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
     Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
@@ -294,6 +337,9 @@ ARCHS = {a.name: a for a in (
     Arch("auraflow", _auraflow, _auraflow_in),
     Arch("lumina-next", _lumina_next, _lumina_next_in),
     Arch("lumina2", _lumina2, _lumina2_in),
+    Arch("chroma", _chroma, _chroma_in, standalone=False),
+    Arch("qwenimage", _qwenimage, _qwenimage_in, standalone=False),
+    Arch("wan", _wan, _wan_in, standalone=False),
 )}
 
 

@@ -109,6 +109,35 @@ def test_layers_whose_weight_is_read_directly_stay_float():
     assert torch.isfinite(_out(q, "hunyuan")).all()
 
 
+def test_layers_whose_parameters_the_model_reads_stay_float_whatever_the_plan():
+    """diffusers' Wan reads ``next(iter(time_embedder.parameters())).dtype``: a deployed layer has no parameters,
+    so a quantized time embedder made the deployed model's first forward raise StopIteration (found by audit). The
+    profile's keep_float layers stay float even when every layer is asked for, and the deployed model runs."""
+    from lowbit.quant import LayerRule
+
+    fp, calls = _model_and_calls("wan")
+    q = quantize(fp, QuantConfig.preset("W8A8", rules=(LayerRule(".*", "quant"),)), calls)
+    names = {n for n, _ in quant_layers(q)}
+    kept = {"condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_2"}
+    assert not names & kept and "condition_embedder.time_proj" in names
+    why = {r["name"]: r["reason"] for r in get_context(q).report}
+    assert all("reads its float weight" in why[n] for n in kept)
+    deploy_(q)
+    assert torch.isfinite(_out(q, "wan")).all()
+
+
+@pytest.mark.parametrize("name", ["chroma", "qwenimage"])
+def test_sigma_called_transformers_get_one_table_per_timestep_bin(name):
+    """Chroma and Qwen-Image are called with sigma in [0, 1]; under the generic profile every step fell into one
+    table (keys within [0, 1]; found by audit). Their profile keys them on [0, 1000): each bin has its own scales."""
+    fp, calls = _model_and_calls(name)
+    q = quantize(fp, QuantConfig.preset("W8A8", time_bins=4), calls)
+    assert get_context(q).profile == "sigma-packed"
+    scales = [m.act.table(8)[0] for _, m in quant_layers(q) if m.act is not None]
+    assert all(len(s) == 4 for s in scales)
+    assert sum(len(set(s.tolist())) > 1 for s in scales) >= 0.5 * len(scales)
+
+
 def test_joint_block_reconstruction_fits_both_streams():
     """A joint transformer block returns (encoder_hidden_states, hidden_states) and SD3's last one None for the
     first: the reconstruction loss covers every tensor the block returns."""
