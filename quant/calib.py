@@ -175,14 +175,23 @@ def run_calls(model, calls: List[Call], progress=None, fn=None):
 
 
 def unet_output(out) -> torch.Tensor:
-    """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple)."""
+    """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple); a list of
+    per-sample predictions of one shape (diffusers' Z-Image) is stacked into a batch."""
     if torch.is_tensor(out):
         return out
     if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
+        return stacked(out.sample)
+    if isinstance(out, (tuple, list)) and out:
+        return stacked(out[0])
     raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
+
+
+def stacked(v):
+    """``v`` itself, or a non-empty list / tuple of tensors of one shape stacked along a new batch dimension."""
+    if isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v) \
+            and all(t.shape == v[0].shape for t in v):
+        return torch.stack(list(v))
+    return v
 
 
 def _has_tensor(v, pred=None) -> bool:

@@ -108,12 +108,15 @@ def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
 
 
 def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:
-    """The noisy input x_t of a model call: the first positional tensor, or the profile's sample keyword."""
-    if args and torch.is_tensor(args[0]):
-        return args[0]
+    """The noisy input x_t of a model call: the first positional tensor, or the profile's sample keyword (a list of
+    per-sample inputs of one shape, as diffusers' Z-Image takes, stacked into a batch)."""
+    from .calib import stacked
+
+    if args and torch.is_tensor(stacked(args[0])):
+        return stacked(args[0])
     for k in _profile(profile).sample_kwargs:
-        if torch.is_tensor(kwargs.get(k)):
-            return kwargs[k]
+        if torch.is_tensor(stacked(kwargs.get(k))):
+            return stacked(kwargs[k])
     return None
 
 

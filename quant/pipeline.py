@@ -191,6 +191,10 @@ def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
     if m.mixed and alphas_cumprod is None:
         raise ConfigError("+mixed needs the model's noise schedule: pass alphas_cumprod= (the scheduler's "
                           "alphas_cumprod, length T)")
+    if m.base == "efficientdm" and calls and calls[0].args and isinstance(calls[0].args[0], (list, tuple)):
+        raise ConfigError("efficientdm fine-tunes on batches of rows of the recorded calls; this model takes its input "
+                          "as a list of per-sample tensors (diffusers' Z-Image), which it cannot batch: use recon or "
+                          "lp (with +ptqd)")
     return m
 
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .calib import Call, model_device_dtype, unet_output
+from .calib import Call, model_device_dtype, stacked, unet_output
 from .config import PTQDConfig
 from .context import get_context, sample_of_call
 from .profiles import get_profile
@@ -224,10 +224,15 @@ class PTQDOutputHook:
         if torch.is_tensor(out):
             return stats.correct(out, ctx.t, x, cd)
         if hasattr(out, "sample"):
-            out.sample = stats.correct(out.sample, ctx.t, x, cd)
+            pred = stacked(out.sample)
+            corrected = stats.correct(pred, ctx.t, x, cd)
+            out.sample = corrected if torch.is_tensor(out.sample) else list(corrected.unbind(0))
             return out
-        if isinstance(out, tuple):
+        if isinstance(out, tuple) and out and torch.is_tensor(out[0]):
             return (stats.correct(out[0], ctx.t, x, cd),) + tuple(out[1:])
+        if isinstance(out, tuple) and out and isinstance(out[0], list) and torch.is_tensor(stacked(out[0])):
+            # per-sample predictions (diffusers' Z-Image): corrected as a batch, returned as the list they were
+            return (list(stats.correct(stacked(out[0]), ctx.t, x, cd).unbind(0)),) + tuple(out[1:])
         return None
 
 

@@ -117,3 +117,15 @@ SIGMA_PACKED = register_profile(ModelProfile(
     out_channels=_token_channels,
     description="Chroma, Flux.2, Qwen-Image, LongCat-Image, Ovis-Image transformers: packed tokens, called with "
                 "sigma in [0, 1]"))
+
+# diffusers' Z-Image (``ZImageTransformer2DModel``): called as ``transformer(x, t, cap_feats)`` with per-sample lists
+# of latents [C, F, H, W] and captions, and t = (1000 - timestep) / 1000 (reversed, as Lumina's pipelines); its output
+# is a list of per-sample predictions (stacked into a batch by calib.unet_output). Its TimestepEmbedder reads
+# ``t_embedder.mlp[0].weight.dtype``: those layers stay float (keep_float).
+Z_IMAGE = register_profile(ModelProfile(
+    name="z-image", matches=class_named("ZImageTransformer2DModel"), priority=20,
+    edge_rules=(LayerRule(r"(^|\.)(all_x_embedder|all_final_layer|cap_embedder|t_embedder)(\.|$)", "w8a8"),),
+    structural_edges=False, block_types=("ZImageTransformerBlock",), timestep_kwargs=("t", "timestep"),
+    sample_kwargs=("x", "hidden_states"), timestep_scale=-1000.0, timestep_offset=1000.0, prediction="flow",
+    keep_float=(r"(^|\.)t_embedder\.mlp\.",),
+    description="Z-Image transformer: per-sample lists, called with 1 - t/1000 in [0, 1] (reversed)"))

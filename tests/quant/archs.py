@@ -321,6 +321,20 @@ def _wan_in(g, t):  # WanPipeline: video latents [B, C, F, H, W], timestep in [0
                     return_dict=False)
 
 
+def _zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2,
+                                    n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                                    axes_lens=[64, 32, 32])
+
+
+def _zimage_in(g, t):  # ZImagePipeline: per-sample lists of [C, 1, H, W] latents and captions, t = (1000 - t) / 1000
+    x = [_r(g, 4, 1, 8, 8) for _ in range(2)]
+    caps = [_r(g, 6, 32) for _ in range(2)]
+    return (x, _tt((1000 - t) / 1000.0, 2), caps), dict(return_dict=False)
+
+
 ARCHS = {a.name: a for a in (
     Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
     Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
@@ -340,6 +354,7 @@ ARCHS = {a.name: a for a in (
     Arch("chroma", _chroma, _chroma_in, standalone=False),
     Arch("qwenimage", _qwenimage, _qwenimage_in, standalone=False),
     Arch("wan", _wan, _wan_in, standalone=False),
+    Arch("zimage", _zimage, _zimage_in, standalone=False),
 )}
 
 

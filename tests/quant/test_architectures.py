@@ -92,6 +92,12 @@ def test_w4a8_recon_ptqd(name, tmp_path):
 def test_w4a4_efficientdm(name, tmp_path):
     cfg = PipelineConfig.for_method("efficientdm", "W4A4", finetune=FinetuneConfig(steps=3, batch_size=2, rank=2),
                                     precision="rules")
+    if name == "zimage":  # per-sample list inputs: refused before any work, in one line naming the way out
+        from lowbit.quant import ConfigError
+
+        with pytest.raises(ConfigError, match="list of per-sample tensors.*use recon or lp"):
+            pipeline.run(*_model_and_calls(name), cfg)
+        return
     _check(name, cfg, 0.5, tmp_path)
 
 
@@ -181,3 +187,19 @@ def test_standalone_build_keeps_constructor_tensors_real():
     assert _meta_attributes(empty) == []
     empty.rope_embedder.freqs_cis = [t.to("meta") for t in empty.rope_embedder.freqs_cis]
     assert _meta_attributes(empty) == ["rope_embedder.freqs_cis"]
+
+
+def test_ptqd_corrects_a_list_of_per_sample_predictions():
+    """diffusers' Z-Image returns its predictions as a list of per-sample tensors: the PTQD correction is applied to
+    them as a batch and handed back as a list (with the correction off, the raw quantized prediction)."""
+    from lowbit.quant import attach_stats, get_stats
+
+    fp, calls = _model_and_calls("zimage")
+    q = pipeline.run(fp, calls, PipelineConfig.for_method("lp+ptqd", "W8A8", precision="rules")).model
+    a, kw = _eval_inputs("zimage")
+    with torch.no_grad():
+        on = q(*a, **kw)[0]
+        attach_stats(q, get_stats(q), active=False)
+        off = q(*a, **kw)[0]
+    assert isinstance(on, list) and len(on) == 2 and on[0].shape == off[0].shape
+    assert not torch.equal(torch.stack(on), torch.stack(off))
