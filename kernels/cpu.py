@@ -459,7 +459,7 @@ def _conv_too_small(x, pw, padding, dilation) -> str:
     such a call, the integer paths would return an empty output."""
     if isinstance(padding, str):
         return ""
-    for d, (size, pad, k, dil) in enumerate(zip(x.shape[2:], padding, pw.shape[2:], dilation)):
+    for size, pad, k, dil in zip(x.shape[2:], padding, pw.shape[2:], dilation):
         if size + 2 * pad < dil * (k - 1) + 1:
             return (f"input {list(x.shape)} padded by {list(padding)} is smaller than the kernel "
                     f"{list(pw.shape[2:])} (dilation {list(dilation)})")
