@@ -54,6 +54,27 @@ def calls_misfit(exc: BaseException) -> BaseException:
                        "CallRecorder around a sampling run of this model")
 
 
+_SIGMA_WARNED = set()  # model classes warned about (once per process: the pipeline quantizes more than once)
+
+
+def _warn_sigma_keys(prof, calib, cls: str) -> None:
+    """A model no profile knows, called with timesteps that all lie in [0, 1] (sigma, or t / T): its per-timestep
+    tables (activation scales, PTQD statistics) are keyed on [0, T), so every step would share one entry. Said once
+    per class, with the way out; the quantization goes on (a model may really take such timesteps on its own
+    scale)."""
+    keys = {round(float(c.t), 6) for c in (calib or []) if getattr(c, "t", None) is not None}
+    if prof.name == "generic" and len(keys) > 1 and max(keys) <= 1.0 and cls not in _SIGMA_WARNED:
+        import warnings
+
+        _SIGMA_WARNED.add(cls)
+
+        warnings.warn(f"LowBit: this model's recorded timesteps all lie in [0, 1] ({min(keys):g}..{max(keys):g}) and "
+                      "no model profile knows its scale, so its per-timestep tables put every step in one entry; "
+                      "register a ModelProfile with timestep_scale=1000 for its class (quant/profiles/) or pass "
+                      "profile= naming one that fits (e.g. 'flux' for sigma-called packed-token transformers)",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _validate_model(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module (a UNet), got {type(model).__name__}")
@@ -102,6 +123,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
     from .profiles import get_profile, profile_for
 
     prof = profile_for(model) if profile is None else get_profile(profile)
+    _warn_sigma_keys(prof, calib, type(model).__name__)
     qmodel = structural_copy(model)
     splits, called = {}, None
     if calib:  # one probe pass: the convolutions that read a channel concatenation (split for their own

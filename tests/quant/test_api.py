@@ -233,3 +233,38 @@ def test_casting_or_moving_the_quantized_model_leaves_the_users_model_alone():
         with torch.no_grad():
             assert torch.equal(m(x), y0)
             assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_a_model_no_profile_knows_called_with_sigma_is_warned_about():
+    """An unknown model called with timesteps in [0, 1] puts every step into one table entry (its tables are keyed on
+    [0, T)): quantize says so once per class, naming the way out (found by audit: Chroma and Qwen-Image did this
+    silently before they got a profile); a model called on [0, T) is not warned about."""
+    import warnings
+
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder
+
+    class Unknown(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, sample, timestep):
+            return self.a(sample) * timestep.view(-1, 1)
+
+    from lowbit.quant import api
+
+    api._SIGMA_WARNED.discard("Unknown")
+    m = Unknown().eval()
+    for ts, warned in (((0.9, 0.5, 0.1), True), ((0.8, 0.2), False), ((900.0, 500.0, 100.0), False)):
+        with CallRecorder(m) as rec, torch.no_grad():
+            for t in ts:
+                m(torch.randn(2, 8), torch.full((2,), t))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            quantize(m, QuantConfig.preset("W8A8"), rec.calls)
+        msgs = [str(x.message) for x in w if "lie in [0, 1]" in str(x.message)]
+        assert (len(msgs) == 1) == warned, (ts, msgs)
+        if warned:
+            assert "timestep_scale=1000" in msgs[0]
