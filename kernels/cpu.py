@@ -183,8 +183,12 @@ def _halves_ok(pw: PackedWeight, rows: int, gather: bool = False) -> bool:
     unpacked time): Linear 0.37-0.49 at 64 rows (SD1.5's 8x8 stage), 0.72 at 0.2 rows per channel, 0.92-1.05 at
     0.5, 1.17 at 1.6; 3x3 convolutions 0.33-0.48 at 0.05-0.1 pixels per channel, 0.74-0.91 at 0.2-0.25, 1.02 at
     0.33, 1.13 at 0.4, 2.1 at 1.6."""
-    return (pw.bits <= 4 and pw.K % 2 == 0 and rows * (4 if gather else 2) <= pw.N and not cache_int4(pw)
-            and "cpu.int8" not in pw.cache and "cpu.int8_hwc" not in pw.cache)
+    return (pw.bits <= 4 and pw.K % 2 == 0 and pw.K <= HALVES_MAX_K and rows * (4 if gather else 2) <= pw.N
+            and not cache_int4(pw) and "cpu.int8" not in pw.cache and "cpu.int8_hwc" not in pw.cache)
+
+
+# the halves' accumulator holds 16 x the products: |acc| <= 255 * 128 * K must stay below 2^31
+HALVES_MAX_K = (2 ** 31 - 1) // (255 * 128)
 
 
 def _int4_x16_halves(pw: PackedWeight) -> torch.Tensor:
@@ -192,8 +196,8 @@ def _int4_x16_halves(pw: PackedWeight) -> torch.Tensor:
     in two passes (no interleaving, no sign extension): byte j holds w[2j] in its low nibble and w[2j+1] in its
     high one, so ``byte << 4`` is 16 w[2j] and ``byte & 0xF0`` is 16 w[2j+1], both exact in int8. A GEMM with the
     activations' columns in the same order (:func:`_even_odd`) gives 16 x the accumulator, exactly (|acc| stays
-    below 2^31 for K < 65793); the unpacked weight costs four passes and an interleaving copy
-    (:func:`unpack_int4`)."""
+    below 2^31 for K <= :data:`HALVES_MAX_K`, which :func:`_halves_ok` requires); the unpacked weight costs four
+    passes and an interleaving copy (:func:`unpack_int4`)."""
     p = pw.qdata.view(torch.int8)
     k2 = p.shape[1]
     w = torch.empty((pw.N, 2 * k2), dtype=torch.int8, device=p.device)

@@ -87,9 +87,10 @@ def _validate_model(model: nn.Module):
                           "is this the UNet (diffusion model) and not a wrapper or a VAE?")
     meta = next((n for n, m in layers if getattr(m, "weight", None) is not None and m.weight.is_meta), None)
     if meta is not None:
-        raise ConfigError(f"layer {meta!r} has its weight on the meta device (the model's weights were never "
-                          "loaded); load them first (e.g. from_pretrained without device_map='meta', or "
-                          "load_state_dict(..., assign=True)), then quantize")
+        raise ConfigError(f"layer {meta!r} has its weight on the meta device (never loaded, or offloaded by "
+                          "accelerate hooks); quantize a model whose weights are real tensors: load them "
+                          "(load_state_dict(..., assign=True), from_pretrained without a meta device map) or "
+                          "quantize before enabling CPU offload")
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] = None, *,

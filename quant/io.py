@@ -412,11 +412,12 @@ def _fail(path, problem, fix):
     raise LoadError(f"cannot load {path}: {problem}. {fix}")
 
 
-# every dtype a model's own tensors (norms, embeddings, buffers) may be saved in: float64 position tables
-# (CogVideoX), bool masks, fp8 weights kept in float
+# every dtype safetensors writes, so any tensor of a model (norms, embeddings, buffers) loads back: float64
+# position tables (CogVideoX), complex rotary tables, bool masks, unsigned ids, fp8 weights kept in float
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "I16": torch.int16, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32,
+           "U64": torch.uint64, "C64": torch.complex64}
 
 
 def _parse_json(path, text: str, what: str):

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .config import (DEFAULT_COPY_BUDGET_MB, METHODS, BitwidthSchedule, FinetuneConfig, PTQDConfig, QuantConfig,
@@ -177,6 +178,15 @@ def needs_calls(cfg: PipelineConfig) -> bool:
     return static or m.base in ("recon", "efficientdm") or m.ptqd or m.mixed
 
 
+def _per_sample_lists(model, call) -> bool:
+    """The call passes its noisy input as a list of per-sample tensors (diffusers' Z-Image), positionally or by one
+    of the profile's sample keywords."""
+    from .profiles import profile_for
+
+    cands = ([call.args[0]] if call.args else []) + [call.kwargs.get(k) for k in profile_for(model).sample_kwargs]
+    return any(isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v) for v in cands)
+
+
 def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
     """Every cheap check ``run`` makes, before any work (hosts call it to refuse early; ``calls=None``: the
     calls are recorded later, not checked now)."""
@@ -191,7 +201,7 @@ def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
     if m.mixed and alphas_cumprod is None:
         raise ConfigError("+mixed needs the model's noise schedule: pass alphas_cumprod= (the scheduler's "
                           "alphas_cumprod, length T)")
-    if m.base == "efficientdm" and calls and calls[0].args and isinstance(calls[0].args[0], (list, tuple)):
+    if m.base == "efficientdm" and calls and _per_sample_lists(fp_model, calls[0]):
         raise ConfigError("efficientdm fine-tunes on batches of rows of the recorded calls; this model takes its input "
                           "as a list of per-sample tensors (diffusers' Z-Image), which it cannot batch: use recon or "
                           "lp (with +ptqd)")

@@ -226,14 +226,24 @@ class PTQDOutputHook:
         if hasattr(out, "sample"):
             pred = stacked(out.sample)
             corrected = stats.correct(pred, ctx.t, x, cd)
-            out.sample = corrected if torch.is_tensor(out.sample) else list(corrected.unbind(0))
+            out.sample = corrected if torch.is_tensor(out.sample) else type(out.sample)(corrected.unbind(0))
             return out
-        if isinstance(out, tuple) and out and torch.is_tensor(out[0]):
-            return (stats.correct(out[0], ctx.t, x, cd),) + tuple(out[1:])
-        if isinstance(out, tuple) and out and isinstance(out[0], list) and torch.is_tensor(stacked(out[0])):
-            # per-sample predictions (diffusers' Z-Image): corrected as a batch, returned as the list they were
-            return (list(stats.correct(stacked(out[0]), ctx.t, x, cd).unbind(0)),) + tuple(out[1:])
-        return None
+        if isinstance(out, (tuple, list)) and out:
+            first = out[0]
+            if torch.is_tensor(first):
+                first = stats.correct(first, ctx.t, x, cd)
+            elif isinstance(first, (list, tuple)) and torch.is_tensor(stacked(first)):
+                # per-sample predictions (diffusers' Z-Image): corrected as a batch, returned as the list they were
+                first = type(first)(stats.correct(stacked(first), ctx.t, x, cd).unbind(0))
+            else:
+                first = None
+            if first is not None:
+                rest = (first,) + tuple(out[1:])
+                return rest if isinstance(out, tuple) else list(rest)
+        # (calib.unet_output, which the statistics were collected through, reads the same outputs)
+        raise TypeError(f"PTQD correction: cannot read the prediction from a model output of type "
+                        f"{type(out).__name__} (expected a tensor, an object with .sample, or a tuple / list whose "
+                        "first element is the prediction or a list of per-sample predictions of one shape)")
 
 
 def attach_stats(qmodel, stats: Optional[PTQDStats], active: bool = True):

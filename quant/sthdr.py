@@ -25,7 +25,7 @@ MAX_INT_DIGITS = 18  # integers in a header: |n| < 10^18
 
 # bytes per element of every safetensors dtype this reader knows (sub-byte float formats are not among them)
 DSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-         "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+         "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
 def lowbit_version_ok(v) -> bool:

@@ -383,3 +383,17 @@ def test_kernel_larger_than_the_padded_input_is_refused_like_the_reference(clean
     with pytest.raises(RuntimeError):
         ops.conv2d(x, pw, None, 1, 0, 1, 1, act)
     assert ops.run_on(backend, "conv2d", x, pw, None, 1, 1, 1, 1, act).shape == (1, 8, 2, 2)
+
+
+def test_int4_halves_stay_within_the_int32_accumulator(clean_env):
+    """The halves' accumulator holds 16 x the products: a row longer than HALVES_MAX_K could pass 2^31 and wrap
+    (K = 70000, weights -8, inputs at the top code: +4.9e6 instead of -5.6e6; found by audit). Such weights take the
+    unpacked path; one just below the bound is still exact on the halves path."""
+    act = ActQuant(8, 10.0 / 255, 0)
+    for k, halves in ((80000, False), (cpu_mod.HALVES_MAX_K - 1, True)):  # (80000: the halves would wrap)
+        k -= k % 2
+        pw = ops.quantize_weight(torch.full((2, k), -8.0), 4)
+        assert cpu_mod._halves_ok(pw, 1) is halves
+        x = torch.full((1, k), 10.0)
+        y = ops.run_on("cpu", "linear", x, pw, None, act)
+        assert rel_err(y, ops.run_on("eager", "linear", x, pw, None, act)) < INT_TOL

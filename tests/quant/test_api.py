@@ -165,7 +165,7 @@ def test_a_model_whose_weights_were_never_loaded_is_refused_first(calls):
     with torch.device("meta"):
         m = tiny_unet()
     for cfg, c in ((QuantConfig.preset("W8A16"), None), (QuantConfig.preset("W8A8"), calls)):
-        with pytest.raises(ConfigError, match="meta device.*load them first"):
+        with pytest.raises(ConfigError, match="meta device.*real tensors: load them"):
             quantize(m, cfg, c)
 
 
@@ -268,3 +268,21 @@ def test_a_model_no_profile_knows_called_with_sigma_is_warned_about():
         assert (len(msgs) == 1) == warned, (ts, msgs)
         if warned:
             assert "timestep_scale=1000" in msgs[0]
+
+
+def test_efficientdm_refuses_per_sample_list_inputs_positional_or_keyword():
+    """EfficientDM batches rows of the recorded calls; a model fed a list of per-sample latents (diffusers' Z-Image)
+    is refused before any work, whether the list came positionally or by the sample keyword (the check looked at
+    the first positional argument only; found by audit)."""
+    import torch.nn as nn
+
+    from lowbit.quant import ConfigError, PipelineConfig, pipeline
+    from lowbit.quant.calib import Call
+
+    m = nn.Sequential(nn.Linear(4, 4))
+    per = [torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)]
+    cfg = PipelineConfig.for_method("efficientdm", "W4A8")
+    for call in (Call((per, torch.ones(2)), {}, 500.0, 0), Call((), {"x": per, "t": torch.ones(2)}, 500.0, 0)):
+        with pytest.raises(ConfigError, match="list of per-sample tensors"):
+            pipeline.check(m, [call], cfg)
+    pipeline.check(m, [Call((torch.randn(2, 4), torch.ones(2)), {}, 500.0, 0)], cfg)  # a batch tensor: accepted

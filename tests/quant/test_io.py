@@ -159,9 +159,9 @@ def test_extra_tensors_the_header_does_not_declare_are_refused(saved, unet, tmp_
 
 
 def test_model_tensors_in_any_dtype_round_trip(tmp_path, registry_kernels):
-    """A model's own tensors may be float64 (CogVideoX's position table), bool, int16 or fp8: save wrote them, the
-    loader refused its own file as corrupt ("unsupported entry"). Now they load, values and dtypes unchanged;
-    found by audit."""
+    """A model's own tensors may be float64 (CogVideoX's position table), complex (rotary tables), bool, int16,
+    unsigned or fp8: save wrote them, the loader refused its own file as corrupt ("unsupported entry"). Now they
+    load, values and dtypes unchanged; found by audit."""
     import torch.nn as nn
 
     from lowbit.quant import CallRecorder
@@ -174,6 +174,9 @@ def test_model_tensors_in_any_dtype_round_trip(tmp_path, registry_kernels):
             self.register_buffer("mask", torch.rand(8) > 0.5)
             self.register_buffer("ids", torch.arange(8, dtype=torch.int16))
             self.register_buffer("f8", torch.randn(4).to(torch.float8_e4m3fn))
+            self.register_buffer("u16", torch.arange(4, dtype=torch.int32).to(torch.uint16))
+            self.register_buffer("u32", torch.arange(4, dtype=torch.int64).to(torch.uint32))
+            self.register_buffer("rope", torch.polar(torch.ones(6), torch.arange(6.0)))  # complex64
 
         def forward(self, x):
             return self.b(torch.relu(self.a(x + self.pos.to(x.dtype) * self.mask)))
@@ -186,11 +189,12 @@ def test_model_tensors_in_any_dtype_round_trip(tmp_path, registry_kernels):
     p = str(tmp_path / "q.safetensors")
     save(q, p)
     m2 = M().eval()
-    for name in ("pos", "mask", "ids", "f8"):  # different values, so the file's are the ones checked
+    names = ("pos", "mask", "ids", "f8", "u16", "u32", "rope")
+    for name in names:  # different values, so the file's are the ones checked
         buf = getattr(m2, name)
-        buf.copy_(torch.zeros_like(buf) if buf.dtype != torch.bool else ~buf)
+        buf.view(torch.uint8).copy_(~buf.view(torch.uint8))
     r = load(m2, p)
-    for name in ("pos", "mask", "ids", "f8"):
+    for name in names:
         a, b = getattr(q, name), getattr(r, name)
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     x = torch.randn(3, 8)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from lowbit.quant import (CallRecorder, PTQDConfig, QuantConfig, QuantContext, attach_stats, collect_stats, deploy_,
@@ -151,3 +152,43 @@ def test_stats_from_50_steps_help_at_20_steps():
             err_cor += float((stats.correct(eq, c.t, a[0]) - fp).pow(2).sum())
     assert timesteps_for(20, 1000)[1] not in {c.t for c in calib}  # really other timesteps
     assert err_cor <= err_raw, (err_cor, err_raw)
+
+
+@pytest.mark.parametrize("wrap", ["tuple_of_list", "tuple_of_tuple", "list", "plain_list_of_list"])
+def test_ptqd_corrects_predictions_in_any_container_the_statistics_were_read_from(wrap):
+    """The statistics are collected through calib.unet_output, which reads a tuple's or a list's first element and
+    stacks per-sample predictions of one shape: the correction hook handles the same containers and hands back the
+    container it got (a tuple of per-sample tensors was read, then silently left uncorrected; found by audit)."""
+    import torch.nn as nn
+
+    from lowbit.quant import PipelineConfig, pipeline
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, sample, timestep):
+            y = self.b(torch.relu(self.a(sample))) * (timestep.view(-1, 1, 1, 1) / 1000)
+            per = list(y.unbind(0))
+            return {"tuple_of_list": (per,), "tuple_of_tuple": (tuple(per),), "list": [y],
+                    "plain_list_of_list": [per]}[wrap]
+
+    torch.manual_seed(0)
+    m = Toy().eval()
+    g = torch.Generator().manual_seed(1)
+    with CallRecorder(m) as rec, torch.no_grad():
+        for _ in range(3):
+            rec.new_trajectory()
+            for t in (900.0, 500.0, 100.0):
+                m(torch.randn(2, 4, 6, 6, generator=g), torch.full((2,), t))
+    q = pipeline.run(m, rec.calls, PipelineConfig.for_method("naive+ptqd", "W8A8")).model
+    x, t = torch.randn(2, 4, 6, 6, generator=g), torch.full((2,), 500.0)
+    with torch.no_grad():
+        on = q(x, t)
+        attach_stats(q, get_stats(q), active=False)
+        off = q(x, t)
+    assert type(on) is type(off) and type(on[0]) is type(off[0])
+    from lowbit.quant.calib import unet_output
+
+    assert not torch.equal(unet_output(on), unet_output(off))
