@@ -239,6 +239,18 @@ class QuantLayer(nn.Module):
         self._ctx = [ctx]  # list: keeps the context out of the module tree
         self.register_module("packed", None)  # deployed: the PackedWeight (float weight and w_scale are gone)
 
+    def __getattr__(self, name):
+        # A deployed layer has no float weight; hosts that look at ``linear.weight`` on every call (ComfyUI's
+        # NextDiT checks ``isinstance(linear.weight, QuantizedTensor)`` of each block's projections whenever
+        # comfy-kitchen's fused int8 ops exist; diffusers reads ``...weight.dtype`` in places) get the packed
+        # integers: a cheap, non-float tensor, so their own quantized fast paths decline and the layer is called.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight" and self._modules.get("packed") is not None:
+                return self._modules["packed"].qdata
+            raise
+
     # ---- state ---------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:

@@ -286,3 +286,27 @@ def test_efficientdm_refuses_per_sample_list_inputs_positional_or_keyword():
         with pytest.raises(ConfigError, match="list of per-sample tensors"):
             pipeline.check(m, [call], cfg)
     pipeline.check(m, [Call((torch.randn(2, 4), torch.ones(2)), {}, 500.0, 0)], cfg)  # a batch tensor: accepted
+
+
+def test_a_deployed_layer_shows_hosts_its_packed_integers_as_weight(unet, calls):
+    """Hosts read ``linear.weight`` outside the layer's forward: ComfyUI's NextDiT (Z-Image / Lumina 2) checks
+    ``isinstance(linear.weight, QuantizedTensor)`` on every block's projections whenever comfy-kitchen's fused int8
+    ops exist (comfy/ldm/lumina/model.py), which raised AttributeError on a deployed layer (it holds no float
+    weight). ``weight`` is now the packed integers there: a plain non-float tensor, so such checks decline; the
+    layer still holds no parameter of it (``model.dtype`` reads the float parts), and undeploy restores a float
+    Parameter."""
+    q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls))
+    name, layer = quant_layers(q)[3]
+
+    class QuantizedTensor(torch.Tensor):  # stands for ComfyUI's class
+        pass
+
+    w = layer.weight
+    assert torch.is_tensor(w) and not w.is_floating_point() and not isinstance(w, QuantizedTensor)
+    assert w.data_ptr() == layer.packed_weight().qdata.data_ptr()  # no copy, no dequantization
+    assert "weight" not in dict(layer.named_parameters()) and q.dtype == torch.float32
+    with pytest.raises(AttributeError):
+        layer.not_an_attribute
+    layer.undeploy()
+    assert isinstance(layer.weight, torch.nn.Parameter) and layer.weight.is_floating_point()
+    assert tuple(layer.weight.shape) == layer.weight_shape
