@@ -119,7 +119,8 @@ _AUTOTUNE = []
 
 
 def _autotune():
-    """kernels.autotune, imported on first use (it imports the backends)."""
+    """kernels.autotune, imported on first use (importing it with this module would register the dense backend
+    before this one)."""
     if not _AUTOTUNE:
         from . import autotune
 
@@ -268,11 +269,20 @@ def u8_channels_last(q: torch.Tensor) -> torch.Tensor:
     if q.dim() != 4 or channels_last(q) or q.shape[2] * q.shape[3] < BLOCKED_TRANSPOSE_MIN_HW or not q.is_contiguous():
         return q
     b, c, h, w = q.shape
-    out = torch.empty((b, h, w, c), dtype=q.dtype)
-    src, dst = q.view(b, c, h * w), out.view(b, h * w, c)
-    for c0 in range(0, c, _TRANSPOSE_BLOCK):
-        dst[:, :, c0:c0 + _TRANSPOSE_BLOCK].copy_(src[:, c0:c0 + _TRANSPOSE_BLOCK].transpose(1, 2))
+    out = torch.empty((b, h, w, c), dtype=q.dtype, device=q.device)
+    _copy_to_nhwc(out, q)
     return out.permute(0, 3, 1, 2)
+
+
+def _copy_to_nhwc(dst: torch.Tensor, q: torch.Tensor) -> None:
+    """``dst`` [B, H, W, C] (a view, e.g. a padded buffer's interior) <- ``q`` [B, C, H, W]: from NCHW in blocks of
+    :data:`_TRANSPOSE_BLOCK` channels for planes of at least :data:`BLOCKED_TRANSPOSE_MIN_HW` pixels (torch's own
+    layout copy of such uint8 tensors is an element-by-element loop), else in one torch copy."""
+    if channels_last(q) or q.shape[2] * q.shape[3] < BLOCKED_TRANSPOSE_MIN_HW:
+        dst.copy_(q.permute(0, 2, 3, 1))
+        return
+    for c0 in range(0, q.shape[1], _TRANSPOSE_BLOCK):
+        dst[..., c0:c0 + _TRANSPOSE_BLOCK].copy_(q[:, c0:c0 + _TRANSPOSE_BLOCK].permute(0, 2, 3, 1))
 
 
 def _dense_layout(x: torch.Tensor) -> torch.Tensor:
@@ -488,9 +498,8 @@ def _u8_nhwc_padded(q: torch.Tensor, padding, zp) -> torch.Tensor:
     a [B, C, H + 2ph, W + 2pw] view of a dense NHWC buffer, what :func:`_im2col_u8` reads without a copy.
 
     One pass over the codes (the float input is no longer padded before quantizing: 4 bytes per value copied
-    again). From NCHW the interior is copied in blocks of channels for planes of at least
-    :data:`BLOCKED_TRANSPOSE_MIN_HW` pixels, as :func:`u8_channels_last` does (torch's own layout copy of such
-    uint8 tensors took 25 ms for 2 x 960 x 64 x 64 on a 2-core Xeon, the blocked one 2.3 ms)."""
+    again), :func:`_copy_to_nhwc` into the buffer's interior (torch's own layout copy of 2 x 960 x 64 x 64 uint8
+    took 25 ms on a 2-core Xeon, the blocked one 2.3 ms)."""
     b, c, h, w = q.shape
     ph, pw = padding
     if not ph and not pw and channels_last(q) and q.is_contiguous(memory_format=torch.channels_last):
@@ -503,40 +512,37 @@ def _u8_nhwc_padded(q: torch.Tensor, padding, zp) -> torch.Tensor:
             rows = buf[batch]
             for border in (rows[:, :ph], rows[:, h + ph:], rows[:, ph:h + ph, :pw], rows[:, ph:h + ph, w + pw:]):
                 border.fill_(int(z))
-    dst = buf[:, ph:h + ph, pw:w + pw]
-    if channels_last(q) or h * w < BLOCKED_TRANSPOSE_MIN_HW:
-        dst.copy_(q.permute(0, 2, 3, 1))
-    else:
-        for c0 in range(0, c, _TRANSPOSE_BLOCK):
-            dst[..., c0:c0 + _TRANSPOSE_BLOCK].copy_(q[:, c0:c0 + _TRANSPOSE_BLOCK].permute(0, 2, 3, 1))
+    _copy_to_nhwc(buf[:, ph:h + ph, pw:w + pw], q)
     return buf.permute(0, 3, 1, 2)
 
 
+def _out_hw(hp, wp, kh, kw, stride, dilation):
+    """(Ho, Wo) of a convolution over an already padded [.., Hp, Wp] input."""
+    return (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1, (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+
+
 def _im2col_u8(q, kh, kw, stride, dilation):
-    """uint8 [B, C, Hp, Wp] (already padded, any memory format) -> uint8 [B*Ho*Wo, kh*kw*C] in (kh, kw, c) order,
-    plus (Ho, Wo).
+    """uint8 [B, C, Hp, Wp] (already padded, any memory format) -> uint8 [B*Ho*Wo, kh*kw*C] in (kh, kw, c) order.
 
     The input is made channels-last first, so every gathered piece is a contiguous run of C (or, for stride-1
     undilated width, kw*C) bytes: 5-30x faster than gathering from NCHW (bench on SD1.5 shapes: 158 -> 7 ms)."""
     b, c, hp, wp = q.shape
     q = q.permute(0, 2, 3, 1).contiguous()  # NHWC
-    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _out_hw(hp, wp, kh, kw, stride, dilation)
     sb, sh, sw, _ = q.stride()
     if stride[1] == 1 and dilation[1] == 1:
         cols = q.as_strided((b, ho, wo, kh, kw * c), (sb, sh * stride[0], sw, sh * dilation[0], 1))
     else:
         cols = q.as_strided((b, ho, wo, kh, kw, c),
                             (sb, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], 1))
-    return cols.reshape(b * ho * wo, kh * kw * c), ho, wo
+    return cols.reshape(b * ho * wo, kh * kw * c)
 
 
 def _im2col_u8_ckk(q, kh, kw, stride, dilation):
     """:func:`_im2col_u8` with the columns in (c, kh, kw) order, the weight's own (for few output pixels: one
     gather of [B*Ho*Wo, C*kh*kw] bytes)."""
     b, c, hp, wp = q.shape
-    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _out_hw(hp, wp, kh, kw, stride, dilation)
     sb, sc, sh, sw = q.stride()
     cols = q.as_strided((b, ho, wo, c, kh, kw), (sb, sh * stride[0], sw * stride[1], sc, sh * dilation[0],
                                                  sw * dilation[1]))
@@ -573,15 +579,14 @@ def cpu_conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
         q, sx, zp = quant_static(xf, act), act.scale, act.zero_point
     kh, kw = pw.shape[2], pw.shape[3]
     qp = _u8_nhwc_padded(q, padding, zp)
-    ho = (qp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (qp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _out_hw(qp.shape[2], qp.shape[3], kh, kw, stride, dilation)
     shift = 4 if _halves_ok(pw, b * ho * wo, gather=kh * kw > 1) else 0
     if shift:  # few output pixels: the packed bytes' own (c, kh, kw) order, even k then odd k
         w8 = _int4_x16_halves(pw)
         acc = torch._int_mm(_even_odd(_im2col_u8_ckk(qp, kh, kw, stride, dilation)), w8.t())
         acc.bitwise_right_shift_(4)  # (exact: a multiple of 16)
     else:
-        cols = _im2col_u8(qp, kh, kw, stride, dilation)[0]
+        cols = _im2col_u8(qp, kh, kw, stride, dilation)
         w8 = _int8_weight_hwc(pw)
         acc = torch._int_mm(cols, w8.t())
     if act.dynamic:

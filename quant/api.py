@@ -5,6 +5,7 @@ model returned by ``quantize``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import List, Optional
 
@@ -44,14 +45,18 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
 CALL_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError)
 
 
-def calls_misfit(exc: BaseException) -> BaseException:
-    """The error to raise when the float model fails on the first recorded call: a ConfigError saying the calls do
-    not fit (before any work), or ``exc`` itself for running out of memory (not a mismatch)."""
-    if "out of memory" in str(exc).lower():  # (torch.OutOfMemoryError)
-        return exc
-    return ConfigError(f"the recorded calls do not fit this model: the float model fails on the first one "
-                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); record the calls with "
-                       "CallRecorder around a sampling run of this model")
+@contextlib.contextmanager
+def calls_must_fit():
+    """Around the float model's first run of a recorded call: a failure there is a ConfigError saying the calls do
+    not fit (before any work), running out of memory excepted (not a mismatch)."""
+    try:
+        yield
+    except CALL_ERRORS as exc:
+        if "out of memory" in str(exc).lower():  # (torch.OutOfMemoryError)
+            raise
+        raise ConfigError(f"the recorded calls do not fit this model: the float model fails on the first one "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); record the calls with "
+                          "CallRecorder around a sampling run of this model") from exc
 
 
 _SIGMA_WARNED = set()  # model classes warned about (once per process: the pipeline quantizes more than once)
@@ -132,14 +137,9 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
         # weight directly, stay float: deployed layers have no float weight)
         convs = ([p.name for p in plan_layers(qmodel, config, prof) if p.mode != "fp" and p.kind == "conv"]
                  if static_act and config.split_concat else [])
-        try:
+        with calls_must_fit():
             called, splits = probe_layers(qmodel, calib[0], [n for n, m in qmodel.named_modules()
                                                              if n and qlayer_class_for(m) is not None], convs)
-        except CALL_ERRORS as exc:
-            err = calls_misfit(exc)
-            if err is exc:
-                raise
-            raise err from exc
         apply_splits(qmodel, splits)
         called |= {f"{n}.parts.{i}" for n, sizes in splits.items() for i in range(len(sizes))}
     all_plans = plan_layers(qmodel, config, prof, called=called)

@@ -112,11 +112,10 @@ def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:
     per-sample inputs of one shape, as diffusers' Z-Image takes, stacked into a batch)."""
     from .calib import stacked
 
-    if args and torch.is_tensor(stacked(args[0])):
-        return stacked(args[0])
-    for k in _profile(profile).sample_kwargs:
-        if torch.is_tensor(stacked(kwargs.get(k))):
-            return stacked(kwargs[k])
+    for v in ([args[0]] if args else []) + [kwargs.get(k) for k in _profile(profile).sample_kwargs]:
+        v = stacked(v)
+        if torch.is_tensor(v):
+            return v
     return None
 
 

@@ -213,16 +213,11 @@ def _check_calls_fit(fp_model: nn.Module, calls) -> None:
     model fail here with a ConfigError saying so, not later inside a stage with the model's own error."""
     if not calls:
         return
-    from .api import CALL_ERRORS, calls_misfit
+    from .api import calls_must_fit
     from .calib import run_calls
 
-    try:
+    with calls_must_fit():
         run_calls(fp_model, calls[:1])
-    except CALL_ERRORS as exc:
-        err = calls_misfit(exc)
-        if err is exc:
-            raise
-        raise err from exc
 
 
 def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *, alphas_cumprod=None,

@@ -229,12 +229,12 @@ class PTQDOutputHook:
             out.sample = corrected if torch.is_tensor(out.sample) else type(out.sample)(corrected.unbind(0))
             return out
         if isinstance(out, (tuple, list)) and out:
-            first = out[0]
+            first, batch = out[0], stacked(out[0])
             if torch.is_tensor(first):
                 first = stats.correct(first, ctx.t, x, cd)
-            elif isinstance(first, (list, tuple)) and torch.is_tensor(stacked(first)):
+            elif torch.is_tensor(batch):
                 # per-sample predictions (diffusers' Z-Image): corrected as a batch, returned as the list they were
-                first = type(first)(stats.correct(stacked(first), ctx.t, x, cd).unbind(0))
+                first = type(first)(stats.correct(batch, ctx.t, x, cd).unbind(0))
             else:
                 first = None
             if first is not None:
