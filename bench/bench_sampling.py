@@ -21,6 +21,8 @@ less sensitive to other jobs on a shared machine). Variants:
   what the kernels did before the autotuner.
 * ``bf16`` (the peer, on unless ``--peers ""``): the float model cast to bf16, inputs cast to bf16 and outputs back
   to fp32 (:class:`Bf16`): what a CPU user gets from no quantization at all.
+* ``<bits> unfused`` (``--unfused``): deployed and tuned like ``<bits>`` but with ``LOWBIT_FUSE_ACT=0`` (the GELUs
+  after Linears stay separate ops, as before quant/fuse.py): the same run's before / after of that change.
 * ``<bits>-bf16`` (``--bf16-parts``): the deployed model cast to bf16, so everything outside the quantized layers
   (norms, attention, residuals) runs in bf16 while the quantized layers keep their integer weights and fp32 scales
   (``QuantLayer._apply``); tuned and checked like ``<bits>``.
@@ -115,23 +117,35 @@ class Bf16(torch.nn.Module):
         return unet_output(out).float()
 
 
-def deployed(subject: _Subject, bits: str, tune: bool):
+def deployed(subject: _Subject, bits: str, tune: bool, fuse: bool = True):
     """The subject quantized (min/max ranges) and deployed as ``deploy_`` does by default (``tune``: the kernel
-    autotuner within the default copy budget) or with ``tune=False`` (registry order)."""
+    autotuner within the default copy budget) or with ``tune=False`` (registry order); ``fuse=False``: with
+    ``LOWBIT_FUSE_ACT=0`` (activations not moved into the Linears' kernels)."""
     from ..quant import CallRecorder, QuantConfig, deploy_, quantize
 
     with CallRecorder(subject.float_model) as rec, torch.no_grad():
         subject.calib_run(subject.float_model)
     q = quantize(subject.float_model, QuantConfig.preset(bits, w_init="minmax", a_init="minmax"), rec.calls)
-    return deploy_(q) if tune else deploy_(q, tune=False)
+    old = os.environ.get("LOWBIT_FUSE_ACT")
+    if not fuse:
+        os.environ["LOWBIT_FUSE_ACT"] = "0"
+    try:
+        return deploy_(q) if tune else deploy_(q, tune=False)
+    finally:
+        if not fuse and old is None:
+            del os.environ["LOWBIT_FUSE_ACT"]
+        elif not fuse:
+            os.environ["LOWBIT_FUSE_ACT"] = old
 
 
-def variant_plan(bits_list, untuned: bool, peers=("bf16",), bf16_parts: bool = False) -> list:
+def variant_plan(bits_list, untuned: bool, peers=("bf16",), bf16_parts: bool = False, unfused: bool = False) -> list:
     """(name, bits, kind) of every variant :func:`time_subject` times, in its order: ``fp32``, the float peers,
-    then per format the tuned deployed model, its float-parts-in-bf16 copy and the untuned one."""
+    then per format the tuned deployed model, its unfused twin, its float-parts-in-bf16 copy and the untuned one."""
     plan = [("fp32", None, "fp32")] + [(p, None, "peer") for p in peers]
     for bits in bits_list:
         plan.append((bits, bits, "tuned"))
+        if unfused:
+            plan.append((f"{bits} unfused", bits, "unfused"))
         if bf16_parts:
             plan.append((f"{bits}-bf16", bits, "bf16-parts"))
         if untuned:
@@ -140,20 +154,23 @@ def variant_plan(bits_list, untuned: bool, peers=("bf16",), bf16_parts: bool = F
 
 
 def time_subject(subject: _Subject, bits_list, repeats: int, untuned: bool, log=print, settle: bool = True,
-                 peers=("bf16",), bf16_parts: bool = False) -> dict:
+                 peers=("bf16",), bf16_parts: bool = False, unfused: bool = False) -> dict:
     import copy
 
     from ..kernels import autotune
 
     variants = {}
     tuned = []  # the deployed, tuned variants: whole-model check, kernel-choice summary
-    for name, bits, kind in variant_plan(bits_list, untuned, peers, bf16_parts):
+    for name, bits, kind in variant_plan(bits_list, untuned, peers, bf16_parts, unfused):
         if kind == "fp32":
             variants[name] = subject.float_model
         elif kind == "peer":  # (only bf16 is known, see main)
             variants[name] = Bf16(copy.deepcopy(subject.float_model))
         elif kind == "untuned":
             variants[name] = deployed(subject, bits, tune=False)
+        elif kind == "unfused":
+            variants[name] = deployed(subject, bits, tune=True, fuse=False)
+            tuned.append(name)
         else:
             m = deployed(subject, bits, tune=True)
             variants[name] = Bf16(m) if kind == "bf16-parts" else m
@@ -219,6 +236,9 @@ def main(argv=None):
                    'float model in bf16); "" for none')
     p.add_argument("--bf16-parts", action="store_true",
                    help="also time each <bits> deployed model cast to bf16 (<bits>-bf16: float parts in bf16)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time each <bits> deployed with LOWBIT_FUSE_ACT=0 (<bits> unfused: GELUs not moved "
+                        "into the Linears' kernels)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
     peers = [x.strip() for x in a.peers.split(",") if x.strip()]
@@ -232,11 +252,11 @@ def main(argv=None):
     subjects = subjects_for(a.models, a.samples, a.steps)
     results = []
     for s in subjects:
-        names = [n for n, _, _ in variant_plan(bits_list, not a.no_untuned, peers, a.bf16_parts)]
+        names = [n for n, _, _ in variant_plan(bits_list, not a.no_untuned, peers, a.bf16_parts, a.unfused)]
         print(f"[{s.name}] timing {', '.join(names)} ({a.repeats} alternating rounds) ...", flush=True)
         try:
             results.append(time_subject(s, bits_list, a.repeats, not a.no_untuned, settle=not a.no_settle,
-                                        peers=peers, bf16_parts=a.bf16_parts))
+                                        peers=peers, bf16_parts=a.bf16_parts, unfused=a.unfused))
         except Exception as exc:
             print(f"[{s.name}] FAILED: {type(exc).__name__}: {exc}")
             results.append(dict(model=s.name, error=f"{type(exc).__name__}: {exc}"))
@@ -253,7 +273,7 @@ def main(argv=None):
         if "error" in res:
             print(f"| {res['model']} | FAILED | {res['error']} | |")
     meta = dict(samples=a.samples, steps=a.steps, repeats=a.repeats, threads=a.threads, torch=torch.__version__,
-                peers=peers, bf16_parts=a.bf16_parts,
+                peers=peers, bf16_parts=a.bf16_parts, unfused=a.unfused,
                 date=time.strftime("%Y-%m-%d %H:%M"), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                 load_avg=os.getloadavg(), load_avg_start=load_start)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

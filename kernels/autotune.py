@@ -256,12 +256,13 @@ def _fmt_key(pw, act) -> str:
     return f"{getattr(pw, 'format', '')}:w{pw.bits}g{pw.group_size}:{a}"
 
 
-def _call_key(op: str, args) -> tuple:
-    """Shape part of the key (no tensor values, no activation scale: those change per timestep)."""
+def _call_key(op: str, args, post: Optional[str] = None) -> tuple:
+    """Shape part of the key (no tensor values, no activation scale: those change per timestep); an activation
+    epilogue (kernels/post.py) is part of the op: ``linear+gelu_tanh``."""
     x, pw, bias, act = args[0], args[1], args[2], args[-1]
     conv = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in args[3:-1]) if op == "conv2d" else ()
-    return (op, _fmt_key(pw, act), tuple(x.shape), tuple(pw.shape), conv, bias is not None, str(x.dtype),
-            x.device.type, torch.get_num_threads())
+    return (op if post is None else f"{op}+{post}", _fmt_key(pw, act), tuple(x.shape), tuple(pw.shape), conv,
+            bias is not None, str(x.dtype), x.device.type, torch.get_num_threads())
 
 
 def _machine() -> str:
@@ -362,9 +363,14 @@ def _time_alternating(fns: dict, x):
     return times, outs
 
 
-def _measure(op: str, names: List[str], args):
+def _impls(op: str, names: List[str], post: Optional[str] = None) -> dict:
+    """name -> the backend's implementation of ``op`` with the activation epilogue ``post`` (registry.with_post)."""
+    return {n: registry.with_post(registry.get_backend(n).ops[op], post) for n in names}
+
+
+def _measure(op: str, names: List[str], args, post: Optional[str] = None):
     """-> (times {name: min seconds}, output of the fastest). Candidates alternate round by round."""
-    impls = {n: registry.get_backend(n).ops[op].impl for n in names}
+    impls = _impls(op, names, post)
     times, outs = _time_alternating({n: (lambda f=impls[n]: f(*args)) for n in names}, args[0])
     best = min(names, key=lambda n: times[n])
     return times, outs[best]
@@ -391,12 +397,12 @@ def _drop_loser_caches(pw):
         arm[1].charge(pw)
 
 
-def _fast_key(op: str, args) -> tuple:
+def _fast_key(op: str, args, post: Optional[str] = None) -> tuple:
     """Cheap per-weight key (the weight's own format and shape are fixed): input shape and dtype, activation kind,
-    conv arguments, bias presence, threads."""
+    conv arguments, bias presence, threads, activation epilogue."""
     x, act = args[0], args[-1]
     return (op, x.shape, x.dtype, None if act is None else (act.bits, act.dynamic), args[2] is not None,
-            args[3:-1], torch.get_num_threads())
+            args[3:-1], torch.get_num_threads(), post)
 
 
 _SWITCH_KEYS = ("LOWBIT_AUTOTUNE", "LOWBIT_AUTOTUNE_DENSE", "LOWBIT_BACKEND", "LOWBIT_DISABLE_BACKENDS")
@@ -446,7 +452,7 @@ def _allowed(ch: "Choice", st: tuple) -> bool:
     return st[2] if ch.name == ch.float_name else ch.name not in st[1]
 
 
-def chosen(op: str, args):
+def chosen(op: str, args, post: Optional[str] = None):
     """The :class:`Choice` already made for this call's shape on ``args[1]`` (normalized arguments; its ``impl`` is
     the backend implementation in use), or None (not attached, not tuned yet, or tuning off / a backend forced).
     A deployed layer keeps it, with the rest of its per-call arguments, so that its later calls of the same shape go
@@ -455,25 +461,33 @@ def chosen(op: str, args):
     if not (active() and is_attached(pw)):
         return None
     fast = pw.cache.get("autotune.fast")
-    ch = None if fast is None else fast.get(_fast_key(op, args))
+    ch = None if fast is None else fast.get(_fast_key(op, args, post))
     return ch if ch is not None and usable(ch) else None
 
 
-def run(op: str, *args):
-    """Run ``op`` (normalized arguments, as the registry gets them) on the backend measured fastest for this shape."""
+def _dispatch(op: str, args, post: Optional[str]):
+    """Registry order, with the activation epilogue ``post``."""
+    if post is None:
+        return registry.dispatch(op, *args)
+    return registry.with_post(registry.select(op, *args).ops[op], post)(*args)
+
+
+def run(op: str, *args, post: Optional[str] = None):
+    """Run ``op`` (normalized arguments, as the registry gets them) on the backend measured fastest for this shape;
+    ``post``: an activation epilogue (kernels/post.py), timed with each candidate (fused where a backend can)."""
     pw = args[1]
-    fk = _fast_key(op, args)
+    fk = _fast_key(op, args, post)
     fast = pw.cache.get("autotune.fast")
     if fast is not None:
         hit = fast.get(fk)
         if hit is not None and usable(hit):
             return hit.impl(*args)
         if hit is None and len(fast) >= MAX_SHAPES:
-            return registry.dispatch(op, *args)
-    ck = _call_key(op, args)
+            return _dispatch(op, args, post)
+    ck = _call_key(op, args, post)
     names = _candidates(op, args)
     if not names:  # nothing but the reference accepts it
-        return registry.dispatch(op, *args)
+        return _dispatch(op, args, post)
     key = "|".join(map(str, ck)) + "|" + ",".join(names)
     path = _cache_file()
     with _LOCK:
@@ -490,7 +504,7 @@ def run(op: str, *args):
             if len(names) == 1:
                 dec = {"backend": names[0], "times": {}}
             else:
-                times, out = _measure(op, names, args)
+                times, out = _measure(op, names, args, post)
                 best = min(times, key=times.get)
                 if default in times and times[default] <= times[best] * (1.0 + MARGIN):
                     best = default
@@ -502,7 +516,7 @@ def run(op: str, *args):
                 _save_file(path)
         # the integer kernels in registry order: what dispatch picks, or else the first integer candidate
         int_name = default if default in names else next((n for n in names if n != "dense"), None)
-        ch = Choice({n: registry.get_backend(n).ops[op].impl for n in names}, dec["backend"],
+        ch = Choice(_impls(op, names, post), dec["backend"],
                     "dense" if "dense" in names else None, int_name, dec["times"], _mode(pw))
         pw.cache.setdefault("autotune.fast", {})[fk] = ch
         pw.cache.setdefault("autotune.calls", {})[ck] = dec

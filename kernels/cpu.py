@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import warnings
 from typing import Optional
 
@@ -239,14 +240,32 @@ def quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return y.to(torch.uint8)
 
 
+_LAST_CODES = threading.local()
+
+
 def quant_static_fused(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """quint8 tensor (scale, zero point = act's) of x's static codes from the fused quantizer, one pass:
     ``clamp(round(x * (1/scale) + zp), 0, qmax)`` with one rounding (fbgemm's fused multiply-add on x86). Its
-    ``.dequantize()`` is the fake-quantized x; ``_u8_view`` of it the uint8 codes (no copy)."""
-    x = _dense_layout(x.to(torch.float32))
-    q = _serial(SERIAL_QUANT_MAX, x.numel(), torch.quantize_per_tensor, x, act.scale, act.zero_point, torch.quint8)
+    ``.dequantize()`` is the fake-quantized x; ``_u8_view`` of it the uint8 codes (no copy); callers only read it.
+
+    The last result is kept per thread and returned again for the same input with the same quantizer: layers that
+    read one tensor (a transformer's q / k / v projections, and Flux's MLP next to them, calibrated on the same
+    input, so with the same range) quantize it once. "The same input": the same memory, shape and strides, of the
+    same tensor (its base, held by a weak reference, so freed memory reused by another tensor never matches), not
+    written since (its version counter). Tensors made under ``torch.inference_mode`` keep no version counter, so
+    theirs are never reused."""
+    base = key = None
+    if not x.is_inference():
+        base = x if x._base is None else x._base
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, act.scale, act.zero_point, act.bits)
+        last = getattr(_LAST_CODES, "v", None)
+        if last is not None and last[0] == key and last[1]() is base:
+            return last[2]
+    xf = _dense_layout(x.to(torch.float32))
+    q = _serial(SERIAL_QUANT_MAX, xf.numel(), torch.quantize_per_tensor, xf, act.scale, act.zero_point, torch.quint8)
     if act.bits < 8:
         _u8_view(q).clamp_(max=act.qmax)
+    _LAST_CODES.v = None if key is None else (key, weakref.ref(base), q)
     return q
 
 
@@ -635,8 +654,12 @@ def _onednn_wscale(pw):
     return _per_channel_scale(pw), wzp
 
 
-@onednn.op("linear", supports=_onednn_linear_supports)
-def onednn_linear(x, pw, bias=None, act=None):
+# oneDNN's (post-op, algorithm) for the activation epilogues (kernels/post.py) it applies to the accumulator
+_ONEDNN_POSTS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+@onednn.op("linear", supports=_onednn_linear_supports, posts=("gelu", "gelu_tanh"))
+def onednn_linear(x, pw, bias=None, act=None, post=None):
     packed = pw.cache.get("onednn.linear")
     if packed is None:
         packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw, keep=False), None)
@@ -644,9 +667,11 @@ def onednn_linear(x, pw, bias=None, act=None):
     lead = x.shape[:-1]
     q = quant_static(x.reshape(-1, pw.K), act)
     b = None if bias is None else bias.to(torch.float32)
-    # bf16 inputs get bf16 outputs written by oneDNN's epilogue itself (no conversion pass)
+    # bf16 inputs get bf16 outputs written by oneDNN's epilogue itself (no conversion pass); a GELU after the
+    # Linear runs in the same epilogue (on the fp32 value before any bf16 rounding)
+    op, algo = _ONEDNN_POSTS[post]
     out = torch.ops.onednn.qlinear_pointwise(q, act.scale, act.zero_point, packed, sw, wzp, b, 1.0, 0,
-                                             _out_dtype(x), "none", [], "")
+                                             _out_dtype(x), op, [], algo)
     return out.reshape(*lead, pw.N).to(x.dtype)
 
 

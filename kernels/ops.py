@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import autotune, registry
+from . import post as _post
 from .formats import ActQuant, PackedWeight, default_format, get_format, int_range
 
 __all__ = ["pack_weight", "unpack_weight", "dequantize_weight", "fake_quant_act", "linear", "conv2d",
@@ -66,14 +67,18 @@ def fake_quant_act(x: torch.Tensor, act: Optional[ActQuant], granularity: str = 
 
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = None,
-           act: Optional[ActQuant] = None) -> torch.Tensor:
+           act: Optional[ActQuant] = None, post: Optional[str] = None) -> torch.Tensor:
     """== F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias), computed with integer kernels where a
-    backend can."""
+    backend can; ``post``: an activation applied to that (kernels/post.py: "gelu", "gelu_tanh"), in the kernel's
+    epilogue where the backend fuses it."""
     if x.shape[-1] != pw.K or len(pw.shape) != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1]}] does not match weight shape {list(pw.shape)}")
     if _tuned(pw):
-        return autotune.run("linear", x, pw, bias, act)
-    return registry.dispatch("linear", x, pw, bias, act)
+        return autotune.run("linear", x, pw, bias, act, post=post)
+    if post is None:
+        return registry.dispatch("linear", x, pw, bias, act)
+    _post.check(post)
+    return registry.with_post(registry.select("linear", x, pw, bias, act).ops["linear"], post)(x, pw, bias, act)
 
 
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,

@@ -22,13 +22,14 @@ Environment (read at every call, so tests can monkeypatch it):
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "backends", "dispatch", "run_on",
-           "select", "forced_backend"]
+           "select", "forced_backend", "with_post"]
 
 Verdict = Tuple[bool, str]
 
@@ -57,6 +58,7 @@ class NoBackendError(LowBitError, RuntimeError):
 class _OpEntry:
     impl: Callable
     supports: Callable[..., Verdict]
+    posts: frozenset = frozenset()  # activation epilogues (kernels/post.py) the impl applies itself: ``post=`` kwarg
 
 
 @dataclass
@@ -68,14 +70,21 @@ class Backend:
     description: str = ""
     ops: Dict[str, _OpEntry] = field(default_factory=dict)
 
-    def op(self, op_name: str, supports: Optional[Callable[..., Verdict]] = None):
+    def op(self, op_name: str, supports: Optional[Callable[..., Verdict]] = None, posts=()):
         """Decorator registering ``fn`` as this backend's implementation of ``op_name``.
 
-        ``supports`` takes the op's arguments and returns ``(ok, reason)``; omitted means "always".
+        ``supports`` takes the op's arguments and returns ``(ok, reason)``; omitted means "always". ``posts``: the
+        activation epilogues (names of :mod:`.post`) ``fn`` fuses itself, taking ``post=<name>``; any other is
+        applied after it (:func:`with_post`).
         """
+        from . import post as _post
+
+        unknown = set(posts) - set(_post.POSTS)
+        if unknown:
+            raise ValueError(f"{self.name}.{op_name}: unknown activation epilogues {sorted(unknown)}")
 
         def deco(fn):
-            self.ops[op_name] = _OpEntry(fn, supports or _always)
+            self.ops[op_name] = _OpEntry(fn, supports or _always, frozenset(posts))
             return fn
 
         return deco
@@ -212,6 +221,20 @@ def select(op: str, *args, **kwargs) -> Backend:
 def dispatch(op: str, *args, **kwargs):
     """Run ``op`` on the highest-priority backend that accepts these arguments."""
     return select(op, *args, **kwargs).ops[op].impl(*args, **kwargs)
+
+
+def with_post(entry: _OpEntry, post: Optional[str]) -> Callable:
+    """``entry``'s implementation followed by the activation epilogue ``post`` (a name of :mod:`.post`; None: the
+    implementation itself): fused where the backend declared it, else the torch activation on its output."""
+    if post is None:
+        return entry.impl
+    impl = entry.impl
+    if post in entry.posts:
+        return functools.partial(impl, post=post)
+    from .post import POSTS
+
+    act = POSTS[post]
+    return lambda *args: act(impl(*args))
 
 
 def run_on(name: str, op: str, *args, **kwargs):

@@ -15,6 +15,7 @@ from .calib import Call, run_calls
 from .config import ACT_BITS_NONE, DEFAULT_COPY_BUDGET_MB, BitwidthSchedule, QuantConfig, check_verb_args
 from .context import QuantContext, attach_context, get_context, move_context
 from .errors import ConfigError
+from .fuse import fuse_activations_
 from .layers import QuantLayer, qlayer_class_for, quant_layers
 from .policy import plan_layers
 from .progress import Stage
@@ -230,6 +231,7 @@ def deploy_(qmodel: nn.Module, tune: bool = True,
     with transaction(qmodel):
         for _, layer in quant_layers(qmodel):
             layer.deploy()
+    fuse_activations_(qmodel)  # a GELU after a Linear runs in its kernel's epilogue (quant/fuse.py)
     if tune:
         tune_kernels_(qmodel, copy_budget_mb)
     return qmodel

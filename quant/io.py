@@ -900,6 +900,7 @@ def load(model, path: Optional[str] = None, tune: bool = True,
 def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
           copy_budget_mb: Optional[float]) -> nn.Module:
     from .api import _set_module, structural_copy, tune_kernels_
+    from .fuse import fuse_activations_
     from .layers import QLAYERS
 
     check_arch(path, header.get("arch"))
@@ -1103,5 +1104,6 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     from .transaction import check_finite
 
     check_finite(qmodel, "load")
+    fuse_activations_(qmodel)  # as deploy_ does: a GELU after a Linear in its kernel's epilogue
     # each layer's kernel chosen by measured speed, as deploy_ does by default
     return tune_kernels_(qmodel, copy_budget_mb) if tune else qmodel

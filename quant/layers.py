@@ -177,10 +177,25 @@ _KERNELS = []  # lowbit.kernels, imported at first use (the layers module is imp
 def _kernels():
     if not _KERNELS:
         from .. import kernels
-        from ..kernels import autotune, ops  # noqa: F401  (submodules reached as attributes below)
+        from ..kernels import autotune, ops, post  # noqa: F401  (submodules reached as attributes below)
 
         _KERNELS.append(kernels)
     return _KERNELS[0]
+
+
+def _global_forward_hooks():
+    return torch.nn.modules.module._global_forward_hooks
+
+
+_SIDE_PATH_HOOK = []
+
+
+def _side_path_hook():
+    if not _SIDE_PATH_HOOK:
+        from .side_paths import SidePathHook
+
+        _SIDE_PATH_HOOK.append(SidePathHook)
+    return _SIDE_PATH_HOOK[0]
 
 
 _DYN_AQ: Dict[int, object] = {}
@@ -237,6 +252,7 @@ class QuantLayer(nn.Module):
             self.act = ActQuantizer(a_bits_set or (a_bits,), ctx.num_train_timesteps if ctx else 1000, time_bins)
         self.modifier = None  # AdaRound / QALoRA: a module with ``weight(layer) -> fake-quantized weight``
         self._ctx = [ctx]  # list: keeps the context out of the module tree
+        self.post = None  # activation applied to the output (kernels/post.py), taken in at deployment: set_post
         self.register_module("packed", None)  # deployed: the PackedWeight (float weight and w_scale are gone)
 
     def __getattr__(self, name):
@@ -427,6 +443,39 @@ class QuantLayer(nn.Module):
         bits, s, z = p
         return fake_quant_act(x, s.to(x.dtype), z.to(x.dtype), bits)
 
+    def set_post(self, post: Optional[str]):
+        """Take the activation that follows this layer (a name of kernels/post.py: "gelu", "gelu_tanh"; None: none)
+        into the layer: every mode then returns ``post(output)`` (the deployed one in the kernel's epilogue where a
+        backend fuses it) while nothing observes the output (:meth:`post_now`). quant/fuse.py sets it at
+        deployment, where it puts a ``MovedActivation`` in the activation module's place."""
+        post = _kernels().post.check(post)
+        if post is not None and self.float_type is not nn.Linear:
+            raise ValueError(f"layer {self.name!r}: activation epilogues are for Linear layers")
+        self.post = post
+        pw = self._modules.get("packed")
+        if pw is not None:  # the kernels chosen for this layer's calls were bound without it
+            pw.cache.pop("autotune.layer", None)
+        return self
+
+    def post_now(self) -> Optional[str]:
+        """The activation this call takes in: ``post``, unless a forward hook would see the output (a LoRA side path
+        adds to the Linear's output, before the activation; any other hook expects the Linear's output): then None,
+        and the ``MovedActivation`` standing where the activation was applies it. A side-path hook without paths
+        does not count (it leaves the output alone)."""
+        post = self.post
+        if post is None or not (self._forward_hooks or _global_forward_hooks()):
+            return post
+        if _global_forward_hooks():
+            return None
+        for h in self._forward_hooks.values():
+            if not (isinstance(h, _side_path_hook()) and not h.paths):
+                return None
+        return post
+
+    @staticmethod
+    def _after(y, post):
+        return y if post is None else _kernels().post.POSTS[post](y)
+
     def forward(self, x):
         ctx = self._ctx[0]
         if ctx is not None and ctx.observing and self.act is not None:
@@ -434,10 +483,11 @@ class QuantLayer(nn.Module):
         if self._modules.get("packed") is not None:  # deployed
             return self._deployed_forward(x)
         if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):
-            return self._op(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return self._after(self._op(x, self.weight.to(x.dtype),
+                                        None if self.bias is None else self.bias.to(x.dtype)), self.post_now())
         w = self.fake_weight().to(x.dtype)
         xq = x if (ctx is not None and (ctx.observing or not ctx.act_enabled)) else self._fake_act(x)
-        return self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype))
+        return self._after(self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype)), self.post_now())
 
     def _deployed_forward(self, x):
         pw = self._modules["packed"]
@@ -445,30 +495,31 @@ class QuantLayer(nn.Module):
         # only; both are resolved once per key and kept (a deployed layer's tables are frozen), so a later call of the
         # same key goes straight to the kernel the autotuner chose (no dispatch, no ActQuant, no argument checks).
         tkey, bits = self._act_key()
+        post = self.post_now() if self.post is not None else None
         cache = pw.cache
         table = cache.get("autotune.layer")
         if table is not None and cache.get("autotune"):
-            key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads())
+            key = (tkey, bits, x.shape, x.dtype, torch.get_num_threads(), post)
             hit = table.get(key)
             if hit is not None and _kernels().autotune.runnable(hit[0]):
                 return hit[0].impl(x, pw, self.bias, *hit[1])
         aq = self._deployed_aq(tkey, bits)
         if pw.fmt.backends is None:  # a kernel layout: integer kernels where a backend accepts the call
             if x.dtype not in (torch.float32, torch.bfloat16):
-                return self._kernel(x.float(), pw, self.bias, aq).to(x.dtype)
+                return self._kernel(x.float(), pw, self.bias, aq, post).to(x.dtype)
             tail = self._kernel_tail(aq)
-            y = self._kernel_op(x, pw, self.bias, *tail)
-            impl = _kernels().autotune.chosen(self._op_name, (x, pw, self.bias, *tail))
+            y = self._kernel_op(x, pw, self.bias, *tail, post=post)
+            impl = _kernels().autotune.chosen(self._op_name, (x, pw, self.bias, *tail), post)
             if impl is not None:
                 table = cache.setdefault("autotune.layer", {})
                 if len(table) < 4096:
-                    table[(tkey, bits, x.shape, x.dtype, torch.get_num_threads())] = (impl, tail)
+                    table[(tkey, bits, x.shape, x.dtype, torch.get_num_threads(), post)] = (impl, tail)
             return y
         # a format no kernel reads: the reference semantics, x quantized-dequantized times the weight
         ops = _kernels().ops
         gran = "token" if self.float_type is nn.Linear else "sample"
         xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
-        return self._op(xq, ops.dequantize_weight(pw), self.bias).to(x.dtype)
+        return self._after(self._op(xq, ops.dequantize_weight(pw), self.bias), post).to(x.dtype)
 
     def _act_key(self):
         """(timestep, activation bits) the deployed input quantizer depends on now (None, None: float activations)."""
@@ -497,8 +548,8 @@ class QuantLayer(nn.Module):
         kept per (timestep, bits)), or None (float activations)."""
         return self._deployed_aq(*self._act_key())
 
-    def _kernel(self, x, pw, bias, aq):
-        return self._kernel_op(x, pw, bias, *self._kernel_tail(aq))
+    def _kernel(self, x, pw, bias, aq, post=None):
+        return self._kernel_op(x, pw, bias, *self._kernel_tail(aq), post=post)
 
     def weight_bytes(self) -> int:
         if self.mode == "deployed":  # the packed integers and scales (the kernels' copies: kernel_copy_bytes)
@@ -537,8 +588,8 @@ class QuantLinear(QuantLayer):
     def _kernel_tail(self, aq):
         return (aq,)
 
-    def _kernel_op(self, x, pw, bias, aq):
-        return _kernels().ops.linear(x, pw, bias, aq)
+    def _kernel_op(self, x, pw, bias, aq, post=None):
+        return _kernels().ops.linear(x, pw, bias, aq, post)
 
 
 @register_qlayer(nn.Conv2d)
@@ -566,7 +617,7 @@ class QuantConv2d(QuantLayer):
                                                   int(self.groups))
         return (*conv, aq)
 
-    def _kernel_op(self, x, pw, bias, stride, padding, dilation, groups, aq):
+    def _kernel_op(self, x, pw, bias, stride, padding, dilation, groups, aq, post=None):
         return _kernels().ops.conv2d(x, pw, bias, stride, padding, dilation, groups, aq)
 
 

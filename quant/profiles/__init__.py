@@ -44,6 +44,10 @@ class ModelProfile:
         model's own code reads outside their forward (diffusers' Wan: ``next(iter(time_embedder.parameters()))``,
         Z-Image: ``t_embedder.mlp[0].weight.dtype``): a deployed layer holds neither, so these stay float whatever
         the rules or the measured plan say.
+    act_epilogues: (block class name, Linear child, activation child) of blocks whose code feeds that Linear's
+        output to that activation module and to nothing else (diffusers' Flux single-stream block: ``proj_mlp`` ->
+        ``act_mlp``): at deployment the activation moves into the Linear's kernel (quant/fuse.py). The generic
+        patterns (an ``nn.Sequential``'s Linear then GELU, diffusers' ``GELU(proj)``) need no declaration.
     """
 
     name: str
@@ -60,6 +64,7 @@ class ModelProfile:
     host_option_keys: Tuple[str, ...] = ("transformer_options",)
     out_channels: Optional[Callable[[nn.Module], Optional[int]]] = None
     keep_float: Tuple[str, ...] = ()
+    act_epilogues: Tuple[Tuple[str, str, str], ...] = ()
     priority: int = 0  # higher is tried first
     description: str = field(default="", compare=False)
 

@@ -25,6 +25,7 @@ FLUX = register_profile(ModelProfile(
     name="flux", matches=class_named("FluxTransformer2DModel"), priority=20,
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep",),
     sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow", channel_dim=-1,
+    act_epilogues=(("FluxSingleTransformerBlock", "proj_mlp", "act_mlp"),),
     description="diffusers Flux transformer: packed tokens, called with sigma in [0, 1]"))
 
 SD3 = register_profile(ModelProfile(

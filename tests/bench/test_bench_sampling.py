@@ -36,6 +36,36 @@ def test_variant_plan_order_and_kinds():
                                        "W4A8", "W4A8-bf16", "W4A8 untuned"]
     assert [k for _, b, k in plan if b == "W4A8"] == ["tuned", "bf16-parts", "untuned"]
     assert bs.variant_plan(["W8A8"], untuned=False, peers=[]) == [("fp32", None, "fp32"), ("W8A8", "W8A8", "tuned")]
+    assert bs.variant_plan(["W8A8"], untuned=False, peers=[], unfused=True)[1:] == [
+        ("W8A8", "W8A8", "tuned"), ("W8A8 unfused", "W8A8", "unfused")]
+
+
+def test_unfused_variant_keeps_the_gelus_and_restores_the_switch(monkeypatch):
+    """``deployed(..., fuse=False)``: the same deployment with LOWBIT_FUSE_ACT=0 for that call only."""
+    import os
+
+    import torch.nn as nn
+
+    from lowbit.quant.fuse import MovedActivation
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+        def forward(self, x, t=None):
+            return self.mlp(x)
+
+    import torch
+
+    torch.manual_seed(0)
+    m = M().eval()
+    subj = bs._Subject("toy", m, run=None, calib_run=lambda model: model(torch.randn(4, 8), torch.tensor([1] * 4)))
+    monkeypatch.delenv("LOWBIT_FUSE_ACT", raising=False)
+    unfused = bs.deployed(subj, "W8A8", tune=False, fuse=False)
+    assert "LOWBIT_FUSE_ACT" not in os.environ
+    fused = bs.deployed(subj, "W8A8", tune=False)
+    assert type(unfused.mlp[1]) is nn.GELU and isinstance(fused.mlp[1], MovedActivation)
 
 
 def test_bf16_peer_casts_floats_only_and_returns_fp32():

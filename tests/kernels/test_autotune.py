@@ -225,7 +225,7 @@ def test_dense_activation_fake_quant_uses_the_integer_kernels_codes(act, monkeyp
 def test_registry_choice_kept_within_the_margin(fake_backend, monkeypatch, times, expected):
     x = torch.randn(6, 64)
     pw = autotune.attach(ops.quantize_weight(torch.randn(48, 64), 8))
-    monkeypatch.setattr(autotune, "_measure", lambda op, names, args: ({n: times[n] for n in names}, None))
+    monkeypatch.setattr(autotune, "_measure", lambda op, names, args, post=None: ({n: times[n] for n in names}, None))
     out = ops.linear(x, pw, None, None)
     (dec,) = pw.cache["autotune.calls"].values()
     assert dec["backend"] == expected  # 'fake' has the highest priority: the registry's own pick

@@ -220,6 +220,7 @@ def test_serial_runs_small_work_on_one_thread_and_restores_the_count(monkeypatch
         calls = []
         real = cpu_mod._serial
         monkeypatch.setattr(cpu_mod, "_serial", lambda lim, n, fn, *a: calls.append((lim, n)) or real(lim, n, fn, *a))
+        cpu_mod._LAST_CODES.__dict__.pop("v", None)  # (the same x again would reuse the codes just computed)
         assert torch.equal(cpu_mod._u8_view(cpu_mod.quant_static_fused(x, act)), par)
         assert calls == [(1 << 20, x.numel())]
     finally:
@@ -397,3 +398,36 @@ def test_int4_halves_stay_within_the_int32_accumulator(clean_env):
         x = torch.full((1, k), 10.0)
         y = ops.run_on("cpu", "linear", x, pw, None, act)
         assert rel_err(y, ops.run_on("eager", "linear", x, pw, None, act)) < INT_TOL
+
+
+def test_static_codes_of_one_input_are_computed_once_and_never_reused_wrongly():
+    """quant_static_fused keeps its last result: a second layer reading the same tensor with the same quantizer (a
+    transformer's q / k / v projections) gets the same codes without a second pass; anything else computes anew."""
+    from lowbit.kernels import cpu as C
+
+    a = ActQuant(8, 0.03, 128)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        q = C.quant_static_fused(x, a)
+        assert C.quant_static_fused(x.reshape(-1, 32), a) is q  # a view of the same memory: reused
+        assert torch.equal(C._u8_view(q), C._u8_view(torch.quantize_per_tensor(x, 0.03, 128, torch.quint8)))
+        assert C.quant_static_fused(x, ActQuant(8, 0.031, 128)) is not q  # another quantizer
+        q = C.quant_static_fused(x, a)
+        x.mul_(2)  # written in place since: its version counter moved
+        q2 = C.quant_static_fused(x, a)
+        assert q2 is not q and torch.equal(C._u8_view(q2), C._u8_view(torch.quantize_per_tensor(x, 0.03, 128,
+                                                                                                torch.quint8)))
+        assert C.quant_static_fused(x[:32], a) is not q2  # another shape over the same memory
+        y = x.clone()
+        assert C.quant_static_fused(y, a) is not C.quant_static_fused(x, a)
+        del x, y  # freed: a new tensor at the same address must not match (weak reference to the base)
+        for _ in range(5):
+            z = torch.randn(64, 32)
+            assert torch.equal(C._u8_view(C.quant_static_fused(z, a)),
+                               C._u8_view(torch.quantize_per_tensor(z, 0.03, 128, torch.quint8)))
+            del z
+    with torch.inference_mode():  # no version counter: never reused
+        w = torch.randn(8, 32)
+        q = C.quant_static_fused(w, a)
+        w.add_(1)
+        assert C.quant_static_fused(w, a) is not q
