@@ -989,6 +989,11 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     elif fnames:  # onto a given float model, but the file holds the float tensors it was saved with: those are used
         own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        surplus = sorted(set(fnames) - set(own))
+        if surplus:  # a tensor the file's model had and this one has not: another architecture (or host's ops)
+            _fail(path, f"it holds float tensor {surplus[0][:200]!r} that this model does not have (it was made from "
+                        "another architecture)", "pick the file made from this model's architecture, or re-quantize "
+                        "this model")
         for k in sorted(set(own) & set(fnames)):
             e = index[FLOAT_PREFIX + k]
             if tuple(e["shape"]) != tuple(own[k].shape):

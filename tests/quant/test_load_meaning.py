@@ -351,6 +351,17 @@ def test_float_tensor_the_model_lacks_or_lists_twice(unet, good, tmp_path):
     _refused_alone(_craft(good, tmp_path, surplus), "float tensor 'extra.weight' that this model does not have")
 
 
+def test_float_tensor_the_model_lacks_is_refused_onto_the_float_model(unet, good, tmp_path):
+    # the file's model had a tensor this one has not (another architecture): refused up front, the model untouched,
+    # not silently ignored
+    def surplus(ts, h):
+        ts["__float__.extra.weight"] = torch.zeros(2)
+        h["float_tensors"] = sorted(h["float_tensors"] + ["extra.weight"])
+
+    _refused(unet, _craft(good, tmp_path, surplus), "float tensor 'extra.weight' that this model does not have "
+                                                    r"\(it was made from another architecture\)")
+
+
 def test_float_tensor_shape_dtype_and_values(unet, good, tmp_path):
     def shape(ts, h):
         ts["__float__.conv_norm_out.weight"] = torch.ones(3)
