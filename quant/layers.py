@@ -323,11 +323,16 @@ class QuantLayer(nn.Module):
         # Device moves apply; dtype casts do not: scales, tables and bias stay fp32 and integers stay
         # integers, so `model.to(torch.bfloat16)` runs the float parts (norms, attention) in bf16 while the
         # quantized layers keep exact scales (their outputs follow the input dtype). The packed weight drops its
-        # backend caches (prepacked forms follow the device of the buffers).
+        # backend caches (prepacked forms follow the device of the buffers). A fake layer's float weight is the
+        # float model's tensor and follows casts like the float parts: it is the layer's first parameter, which hosts
+        # read as the model's dtype (diffusers' ``ModelMixin.dtype``: kept fp32, a UNet2DModel cast to bf16 fed its
+        # timestep embedding in fp32 to its bf16 layers); its quantization still computes in fp32 (``fake_weight``).
+        weight = self._parameters.get("weight")
+        follow = () if weight is None else (weight, weight.grad)
 
         def keep_dtype(t):
             out = fn(t)
-            return out.to(t.dtype) if out.dtype != t.dtype else out
+            return out.to(t.dtype) if out.dtype != t.dtype and not any(t is f for f in follow) else out
 
         return super()._apply(keep_dtype, *args, **kwargs)
 
