@@ -246,8 +246,9 @@ def _writable_dir(d: str) -> bool:
     return True
 
 
-def _check_safetensors(path: str, what: str):
-    """A real safetensors file (8-byte size, JSON header inside the file), read without torch."""
+def _check_safetensors(path: str, what: str, with_start: bool = False):
+    """A real safetensors file (8-byte size, JSON header inside the file), read without torch: its header, or
+    (header, offset of the data) with ``with_start``."""
     if not os.path.lexists(path):
         raise UsageError(f"{what} {path}: no such file; check the path")
     if os.path.isdir(path):
@@ -264,7 +265,7 @@ def _check_safetensors(path: str, what: str):
     if not isinstance(header, dict):
         raise UsageError(f"{what} {path} is not a safetensors file (no valid header); give a file saved as "
                          "safetensors (LowBit never reads pickle checkpoints)")
-    return header
+    return (header, 8 + n) if with_start else header
 
 
 def _check_output_file(path: str, overwrite: bool):
@@ -405,7 +406,7 @@ def _check_export(a):
 
 def _check_inspect(a):
     # (a missing file, a folder, not safetensors, malformed ComfyUI quantization metadata: one line each)
-    _comfy_layout(a.file, _check_safetensors(a.file, "file"))
+    _comfy_layout(a.file, *_check_safetensors(a.file, "file", with_start=True))
 
 
 def _check_ui(a):
@@ -648,11 +649,12 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _comfy_layout(path: str, header: dict):
+def _comfy_layout(path: str, header: dict, start: int):
     """(quantization metadata, LowBit export record or None) of a file in ComfyUI's own quantized layout (its
     ``_quantization_metadata`` header entry; ``lowbit export --comfy`` adds ``lowbit_export``), every field checked
-    for meaning, the tensor index too (dtypes, shapes, offsets, file length); None when the file has LowBit's own
-    metadata or no ComfyUI quantization metadata. No torch."""
+    for meaning, the tensor index too (dtypes, shapes, offsets, file length; ``start``: where the data begins, as
+    ``_check_safetensors`` read it); None when the file has LowBit's own metadata or no ComfyUI quantization
+    metadata. No torch."""
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or "lowbit" in meta or "_quantization_metadata" not in meta:
         return None
@@ -669,9 +671,7 @@ def _comfy_layout(path: str, header: dict):
             bad("its ComfyUI quantization metadata is malformed (not a JSON string)")
         qm = sthdr.parse_json(meta["_quantization_metadata"], "its ComfyUI quantization metadata")
         ex = sthdr.parse_json(meta["lowbit_export"], "its lowbit_export record") if ours else None
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-        sthdr.check_index({k: v for k, v in header.items() if k != "__metadata__"}, 8 + n, os.path.getsize(path))
+        sthdr.check_index({k: v for k, v in header.items() if k != "__metadata__"}, start, os.path.getsize(path))
     except ValueError as exc:
         bad(str(exc))
     if not isinstance(qm, dict) or not isinstance(qm.get("layers"), dict):
@@ -722,8 +722,8 @@ def comfy_inspect_text(path: str, header: dict, layout, layers: bool = False) ->
 
 
 def _cmd_inspect(a, prog: Progress):
-    st_header = _check_safetensors(a.file, "file")
-    comfy = _comfy_layout(a.file, st_header)
+    st_header, start = _check_safetensors(a.file, "file", with_start=True)
+    comfy = _comfy_layout(a.file, st_header, start)
     if comfy is not None:  # ComfyUI's own layout (lowbit export --comfy): its metadata, checked, no torch
         if a.json:
             print(json.dumps({"_quantization_metadata": comfy[0], "lowbit_export": comfy[1]}, indent=2,

@@ -966,7 +966,7 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
                             f"{list(st['a_bits_set'])} only", "the file is corrupt; re-quantize with that schedule")
     for key, (dt, shp) in need.items():
         _expect(path, index, key, dt, shp)
-    fneed = []
+    fneed, recast = [], {}
     if standalone:  # the file must hold exactly the model's state outside the quantized layers
         own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
@@ -987,9 +987,21 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
                             f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}", "pick the file made from this "
                             "architecture")
         fneed = [FLOAT_PREFIX + k for k in own]
+        # float parts in one dtype (a model cast whole: fp16 everywhere) or each in the dtype the model builds it in
+        # (an fp32 model's fp64 position table) load as stored; a mix (fp16 parts next to fp32 parts, cast piecewise)
+        # would fail at the first forward, so each floating tensor takes the dtype the model builds it in, as
+        # ``load(model, path)`` casts the file's tensors to the given float model's
+        fdt = {k: _DTYPES[index[FLOAT_PREFIX + k]["dtype"]] for k, v in own.items() if v.dtype.is_floating_point}
+        if len(set(fdt.values())) > 1 and any(dt != own[k].dtype for k, dt in fdt.items()):
+            recast = {k: own[k].dtype for k, dt in fdt.items() if dt != own[k].dtype}
     elif fnames:  # onto a given float model, but the file holds the float tensors it was saved with: those are used
         own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        surplus = sorted(set(fnames) - set(own))
+        if surplus:  # a tensor the file's model had and this one has not: another architecture (or host's ops)
+            _fail(path, f"it holds float tensor {surplus[0][:200]!r} that this model does not have (it was made from "
+                        "another architecture)", "pick the file made from this model's architecture, or re-quantize "
+                        "this model")
         for k in sorted(set(own) & set(fnames)):
             e = index[FLOAT_PREFIX + k]
             if tuple(e["shape"]) != tuple(own[k].shape):
@@ -1038,6 +1050,11 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
                 continue
             _fail(path, f"float tensor {k[len(FLOAT_PREFIX):][:200]!r} contains NaN/Inf",
                   "the file is corrupt or was saved from a diverged run")
+    for k, dt in recast.items():  # (finite, checked above)
+        t = tensors[FLOAT_PREFIX + k] = tensors[FLOAT_PREFIX + k].to(dt)
+        if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
+            _fail(path, f"float tensor {k[:200]!r} overflows {str(dt).replace('torch.', '')}, the dtype this model "
+                        "builds it in (the file's float tensors mix float dtypes)", "save the model cast to one dtype")
 
     from ..kernels.formats import get_format
 

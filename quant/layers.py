@@ -13,6 +13,7 @@ A registry maps float layer types to their quantized class (``@register_qlayer(n
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, Optional
 
@@ -29,6 +30,7 @@ from .quantizer import (act_scale_search, fake_quant_act, fake_quant_weight, qua
 QLAYERS: Dict[type, type] = {}
 
 RESERVOIR = 1 << 15  # activation values kept per (layer, time bin) for the L_p range search
+_TABLE_VERSIONS = itertools.count(1)  # ActQuantizer._tables_version: unique across quantizers (a new one differs)
 
 
 def register_qlayer(float_type):
@@ -60,10 +62,15 @@ class ActQuantizer(nn.Module):
       tgrid      fp32 [K]     timesteps of the table entries (sorted); lookups interpolate linearly in t
       scale_<b>  fp32 [K]     step size for ``b``-bit activations (learnable: TALSQ, step-size calibration)
       zero_<b>   fp32 [K]     zero point (rounded in the forward pass, so deployment matches exactly)
+
+    ``_tables_version`` changes whenever the tables do (assigned, loaded with ``load_state_dict``, resampled,
+    calibrated): a deployed layer keeps the quantizers built from them until it differs. Code that edits the tensors
+    in place calls ``tables_changed()``.
     """
 
     def __init__(self, bits_set, num_train_timesteps: int = 1000, time_bins: int = 1):
         super().__init__()
+        self.tables_changed()
         self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
         self.num_train_timesteps = num_train_timesteps
         grid = self._grid(time_bins, num_train_timesteps)
@@ -73,6 +80,19 @@ class ActQuantizer(nn.Module):
             self.register_parameter(f"zero_{b}", nn.Parameter(torch.zeros(len(grid)), requires_grad=False))
         self._obs = None
         self._gen = None  # seeded sampler of the calibration reservoir (only while observing)
+
+    def tables_changed(self):
+        """Mark the tables as changed: deployed layers rebuild their activation quantizers at their next call."""
+        self.__dict__["_tables_version"] = next(_TABLE_VERSIONS)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "tgrid" or name.startswith(("scale_", "zero_")):
+            self.tables_changed()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)  # (copies into the tables in place)
+        self.tables_changed()
 
     @staticmethod
     def _grid(k: int, T: int) -> torch.Tensor:
@@ -162,6 +182,7 @@ class ActQuantizer(nn.Module):
                 nearest = min(filled, key=lambda b: abs(b - j))
                 s_tab.data[j] = vals[nearest][0]
                 z_tab.data[j] = vals[nearest][1]
+        self.tables_changed()
         self._obs = None
         self._gen = None
         return True
@@ -339,11 +360,16 @@ class QuantLayer(nn.Module):
         # Device moves apply; dtype casts do not: scales, tables and bias stay fp32 and integers stay
         # integers, so `model.to(torch.bfloat16)` runs the float parts (norms, attention) in bf16 while the
         # quantized layers keep exact scales (their outputs follow the input dtype). The packed weight drops its
-        # backend caches (prepacked forms follow the device of the buffers).
+        # backend caches (prepacked forms follow the device of the buffers). A fake layer's float weight is the
+        # float model's tensor and follows casts like the float parts: it is the layer's first parameter, which hosts
+        # read as the model's dtype (diffusers' ``ModelMixin.dtype``: kept fp32, a UNet2DModel cast to bf16 fed its
+        # timestep embedding in fp32 to its bf16 layers); its quantization still computes in fp32 (``fake_weight``).
+        weight = self._parameters.get("weight")
+        follow = () if weight is None else (weight, weight.grad)
 
         def keep_dtype(t):
             out = fn(t)
-            return out.to(t.dtype) if out.dtype != t.dtype else out
+            return out.to(t.dtype) if out.dtype != t.dtype and not any(t is f for f in follow) else out
 
         return super()._apply(keep_dtype, *args, **kwargs)
 
@@ -413,11 +439,6 @@ class QuantLayer(nn.Module):
         self.weight = nn.Parameter(w0, requires_grad=False)
         self.w_scale = nn.Parameter(scale, requires_grad=False)
         return self
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # new activation tables: the quantizers built from the old ones (deployed forward) are stale
-        self.__dict__.pop("_aq_cache", None)
-        super()._load_from_state_dict(*args, **kwargs)
 
     # ---- activations ---------------------------------------------------------------------------------
     def act_params(self):
@@ -524,10 +545,22 @@ class QuantLayer(nn.Module):
     def _act_key(self):
         """(timestep, activation bits) the deployed input quantizer depends on now (None, None: float activations)."""
         ctx = self._ctx[0]
-        if self._modules.get("act") is None:
+        act = self._modules.get("act")
+        if act is None:
             return None, None
-        tkey = ctx.t if (ctx is not None and self._modules["act"].per_timestep) else None
+        if act._tables_version != self.__dict__.get("_aq_version"):  # new tables: the old ones' quantizers are stale
+            self._drop_act_caches(act._tables_version)
+        tkey = ctx.t if (ctx is not None and act.per_timestep) else None
         return tkey, (ctx.a_bits_for(self.a_bits) if (ctx is not None and self.scheduled) else self.a_bits)
+
+    def _drop_act_caches(self, version):
+        """Forget the activation quantizers built from the tables (this layer's and its tuned calls' in the packed
+        weight's cache); ``version``: the tables' version the next ones are built from."""
+        self.__dict__.pop("_aq_cache", None)
+        pw = self._modules.get("packed")
+        if pw is not None:
+            pw.cache.pop("autotune.layer", None)
+        self.__dict__["_aq_version"] = version
 
     def _deployed_aq(self, tkey, bits):
         if self.a_dynamic:

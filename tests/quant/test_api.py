@@ -235,6 +235,56 @@ def test_casting_or_moving_the_quantized_model_leaves_the_users_model_alone():
             assert q(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_fake_quantized_diffusers_model_cast_to_bf16_runs(unet, calls):
+    """diffusers' ``ModelMixin.dtype`` is the first parameter's: a fake layer's float weight (conv_in's) follows the
+    cast like the float parts, so the model reports bf16 and UNet2DModel casts its timestep embedding to bf16 (kept
+    fp32, the embedding reached the bf16 layers in fp32 and the forward failed); scales, tables and bias stay fp32,
+    and the user's model is not cast."""
+    q = quantize(unet, QuantConfig.preset("W8A8"), calls)
+    q.to(torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and q.conv_in.mode == "fake" and q.conv_in.weight.dtype == torch.bfloat16
+    for _, l in quant_layers(q):
+        kept = [l.w_scale, l.bias] + ([t for b in l.act.bits_set for t in l.act.table(b)] if l.act is not None else [])
+        assert {t.dtype for t in kept if t is not None} == {torch.float32}, l.name
+    with torch.no_grad():
+        y = q(X.bfloat16(), torch.tensor([300] * 4), class_labels=LAB).sample
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
+    deploy_(q)  # packed from the bf16 weights, with the fp32 scales
+    with torch.no_grad():
+        assert q(X.bfloat16(), torch.tensor([300] * 4), class_labels=LAB).sample.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_new_activation_tables_reach_a_deployed_layer(unet, calls, tune):
+    """A deployed layer keeps the activation quantizers it built per (timestep, bits), and a tuned one its kernel
+    call with them: tables changed on its ``act`` alone (``layer.act.load_state_dict``, an assignment) were ignored
+    (only the layer's own state_dict load dropped them). The ActQuantizer's version tells the layer they changed."""
+    import copy
+
+    q = deploy_(quantize(unet, QuantConfig.preset("W8A8", time_bins=2), calls), tune=tune)
+    ref = copy.deepcopy(q)  # nothing kept yet: builds its quantizers from the new tables
+    out(q), out(q)  # builds the quantizers (and, tuned, the fast path that holds them)
+    acts = [(n, l.act) for n, l in quant_layers(q) if l.act is not None]
+    assert acts
+    before = {n: dict(quant_layers(q))[n].deployed_act() for n, _ in acts}
+    for n, act in acts:
+        new = {k: v * 2 if k.startswith("scale_") else v for k, v in act.state_dict().items()}
+        act.load_state_dict(new)
+        dict(quant_layers(ref))[n].act.load_state_dict(new)
+    for n, _ in acts:
+        aq = dict(quant_layers(q))[n].deployed_act()
+        assert aq.scale == pytest.approx(2 * before[n].scale, rel=1e-6), n
+    a, b = out(q), out(ref)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # an assignment of a table: the same
+    n, act = acts[0]
+    layer = dict(quant_layers(q))[n]
+    old = layer.deployed_act().scale
+    act.scale_8 = act.scale_8 * 3
+    assert layer.deployed_act().scale == pytest.approx(3 * old, rel=1e-6)
+
+
 def test_a_model_no_profile_knows_called_with_sigma_is_warned_about():
     """An unknown model called with timesteps in [0, 1] puts every step into one table entry (its tables are keyed on
     [0, T)): quantize says so once per class, naming the way out (found by audit: Chroma and Qwen-Image did this

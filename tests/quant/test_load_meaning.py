@@ -351,6 +351,34 @@ def test_float_tensor_the_model_lacks_or_lists_twice(unet, good, tmp_path):
     _refused_alone(_craft(good, tmp_path, surplus), "float tensor 'extra.weight' that this model does not have")
 
 
+def test_float_tensor_the_model_lacks_is_refused_onto_the_float_model(unet, good, tmp_path):
+    # the file's model had a tensor this one has not (another architecture): refused up front, the model untouched,
+    # not silently ignored
+    def surplus(ts, h):
+        ts["__float__.extra.weight"] = torch.zeros(2)
+        h["float_tensors"] = sorted(h["float_tensors"] + ["extra.weight"])
+
+    _refused(unet, _craft(good, tmp_path, surplus), "float tensor 'extra.weight' that this model does not have "
+                                                    r"\(it was made from another architecture\)")
+
+
+def test_float_tensors_in_mixed_dtypes_that_overflow_the_built_dtype(good, tmp_path):
+    """Float tensors in mixed dtypes take the dtypes the model is built in (load_model: fp32; a host's model built
+    in fp16 here): a value fp16 cannot hold is refused before the model is filled, naming the tensor."""
+    from lowbit.quant.io import build_arch, load_empty, read_header
+
+    def edit(ts, h):
+        ts["__float__.conv_norm_out.weight"] = torch.full_like(ts["__float__.conv_norm_out.weight"], 1e6)
+        ts["__float__.conv_norm_out.bias"] = ts["__float__.conv_norm_out.bias"].to(torch.bfloat16)
+
+    p = _craft(good, tmp_path, edit)
+    model = build_arch(p, read_header(p)[0]["arch"]).half()
+    with pytest.raises(LoadError, match="float tensor 'conv_norm_out.weight' overflows float16, the dtype this model "
+                                        "builds it in"):
+        load_empty(model, p)
+    assert all(t.is_meta for t in model.parameters())
+
+
 def test_float_tensor_shape_dtype_and_values(unet, good, tmp_path):
     def shape(ts, h):
         ts["__float__.conv_norm_out.weight"] = torch.ones(3)

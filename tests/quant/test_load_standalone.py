@@ -183,6 +183,27 @@ def test_save_checks_an_arch_it_is_given(digits, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_float_parts_in_mixed_dtypes_load_in_the_dtypes_the_model_builds(digits, digits_files, tmp_path,
+                                                                         registry_kernels):
+    """A model cast piecewise (its output norm in fp16, the rest fp32) saves fp16 and fp32 float tensors side by side:
+    built from the file alone, each takes the dtype the architecture builds it in (fp32 here), as load(model, path)
+    casts them to the float model's, so the model runs (kept as stored, the fp16 norm after fp32 layers failed at the
+    first forward whatever the input dtype)."""
+    unet, _ = digits
+    q = load(unet, digits_files["w8a8"])
+    q.conv_norm_out.half()
+    p = save(q, str(tmp_path / "mixed.safetensors"))
+    with safe_open(p, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith(FLOAT_PREFIX)} == {"F16", "F32"}
+    a, b = load(unet, p), load_model(p)
+    _assert_same_model(a, b)
+    assert {t.dtype for t in b.parameters()} == {torch.float32}
+    x, t, lab = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([800.0] * 3), \
+        torch.tensor([7, 2, 10])
+    with torch.no_grad():
+        assert torch.equal(a(x, t, class_labels=lab).sample, b(x, t, class_labels=lab).sample)
+
+
 def test_file_holds_exactly_the_state_outside_the_quantized_layers(digits, digits_files):
     unet, _ = digits
     with safe_open(digits_files["w8a8"], "pt") as f:
