@@ -63,12 +63,23 @@ def calls_must_fit():
 _SIGMA_WARNED = set()  # model classes warned about (once per process: the pipeline quantizes more than once)
 
 
-def _warn_sigma_keys(prof, calib, cls: str) -> None:
+def _warn_sigma_keys(prof, calib, cls: str, num_train_timesteps: int = 1000) -> None:
     """A model no profile knows, called with timesteps that all lie in [0, 1] (sigma, or t / T): its per-timestep
     tables (activation scales, PTQD statistics) are keyed on [0, T), so every step would share one entry. Said once
     per class, with the way out; the quantization goes on (a model may really take such timesteps on its own
     scale)."""
     keys = {round(float(c.t), 6) for c in (calib or []) if getattr(c, "t", None) is not None}
+    if keys and (min(keys) < 0 or max(keys) > num_train_timesteps) and cls not in _SIGMA_WARNED:
+        import warnings
+
+        _SIGMA_WARNED.add(cls)
+        warnings.warn(f"LowBit: this model's recorded timesteps give table keys outside [0, {num_train_timesteps}] "
+                      f"({min(keys):g}..{max(keys):g}; e.g. SVD and Cosmos are called with 0.25 * log(sigma)): its "
+                      "per-timestep tables (activation scales, PTQD statistics) are keyed on [0, T), so their steps "
+                      "land in the wrong entries; quantize it with time_bins=1 and without +ptqd, or register a "
+                      "ModelProfile for its class that maps its timestep onto [0, T) (quant/profiles/)",
+                      RuntimeWarning, stacklevel=3)
+        return
     if prof.name == "generic" and len(keys) > 1 and max(keys) <= 1.0 and cls not in _SIGMA_WARNED:
         import warnings
 
@@ -130,7 +141,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
     from .profiles import get_profile, profile_for
 
     prof = profile_for(model) if profile is None else get_profile(profile)
-    _warn_sigma_keys(prof, calib, type(model).__name__)
+    _warn_sigma_keys(prof, calib, type(model).__name__, num_train_timesteps)
     qmodel = structural_copy(model)
     splits, called = {}, None
     if calib:  # one probe pass: the convolutions that read a channel concatenation (split for their own

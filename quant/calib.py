@@ -179,11 +179,29 @@ def unet_output(out) -> torch.Tensor:
     per-sample predictions of one shape (diffusers' Z-Image) is stacked into a batch."""
     if torch.is_tensor(out):
         return out
+    v = None
     if hasattr(out, "sample"):
-        return stacked(out.sample)
-    if isinstance(out, (tuple, list)) and out:
-        return stacked(out[0])
+        v = stacked(out.sample)
+    elif isinstance(out, (tuple, list)) and out:
+        v = stacked(out[0])
+    if torch.is_tensor(v):
+        return v
+    if isinstance(v, (tuple, list)) and v and all(torch.is_tensor(t) for t in v):
+        raise TypeError(f"the model returns {len(v)} tensors of different shapes, not one prediction (a ControlNet's "
+                        "residuals?): the PTQD correction, EfficientDM and the measured precision plan need a "
+                        "denoiser's prediction; quantize it with method lp or recon and precision='rules'")
     raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
+
+
+def check_prediction(out, sample) -> None:
+    """``out`` (a model call's output) holds one prediction per sample of ``sample`` (the call's noisy input): a
+    TypeError saying what it holds otherwise (a ControlNet's residuals, a tuple of block outputs)."""
+    pred = unet_output(out)
+    if sample is not None and (pred.dim() != sample.dim() or pred.shape[0] != sample.shape[0]):
+        raise TypeError(f"the model's output {list(pred.shape)} is not one prediction per sample of its input "
+                        f"{list(sample.shape)} (a ControlNet's residuals?): the PTQD correction, EfficientDM and the "
+                        "measured precision plan need a denoiser's prediction; quantize it with method lp or recon "
+                        "and precision='rules'")
 
 
 def stacked(v):

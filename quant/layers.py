@@ -257,6 +257,9 @@ class QuantLayer(nn.Module):
             raise ConfigError(f"layer {name!r}: {exc}; pick a w_format that stores W{w_bits}"
                               f"{'' if group_size is None else f' with group size {group_size}'}") from None
         self.weight_shape = tuple(src.weight.shape)
+        # the dtype of the float parts around the layer (the source's; follows the model's casts, see _apply): what
+        # a deployed layer's ``weight`` stand-in reports
+        self.float_dtype = src.weight.dtype if src.weight.is_floating_point() else torch.float32
         # The float weight is shared with the source model (never mutated) to avoid a copy.
         self.weight = nn.Parameter(src.weight.detach(), requires_grad=False)
         self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone().float(), requires_grad=False)
@@ -277,15 +280,19 @@ class QuantLayer(nn.Module):
         self.register_module("packed", None)  # deployed: the PackedWeight (float weight and w_scale are gone)
 
     def __getattr__(self, name):
-        # A deployed layer has no float weight; hosts that look at ``linear.weight`` on every call (ComfyUI's
-        # NextDiT checks ``isinstance(linear.weight, QuantizedTensor)`` of each block's projections whenever
-        # comfy-kitchen's fused int8 ops exist; diffusers reads ``...weight.dtype`` in places) get the packed
-        # integers: a cheap, non-float tensor, so their own quantized fast paths decline and the layer is called.
+        # A deployed layer has no float weight; hosts that look at ``linear.weight`` get a stand-in with the
+        # weight's shape, on its device, in the dtype of the float parts around the layer (``float_dtype``), its
+        # values zero, no memory (one element expanded): ComfyUI's NextDiT checks ``isinstance(linear.weight,
+        # QuantizedTensor)`` of each block's projections (a plain tensor: its own quantized path declines and the
+        # layer is called); diffusers casts inputs with ``x.to(layer.weight.dtype)`` (IP-Adapter's image
+        # projection, CustomDiffusion's processors: the packed int8 codes there turned inputs into integers).
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "weight" and self._modules.get("packed") is not None:
-                return self._modules["packed"].qdata
+            pw = self._modules.get("packed")
+            if name == "weight" and pw is not None:
+                return torch.zeros((), dtype=self.__dict__.get("float_dtype", torch.float32),
+                                   device=pw.qdata.device).expand(self.weight_shape)
             raise
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -371,6 +378,12 @@ class QuantLayer(nn.Module):
             out = fn(t)
             return out.to(t.dtype) if out.dtype != t.dtype and not any(t is f for f in follow) else out
 
+        try:  # where the model's float tensors go (``model.to(torch.bfloat16)``, ``.half()``): ``float_dtype``
+            probe = fn(torch.empty(0, dtype=self.__dict__.get("float_dtype", torch.float32)))
+            if probe.is_floating_point():
+                self.float_dtype = probe.dtype
+        except Exception:  # a function that only makes sense for this module's tensors: the dtype stays
+            pass
         return super()._apply(keep_dtype, *args, **kwargs)
 
     def deploy(self):
@@ -497,7 +510,11 @@ class QuantLayer(nn.Module):
     def _after(y, post):
         return y if post is None else _kernels().post.POSTS[post](y)
 
-    def forward(self, x):
+    def forward(self, input):
+        x = input  # (torch's name for it: diffusers' AnimateDiff calls ``proj_in(input=hidden_states)``)
+        if not x.is_floating_point():
+            raise TypeError(f"quantized layer {self.name!r} got a {x.dtype} input; it takes float inputs (fp32, "
+                            "bf16, fp16)")
         ctx = self._ctx[0]
         if ctx is not None and ctx.observing and self.act is not None:
             self.act.observe(x, ctx.t)

@@ -208,16 +208,27 @@ def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
     return m
 
 
-def _check_calls_fit(fp_model: nn.Module, calls) -> None:
+def _check_calls_fit(fp_model: nn.Module, calls, needs_prediction: bool = False) -> None:
     """The float model runs the first recorded call (one forward, before any work): calls recorded from another
-    model fail here with a ConfigError saying so, not later inside a stage with the model's own error."""
+    model fail here with a ConfigError saying so, not later inside a stage with the model's own error; with
+    ``needs_prediction`` (PTQD, EfficientDM, the measured plan, +mixed), so does a model whose output is not one
+    prediction per sample (a ControlNet's residuals)."""
     if not calls:
         return
     from .api import calls_must_fit
-    from .calib import run_calls
+    from .calib import check_prediction, run_calls
+    from .context import sample_of_call
+    from .profiles import profile_for
 
+    outs = []
     with calls_must_fit():
-        run_calls(fp_model, calls[:1])
+        run_calls(fp_model, calls[:1], fn=lambda c, out: outs.append((c, out)))
+    if needs_prediction and outs:
+        c, out = outs[0]
+        try:
+            check_prediction(out, sample_of_call(c.args, c.kwargs, profile_for(fp_model)))
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *, alphas_cumprod=None,
@@ -254,7 +265,8 @@ def _stages(m: Method, fp_model: nn.Module, calls, config: PipelineConfig, *, al
     from .api import deploy_, quantize
     from .ptqd import attach_stats, collect_stats
 
-    _check_calls_fit(fp_model, calls)
+    _check_calls_fit(fp_model, calls, needs_prediction=(m.ptqd or m.mixed or m.base == "efficientdm"
+                                                         or config.precision == "measured"))
     if num_train_timesteps is None:
         num_train_timesteps = len(alphas_cumprod) if alphas_cumprod is not None else 1000
     qcfg = _effective_quant(config, m)

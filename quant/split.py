@@ -55,7 +55,8 @@ class ChannelSplitConv2d(nn.Module):
             off += s
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x):
+    def forward(self, input):
+        x = input  # (torch's name for a convolution's input, which callers may pass by keyword)
         fused = self._fusable(x)
         if fused is not None:
             return self._deployed_forward(x, *fused)

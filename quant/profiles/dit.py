@@ -22,7 +22,7 @@ _BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransform
            "DoubleStreamBlock", "SingleStreamBlock", "JointBlock")
 
 FLUX = register_profile(ModelProfile(
-    name="flux", matches=class_named("FluxTransformer2DModel"), priority=20,
+    name="flux", matches=class_named("FluxTransformer2DModel", "FluxControlNetModel"), priority=20,
     edge_rules=_EDGES, structural_edges=False, block_types=_BLOCKS, timestep_kwargs=("timestep",),
     sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow", channel_dim=-1,
     act_epilogues=(("FluxSingleTransformerBlock", "proj_mlp", "act_mlp"),),
@@ -112,7 +112,7 @@ SIGMA_PACKED = register_profile(ModelProfile(
     name="sigma-packed", priority=20,
     matches=class_named("ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
                         "QwenImage21Transformer2DModel", "LongCatImageTransformer2DModel",
-                        "OvisImageTransformer2DModel"),
+                        "OvisImageTransformer2DModel", "QwenImageControlNetModel"),
     edge_rules=_SIGMA_EDGES, structural_edges=False, block_types=_SIGMA_BLOCKS, timestep_kwargs=("timestep",),
     sample_kwargs=("hidden_states",), timestep_scale=1000.0, prediction="flow", channel_dim=-1,
     out_channels=_token_channels,
@@ -130,3 +130,13 @@ Z_IMAGE = register_profile(ModelProfile(
     sample_kwargs=("x", "hidden_states"), timestep_scale=-1000.0, timestep_offset=1000.0, prediction="flow",
     keep_float=(r"(^|\.)t_embedder\.mlp\.",),
     description="Z-Image transformer: per-sample lists, called with 1 - t/1000 in [0, 1] (reversed)"))
+
+# diffusers' Mochi (``MochiTransformer3DModel``): its pipeline passes ``1000 - t`` (reversed; found by audit: under the
+# generic profile the tables of step t were keyed at 1000 - t, so a BitwidthSchedule or +mixed keyed by timestep hit
+# the wrong part of the run). Video latents [B, C, F, H, W]: channels in dim 1.
+MOCHI = register_profile(ModelProfile(
+    name="mochi", matches=class_named("MochiTransformer3DModel"), priority=20,
+    edge_rules=_T2I_EDGES, structural_edges=False, block_types=("MochiTransformerBlock",),
+    timestep_kwargs=("timestep",), sample_kwargs=("hidden_states",), timestep_scale=-1.0, timestep_offset=1000.0,
+    prediction="flow",
+    description="Mochi transformer: video latents, called with 1000 - t (reversed)"))

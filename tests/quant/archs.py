@@ -335,6 +335,55 @@ def _zimage_in(g, t):  # ZImagePipeline: per-sample lists of [C, 1, H, W] latent
     return (x, _tt((1000 - t) / 1000.0, 2), caps), dict(return_dict=False)
 
 
+# ----------------------------------------------------------------------------------------------- found by audit
+def _kandinsky22():  # Kandinsky 2.2 decoder: image embeddings projected (diffusers casts them to the projection's
+    # weight dtype: a deployed layer's weight stand-in must say float) and added to the time embedding
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=8, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, addition_embed_type="image",
+                                encoder_hid_dim=12, encoder_hid_dim_type="image_proj", cross_attention_dim=16,
+                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=4)
+
+
+def _kandinsky22_in(g, t):  # KandinskyV22Pipeline: no text states, image_embeds in added_cond_kwargs, CFG batch
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(sample=torch.cat([x, x]), timestep=torch.tensor(int(t)), encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": _r(g, 2, 12)}, return_dict=False)
+
+
+def _animatediff():  # AnimateDiff: its motion modules call proj_in(input=...) by keyword
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = _sd15()
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8)
+    assert isinstance(unet, UNet2DConditionModel)
+    return UNetMotionModel.from_unet2d(unet, adapter)
+
+
+def _animatediff_in(g, t):  # AnimateDiffPipeline: [B, C, F, H, W], CFG batch, prompt states repeated per frame
+    x = _r(g, 1, 4, 2, 8, 8)
+    return (torch.cat([x, x]), torch.tensor(float(t))), dict(
+        encoder_hidden_states=_r(g, 2, 6, 16).repeat_interleave(2, dim=0), return_dict=False)
+
+
+def _mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                   pooled_projection_dim=16, in_channels=4, out_channels=4, text_embed_dim=16,
+                                   time_embed_dim=4, activation_fn="swiglu", max_sequence_length=16)
+
+
+def _mochi_in(g, t):  # MochiPipeline: the transformer gets 1000 - t (reversed), CFG batch
+    x = _r(g, 1, 4, 2, 8, 8)
+    return (), dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=_r(g, 2, 6, 16), timestep=_tt(1000 - t, 2),
+                    encoder_attention_mask=torch.ones(2, 6), return_dict=False)
+
+
 ARCHS = {a.name: a for a in (
     Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
     Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
@@ -355,6 +404,9 @@ ARCHS = {a.name: a for a in (
     Arch("qwenimage", _qwenimage, _qwenimage_in, standalone=False),
     Arch("wan", _wan, _wan_in, standalone=False),
     Arch("zimage", _zimage, _zimage_in, standalone=False),
+    Arch("kandinsky22", _kandinsky22, _kandinsky22_in),
+    Arch("animatediff", _animatediff, _animatediff_in, standalone=False),
+    Arch("mochi", _mochi, _mochi_in, standalone=False),
 )}
 
 

@@ -338,13 +338,14 @@ def test_efficientdm_refuses_per_sample_list_inputs_positional_or_keyword():
     pipeline.check(m, [Call((torch.randn(2, 4), torch.ones(2)), {}, 500.0, 0)], cfg)  # a batch tensor: accepted
 
 
-def test_a_deployed_layer_shows_hosts_its_packed_integers_as_weight(unet, calls):
+def test_a_deployed_layer_shows_hosts_a_float_stand_in_as_weight(unet, calls):
     """Hosts read ``linear.weight`` outside the layer's forward: ComfyUI's NextDiT (Z-Image / Lumina 2) checks
     ``isinstance(linear.weight, QuantizedTensor)`` on every block's projections whenever comfy-kitchen's fused int8
     ops exist (comfy/ldm/lumina/model.py), which raised AttributeError on a deployed layer (it holds no float
-    weight). ``weight`` is now the packed integers there: a plain non-float tensor, so such checks decline; the
-    layer still holds no parameter of it (``model.dtype`` reads the float parts), and undeploy restores a float
-    Parameter."""
+    weight); diffusers casts inputs with ``x.to(layer.weight.dtype)`` (IP-Adapter's image projection,
+    CustomDiffusion), which the packed int8 codes answered, turning inputs into integers. ``weight`` is a stand-in:
+    the weight's shape, device and the float parts' dtype (following casts), no memory, not a parameter; undeploy
+    restores a float Parameter."""
     q = deploy_(quantize(unet, QuantConfig.preset("W4A8"), calls))
     name, layer = quant_layers(q)[3]
 
@@ -352,11 +353,104 @@ def test_a_deployed_layer_shows_hosts_its_packed_integers_as_weight(unet, calls)
         pass
 
     w = layer.weight
-    assert torch.is_tensor(w) and not w.is_floating_point() and not isinstance(w, QuantizedTensor)
-    assert w.data_ptr() == layer.packed_weight().qdata.data_ptr()  # no copy, no dequantization
+    assert torch.is_tensor(w) and w.dtype == torch.float32 and not isinstance(w, QuantizedTensor)
+    assert tuple(w.shape) == layer.weight_shape and w.stride() == (0,) * w.dim() and not w.any()
     assert "weight" not in dict(layer.named_parameters()) and q.dtype == torch.float32
+    q.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32  # scales, bias stay fp32
+    x = torch.randn(2, layer.weight_shape[1], 4, 4) if len(layer.weight_shape) == 4 else torch.randn(2, 4)
+    with pytest.raises(TypeError, match=f"quantized layer {name!r} got a torch.int8 input"):
+        layer(x.to(torch.int8))
+    q.float()
     with pytest.raises(AttributeError):
         layer.not_an_attribute
     layer.undeploy()
     assert isinstance(layer.weight, torch.nn.Parameter) and layer.weight.is_floating_point()
     assert tuple(layer.weight.shape) == layer.weight_shape
+
+
+def test_timesteps_off_the_table_scale_are_warned_about_for_any_profile():
+    """SVD and Cosmos are called with 0.25 * log(sigma) (negative for small sigma): their table keys fall outside
+    [0, T) whatever the profile, so per-timestep tables hold the wrong steps (found by audit: silent for SVD, and
+    Cosmos got the [0, 1] advice, which cannot fit). Warned once per class, naming time_bins=1."""
+    import warnings
+
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder, api
+
+    class LogSigmaNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, sample, timestep):
+            return self.a(sample) * timestep.view(-1, 1)
+
+    api._SIGMA_WARNED.discard("LogSigmaNet")
+    m = LogSigmaNet().eval()
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (1.48, 0.68, -0.28, -1.24):
+            m(torch.randn(2, 8), torch.full((2,), t))
+    for expect in (1, 0):  # once per class
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            quantize(m, QuantConfig.preset("W8A8"), rec.calls)
+        msgs = [str(x.message) for x in w if "outside [0, 1000]" in str(x.message)]
+        assert len(msgs) == expect and (not msgs or "time_bins=1" in msgs[0])
+
+
+def test_layers_take_their_input_by_torchs_keyword(unet, calls):
+    """AnimateDiff's motion modules call ``proj_in(input=hidden_states)`` (torch's own name for a Linear's or a
+    convolution's input): quantize failed on ``QuantLayer.forward(x)`` (found by audit); fake and deployed layers
+    and split convolutions take it."""
+    from lowbit.quant.split import ChannelSplitConv2d as SplitConv
+
+    q = quantize(unet, QuantConfig.preset("W8A8"), calls)
+    lin = next(m for _, m in quant_layers(q) if len(m.weight_shape) == 2)
+    conv = next(m for _, m in quant_layers(q) if len(m.weight_shape) == 4 and m.weight_shape[1] > 1)
+    xl = torch.randn(3, lin.weight_shape[1])
+    xc = torch.randn(1, conv.weight_shape[1], 6, 6)
+    with torch.no_grad():
+        for layer, x in ((lin, xl), (conv, xc)):
+            assert torch.equal(layer(input=x), layer(x))
+        split = next((m for m in q.modules() if isinstance(m, SplitConv)), None)
+        if split is not None:
+            xs = torch.randn(1, sum(split.sizes), 4, 4)
+            assert torch.equal(split(input=xs), split(xs))
+        deploy_(q)
+        for layer, x in ((lin, xl), (conv, xc)):
+            assert torch.equal(layer(input=x), layer(x))
+
+
+def test_a_model_without_one_prediction_is_refused_up_front_by_methods_that_need_it():
+    """A ControlNet returns residuals for the UNet (a list of tensors of different shapes, or a tuple of block
+    outputs), not a prediction: the measured precision plan, PTQD and EfficientDM read the prediction and failed deep
+    inside with AttributeError ('list' object has no attribute 'float'), or (a tuple of same-shape residuals)
+    treated the stacked residuals as the prediction (found by audit). Refused before any work now, naming the way
+    that works (lp / recon with precision='rules'), which still runs."""
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder, ConfigError, PipelineConfig, pipeline
+
+    class Residuals(nn.Module):
+        def __init__(self, same_shape):
+            super().__init__()
+            self.a, self.b, self.same = nn.Linear(8, 8), nn.Linear(8, 4), same_shape
+
+        def forward(self, sample, timestep):
+            h = self.a(sample)
+            return ((h, h * 2, h * 3),) if self.same else ([h, self.b(h)], h)
+
+    for same in (False, True):
+        m = Residuals(same).eval()
+        with CallRecorder(m) as rec, torch.no_grad():
+            for t in (900.0, 500.0, 100.0):
+                m(torch.randn(2, 8), torch.full((2,), t))
+        for method in ("lp+ptqd", "efficientdm"):
+            with pytest.raises(ConfigError, match="not one prediction"):
+                pipeline.run(m, rec.calls, PipelineConfig.for_method(method, "W8A8"))
+        with pytest.raises(ConfigError, match="not one prediction"):  # the default plan measures layer errors
+            pipeline.run(m, rec.calls, PipelineConfig.for_method("lp", "W8A8"))
+        res = pipeline.run(m, rec.calls, PipelineConfig.for_method("lp", "W8A8", precision="rules"))
+        assert res.model is not None
