@@ -658,8 +658,31 @@ def _onednn_wscale(pw):
 _ONEDNN_POSTS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
-@onednn.op("linear", supports=_onednn_linear_supports, posts=("gelu", "gelu_tanh"))
+def _onednn_geglu(x, pw, bias, act):
+    """``a * gelu(g)`` of the Linear's output halves ``a, g`` (kernels/post.py "geglu"): the input quantized once, two
+    int8 Linears over the halves' rows (prepacked once each), the GELU in the second one's epilogue, one multiply."""
+    n = pw.N // 2
+    halves = pw.cache.get("onednn.geglu")
+    if halves is None:
+        w8 = _int8_weight(pw, keep=False)
+        sw, _ = _onednn_wscale(pw)
+        halves = pw.cache["onednn.geglu"] = tuple(
+            (torch.ops.onednn.qlinear_prepack(w8[i * n:(i + 1) * n].contiguous(), None),
+             sw[i * n:(i + 1) * n].contiguous(), torch.zeros(n, dtype=torch.int64)) for i in (0, 1))
+    lead = x.shape[:-1]
+    q = quant_static(x.reshape(-1, pw.K), act)
+    b = None if bias is None else bias.to(torch.float32)
+    outs = [torch.ops.onednn.qlinear_pointwise(q, act.scale, act.zero_point, packed, sw, wzp,
+                                               None if b is None else b[i * n:(i + 1) * n], 1.0, 0, _out_dtype(x),
+                                               op, [], "none")
+            for i, ((packed, sw, wzp), op) in enumerate(zip(halves, ("none", "gelu")))]
+    return outs[0].mul_(outs[1]).reshape(*lead, n).to(x.dtype)
+
+
+@onednn.op("linear", supports=_onednn_linear_supports, posts=("gelu", "gelu_tanh", "geglu"))
 def onednn_linear(x, pw, bias=None, act=None, post=None):
+    if post == "geglu":
+        return _onednn_geglu(x, pw, bias, act)
     packed = pw.cache.get("onednn.linear")
     if packed is None:
         packed = pw.cache["onednn.linear"] = torch.ops.onednn.qlinear_prepack(_int8_weight(pw, keep=False), None)

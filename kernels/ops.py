@@ -69,15 +69,18 @@ def fake_quant_act(x: torch.Tensor, act: Optional[ActQuant], granularity: str = 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = None,
            act: Optional[ActQuant] = None, post: Optional[str] = None) -> torch.Tensor:
     """== F.linear(fake_quant_act(x, act), dequantize_weight(pw), bias), computed with integer kernels where a
-    backend can; ``post``: an activation applied to that (kernels/post.py: "gelu", "gelu_tanh"), in the kernel's
-    epilogue where the backend fuses it."""
+    backend can; ``post``: an activation applied to that (kernels/post.py: "gelu", "gelu_tanh", "geglu" (half the
+    features out)), in the kernel's epilogue where the backend fuses it."""
     if x.shape[-1] != pw.K or len(pw.shape) != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1]}] does not match weight shape {list(pw.shape)}")
+    if post is not None:
+        _post.check(post)
+        if post in _post.HALVING and pw.N % 2:
+            raise ValueError(f"linear: post={post!r} splits the output in two halves; {pw.N} features is odd")
     if _tuned(pw):
         return autotune.run("linear", x, pw, bias, act, post=post)
     if post is None:
         return registry.dispatch("linear", x, pw, bias, act)
-    _post.check(post)
     return registry.with_post(registry.select("linear", x, pw, bias, act).ops["linear"], post)(x, pw, bias, act)
 
 

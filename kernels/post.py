@@ -9,6 +9,9 @@ activation runs on its output (``registry.with_post``), so any backend computes 
 Names (the only ones accepted; checked by :func:`check`):
     gelu       ``F.gelu(y)`` (erf)
     gelu_tanh  ``F.gelu(y, approximate="tanh")``
+    geglu      ``a * F.gelu(g)`` with ``a, g = y.chunk(2, -1)`` (the gated GELU of SD-style transformer blocks): the
+               output has half the Linear's features; oneDNN runs the two halves as two int8 Linears on the same
+               input codes, the GELU in the second one's epilogue
 """
 from __future__ import annotations
 
@@ -16,10 +19,18 @@ from typing import Optional
 
 import torch.nn.functional as F
 
+def _geglu(y):
+    a, gate = y.chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
 POSTS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "geglu": _geglu,
 }
+# epilogues that halve the last dimension (the output has N / 2 features)
+HALVING = frozenset({"geglu"})
 
 
 def check(post: Optional[str]) -> Optional[str]:

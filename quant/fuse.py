@@ -12,7 +12,9 @@ are taken:
 
 * an ``nn.Sequential`` whose quantized Linear is followed by an ``nn.GELU`` (ComfyUI's Flux / MM-DiT MLPs);
 * diffusers' ``GELU`` module (``activations.GELU``: ``gelu(self.proj(x))``, the "gelu" / "gelu-approximate"
-  feed-forwards of SD3, Flux, PixArt, DiT, HunyuanDiT, ...), replaced by a module with the same ``proj`` child;
+  feed-forwards of SD3, Flux, PixArt, DiT, HunyuanDiT, ...) and the ``GEGLU`` modules of diffusers and ComfyUI
+  (``a * gelu(g)`` of ``proj(x)``'s halves: SD1.x / SDXL transformer blocks), replaced by a module with the same
+  ``proj`` child;
 * the pairs a model profile declares (``ModelProfile.act_epilogues``: block class, Linear child, activation child;
   diffusers' Flux single-stream block's ``proj_mlp`` -> ``act_mlp``).
 
@@ -47,18 +49,20 @@ class MovedActivation(nn.Module):
 
 
 class ProjWithActivation(nn.Module):
-    """diffusers' ``GELU`` (``gelu(proj(x))``) whose GELU moved into ``proj``: returns ``proj(x)``."""
+    """diffusers' ``GELU`` (``gelu(proj(x))``) or a ``GEGLU`` (``a * gelu(g)`` of ``proj(x)``'s halves; diffusers' and
+    ComfyUI's) whose activation moved into ``proj``: returns ``proj(x)``. (Extra arguments, which diffusers' GEGLU
+    accepts and ignores, are ignored.)"""
 
     def __init__(self, proj: QuantLinear, post: str):
         super().__init__()
         self.proj, self.post = proj, post
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, *args, **kwargs):
         y = self.proj(hidden_states)
         return y if self.proj.post_now() is not None else _apply(self.post, y)
 
     def extra_repr(self):
-        return f"gelu moved into proj as {self.post}"
+        return f"activation moved into proj as {self.post}"
 
 
 def _apply(post: str, x):
@@ -78,9 +82,19 @@ def _deployed_linear(module) -> bool:
     return isinstance(module, QuantLinear) and module.mode == "deployed" and module.post is None
 
 
-def _is_diffusers_gelu(module: nn.Module) -> bool:
+def _proj_activation(module: nn.Module):
+    """The epilogue of a known ``act(proj(x))`` module: diffusers' ``GELU`` (its ``approximate``) and ``GEGLU``,
+    ComfyUI's ``GEGLU`` (exactly those classes, by name and module), else None."""
+    from ..kernels import post
+
     t = type(module)
-    return t.__name__ == "GELU" and t.__module__ == "diffusers.models.activations" and hasattr(module, "proj")
+    if not isinstance(getattr(module, "proj", None), nn.Module):
+        return None
+    if t.__name__ == "GELU" and t.__module__ == "diffusers.models.activations":
+        return post.of_gelu(getattr(module, "approximate", None))
+    if t.__name__ == "GEGLU" and t.__module__ in ("diffusers.models.activations", "comfy.ldm.modules.attention"):
+        return "geglu"
+    return None
 
 
 def fuse_activations_(model: nn.Module) -> List[str]:
@@ -115,10 +129,10 @@ def fuse_activations_(model: nn.Module) -> List[str]:
                 setattr(parent, act_name, MovedActivation(lin, prefix + lin_name, p))
                 fused.append(prefix + lin_name)
         for cname, child in list(parent.named_children()):
-            if _is_diffusers_gelu(child) and _deployed_linear(child.proj):
-                p = post.of_gelu(getattr(child, "approximate", None))
-                if p is not None:
-                    child.proj.set_post(p)
-                    setattr(parent, cname, ProjWithActivation(child.proj, p))
-                    fused.append(f"{prefix}{cname}.proj")
+            p = _proj_activation(child)
+            if p is not None and _deployed_linear(child.proj) and not (p in post.HALVING
+                                                                       and child.proj.weight_shape[0] % 2):
+                child.proj.set_post(p)
+                setattr(parent, cname, ProjWithActivation(child.proj, p))
+                fused.append(f"{prefix}{cname}.proj")
     return fused

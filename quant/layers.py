@@ -485,6 +485,9 @@ class QuantLayer(nn.Module):
         post = _kernels().post.check(post)
         if post is not None and self.float_type is not nn.Linear:
             raise ValueError(f"layer {self.name!r}: activation epilogues are for Linear layers")
+        if post in _kernels().post.HALVING and self.weight_shape[0] % 2:
+            raise ValueError(f"layer {self.name!r}: {post} splits the output in halves; {self.weight_shape[0]} "
+                             "features is odd")
         self.post = post
         pw = self._modules.get("packed")
         if pw is not None:  # the kernels chosen for this layer's calls were bound without it

@@ -48,7 +48,7 @@ def test_onednn_fuses_gelu_and_others_apply_it_after():
     if "onednn" not in ops.available_backends():
         pytest.skip("no onednn backend")
     entry = registry.get_backend("onednn").ops["linear"]
-    assert entry.posts == {"gelu", "gelu_tanh"}
+    assert entry.posts == {"gelu", "gelu_tanh", "geglu"}
     fused = registry.with_post(entry, "gelu_tanh")
     assert fused.func is entry.impl and fused.keywords == {"post": "gelu_tanh"}  # the kernel's own epilogue
     x, pw, b, act = _case(*CASES["W8A8"])
@@ -79,3 +79,17 @@ def test_autotuner_keys_and_times_the_epilogue(monkeypatch):
     ch = autotune.chosen("linear", (x, pw, b, act), "gelu")
     assert ch is not None and rel_err(ch.impl(x, pw, b, act), fused) < 1e-6
     assert any(k[0] == "linear+gelu" for k in pw.cache["autotune.calls"])
+
+
+def test_geglu_halves_the_features_and_refuses_odd_widths(registry_kernels):
+    """"geglu" is ``a * gelu(g)`` of the output's halves (SD-style transformer blocks' GEGLU): N / 2 features out; on
+    oneDNN two int8 Linears over the halves' rows share the input codes, the GELU in the second one's epilogue."""
+    x, pw, b, act = _case(*CASES["W8A8"])
+    out = ops.linear(x, pw, b, act, post="geglu")
+    a, g = ops.linear(x, pw, b, act).chunk(2, dim=-1)
+    assert out.shape == (3, 11, 24) and rel_err(out, a * F.gelu(g)) < 1e-5
+    if "onednn" in ops.available_backends():
+        assert ops.backend_for("linear", x, pw, b, act) == "onednn" and "onednn.geglu" in pw.cache
+    odd = ops.quantize_weight(torch.randn(47, 64), 8)
+    with pytest.raises(ValueError, match="47 features is odd"):
+        ops.linear(x, odd, None, act, post="geglu")

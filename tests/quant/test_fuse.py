@@ -81,7 +81,7 @@ def test_sequential_gelu_moves_into_the_linear_and_nothing_else(monkeypatch):
     assert _close(_outs(d, calls), out, 1e-5)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart", "sd15"])
 def test_transformer_feed_forwards_fused_same_function_and_files(name, tmp_path, monkeypatch):
     import copy
 
@@ -93,7 +93,8 @@ def test_transformer_feed_forwards_fused_same_function_and_files(name, tmp_path,
     monkeypatch.delenv("LOWBIT_FUSE_ACT")
     d = deploy_(copy.deepcopy(q))
     fused = [n for n, layer in quant_layers(d) if layer.post]
-    assert any(isinstance(m, ProjWithActivation) for m in d.modules())  # diffusers' GELU(proj) feed-forwards
+    moved = [m for m in d.modules() if isinstance(m, ProjWithActivation)]  # diffusers' GELU / GEGLU(proj)
+    assert moved and all(m.post == ("geglu" if name == "sd15" else "gelu_tanh") for m in moved)
     if name == "flux":  # the profile's pair: the single-stream blocks' proj_mlp -> act_mlp
         assert any(n.endswith("proj_mlp") for n in fused)
         assert all(isinstance(b.act_mlp, MovedActivation) for b in d.single_transformer_blocks)
@@ -148,3 +149,42 @@ def test_hooks_and_lora_side_paths_see_the_linear_output_before_the_activation()
         d.mlp(x)
     h.remove()
     assert seen[0].min() < -0.2  # not a GELU's output (those are >= -0.17)
+
+
+def test_comfyuis_geglu_is_taken_by_class_and_module_name():
+    """ComfyUI's SD1.x / SDXL transformer blocks use ``comfy.ldm.modules.attention.GEGLU`` (``x, gate =
+    proj(x).chunk(2); x * gelu(gate)``): taken like diffusers' (a stand-in class with that name and module here; no
+    host needed). A class of that name from elsewhere is not."""
+    import copy
+
+    import torch.nn.functional as F
+
+    def geglu_class(module):
+        def forward(self, x):
+            x, gate = self.proj(x).chunk(2, dim=-1)
+            return x * F.gelu(gate)
+
+        return type("GEGLU", (nn.Module,), {"__module__": module, "forward": forward})
+
+    for module, taken in (("comfy.ldm.modules.attention", True), ("somewhere.else", False)):
+        cls = geglu_class(module)
+
+        class FF(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.ModuleList([cls(), nn.Linear(16, 8)])
+                self.net[0].proj = nn.Linear(8, 32)
+
+            def forward(self, x, timestep=None):
+                return self.net[1](self.net[0](x))
+
+        torch.manual_seed(0)
+        fp = FF().eval()
+        with CallRecorder(fp) as rec, torch.no_grad():
+            for t in (900, 100):
+                fp(torch.randn(4, 6, 8), torch.tensor([t] * 4))
+        q = quantize(fp, QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax"), rec.calls)
+        fake = _outs(q, rec.calls)
+        d = deploy_(copy.deepcopy(q))
+        assert isinstance(d.net[0], ProjWithActivation) == taken
+        assert _close(_outs(d, rec.calls), fake, 2e-2)
