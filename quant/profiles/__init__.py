@@ -103,4 +103,4 @@ def get_profile(name: Optional[str]) -> ModelProfile:
 
 
 # the built-in families, one file each (each registers itself on import)
-from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina  # noqa: E402,F401
+from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina, edm  # noqa: E402,F401

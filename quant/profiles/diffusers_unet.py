@@ -1,8 +1,7 @@
 """diffusers UNets: ``UNet2DModel`` (pixel space, class labels) and ``UNet2DConditionModel`` (SD1.x/2.x/XL), and the
 UNets built from the same blocks with the same layer names (AnimateDiff's ``UNetMotionModel``, ``UNet3DConditionModel``,
 SVD's ``UNetSpatioTemporalConditionModel``, ``ControlNetModel``: their edges found by the same rules; found by audit).
-SVD is called with ``0.25 * log(sigma)``, not a timestep in [0, T): its per-timestep tables are not keyed on that
-scale (use one table, ``time_bins=1``; quantize warns).
+SVD is called with ``0.25 * log(sigma)``, not a timestep: its own profile (edm.py) maps that onto [0, T).
 
 Called as ``unet(sample, timestep, encoder_hidden_states=..., class_labels=...)`` with the DDPM timestep in
 [0, T). Edges: ``conv_in``, ``conv_out``, the time/class/added embeddings, skip and downsample convolutions.

@@ -384,6 +384,45 @@ def _mochi_in(g, t):  # MochiPipeline: the transformer gets 1000 - t (reversed),
                     encoder_attention_mask=torch.ones(2, 6), return_dict=False)
 
 
+def _svd():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 4))
+
+
+def _svd_in(g, t):  # StableVideoDiffusionPipeline: 0.25 * ln(sigma) (sigma log-linear in t over [0.002, 700]),
+    # [B, F, C, H, W] with the image latents concatenated on C, CFG batch, added_time_ids
+    import math
+
+    sigma = 700.0 ** (t / 1000) * 0.002 ** (1 - t / 1000)
+    x = _r(g, 1, 2, 8, 8, 8)
+    return (torch.cat([x, x]), torch.tensor(0.25 * math.log(sigma))), dict(
+        encoder_hidden_states=_r(g, 2, 1, 16), added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * 2),
+        return_dict=False)
+
+
+def _cosmos():
+    from diffusers import CosmosTransformer3DModel
+
+    return CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=24,
+                                    num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=8,
+                                    max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
+                                    concat_padding_mask=False, extra_pos_embed_type="learnable")
+
+
+def _cosmos_in(g, t):  # CosmosTextToWorldPipeline: EDM timesteps 0.25 * ln(sigma), sigma log-linear over [0.002, 80]
+    import math
+
+    sigma = 80.0 ** (t / 1000) * 0.002 ** (1 - t / 1000)
+    return (), dict(hidden_states=_r(g, 1, 4, 2, 8, 8), timestep=_tt(0.25 * math.log(sigma), 1),
+                    encoder_hidden_states=_r(g, 1, 6, 16), fps=30, padding_mask=torch.zeros(1, 1, 8, 8),
+                    return_dict=False)
+
+
 ARCHS = {a.name: a for a in (
     Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
     Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
@@ -407,6 +446,8 @@ ARCHS = {a.name: a for a in (
     Arch("kandinsky22", _kandinsky22, _kandinsky22_in),
     Arch("animatediff", _animatediff, _animatediff_in, standalone=False),
     Arch("mochi", _mochi, _mochi_in, standalone=False),
+    Arch("svd", _svd, _svd_in, standalone=False),
+    Arch("cosmos", _cosmos, _cosmos_in, standalone=False),
 )}
 
 
