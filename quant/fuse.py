@@ -12,9 +12,9 @@ are taken:
 
 * an ``nn.Sequential`` whose quantized Linear is followed by an ``nn.GELU`` (ComfyUI's Flux / MM-DiT MLPs);
 * diffusers' ``GELU`` module (``activations.GELU``: ``gelu(self.proj(x))``, the "gelu" / "gelu-approximate"
-  feed-forwards of SD3, Flux, PixArt, DiT, HunyuanDiT, ...) and the ``GEGLU`` modules of diffusers and ComfyUI
-  (``a * gelu(g)`` of ``proj(x)``'s halves: SD1.x / SDXL transformer blocks), replaced by a module with the same
-  ``proj`` child;
+  feed-forwards of SD3, Flux, PixArt, DiT, HunyuanDiT, ...) and the ``GEGLU`` modules of diffusers, ComfyUI, Forge
+  and A1111 (``a * gelu(g)`` of ``proj(x)``'s halves: SD1.x / SDXL transformer blocks), replaced by a module with the
+  same ``proj`` child;
 * the pairs a model profile declares (``ModelProfile.act_epilogues``: block class, Linear child, activation child;
   diffusers' Flux single-stream block's ``proj_mlp`` -> ``act_mlp``).
 
@@ -82,9 +82,15 @@ def _deployed_linear(module) -> bool:
     return isinstance(module, QuantLinear) and module.mode == "deployed" and module.post is None
 
 
+# the modules whose ``GEGLU`` is ``x, gate = self.proj(x).chunk(2, dim=-1); return x * F.gelu(gate)`` (read in each):
+# diffusers, ComfyUI, Forge's integrated UNet, A1111's LDM / SGM UNets
+_GEGLU_MODULES = ("diffusers.models.activations", "comfy.ldm.modules.attention", "backend.nn.unet",
+                  "ldm.modules.attention", "sgm.modules.attention")
+
+
 def _proj_activation(module: nn.Module):
-    """The epilogue of a known ``act(proj(x))`` module: diffusers' ``GELU`` (its ``approximate``) and ``GEGLU``,
-    ComfyUI's ``GEGLU`` (exactly those classes, by name and module), else None."""
+    """The epilogue of a known ``act(proj(x))`` module: diffusers' ``GELU`` (its ``approximate``), the ``GEGLU`` of
+    the modules above (exactly those classes, by name and module), else None."""
     from ..kernels import post
 
     t = type(module)
@@ -92,7 +98,7 @@ def _proj_activation(module: nn.Module):
         return None
     if t.__name__ == "GELU" and t.__module__ == "diffusers.models.activations":
         return post.of_gelu(getattr(module, "approximate", None))
-    if t.__name__ == "GEGLU" and t.__module__ in ("diffusers.models.activations", "comfy.ldm.modules.attention"):
+    if t.__name__ == "GEGLU" and t.__module__ in _GEGLU_MODULES:
         return "geglu"
     return None
 

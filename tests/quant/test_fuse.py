@@ -166,7 +166,7 @@ def test_comfyuis_geglu_is_taken_by_class_and_module_name():
 
         return type("GEGLU", (nn.Module,), {"__module__": module, "forward": forward})
 
-    for module, taken in (("comfy.ldm.modules.attention", True), ("somewhere.else", False)):
+    for module, taken in (("comfy.ldm.modules.attention", True), ("backend.nn.unet", True), ("somewhere.else", False)):
         cls = geglu_class(module)
 
         class FF(nn.Module):
