@@ -42,6 +42,9 @@ OURS = {  # name -> (QuantConfig preset, overrides)
     # keeps LowBit's integer weights and fp32 scales (QuantLayer._apply) and casts only the float parts
     "W8A8-bf16": ("W8A8", {}),
     "W8A8-dyn-bf16": ("W8A8", {"a_dynamic": True}),
+    # deployed with LOWBIT_FUSE_ACT=0: the GEGLUs after the feed-forwards' Linears stay separate ops (quant/fuse.py)
+    "W8A8-unfused": ("W8A8", {}),
+    "W8A8-unfused-bf16": ("W8A8", {}),
 }
 TORCHAO = ["torchao-int8wo-fp32", "torchao-int8wo-bf16", "torchao-int8dq-fp32", "torchao-int8dq-bf16"]
 DEFAULT_VARIANTS = ["fp32", "bf16", *OURS, *TORCHAO]
@@ -111,7 +114,16 @@ def _quantize_ours(model, fmt: str, latent: int):
     with CallRecorder(model, store_dtype=torch.float32) as rec, torch.no_grad():
         model(sample, t, encoder_hidden_states=text)
     quantize_(model, cfg, calib=rec.calls)
-    deploy_(model, tune=not fmt.endswith(("-untuned", "-int8cache")))
+    old = os.environ.get("LOWBIT_FUSE_ACT")
+    if "-unfused" in fmt:
+        os.environ["LOWBIT_FUSE_ACT"] = "0"
+    try:
+        deploy_(model, tune=not fmt.endswith(("-untuned", "-int8cache")))
+    finally:
+        if "-unfused" in fmt and old is None:
+            del os.environ["LOWBIT_FUSE_ACT"]
+        elif "-unfused" in fmt:
+            os.environ["LOWBIT_FUSE_ACT"] = old
     if fmt.endswith("-int8cache"):
         for m in model.modules():
             pw = _packed_of(m)
@@ -192,6 +204,8 @@ ALTERNATE = {
     "W8A8": ("W8A8", {}),  # default: fused one-pass activation quantization (kernels/cpu.py)
     "W8A8-exact": ("W8A8", {"LOWBIT_CPU_EXACT_ACT_QUANT": "1"}),  # the reference's activation codes, bit for bit
     "W8A8-bf16": ("W8A8-bf16", {}),  # float parts (norms, attention, residuals) in bf16, integer layers as W8A8
+    "W8A8-unfused": ("W8A8-unfused", {}),  # LOWBIT_FUSE_ACT=0 at deployment: the GEGLUs run as separate ops
+    "W8A8-unfused-bf16": ("W8A8-unfused-bf16", {}),
     "W4A8": ("W4A8", {}),
     "W4A8-int8cache": ("W4A8-int8cache", {}),
     "W8A8-untuned": ("W8A8-untuned", {}),

@@ -240,7 +240,14 @@ def quant_static(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return y.to(torch.uint8)
 
 
-_LAST_CODES = threading.local()
+_LAST_CODES: dict = {}  # thread id -> (key, weak reference to the input's base, codes)
+
+
+def _forget_codes(tid: int, ref) -> None:
+    """The input whose codes a thread keeps was freed: drop them too (called by the weak reference)."""
+    last = _LAST_CODES.get(tid)
+    if last is not None and last[1] is ref:
+        _LAST_CODES.pop(tid, None)
 
 
 def quant_static_fused(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
@@ -252,20 +259,25 @@ def quant_static_fused(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     read one tensor (a transformer's q / k / v projections, and Flux's MLP next to them, calibrated on the same
     input, so with the same range) quantize it once. "The same input": the same memory, shape and strides, of the
     same tensor (its base, held by a weak reference, so freed memory reused by another tensor never matches), not
-    written since (its version counter). Tensors made under ``torch.inference_mode`` keep no version counter, so
-    theirs are never reused."""
+    written since (its version counter; writes that bypass it, through ``x.data`` or a numpy array sharing the
+    memory, are not seen: quantize a new tensor instead). Tensors made under ``torch.inference_mode`` keep no version
+    counter, so theirs are never reused. The codes are dropped with the input they came from."""
+    tid = threading.get_ident()
     base = key = None
     if not x.is_inference():
         base = x if x._base is None else x._base
         key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, act.scale, act.zero_point, act.bits)
-        last = getattr(_LAST_CODES, "v", None)
+        last = _LAST_CODES.get(tid)
         if last is not None and last[0] == key and last[1]() is base:
             return last[2]
     xf = _dense_layout(x.to(torch.float32))
     q = _serial(SERIAL_QUANT_MAX, xf.numel(), torch.quantize_per_tensor, xf, act.scale, act.zero_point, torch.quint8)
     if act.bits < 8:
         _u8_view(q).clamp_(max=act.qmax)
-    _LAST_CODES.v = None if key is None else (key, weakref.ref(base), q)
+    if key is None:
+        _LAST_CODES.pop(tid, None)
+    else:
+        _LAST_CODES[tid] = (key, weakref.ref(base, lambda r, tid=tid: _forget_codes(tid, r)), q)
     return q
 
 

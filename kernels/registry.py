@@ -195,6 +195,8 @@ def select(op: str, *args, **kwargs) -> Backend:
     """The backend :func:`dispatch` would use for this call (raises :class:`NoBackendError` if none)."""
     forced = _forced()
     disabled = _disabled()
+    if forced is not None and forced in _BACKENDS and op not in _BACKENDS[forced].ops:
+        forced = None  # it forces the calls it implements (the dense backend has no pack / dequantize ops)
     if forced is not None:
         if forced not in _BACKENDS:
             raise NoBackendError(op, {forced: "not a registered backend"},

@@ -3,32 +3,67 @@
 A transformer's feed-forward is Linear -> GELU -> Linear. Run as the model's code runs it, the GELU is a separate
 pass over the hidden activations (on a 2-core CPU, torch's tanh GELU costs more than the int8 Linear before it);
 oneDNN's int8 Linear applies it in its epilogue, on the accumulator it already holds (kernels/post.py). So at
-deployment (``deploy_``, ``load``) the layer is told its activation (``QuantLayer.set_post``: every mode of the
-layer then returns ``gelu(output)``) and the activation module is replaced by a ``MovedActivation`` that passes the
-layer's output on. While a forward hook watches the layer (a LoRA side path adds to the Linear's output, before the
-activation), the layer returns its plain output and the ``MovedActivation`` applies the activation
-(``QuantLayer.post_now``): the model computes the same function either way. Only patterns whose data flow is certain
-are taken:
+deployment (``deploy_``, ``load``) the module that runs the pair is replaced by one that calls the Linear with the
+activation (``layer(x, post=...)``), the same children under the same names (state-dict keys do not change). While a
+forward hook watches the layer (a LoRA side path adds to the Linear's output, before the activation), the layer
+returns its plain output and the caller applies the activation (``QuantLayer.post_now``): the model computes the same
+function either way. Only patterns whose data flow is certain are taken, and none whose activation module has hooks:
 
-* an ``nn.Sequential`` whose quantized Linear is followed by an ``nn.GELU`` (ComfyUI's Flux / MM-DiT MLPs);
+* an ``nn.Sequential`` (exactly that class: its forward is known) with a quantized Linear followed by an ``nn.GELU``
+  (ComfyUI's Flux / MM-DiT MLPs, LDM feed-forwards): replaced by a ``FusedSequential`` of the same children, which
+  calls the Linear with the GELU and skips the GELU module. A Linear called from elsewhere too gets its plain output
+  there (the activation is passed per call, not stored on the layer);
 * diffusers' ``GELU`` module (``activations.GELU``: ``gelu(self.proj(x))``, the "gelu" / "gelu-approximate"
   feed-forwards of SD3, Flux, PixArt, DiT, HunyuanDiT, ...) and the ``GEGLU`` modules of diffusers, ComfyUI, Forge
-  and A1111 (``a * gelu(g)`` of ``proj(x)``'s halves: SD1.x / SDXL transformer blocks), replaced by a module with the
-  same ``proj`` child;
+  and A1111 (``a * gelu(g)`` of ``proj(x)``'s halves: SD1.x / SDXL transformer blocks), replaced by a
+  ``ProjWithActivation`` with the same ``proj`` child;
 * the pairs a model profile declares (``ModelProfile.act_epilogues``: block class, Linear child, activation child;
-  diffusers' Flux single-stream block's ``proj_mlp`` -> ``act_mlp``).
+  diffusers' Flux single-stream block's ``proj_mlp`` -> ``act_mlp``), whose block code calls the two itself: there the
+  layer keeps the activation (``QuantLayer.set_post``) and a ``MovedActivation`` stands in the activation's place.
 
-State-dict keys do not change (the replacements hold no tensors; ``proj`` keeps its name). Fusing is idempotent (a
-fused pattern no longer matches) and is not undone by ``undeploy_``: the layer keeps applying its activation in
-every mode, so the model computes the same function. ``LOWBIT_FUSE_ACT=0`` turns it off (read at deployment).
+Fusing is idempotent (a fused pattern no longer matches) and survives ``undeploy_`` (the fake layers apply the same
+activations). ``LOWBIT_FUSE_ACT=0`` turns it off (read at deployment).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List
 
 import torch.nn as nn
 
 from .layers import QuantLinear
+
+
+def _call(layer: QuantLinear, x, post: str):
+    """``post(layer(x))``: in the layer's kernel call unless a hook watches it (then applied here)."""
+    watched = layer.post_now(post) is None
+    y = layer(x, post=None if watched else post)
+    return _apply(post, y) if watched else y
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose Linear -> GELU pairs run as one call: ``fused`` maps the Linear's position to the
+    activation; the GELU module after it stays (same children, same keys) and is skipped."""
+
+    def __init__(self, modules, fused: dict):
+        super().__init__(modules)
+        self.fused = dict(fused)
+
+    def forward(self, input):
+        x, skip = input, False
+        for i, m in enumerate(self):
+            if skip:
+                skip = False
+                continue
+            post = self.fused.get(i)
+            if post is not None:
+                x, skip = _call(m, x, post), True
+            else:
+                x = m(x)
+        return x
+
+    def extra_repr(self):
+        return f"activations moved into the Linears at {sorted(self.fused)}: {sorted(set(self.fused.values()))}"
 
 
 class MovedActivation(nn.Module):
@@ -58,8 +93,7 @@ class ProjWithActivation(nn.Module):
         self.proj, self.post = proj, post
 
     def forward(self, hidden_states, *args, **kwargs):
-        y = self.proj(hidden_states)
-        return y if self.proj.post_now() is not None else _apply(self.post, y)
+        return _call(self.proj, hidden_states, self.post)
 
     def extra_repr(self):
         return f"activation moved into proj as {self.post}"
@@ -80,6 +114,11 @@ def _post_of(module: nn.Module):
 
 def _deployed_linear(module) -> bool:
     return isinstance(module, QuantLinear) and module.mode == "deployed" and module.post is None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on an activation module (they would not run once the activation moves)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 # the modules whose ``GEGLU`` is ``x, gate = self.proj(x).chunk(2, dim=-1); return x * F.gelu(gate)`` (read in each):
@@ -118,27 +157,27 @@ def fuse_activations_(model: nn.Module) -> List[str]:
     fused = []
     for pname, parent in list(model.named_modules()):
         prefix = f"{pname}." if pname else ""
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            for a, b in zip(names, names[1:]):
-                lin, act = parent._modules[a], parent._modules[b]
-                p = None if act is None else _post_of(act)
-                if p is not None and _deployed_linear(lin):
-                    lin.set_post(p)
-                    parent._modules[b] = MovedActivation(lin, prefix + a, p)
-                    fused.append(prefix + a)
         for lin_name, act_name in pairs.get(type(parent).__name__, ()):
             lin, act = getattr(parent, lin_name, None), getattr(parent, act_name, None)
-            p = None if act is None else _post_of(act)
+            p = None if act is None or _hooked(act) else _post_of(act)
             if p is not None and _deployed_linear(lin):
                 lin.set_post(p)
                 setattr(parent, act_name, MovedActivation(lin, prefix + lin_name, p))
                 fused.append(prefix + lin_name)
         for cname, child in list(parent.named_children()):
+            if type(child) is nn.Sequential:
+                mods = list(child._modules.values())
+                at = {i: _post_of(b) for i, (a, b) in enumerate(zip(mods, mods[1:]))
+                      if _deployed_linear(a) and b is not None and not _hooked(b) and _post_of(b) is not None}
+                at = {i: p for i, p in sorted(at.items()) if i - 1 not in at}  # (a Linear, not a GELU, at i + 1)
+                if at and not _hooked(child):
+                    setattr(parent, cname, FusedSequential(OrderedDict(child._modules), at))
+                    names = list(child._modules)
+                    fused += [f"{prefix}{cname}.{names[i]}" for i in at]
+                continue
             p = _proj_activation(child)
-            if p is not None and _deployed_linear(child.proj) and not (p in post.HALVING
-                                                                       and child.proj.weight_shape[0] % 2):
-                child.proj.set_post(p)
+            if p is not None and not _hooked(child) and _deployed_linear(child.proj) and not (
+                    p in post.HALVING and child.proj.weight_shape[0] % 2):
                 setattr(parent, cname, ProjWithActivation(child.proj, p))
                 fused.append(f"{prefix}{cname}.proj")
     return fused

@@ -648,6 +648,28 @@ def _check_ptqd_values(path, ts, T):
         _fail(path, "its PTQD residual variances are negative", "the file is corrupt")
 
 
+def _set_float_dtype(qmodel: nn.Module) -> None:
+    """Each quantized layer's ``float_dtype`` (what its ``weight`` stand-in reports, and the dtype undeploy gives its
+    float weight): the dtype most of the model's other floating tensors have now (a model built in fp32 and filled
+    from a bf16 file is bf16 around its quantized layers)."""
+    from collections import Counter
+
+    from .layers import QuantLayer, quant_layers
+
+    seen = Counter()
+    inside = {id(x) for layer in qmodel.modules() if isinstance(layer, QuantLayer) for x in layer.modules()}
+    for m in qmodel.modules():
+        if id(m) in inside:  # (a layer's scales, tables and packed integers keep their own dtypes)
+            continue
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and t.is_floating_point() and not t.is_meta:
+                seen[t.dtype] += t.numel()
+    if seen:
+        dtype = seen.most_common(1)[0][0]
+        for _, layer in quant_layers(qmodel):
+            layer.float_dtype = dtype
+
+
 # ------------------------------------------------------------------------------------------ arch / float tensors
 def _arch_value(path, key, v, depth=0):
     if v is None or isinstance(v, bool):
@@ -1121,6 +1143,7 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     from .transaction import check_finite
 
     check_finite(qmodel, "load")
+    _set_float_dtype(qmodel)
     fuse_activations_(qmodel)  # as deploy_ does: a GELU after a Linear in its kernel's epilogue
     # each layer's kernel chosen by measured speed, as deploy_ does by default
     return tune_kernels_(qmodel, copy_budget_mb) if tune else qmodel

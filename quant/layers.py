@@ -68,6 +68,8 @@ class ActQuantizer(nn.Module):
     in place calls ``tables_changed()``.
     """
 
+    _tables_version = 0  # (class default: an instance unpickled from an older version has none)
+
     def __init__(self, bits_set, num_train_timesteps: int = 1000, time_bins: int = 1):
         super().__init__()
         self.tables_changed()
@@ -233,6 +235,9 @@ class QuantLayer(nn.Module):
     """Common part of the quantized Linear / Conv2d. Subclasses define ``_op`` and ``_kernel``."""
 
     float_type = None
+    # (class defaults for layers made by an older version and unpickled whole: set per instance in __init__)
+    post = None
+    float_dtype = torch.float32
 
     def __init__(self, src: nn.Module, w_bits: int, a_bits: int, group_size=None, a_dynamic=False,
                  ctx: Optional[QuantContext] = None, a_bits_set=None, time_bins: int = 1, w_init: str = "lp",
@@ -376,7 +381,9 @@ class QuantLayer(nn.Module):
 
         def keep_dtype(t):
             out = fn(t)
-            return out.to(t.dtype) if out.dtype != t.dtype and not any(t is f for f in follow) else out
+            if out.dtype == t.dtype or any(t is f for f in follow):
+                return out
+            return t.to(device=out.device)  # (a cast and back would round the fp32 scales and tables)
 
         try:  # where the model's float tensors go (``model.to(torch.bfloat16)``, ``.half()``): ``float_dtype``
             probe = fn(torch.empty(0, dtype=self.__dict__.get("float_dtype", torch.float32)))
@@ -449,8 +456,14 @@ class QuantLayer(nn.Module):
         self.__dict__.pop("_aq_cache", None)  # the tables may be trained again (TALSQ)
         self.packed = None
         self._buffers_to_params()
-        self.weight = nn.Parameter(w0, requires_grad=False)
+        # the float parts' dtype (a model cast to bf16 after deployment stays bf16; the integers re-quantize exactly:
+        # bf16 holds q * s within a quarter step)
+        self.weight = nn.Parameter(w0.to(self.float_dtype), requires_grad=False)
         self.w_scale = nn.Parameter(scale, requires_grad=False)
+        order = {"weight": self._parameters["weight"]}  # the weight first again, as in the float layer: hosts read
+        order.update(self._parameters)  # a model's dtype from its first parameter (diffusers' ModelMixin.dtype)
+        self._parameters.clear()
+        self._parameters.update(order)
         return self
 
     # ---- activations ---------------------------------------------------------------------------------
@@ -494,12 +507,13 @@ class QuantLayer(nn.Module):
             pw.cache.pop("autotune.layer", None)
         return self
 
-    def post_now(self) -> Optional[str]:
-        """The activation this call takes in: ``post``, unless a forward hook would see the output (a LoRA side path
-        adds to the Linear's output, before the activation; any other hook expects the Linear's output): then None,
-        and the ``MovedActivation`` standing where the activation was applies it. A side-path hook without paths
-        does not count (it leaves the output alone)."""
-        post = self.post
+    def post_now(self, post: Optional[str] = None) -> Optional[str]:
+        """The activation a call takes in (``post``, else the layer's own), unless a forward hook would see the
+        output (a LoRA side path adds to the Linear's output, before the activation; any other hook expects the
+        Linear's output): then None, and the caller (quant/fuse.py's modules) applies it. A side-path hook without
+        paths does not count (it leaves the output alone)."""
+        if post is None:
+            post = self.post
         if post is None or not (self._forward_hooks or _global_forward_hooks()):
             return post
         if _global_forward_hooks():
@@ -513,7 +527,10 @@ class QuantLayer(nn.Module):
     def _after(y, post):
         return y if post is None else _kernels().post.POSTS[post](y)
 
-    def forward(self, input):
+    def forward(self, input, post: Optional[str] = None):
+        """``post``: an activation applied to the output (kernels/post.py) for this call, in the kernel's epilogue
+        where a backend fuses it, unless a hook watches the layer (``post_now``: then the caller applies it);
+        quant/fuse.py's modules pass it. None: the layer's own ``post`` (set for declared pairs), if any."""
         x = input  # (torch's name for it: diffusers' AnimateDiff calls ``proj_in(input=hidden_states)``)
         if not x.is_floating_point():
             raise TypeError(f"quantized layer {self.name!r} got a {x.dtype} input; it takes float inputs (fp32, "
@@ -522,21 +539,22 @@ class QuantLayer(nn.Module):
         if ctx is not None and ctx.observing and self.act is not None:
             self.act.observe(x, ctx.t)
         if self._modules.get("packed") is not None:  # deployed
-            return self._deployed_forward(x)
+            return self._deployed_forward(x, post)
         if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):
             return self._after(self._op(x, self.weight.to(x.dtype),
-                                        None if self.bias is None else self.bias.to(x.dtype)), self.post_now())
+                                        None if self.bias is None else self.bias.to(x.dtype)), self.post_now(post))
         w = self.fake_weight().to(x.dtype)
         xq = x if (ctx is not None and (ctx.observing or not ctx.act_enabled)) else self._fake_act(x)
-        return self._after(self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype)), self.post_now())
+        return self._after(self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype)),
+                           self.post_now(post))
 
-    def _deployed_forward(self, x):
+    def _deployed_forward(self, x, post=None):
         pw = self._modules["packed"]
         # The act quantizer and the kernel depend on (timestep, activation bits) and (input shape, dtype, threads)
         # only; both are resolved once per key and kept (a deployed layer's tables are frozen), so a later call of the
         # same key goes straight to the kernel the autotuner chose (no dispatch, no ActQuant, no argument checks).
         tkey, bits = self._act_key()
-        post = self.post_now() if self.post is not None else None
+        post = self.post_now(post)
         cache = pw.cache
         table = cache.get("autotune.layer")
         if table is not None and cache.get("autotune"):

@@ -88,14 +88,14 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
         for c, ref in zip(calls, fp_outs):
             deltas, zs, inner = {}, {}, [False]
 
-            def hook(mod, inp, out, name=None):
+            def hook(mod, inp, kw, out, name=None):
                 if inner[0] or not isinstance(out, torch.Tensor):
                     return None
                 inner[0] = True
                 try:
                     ctx.float_layers = every - {name}
                     with torch.no_grad():
-                        yq = mod(inp[0].detach())
+                        yq = mod(inp.detach(), **kw)
                 finally:
                     ctx.float_layers, inner[0] = every, False
                 deltas[name] = (yq.float() - out.detach().float())
@@ -103,7 +103,10 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
                 zs[name] = z
                 return out + z
 
-            handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in layers]
+            handles = [m.register_forward_hook(  # (the input by position, or by torch's keyword: AnimateDiff)
+                lambda mod, i, kw, o, n=n: hook(mod, i[0] if i else kw["input"], {k: v for k, v in kw.items()
+                                                                                   if k != "input"}, o, n),
+                with_kwargs=True) for n, m in layers]
             ctx.float_layers = every
             try:
                 dev, dt = model_device_dtype(q)

@@ -74,10 +74,10 @@ class SidePathHook:
     def __init__(self):
         self.paths: List[SidePath] = []
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         if not self.paths:
             return None
-        x = args[0]
+        x = args[0] if args else kwargs["input"]  # (AnimateDiff calls ``proj_in(input=...)``)
         out = output
         for p in self.paths:
             out = out + p(module, x).to(out.dtype)
@@ -92,7 +92,7 @@ def ensure_hook(layer) -> SidePathHook:
     h = _hook(layer)
     if h is None:
         h = SidePathHook()
-        layer.register_forward_hook(h)
+        layer.register_forward_hook(h, with_kwargs=True)
     return h
 
 

@@ -249,7 +249,7 @@ class PackedWeight(nn.Module):
 
         def keep_dtype(t):
             out = fn(t)
-            return out.to(t.dtype) if out.dtype != t.dtype else out
+            return out if out.dtype == t.dtype else t.to(device=out.device)  # (no round trip through the cast)
 
         return super()._apply(keep_dtype, *args, **kwargs)
 

@@ -46,7 +46,7 @@ def test_unfused_variant_keeps_the_gelus_and_restores_the_switch(monkeypatch):
 
     import torch.nn as nn
 
-    from lowbit.quant.fuse import MovedActivation
+    from lowbit.quant.fuse import FusedSequential
 
     class M(nn.Module):
         def __init__(self):
@@ -65,7 +65,7 @@ def test_unfused_variant_keeps_the_gelus_and_restores_the_switch(monkeypatch):
     unfused = bs.deployed(subj, "W8A8", tune=False, fuse=False)
     assert "LOWBIT_FUSE_ACT" not in os.environ
     fused = bs.deployed(subj, "W8A8", tune=False)
-    assert type(unfused.mlp[1]) is nn.GELU and isinstance(fused.mlp[1], MovedActivation)
+    assert type(unfused.mlp) is nn.Sequential and isinstance(fused.mlp, FusedSequential)
 
 
 def test_bf16_peer_casts_floats_only_and_returns_fp32():

@@ -220,7 +220,7 @@ def test_serial_runs_small_work_on_one_thread_and_restores_the_count(monkeypatch
         calls = []
         real = cpu_mod._serial
         monkeypatch.setattr(cpu_mod, "_serial", lambda lim, n, fn, *a: calls.append((lim, n)) or real(lim, n, fn, *a))
-        cpu_mod._LAST_CODES.__dict__.pop("v", None)  # (the same x again would reuse the codes just computed)
+        cpu_mod._LAST_CODES.clear()  # (the same x again would reuse the codes just computed)
         assert torch.equal(cpu_mod._u8_view(cpu_mod.quant_static_fused(x, act)), par)
         assert calls == [(1 << 20, x.numel())]
     finally:
@@ -426,6 +426,13 @@ def test_static_codes_of_one_input_are_computed_once_and_never_reused_wrongly():
             assert torch.equal(C._u8_view(C.quant_static_fused(z, a)),
                                C._u8_view(torch.quantize_per_tensor(z, 0.03, 128, torch.quint8)))
             del z
+    import threading
+
+    big = torch.randn(256, 64)
+    C.quant_static_fused(big, a)
+    assert threading.get_ident() in C._LAST_CODES
+    del big  # the input freed: its codes are dropped with it (not kept for the life of the process)
+    assert threading.get_ident() not in C._LAST_CODES
     with torch.inference_mode():  # no version counter: never reused
         w = torch.randn(8, 32)
         q = C.quant_static_fused(w, a)

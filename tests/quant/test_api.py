@@ -454,3 +454,67 @@ def test_a_model_without_one_prediction_is_refused_up_front_by_methods_that_need
             pipeline.run(m, rec.calls, PipelineConfig.for_method("lp", "W8A8"))
         res = pipeline.run(m, rec.calls, PipelineConfig.for_method("lp", "W8A8", precision="rules"))
         assert res.model is not None
+
+
+def test_input_keyword_through_the_measured_plan_and_side_paths():
+    """Layers called as ``layer(input=x)`` (AnimateDiff): the measured precision plan (the default) and LoRA side
+    paths read the input from the hook's keywords (found by the diff audit: IndexError in both)."""
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder, PipelineConfig, pipeline, side_paths
+
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, sample, timestep):
+            return self.b(input=torch.relu(self.a(input=sample)))
+
+    torch.manual_seed(0)
+    m = ByKeyword().eval()
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (900.0, 500.0, 100.0):
+            m(torch.randn(4, 8), torch.full((4,), t))
+    q = pipeline.run(m, rec.calls, PipelineConfig.for_method("lp", "W8A8")).model  # measured plan
+    x = torch.randn(3, 8)
+    layer = dict(quant_layers(q))["b"]
+    down, up = torch.randn(2, 16) * 0.1, torch.randn(8, 2) * 0.1
+    with torch.no_grad():
+        h = torch.relu(q.a(x))
+        plain = layer(input=h)
+        side_paths.set_side_paths(layer, [side_paths.SidePath(down=down, up=up)])
+        assert torch.allclose(layer(input=h), plain + (h @ down.t()) @ up.t(), atol=1e-6)
+
+
+def test_casts_keep_scales_exact_and_float_weights_follow_the_model():
+    """``model.to(torch.bfloat16)`` moves the float parts to bf16 but keeps the quantized layers' fp32 scales,
+    tables and bias bit for bit (they went through bf16 and back: outputs changed by 1e-2 after a round trip, found by
+    the diff audit); undeploy gives the float weight the float parts' dtype; layers unpickled from an older version
+    (no ``post`` / ``float_dtype`` / ``_tables_version`` of their own) still run."""
+    from lowbit.quant import undeploy_
+    from qutil import record, tiny_unet
+
+    unet = tiny_unet()
+    calls = record(unet)
+    q = deploy_(quantize(unet, QuantConfig.preset("W8A8"), calls))
+    a, kw = calls[0].to("cpu", torch.float32)
+    qnames = tuple(f"{n}." for n, _ in quant_layers(q))
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in q.state_dict().items() if k.startswith(qnames)}
+        q.to(torch.bfloat16).to(torch.float32)  # (the model's own float parts do round: they are bf16 in between)
+        assert state and all(torch.equal(q.state_dict()[k], v) for k, v in state.items())
+        q.to(torch.bfloat16)
+        name, layer = quant_layers(q)[2]
+        assert layer.bias is None or layer.bias.dtype == torch.float32
+        undeploy_(q)
+        assert layer.weight.dtype == torch.bfloat16 and q.dtype == torch.bfloat16
+        q(*[t.bfloat16() if t.is_floating_point() else t for t in a], **kw)  # runs in bf16 (it failed: mixed dtypes)
+        deploy_(q)
+        for _, layer in quant_layers(q):  # as unpickled from an older version: the class defaults
+            for k in ("post", "float_dtype"):
+                layer.__dict__.pop(k, None)
+            if layer.act is not None:
+                layer.act.__dict__.pop("_tables_version", None)
+        q.float()
+        q(*a, **kw)

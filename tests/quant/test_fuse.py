@@ -8,13 +8,15 @@ import torch.nn as nn
 from archs import ARCHS, EVAL_T, build, record
 from lowbit.quant import CallRecorder, QuantConfig, deploy_, load, load_model, quantize, save, undeploy_
 from lowbit.quant.calib import unet_output
-from lowbit.quant.fuse import MovedActivation, ProjWithActivation, fuse_activations_
+from lowbit.quant.fuse import FusedSequential, MovedActivation, ProjWithActivation, fuse_activations_
 from lowbit.quant.layers import quant_layers
 
 
 class _Toy(nn.Module):
-    """Sequential MLPs: Linear -> GELU(tanh) -> Linear (fused), Linear -> GELU subclass (not fused: not exactly
-    nn.GELU), Conv -> GELU (not fused: not a Linear), and a GELU used again outside the Sequential."""
+    """Sequential MLPs: Linear -> GELU(tanh) -> Linear (fused; its Linear also called alone below, which must give
+    its plain output), Linear -> GELU subclass (not fused: not exactly nn.GELU), Conv -> GELU (not fused: not a
+    Linear), a GELU used again outside the Sequential, a Sequential subclass with its own forward (not fused: its
+    forward is not known)."""
 
     class _MyGELU(nn.GELU):
         def forward(self, x):
@@ -27,9 +29,14 @@ class _Toy(nn.Module):
         self.mlp2 = nn.Sequential(nn.Linear(16, 32), self.act, nn.Linear(32, 16))
         self.other = nn.Sequential(nn.Linear(16, 16), _Toy._MyGELU())
         self.conv = nn.Sequential(nn.Conv2d(1, 1, 1), nn.GELU())
+        self.custom = _Toy._Custom(nn.Linear(16, 16), nn.GELU())
+
+    class _Custom(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x)) + self[0](x)
 
     def forward(self, x, timestep=None):
-        y = self.mlp(x) + self.mlp2(x) + self.other(x)
+        y = self.mlp(x) + self.mlp2(x) + self.other(x) + self.custom(x) + self.mlp[0](x)[..., :16]
         return self.act(y) + self.conv(y[:, None])[:, 0]
 
 
@@ -42,6 +49,30 @@ def _toy_q():
             fp(torch.randn(4, 8, 16, generator=g), torch.tensor([t] * 4))
     q = quantize(fp, QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax"), rec.calls)
     return fp, q, rec.calls
+
+
+def _fused_names(model):
+    """Where activations moved: layers keeping one (declared pairs), ProjWithActivation's proj, FusedSequential's."""
+    out = {n for n, layer in quant_layers(model) if layer.post}
+    for name, m in model.named_modules():
+        if isinstance(m, ProjWithActivation):
+            out.add(f"{name}.proj")
+        if isinstance(m, FusedSequential):
+            out |= {f"{name}.{list(m._modules)[i]}" for i in m.fused}
+    return sorted(out)
+
+
+def test_hooked_activations_are_left_alone():
+    """A hook on a GELU would not run once the GELU moved: such a GELU (or its Sequential) is not fused."""
+    import copy
+
+    fp, q, calls = _toy_q()
+    seen = []
+    q.mlp[1].register_forward_hook(lambda m, a, out: seen.append(1))
+    d = deploy_(copy.deepcopy(q))
+    assert type(d.mlp) is nn.Sequential and isinstance(d.mlp2, FusedSequential)
+    _outs(d, calls)
+    assert len(seen) == len(calls)  # (the copy's hook shares the list: it ran once per call)
 
 
 def _outs(m, calls):
@@ -65,17 +96,17 @@ def test_sequential_gelu_moves_into_the_linear_and_nothing_else(monkeypatch):
     monkeypatch.delenv("LOWBIT_FUSE_ACT")
     d = deploy_(copy.deepcopy(q))
     layers = dict(quant_layers(d))
-    assert layers["mlp.0"].post == "gelu_tanh" and layers["mlp2.0"].post == "gelu"
-    assert layers["other.0"].post is None and layers["conv.0"].post is None
-    assert isinstance(d.mlp[1], MovedActivation) and isinstance(d.mlp2[1], MovedActivation)
-    assert type(d.other[1]) is _Toy._MyGELU and type(d.conv[1]) is nn.GELU
-    assert type(d.act) is nn.GELU and d.mlp2[1] is not d.act  # the shared GELU stays where it is also used
+    assert isinstance(d.mlp, FusedSequential) and d.mlp.fused == {0: "gelu_tanh"}
+    assert isinstance(d.mlp2, FusedSequential) and d.mlp2.fused == {0: "gelu"}
+    assert all(layer.post is None for layer in layers.values())  # passed per call, not stored on the layer
+    assert type(d.other) is nn.Sequential and type(d.conv) is nn.Sequential and type(d.custom) is _Toy._Custom
+    assert type(d.act) is nn.GELU and d.mlp2[1] is d.act  # the shared GELU stays (skipped inside the Sequential)
     assert set(d.state_dict()) == keys
     out = _outs(d, calls)
     assert _close(out, _outs(plain, calls))
     assert _close(out, fake, 2e-3)
     assert fuse_activations_(d) == []  # idempotent: nothing left to move
-    undeploy_(d)  # the layer keeps its activation in every mode
+    undeploy_(d)  # the fused modules keep calling the layers with their activation in every mode
     assert layers["mlp.0"].mode == "fake" and _close(_outs(d, calls), fake, 1e-5)
     deploy_(d)
     assert _close(_outs(d, calls), out, 1e-5)
@@ -92,7 +123,7 @@ def test_transformer_feed_forwards_fused_same_function_and_files(name, tmp_path,
     plain = deploy_(copy.deepcopy(q))
     monkeypatch.delenv("LOWBIT_FUSE_ACT")
     d = deploy_(copy.deepcopy(q))
-    fused = [n for n, layer in quant_layers(d) if layer.post]
+    fused = _fused_names(d)
     moved = [m for m in d.modules() if isinstance(m, ProjWithActivation)]  # diffusers' GELU / GEGLU(proj)
     assert moved and all(m.post == ("geglu" if name == "sd15" else "gelu_tanh") for m in moved)
     if name == "flux":  # the profile's pair: the single-stream blocks' proj_mlp -> act_mlp
@@ -106,7 +137,7 @@ def test_transformer_feed_forwards_fused_same_function_and_files(name, tmp_path,
     path = str(tmp_path / "m.safetensors")
     save(d, path)
     for m in (load(build(name), path), load_model(path)):
-        assert sorted(n for n, layer in quant_layers(m) if layer.post) == sorted(fused)
+        assert _fused_names(m) == fused
         with torch.no_grad():
             y2 = unet_output(m(*a, **kw))
         assert ((y2 - y).norm() / y.norm()).item() < 1e-4
@@ -123,11 +154,11 @@ def test_hooks_and_lora_side_paths_see_the_linear_output_before_the_activation()
     d = deploy_(copy.deepcopy(q))
     layer = dict(quant_layers(d))["mlp.0"]
     side_paths.ensure_hook(layer)  # no paths: the output is untouched, the activation stays fused
-    assert layer.post_now() == "gelu_tanh"
+    assert layer.post_now("gelu_tanh") == "gelu_tanh"
     base = _outs(d, calls)
     down, up = torch.randn(2, 16) * 0.1, torch.randn(32, 2) * 0.1
     side_paths.set_side_paths(layer, [side_paths.SidePath(down=down, up=up)])
-    assert layer.post_now() is None
+    assert layer.post_now("gelu_tanh") is None
     got = _outs(d, calls)
     # reference: the same side path on the unfused twin (the GELU after the sum)
     plain_env = copy.deepcopy(q)
@@ -141,7 +172,7 @@ def test_hooks_and_lora_side_paths_see_the_linear_output_before_the_activation()
     side_paths.set_side_paths(dict(quant_layers(plain))["mlp.0"], [side_paths.SidePath(down=down, up=up)])
     assert _close(got, _outs(plain, calls)) and not _close(got, base)
     side_paths.clear_side_paths(d)
-    assert layer.post_now() == "gelu_tanh" and _close(_outs(d, calls), base)
+    assert layer.post_now("gelu_tanh") == "gelu_tanh" and _close(_outs(d, calls), base)
     seen = []
     h = layer.register_forward_hook(lambda m, a, out: seen.append(out))  # a user's hook: the Linear's output
     with torch.no_grad():
@@ -188,3 +219,34 @@ def test_comfyuis_geglu_is_taken_by_class_and_module_name():
         d = deploy_(copy.deepcopy(q))
         assert isinstance(d.net[0], ProjWithActivation) == taken
         assert _close(_outs(d, rec.calls), fake, 2e-2)
+
+
+def test_a_bf16_file_loads_with_bf16_weight_stand_ins_and_runs(tmp_path):
+    """Kandinsky 2.2 casts the image embeddings to its projection's ``weight.dtype``: a bf16 model saved and rebuilt
+    by ``load_model`` (built in fp32, filled with bf16 float parts) must answer bf16 there (it answered fp32 and the
+    bf16 call failed on mixed dtypes; found by the diff audit)."""
+    fp = build("kandinsky22")
+    q = deploy_(quantize(fp, QuantConfig.preset("W8A8"), record(fp, "kandinsky22")))
+    q.to(torch.bfloat16)
+    path = str(tmp_path / "k.safetensors")
+    save(q, path)
+    m = load_model(path)
+    assert all(layer.weight.dtype == torch.bfloat16 for _, layer in quant_layers(m))
+    a, kw = ARCHS["kandinsky22"].inputs(torch.Generator().manual_seed(5), EVAL_T)
+    kw = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    kw["added_cond_kwargs"] = {k: v.bfloat16() for k, v in kw["added_cond_kwargs"].items()}
+    with torch.no_grad():
+        y = unet_output(m(*a, **kw))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_forcing_the_dense_backend_runs_a_deployed_model(monkeypatch):
+    """``LOWBIT_BACKEND=dense`` forces the float path for the calls it implements; the ops it does not implement
+    (unpacking, dequantization) go to the others (it failed with NoBackendError on every deployed model)."""
+    import copy
+
+    fp, q, calls = _toy_q()
+    d = deploy_(copy.deepcopy(q))
+    ref = _outs(d, calls)
+    monkeypatch.setenv("LOWBIT_BACKEND", "dense")
+    assert _close(_outs(d, calls), ref, 1e-4)
