@@ -13,6 +13,23 @@ if "torch" in sys.modules:  # a plugin imported torch first: it read the environ
 
 import pytest  # noqa: E402
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """pytest sets up the checkout as a package (it has an ``__init__.py``: it is the lowbit package) and, when the
+    folder's name is not a Python identifier (``lowbit-main``, ``ci-clone``), puts the folder itself on sys.path; then
+    ``import kernels`` (transformers does it when Hugging Face's ``kernels`` package is installed) found LowBit's
+    ``kernels/`` folder, and every diffusers model failed to import. Undone after each setup."""
+    yield
+    if _ROOT in sys.path:
+        while _ROOT in sys.path:
+            sys.path.remove(_ROOT)
+        mod = sys.modules.get("kernels")
+        if mod is not None and str(getattr(mod, "__file__", "") or "").startswith(_ROOT + os.sep):
+            del sys.modules["kernels"]
+
 
 @pytest.fixture
 def registry_kernels(monkeypatch):
