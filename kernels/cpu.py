@@ -684,8 +684,9 @@ def _onednn_geglu(x, pw, bias, act):
     lead = x.shape[:-1]
     q = quant_static(x.reshape(-1, pw.K), act)
     b = None if bias is None else bias.to(torch.float32)
+    # (fp32 halves and product, one rounding to a bf16 input's dtype at the end, as the unfused path computes it)
     outs = [torch.ops.onednn.qlinear_pointwise(q, act.scale, act.zero_point, packed, sw, wzp,
-                                               None if b is None else b[i * n:(i + 1) * n], 1.0, 0, _out_dtype(x),
+                                               None if b is None else b[i * n:(i + 1) * n], 1.0, 0, torch.float32,
                                                op, [], "none")
             for i, ((packed, sw, wzp), op) in enumerate(zip(halves, ("none", "gelu")))]
     return outs[0].mul_(outs[1]).reshape(*lead, n).to(x.dtype)

@@ -42,28 +42,45 @@ def _call(layer: QuantLinear, x, post: str):
 
 
 class FusedSequential(nn.Sequential):
-    """An ``nn.Sequential`` whose Linear -> GELU pairs run as one call: ``fused`` maps the Linear's position to the
-    activation; the GELU module after it stays (same children, same keys) and is skipped."""
+    """An ``nn.Sequential`` whose Linear -> GELU pairs run as one call. The pairs are held by identity (``pairs``:
+    Linear -> (the GELU module after it, activation)), out of the module tree; the GELU stays a child (same children,
+    same keys). Each call checks that the GELU still follows its Linear and has no hooks (global ones included):
+    a Sequential edited after deployment (a child replaced, deleted, inserted; a hook added) runs as a plain one
+    where it changed. A slice is a plain computation over the same modules (no pairs)."""
 
-    def __init__(self, modules, fused: dict):
-        super().__init__(modules)
-        self.fused = dict(fused)
+    def __init__(self, *args, pairs=None):
+        super().__init__(*args)
+        self._pairs = [dict(pairs or {})]  # id(Linear) -> (Linear, GELU module, activation); a list: no state
 
     def forward(self, input):
         x, skip = input, False
-        for i, m in enumerate(self):
+        mods = list(self._modules.values())
+        pairs = self._pairs[0]
+        for i, m in enumerate(mods):
             if skip:
                 skip = False
                 continue
-            post = self.fused.get(i)
-            if post is not None:
-                x, skip = _call(m, x, post), True
+            pair = pairs.get(id(m))
+            if (pair is not None and pair[0] is m and i + 1 < len(mods) and mods[i + 1] is pair[1]
+                    and not _hooked(pair[1]) and not _global_hooks()):
+                x, skip = _call(m, x, pair[2]), True
             else:
                 x = m(x)
         return x
 
+    @property
+    def fused(self) -> dict:
+        """{position: activation} of the pairs that run as one call now."""
+        mods = list(self._modules.values())
+        out = {}
+        for i, m in enumerate(mods[:-1]):
+            pair = self._pairs[0].get(id(m))
+            if pair is not None and pair[0] is m and mods[i + 1] is pair[1]:
+                out[i] = pair[2]
+        return out
+
     def extra_repr(self):
-        return f"activations moved into the Linears at {sorted(self.fused)}: {sorted(set(self.fused.values()))}"
+        return f"Linear -> GELU run as one call at {self.fused}"
 
 
 class MovedActivation(nn.Module):
@@ -121,6 +138,12 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
 # the modules whose ``GEGLU`` is ``x, gate = self.proj(x).chunk(2, dim=-1); return x * F.gelu(gate)`` (read in each):
 # diffusers, ComfyUI, Forge's integrated UNet, A1111's LDM / SGM UNets
 _GEGLU_MODULES = ("diffusers.models.activations", "comfy.ldm.modules.attention", "backend.nn.unet",
@@ -155,7 +178,8 @@ def fuse_activations_(model: nn.Module) -> List[str]:
     for cls, lin, act in profile_for(model).act_epilogues:
         pairs.setdefault(cls, []).append((lin, act))
     fused = []
-    for pname, parent in list(model.named_modules()):
+    for pname, parent in reversed(list(model.named_modules())):  # (children first: a nested Sequential is
+        # replaced inside its live parent before that parent is, in turn, copied into its replacement)
         prefix = f"{pname}." if pname else ""
         for lin_name, act_name in pairs.get(type(parent).__name__, ()):
             lin, act = getattr(parent, lin_name, None), getattr(parent, act_name, None)
@@ -171,7 +195,8 @@ def fuse_activations_(model: nn.Module) -> List[str]:
                       if _deployed_linear(a) and b is not None and not _hooked(b) and _post_of(b) is not None}
                 at = {i: p for i, p in sorted(at.items()) if i - 1 not in at}  # (a Linear, not a GELU, at i + 1)
                 if at and not _hooked(child):
-                    setattr(parent, cname, FusedSequential(OrderedDict(child._modules), at))
+                    pairs = {id(mods[i]): (mods[i], mods[i + 1], p) for i, p in at.items()}
+                    setattr(parent, cname, FusedSequential(OrderedDict(child._modules), pairs=pairs))
                     names = list(child._modules)
                     fused += [f"{prefix}{cname}.{names[i]}" for i in at]
                 continue

@@ -527,7 +527,7 @@ class QuantLayer(nn.Module):
     def _after(y, post):
         return y if post is None else _kernels().post.POSTS[post](y)
 
-    def forward(self, input, post: Optional[str] = None):
+    def forward(self, input, *, post: Optional[str] = None):
         """``post``: an activation applied to the output (kernels/post.py) for this call, in the kernel's epilogue
         where a backend fuses it, unless a hook watches the layer (``post_now``: then the caller applies it);
         quant/fuse.py's modules pass it. None: the layer's own ``post`` (set for declared pairs), if any."""

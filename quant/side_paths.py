@@ -74,9 +74,12 @@ class SidePathHook:
     def __init__(self):
         self.paths: List[SidePath] = []
 
-    def __call__(self, module, args, kwargs, output):
+    def __call__(self, module, args, *rest):
+        # (module, args, kwargs, output) as registered now (with_kwargs); (module, args, output) for a hook that an
+        # older version registered and a whole-model pickle kept
         if not self.paths:
             return None
+        output, kwargs = rest[-1], (rest[0] if len(rest) == 2 else {})
         x = args[0] if args else kwargs["input"]  # (AnimateDiff calls ``proj_in(input=...)``)
         out = output
         for p in self.paths:

@@ -250,3 +250,68 @@ def test_forcing_the_dense_backend_runs_a_deployed_model(monkeypatch):
     ref = _outs(d, calls)
     monkeypatch.setenv("LOWBIT_BACKEND", "dense")
     assert _close(_outs(d, calls), ref, 1e-4)
+
+
+def test_a_fused_sequential_edited_after_deployment_computes_what_it_holds():
+    """A FusedSequential holds its pairs by identity and checks them at each call (found by audit: a GELU replaced
+    after deployment was still applied, hooks added later never ran, slicing / deleting / inserting crashed, a nested
+    Sequential was reported fused but was not)."""
+    import copy
+
+    fp, q, calls = _toy_q()
+    d = deploy_(copy.deepcopy(q))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        lin0, gelu, lin2 = d.mlp[0], d.mlp[1], d.mlp[2]
+        assert torch.allclose(d.mlp[0:2](x), gelu(lin0(x)), atol=1e-6)  # a slice: a plain computation
+        seen = []
+        h = gelu.register_forward_hook(lambda m, a, out: seen.append(1))  # a hook added after deployment runs
+        d.mlp(x)
+        assert seen == [1] and d.mlp.fused == {0: "gelu_tanh"}
+        h.remove()
+        d.mlp[1] = nn.Identity()  # replaced after deployment: the Identity is used
+        assert d.mlp.fused == {} and torch.allclose(d.mlp(x), lin2(lin0(x)), atol=1e-6)
+        d.mlp[1] = gelu
+        del d.mlp[0]  # deleted: the rest runs as it is
+        assert torch.allclose(d.mlp(x[:, :1].expand(2, 32)), lin2(gelu(x[:, :1].expand(2, 32))), atol=1e-6)
+        with pytest.raises(TypeError):  # post is keyword-only: a stray positional argument is an error, as before
+            lin0(x, 1.0)
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.GELU()), nn.Linear(16, 16), nn.GELU(),
+                                     nn.Linear(16, 8))
+
+        def forward(self, x, timestep=None):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    m = Nested().eval()
+    with CallRecorder(m) as rec, torch.no_grad():
+        m(torch.randn(4, 8), torch.tensor([500] * 4))
+    qn = quantize(m, QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax"), rec.calls)
+    fake = _outs(qn, rec.calls)
+    dn = deploy_(qn)
+    assert isinstance(dn.net, FusedSequential) and isinstance(dn.net[0], FusedSequential)
+    assert _fused_names(dn) == ["net.0.0", "net.1"] and _close(_outs(dn, rec.calls), fake, 2e-2)
+
+
+def test_side_path_hooks_registered_by_an_older_version_still_run():
+    """A whole-model pickle keeps the side-path hook as an older version registered it (without keywords): torch
+    calls it with (module, args, output), which the hook takes as well as the new (module, args, kwargs, output)."""
+    import copy
+
+    from lowbit.quant import side_paths
+
+    fp, q, calls = _toy_q()
+    d = deploy_(copy.deepcopy(q))
+    layer = dict(quant_layers(d))["mlp.2"]
+    hook = side_paths.SidePathHook()
+    layer.register_forward_hook(hook)  # (as ensure_hook did before)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        plain = layer(x)
+        down, up = torch.randn(2, 32) * 0.1, torch.randn(16, 2) * 0.1
+        hook.paths = [side_paths.SidePath(down=down, up=up)]
+        assert torch.allclose(layer(x), plain + (x @ down.t()) @ up.t(), atol=1e-6)
