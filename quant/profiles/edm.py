@@ -26,7 +26,8 @@ _COSMOS_SCALE, _COSMOS_OFFSET = log_sigma_map(0.002, 80.0)
 SVD = register_profile(ModelProfile(
     name="edm-svd", matches=class_named("UNetSpatioTemporalConditionModel"), priority=20,
     edge_rules=DIFFUSERS_UNET.edge_rules,
-    block_types=BLOCKS + ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel"),
+    block_types=BLOCKS,  # (not the spatio-temporal wrappers: their forward reshapes the batch by frames, so a
+    # reconstruction unit cannot be run on a subset of its recorded rows)
     timestep_kwargs=("timestep",), sample_kwargs=("sample",), timestep_scale=_SVD_SCALE,
     timestep_offset=_SVD_OFFSET, channel_dim=2,
     description="Stable Video Diffusion UNet: [B, F, C, H, W], called with 0.25 * ln(sigma)"))
