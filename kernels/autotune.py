@@ -465,13 +465,6 @@ def chosen(op: str, args, post: Optional[str] = None):
     return ch if ch is not None and usable(ch) else None
 
 
-def _dispatch(op: str, args, post: Optional[str]):
-    """Registry order, with the activation epilogue ``post``."""
-    if post is None:
-        return registry.dispatch(op, *args)
-    return registry.with_post(registry.select(op, *args).ops[op], post)(*args)
-
-
 def run(op: str, *args, post: Optional[str] = None):
     """Run ``op`` (normalized arguments, as the registry gets them) on the backend measured fastest for this shape;
     ``post``: an activation epilogue (kernels/post.py), timed with each candidate (fused where a backend can)."""
@@ -483,11 +476,11 @@ def run(op: str, *args, post: Optional[str] = None):
         if hit is not None and usable(hit):
             return hit.impl(*args)
         if hit is None and len(fast) >= MAX_SHAPES:
-            return _dispatch(op, args, post)
+            return registry.dispatch_post(op, post, *args)
     ck = _call_key(op, args, post)
     names = _candidates(op, args)
     if not names:  # nothing but the reference accepts it
-        return _dispatch(op, args, post)
+        return registry.dispatch_post(op, post, *args)
     key = "|".join(map(str, ck)) + "|" + ",".join(names)
     path = _cache_file()
     with _LOCK:

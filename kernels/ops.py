@@ -74,14 +74,10 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = Non
     if x.shape[-1] != pw.K or len(pw.shape) != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1]}] does not match weight shape {list(pw.shape)}")
     if post is not None:
-        _post.check(post)
-        if post in _post.HALVING and pw.N % 2:
-            raise ValueError(f"linear: post={post!r} splits the output in two halves; {pw.N} features is odd")
+        _post.check(post, pw.N)
     if _tuned(pw):
         return autotune.run("linear", x, pw, bias, act, post=post)
-    if post is None:
-        return registry.dispatch("linear", x, pw, bias, act)
-    return registry.with_post(registry.select("linear", x, pw, bias, act).ops["linear"], post)(x, pw, bias, act)
+    return registry.dispatch_post("linear", post, x, pw, bias, act)
 
 
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,

@@ -33,11 +33,24 @@ POSTS = {
 HALVING = frozenset({"geglu"})
 
 
-def check(post: Optional[str]) -> Optional[str]:
-    """``post`` if it names an epilogue (or is None), else ValueError naming the choices."""
+def fits(post: Optional[str], features: int) -> bool:
+    """A Linear with ``features`` outputs can take ``post`` (a halving one needs an even width)."""
+    return post not in HALVING or features % 2 == 0
+
+
+def check(post: Optional[str], features: Optional[int] = None) -> Optional[str]:
+    """``post`` if it names an epilogue (or is None) that a Linear with ``features`` outputs (if given) can take, else
+    ValueError naming the problem."""
     if post is not None and post not in POSTS:
         raise ValueError(f"unknown activation epilogue {post!r}; one of {sorted(POSTS)} or None")
+    if features is not None and not fits(post, features):
+        raise ValueError(f"post={post!r} splits the output in two halves; {features} features is odd")
     return post
+
+
+def apply(y, post: Optional[str]):
+    """``y`` with the epilogue ``post`` applied (None: ``y`` itself)."""
+    return y if post is None else POSTS[post](y)
 
 
 def of_gelu(approximate: str) -> Optional[str]:

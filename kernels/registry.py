@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "backends", "dispatch", "run_on",
-           "select", "forced_backend", "with_post"]
+           "select", "forced_backend", "with_post", "dispatch_post"]
 
 Verdict = Tuple[bool, str]
 
@@ -237,6 +237,13 @@ def with_post(entry: _OpEntry, post: Optional[str]) -> Callable:
 
     act = POSTS[post]
     return lambda *args: act(impl(*args))
+
+
+def dispatch_post(op: str, post: Optional[str], *args):
+    """:func:`dispatch` followed by the activation epilogue ``post`` (:func:`with_post`; None: plain dispatch)."""
+    if post is None:
+        return dispatch(op, *args)
+    return with_post(select(op, *args).ops[op], post)(*args)
 
 
 def run_on(name: str, op: str, *args, **kwargs):

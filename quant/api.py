@@ -69,27 +69,25 @@ def _warn_sigma_keys(prof, calib, cls: str, num_train_timesteps: int = 1000) -> 
     per class, with the way out; the quantization goes on (a model may really take such timesteps on its own
     scale)."""
     keys = {round(float(c.t), 6) for c in (calib or []) if getattr(c, "t", None) is not None}
-    if keys and (min(keys) < 0 or max(keys) > num_train_timesteps) and cls not in _SIGMA_WARNED:
-        import warnings
-
-        _SIGMA_WARNED.add(cls)
-        warnings.warn(f"LowBit: this model's recorded timesteps give table keys outside [0, {num_train_timesteps}] "
-                      f"({min(keys):g}..{max(keys):g}; e.g. SVD and Cosmos are called with 0.25 * log(sigma)): its "
-                      "per-timestep tables (activation scales, PTQD statistics) are keyed on [0, T), so their steps "
-                      "land in the wrong entries; quantize it with time_bins=1 and without +ptqd, or register a "
-                      "ModelProfile for its class that maps its timestep onto [0, T) (quant/profiles/)",
-                      RuntimeWarning, stacklevel=3)
+    if not keys or cls in _SIGMA_WARNED:
         return
-    if prof.name == "generic" and len(keys) > 1 and max(keys) <= 1.0 and cls not in _SIGMA_WARNED:
-        import warnings
+    if min(keys) < 0 or max(keys) > num_train_timesteps:
+        msg = (f"LowBit: this model's recorded timesteps give table keys outside [0, {num_train_timesteps}] "
+               f"({min(keys):g}..{max(keys):g}; e.g. SVD and Cosmos are called with 0.25 * log(sigma)): its "
+               "per-timestep tables (activation scales, PTQD statistics) are keyed on [0, T), so their steps land in "
+               "the wrong entries; quantize it with time_bins=1 and without +ptqd, or register a ModelProfile for its "
+               "class that maps its timestep onto [0, T) (quant/profiles/)")
+    elif prof.name == "generic" and len(keys) > 1 and max(keys) <= 1.0:
+        msg = (f"LowBit: this model's recorded timesteps all lie in [0, 1] ({min(keys):g}..{max(keys):g}) and no "
+               "model profile knows its scale, so its per-timestep tables put every step in one entry; register a "
+               "ModelProfile with timestep_scale=1000 for its class (quant/profiles/) or pass profile= naming one "
+               "that fits (e.g. 'flux' for sigma-called packed-token transformers)")
+    else:
+        return
+    import warnings
 
-        _SIGMA_WARNED.add(cls)
-
-        warnings.warn(f"LowBit: this model's recorded timesteps all lie in [0, 1] ({min(keys):g}..{max(keys):g}) and "
-                      "no model profile knows its scale, so its per-timestep tables put every step in one entry; "
-                      "register a ModelProfile with timestep_scale=1000 for its class (quant/profiles/) or pass "
-                      "profile= naming one that fits (e.g. 'flux' for sigma-called packed-token transformers)",
-                      RuntimeWarning, stacklevel=3)
+    _SIGMA_WARNED.add(cls)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _validate_model(model: nn.Module):

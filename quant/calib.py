@@ -174,6 +174,10 @@ def run_calls(model, calls: List[Call], progress=None, fn=None):
                 progress(i + 1, len(calls))
 
 
+_NEEDS_PREDICTION = ("the PTQD correction, EfficientDM and the measured precision plan need a denoiser's prediction; "
+                     "quantize it with method lp or recon and precision='rules'")
+
+
 def unet_output(out) -> torch.Tensor:
     """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple); a list of
     per-sample predictions of one shape (diffusers' Z-Image) is stacked into a batch."""
@@ -188,8 +192,7 @@ def unet_output(out) -> torch.Tensor:
         return v
     if isinstance(v, (tuple, list)) and v and all(torch.is_tensor(t) for t in v):
         raise TypeError(f"the model returns {len(v)} tensors of different shapes, not one prediction (a ControlNet's "
-                        "residuals?): the PTQD correction, EfficientDM and the measured precision plan need a "
-                        "denoiser's prediction; quantize it with method lp or recon and precision='rules'")
+                        f"residuals?): {_NEEDS_PREDICTION}")
     raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
 
 
@@ -199,9 +202,7 @@ def check_prediction(out, sample) -> None:
     pred = unet_output(out)
     if sample is not None and (pred.dim() != sample.dim() or pred.shape[0] != sample.shape[0]):
         raise TypeError(f"the model's output {list(pred.shape)} is not one prediction per sample of its input "
-                        f"{list(sample.shape)} (a ControlNet's residuals?): the PTQD correction, EfficientDM and the "
-                        "measured precision plan need a denoiser's prediction; quantize it with method lp or recon "
-                        "and precision='rules'")
+                        f"{list(sample.shape)} (a ControlNet's residuals?): {_NEEDS_PREDICTION}")
 
 
 def stacked(v):

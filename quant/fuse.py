@@ -38,7 +38,7 @@ def _call(layer: QuantLinear, x, post: str):
     """``post(layer(x))``: in the layer's kernel call unless a hook watches it (then applied here)."""
     watched = layer.post_now(post) is None
     y = layer(x, post=None if watched else post)
-    return _apply(post, y) if watched else y
+    return _post().apply(y, post) if watched else y
 
 
 class FusedSequential(nn.Sequential):
@@ -94,7 +94,7 @@ class MovedActivation(nn.Module):
         self.into, self.post = into, post
 
     def forward(self, x):
-        return x if self._layer[0].post_now() is not None else _apply(self.post, x)
+        return x if self._layer[0].post_now() is not None else _post().apply(x, self.post)
 
     def extra_repr(self):
         return f"moved into {self.into!r} as {self.post}"
@@ -116,10 +116,10 @@ class ProjWithActivation(nn.Module):
         return f"activation moved into proj as {self.post}"
 
 
-def _apply(post: str, x):
-    from ..kernels.post import POSTS
+def _post():
+    from ..kernels import post
 
-    return POSTS[post](x)
+    return post
 
 
 def _post_of(module: nn.Module):
@@ -201,8 +201,8 @@ def fuse_activations_(model: nn.Module) -> List[str]:
                     fused += [f"{prefix}{cname}.{names[i]}" for i in at]
                 continue
             p = _proj_activation(child)
-            if p is not None and not _hooked(child) and _deployed_linear(child.proj) and not (
-                    p in post.HALVING and child.proj.weight_shape[0] % 2):
+            if p is not None and not _hooked(child) and _deployed_linear(child.proj) and post.fits(
+                    p, child.proj.weight_shape[0]):
                 setattr(parent, cname, ProjWithActivation(child.proj, p))
                 fused.append(f"{prefix}{cname}.proj")
     return fused

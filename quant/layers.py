@@ -495,12 +495,12 @@ class QuantLayer(nn.Module):
         into the layer: every mode then returns ``post(output)`` (the deployed one in the kernel's epilogue where a
         backend fuses it) while nothing observes the output (:meth:`post_now`). quant/fuse.py sets it at
         deployment, where it puts a ``MovedActivation`` in the activation module's place."""
-        post = _kernels().post.check(post)
         if post is not None and self.float_type is not nn.Linear:
             raise ValueError(f"layer {self.name!r}: activation epilogues are for Linear layers")
-        if post in _kernels().post.HALVING and self.weight_shape[0] % 2:
-            raise ValueError(f"layer {self.name!r}: {post} splits the output in halves; {self.weight_shape[0]} "
-                             "features is odd")
+        try:
+            post = _kernels().post.check(post, self.weight_shape[0])
+        except ValueError as exc:
+            raise ValueError(f"layer {self.name!r}: {exc}") from None
         self.post = post
         pw = self._modules.get("packed")
         if pw is not None:  # the kernels chosen for this layer's calls were bound without it
@@ -514,18 +514,16 @@ class QuantLayer(nn.Module):
         paths does not count (it leaves the output alone)."""
         if post is None:
             post = self.post
-        if post is None or not (self._forward_hooks or _global_forward_hooks()):
-            return post
+        if post is None:
+            return None
         if _global_forward_hooks():
             return None
+        if not self._forward_hooks:
+            return post
         for h in self._forward_hooks.values():
             if not (isinstance(h, _side_path_hook()) and not h.paths):
                 return None
         return post
-
-    @staticmethod
-    def _after(y, post):
-        return y if post is None else _kernels().post.POSTS[post](y)
 
     def forward(self, input, *, post: Optional[str] = None):
         """``post``: an activation applied to the output (kernels/post.py) for this call, in the kernel's epilogue
@@ -541,11 +539,11 @@ class QuantLayer(nn.Module):
         if self._modules.get("packed") is not None:  # deployed
             return self._deployed_forward(x, post)
         if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):
-            return self._after(self._op(x, self.weight.to(x.dtype),
+            return _kernels().post.apply(self._op(x, self.weight.to(x.dtype),
                                         None if self.bias is None else self.bias.to(x.dtype)), self.post_now(post))
         w = self.fake_weight().to(x.dtype)
         xq = x if (ctx is not None and (ctx.observing or not ctx.act_enabled)) else self._fake_act(x)
-        return self._after(self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype)),
+        return _kernels().post.apply(self._op(xq, w, None if self.bias is None else self.bias.to(x.dtype)),
                            self.post_now(post))
 
     def _deployed_forward(self, x, post=None):
@@ -578,7 +576,7 @@ class QuantLayer(nn.Module):
         ops = _kernels().ops
         gran = "token" if self.float_type is nn.Linear else "sample"
         xq = x.float() if aq is None else ops.fake_quant_act(x.float(), aq, gran)
-        return self._after(self._op(xq, ops.dequantize_weight(pw), self.bias), post).to(x.dtype)
+        return _kernels().post.apply(self._op(xq, ops.dequantize_weight(pw), self.bias), post).to(x.dtype)
 
     def _act_key(self):
         """(timestep, activation bits) the deployed input quantizer depends on now (None, None: float activations)."""
