@@ -140,6 +140,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
 
     prof = profile_for(model) if profile is None else get_profile(profile)
     _warn_sigma_keys(prof, calib, type(model).__name__, num_train_timesteps)
+    time_bins = max(config.time_bins, prof.min_time_bins)  # (a family's floor: ModelProfile.min_time_bins)
     qmodel = structural_copy(model)
     splits, called = {}, None
     if calib:  # one probe pass: the convolutions that read a channel concatenation (split for their own
@@ -166,7 +167,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
             special = p.mode == "w8a8"
             layer = cls(src, w_bits=p.w_bits, a_bits=p.a_bits, group_size=p.group_size,
                         a_dynamic=config.a_dynamic and p.a_bits != ACT_BITS_NONE, ctx=ctx,
-                        a_bits_set=(p.a_bits,) if special else bits_set, time_bins=config.time_bins,
+                        a_bits_set=(p.a_bits,) if special else bits_set, time_bins=time_bins,
                         w_init=config.w_init, name=p.name, scheduled=not special)
             _set_module(qmodel, p.name, layer)
             st.step()

@@ -380,6 +380,14 @@ def describe(q: nn.Module) -> List[str]:
     for r in ctx.report:
         if r.get("mode") == "fp":
             lines.append(f"  {r['name']}: float ({r['reason']})")
+    bins = max((len(l.act.tgrid) for _, l in layers if l.act is not None), default=1)
+    if bins > 1:
+        from .profiles import get_profile
+
+        floor = get_profile(ctx.profile).min_time_bins
+        lines.append(f"activation ranges per timestep: {bins} bins" + (
+            f" (at least {floor} for the {ctx.profile} profile: its inputs change scale along a run)" if floor > 1
+            else ""))
     if ctx.schedule is not None:  # step-aware precision: what the A<bits> above become along the run
         segs = ", ".join(f"t {lo:g}..{hi:g}: A{b}" for lo, hi, b in sorted(ctx.schedule.segments, reverse=True))
         n = sum(1 for _, l in layers if getattr(l, "scheduled", False) and l.a_bits != 16)

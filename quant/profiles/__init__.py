@@ -8,6 +8,7 @@ this folder that calls ``register_profile`` (or, from outside the package, any m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -33,6 +34,13 @@ class ModelProfile:
         (1000 for models called with sigma or t/T in [0, 1], e.g. diffusers' Flux and SD3 transformers).
     timestep_offset: added after scaling: the key is ``timestep_offset + timestep_scale * received`` (Lumina's
         pipelines pass ``1 - t/T``, reversed: scale -1000, offset 1000).
+    timestep_log: the model is called with sigma itself over a range of several decades (score-SDE VE models): the
+        key is ``timestep_offset + timestep_scale * ln(received)`` (received values below 1e-12 count as 1e-12), so
+        the steps of a geometric sigma schedule spread over the table instead of sharing its first entries.
+    min_time_bins: the fewest timestep bins with their own activation ranges this family quantizes with, whatever
+        ``QuantConfig.time_bins`` asks (1: the config decides): for models whose inputs change scale by orders of
+        magnitude along a sampling run (score-SDE VE: ``x0 + sigma * z`` with sigma over decades), where one range
+        for all steps rounds the low-noise steps' activations to a few codes.
     prediction: what the output is ("epsilon", "v_prediction", "flow"); None: read from the host.
     channel_dim: dimension of the output that holds channels (PTQD statistics are per channel).
     host_option_keys: call keywords holding the host's per-run bookkeeping (dropped from recorded calls).
@@ -59,6 +67,8 @@ class ModelProfile:
     sample_kwargs: Tuple[str, ...] = ("sample", "x", "hidden_states")
     timestep_scale: float = 1.0
     timestep_offset: float = 0.0
+    timestep_log: bool = False
+    min_time_bins: int = 1
     prediction: Optional[str] = None
     channel_dim: int = 1
     host_option_keys: Tuple[str, ...] = ("transformer_options",)
@@ -69,8 +79,12 @@ class ModelProfile:
     description: str = field(default="", compare=False)
 
     def table_key(self, t: float) -> float:
-        """The per-timestep table key of a received timestep ``t``: ``timestep_offset + timestep_scale * t``."""
-        return self.timestep_offset + float(t) * self.timestep_scale
+        """The per-timestep table key of a received timestep ``t``: ``timestep_offset + timestep_scale * t`` (with
+        ``timestep_log``: of ``ln(t)``)."""
+        t = float(t)
+        if self.timestep_log:
+            t = math.log(max(t, 1e-12))
+        return self.timestep_offset + t * self.timestep_scale
 
 
 PROFILES: Dict[str, ModelProfile] = {}
@@ -103,4 +117,4 @@ def get_profile(name: Optional[str]) -> ModelProfile:
 
 
 # the built-in families, one file each (each registers itself on import)
-from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina, edm  # noqa: E402,F401
+from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina, edm, score_sde  # noqa: E402,F401

@@ -45,6 +45,27 @@ def _unet2d_uncond_in(g, t):  # DDPMPipeline: unet(image, t) with a scalar-like 
     return (_r(g, 2, 3, 8, 8), torch.tensor(int(t))), {}
 
 
+def _ncsnpp():  # score-SDE VE (NCSN++): fourier time embedding, called with sigma
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+                       time_embedding_type="fourier")
+
+
+def ncsnpp_sigma(t):
+    """ScoreSdeVePipeline's sigma at ``t`` of [0, 1000): geometric over the score-sde-ve profile's range."""
+    from lowbit.quant.profiles.score_sde import SIGMA_MAX, SIGMA_MIN
+
+    return SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** (t / 1000)
+
+
+def _ncsnpp_in(g, t):  # ScoreSdeVePipeline: unet(x0 + sigma * z, sigma) (the model divides its output by sigma)
+    sigma = ncsnpp_sigma(t)
+    return (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1 + sigma * _r(g, 2, 3, 8, 8), _tt(sigma, 2)), {}
+
+
 def _unet2d_class():
     from diffusers import UNet2DModel
 
@@ -426,6 +447,7 @@ def _cosmos_in(g, t):  # CosmosTextToWorldPipeline: EDM timesteps 0.25 * ln(sigm
 ARCHS = {a.name: a for a in (
     Arch("unet2d", _unet2d_uncond, _unet2d_uncond_in),
     Arch("unet2d-class", _unet2d_class, _unet2d_class_in),
+    Arch("ncsnpp", _ncsnpp, _ncsnpp_in),
     Arch("sd15", _sd15, _sd15_in),
     Arch("sdxl", _sdxl, _sdxl_in),
     Arch("lcm", _lcm, _lcm_in),

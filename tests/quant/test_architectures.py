@@ -144,6 +144,31 @@ def test_sigma_called_transformers_get_one_table_per_timestep_bin(name):
     assert sum(len(set(s.tolist())) > 1 for s in scales) >= 0.5 * len(scales)
 
 
+def test_score_sde_unet_keys_its_tables_on_ln_sigma():
+    """NCSN++ (UNet2DModel with the fourier embedding) is called with sigma over decades; keyed on sigma itself every
+    step fell into the tables' first entries and PTQD's statistics of one noise level corrected another (W8A8
+    relative errors up to 500 at high sigma; found by audit), and one activation range for all steps crushed the
+    low-noise half (errors about 1). Keyed on ln(sigma), with at least 25 bins of activation ranges whatever the config
+    asks: every step near the float model."""
+    from archs import ncsnpp_sigma
+
+    fp = build("ncsnpp")
+    calls = record(fp, "ncsnpp", ts=range(980, 0, -60))  # a sampling run's steps: 17 noise levels over 5 decades
+    q = pipeline.run(fp, calls, PipelineConfig.for_method("lp+ptqd", "W8A8", precision="rules")).model
+    assert get_context(q).profile == "score-sde-ve"
+    assert "activation ranges per timestep: 25 bins (at least 25" in "\n".join(pipeline.describe(q))
+    g = torch.Generator().manual_seed(9)
+    for t in (950, 820, 700, 550, 300, 110, 30):  # between the calibrated steps
+        a, kw = ARCHS["ncsnpp"].inputs(g, t)
+        with torch.no_grad():
+            y, yq = unet_output(fp(*a, **kw)), unet_output(q(*a, **kw))
+        # (0.06-0.12 here; keyed on sigma itself, 2-80000 at every step below the highest)
+        assert float((yq - y).norm() / y.norm()) < 0.15, f"sigma {ncsnpp_sigma(t):.3g}"
+        assert get_context(q).t == pytest.approx(t, abs=0.01)
+    scales = [m.act.table(8)[0] for _, m in quant_layers(q) if m.act is not None]
+    assert all(len(s) == 25 for s in scales) and sum(len(set(s.tolist())) > 1 for s in scales) >= 0.5 * len(scales)
+
+
 def test_joint_block_reconstruction_fits_both_streams():
     """A joint transformer block returns (encoder_hidden_states, hidden_states) and SD3's last one None for the
     first: the reconstruction loss covers every tensor the block returns."""
