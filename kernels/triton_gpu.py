@@ -22,8 +22,11 @@ Kernels (tensors by shape / dtype, notation in :mod:`.formats`):
     Epilogue: ``out = sx[m] * (sum_g sw[n, g] * (acc_g + (128 - zp[m]) * colsum_g[n])) + bias[n]`` with the weight's
     column sums computed once per weight (``pw.cache``), written in x's dtype: [M, N] (Linear), NCHW, or channels-last
     when the conv's input is.
+    ``POST`` (Linear; kernels/post.py): "gelu" / "gelu_tanh" applied to ``out`` before the store; "geglu": the tile's
+    BN weight rows are BN / 2 output columns' rows of the first half, then the same columns' rows of the second
+    (gate) half, so that ``a * gelu(gate)`` is formed in registers and written to an [M, N / 2] output.
 ``_wo_gemm_kernel``    W4A16 / W8A16 Linear: x float [M, K] times the weight dequantized in registers, fp32
-    accumulation, written in x's dtype.
+    accumulation, written in x's dtype; the same ``POST`` epilogues.
 
 Rounding is half-to-even (``(y + 1.5*2^23) - 1.5*2^23`` after clamping |y| <= 512) and the division is ``div_rn``,
 so the activation quantization matches ``torch.round(x / scale)`` of the eager reference bit for bit.
@@ -41,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import post as _post
 from .formats import PackedWeight, pack_int4
 from .registry import register_backend
 
@@ -92,14 +96,20 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, bias_ptr, out_ptr, xs_ptr, xz
                      C, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, CB,
                      W4: tl.constexpr, GROUPED: tl.constexpr, IS_CONV: tl.constexpr, NHWC: tl.constexpr,
                      STATIC_ACT: tl.constexpr, OUT_NHWC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FUSED_A: tl.constexpr, QMAX: tl.constexpr,
+                     FUSED_A: tl.constexpr, QMAX: tl.constexpr, POST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
-    nmask = rn < N
+    if POST == "geglu":  # BN weight rows: BN / 2 output columns' `a` rows, then their gate rows (N / 2 further on)
+        jn = tl.arange(0, BN)
+        col = pid_n * (BN // 2) + jn % (BN // 2)
+        rn = col + (jn // (BN // 2)) * (N // 2)
+        nmask = col < N // 2
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
     if STATIC_ACT:  # one scale and zero point for every row
         sx = tl.full((BM,), 1.0, tl.float32) * s_static
         zpx = tl.full((BM,), 1.0, tl.float32) * zp_static
@@ -183,23 +193,44 @@ def _int_gemm_kernel(a_ptr, w_ptr, ws_ptr, cs_ptr, bias_ptr, out_ptr, xs_ptr, xz
         out = (acc + comp[:, None] * csum[None, :]).to(tl.float32) * sw[None, :] * sx[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    # activation epilogue (kernels/post.py) on the fp32 value, before the one store; the same lines in
+    # _wo_gemm_kernel (a shared device function would have to be jitted like the kernels, per interpreter mode)
+    NO = N  # output features
+    if POST == "geglu":  # a * gelu(gate): the tile's halves side by side, BN / 2 columns of an [M, N / 2] output
+        y, h = tl.split(tl.permute(tl.reshape(out, (BM, 2, BN // 2)), (0, 2, 1)))
+        NO = N // 2
+        rn = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        nmask = rn < NO
+    else:
+        h = out
+    if POST == "gelu_tanh":  # 0.5 * (1 + tanh(u)) == sigmoid(2u) (no tanh in tl.math); exp's argument kept finite
+        h = h / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (h + 0.044715 * h * h * h), 80.0)))
+    elif POST == "gelu" or POST == "geglu":  # F.gelu's erf form
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    out = y * h if POST == "geglu" else h
     omask = mmask[:, None] & nmask[None, :]
     if IS_CONV and not OUT_NHWC:
         optr = out_ptr + bidx[:, None].to(tl.int64) * (N * HO * WO) + rn[None, :] * (HO * WO) + pix[:, None]
-    else:  # Linear [M, N], or a channels-last conv output: row m = (b, oh, ow), N channels each
-        optr = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    else:  # Linear [M, NO], or a channels-last conv output: row m = (b, oh, ow), N channels each
+        optr = out_ptr + rm[:, None].to(tl.int64) * NO + rn[None, :]
     tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GROUP_SIZE,
                     W4: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    POST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
-    nmask = rn < N
+    if POST == "geglu":  # the tile's weight rows as in _int_gemm_kernel: `a` rows, then the matching gate rows
+        jn = tl.arange(0, BN)
+        col = pid_n * (BN // 2) + jn % (BN // 2)
+        rn = col + (jn // (BN // 2)) * (N // 2)
+        nmask = col < N // 2
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -224,7 +255,20 @@ def _wo_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_W, G, GR
         acc = acc * tl.load(ws_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    NO = N  # the activation epilogue of _int_gemm_kernel
+    if POST == "geglu":
+        y, h = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+        NO = N // 2
+        rn = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        nmask = rn < NO
+    else:
+        h = acc
+    if POST == "gelu_tanh":
+        h = h / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (h + 0.044715 * h * h * h), 80.0)))
+    elif POST == "gelu" or POST == "geglu":
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    acc = y * h if POST == "geglu" else h
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * NO + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
@@ -506,20 +550,25 @@ def _act_args(q, scale, zp, act):
     return (scale, zp, *_static_qparams(act)) if act.dynamic else (q, q, *_static_qparams(act))
 
 
-@backend.op("linear", supports=_linear_supports)
-def linear(x, pw, bias=None, act=None):
+@backend.op("linear", supports=_linear_supports, posts=("gelu", "gelu_tanh", "geglu"))
+def linear(x, pw, bias=None, act=None, post=None):
+    """``post`` (kernels/post.py) runs in the GEMM's epilogue, on the fp32 value before the one store (no second
+    pass over the output); "geglu": each program's tile holds BN / 2 columns of the `a` half and the same columns of
+    the gate half, so one dot of the usual width, and the output is written N / 2 wide."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.K).contiguous()
     m, n, k = x2.shape[0], pw.N, pw.K
-    out = _out((m, n), x.device, x.dtype)
+    geglu = _post.check(post, n) == "geglu"
+    n_out = n // 2 if geglu else n
+    out = _out((m, n_out), x.device, x.dtype)
     b = bias.contiguous() if bias is not None else out
     (bm, bn, bk), opts = _tile_config(m, n, pw, integer=act is not None)
-    grid = (_cdiv(m, bm), _cdiv(n, bn))
+    grid = (_cdiv(m, bm), _cdiv(n_out, bn // 2 if geglu else bn))
     if act is None:
         w, ws, _, k_w, g, gs, grouped = _weight_args(pw, integer=False)
         kernel("wo_gemm")[grid](x2, w, ws, b, out, m, n, k, k_w, g, gs, W4=pw.bits <= 4, GROUPED=grouped,
-                                HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                **opts)
+                                HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32, POST=post or "",
+                                BM=bm, BN=bn, BK=bk, **opts)
     else:
         w, ws, cs, k_w, g, gs, grouped = _weight_args(pw)
         fused = _FUSED_ACT and not act.dynamic
@@ -528,8 +577,9 @@ def linear(x, pw, bias=None, act=None):
                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1,
                                  W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=False, NHWC=False,
                                  STATIC_ACT=not act.dynamic, OUT_NHWC=False, HAS_BIAS=bias is not None,
-                                 FUSED_A=fused, QMAX=act.qmax if fused else 0, BM=bm, BN=bn, BK=bk, **opts)
-    return out.reshape(*lead, n)
+                                 FUSED_A=fused, QMAX=act.qmax if fused else 0, POST=post or "", BM=bm, BN=bn,
+                                 BK=bk, **opts)
+    return out.reshape(*lead, n_out)
 
 
 @backend.op("conv2d", supports=_conv_supports)
@@ -557,6 +607,6 @@ def conv2d(x, pw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gro
                              c, h, wd, ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1], _cdiv(c, bk),
                              W4=pw.bits <= 4, GROUPED=grouped, IS_CONV=True, NHWC=nhwc, STATIC_ACT=not act.dynamic,
-                             OUT_NHWC=out_nhwc, HAS_BIAS=bias is not None, FUSED_A=False, QMAX=0,
+                             OUT_NHWC=out_nhwc, HAS_BIAS=bias is not None, FUSED_A=False, QMAX=0, POST="",
                              BM=bm, BN=bn, BK=bk, **opts)
     return out

@@ -83,7 +83,7 @@ _AOT_SCRIPT = textwrap.dedent(r"""
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
         return triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["ptx"]
 
-    F = dict(FUSED_A=False, QMAX=0)
+    F = dict(FUSED_A=False, QMAX=0, POST="")
     CFGS = {"w4_grouped_conv": dict(W4=True, GROUPED=True, IS_CONV=True, NHWC=False, STATIC_ACT=False, OUT_NHWC=False,
                                     **F),
             "w8_linear": dict(W4=False, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True, OUT_NHWC=False, **F),
@@ -91,7 +91,14 @@ _AOT_SCRIPT = textwrap.dedent(r"""
             "w8_nhwc_conv": dict(W4=False, GROUPED=False, IS_CONV=True, NHWC=True, STATIC_ACT=True, OUT_NHWC=False,
                                  **F),
             "w4_linear_fused": dict(W4=True, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True,
-                                    OUT_NHWC=False, FUSED_A=True, QMAX=255)}
+                                    OUT_NHWC=False, FUSED_A=True, QMAX=255, POST=""),
+            # activation epilogues (kernels/post.py): the GEGLU tile's split and the GELUs still compile, MMA kept
+            "w8_linear_geglu": dict(W4=False, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=True,
+                                    OUT_NHWC=False, **dict(F, POST="geglu")),
+            "w4_linear_geglu": dict(W4=True, GROUPED=True, IS_CONV=False, NHWC=False, STATIC_ACT=False,
+                                    OUT_NHWC=False, **dict(F, POST="geglu")),
+            "w4_linear_gelu_tanh": dict(W4=True, GROUPED=False, IS_CONV=False, NHWC=False, STATIC_ACT=False,
+                                        OUT_NHWC=False, **dict(F, POST="gelu_tanh"))}
     for cap in (80, 86, 89, 90):
         for name, cfg in CFGS.items():
             if cap not in (80, 90) and not name.startswith("w4"):
@@ -108,7 +115,9 @@ _AOT_SCRIPT = textwrap.dedent(r"""
         compile_("act_quant", cap, {"x_ptr": "*bf16", "q_ptr": "*bf16"}, QMAX=255, DYNAMIC=False, DEQUANT=True,
                  BR=4, BL=1024)
         compile_("wo_gemm", cap, {"w_ptr": "*u8", "x_ptr": "*fp32"}, W4=True, GROUPED=False, HAS_BIAS=True,
-                 IEEE=True, BM=64, BN=64, BK=64)
+                 IEEE=True, POST="", BM=64, BN=64, BK=64)
+        compile_("wo_gemm", cap, {"w_ptr": "*u8", "x_ptr": "*fp32"}, W4=True, GROUPED=False, HAS_BIAS=True,
+                 IEEE=True, POST="gelu", BM=64, BN=64, BK=64)
     # the GPU check's empty kernels (host cost per launch), as a CUDA machine compiles them
     from lowbit.bench import _empty_kernels as ek
     for fn, n_const in ((ek.empty_2, 0), (ek.empty_38, 5)):
@@ -120,12 +129,16 @@ _AOT_SCRIPT = textwrap.dedent(r"""
                        target=GPUTarget("cuda", 90, 32))
     print("RESULT empty kernels compiled")
     ptx = compile_("wo_gemm", 80, {"w_ptr": "*u8"}, W4=True, GROUPED=True, HAS_BIAS=False, IEEE=False,
-                   BM=64, BN=64, BK=64)
+                   POST="", BM=64, BN=64, BK=64)
     print("RESULT wo", sorted(set(re.findall(r"mma[\w.:]*bf16[\w.]*", ptx))))
+    ptx = compile_("wo_gemm", 80, {"w_ptr": "*u8"}, W4=True, GROUPED=True, HAS_BIAS=True, IEEE=False,
+                   POST="geglu", BM=64, BN=64, BK=64)
+    print("RESULT wo-geglu", sorted(set(re.findall(r"mma[\w.:]*bf16[\w.]*", ptx))))
 """)
 
 
-CFG_NAMES = ("w4_grouped_conv", "w8_linear", "w4_nhwc_conv", "w8_nhwc_conv", "w4_linear_fused")
+CFG_NAMES = ("w4_grouped_conv", "w8_linear", "w4_nhwc_conv", "w8_nhwc_conv", "w4_linear_fused", "w8_linear_geglu",
+             "w4_linear_geglu", "w4_linear_gelu_tanh")
 
 
 def test_aot_compile_for_cuda_targets():
@@ -142,15 +155,15 @@ def test_aot_compile_for_cuda_targets():
     res = {tuple(l.split(None, 3)[1:3]): l.split(None, 3)[3] for l in proc.stdout.splitlines()
            if l.startswith("RESULT") and not l.startswith("RESULT wo")}
     for cap in ("80", "86", "89"):
-        for name in ("w4_grouped_conv", "w4_nhwc_conv", "w4_linear_fused"):
+        for name in ("w4_grouped_conv", "w4_nhwc_conv", "w4_linear_fused", "w4_linear_geglu", "w4_linear_gelu_tanh"):
             assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[(cap, name)], res
-    for name in ("w8_linear", "w8_nhwc_conv"):
+    for name in ("w8_linear", "w8_nhwc_conv", "w8_linear_geglu"):
         assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in res[("80", name)], res
     for name in CFG_NAMES:  # sm_90: Hopper's asynchronous warpgroup MMA
         assert "wgmma.mma_async.sync.aligned" in res[("90", name)] and ".s32.s8.s8" in res[("90", name)], res
     assert "RESULT empty kernels compiled" in proc.stdout
-    wo = [l for l in proc.stdout.splitlines() if l.startswith("RESULT wo")][0]
-    assert "bf16" in wo
+    wo = [l for l in proc.stdout.splitlines() if l.startswith("RESULT wo")]
+    assert "bf16" in wo[0] and wo[1].startswith("RESULT wo-geglu") and "bf16" in wo[1]
 
 
 def test_gpu_check_correctness_cases_in_interpreter(triton_interpret):
