@@ -6,8 +6,8 @@ On a CUDA machine, in one process and within ``--budget`` seconds (default 7 min
 
 1. **Correctness**: the Triton kernels' cases of ``tests/kernels/test_triton.py`` (bit-exact activation
    quantization, masked Linear shapes with int4/int8/int2 and group-wise weights, strided/dilated/batched/bf16
-   Conv2d) plus SD-sized Linear and Conv2d, run on the GPU (no ``TRITON_INTERPRET``) against the eager reference
-   on the same GPU (TF32 off).
+   Conv2d; the GELU / GEGLU epilogues fused in the Linear GEMMs) plus SD-sized Linear and Conv2d, run on the GPU
+   (no ``TRITON_INTERPRET``) against the eager reference on the same GPU (TF32 off).
 2. **Kernel timings** at SD1.5 (512x512, batch 2) and SDXL (1024x1024, batch 2) shapes: Linear and 3x3 Conv2d in
    W8A8, W4A8, W4A4 (4-bit weights unpacked in registers, int8 MMA: Triton has no int4 MMA) and W4A16
    (Linear only; the Triton backend has no weight-only conv), against torch bf16 (cuBLAS / cuDNN) and
@@ -324,6 +324,24 @@ def correctness_checks(device="cuda", tol: float = 1e-4, large: bool = True) -> 
                 e = _rel_err(out, ref)
                 return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
             record(f"linear fused-act {m}x{k}x{n} W{wbits} g{gs} act={act}", lf)
+
+    # activation epilogues fused in the GEMMs (kernels/post.py): gelu / gelu_tanh / geglu against eager followed by
+    # the torch activation; on a GPU tl.exp is the fast approximate exponential, so gelu_tanh is checked at tol too
+    from ..kernels import post as _post
+
+    epi = [(45, 131, 70, 8, None), (45, 131, 70, 4, 64)] + ([(2 * 4096, 320, 2560, 8, None)] if large else [])
+    for m, k, n, wbits, gs in epi:
+        for act in (ActQuant(8, 0.05, 128), ActQuant(8, dynamic=True), None):
+            for p in sorted(_post.POSTS):
+                def le(m=m, k=k, n=n, wbits=wbits, gs=gs, act=act, p=p):
+                    x = rnd(m, k)
+                    pw = ops.quantize_weight(rnd(n, k) * 0.05, wbits, gs)
+                    bias = rnd(n)
+                    ref = _post.apply(ops.run_on("eager", "linear", x, pw, bias, act), p)
+                    out = triton_gpu.linear(x, pw, bias, act, post=p)
+                    e = _rel_err(out, ref)
+                    return e < tol and out.shape == ref.shape, f"rel err {e:.2e}"
+                record(f"linear {m}x{k}x{n} W{wbits} g{gs} act={act} post={p}", le)
 
     if large:
         # bf16 activations (a deployed layer in a bf16 model): the weight-only kernel multiplies in bf16 (tl.dot

@@ -172,8 +172,10 @@ def test_gpu_check_correctness_cases_in_interpreter(triton_interpret):
     from lowbit.bench import gpu_check
 
     res = gpu_check.correctness_checks("cpu", large=False)
-    assert len(res) == 4 + 4 * 4 + 4 * 2 + 3 * 2 + 4 * 2 + 3  # act quant, linear (+ fused), fake quant, conv, layouts
+    # act quant, linear (+ fused act quant, + activation epilogues), fake quant, conv, layouts
+    assert len(res) == 4 + 4 * 4 + 4 * 2 + 2 * 3 * 3 + 3 * 2 + 4 * 2 + 3
     assert sum("fused-act" in r["check"] for r in res) == 8
+    assert {r["check"].rsplit("post=", 1)[1] for r in res if "post=" in r["check"]} == {"gelu", "gelu_tanh", "geglu"}
     assert sum("NHWC" in r["check"] for r in res) == 3 and sum("channels-last" in r["check"] for r in res) == 2
     assert [r for r in res if not r["ok"]] == []
 
