@@ -63,25 +63,40 @@ def calls_must_fit():
 _SIGMA_WARNED = set()  # model classes warned about (once per process: the pipeline quantizes more than once)
 
 
-def _warn_sigma_keys(prof, calib, cls: str, num_train_timesteps: int = 1000) -> None:
-    """A model no profile knows, called with timesteps that all lie in [0, 1] (sigma, or t / T): its per-timestep
-    tables (activation scales, PTQD statistics) are keyed on [0, T), so every step would share one entry. Said once
-    per class, with the way out; the quantization goes on (a model may really take such timesteps on its own
-    scale)."""
+def _warn_sigma_keys(prof, calib, model, num_train_timesteps: int = 1000) -> None:
+    """A model whose profile keys its timesteps as received (no scale, no offset: an unknown model, or a known class
+    called another way, e.g. Sana Sprint's transformer) called with timesteps that all lie in [0, 1] (sigma, or
+    t / T): its per-timestep tables (activation scales, PTQD statistics) are keyed on [0, T), so every step would
+    share one entry. Or called with sigma itself (a keyword or parameter named so) over decades, keyed linearly: the
+    low-noise steps share the first entries. Said once per class, with the way out; the quantization goes on (a
+    model may really take such timesteps on its own scale)."""
+    from .context import timestep_source
+    from .profiles import SIGMA_NAMES
+
+    cls = type(model).__name__
     keys = {round(float(c.t), 6) for c in (calib or []) if getattr(c, "t", None) is not None}
     if not keys or cls in _SIGMA_WARNED:
         return
+    as_received = prof.timestep_scale == 1.0 and prof.timestep_offset == 0.0 and not prof.timestep_log
+    source = timestep_source(calib[0].args, calib[0].kwargs, prof, model)[0] if calib else None
     if min(keys) < 0 or max(keys) > num_train_timesteps:
         msg = (f"LowBit: this model's recorded timesteps give table keys outside [0, {num_train_timesteps}] "
                f"({min(keys):g}..{max(keys):g}; e.g. SVD and Cosmos are called with 0.25 * log(sigma)): its "
                "per-timestep tables (activation scales, PTQD statistics) are keyed on [0, T), so their steps land in "
                "the wrong entries; quantize it with time_bins=1 and without +ptqd, or register a ModelProfile for its "
                "class that maps its timestep onto [0, T) (quant/profiles/)")
-    elif prof.name == "generic" and len(keys) > 1 and max(keys) <= 1.0:
-        msg = (f"LowBit: this model's recorded timesteps all lie in [0, 1] ({min(keys):g}..{max(keys):g}) and no "
-               "model profile knows its scale, so its per-timestep tables put every step in one entry; register a "
-               "ModelProfile with timestep_scale=1000 for its class (quant/profiles/) or pass profile= naming one "
-               "that fits (e.g. 'flux' for sigma-called packed-token transformers)")
+    elif as_received and len(keys) > 1 and max(keys) <= 1.0:
+        whose = "no model profile knows its scale" if prof.name == "generic" else (
+            f"its profile ({prof.name}) takes timesteps as received")
+        msg = (f"LowBit: this model's recorded timesteps all lie in [0, 1] ({min(keys):g}..{max(keys):g}) and "
+               f"{whose}, so its per-timestep tables put every step in one entry; register a ModelProfile with "
+               "timestep_scale=1000 for its class (quant/profiles/) or pass profile= naming one that fits (e.g. "
+               "'flux' for sigma-called packed-token transformers)")
+    elif as_received and source in SIGMA_NAMES and len(keys) > 1 and max(keys) > 100 * max(min(keys), 1e-12):
+        msg = (f"LowBit: this model is called with {source}={min(keys):g}..{max(keys):g} (a noise level over "
+               "decades) and its per-timestep tables take it linearly, so the low-noise steps share the first "
+               "entries; register a ModelProfile for its class with timestep_log=True mapping ln(sigma) onto "
+               "[0, 1000] (quant/profiles/score_sde.py is one)")
     else:
         return
     import warnings
@@ -136,10 +151,17 @@ def quantize(model: nn.Module, config: QuantConfig, calib: Optional[List[Call]] 
                               f"{config.name}")
         bits_set = tuple(sorted(set(schedule.bits_used) | set(bits_set)))
 
-    from .profiles import get_profile, profile_for
+    from .calib import keyed
+    from .profiles import resolve_profile
 
-    prof = profile_for(model) if profile is None else get_profile(profile)
-    _warn_sigma_keys(prof, calib, type(model).__name__, num_train_timesteps)
+    prof = resolve_profile(model, profile)
+    if calib:
+        calib = keyed(calib, model, prof)
+        if config.time_bins > 1 or schedule is not None:
+            from .calib import require_timesteps
+
+            require_timesteps(model, calib, prof, "time_bins > 1" if config.time_bins > 1 else "a bit-width schedule")
+    _warn_sigma_keys(prof, calib, model, num_train_timesteps)
     time_bins = max(config.time_bins, prof.min_time_bins)  # (a family's floor: ModelProfile.min_time_bins)
     qmodel = structural_copy(model)
     splits, called = {}, None

@@ -9,6 +9,7 @@ with values beyond fp16's range keeps its own dtype: storing never turns a finit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -63,9 +64,54 @@ class Call:
     kwargs: Dict[str, Any]
     t: Optional[float]
     step: int = 0  # index of the sampling step within its trajectory
+    profile: Optional[str] = None  # the model profile ``t`` was keyed with (None: the model's own, profile_for)
 
     def to(self, device, dtype):
         return _to_model(self.args, device, dtype), _to_model(self.kwargs, device, dtype)
+
+
+def keyed(calls, model, profile=None) -> list:
+    """``calls`` keyed for ``profile`` (a name, a ``ModelProfile``, or None: ``model``'s own): a recorder keys each
+    call's timestep with the profile its model matched; a run under another profile (``profile=``) looks its
+    per-timestep tables up with that profile's map, so the calls' keys must follow it, or PTQD's statistics and the
+    timestep groups land on keys the model never looks up (found by audit). Calls already keyed that way are kept
+    as they are; the others are read again from their stored arguments (fp16 where recorded in fp16)."""
+    from .profiles import profile_for, resolve_profile
+
+    want = resolve_profile(model, profile)
+    own = None
+    out = []
+    for c in calls:
+        was = getattr(c, "profile", None)
+        if was is None:
+            own = own or profile_for(model).name
+            was = own
+        if was == want.name:
+            out.append(c)
+        else:
+            out.append(dataclasses.replace(c, t=timestep_of_call(c.args, c.kwargs, want, model), profile=want.name))
+    return out
+
+
+def require_timesteps(model, calls, profile, what: str) -> None:
+    """ConfigError, before any work, when no recorded call of ``model`` carries a timestep that ``profile`` can
+    read (``calls`` keyed for it): ``what`` (PTQD's statistics, EfficientDM's timestep groups, per-timestep ranges)
+    would put every step under one key, or fail deep inside (found by audit: k-diffusion's ``model(x, sigma=...)``
+    and Stable Cascade's ``timestep_ratio`` before their names were known)."""
+    if not calls or any(c.t is not None for c in calls):
+        return
+    from .context import timestep_slot
+    from .errors import ConfigError
+    from .profiles import resolve_profile
+
+    prof = resolve_profile(model, profile)
+    _, name = timestep_slot(type(model), prof.timestep_kwargs)
+    where = f"its 2nd positional parameter is {name!r}" if name else "its forward takes no named positions"
+    raise ConfigError(f"{what} needs the timestep of every call, and the recorded calls of {type(model).__name__} "
+                      f"carry none that the {prof.name} profile reads (keywords {', '.join(prof.timestep_kwargs)}; "
+                      f"{where}, and no parameter has one of those names): call the model with its timestep under one "
+                      "of those keywords, or pass profile= naming a profile that reads it, or use lp or recon without "
+                      "+ptqd, time_bins=1")
 
 
 class CallRecorder:
@@ -88,11 +134,12 @@ class CallRecorder:
     def _hook(self, module, args, kwargs):
         if len(self.calls) >= self.max_calls:
             return None
-        t = timestep_of_call(args, kwargs, self._profile)
+        t = timestep_of_call(args, kwargs, self._profile, module)
         if t != self._last_t:
             self._step += 1
             self._last_t = t
-        self.calls.append(Call(_to_store(args, self.store_dtype), _to_store(kwargs, self.store_dtype), t, self._step))
+        self.calls.append(Call(_to_store(args, self.store_dtype), _to_store(kwargs, self.store_dtype), t, self._step,
+                               self._profile.name))
         return None
 
     def new_trajectory(self):

@@ -79,13 +79,73 @@ def _profile(profile):
     return profile if profile is not None and not isinstance(profile, str) else get_profile(profile)
 
 
-def raw_timestep_of_call(args, kwargs, profile=None):
-    """The timestep argument of a model call as given (tensor or number; None when the call has none)."""
+_SLOTS: dict = {}  # (model class, timestep keyword names) -> (positional index, parameter name or None)
+
+
+def timestep_slot(model_cls, names) -> tuple:
+    """Where a positional call of ``model_cls`` passes its timestep: ``(index, name)`` of the first positional
+    parameter of its ``forward`` named like one of ``names`` (the profile's timestep keywords), else like any name a
+    timestep goes by (``profiles.TIMESTEP_NAMES``), so ``forward(x, y, t)`` reads ``t``, not the class label; else the
+    convention ``forward(sample, timestep, ...)``: index 1, with the name the signature gives it (None when it cannot
+    be read). Per class and names, computed once."""
+    key = (model_cls, tuple(names))
+    slot = _SLOTS.get(key)
+    if slot is None:
+        import inspect
+
+        slot = (1, None)
+        try:
+            params = list(inspect.signature(model_cls.forward).parameters.values())[1:]  # (without self)
+        except (TypeError, ValueError):
+            params = []
+        positional = []
+        for prm in params:
+            if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+                break  # (*args or keyword-only: no further positions have names)
+            positional.append(prm.name)
+        from .profiles import TIMESTEP_NAMES
+
+        hit = next((i for i, n in enumerate(positional) if n in names), None)
+        if hit is None:
+            hit = next((i for i, n in enumerate(positional) if n in TIMESTEP_NAMES), None)
+        if hit is not None:
+            slot = (hit, positional[hit])
+        elif len(positional) > 1:
+            slot = (1, positional[1])
+        _SLOTS[key] = slot
+    return slot
+
+
+def _scalar_like(v, args) -> bool:
+    """``v`` can be a timestep: a number, or a tensor of one value per sample at most (0-d or 1-d, no more values
+    than the batch): never the text embedding or the class labels' one-hot a model takes second."""
+    if not torch.is_tensor(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if v.dim() > 1 or not (v.is_floating_point() or v.dtype in (torch.int64, torch.int32, torch.int16)):
+        return False
+    batch = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() > 0 else None
+    return batch is None or v.numel() <= batch
+
+
+def timestep_source(args, kwargs, profile=None, model=None) -> tuple:
+    """``(name, value)`` of the timestep argument of a model call: the first of the profile's timestep keywords given,
+    else the positional argument at :func:`timestep_slot` of ``model``'s class (index 1 without a model) when it is
+    scalar-like; ``(None, None)`` when the call has none. ``name``: the keyword or the parameter's name (None when
+    unknown)."""
     p = _profile(profile)
     for k in p.timestep_kwargs:
         if k in kwargs and kwargs[k] is not None:
-            return kwargs[k]
-    return args[1] if len(args) > 1 else None
+            return k, kwargs[k]
+    i, name = (1, None) if model is None else timestep_slot(type(model), p.timestep_kwargs)
+    if len(args) > i and args[i] is not None and _scalar_like(args[i], args):
+        return name, args[i]
+    return None, None
+
+
+def raw_timestep_of_call(args, kwargs, profile=None, model=None):
+    """The timestep argument of a model call as given (tensor or number; None when the call has none); ``model``:
+    the called model, whose ``forward`` signature says where a positional call passes it (:func:`timestep_slot`)."""
+    return timestep_source(args, kwargs, profile, model)[1]
 
 
 def timestep_value(t, profile=None) -> Optional[float]:
@@ -101,10 +161,11 @@ def timestep_value(t, profile=None) -> Optional[float]:
     return _profile(profile).table_key(t)
 
 
-def timestep_of_call(args, kwargs, profile=None) -> Optional[float]:
+def timestep_of_call(args, kwargs, profile=None, model=None) -> Optional[float]:
     """The timestep of a model call on the [0, T) scale of the per-timestep tables (``profile``: a
-    ``ModelProfile`` or its name, giving the keyword names and the scale; None: the generic convention)."""
-    return timestep_value(raw_timestep_of_call(args, kwargs, profile), profile)
+    ``ModelProfile`` or its name, giving the keyword names and the scale; None: the generic convention; ``model``:
+    the called model, see :func:`raw_timestep_of_call`)."""
+    return timestep_value(raw_timestep_of_call(args, kwargs, profile, model), profile)
 
 
 def sample_of_call(args, kwargs, profile=None) -> Optional[torch.Tensor]:
@@ -126,7 +187,7 @@ class TimestepHook:
         self.ctx = ctx
 
     def __call__(self, module, args, kwargs):
-        self.ctx.note_call_timestep(raw_timestep_of_call(args, kwargs, self.ctx.profile))
+        self.ctx.note_call_timestep(raw_timestep_of_call(args, kwargs, self.ctx.profile, module))
         return None
 
 

@@ -52,7 +52,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .calib import Call, CallRecorder, _to_model, batch_rows, model_device_dtype, unet_output
+from .calib import (Call, CallRecorder, _to_model, batch_rows, keyed, model_device_dtype, require_timesteps,
+                    unet_output)
 from .config import FinetuneConfig, to_json_obj
 from .context import get_context, sample_of_call, timestep_of_call
 from .errors import ConfigError, LoadError, NumericalError
@@ -467,6 +468,8 @@ def _finetune(qmodel, teacher, calls, cfg: FinetuneConfig, progress):
     calls = list(calls)
     if not calls:
         raise ConfigError("finetune needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    calls = keyed(calls, teacher, get_context(qmodel).profile)
+    require_timesteps(teacher, calls, get_context(qmodel).profile, "EfficientDM")
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
@@ -554,7 +557,7 @@ def _train(student, teacher, shard, cfg: FinetuneConfig, groups, act_scales, pro
                     lval /= world
                 lval = float(lval)
                 first = lval if first is None else first
-                t = timestep_of_call(args, kwargs, get_context(student).profile)
+                t = timestep_of_call(args, kwargs, get_context(student).profile, student)
                 key = _loss_key(t)
                 if key not in ref:
                     ref[key] = _initial_loss(net, trainable, init, args, kwargs, target)

@@ -187,14 +187,24 @@ def _per_sample_lists(model, call) -> bool:
     return any(isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v) for v in cands)
 
 
-def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None):
+def check(fp_model, calls, config: PipelineConfig, alphas_cumprod=None, profile=None):
     """Every cheap check ``run`` makes, before any work (hosts call it to refuse early; ``calls=None``: the
-    calls are recorded later, not checked now)."""
+    calls are recorded later, not checked now; ``profile``: the ``profile=`` argument, a known name or None)."""
     if not isinstance(config, PipelineConfig):
         raise ConfigError(f"config must be a PipelineConfig, got {type(config).__name__}")
     if not isinstance(fp_model, nn.Module):
         raise ConfigError(f"expected the full-precision model (a torch.nn.Module), got {type(fp_model).__name__}")
+    from .profiles import resolve_profile
+
+    resolve_profile(fp_model, profile)
     m = config.parsed
+    if calls and (m.ptqd or m.mixed or m.base == "efficientdm" or config.quant.time_bins > 1
+                  or config.schedule is not None):
+        from .calib import keyed, require_timesteps
+
+        what = ("PTQD" if m.ptqd else "+mixed" if m.mixed else "EfficientDM" if m.base == "efficientdm"
+                else "a bit-width schedule" if config.schedule is not None else "time_bins > 1")
+        require_timesteps(fp_model, keyed(calls, fp_model, profile), profile, what)
     if calls is not None and needs_calls(config) and not calls:
         raise ConfigError(f"method {m.name} at {config.quant.name} needs calibration calls: record them with "
                           "lowbit.quant.CallRecorder around a full-precision sampling run")
@@ -244,8 +254,12 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
     Training stages (bases ``recon`` and ``efficientdm``) run with autograd on, on plain copies of a float model or
     calls a host made under ``torch.inference_mode()`` (Forge and ComfyUI load checkpoints and sample there; autograd
     may not save such tensors); the other bases use them as they are (no copy)."""
-    m = check(fp_model, list(calls or []), config, alphas_cumprod)
-    calls = list(calls or [])
+    m = check(fp_model, list(calls or []), config, alphas_cumprod, profile)
+    from .calib import keyed
+
+    calls = keyed(list(calls or []), fp_model, profile)  # (keyed the way the run's profile maps timesteps)
+    if stat_calls is not None:
+        stat_calls = keyed(list(stat_calls), fp_model, profile)
     args = dict(alphas_cumprod=alphas_cumprod, num_train_timesteps=num_train_timesteps, profile=profile,
                 stat_calls=stat_calls, start=start, progress=progress)
     if m.base not in ("recon", "efficientdm"):

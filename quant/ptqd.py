@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .calib import Call, model_device_dtype, stacked, unet_output
+from .calib import Call, keyed, model_device_dtype, require_timesteps, stacked, unet_output
 from .config import PTQDConfig
 from .context import get_context, sample_of_call
 from .profiles import get_profile
@@ -182,6 +182,8 @@ def collect_stats(fp_model, qmodel, calls: List[Call], config: PTQDConfig = PTQD
     if ctx is None:
         raise ConfigError("collect_stats needs a LowBit quantized UNet (lowbit.quant.quantize) as qmodel")
     cd = get_profile(ctx.profile).channel_dim
+    calls = keyed(calls, fp_model, ctx.profile)  # (keys as the quantized model looks them up)
+    require_timesteps(fp_model, calls, ctx.profile, "PTQD")
     acc = _Accum()
     dev, dt = model_device_dtype(fp_model)
     qdev, qdt = model_device_dtype(qmodel)

@@ -24,7 +24,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_model, _to_store, batch_rows, model_device_dtype, probe_call
+from .calib import Call, _to_model, _to_store, batch_rows, keyed, model_device_dtype, probe_call
 from .config import ReconConfig
 from .context import get_context
 from .errors import ConfigError, LowBitError
@@ -222,6 +222,7 @@ def reconstruct(fp_model: nn.Module, qmodel: nn.Module, calls: List[Call], confi
     in a block's data or in the result), ``qmodel`` is left bit-identical to what it was (no AdaRound state, no
     half-collected observations), so a retry equals a clean run."""
     _check_args(fp_model, qmodel, calls, config, "reconstruct")
+    calls = keyed(calls, fp_model, get_context(qmodel).profile)
     with transaction(qmodel, readonly=(fp_model,)):
         _reconstruct(fp_model, qmodel, calls, config, progress, seed)
         check_finite(qmodel, "reconstruct")
@@ -304,6 +305,7 @@ def reconstruct_activations(fp_model: nn.Module, qmodel: nn.Module, calls: List[
     Transactional like ``reconstruct``.
     """
     _check_args(fp_model, qmodel, calls, config, "reconstruct_activations")
+    calls = keyed(calls, fp_model, get_context(qmodel).profile)
     with transaction(qmodel, readonly=(fp_model,)):
         _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, seed)
         check_finite(qmodel, "reconstruct_activations")

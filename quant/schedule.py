@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .calib import Call, model_device_dtype, unet_output
+from .calib import Call, keyed, model_device_dtype, unet_output
 from .config import BitwidthSchedule
 from .context import get_context
 from .errors import ConfigError, NumericalError
@@ -32,6 +32,9 @@ def measure_snr(fp_model, qmodel, calls: List[Call], candidates: Sequence[int], 
     both models are left as they were."""
     if not calls:
         raise ConfigError("measuring SNR needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    ctx = get_context(qmodel)
+    if ctx is not None:
+        calls = keyed(calls, fp_model, ctx.profile)
     with transaction(qmodel, readonly=(fp_model,)):
         return _measure_snr(fp_model, qmodel, calls, candidates, progress)
 

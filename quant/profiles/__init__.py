@@ -17,6 +17,14 @@ import torch.nn as nn
 from ..config import LayerRule
 
 
+# the names a denoiser's timestep (or noise level) goes by, tried in this order: diffusers, ComfyUI / LDM, research
+# code ("t"), k-diffusion / EDM wrappers ("sigma", "noise_labels", "c_noise"), Stable Cascade ("timestep_ratio")
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "timestep_ratio", "noise_level", "noise_labels",
+                  "c_noise", "time")
+# those among them that name a noise level sigma (a scale over decades, not a step index)
+SIGMA_NAMES = frozenset({"sigma", "sigmas", "noise_labels", "c_noise"})
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """What the core needs to know about one architecture family.
@@ -28,8 +36,9 @@ class ModelProfile:
     structural_edges: keep the first and last Conv2d at W8A8 even if no rule names them (unknown UNets).
     block_types: class names of the reconstruction units (BRECQ blocks) and of the blocks that EfficientDM
         checkpoints.
-    timestep_kwargs / sample_kwargs: keyword names of the timestep (or sigma) and of the noisy input; the
-        positional convention ``forward(sample, timestep, ...)`` is the fallback.
+    timestep_kwargs / sample_kwargs: keyword names of the timestep (or sigma) and of the noisy input; a positional
+        call reads the timestep at the position of the first ``forward`` parameter so named, else the convention
+        ``forward(sample, timestep, ...)`` (context.timestep_slot).
     timestep_scale: multiplies the received timestep so that per-timestep tables are keyed in [0, T)
         (1000 for models called with sigma or t/T in [0, 1], e.g. diffusers' Flux and SD3 transformers).
     timestep_offset: added after scaling: the key is ``timestep_offset + timestep_scale * received`` (Lumina's
@@ -63,7 +72,7 @@ class ModelProfile:
     edge_rules: Tuple[LayerRule, ...] = ()
     structural_edges: bool = True
     block_types: Tuple[str, ...] = ()
-    timestep_kwargs: Tuple[str, ...] = ("timestep", "timesteps", "t")
+    timestep_kwargs: Tuple[str, ...] = TIMESTEP_NAMES
     sample_kwargs: Tuple[str, ...] = ("sample", "x", "hidden_states")
     timestep_scale: float = 1.0
     timestep_offset: float = 0.0
@@ -111,10 +120,26 @@ def profile_for(model: nn.Module) -> ModelProfile:
     return PROFILES["generic"]
 
 
+def resolve_profile(model: nn.Module, profile=None) -> ModelProfile:
+    """The profile a user's ``profile=`` argument names: None -> the model's own (:func:`profile_for`), a
+    ``ModelProfile`` as it is, a registered name; an unknown name is a ConfigError listing the known ones (a typo
+    must not quantize under the generic profile)."""
+    if profile is None:
+        return profile_for(model)
+    if isinstance(profile, ModelProfile):
+        return profile
+    if not isinstance(profile, str) or profile not in PROFILES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown model profile {profile!r}; one of {sorted(PROFILES)} (or None: the one that "
+                          "matches the model)")
+    return PROFILES[profile]
+
+
 def get_profile(name: Optional[str]) -> ModelProfile:
     """A registered profile by name (a saved file stores the name); unknown names fall back to generic."""
     return PROFILES.get(name or "generic", PROFILES["generic"])
 
 
 # the built-in families, one file each (each registers itself on import)
-from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina, edm, score_sde  # noqa: E402,F401
+from . import generic, diffusers_unet, ldm_unet, dit, comfy_sd3, comfy_lumina, edm, score_sde, stable_cascade  # noqa: E402,F401

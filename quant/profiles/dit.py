@@ -73,6 +73,21 @@ T2I_DIT = register_profile(ModelProfile(
     sample_kwargs=("hidden_states",),
     description="Sana, HunyuanDiT, CogView3Plus/4 transformers: called with a timestep in [0, T) (Sana: 1000*sigma)"))
 
+def _sana_sprint(model) -> bool:
+    """Sana Sprint: the Sana transformer with a guidance embedding, called by SanaSprintPipeline with its SCM timestep
+    in [0, 1] (1 = noise); plain Sana pipelines pass 1000 * sigma (``t2i-dit``)."""
+    cfg = getattr(model, "config", None)
+    guidance = cfg.get("guidance_embeds") if hasattr(cfg, "get") else getattr(cfg, "guidance_embeds", None)
+    return class_named("SanaTransformer2DModel")(model) and bool(guidance)
+
+
+SANA_SPRINT = register_profile(ModelProfile(
+    name="sana-sprint", priority=25, matches=_sana_sprint,
+    edge_rules=_T2I_EDGES, structural_edges=False, block_types=_T2I_BLOCKS, timestep_kwargs=("timestep",),
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0,
+    description="Sana Sprint transformer (guidance_embeds): called with a timestep in [0, 1] (found by audit: every "
+                "step in one table entry under t2i-dit)"))
+
 AURAFLOW = register_profile(ModelProfile(
     name="auraflow", matches=class_named("AuraFlowTransformer2DModel"), priority=20,
     edge_rules=_T2I_EDGES, structural_edges=False, block_types=_T2I_BLOCKS, timestep_kwargs=("timestep",),

@@ -213,6 +213,40 @@ def _sana_in(g, t):  # SanaPipeline: flow matching with timestep = 1000 * sigma,
                     encoder_attention_mask=torch.ones(2, 6), timestep=_tt(t, 2), return_dict=False)
 
 
+def _sana_sprint():  # Sana Sprint: the Sana transformer with a guidance embedding
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1,
+                                  guidance_embeds=True, qk_norm="rms_norm_across_heads")
+
+
+def _sana_sprint_in(g, t):  # SanaSprintPipeline: the SCM timestep in [0, 1] (1 = noise), a guidance scale, no CFG batch
+    return (), dict(hidden_states=_r(g, 1, 4, 8, 8), encoder_hidden_states=_r(g, 1, 6, 16),
+                    encoder_attention_mask=torch.ones(1, 6), guidance=torch.full((1,), 0.45), timestep=_tt(t / 1000, 1),
+                    return_dict=False)
+
+
+def _cascade():
+    from diffusers import StableCascadeUNet
+
+    return StableCascadeUNet(
+        in_channels=4, out_channels=4, timestep_ratio_embedding_dim=8, patch_size=1, conditioning_dim=16,
+        block_out_channels=(16, 16), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1), down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1),
+        block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2,
+        clip_text_in_channels=16, clip_text_pooled_in_channels=16, clip_image_in_channels=16, clip_seq=2,
+        effnet_in_channels=None, pixel_mapper_in_channels=None, kernel_size=3, dropout=(0.0, 0.0), self_attn=True,
+        timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
+
+
+def _cascade_in(g, t):  # StableCascade prior / decoder pipelines: timestep_ratio = t / T, CFG batch
+    x = _r(g, 1, 4, 8, 8)
+    return (), dict(sample=torch.cat([x, x]), timestep_ratio=_tt(t / 1000, 2), clip_text_pooled=_r(g, 2, 1, 16),
+                    clip_text=_r(g, 2, 6, 16), clip_img=_r(g, 2, 1, 16), return_dict=False)
+
+
 def _hunyuan():
     from diffusers import HunyuanDiT2DModel
 
@@ -456,6 +490,8 @@ ARCHS = {a.name: a for a in (
     Arch("pixart", _pixart, _pixart_in),
     Arch("dit", _dit, _dit_in),
     Arch("sana", _sana, _sana_in),
+    Arch("sana-sprint", _sana_sprint, _sana_sprint_in),
+    Arch("stable-cascade", _cascade, _cascade_in, standalone=False),
     Arch("hunyuan", _hunyuan, _hunyuan_in),
     Arch("cogview3", _cogview3, _cogview3_in),
     Arch("auraflow", _auraflow, _auraflow_in),
