@@ -219,11 +219,31 @@ def clean_stale_temps(folder: str) -> list:
     return removed
 
 
+def _is_write_error(exc: BaseException) -> bool:
+    """An error of the writing itself (the OS said no), as opposed to a bug in what was to be written:
+    ``OSError`` (PIL, plain files) or safetensors' ``SafetensorError``, which wraps the OS error in its text."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words for a write failure: ``strerror`` of an OSError, the ``message`` inside safetensors' text
+    (``IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })``), else the first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    m = re.search(r'message: "([^"]{1,200})"', str(exc))
+    if m:
+        return m.group(1)
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    return (lines[0][:200] if lines else type(exc).__name__)
+
+
 def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     """Write a file the way every LowBit file is written: ``write(tmp)`` fills a temporary file
     ``.<name>.lowbit-<pid>-<rand>.tmp`` in ``folder`` (mode from the umask, like any new file: safetensors itself
     writes 0600), synced to disk, then put at ``path`` atomically, never over an existing file unless
-    ``overwrite`` (:class:`SaveExistsError`); the temporary file is removed whatever happens."""
+    ``overwrite`` (:class:`SaveExistsError`); the temporary file is removed whatever happens. A failed write (full
+    disk, quota, I/O error; an ``OSError`` or safetensors' ``SafetensorError``) is a one-line :class:`SaveError`
+    naming ``path`` and the OS's reason."""
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
@@ -235,12 +255,22 @@ def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     finally:
         os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as exc:  # a full disk, a quota, an I/O error: one line, not the writer's own traceback
+            if not _is_write_error(exc):
+                raise
+            raise SaveError(f"cannot save {path}: writing failed ({_os_reason(exc)}); free space or choose another "
+                            "folder, then save again (nothing was written)") from None
         if overwrite:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise SaveError(f"cannot save {path}: putting the file in place failed ({_os_reason(exc)}); "
+                                "choose another name or folder") from None
         else:
             try:
                 os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
