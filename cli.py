@@ -356,6 +356,8 @@ def _check_quantize(a):
 
 
 def _check_demo(a):
+    if not a.out.strip():  # (os.makedirs("") failed after the checks)
+        raise UsageError("--out is empty; give a folder name, e.g. --out out (the default)")
     grid = os.path.join(a.out, "demo_grid.png")  # (recipes.DEMO_GRID; recipes imports torch)
     if os.path.isdir(grid):
         raise UsageError(f"{grid} is a folder; choose another --out")
@@ -469,16 +471,21 @@ def _cmd_demo(a, prog: Progress):
 
     prog.banner(f"demo: {', '.join(a.bits)} x {', '.join(a.methods)}; {a.samples} samples per model, "
                 f"{a.steps} steps")
+
+    def table(rows):  # printed before the grid is written: a grid that cannot be saved keeps the results
+        print(format_table(rows))
+        print("\nweight bytes: packed integers and scales, without the kernels' copies (deploy_ tunes each "
+              "layer's kernel by measured speed and may keep float / int8 copies, at most 64 MiB per model). "
+              "sampling s: one run per model, one after the other in this process (the quantized runs include "
+              "the kernel tuning), "
+              "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or shared "
+              "machine. Deployed vs full precision measured with runs alternating: python -m "
+              "lowbit.bench.bench_sampling (README, 'Speed and memory').", flush=True)
+        prog.banner(f"writing {os.path.join(a.out, 'demo_grid.png')}")
+
     res = demo(a.out, n_eval=a.samples, steps=a.steps, bits_list=tuple(a.bits), methods=tuple(a.methods),
-               progress=prog, precision=a.precision, size_budget=a.size_budget, overwrite=a.overwrite)
+               progress=prog, precision=a.precision, size_budget=a.size_budget, overwrite=a.overwrite, on_rows=table)
     prog.banner("done")
-    print(format_table(res["rows"]))
-    print("\nweight bytes: packed integers and scales, without the kernels' copies (deploy_ tunes each layer's "
-          "kernel by measured speed and may keep float / int8 copies, at most 64 MiB per model). sampling s: one run "
-          "per model, one after the other in this process (the quantized runs include the kernel tuning), "
-          "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or shared "
-          "machine. Deployed vs full precision measured with runs alternating: python -m lowbit.bench.bench_sampling "
-          "(README, 'Speed and memory').")
     print(f"\nside-by-side grid (rows: full precision, then per format: quantized, |difference|): {res['grid']}")
     return 0
 

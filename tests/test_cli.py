@@ -99,6 +99,7 @@ BAD = [
     (["demo", "--samples", "1"], ["--samples", "1 is out of range", "2..100_000"]),  # FID needs two samples
     (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
     (["demo", "--out", "outdir2"], ["demo_grid.png is a folder"]),
+    (["demo", "--out", ""], ["--out is empty", "--out out"]),
     (["demo", "--bits", "W8A8", "W4A16", "--methods", "recon+ptqd+vsc+mixed"],
      ["--bits W4A16 with --method recon+ptqd+vsc+mixed", "weight-only"]),
     (["quantize", "q.safetensors", "--bits", "W4A16", "--method", "recon+ptqd+vsc+mixed"],
@@ -407,3 +408,55 @@ def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
     save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
     assert main(["export", "--comfy", p, c, "--unet", str(folder)]) == 0
     assert os.path.getsize(c) > 0 and "wrote" in capsys.readouterr().out
+
+
+def test_write_grid_is_atomic_never_clobbers_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """The demo grid is written like LowBit's safetensors files: a failed write leaves no (0-byte) PNG that would
+    block the next run, and a file that appeared during the run is kept."""
+    import errno
+
+    from PIL import Image
+
+    from lowbit import recipes
+    from lowbit.quant.io import SaveError
+
+    img = Image.new("L", (4, 4))
+    path = str(tmp_path / "demo_grid.png")
+    recipes.write_grid(img, path)
+    assert Image.open(path).size == (4, 4) and os.listdir(tmp_path) == ["demo_grid.png"]
+    with pytest.raises(FileExistsError, match="appeared during the run"):
+        recipes.write_grid(Image.new("L", (8, 8)), path)
+    assert Image.open(path).size == (4, 4)
+
+    def full(self, fp, format=None, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    other = str(tmp_path / "other.png")
+    with pytest.raises(SaveError) as ei:
+        recipes.write_grid(img, other)
+    assert "\n" not in str(ei.value) and other in str(ei.value) and "No space left" in str(ei.value)
+    assert os.listdir(tmp_path) == ["demo_grid.png"]
+
+
+def test_demo_prints_the_table_before_a_failed_grid_save(tmp_path, capsys, monkeypatch):
+    """A grid that cannot be written costs the grid only: the results table is already on the screen, the error is
+    one line naming the file, exit status 1."""
+    from lowbit import recipes
+    from lowbit.quant.io import SaveError
+
+    row = dict(model="full precision", bits="fp32", weight_bytes=100, fid=1.0, acc=0.5, seconds=1.0)
+
+    def fake_demo(out_dir, on_rows=None, **kw):
+        on_rows([row])
+        raise SaveError(f"cannot save {out_dir}/demo_grid.png: writing failed (No space left on device)")
+
+    monkeypatch.setattr(recipes, "demo", fake_demo)
+    rc = main(["demo", "--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "| full precision | fp32 |" in cap.out
+    last = cap.err.strip().splitlines()[-1]
+    assert "demo_grid.png" in last and "No space left" in last and "Traceback" not in cap.err
