@@ -490,6 +490,25 @@ def _cmd_demo(a, prog: Progress):
     return 0
 
 
+def _load_unet(path: str):
+    """The diffusers UNet2DModel in folder ``path`` (checked by ``_check_unet``); weights that do not fit its
+    config.json (diffusers' multi-line ``Cannot load ... expected shape ...`` or a missing tensor) are one
+    ``LoadError`` naming the folder and the mismatch."""
+    import re
+
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        text = _one_line(exc)
+        m = re.search(r"because (.{1,300}?expected shape .{1,300}?)(?:\. If you want|$)", text)
+        why = m.group(1) if m else text.split(" If you want", 1)[0][:300]
+        raise _core("errors").LoadError(f"--unet {path}: its weights do not fit its config.json ({why}); give a "
+                                        "folder saved by save_pretrained from one model (config and weights "
+                                        "together)") from None
+
+
 def _cmd_quantize(a, prog: Progress):
     prog.banner("loading torch and the model")
     q = _quant()
@@ -497,9 +516,7 @@ def _cmd_quantize(a, prog: Progress):
 
     setup = recipes.default_setup()
     if a.unet:
-        from diffusers import UNet2DModel
-
-        setup.unet = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+        setup.unet = _load_unet(a.unet)
     prog.banner(f"recording calibration: {a.calib_samples} full-precision sampling runs")
     calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
@@ -521,9 +538,7 @@ def _cmd_export(a, prog: Progress):
 
     standalone = getattr(a, "standalone", False) and not a.unet  # (set by _check_export)
     if a.unet:
-        from diffusers import UNet2DModel
-
-        fp = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+        fp = _load_unet(a.unet)
     elif not standalone:
         fp = recipes.default_setup().unet
     prog.banner(f"loading {a.input}")

@@ -460,3 +460,25 @@ def test_demo_prints_the_table_before_a_failed_grid_save(tmp_path, capsys, monke
     assert "| full precision | fp32 |" in cap.out
     last = cap.err.strip().splitlines()[-1]
     assert "demo_grid.png" in last and "No space left" in last and "Traceback" not in cap.err
+
+
+def test_unet_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys):
+    """diffusers' multi-line ``Cannot load ... expected shape`` (a config.json edited or copied from another model)
+    is one line naming the folder and the mismatch, for quantize and export."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    kw = dict(sample_size=16, in_channels=1, out_channels=1, num_class_embeds=11, layers_per_block=1,
+              norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path / "unet"
+    UNet2DModel(block_out_channels=(8, 16), **kw).save_pretrained(folder, safe_serialization=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 16]  # the weights are for (8, 16)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = str(tmp_path / "q.safetensors")
+    assert main(["quantize", out, "--unet", str(folder), "--calib-samples", "2", "--calib-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(folder) in err and "expected shape" in err and "config.json" in err and "If you want" not in err
+    assert not os.path.exists(out)
