@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -380,7 +381,14 @@ def _check_combinations(bits_list, methods):
                 raise UsageError(f"--bits {bits} with --method {method}: {exc}") from None
 
 
+_PREFIX_RE = re.compile(r"^(?:[A-Za-z0-9_]+\.)*$")  # a dotted key path ending in ".", or nothing
+
+
 def _check_export(a):
+    if not _PREFIX_RE.match(a.prefix):  # ("model.diffusion_model" glued keys: model.diffusion_modelconv_in.weight)
+        hint = f"; did you mean {a.prefix}.?" if _PREFIX_RE.match(a.prefix + ".") else ""
+        raise UsageError(f"--prefix {a.prefix!r} is not a dotted key path ending in '.' (e.g. model.diffusion_model.) "
+                         f"or empty{hint}")
     sthdr = _core("sthdr")
     header = _check_safetensors(a.input, "input")
     if os.path.abspath(a.input) == os.path.abspath(a.output):
@@ -582,6 +590,11 @@ def inspect_text(path: str, layers: bool = False) -> str:
     """The human-readable summary printed by ``lowbit inspect`` (header only; no model, no tensor data read)."""
     q = _quant()
     header, index = q.read_header(path)
+    try:  # what loading says about the header's meaning (arch, configs, float tensors), before calling it fine
+        q.io.check_header(path, header, index)
+        refused = None
+    except q.LoadError as exc:
+        refused = str(exc)
     lm = header.get("layers") if isinstance(header.get("layers"), dict) else {}
     model = header.get("model") if isinstance(header.get("model"), dict) else {}
     extras = header.get("extras") if isinstance(header.get("extras"), dict) else {}
@@ -614,7 +627,9 @@ def inspect_text(path: str, layers: bool = False) -> str:
            f"schedule   {_config_text(header.get('schedule'))}"]
     arch = header.get("arch") if isinstance(header.get("arch"), dict) else None
     floats = header.get("float_tensors") if isinstance(header.get("float_tensors"), list) else []
-    if arch and floats:
+    if refused:
+        out.append("standalone no: loading refuses this file (see 'loads')")
+    elif arch and floats:
         how = "lowbit.quant.load_model(path)" if arch.get("library") == "diffusers" else \
             "Load Quantized UNet with no MODEL connected"
         out.append(f"standalone yes: {arch.get('library')} {arch.get('class')} + {len(floats)} float tensors "
@@ -622,6 +637,8 @@ def inspect_text(path: str, layers: bool = False) -> str:
     else:
         out.append("standalone no: loads onto the float model only (load(model, path)); saving the loaded model "
                    "again records what loading alone needs")
+    out.append(f"loads      no: {refused}" if refused else
+               "loads      yes as far as the header goes (tensor values are checked when loading)")
     for k, v in header.items():  # other configs in the header (e.g. the pipeline's), shown the same way
         if k not in ("config", "schedule") and isinstance(v, dict) and "_type" in v:
             out.append(f"{k:<10} {_config_text(v)}")

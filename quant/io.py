@@ -949,12 +949,12 @@ def load(model, path: Optional[str] = None, tune: bool = True,
     return _load(model, path, header, index, standalone=False, tune=tune, copy_budget_mb=copy_budget_mb)
 
 
-def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
-          copy_budget_mb: Optional[float]) -> nn.Module:
-    from .api import _set_module, structural_copy, tune_kernels_
-    from .fuse import fuse_activations_
-    from .layers import QLAYERS
-
+def check_header(path, header: dict, index: dict):
+    """The meaning of a LowBit header's model-independent fields, as loading checks them before building anything:
+    ``arch`` (``check_arch``), ``float_tensors``, the configs (rebuilt from the allowlist only, each of its slot's
+    type), ``num_train_timesteps``, a non-empty ``layers`` object, ``splits``. Returns (config, schedule,
+    num_train_timesteps, splits, float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs
+    it too, so it says what loading would say about a crafted header."""
     check_arch(path, header.get("arch"))
     fnames = _check_float_tensors(path, header, index)
     cfg = sched = None
@@ -983,12 +983,23 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
-    if any(isinstance(m, QuantLayer) for m in model.modules()):
-        _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
     splits = header.get("splits") or {}
     if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
         _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
+    return cfg, sched, T, splits, fnames
+
+
+def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
+          copy_budget_mb: Optional[float]) -> nn.Module:
+    from .api import _set_module, structural_copy, tune_kernels_
+    from .fuse import fuse_activations_
+    from .layers import QLAYERS
+
+    cfg, sched, T, splits, fnames = check_header(path, header, index)
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
+    layers = header["layers"]
     fmods = dict(model.named_modules())
     for n, sizes in splits.items():
         m = fmods.get(n)

@@ -100,6 +100,9 @@ BAD = [
     (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
     (["demo", "--out", "outdir2"], ["demo_grid.png is a folder"]),
     (["demo", "--out", ""], ["--out is empty", "--out out"]),
+    (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "model.diffusion_model"],
+     ["--prefix 'model.diffusion_model'", "ending in '.'", "did you mean model.diffusion_model.?"]),
+    (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "bad prefix"], ["--prefix 'bad prefix'"]),
     (["demo", "--bits", "W8A8", "W4A16", "--methods", "recon+ptqd+vsc+mixed"],
      ["--bits W4A16 with --method recon+ptqd+vsc+mixed", "weight-only"]),
     (["quantize", "q.safetensors", "--bits", "W4A16", "--method", "recon+ptqd+vsc+mixed"],
@@ -482,3 +485,32 @@ def test_unet_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(folder) in err and "expected shape" in err and "config.json" in err and "If you want" not in err
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(arch={"library": "diffusers", "class": "os.system", "config": {}}), ["arch class 'os.system'"]),
+    (dict(arch={"library": "builtins", "class": "UNet2DModel", "config": {}}), ["arch library 'builtins'"]),
+    (dict(config={"_type": "subprocess.Popen", "_version": 1, "_data": {}}), ["its config is not valid"]),
+    ({}, []),
+])
+def test_inspect_says_what_loading_says_about_a_crafted_header(tmp_path, capsys, change, words):
+    """inspect called a header with arch.class "os.system" loadable standalone ("standalone yes") while load refuses
+    it: it now runs loading's header checks (io.check_header) and prints loading's own words."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lowbit.quant.io import FORMAT
+
+    h = {"format": FORMAT, "format_version": 3, "layers": {"conv_in": {"kind": "QuantConv2d"}},
+         "float_tensors": ["x"], "arch": None, "config": None}
+    h.update(change)
+    p = str(tmp_path / "crafted.safetensors")
+    save_file({"__float__.x": torch.zeros(1)}, p, metadata={"lowbit": json.dumps(h)})
+    assert main(["inspect", p]) == 0
+    out = capsys.readouterr().out
+    if words:
+        assert "standalone yes" not in out and "loads      no: cannot load" in out
+        for w in words:
+            assert w in out, (w, out)
+    else:
+        assert "loads      yes" in out
