@@ -2,7 +2,7 @@
 
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
   lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
-  lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, method, configs
+  lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, configs, PTQD data
                          (also a ComfyUI-layout file from export --comfy: its formats and what it dropped)
   lowbit export --comfy IN OUT   a saved file in ComfyUI's own quantized layout (stock Load Diffusion Model)
   lowbit ui              serve the gradio app on localhost
@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout one from "
                                        "export --comfy (no model needed)",
-                       description="Format, model, configs, method, and every layer's precision and bytes of a "
-                                   "file saved by LowBit; for a file in ComfyUI's quantized layout (lowbit export "
+                       description="Format, model, configs, what it holds (PTQD statistics, schedule, split "
+                                   "convolutions; the method's name is not recorded), and every layer's precision "
+                                   "and bytes of a file saved by LowBit; for a file in ComfyUI's quantized layout (lowbit export "
                                    "--comfy), its layers per comfy_quant format and what the export dropped. Reads "
                                    "only the header.")
     i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit (or exported with --comfy)")
@@ -622,7 +623,8 @@ def inspect_text(path: str, layers: bool = False) -> str:
            f"format     {header.get('format')} v{header.get('format_version')}",
            f"model      {model.get('cls')} (fingerprint {model.get('fingerprint')}), "
            f"{header.get('num_train_timesteps')} training timesteps",
-           f"method     {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
+           # (the file does not record the method that made it, e.g. "recon+ptqd+vsc": what it holds shows its parts)
+           f"holds      {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
            f"config     {_config_text(cfg)}",
            f"schedule   {_config_text(header.get('schedule'))}"]
     arch = header.get("arch") if isinstance(header.get("arch"), dict) else None

@@ -296,6 +296,8 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     out = capsys.readouterr().out
     assert "lowbit.quantized_unet" in out and f"{len(header['layers'])} quantized layers" in out
     assert "QuantConfig" in out and "w_bits=8" in out and "W8A8" in out
+    # the method's name is not in the file: the line says what the file holds, not "method ..." (README)
+    assert "holds      quantized (W8A8)" in out and "\nmethod " not in out and "loads      yes" in out
     assert main(["inspect", p, "--layers"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in header["layers"])
