@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Format, model, configs, what it holds (PTQD statistics, schedule, split "
                                    "convolutions; the method's name is not recorded), and every layer's precision "
                                    "and bytes of a file saved by LowBit; for a file in ComfyUI's quantized layout "
-                                   "(lowbit export --comfy), its layers per comfy_quant format and what the export dropped. Reads "
-                                   "only the header.")
+                                   "(lowbit export --comfy), its layers per comfy_quant format and what the export "
+                                   "dropped. Reads only the header.")
     i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit (or exported with --comfy)")
     i.add_argument("--layers", action="store_true", help="list every layer; default: a summary by precision")
     i.add_argument("--json", action="store_true", help="print the raw LowBit header (ComfyUI layout: its "
