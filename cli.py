@@ -260,6 +260,10 @@ def _check_safetensors(path: str, what: str, with_start: bool = False):
         with open(path, "rb") as f:
             raw = f.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if size - 8 < n <= MAX_ST_HEADER and f.read(1) == b"{":  # cut inside its header: the loader's words
+                raise UsageError(f"{what} {path}: its header runs past the end of the file; the file is truncated: "
+                                 "save or download it again")
+            f.seek(8)
             ok = 2 <= n <= min(MAX_ST_HEADER, size - 8)
             header = _core("sthdr").parse_json(f.read(n).decode("utf-8"), "the header") if ok else None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
@@ -421,8 +425,23 @@ def _check_inspect(a):
 
 
 def _check_ui(a):
+    import ipaddress
+
+    host = a.host.strip()
+    looks_numeric = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*", host) is not None
+    if not host or (looks_numeric and not _is_ip(host, ipaddress)):
+        raise UsageError(f"--host {a.host!r} is not an IP address: use e.g. 127.0.0.1 (this machine only, the "
+                         "default) or 0.0.0.0 (every interface)")
     if importlib.util.find_spec("gradio") is None:
         raise UsageError("the ui needs gradio, which is not installed; pip install 'lowbit[ui]'")
+
+
+def _is_ip(text: str, ipaddress) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -408,6 +408,10 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     path = os.fspath(path)
     if not quant_layers(qmodel):
         raise ConfigError("this model has no LowBit quantized layers; quantize it before saving")
+    if not path.lower().endswith(".safetensors") and not os.path.isdir(path):  # (the CLI refuses it too: a .pt name
+        # on a safetensors file sends other tools to torch.load, i.e. pickle)
+        raise SaveError(f"cannot save {path}: LowBit writes safetensors files, so the name must end in .safetensors, "
+                        f"e.g. {os.path.splitext(path)[0] or 'model'}.safetensors")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         if not make_dirs:
@@ -462,6 +466,8 @@ def read_header(path: str):
     """(lowbit header dict, migrated to the current version; tensor index) after checking the file is a complete
     safetensors file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        _fail(path, "it is a folder", "give the .safetensors file saved by LowBit (a file, not its folder)")
     if not os.path.isfile(path):
         _fail(path, "no such file", "check the path (quantized UNets are .safetensors files saved by LowBit)")
     size = os.path.getsize(path)

@@ -73,6 +73,8 @@ def ws(tmp_path):
     (w / "outdir").mkdir()
     (w / "outdir" / "demo_grid.png").write_bytes(b"a user's file")
     (w / "outdir2" / "demo_grid.png").mkdir(parents=True)
+    _safetensors(w / "cut.safetensors")
+    (w / "cut.safetensors").write_bytes((w / "cut.safetensors").read_bytes()[:20])  # cut inside its header
     return w
 
 
@@ -100,6 +102,8 @@ BAD = [
     (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
     (["demo", "--out", "outdir2"], ["demo_grid.png is a folder"]),
     (["demo", "--out", ""], ["--out is empty", "--out out"]),
+    (["inspect", "cut.safetensors"], ["header runs past the end of the file", "truncated"]),  # load's words
+    (["ui", "--host", "999.1.1.1"], ["--host '999.1.1.1' is not an IP address", "127.0.0.1"]),
     (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "model.diffusion_model"],
      ["--prefix 'model.diffusion_model'", "ending in '.'", "did you mean model.diffusion_model.?"]),
     (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "bad prefix"], ["--prefix 'bad prefix'"]),

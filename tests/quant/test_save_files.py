@@ -142,3 +142,13 @@ def test_a_write_error_is_a_one_line_save_error_and_leaves_nothing(qmodel, tmp_p
     msg = str(ei.value)
     assert "\n" not in msg and str(dest) in msg and "No space left on device" in msg
     assert os.listdir(tmp_path) == []
+
+
+def test_save_refuses_a_name_that_is_not_safetensors_and_load_names_a_folder(qmodel, unet, tmp_path):
+    """save(q, "a.pt") wrote safetensors under a pickle name (the CLI refuses it); load(model, folder) said "no such
+    file"."""
+    with pytest.raises(qio.SaveError, match=r"must end in \.safetensors, e\.g\. .*a\.safetensors"):
+        save(qmodel, str(tmp_path / "a.pt"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(LowBitError, match="it is a folder"):
+        load(unet, str(tmp_path))
