@@ -2,7 +2,7 @@
 
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
   lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
-  lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, method, configs
+  lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, configs, PTQD data
                          (also a ComfyUI-layout file from export --comfy: its formats and what it dropped)
   lowbit export --comfy IN OUT   a saved file in ComfyUI's own quantized layout (stock Load Diffusion Model)
   lowbit ui              serve the gradio app on localhost
@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -199,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout one from "
                                        "export --comfy (no model needed)",
-                       description="Format, model, configs, method, and every layer's precision and bytes of a "
-                                   "file saved by LowBit; for a file in ComfyUI's quantized layout (lowbit export "
-                                   "--comfy), its layers per comfy_quant format and what the export dropped. Reads "
-                                   "only the header.")
+                       description="Format, model, configs, what it holds (PTQD statistics, schedule, split "
+                                   "convolutions; the method's name is not recorded), and every layer's precision "
+                                   "and bytes of a file saved by LowBit; for a file in ComfyUI's quantized layout "
+                                   "(lowbit export --comfy), its layers per comfy_quant format and what the export "
+                                   "dropped. Reads only the header.")
     i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit (or exported with --comfy)")
     i.add_argument("--layers", action="store_true", help="list every layer; default: a summary by precision")
     i.add_argument("--json", action="store_true", help="print the raw LowBit header (ComfyUI layout: its "
@@ -258,6 +260,10 @@ def _check_safetensors(path: str, what: str, with_start: bool = False):
         with open(path, "rb") as f:
             raw = f.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if size - 8 < n <= MAX_ST_HEADER and f.read(1) == b"{":  # cut inside its header: the loader's words
+                raise UsageError(f"{what} {path}: its header runs past the end of the file; the file is truncated: "
+                                 "save or download it again")
+            f.seek(8)
             ok = 2 <= n <= min(MAX_ST_HEADER, size - 8)
             header = _core("sthdr").parse_json(f.read(n).decode("utf-8"), "the header") if ok else None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
@@ -356,6 +362,8 @@ def _check_quantize(a):
 
 
 def _check_demo(a):
+    if not a.out.strip():  # (os.makedirs("") failed after the checks)
+        raise UsageError("--out is empty; give a folder name, e.g. --out out (the default)")
     grid = os.path.join(a.out, "demo_grid.png")  # (recipes.DEMO_GRID; recipes imports torch)
     if os.path.isdir(grid):
         raise UsageError(f"{grid} is a folder; choose another --out")
@@ -378,7 +386,14 @@ def _check_combinations(bits_list, methods):
                 raise UsageError(f"--bits {bits} with --method {method}: {exc}") from None
 
 
+_PREFIX_RE = re.compile(r"^(?:[A-Za-z0-9_]+\.)*$")  # a dotted key path ending in ".", or nothing
+
+
 def _check_export(a):
+    if not _PREFIX_RE.match(a.prefix):  # ("model.diffusion_model" glued keys: model.diffusion_modelconv_in.weight)
+        hint = f"; did you mean {a.prefix}.?" if _PREFIX_RE.match(a.prefix + ".") else ""
+        raise UsageError(f"--prefix {a.prefix!r} is not a dotted key path ending in '.' (e.g. model.diffusion_model.) "
+                         f"or empty{hint}")
     sthdr = _core("sthdr")
     header = _check_safetensors(a.input, "input")
     if os.path.abspath(a.input) == os.path.abspath(a.output):
@@ -410,8 +425,23 @@ def _check_inspect(a):
 
 
 def _check_ui(a):
+    import ipaddress
+
+    host = a.host.strip()
+    looks_numeric = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*", host) is not None
+    if not host or (looks_numeric and not _is_ip(host, ipaddress)):
+        raise UsageError(f"--host {a.host!r} is not an IP address: use e.g. 127.0.0.1 (this machine only, the "
+                         "default) or 0.0.0.0 (every interface)")
     if importlib.util.find_spec("gradio") is None:
         raise UsageError("the ui needs gradio, which is not installed; pip install 'lowbit[ui]'")
+
+
+def _is_ip(text: str, ipaddress) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -469,18 +499,42 @@ def _cmd_demo(a, prog: Progress):
 
     prog.banner(f"demo: {', '.join(a.bits)} x {', '.join(a.methods)}; {a.samples} samples per model, "
                 f"{a.steps} steps")
+
+    def table(rows):  # printed before the grid is written: a grid that cannot be saved keeps the results
+        print(format_table(rows))
+        print("\nweight bytes: packed integers and scales, without the kernels' copies (deploy_ tunes each "
+              "layer's kernel by measured speed and may keep float / int8 copies, at most 64 MiB per model). "
+              "sampling s: one run per model, one after the other in this process (the quantized runs include "
+              "the kernel tuning), "
+              "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or shared "
+              "machine. Deployed vs full precision measured with runs alternating: python -m "
+              "lowbit.bench.bench_sampling (README, 'Speed and memory').", flush=True)
+        prog.banner(f"writing {os.path.join(a.out, 'demo_grid.png')}")
+
     res = demo(a.out, n_eval=a.samples, steps=a.steps, bits_list=tuple(a.bits), methods=tuple(a.methods),
-               progress=prog, precision=a.precision, size_budget=a.size_budget, overwrite=a.overwrite)
+               progress=prog, precision=a.precision, size_budget=a.size_budget, overwrite=a.overwrite, on_rows=table)
     prog.banner("done")
-    print(format_table(res["rows"]))
-    print("\nweight bytes: packed integers and scales, without the kernels' copies (deploy_ tunes each layer's "
-          "kernel by measured speed and may keep float / int8 copies, at most 64 MiB per model). sampling s: one run "
-          "per model, one after the other in this process (the quantized runs include the kernel tuning), "
-          "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "default") + "; noisy on a small or shared "
-          "machine. Deployed vs full precision measured with runs alternating: python -m lowbit.bench.bench_sampling "
-          "(README, 'Speed and memory').")
     print(f"\nside-by-side grid (rows: full precision, then per format: quantized, |difference|): {res['grid']}")
     return 0
+
+
+def _load_unet(path: str):
+    """The diffusers UNet2DModel in folder ``path`` (checked by ``_check_unet``); weights that do not fit its
+    config.json (diffusers' multi-line ``Cannot load ... expected shape ...`` or a missing tensor) are one
+    ``LoadError`` naming the folder and the mismatch."""
+    import re
+
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        text = _one_line(exc)
+        m = re.search(r"because (.{1,300}?expected shape .{1,300}?)(?:\. If you want|$)", text)
+        why = m.group(1) if m else text.split(" If you want", 1)[0][:300]
+        raise _core("errors").LoadError(f"--unet {path}: its weights do not fit its config.json ({why}); give a "
+                                        "folder saved by save_pretrained from one model (config and weights "
+                                        "together)") from None
 
 
 def _cmd_quantize(a, prog: Progress):
@@ -490,9 +544,7 @@ def _cmd_quantize(a, prog: Progress):
 
     setup = recipes.default_setup()
     if a.unet:
-        from diffusers import UNet2DModel
-
-        setup.unet = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+        setup.unet = _load_unet(a.unet)
     prog.banner(f"recording calibration: {a.calib_samples} full-precision sampling runs")
     calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
@@ -514,9 +566,7 @@ def _cmd_export(a, prog: Progress):
 
     standalone = getattr(a, "standalone", False) and not a.unet  # (set by _check_export)
     if a.unet:
-        from diffusers import UNet2DModel
-
-        fp = UNet2DModel.from_pretrained(a.unet, use_safetensors=True, local_files_only=True).eval()
+        fp = _load_unet(a.unet)
     elif not standalone:
         fp = recipes.default_setup().unet
     prog.banner(f"loading {a.input}")
@@ -560,6 +610,11 @@ def inspect_text(path: str, layers: bool = False) -> str:
     """The human-readable summary printed by ``lowbit inspect`` (header only; no model, no tensor data read)."""
     q = _quant()
     header, index = q.read_header(path)
+    try:  # what loading says about the header's meaning (arch, configs, float tensors), before calling it fine
+        q.io.check_header(path, header, index)
+        refused = None
+    except q.LoadError as exc:
+        refused = str(exc)
     lm = header.get("layers") if isinstance(header.get("layers"), dict) else {}
     model = header.get("model") if isinstance(header.get("model"), dict) else {}
     extras = header.get("extras") if isinstance(header.get("extras"), dict) else {}
@@ -587,12 +642,15 @@ def inspect_text(path: str, layers: bool = False) -> str:
            f"format     {header.get('format')} v{header.get('format_version')}",
            f"model      {model.get('cls')} (fingerprint {model.get('fingerprint')}), "
            f"{header.get('num_train_timesteps')} training timesteps",
-           f"method     {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
+           # (the file does not record the method that made it, e.g. "recon+ptqd+vsc": what it holds shows its parts)
+           f"holds      {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
            f"config     {_config_text(cfg)}",
            f"schedule   {_config_text(header.get('schedule'))}"]
     arch = header.get("arch") if isinstance(header.get("arch"), dict) else None
     floats = header.get("float_tensors") if isinstance(header.get("float_tensors"), list) else []
-    if arch and floats:
+    if refused:
+        out.append("standalone no: loading refuses this file (see 'loads')")
+    elif arch and floats:
         how = "lowbit.quant.load_model(path)" if arch.get("library") == "diffusers" else \
             "Load Quantized UNet with no MODEL connected"
         out.append(f"standalone yes: {arch.get('library')} {arch.get('class')} + {len(floats)} float tensors "
@@ -600,6 +658,8 @@ def inspect_text(path: str, layers: bool = False) -> str:
     else:
         out.append("standalone no: loads onto the float model only (load(model, path)); saving the loaded model "
                    "again records what loading alone needs")
+    out.append(f"loads      no: {refused}" if refused else
+               "loads      yes as far as the header goes (tensor values are checked when loading)")
     for k, v in header.items():  # other configs in the header (e.g. the pipeline's), shown the same way
         if k not in ("config", "schedule") and isinstance(v, dict) and "_type" in v:
             out.append(f"{k:<10} {_config_text(v)}")

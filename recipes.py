@@ -134,6 +134,30 @@ def demo_grid_path(out_dir: str, overwrite: bool = False) -> str:
     return path
 
 
+def write_grid(image, path: str, overwrite: bool = False) -> str:
+    """Write the PIL ``image`` as a PNG at ``path`` the way LowBit writes its safetensors files
+    (``quant.io.write_new_file``): a temporary file in the same folder put in place atomically, never over a file
+    that appeared during the run unless ``overwrite``, nothing (no empty PNG that would block the next run) left
+    behind when writing fails. Every failure is a one-line ``SaveError`` naming ``path``."""
+    import os
+
+    from .quant.io import SaveError, SaveExistsError, clean_stale_temps, write_new_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    clean_stale_temps(folder)
+    try:
+        write_new_file(path, folder, lambda tmp: image.save(tmp, format="PNG"), overwrite)
+    except SaveExistsError:
+        raise SaveExistsError(f"{path} appeared during the run and was kept; choose another output folder or pass "
+                              "overwrite (--overwrite)") from None
+    except SaveError:
+        raise
+    except OSError as exc:
+        raise SaveError(f"cannot save {path}: {exc.strerror or exc}; choose a writable folder with free "
+                        "space") from None
+    return path
+
+
 def _labelled(progress, label: str):
     """``progress`` with ``label`` before every stage name (which model a sampling run is for); as is when it is
     not a callback (None, "tqdm")."""
@@ -150,11 +174,13 @@ def _labelled(progress, label: str):
 
 def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W8A8", "W4A8"), progress="tqdm",
          methods=("lp",), precision: Optional[str] = None, size_budget: Optional[float] = None,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, on_rows: Optional[Callable[[List[dict]], None]] = None) -> dict:
     """Quantize the embedded model, sample the same seeds with FP and quantized models, write a PNG grid
     (``<out_dir>/demo_grid.png``; an existing one only with ``overwrite``) and return the table rows.
     ``precision`` / ``size_budget``: the per-layer precision plan (see ``build``). Every setting is checked before
-    the work starts."""
+    the work starts. ``on_rows(rows)`` is called with the results before the grid is written, so a grid that
+    cannot be saved (full disk, a file that appeared meanwhile) does not lose the measurements (the CLI prints its
+    table there); the grid is written atomically (:func:`write_grid`)."""
     import os
 
     path = demo_grid_path(out_dir, overwrite)
@@ -178,7 +204,9 @@ def demo(out_dir: str = "out", n_eval: int = 200, steps: int = 25, bits_list=("W
             rows.append(dict(model=method, bits=bits, weight_bytes=weight_bytes(b.model), fid=ev["fid"], acc=ev["acc"],
                              seconds=ev["seconds"]))
             grid_rows += [ev["images"][:10], (ev["images"][:10] - fp["images"][:10]).abs() / 2]
-    image_grid(grid_rows).save(path)
+    if on_rows is not None:
+        on_rows(rows)
+    write_grid(image_grid(grid_rows), path, overwrite)
     return dict(rows=rows, grid=path)
 
 

@@ -63,7 +63,7 @@ class ScheduleSpec:
 def check_schedule_settings(mode=None, switch_percent=None, early_bits=None, late_bits=None):
     if mode is not None:
         check_choice("mode", mode, available_modes(),
-                     "'auto (SNR)' needs lowbit.quant.schedule.auto_schedule, which this LowBit does not have")
+                     f"{MODE_FIXED!r} switches at switch_percent; {MODE_AUTO!r} measures where to switch.")
     if switch_percent is not None:
         check_float("switch_percent", switch_percent, 0.0, 1.0, "It is the fraction of the run, 0..1.")
     for name, b in (("early_bits", early_bits), ("late_bits", late_bits)):

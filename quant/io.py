@@ -219,11 +219,31 @@ def clean_stale_temps(folder: str) -> list:
     return removed
 
 
+def _is_write_error(exc: BaseException) -> bool:
+    """An error of the writing itself (the OS said no), as opposed to a bug in what was to be written:
+    ``OSError`` (PIL, plain files) or safetensors' ``SafetensorError``, which wraps the OS error in its text."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words for a write failure: ``strerror`` of an OSError, the ``message`` inside safetensors' text
+    (``IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })``), else the first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    m = re.search(r'message: "([^"]{1,200})"', str(exc))
+    if m:
+        return m.group(1)
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    return (lines[0][:200] if lines else type(exc).__name__)
+
+
 def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     """Write a file the way every LowBit file is written: ``write(tmp)`` fills a temporary file
     ``.<name>.lowbit-<pid>-<rand>.tmp`` in ``folder`` (mode from the umask, like any new file: safetensors itself
     writes 0600), synced to disk, then put at ``path`` atomically, never over an existing file unless
-    ``overwrite`` (:class:`SaveExistsError`); the temporary file is removed whatever happens."""
+    ``overwrite`` (:class:`SaveExistsError`); the temporary file is removed whatever happens. A failed write (full
+    disk, quota, I/O error; an ``OSError`` or safetensors' ``SafetensorError``) is a one-line :class:`SaveError`
+    naming ``path`` and the OS's reason."""
     tmp = os.path.join(folder, f".{os.path.basename(path)[:100]}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, like any new file
@@ -235,12 +255,22 @@ def write_new_file(path: str, folder: str, write, overwrite: bool) -> None:
     finally:
         os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as exc:  # a full disk, a quota, an I/O error: one line, not the writer's own traceback
+            if not _is_write_error(exc):
+                raise
+            raise SaveError(f"cannot save {path}: writing failed ({_os_reason(exc)}); free space or choose another "
+                            "folder, then save again (nothing was written)") from None
         if overwrite:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise SaveError(f"cannot save {path}: putting the file in place failed ({_os_reason(exc)}); "
+                                "choose another name or folder") from None
         else:
             try:
                 os.link(tmp, path)  # atomic: fails with FileExistsError if the name appeared meanwhile
@@ -378,6 +408,10 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
     path = os.fspath(path)
     if not quant_layers(qmodel):
         raise ConfigError("this model has no LowBit quantized layers; quantize it before saving")
+    if not path.lower().endswith(".safetensors") and not os.path.isdir(path):  # (the CLI refuses it too: a .pt name
+        # on a safetensors file sends other tools to torch.load, i.e. pickle)
+        raise SaveError(f"cannot save {path}: LowBit writes safetensors files, so the name must end in .safetensors, "
+                        f"e.g. {os.path.splitext(path)[0] or 'model'}.safetensors")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         if not make_dirs:
@@ -432,6 +466,8 @@ def read_header(path: str):
     """(lowbit header dict, migrated to the current version; tensor index) after checking the file is a complete
     safetensors file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        _fail(path, "it is a folder", "give the .safetensors file saved by LowBit (a file, not its folder)")
     if not os.path.isfile(path):
         _fail(path, "no such file", "check the path (quantized UNets are .safetensors files saved by LowBit)")
     size = os.path.getsize(path)
@@ -919,12 +955,12 @@ def load(model, path: Optional[str] = None, tune: bool = True,
     return _load(model, path, header, index, standalone=False, tune=tune, copy_budget_mb=copy_budget_mb)
 
 
-def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
-          copy_budget_mb: Optional[float]) -> nn.Module:
-    from .api import _set_module, structural_copy, tune_kernels_
-    from .fuse import fuse_activations_
-    from .layers import QLAYERS
-
+def check_header(path, header: dict, index: dict):
+    """The meaning of a LowBit header's model-independent fields, as loading checks them before building anything:
+    ``arch`` (``check_arch``), ``float_tensors``, the configs (rebuilt from the allowlist only, each of its slot's
+    type), ``num_train_timesteps``, a non-empty ``layers`` object, ``splits``. Returns (config, schedule,
+    num_train_timesteps, splits, float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs
+    it too, so it says what loading would say about a crafted header."""
     check_arch(path, header.get("arch"))
     fnames = _check_float_tensors(path, header, index)
     cfg = sched = None
@@ -953,12 +989,23 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
-    if any(isinstance(m, QuantLayer) for m in model.modules()):
-        _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
     splits = header.get("splits") or {}
     if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
         _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
+    return cfg, sched, T, splits, fnames
+
+
+def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bool, *, tune: bool,
+          copy_budget_mb: Optional[float]) -> nn.Module:
+    from .api import _set_module, structural_copy, tune_kernels_
+    from .fuse import fuse_activations_
+    from .layers import QLAYERS
+
+    cfg, sched, T, splits, fnames = check_header(path, header, index)
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        _fail(path, "the target model is already quantized", "apply the file to the full-precision UNet")
+    layers = header["layers"]
     fmods = dict(model.named_modules())
     for n, sizes in splits.items():
         m = fmods.get(n)

@@ -73,6 +73,8 @@ def ws(tmp_path):
     (w / "outdir").mkdir()
     (w / "outdir" / "demo_grid.png").write_bytes(b"a user's file")
     (w / "outdir2" / "demo_grid.png").mkdir(parents=True)
+    _safetensors(w / "cut.safetensors")
+    (w / "cut.safetensors").write_bytes((w / "cut.safetensors").read_bytes()[:20])  # cut inside its header
     return w
 
 
@@ -99,6 +101,12 @@ BAD = [
     (["demo", "--samples", "1"], ["--samples", "1 is out of range", "2..100_000"]),  # FID needs two samples
     (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
     (["demo", "--out", "outdir2"], ["demo_grid.png is a folder"]),
+    (["demo", "--out", ""], ["--out is empty", "--out out"]),
+    (["inspect", "cut.safetensors"], ["header runs past the end of the file", "truncated"]),  # load's words
+    (["ui", "--host", "999.1.1.1"], ["--host '999.1.1.1' is not an IP address", "127.0.0.1"]),
+    (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "model.diffusion_model"],
+     ["--prefix 'model.diffusion_model'", "ending in '.'", "did you mean model.diffusion_model.?"]),
+    (["export", "--comfy", "plain.safetensors", "o.safetensors", "--prefix", "bad prefix"], ["--prefix 'bad prefix'"]),
     (["demo", "--bits", "W8A8", "W4A16", "--methods", "recon+ptqd+vsc+mixed"],
      ["--bits W4A16 with --method recon+ptqd+vsc+mixed", "weight-only"]),
     (["quantize", "q.safetensors", "--bits", "W4A16", "--method", "recon+ptqd+vsc+mixed"],
@@ -292,6 +300,8 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     out = capsys.readouterr().out
     assert "lowbit.quantized_unet" in out and f"{len(header['layers'])} quantized layers" in out
     assert "QuantConfig" in out and "w_bits=8" in out and "W8A8" in out
+    # the method's name is not in the file: the line says what the file holds, not "method ..." (README)
+    assert "holds      quantized (W8A8)" in out and "\nmethod " not in out and "loads      yes" in out
     assert main(["inspect", p, "--layers"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in header["layers"])
@@ -407,3 +417,106 @@ def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
     save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
     assert main(["export", "--comfy", p, c, "--unet", str(folder)]) == 0
     assert os.path.getsize(c) > 0 and "wrote" in capsys.readouterr().out
+
+
+def test_write_grid_is_atomic_never_clobbers_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """The demo grid is written like LowBit's safetensors files: a failed write leaves no (0-byte) PNG that would
+    block the next run, and a file that appeared during the run is kept."""
+    import errno
+
+    from PIL import Image
+
+    from lowbit import recipes
+    from lowbit.quant.io import SaveError
+
+    img = Image.new("L", (4, 4))
+    path = str(tmp_path / "demo_grid.png")
+    recipes.write_grid(img, path)
+    assert Image.open(path).size == (4, 4) and os.listdir(tmp_path) == ["demo_grid.png"]
+    with pytest.raises(FileExistsError, match="appeared during the run"):
+        recipes.write_grid(Image.new("L", (8, 8)), path)
+    assert Image.open(path).size == (4, 4)
+
+    def full(self, fp, format=None, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    other = str(tmp_path / "other.png")
+    with pytest.raises(SaveError) as ei:
+        recipes.write_grid(img, other)
+    assert "\n" not in str(ei.value) and other in str(ei.value) and "No space left" in str(ei.value)
+    assert os.listdir(tmp_path) == ["demo_grid.png"]
+
+
+def test_demo_prints_the_table_before_a_failed_grid_save(tmp_path, capsys, monkeypatch):
+    """A grid that cannot be written costs the grid only: the results table is already on the screen, the error is
+    one line naming the file, exit status 1."""
+    from lowbit import recipes
+    from lowbit.quant.io import SaveError
+
+    row = dict(model="full precision", bits="fp32", weight_bytes=100, fid=1.0, acc=0.5, seconds=1.0)
+
+    def fake_demo(out_dir, on_rows=None, **kw):
+        on_rows([row])
+        raise SaveError(f"cannot save {out_dir}/demo_grid.png: writing failed (No space left on device)")
+
+    monkeypatch.setattr(recipes, "demo", fake_demo)
+    rc = main(["demo", "--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "| full precision | fp32 |" in cap.out
+    last = cap.err.strip().splitlines()[-1]
+    assert "demo_grid.png" in last and "No space left" in last and "Traceback" not in cap.err
+
+
+def test_unet_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys):
+    """diffusers' multi-line ``Cannot load ... expected shape`` (a config.json edited or copied from another model)
+    is one line naming the folder and the mismatch, for quantize and export."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    kw = dict(sample_size=16, in_channels=1, out_channels=1, num_class_embeds=11, layers_per_block=1,
+              norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path / "unet"
+    UNet2DModel(block_out_channels=(8, 16), **kw).save_pretrained(folder, safe_serialization=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 16]  # the weights are for (8, 16)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = str(tmp_path / "q.safetensors")
+    assert main(["quantize", out, "--unet", str(folder), "--calib-samples", "2", "--calib-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(folder) in err and "expected shape" in err and "config.json" in err and "If you want" not in err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(arch={"library": "diffusers", "class": "os.system", "config": {}}), ["arch class 'os.system'"]),
+    (dict(arch={"library": "builtins", "class": "UNet2DModel", "config": {}}), ["arch library 'builtins'"]),
+    (dict(config={"_type": "subprocess.Popen", "_version": 1, "_data": {}}), ["its config is not valid"]),
+    ({}, []),
+])
+def test_inspect_says_what_loading_says_about_a_crafted_header(tmp_path, capsys, change, words):
+    """inspect called a header with arch.class "os.system" loadable standalone ("standalone yes") while load refuses
+    it: it now runs loading's header checks (io.check_header) and prints loading's own words."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lowbit.quant.io import FORMAT
+
+    h = {"format": FORMAT, "format_version": 3, "layers": {"conv_in": {"kind": "QuantConv2d"}},
+         "float_tensors": ["x"], "arch": None, "config": None}
+    h.update(change)
+    p = str(tmp_path / "crafted.safetensors")
+    save_file({"__float__.x": torch.zeros(1)}, p, metadata={"lowbit": json.dumps(h)})
+    assert main(["inspect", p]) == 0
+    out = capsys.readouterr().out
+    if words:
+        assert "standalone yes" not in out and "loads      no: cannot load" in out
+        for w in words:
+            assert w in out, (w, out)
+    else:
+        assert "loads      yes" in out

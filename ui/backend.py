@@ -69,6 +69,17 @@ def check_int(key: str, value) -> int:
     return v
 
 
+def check_plan(bits: str, method: str) -> None:
+    """``bits`` with ``method`` builds a pipeline (the core's own checks: ``PipelineConfig.for_method``), said
+    before any calibration run: W4A16 with a ``+mixed`` method failed only after recording the calls."""
+    from ..quant import PipelineConfig
+
+    try:
+        PipelineConfig.for_method(method, bits)
+    except ConfigError as exc:
+        raise SettingError(f"bits {bits} with method {method}: {exc}") from None
+
+
 def check_choice(label: str, value, choices) -> str:
     if value not in choices:
         raise SettingError(f"{label} {value!r} is not available; choose one of {', '.join(map(str, choices))}")
@@ -139,6 +150,7 @@ class Backend:
         self.models_dir = os.path.abspath(models_dir)
         self.qmodel = None
         self.calls = None
+        self.calls_settings = None  # (samples, steps) the recorded calls were made with
         self.info = {}  # bits, method, source of the current quantized model
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -211,10 +223,23 @@ class Backend:
             raise SettingError("no quantized UNet yet: press Quantize (or load a saved one) first")
         return self.qmodel
 
-    def _calls(self, samples, steps, progress):
-        if self.calls is None:
-            samples, steps = (samples, steps) if samples else self.default_calib()
-            self.calls = self.record_calls(samples, steps, progress=self.progress_fn(progress, "calibration run"))
+    def _calib_settings(self, samples, steps):
+        """(samples, steps) for a job's calibration (each checked; None: left empty in the UI), or None to use the
+        calls already recorded. An empty one takes the default (``default_calib``); values that differ from the
+        recorded calls' settings record again (they were silently ignored once calls were cached)."""
+        samples = None if samples is None else check_int("calib_samples", samples)
+        steps = None if steps is None else check_int("calib_steps", steps)
+        if samples is None and steps is None and self.calls is not None:
+            return None
+        ds, dt = self.default_calib()
+        want = (ds if samples is None else samples, dt if steps is None else steps)
+        return None if (self.calls is not None and want == self.calls_settings) else want
+
+    def _calls(self, settings, progress):
+        """The calibration calls for ``settings`` (from :meth:`_calib_settings`; None: the recorded ones)."""
+        if settings is not None:
+            self.calls = self.record_calls(*settings, progress=self.progress_fn(progress, "calibration run"))
+            self.calls_settings = settings
         return self.calls
 
     def status(self) -> str:
@@ -239,6 +264,7 @@ class Backend:
         bits = check_choice("bits", bits, BITS_CHOICES)
         method = check_choice("method", method, self.methods())
         samples, steps = check_int("calib_samples", calib_samples), check_int("calib_steps", calib_steps)
+        check_plan(bits, method)
         from ..recipes import build
 
         with self._job():
@@ -250,21 +276,23 @@ class Backend:
             # (the pipeline's stages reach the bar, and Stop is honoured at each of their steps)
             built = build(self.make_setup(), method, bits, calls,
                           progress=self.progress_fn(progress, f"quantizing to {bits} ({method})"))
-            self.qmodel, self.calls = built.model, calls
+            self.qmodel, self.calls, self.calls_settings = built.model, calls, (samples, steps)
             self.info = {"bits": bits, "method": method}
             return f"quantized in {built.seconds:.1f} s from {len(calls)} recorded UNet calls. {self.status()}"
 
     def ptqd(self, bias_correction=True, correlation_correction=True, variance_calibration=True,
              calib_samples=None, calib_steps=None, progress=None) -> str:
-        samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
-        steps = None if calib_steps is None else check_int("calib_steps", calib_steps)
+        if not (bias_correction or correlation_correction or variance_calibration):
+            raise SettingError("PTQD: all three corrections (bias, correlation, variance) are off, so it would change "
+                               "nothing; tick at least one")
+        settings = self._calib_settings(calib_samples, calib_steps)
         from ..quant import PipelineConfig, PTQDConfig, get_stats, pipeline
 
         with self._job():
             q = self._require_q()
             cfg = PTQDConfig(bias_correction=bool(bias_correction), correlation_correction=bool(correlation_correction),
                              variance_calibration=bool(variance_calibration))
-            calls = self._calls(samples, steps, progress)
+            calls = self._calls(settings, progress)
             res = pipeline.run(self.fp_unet(), calls,
                                PipelineConfig(method="lp+ptqd+vsc" if cfg.variance_calibration else "lp+ptqd",
                                               ptqd=cfg),
@@ -278,8 +306,7 @@ class Backend:
     def fine_tune(self, ft_steps, ft_rank, ft_batch, calib_samples=None, calib_steps=None, progress=None) -> str:
         steps, rank, batch = (check_int("ft_steps", ft_steps), check_int("ft_rank", ft_rank),
                               check_int("ft_batch", ft_batch))
-        samples = None if calib_samples is None else check_int("calib_samples", calib_samples)
-        csteps = None if calib_steps is None else check_int("calib_steps", calib_steps)
+        settings = self._calib_settings(calib_samples, calib_steps)
         from ..quant import FinetuneConfig, PipelineConfig, get_stats, pipeline
 
         with self._job():
@@ -289,7 +316,7 @@ class Backend:
             cfg = PipelineConfig(method="efficientdm+ptqd" if old is not None else "efficientdm",
                                  finetune=FinetuneConfig(steps=steps, rank=rank, batch_size=batch),
                                  ptqd=old.config if old is not None else PipelineConfig().ptqd)
-            calls = self._calls(samples, csteps, progress)
+            calls = self._calls(settings, progress)
             res = pipeline.run(self.fp_unet(), calls, cfg, start=q,
                                progress=self.progress_fn(progress, "EfficientDM fine-tune"))
             last = res.info.get("finetune", {})

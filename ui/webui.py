@@ -197,7 +197,8 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
     """The AlwaysVisible script's hook (Forge): install the quantized UNet for this sampling pass."""
     if not enabled:
         return
-    from ..quant.config import METHODS, arg_spec
+    from ..quant.config import METHODS
+    from .backend import check_int, check_plan
 
     if bits == FROM_TAB:
         tab = SHARED.tab_backend
@@ -214,9 +215,13 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
         raise SettingError(f"LowBit bits {bits!r} is not available; choose one of {', '.join(SCRIPT_BITS)}")
     if method not in METHODS:
         raise SettingError(f"LowBit method {method!r} is not available; choose one of {', '.join(METHODS)}")
-    # the one set of limits (quant/config.py), the same in every host
-    samples = arg_spec("calib_samples").check(int(calib_samples), "LowBit")
-    steps = arg_spec("calib_steps").check(int(calib_steps), "LowBit")
+    # the one set of limits (quant/config.py), the same in every host, checked once: an empty field, text or a
+    # fraction is refused naming the setting (int() said "invalid literal for int()" or truncated 2.7 to 2)
+    try:
+        samples, steps = check_int("calib_samples", calib_samples), check_int("calib_steps", calib_steps)
+        check_plan(bits, method)  # (before the calibration runs, not after them)
+    except SettingError as exc:
+        raise SettingError(f"LowBit {exc}") from None
     patcher = p.sd_model.forge_objects.unet
     key = (checkpoint_key(p.sd_model), lora_key(patcher), bits, method, samples, steps)
     with SHARED.lock:

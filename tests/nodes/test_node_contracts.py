@@ -517,3 +517,16 @@ def test_save_node_warns_when_the_file_cannot_load_without_a_model(tmp_path, mon
         text = nio.LowBitSaveQuantizedUNet().save(None, "u")["ui"]["text"]
         assert text[0].startswith("saved models/lowbit/")
         assert any(nio.UNRECORDED in t for t in text) == warned, text
+
+
+def test_stale_texts_say_what_the_code_does():
+    """The schedule mode's refusal named a missing auto_schedule (it exists); the report tooltip said edge layers
+    are kept at 8 bits (the measured default keeps layers in float too); the fine-tune page gave a fixed
+    "step size / 2500" rate (lora_lr derives it) and said the node logs no stages (it does)."""
+    with pytest.raises(ValueError) as ei:
+        sch.check_schedule_settings(mode="bogus")
+    assert "does not have" not in str(ei.value) and sch.MODE_AUTO in str(ei.value)
+    tip = MAPPINGS["LowBitQuantizeUNet"].OUTPUT_TOOLTIPS[1]
+    assert "measured" in tip and "float" in tip
+    doc = (REPO / "web" / "docs" / "LowBitEfficientDMFinetune.md").read_text()
+    assert "2500" not in doc and "no per-step lines" not in doc and "lora_lr" in doc

@@ -116,3 +116,39 @@ def test_unwritable_folder_is_a_save_error_before_anything_is_written(qmodel):
     with pytest.raises(LowBitError, match=r"folder /proc.*choose a writable folder") as ei:
         save(qmodel, "/proc/lowbit-q.safetensors")
     assert isinstance(ei.value, OSError) and "\n" not in str(ei.value) and ".tmp" not in str(ei.value)
+
+
+@pytest.mark.parametrize("how", ["safetensors", "oserror"])
+def test_a_write_error_is_a_one_line_save_error_and_leaves_nothing(qmodel, tmp_path, monkeypatch, how):
+    """A full disk while writing (safetensors wraps the OS error in its own SafetensorError) is a SaveError naming
+    the file and the OS's reason, not the writer's traceback; no temporary or partial file is left."""
+    import errno
+
+    import safetensors
+    import safetensors.torch as stt
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if how == "safetensors":
+            raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stt, "save_file", full)
+    dest = tmp_path / "full.safetensors"
+    with pytest.raises(qio.SaveError) as ei:
+        save(qmodel, str(dest))
+    msg = str(ei.value)
+    assert "\n" not in msg and str(dest) in msg and "No space left on device" in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_refuses_a_name_that_is_not_safetensors_and_load_names_a_folder(qmodel, unet, tmp_path):
+    """save(q, "a.pt") wrote safetensors under a pickle name (the CLI refuses it); load(model, folder) said "no such
+    file"."""
+    with pytest.raises(qio.SaveError, match=r"must end in \.safetensors, e\.g\. .*a\.safetensors"):
+        save(qmodel, str(tmp_path / "a.pt"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(LowBitError, match="it is a folder"):
+        load(unet, str(tmp_path))

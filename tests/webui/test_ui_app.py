@@ -70,6 +70,10 @@ def test_build_blocks_constructs_on_default_backend(tmp_path):
     (lambda b: b.compare("3", 1, 0, 1), ["sampling steps", "1..1000"]),
     (lambda b: b.fine_tune(0, 4, 2), ["fine-tune steps"]),
     (lambda b: b.save("../escape"), ["file name"]),
+    # the pipeline's own checks, before ~18 s of calibration runs (it failed after them)
+    (lambda b: b.quantize("W4A16", "recon+ptqd+vsc+mixed", 1, 2), ["W4A16", "recon+ptqd+vsc+mixed", "weight-only"]),
+    (lambda b: b.ptqd(False, False, False), ["all three corrections", "tick at least one"]),
+    (lambda b: b.ptqd(True, True, True, 2.7, 3), ["calibration samples", "whole number"]),
 ])
 def test_settings_are_validated_before_any_work(tmp_path, call, words):
     """Every message names the setting and the allowed range/choices; no model is loaded to say so."""
@@ -311,3 +315,64 @@ def test_from_tab_with_the_prompts_loras_is_refused(monkeypatch):
     patcher.lora_patches = {}
     webui.process_before_every_sampling(p, True, webui.FROM_TAB, "naive", 1, 1)
     assert len(installed) == 1
+
+
+def test_calibration_settings_fill_defaults_and_record_again_when_changed(tmp_path, monkeypatch):
+    """PTQD / Fine-tune calibration fields: an empty one takes the default (an empty steps field reached the core as
+    ``steps=None``; an empty samples field replaced both by the defaults), and values that differ from the recorded
+    calls' record again (they were silently ignored once calls were cached)."""
+    b = DefaultModelBackend(models_dir=str(tmp_path), setup=object())
+    assert b.default_calib() == (8, 10)
+    assert b._calib_settings(2, None) == (2, 10)
+    assert b._calib_settings(None, 2) == (8, 2)
+    assert b._calib_settings(None, None) == (8, 10)
+    b.calls, b.calls_settings = ["recorded"], (2, 3)
+    assert b._calib_settings(None, None) is None and b._calib_settings(2, 3) is None  # the recorded ones
+    assert b._calib_settings(4, 3) == (4, 3)
+    with pytest.raises(SettingError, match="calibration steps"):
+        b._calib_settings(2, "abc")
+
+    seen = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(samples, steps, progress=None):
+        seen.append((samples, steps))
+        raise Recorded
+
+    monkeypatch.setattr(b, "record_calls", record)
+    b.qmodel = object()
+    with pytest.raises(Recorded):
+        b.ptqd(True, True, True, 4, None)
+    assert seen == [(4, 10)]
+
+
+@pytest.mark.parametrize("samples, steps, words", [
+    (None, 2, ["LowBit calibration samples", "1..1024", "None"]),
+    ("abc", 2, ["LowBit calibration samples", "whole number", "'abc'"]),
+    (2.7, 2, ["LowBit calibration samples", "whole number", "2.7"]),
+    (2, 0, ["LowBit calibration steps", "1..1000"]),
+])
+def test_forge_script_numbers_are_checked_naming_the_setting(monkeypatch, samples, steps, words):
+    """The Forge script's number fields: an empty field or text gave Python's own words (int() of None), and 2.7
+    was truncated to 2; each is refused once, naming the setting and its range."""
+    import types
+
+    from lowbit.ui import webui
+
+    monkeypatch.setattr(webui, "calibrate_in_generation", lambda *a: pytest.fail("calibrated"))
+    with pytest.raises(SettingError) as ei:
+        webui.process_before_every_sampling(types.SimpleNamespace(), True, "W8A8", "naive", samples, steps)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_forge_script_checks_the_plan_before_calibrating(monkeypatch):
+    import types
+
+    from lowbit.ui import webui
+
+    monkeypatch.setattr(webui, "calibrate_in_generation", lambda *a: pytest.fail("calibrated"))
+    with pytest.raises(SettingError, match="weight-only"):
+        webui.process_before_every_sampling(types.SimpleNamespace(), True, "W4A16", "recon+ptqd+vsc+mixed", 1, 2)
