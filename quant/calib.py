@@ -225,9 +225,21 @@ _NEEDS_PREDICTION = ("the PTQD correction, EfficientDM and the measured precisio
                      "quantize it with method lp or recon and precision='rules'")
 
 
+def prediction_key(out: dict):
+    """The key of a dict output that holds the prediction (a tensor, or per-sample tensors of one shape): ``"sample"``
+    (diffusers' name), else the dict's only entry holding any tensor (a researcher model's ``{"x": pred}``); None
+    where that is ambiguous (several entries hold tensors, none is ``"sample"``: a ControlNet's ``ControlNetOutput``
+    holds its down residuals beside one mid residual) or there is none."""
+    if torch.is_tensor(stacked(out.get("sample"))):
+        return "sample"
+    keys = [k for k, v in out.items() if _has_tensor(v)]
+    return keys[0] if len(keys) == 1 and torch.is_tensor(stacked(out[keys[0]])) else None
+
+
 def unet_output(out) -> torch.Tensor:
-    """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple); a list of
-    per-sample predictions of one shape (diffusers' Z-Image) is stacked into a batch."""
+    """The prediction tensor of a UNet call (diffusers returns an object with ``.sample`` or a tuple; a plain dict is
+    read at ``prediction_key``); a list of per-sample predictions of one shape (diffusers' Z-Image) is stacked into a
+    batch."""
     if torch.is_tensor(out):
         return out
     v = None
@@ -235,21 +247,32 @@ def unet_output(out) -> torch.Tensor:
         v = stacked(out.sample)
     elif isinstance(out, (tuple, list)) and out:
         v = stacked(out[0])
+    elif isinstance(out, dict) and prediction_key(out) is not None:
+        v = stacked(out[prediction_key(out)])
     if torch.is_tensor(v):
         return v
     if isinstance(v, (tuple, list)) and v and all(torch.is_tensor(t) for t in v):
-        raise TypeError(f"the model returns {len(v)} tensors of different shapes, not one prediction (a ControlNet's "
-                        f"residuals?): {_NEEDS_PREDICTION}")
-    raise TypeError(f"cannot read the prediction from a UNet output of type {type(out).__name__}")
+        raise TypeError(f"the model returns {len(v)} tensors of different shapes, not one prediction (an output "
+                        f"of another kind: a ControlNet's residuals, features, ...): {_NEEDS_PREDICTION}")
+    what = type(out).__name__ + (f" with keys {list(out)[:8]}" if isinstance(out, dict) else "")
+    raise TypeError(f"cannot read the prediction from a model output of type {what}: {_READABLE} (or wrap the model "
+                    "so it does); without a readable prediction, quantize it with method lp or recon and "
+                    "precision='rules' (PTQD, EfficientDM and the measured precision plan read the prediction)")
+
+
+_READABLE = ("return the prediction as a tensor, as the first element of a tuple / list, as .sample of an object, or "
+             "in a dict under 'sample' or as its only tensor")
 
 
 def check_prediction(out, sample) -> None:
     """``out`` (a model call's output) holds one prediction per sample of ``sample`` (the call's noisy input): a
-    TypeError saying what it holds otherwise (a ControlNet's residuals, a tuple of block outputs)."""
+    TypeError saying what it holds otherwise (a ControlNet's residuals, a transformer's token logits, a tuple of
+    block outputs)."""
     pred = unet_output(out)
     if sample is not None and (pred.dim() != sample.dim() or pred.shape[0] != sample.shape[0]):
         raise TypeError(f"the model's output {list(pred.shape)} is not one prediction per sample of its input "
-                        f"{list(sample.shape)} (a ControlNet's residuals?): {_NEEDS_PREDICTION}")
+                        f"{list(sample.shape)} (an output of another kind: a ControlNet's residuals, token logits, "
+                        f"features, ...): {_NEEDS_PREDICTION}")
 
 
 def stacked(v):

@@ -133,7 +133,10 @@ class ActQuantizer(nn.Module):
         self.tgrid = new
 
     # ---- calibration statistics (bounded memory: exact min/max + a fixed-size random reservoir) ----
-    def observe(self, x: torch.Tensor, t: Optional[float]):
+    def observe(self, x: torch.Tensor, t: Optional[float], layer: Optional[str] = None):
+        """Add ``x`` (the input of quantized layer ``layer``) to the statistics of its timestep bin; NaN/Inf in it
+        raise ``NumericalError`` naming the layer: layers observe in the order they run, so it is the first quantized
+        layer reached by non-finite values (they come from its inputs: the layers or operations before it)."""
         if self._obs is None:
             self._obs = {}
         k = len(self.tgrid)
@@ -142,8 +145,9 @@ class ActQuantizer(nn.Module):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             from .errors import NumericalError
 
-            raise NumericalError("NaN/Inf in an activation during calibration (timestep %s); check the "
-                                 "calibration inputs and the float model" % t)
+            where = f"the input of layer {layer!r} (the first quantized layer they reach)" if layer else "an activation"
+            raise NumericalError(f"NaN/Inf in {where} during calibration (timestep {t}); check the calibration inputs "
+                                 "and the float model (what runs before that layer)")
         flat = x.detach().reshape(-1)
         n = min(flat.numel(), RESERVOIR // 4)
         if self._gen is None:  # fixed seed: the same calibration data gives the same scales
@@ -535,7 +539,7 @@ class QuantLayer(nn.Module):
                             "bf16, fp16)")
         ctx = self._ctx[0]
         if ctx is not None and ctx.observing and self.act is not None:
-            self.act.observe(x, ctx.t)
+            self.act.observe(x, ctx.t, self.name)
         if self._modules.get("packed") is not None:  # deployed
             return self._deployed_forward(x, post)
         if ctx is not None and (not ctx.quant_enabled or self.name in ctx.float_layers):

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .calib import Call, keyed, model_device_dtype, require_timesteps, stacked, unet_output
+from .calib import (_READABLE, Call, keyed, model_device_dtype, prediction_key, require_timesteps, stacked,
+                    unet_output)
 from .config import PTQDConfig
 from .context import get_context, sample_of_call
 from .profiles import get_profile
@@ -242,10 +243,15 @@ class PTQDOutputHook:
             if first is not None:
                 rest = (first,) + tuple(out[1:])
                 return rest if isinstance(out, tuple) else list(rest)
+        if isinstance(out, dict) and prediction_key(out) is not None:  # a plain dict: {"x": pred}, {"sample": ...}
+            k = prediction_key(out)
+            pred = stacked(out[k])
+            corrected = stats.correct(pred, ctx.t, x, cd)
+            out[k] = corrected if torch.is_tensor(out[k]) else type(out[k])(corrected.unbind(0))
+            return out
         # (calib.unet_output, which the statistics were collected through, reads the same outputs)
         raise TypeError(f"PTQD correction: cannot read the prediction from a model output of type "
-                        f"{type(out).__name__} (expected a tensor, an object with .sample, or a tuple / list whose "
-                        "first element is the prediction or a list of per-sample predictions of one shape)")
+                        f"{type(out).__name__}: {_READABLE}")
 
 
 def attach_stats(qmodel, stats: Optional[PTQDStats], active: bool = True):

@@ -10,6 +10,15 @@ regulariser, with activations left in float (the weight pass). Then activation s
 the reconstructed model (the model's ``a_init``: the L_p (p=2.4) search by default) and, if
 ``ReconConfig.act_iters`` > 0, learned unit by unit (the activation pass, ``reconstruct_activations``).
 
+Units whose inputs have no float targets are not fitted (``unpaired``): a unit fits its quantized-side inputs
+against the float model's outputs row by row, which pairs them only where both models give the unit the same rows.
+They do not where the rows a unit gets depend on the model's own values: a routed mixture-of-experts expert (top-k
+routing sends other tokens, often another number of them, to an expert once the router's inputs are quantized;
+HiDream, Nucleus-MoE) or any unit whose captured inputs differ in shape between the two models, or that one model
+calls on a calibration call and the other does not. Such units keep their initial rounding and step sizes (lp /
+min-max), and the model's report (``pipeline.describe``) says why, rather than fitting rows of different tokens
+against each other (silently wrong where the counts happen to match) or crashing where they do not.
+
 Memory stays bounded: only one unit's inputs/targets are cached at a time (fp16, CPU), recomputed by
 partial forward passes that stop right after the unit (never every block's activations at once).
 Transactional (``transaction.py``): a cancelled or failing call leaves ``qmodel`` bit-identical, so no layer is
@@ -24,7 +33,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .calib import Call, _to_model, _to_store, batch_rows, keyed, model_device_dtype, probe_call
+from .calib import Call, _to_model, _to_store, batch_rows, keyed, map_tensors, model_device_dtype, probe_call
 from .config import ReconConfig
 from .context import get_context
 from .errors import ConfigError, LowBitError
@@ -142,8 +151,9 @@ def _relative_unit_loss(out, tgt, p: float) -> torch.Tensor:
     return _unit_loss(out, tgt, p) / size
 
 
-def _capture(model, unit_name, call: Call, want: str):
-    """Run ``model`` on ``call`` until unit ``unit_name``; return its (args, kwargs) or its output."""
+def _capture(model, unit_name, call: Call, want: str, in_shapes: list = None):
+    """Run ``model`` on ``call`` until unit ``unit_name``; return its (args, kwargs) or its output (None if the call
+    never reaches the unit). ``in_shapes`` (with ``want="output"``): receives ``_shapes`` of the unit's inputs."""
     unit = model.get_submodule(unit_name)
     box = {}
 
@@ -158,6 +168,8 @@ def _capture(model, unit_name, call: Call, want: str):
 
     def post(mod, args, kwargs, out):
         if want == "output":
+            if in_shapes is not None:
+                in_shapes.append(_shapes((args, kwargs)))
             box["v"] = _to_store(_out_tensors(out), torch.float16, what, fix)
             raise _Stop
 
@@ -195,10 +207,60 @@ def _unit_layers(unit):
     return [unit] if isinstance(unit, QuantLayer) else [m for m in unit.modules() if isinstance(m, QuantLayer)]
 
 
+def _shapes(tree) -> list:
+    """The shapes of every tensor in ``tree`` (nested dicts / lists / tuples), in order."""
+    out = []
+    map_tensors(tree, lambda t: out.append(tuple(t.shape)))
+    return out
+
+
+def routed_expert(unit_name: str) -> bool:
+    """Whether the unit is (inside) one expert of a mixture-of-experts list (a path segment ``experts`` followed by
+    an index: HiDream's ``ff_i.experts.0.w1``; a shared expert, ``shared_experts.w1``, sees every token)."""
+    parts = unit_name.split(".")
+    return any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))
+
+
 def _unit_data(fp_model, qmodel, uname, calls):
-    """The unit's cached inputs in the quantized model and its outputs in the float model, one per call."""
-    return ([_capture(qmodel, uname, c, "input") for c in calls],
-            [_capture(fp_model, uname, c, "output") for c in calls])
+    """``(inputs, targets, calls, None)``: the unit's cached inputs in the quantized model and its outputs in the float
+    model, one per call that reaches the unit in both; or ``(None, None, None, why)`` for a unit whose quantized-side
+    inputs do not pair with the float-side rows (``unpaired``, see the module docstring): a routed expert (by name:
+    equal row counts do not make the same tokens), a unit one model calls and the other not, or whose inputs differ
+    in shape between the two models (the float side's input shapes come with its output capture: no extra pass)."""
+    if routed_expert(uname):
+        return None, None, None, ("a routed mixture-of-experts expert: the router may send it other tokens in the "
+                                  "quantized model than in the float one, so its inputs have no float targets")
+    inputs, targets, kept = [], [], []
+    for c in calls:
+        fp_in = []
+        inp, tgt = _capture(qmodel, uname, c, "input"), _capture(fp_model, uname, c, "output", fp_in)
+        if inp is None and tgt is None:  # not reached on this call by either model: nothing to pair
+            continue
+        if inp is None or tgt is None or _shapes(inp) != fp_in[0]:
+            got = "not called" if inp is None else "inputs " + ", ".join(str(list(x)) for x in _shapes(inp))
+            ref = "not called" if tgt is None else "inputs " + ", ".join(str(list(x)) for x in fp_in[0])
+            return None, None, None, (f"its inputs differ between the quantized and the float model (timestep {c.t}: "
+                                      f"{got} vs {ref}; the rows it gets depend on the model's values, e.g. routing)")
+        inputs.append(inp)
+        targets.append(tgt)
+        kept.append(c)
+    if not kept:
+        return None, None, None, "not reached on any calibration call"
+    return inputs, targets, kept, None
+
+
+def _note_unpaired(qmodel, unit, why: str) -> None:
+    """Record in the model's report (``pipeline.describe``) that ``unit``'s layers were not reconstructed, and why."""
+    ctx = get_context(qmodel)
+    rows = {r["name"]: r for r in ctx.report}
+    note = f"not reconstructed: {why}; initial rounding and step sizes kept"
+    for l in _unit_layers(unit):
+        r = rows.get(l.name)
+        if r is None:
+            ctx.report.append(dict(name=l.name, kind="conv" if len(l.weight_shape) == 4 else "linear", mode="quant",
+                                   w_bits=l.w_bits, a_bits=l.a_bits, reason=note[:500]))
+        elif "not reconstructed" not in r["reason"]:
+            r["reason"] = f"{r['reason']}; {note}"[:500]
 
 
 def _draw(inputs, targets, config: ReconConfig, g, dev, dt):
@@ -255,7 +317,11 @@ def _reconstruct(fp_model, qmodel, calls, config, progress, seed):
                 continue
             ctx.act_enabled = False
             try:
-                inputs, targets = _unit_data(fp_model, qmodel, uname, calls)
+                inputs, targets, _, why = _unit_data(fp_model, qmodel, uname, calls)
+                if why is not None:
+                    _note_unpaired(qmodel, unit, why)
+                    st.step(config.weight_iters)
+                    continue
                 for l in layers:
                     l.modifier = AdaRound(l).to(l.weight.device)
                 params = [l.modifier.alpha for l in layers]
@@ -348,16 +414,22 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
             if not scales:
                 st.step(config.act_iters)
                 continue
-            inputs, targets = _unit_data(fp_model, qmodel, uname, calls)
+            inputs, targets, ucalls, why = _unit_data(fp_model, qmodel, uname, calls)
+            if why is not None:
+                _note_unpaired(qmodel, unit, why)
+                for sc in scales:
+                    sc.requires_grad_(False)
+                st.step(config.act_iters)
+                continue
             opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.act_iters, eta_min=0.0)
             saved_t = ctx.t
             kept = [sc.detach().clone() for sc in scales]
             try:
-                loss0 = _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt)
+                loss0 = _unit_eval_loss(unit, inputs, targets, ucalls, config, ctx, dev, dt)
                 for _ in range(config.act_iters):
                     i, a, kw, tgt = _draw(inputs, targets, config, g, dev, dt)
-                    ctx.t = calls[i].t  # the step size at this call's timestep
+                    ctx.t = ucalls[i].t  # the step size at this call's timestep
                     loss = _relative_unit_loss(unit(*a, **kw), tgt, config.p_act)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -369,7 +441,7 @@ def _reconstruct_activations(fp_model, qmodel, calls, config, units, progress, s
                     st.step(loss=float(loss.detach()))
                 # the learned step sizes stay only where they lower the unit's loss on all the calibration data
                 # (a mini-batch trajectory can end worse than the L_p search it started from)
-                if not _unit_eval_loss(unit, inputs, targets, calls, config, ctx, dev, dt) < loss0:  # NaN too
+                if not _unit_eval_loss(unit, inputs, targets, ucalls, config, ctx, dev, dt) < loss0:  # NaN too
                     with torch.no_grad():
                         for sc, k in zip(scales, kept):
                             sc.copy_(k)

@@ -518,3 +518,45 @@ def test_casts_keep_scales_exact_and_float_weights_follow_the_model():
                 layer.act.__dict__.pop("_tables_version", None)
         q.float()
         q(*a, **kw)
+
+
+def test_an_unreadable_output_names_what_is_read_and_the_method_that_works():
+    """A dict of several tensors, none under "sample", holds no prediction LowBit can pick: the default method's
+    error says which outputs are read and names the method that works without one (which then runs)."""
+    from lowbit.quant import PipelineConfig, ReconConfig, pipeline
+
+    from test_ptqd import _DictNet, _dict_calls
+
+    m = _DictNet(extra="pred")
+    calls = _dict_calls(m)
+    with pytest.raises(ConfigError, match=r"type dict with keys \['pred', 'features'\]: .*under 'sample'.*"
+                                          r"method lp or recon and precision='rules'"):
+        pipeline.run(m, calls, PipelineConfig.for_method("lp", "W8A8"))
+    for method, kw in (("lp", {}), ("recon", dict(recon=ReconConfig(weight_iters=2, act_iters=0)))):
+        assert pipeline.run(m, calls, PipelineConfig.for_method(method, "W8A8", precision="rules", **kw)).model
+
+
+def test_a_refusal_of_token_logits_does_not_guess_a_controlnet():
+    """A masked-token transformer (aMUSEd's UVit2D) predicts logits over a codebook for token ids, not a prediction of
+    its input's shape: the refusal used to guess '(a ControlNet's residuals?)'; it names the kinds of output it may be
+    and keeps the fix."""
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder, PipelineConfig, pipeline
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(32, 8), nn.Linear(8, 32)
+
+        def forward(self, sample, timestep):  # token ids (B, H, W) -> logits (B, vocab, H, W)
+            return self.head(self.emb(sample)).permute(0, 3, 1, 2) * (timestep.view(-1, 1, 1, 1) / 1000)
+
+    m = Logits().eval()
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (900.0, 500.0):
+            m(torch.randint(0, 32, (2, 4, 4)), torch.full((2,), t))
+    with pytest.raises(ConfigError, match=r"\[2, 32, 4, 4\] is not one prediction per sample of its input \[2, 4, 4\] "
+                                          r"\(an output of another kind: .*token logits.*precision='rules'") as e:
+        pipeline.run(m, rec.calls, PipelineConfig.for_method("lp+ptqd", "W8A8"))
+    assert "?" not in str(e.value)

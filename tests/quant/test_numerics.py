@@ -150,3 +150,25 @@ def test_store_keeps_range_and_refuses_non_finite():
     assert _store_tensor(torch.tensor([1e39], dtype=torch.float64), torch.float32).dtype == torch.float64
     with pytest.raises(NumericalError, match="NaN/Inf in the input of block"):
         _store_tensor(torch.tensor([1.0, float("-inf")]), torch.float16, "the input of block 'x'", "fix it")
+
+
+def test_nan_during_calibration_names_the_first_layer_it_reaches():
+    """An activation overflowing between two layers at one timestep: the error names the first quantized layer whose
+    input is not finite (it said only 'NaN/Inf in an activation during calibration (timestep 0.95)')."""
+    from lowbit.quant import CallRecorder
+
+    class Overflow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x, timestep):
+            h = self.a(x) * torch.where(timestep > 800, 1e30, 1.0).view(-1, 1)
+            return self.c(self.b(h * h))  # inf at t = 900 only
+
+    m = Overflow().eval().requires_grad_(False)
+    with CallRecorder(m, store_dtype=None) as rec, torch.no_grad():
+        for t in (500.0, 900.0):
+            m(torch.randn(2, 8), torch.full((2,), t))
+    with pytest.raises(NumericalError, match=r"NaN/Inf in the input of layer 'b' .* during calibration \(timestep 900"):
+        quantize(m, QuantConfig.preset("W8A8"), rec.calls)

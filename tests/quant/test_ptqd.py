@@ -192,3 +192,49 @@ def test_ptqd_corrects_predictions_in_any_container_the_statistics_were_read_fro
     from lowbit.quant.calib import unet_output
 
     assert not torch.equal(unet_output(on), unet_output(off))
+
+
+class _DictNet(torch.nn.Module):
+    """A researcher's denoiser returning a plain dict: ``{"x": prediction}`` (``extra``: another tensor beside it)."""
+
+    def __init__(self, extra=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1)
+        self.temb, self.extra = torch.nn.Linear(1, 16), extra
+        self.eval().requires_grad_(False)
+
+    def forward(self, x, *, t):
+        h = torch.nn.functional.silu(self.inp(x) + self.temb(t.float().view(-1, 1) / 1000)[:, :, None, None])
+        y = self.out(h)
+        return {"x": y} if self.extra is None else {self.extra: y, "features": h}
+
+
+def _dict_calls(m):
+    g = torch.Generator().manual_seed(1)
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (900.0, 500.0, 100.0):
+            m(torch.randn(2, 4, 6, 6, generator=g), t=torch.full((2,), t))
+    return rec.calls
+
+
+@pytest.mark.parametrize("extra", [None, "sample"])
+def test_a_dict_output_is_read_corrected_and_deployed(extra):
+    """A plain dict output is read at its only tensor or at "sample" (the default method refused it: 'cannot read
+    the prediction from a UNet output of type dict'): quantized with the measured plan and PTQD, the correction
+    changes the dict's prediction in place of the dict, and the deployed model stays close to the float one."""
+    from lowbit.quant import PipelineConfig, pipeline
+
+    key = extra or "x"
+    m = _DictNet(extra)
+    q = pipeline.run(m, _dict_calls(m), PipelineConfig.for_method("lp+ptqd", "W8A8")).model
+    assert get_stats(q) is not None
+    x, t = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5)), torch.full((2,), 450.0)
+    with torch.no_grad():
+        ref, on = m(x, t=t)[key], q(x, t=t)
+        attach_stats(q, get_stats(q), active=False)
+        off = q(x, t=t)
+        attach_stats(q, get_stats(q), active=True)
+        dep = deploy_(q)(x, t=t)
+    assert type(on) is dict and set(on) == set(m(x, t=t)) and not torch.equal(on[key], off[key])
+    assert float((dep[key] - ref).norm() / ref.norm()) < 0.1

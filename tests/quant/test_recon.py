@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lowbit.quant import QuantConfig, ReconConfig, get_context, quant_layers, quantize, reconstruct
@@ -89,3 +90,72 @@ def test_training_stages_run_on_a_hosts_inference_tensors():
         res = pipeline.run(fp, calls, cfg)
     assert res.model is not None and all(p.is_inference() for p in fp.parameters())
     assert calls[0].args[0].is_inference()
+
+
+class _ToyMoE(torch.nn.Module):
+    """Tokens through a top-1 routed mixture of two experts (HiDream, Nucleus-MoE): which rows an expert gets depends
+    on the router's input, which quantizing ``proj_in`` changes. ``experts``: the name of the expert list."""
+
+    def __init__(self, experts="experts", d=16):
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.proj_in, self.temb, self.router, self.proj_out = nn.Linear(d, d), nn.Linear(1, d), nn.Linear(d, 2), \
+            nn.Linear(d, d)
+        self.list_name = experts
+        setattr(self, experts, nn.ModuleList(nn.Linear(d, d) for _ in range(2)))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x, timestep):
+        h = self.proj_in(x) + self.temb(timestep.float().view(-1, 1, 1) / 1000)
+        flat = h.reshape(-1, h.shape[-1])
+        pick = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for i, e in enumerate(getattr(self, self.list_name)):
+            rows = (pick == i).nonzero().squeeze(1)
+            if len(rows):
+                out[rows] = e(flat[rows])
+        return self.proj_out(out.view_as(h))
+
+
+def _moe_calls(m):
+    from lowbit.quant import CallRecorder
+
+    g = torch.Generator().manual_seed(1)
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (900, 500, 100):
+            m(torch.randn(2, 32, 16, generator=g), torch.tensor([t, t]))
+    return rec.calls
+
+
+@pytest.mark.parametrize("experts", ["experts", "mixture"])
+def test_routed_experts_are_not_fitted_against_other_tokens(experts):
+    """Top-k routing sends other tokens (here another number of them) to an expert in the quantized model than in the
+    float one: the experts keep their initial rounding, say why in the report, and everything else is reconstructed
+    (it crashed in lp_loss on the row counts). An expert list named ``experts`` is known by name (equal counts would
+    still be other tokens); another name, by its inputs' shapes differing between the two models."""
+    from lowbit.quant import pipeline
+    from lowbit.quant.recon import _capture
+
+    fp = _ToyMoE(experts)
+    calls = _moe_calls(fp)
+    q = quantize(fp, QuantConfig.preset("W4A8"), calls)
+    get_context(q).act_enabled = False
+    rows = [(_capture(q, f"{experts}.0", c, "input")[0][0].shape[0], _capture(fp, f"{experts}.0", c, "output")[0]
+             .shape[0]) for c in calls]
+    get_context(q).act_enabled = True
+    assert any(a != b for a, b in rows), rows  # the case this test is about: routing differs
+    reconstruct(fp, q, calls, ReconConfig(weight_iters=3, act_iters=3, batch_size=2))
+    for name, layer in quant_layers(q):
+        assert (layer.modifier is None) == name.startswith(experts + "."), name
+    lines = "\n".join(pipeline.describe(q))
+    why = "routed mixture-of-experts expert" if experts == "experts" else "inputs differ between the quantized"
+    assert lines.count("(not reconstructed: ") == 2 and lines.count(why) == 2, lines
+
+
+def test_routed_expert_names():
+    from lowbit.quant.recon import routed_expert
+
+    assert routed_expert("single_stream_blocks.0.block.ff_i.experts.0.w1") and routed_expert("moe.experts.3")
+    assert not routed_expert("ff_i.shared_experts.w1") and not routed_expert("experts") \
+        and not routed_expert("blocks.0.experts_gate")
