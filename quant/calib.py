@@ -260,6 +260,22 @@ def unet_output(out) -> torch.Tensor:
                     "precision='rules' (PTQD, EfficientDM and the measured precision plan read the prediction)")
 
 
+def prediction_outputs(out) -> List[torch.Tensor]:
+    """Every prediction a call returns: :func:`unet_output`'s first, then each further floating tensor of at least 2
+    dimensions with its batch size that a tuple / list output (first element a tensor) or a diffusers output object
+    (beside ``.sample``) holds: LTX-2 returns its audio prediction beside the video one, which the measured precision
+    plan must see (found by audit: its audio projection was quantized unmeasured, 15x the video's error)."""
+    first = unet_output(out)
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        rest = list(out[1:])
+    elif torch.is_tensor(getattr(out, "sample", None)) and callable(getattr(out, "items", None)):
+        rest = [v for k, v in out.items() if k != "sample"]
+    else:
+        rest = []
+    return [first] + [v for v in rest if torch.is_tensor(v) and v.is_floating_point() and v.dim() >= 2
+                      and v.shape[0] == first.shape[0]]
+
+
 _READABLE = ("return the prediction as a tensor, as the first element of a tuple / list, as .sample of an object, or "
              "in a dict under 'sample' or as its only tensor")
 

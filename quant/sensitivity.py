@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .calib import Call, model_device_dtype, run_calls, timestep_aware_subset, unet_output
+from .calib import Call, model_device_dtype, prediction_outputs, run_calls, timestep_aware_subset
 from .config import ACT_BITS_NONE, LayerRule, QuantConfig
 from .progress import Stage
 
@@ -47,16 +47,24 @@ SCREEN_PROBES = 8
 SHORTLIST = 16
 
 
-def _rel_error(fp_outs: List[torch.Tensor], model, calls: Sequence[Call]) -> float:
-    num = den = 0.0
+def _energies(fp_outs: List[List[torch.Tensor]]) -> List[float]:
+    """Per prediction of the calls (``prediction_outputs``), its squared norm summed over the calls."""
+    return [sum(float(refs[i].pow(2).sum()) for refs in fp_outs) for i in range(len(fp_outs[0]))]
+
+
+def _rel_error(fp_outs: List[List[torch.Tensor]], model, calls: Sequence[Call]) -> float:
+    """Squared relative error of ``model``'s predictions against the float ones, summed over the predictions a call
+    returns (each relative to its own energy, so a small second output such as LTX-2's audio counts as much as the
+    first; one prediction: the plain relative error)."""
+    den = _energies(fp_outs)
+    num = [0.0] * len(den)
     with torch.no_grad():
-        for c, ref in zip(calls, fp_outs):
+        for c, refs in zip(calls, fp_outs):
             dev, dt = model_device_dtype(model)
             a, kw = c.to(dev, dt)
-            out = unet_output(model(*a, **kw)).float()
-            num += float((out - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-    return num / max(den, 1e-30)
+            for i, (out, ref) in enumerate(zip(prediction_outputs(model(*a, **kw)), refs)):
+                num[i] += float((out.float() - ref).pow(2).sum())
+    return sum(n / max(d, 1e-30) for n, d in zip(num, den))
 
 
 def _units(q) -> Dict[str, List[str]]:
@@ -82,10 +90,10 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
     every = frozenset(n for n, _ in layers)
     unit_of = {n: split_parent(n) for n, _ in layers}
     est = {u: 0.0 for u in unit_of.values()}
-    den = sum(float(r.pow(2).sum()) for r in fp_outs)
+    den = _energies(fp_outs)  # (each prediction's probe scaled by 1 / sqrt of its energy: _rel_error's weighting)
     g = torch.Generator().manual_seed(seed)
     with Stage(progress, len(calls), what) as st:
-        for c, ref in zip(calls, fp_outs):
+        for c in calls:
             deltas, zs, inner = {}, {}, [False]
 
             def hook(mod, inp, kw, out, name=None):
@@ -112,11 +120,12 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
                 dev, dt = model_device_dtype(q)
                 a, kw = c.to(dev, dt)
                 with torch.enable_grad():
-                    out = unet_output(q(*a, **kw)).float()
+                    outs = [o.float() for o in prediction_outputs(q(*a, **kw))][:len(den)]
                 names = list(zs)
                 for k in range(probes):
-                    v = torch.randn(out.shape, generator=g).to(out.device)
-                    grads = torch.autograd.grad(out, [zs[n] for n in names], grad_outputs=v,
+                    vs = [torch.randn(o.shape, generator=g).to(o.device) / max(d, 1e-30) ** 0.5
+                          for o, d in zip(outs, den)]
+                    grads = torch.autograd.grad(outs, [zs[n] for n in names], grad_outputs=vs,
                                                 retain_graph=k < probes - 1, allow_unused=True)
                     per_unit: Dict[str, float] = {}
                     for n, gr in zip(names, grads):
@@ -129,10 +138,10 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
                 for h in handles:
                     h.remove()
                 ctx.float_layers = frozenset()
-            del out
+            del outs
             zs, deltas = {}, {}
             st.step()
-    return {u: e / max(den, 1e-30) for u, e in est.items()}
+    return est
 
 
 def _measure(fp_model, q, calls, fp_outs, progress, what, only=None) -> Dict[str, float]:
@@ -197,7 +206,7 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
         rules = list(user) + [LayerRule(f"^{re.escape(u)}$", "quant") for u in units if u not in decided_by_user]
         return PrecisionPlan(tuple(rules), [], {}, 0.0, 0.0)
     fp_outs = []
-    run_calls(fp_model, sub, fn=lambda c, out: fp_outs.append(unet_output(out).float()))
+    run_calls(fp_model, sub, fn=lambda c, out: fp_outs.append([o.float() for o in prediction_outputs(out)]))
     only, screened = None, {}
     if len(measured) > screen_above:
         try:

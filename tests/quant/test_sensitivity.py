@@ -70,3 +70,37 @@ def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortli
     assert 0 < screened.spent_bytes <= screened.allowance_bytes
     # one exact-name rule per layer in both plans
     assert len(screened.rules) == len(exact.rules)
+
+
+def test_a_second_prediction_is_measured_too():
+    """A model that returns two predictions (LTX-2: video, then audio) has the second's layers measured against the
+    second output, each relative to its own energy: a small audio head was quantized unmeasured before (found by
+    audit), its error invisible in the first output. Exact and screened plans both keep it above the target."""
+    import torch
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(16, 64)
+            self.video = nn.Linear(64, 16)
+            self.audio = nn.Linear(64, 8)
+
+        def forward(self, x, timestep):
+            h = torch.relu(self.body(x * (1 + timestep.view(-1, 1, 1) / 1000)))
+            return self.video(h), 1e-3 * self.audio(h)  # (the audio output is tiny beside the video one)
+
+    torch.manual_seed(0)
+    m = TwoHeads().eval()
+    with torch.no_grad():
+        m.audio.weight[:, :4] *= 30  # a few outlier inputs: the audio head suffers most from 4-bit weights
+    with CallRecorder(m) as rec, torch.no_grad():
+        for t in (900, 600, 300, 100):
+            m(torch.randn(2, 6, 16), torch.full((2,), float(t)))
+    for screen_above in (1000, 0):  # exact, then screened (shortlist of 1: the estimate must find it)
+        plan = plan_precision(m, rec.calls, QuantConfig.preset("W4A8"), budget=0.2, n_calls=4,
+                              screen_above=screen_above, shortlist=1)
+        kept = {r["name"]: r["mode"] for r in plan.report}
+        assert kept.get("audio") in ("w8a8", "fp"), (screen_above, plan.report, plan.errors)
