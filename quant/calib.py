@@ -75,21 +75,19 @@ def keyed(calls, model, profile=None) -> list:
     call's timestep with the profile its model matched; a run under another profile (``profile=``) looks its
     per-timestep tables up with that profile's map, so the calls' keys must follow it, or PTQD's statistics and the
     timestep groups land on keys the model never looks up (found by audit). Calls already keyed that way are kept
-    as they are; the others are read again from their stored arguments (fp16 where recorded in fp16)."""
-    from .profiles import profile_for, resolve_profile
+    as they are; the others, and calls that do not say how they were keyed (recorded before calls did, or made by
+    hand), are read again from their stored arguments (fp16 where recorded in fp16; a call whose arguments give no
+    timestep keeps its own ``t``)."""
+    from .profiles import resolve_profile
 
     want = resolve_profile(model, profile)
-    own = None
     out = []
     for c in calls:
-        was = getattr(c, "profile", None)
-        if was is None:
-            own = own or profile_for(model).name
-            was = own
-        if was == want.name:
+        if getattr(c, "profile", None) == want.name:
             out.append(c)
-        else:
-            out.append(dataclasses.replace(c, t=timestep_of_call(c.args, c.kwargs, want, model), profile=want.name))
+            continue
+        t = timestep_of_call(c.args, c.kwargs, want, model)
+        out.append(dataclasses.replace(c, t=c.t if t is None else t, profile=want.name))
     return out
 
 
@@ -105,13 +103,19 @@ def require_timesteps(model, calls, profile, what: str) -> None:
     from .profiles import resolve_profile
 
     prof = resolve_profile(model, profile)
-    _, name = timestep_slot(type(model), prof.timestep_kwargs)
-    where = f"its 2nd positional parameter is {name!r}" if name else "its forward takes no named positions"
+    i, name, by_name = timestep_slot(type(model), prof.timestep_kwargs)
+    nth = {0: "1st", 1: "2nd", 2: "3rd"}.get(i, f"{i + 1}th")
+    if by_name:
+        where = f"its {nth} positional parameter {name!r} was not given or holds no numbers"
+    elif name:
+        where = (f"no parameter of its forward is named like one, and its {nth} positional parameter {name!r} is "
+                 "not a timestep (more than one value per sample)")
+    else:
+        where = "its forward takes no named positions"
     raise ConfigError(f"{what} needs the timestep of every call, and the recorded calls of {type(model).__name__} "
                       f"carry none that the {prof.name} profile reads (keywords {', '.join(prof.timestep_kwargs)}; "
-                      f"{where}, and no parameter has one of those names): call the model with its timestep under one "
-                      "of those keywords, or pass profile= naming a profile that reads it, or use lp or recon without "
-                      "+ptqd, time_bins=1")
+                      f"{where}): call the model with its timestep under one of those keywords, or pass profile= "
+                      "naming a profile that reads it, or use lp or recon without +ptqd, time_bins=1")
 
 
 class CallRecorder:

@@ -79,21 +79,21 @@ def _profile(profile):
     return profile if profile is not None and not isinstance(profile, str) else get_profile(profile)
 
 
-_SLOTS: dict = {}  # (model class, timestep keyword names) -> (positional index, parameter name or None)
+_SLOTS: dict = {}  # (model class, timestep keyword names) -> (positional index, parameter name or None, by name)
 
 
 def timestep_slot(model_cls, names) -> tuple:
-    """Where a positional call of ``model_cls`` passes its timestep: ``(index, name)`` of the first positional
+    """Where a positional call of ``model_cls`` passes its timestep: ``(index, name, True)`` for the first positional
     parameter of its ``forward`` named like one of ``names`` (the profile's timestep keywords), else like any name a
     timestep goes by (``profiles.TIMESTEP_NAMES``), so ``forward(x, y, t)`` reads ``t``, not the class label; else the
-    convention ``forward(sample, timestep, ...)``: index 1, with the name the signature gives it (None when it cannot
-    be read). Per class and names, computed once."""
+    convention ``forward(sample, timestep, ...)``: ``(1, name, False)``, with the name the signature gives it (None
+    when it cannot be read). Per class and names, computed once."""
     key = (model_cls, tuple(names))
     slot = _SLOTS.get(key)
     if slot is None:
         import inspect
 
-        slot = (1, None)
+        slot = (1, None, False)
         try:
             params = list(inspect.signature(model_cls.forward).parameters.values())[1:]  # (without self)
         except (TypeError, ValueError):
@@ -109,22 +109,33 @@ def timestep_slot(model_cls, names) -> tuple:
         if hit is None:
             hit = next((i for i, n in enumerate(positional) if n in TIMESTEP_NAMES), None)
         if hit is not None:
-            slot = (hit, positional[hit])
+            slot = (hit, positional[hit], True)
         elif len(positional) > 1:
-            slot = (1, positional[1])
+            slot = (1, positional[1], False)
         _SLOTS[key] = slot
     return slot
 
 
+def _numeric(v) -> bool:
+    """``v`` holds numbers a timestep can be: a real number (Python's or numpy's), or a float / integer tensor."""
+    import numbers
+
+    if torch.is_tensor(v):
+        return v.is_floating_point() or v.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _scalar_like(v, args) -> bool:
-    """``v`` can be a timestep: a number, or a tensor of one value per sample at most (0-d or 1-d, no more values
-    than the batch): never the text embedding or the class labels' one-hot a model takes second."""
-    if not torch.is_tensor(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if v.dim() > 1 or not (v.is_floating_point() or v.dtype in (torch.int64, torch.int32, torch.int16)):
+    """``v`` can be a timestep where nothing names it so (the positional convention's second argument): a number,
+    or a tensor of one value per sample at most (0-d or 1-d, no more values than the batch): never the text embedding
+    a model takes second. (A parameter named like a timestep is read whatever its shape: per-token [B, S] or
+    per-frame timesteps, by their median, as keyword ones are.)"""
+    if not _numeric(v):
         return False
+    if not torch.is_tensor(v):
+        return True
     batch = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() > 0 else None
-    return batch is None or v.numel() <= batch
+    return v.dim() <= 1 and (batch is None or v.numel() <= batch)
 
 
 def timestep_source(args, kwargs, profile=None, model=None) -> tuple:
@@ -136,8 +147,8 @@ def timestep_source(args, kwargs, profile=None, model=None) -> tuple:
     for k in p.timestep_kwargs:
         if k in kwargs and kwargs[k] is not None:
             return k, kwargs[k]
-    i, name = (1, None) if model is None else timestep_slot(type(model), p.timestep_kwargs)
-    if len(args) > i and args[i] is not None and _scalar_like(args[i], args):
+    i, name, by_name = (1, None, False) if model is None else timestep_slot(type(model), p.timestep_kwargs)
+    if len(args) > i and args[i] is not None and (_numeric(args[i]) if by_name else _scalar_like(args[i], args)):
         return name, args[i]
     return None, None
 
@@ -158,6 +169,8 @@ def timestep_value(t, profile=None) -> Optional[float]:
         # A batch shares one timestep in every sampler we know (cond and uncond are evaluated at the same
         # t); with mixed timesteps the median is used for the activation scale.
         t = float(t.detach().float().flatten().median())
+    elif hasattr(t, "item") and not isinstance(t, (int, float)):  # a numpy scalar
+        t = t.item()
     return _profile(profile).table_key(t)
 
 

@@ -185,11 +185,14 @@ def _attach(student: nn.Module, cfg: FinetuneConfig) -> List[tuple]:
     if not targets:
         raise ConfigError(f"no layer to fine-tune: no quantized layer outside the W8A8 ones matches targets="
                           f"{cfg.targets!r}; widen FinetuneConfig.targets (\"\" = all)")
+    from .profiles import get_profile
+
+    bins = max(cfg.time_bins, get_profile(get_context(student).profile).min_time_bins)  # (the family's floor)
     for _, layer in targets:
         dev = layer.weight.device
         layer.modifier = QALoRA(layer, cfg.rank, gen).to(dev)
         if layer.act is not None and cfg.act_lr > 0:
-            layer.act.retable(cfg.time_bins)
+            layer.act.retable(bins)
             for b in layer.act.bits_set:
                 for p in layer.act.table(b):
                     p.requires_grad_(True)

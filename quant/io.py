@@ -97,7 +97,8 @@ def _get_state(qmodel: nn.Module) -> dict:
     """What the file records about the model besides its layers (one place, so the state's home can move)."""
     ctx = get_context(qmodel)
     return dict(config=getattr(ctx, "config", None), schedule=getattr(ctx, "schedule", None),
-                num_train_timesteps=ctx.num_train_timesteps if ctx is not None else 1000)
+                num_train_timesteps=ctx.num_train_timesteps if ctx is not None else 1000,
+                profile=getattr(ctx, "profile", None))
 
 
 def _set_state(qmodel: nn.Module, ctx: QuantContext, config, schedule, splits) -> None:
@@ -131,8 +132,16 @@ def _migrate_2_to_3(header: dict) -> dict:
     return header
 
 
+def _migrate_3_to_4(header: dict) -> dict:
+    """Version 4 records the model profile the tables were keyed with (``profile``); older files hold none and are
+    read with the profile that matched their model class when they were written (:func:`file_profile`)."""
+    header.setdefault("profile", None)
+    header["format_version"] = 4
+    return header
+
+
 # version n -> function(header) -> header of version n + 1 (tensor names are unchanged so far)
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def migrate(header: dict, path: str = "<header>") -> dict:
@@ -144,7 +153,8 @@ def migrate(header: dict, path: str = "<header>") -> dict:
     # (e.g. a version-3 file relabelled 1, which would skip its tensor checksums)
     layers = header.get("layers")
     found = {2: [k for k in ("tensor_sha256",) if k in header],
-             3: [k for k in ("arch", "float_tensors") if k in header]}
+             3: [k for k in ("arch", "float_tensors") if k in header],
+             4: [k for k in ("profile",) if k in header]}
     if isinstance(layers, dict) and any(isinstance(lm, dict) and "w_format" in lm for lm in layers.values()):
         found[2].append("per-layer w_format")
     for since, fields in found.items():
@@ -376,7 +386,7 @@ def _collect(qmodel: nn.Module):
     header = dict(format=FORMAT, format_version=FORMAT_VERSION,
                   config=C.to_json_obj(cfg) if cfg is not None else None,
                   schedule=C.to_json_obj(sched) if sched is not None else None,
-                  num_train_timesteps=state["num_train_timesteps"],
+                  num_train_timesteps=state["num_train_timesteps"], profile=state["profile"],
                   layers=lmeta, model=dict(cls=type(qmodel).__name__, fingerprint=model_fingerprint(qmodel)),
                   splits={n: list(m.sizes) for n, m in qmodel.named_modules() if isinstance(m, ChannelSplitConv2d)},
                   extras=extras)
@@ -955,6 +965,24 @@ def load(model, path: Optional[str] = None, tune: bool = True,
     return _load(model, path, header, index, standalone=False, tune=tune, copy_budget_mb=copy_budget_mb)
 
 
+def file_profile(path, header: dict, model: nn.Module) -> str:
+    """The model profile a file's tables are keyed with: the recorded one (format 4; a name this LowBit must know,
+    else LoadError), or for older files the profile that matched the model's class when they were written: the
+    one matching now, unless it is newer than the file (``ModelProfile.replaces``: a class whose own profile came
+    later was keyed with the one named there; e.g. NCSN++ files made before ``score-sde-ve`` hold tables keyed on
+    sigma itself, which the log map would look up at other keys: found by audit)."""
+    from .profiles import PROFILES, profile_for
+
+    name = header.get("profile")
+    if name is None:
+        p = profile_for(model)
+        return p.replaces or p.name
+    if not isinstance(name, str) or name not in PROFILES:
+        _fail(path, f"its tables are keyed with the model profile {str(name)[:100]!r}, which this LowBit does not know",
+              f"upgrade LowBit (known profiles: {', '.join(sorted(PROFILES))})")
+    return name
+
+
 def check_header(path, header: dict, index: dict):
     """The meaning of a LowBit header's model-independent fields, as loading checks them before building anything:
     ``arch`` (``check_arch``), ``float_tensors``, the configs (rebuilt from the allowlist only, each of its slot's
@@ -1127,7 +1155,9 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
 
     from ..kernels.formats import get_format
 
-    ctx = attach_context(qmodel, QuantContext(T))
+    ctx = QuantContext(T)
+    ctx.profile = file_profile(path, header, qmodel)
+    ctx = attach_context(qmodel, ctx)
     for n, st in plan.items():
         src = qmodel.get_submodule(n)
         cls = qlayer_class_for(src)

@@ -111,6 +111,9 @@ def auto_schedule(fp_model, qmodel, calls: List[Call], alphas_cumprod: torch.Ten
     failing, ``qmodel`` keeps its previous schedule and state."""
     if not calls:
         raise ConfigError("auto_schedule needs recorded UNet calls (CallRecorder around a full-precision sampling run)")
+    ctx = get_context(qmodel)
+    if ctx is not None:
+        calls = keyed(calls, fp_model, ctx.profile)  # (the schedule lands on the keys the model looks up)
     with transaction(qmodel, readonly=(fp_model,)):
         snr = _measure_snr(fp_model, qmodel, calls, candidates, progress)
         picks = choose_bits(snr, alphas_cumprod, margin)

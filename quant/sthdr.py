@@ -19,7 +19,7 @@ class Length(ValueError):
     """The tensor data does not end where the file does (truncated or padded)."""
 
 
-LOWBIT_FORMAT_VERSION = 3  # the newest LowBit file format this code reads (quant/io.py writes it)
+LOWBIT_FORMAT_VERSION = 4  # the newest LowBit file format this code reads (quant/io.py writes it)
 MAX_JSON_DEPTH = 32  # nesting of any JSON value in a header
 MAX_INT_DIGITS = 18  # integers in a header: |n| < 10^18
 

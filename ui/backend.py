@@ -61,7 +61,7 @@ def check_int(key: str, value) -> int:
         f = float(value)
     except (TypeError, ValueError):
         raise SettingError(f"{label} must be a whole number in {lo}..{hi}, got {value!r}") from None
-    if math.isnan(f) or f != int(f):
+    if not math.isfinite(f) or f != int(f):  # (int(inf) would raise OverflowError)
         raise SettingError(f"{label} must be a whole number in {lo}..{hi}, got {value!r}")
     v = int(f)
     if not lo <= v <= hi:

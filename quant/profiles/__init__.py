@@ -50,6 +50,8 @@ class ModelProfile:
         ``QuantConfig.time_bins`` asks (1: the config decides): for models whose inputs change scale by orders of
         magnitude along a sampling run (score-SDE VE: ``x0 + sigma * z`` with sigma over decades), where one range
         for all steps rounds the low-noise steps' activations to a few codes.
+    replaces: the profile that matched this family before this one was added, for saved files that do not record
+        theirs (format < 4; ``io.file_profile``): their tables are keyed that way.
     prediction: what the output is ("epsilon", "v_prediction", "flow"); None: read from the host.
     channel_dim: dimension of the output that holds channels (PTQD statistics are per channel).
     host_option_keys: call keywords holding the host's per-run bookkeeping (dropped from recorded calls).
@@ -78,6 +80,7 @@ class ModelProfile:
     timestep_offset: float = 0.0
     timestep_log: bool = False
     min_time_bins: int = 1
+    replaces: Optional[str] = None
     prediction: Optional[str] = None
     channel_dim: int = 1
     host_option_keys: Tuple[str, ...] = ("transformer_options",)
@@ -127,6 +130,12 @@ def resolve_profile(model: nn.Module, profile=None) -> ModelProfile:
     if profile is None:
         return profile_for(model)
     if isinstance(profile, ModelProfile):
+        if PROFILES.get(profile.name) is not profile:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"model profile {profile.name!r} is not registered; register it with "
+                              "lowbit.quant.profiles.register_profile before quantizing (the model and its saved "
+                              "files name their profile, and look it up by that name)")
         return profile
     if not isinstance(profile, str) or profile not in PROFILES:
         from ..errors import ConfigError

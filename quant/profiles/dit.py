@@ -84,7 +84,7 @@ def _sana_sprint(model) -> bool:
 SANA_SPRINT = register_profile(ModelProfile(
     name="sana-sprint", priority=25, matches=_sana_sprint,
     edge_rules=_T2I_EDGES, structural_edges=False, block_types=_T2I_BLOCKS, timestep_kwargs=("timestep",),
-    sample_kwargs=("hidden_states",), timestep_scale=1000.0,
+    sample_kwargs=("hidden_states",), timestep_scale=1000.0, replaces="t2i-dit",
     description="Sana Sprint transformer (guidance_embeds): called with a timestep in [0, 1] (found by audit: every "
                 "step in one table entry under t2i-dit)"))
 

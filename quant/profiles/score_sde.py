@@ -34,6 +34,6 @@ SCORE_SDE = register_profile(ModelProfile(
     name="score-sde-ve", matches=_is_fourier_unet2d, priority=20,
     edge_rules=DIFFUSERS_UNET.edge_rules, block_types=DIFFUSERS_UNET.block_types,
     timestep_kwargs=("timestep",), sample_kwargs=("sample",),
-    timestep_log=True, min_time_bins=25,
+    timestep_log=True, min_time_bins=25, replaces="diffusers-unet",
     timestep_scale=1000.0 / _SPAN, timestep_offset=-1000.0 * math.log(SIGMA_MIN) / _SPAN,
     description="score-SDE VE UNet2DModel (fourier time embedding): called with sigma, keyed on ln(sigma)"))

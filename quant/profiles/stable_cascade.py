@@ -18,5 +18,5 @@ STABLE_CASCADE = register_profile(ModelProfile(
                   "w8a8"),
     ),
     block_types=("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
-    timestep_kwargs=("timestep_ratio",), sample_kwargs=("sample",), timestep_scale=1000.0,
+    timestep_kwargs=("timestep_ratio",), sample_kwargs=("sample",), timestep_scale=1000.0, replaces="generic",
     description="Stable Cascade UNet: called with timestep_ratio = t / T in [0, 1]"))

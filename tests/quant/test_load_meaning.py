@@ -170,11 +170,12 @@ def test_unused_tensor_is_refused_not_read(unet, good, tmp_path):
 
 
 def _as_version_1(ts, h):
-    """The header a version-1 LowBit wrote: no per-layer w_format (v2), checksums (v2), arch or float list (v3)."""
+    """The header a version-1 LowBit wrote: no per-layer w_format (v2), checksums (v2), arch or float list (v3),
+    profile (v4)."""
     h["format_version"] = 1
     for lm in h["layers"].values():
         del lm["w_format"]
-    for k in ("tensor_sha256", "arch", "float_tensors"):
+    for k in ("tensor_sha256", "arch", "float_tensors", "profile"):
         h.pop(k, None)
     for k in [k for k in ts if k.startswith("__float__.")]:
         del ts[k]
@@ -409,7 +410,7 @@ def test_version_2_header_has_no_arch_and_loads_on_the_float_model(unet, good, t
     def edit(ts, h):
         for k in [k for k in ts if k.startswith("__float__.")]:
             del ts[k]
-        del h["arch"], h["float_tensors"]
+        del h["arch"], h["float_tensors"], h["profile"]
         h["format_version"] = 2
 
     p = _craft(good, tmp_path, edit)

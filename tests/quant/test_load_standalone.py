@@ -216,7 +216,7 @@ def test_file_holds_exactly_the_state_outside_the_quantized_layers(digits, digit
     assert not any(k.startswith(n + ".") for k in keys for n in qnames)
     assert set(keys) | {k for k in unet.state_dict() if any(k.startswith(n + ".") for n in qnames)} \
         == set(unet.state_dict())
-    assert h["format_version"] == 3 and h["arch"]["class"] == "UNet2DModel"
+    assert h["format_version"] == 4 and h["arch"]["class"] == "UNet2DModel" and h["profile"] == "diffusers-unet"
 
 
 def test_inspect_says_whether_a_file_loads_alone(digits_files):

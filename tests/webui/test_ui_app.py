@@ -65,6 +65,8 @@ def test_build_blocks_constructs_on_default_backend(tmp_path):
     (lambda b: b.quantize("W8A8", "naive", 0, 3), ["calibration samples", "1..1024"]),
     (lambda b: b.quantize("W8A8", "naive", 2, 5000), ["calibration steps", "1..1000"]),
     (lambda b: b.quantize("W8A8", "naive", 2.5, 3), ["calibration samples", "whole number"]),
+    (lambda b: b.quantize("W8A8", "naive", float("inf"), 3), ["calibration samples", "whole number"]),
+    (lambda b: b.quantize("W8A8", "naive", 2, "-inf"), ["calibration steps", "whole number"]),
     (lambda b: b.compare("12", 1, 5, 1), ["digit", "0..9"]),
     (lambda b: b.compare("3", -1, 5, 1), ["seed"]),
     (lambda b: b.compare("3", 1, 0, 1), ["sampling steps", "1..1000"]),
