@@ -235,6 +235,55 @@ def _dynamic_aq(bits: int):
     return aq
 
 
+_SHAPE_ONLY = frozenset({"dtype", "shape", "device", "ndim", "requires_grad", "is_cuda", "is_meta", "layout",
+                         "is_sparse", "is_quantized", "is_mkldnn", "size", "dim", "numel", "is_floating_point",
+                         "is_complex", "element_size", "nelement", "__len__", "get_device"})
+
+
+class DeployedWeight(torch.Tensor):
+    """What a deployed layer answers for ``weight``: a tensor of the weight's shape, dtype and device that holds no
+    memory (one zero expanded) for code that only asks what the weight is, and that becomes the dequantized weight
+    (the packed integers times their scales, in the float parts' dtype) the moment code computes with it or reads
+    its values: diffusers' ``fuse_qkv_projections`` concatenates ``to_q.weight.data`` and its siblings into a new
+    float Linear, which got zeros from the earlier all-zero stand-in (silently wrong outputs; found by audit)."""
+
+    @staticmethod
+    def of(layer, pw) -> "DeployedWeight":
+        stand_in = torch.zeros((), dtype=layer.__dict__.get("float_dtype", torch.float32),
+                               device=pw.qdata.device).expand(layer.weight_shape)
+        w = torch.Tensor._make_subclass(DeployedWeight, stand_in, False)
+        w._pw = pw  # (the packed weight, not the layer: no cycle, nothing kept past the answer)
+        return w
+
+    def dequantized(self) -> torch.Tensor:
+        from ..kernels import ops
+
+        with torch._C.DisableTorchFunctionSubclass():
+            dtype, shape = self.dtype, self.shape
+        return ops.dequantize_weight(self._pw).to(dtype).reshape(shape)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(getattr(func, "__self__", None), "__name__", None) if getattr(func, "__name__", "") == \
+            "__get__" else getattr(func, "__name__", None)
+        if name in _SHAPE_ONLY:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if name in ("data", "detach") and len(args) == 1 and not kwargs:
+            return args[0]  # (still the stand-in: diffusers reads ``.weight.data`` then concatenates)
+
+        def real(v):
+            if isinstance(v, DeployedWeight):
+                return v.dequantized()
+            if isinstance(v, (list, tuple)):
+                return type(v)(real(x) for x in v)
+            return v
+
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*real(args), **{k: real(v) for k, v in kwargs.items()})
+
+
 class QuantLayer(nn.Module):
     """Common part of the quantized Linear / Conv2d. Subclasses define ``_op`` and ``_kernel``."""
 
@@ -289,19 +338,19 @@ class QuantLayer(nn.Module):
         self.register_module("packed", None)  # deployed: the PackedWeight (float weight and w_scale are gone)
 
     def __getattr__(self, name):
-        # A deployed layer has no float weight; hosts that look at ``linear.weight`` get a stand-in with the
-        # weight's shape, on its device, in the dtype of the float parts around the layer (``float_dtype``), its
-        # values zero, no memory (one element expanded): ComfyUI's NextDiT checks ``isinstance(linear.weight,
-        # QuantizedTensor)`` of each block's projections (a plain tensor: its own quantized path declines and the
-        # layer is called); diffusers casts inputs with ``x.to(layer.weight.dtype)`` (IP-Adapter's image
-        # projection, CustomDiffusion's processors: the packed int8 codes there turned inputs into integers).
+        # A deployed layer has no float weight; hosts that look at ``linear.weight`` get a stand-in
+        # (:class:`DeployedWeight`) with the weight's shape, on its device, in the dtype of the float parts around the
+        # layer (``float_dtype``), no memory: ComfyUI's NextDiT checks ``isinstance(linear.weight, QuantizedTensor)``
+        # of each block's projections (a plain tensor subclass: its own quantized path declines and the layer is
+        # called); diffusers casts inputs with ``x.to(layer.weight.dtype)`` (IP-Adapter's image projection,
+        # CustomDiffusion's processors: the packed int8 codes there turned inputs into integers). Code that computes
+        # with it (diffusers' ``fuse_qkv_projections`` concatenates q / k / v weights) gets the dequantized weight.
         try:
             return super().__getattr__(name)
         except AttributeError:
             pw = self._modules.get("packed")
             if name == "weight" and pw is not None:
-                return torch.zeros((), dtype=self.__dict__.get("float_dtype", torch.float32),
-                                   device=pw.qdata.device).expand(self.weight_shape)
+                return DeployedWeight.of(self, pw)
             raise
 
     # ---- state ---------------------------------------------------------------------------------------
