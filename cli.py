@@ -639,9 +639,12 @@ def inspect_text(path: str, layers: bool = False) -> str:
         method.append("per-layer precision plan")
     method += [k for k in extras if k not in ("ptqd", "decisions")]
     out = [f"file       {path} ({total:,} bytes)",
-           f"format     {header.get('format')} v{header.get('format_version')}",
+           f"format     {header.get('format')} v{header.get('_migrated_from', header.get('format_version'))}"
+           + (f" (read as v{header.get('format_version')})"
+              if header.get("_migrated_from", header.get("format_version")) != header.get("format_version") else ""),
            f"model      {model.get('cls')} (fingerprint {model.get('fingerprint')}), "
            f"{header.get('num_train_timesteps')} training timesteps",
+           f"profile    {_profile_text(header.get('profile'))}",
            # (the file does not record the method that made it, e.g. "recon+ptqd+vsc": what it holds shows its parts)
            f"holds      {header['method'] if isinstance(header.get('method'), str) else ', '.join(method)}",
            f"config     {_config_text(cfg)}",
@@ -701,6 +704,13 @@ def inspect_text(path: str, layers: bool = False) -> str:
                        f"{_printable(_precision(m)):<14}"
                        f"{_nbytes(index, lname + '.'):>10,}")
     return "\n".join(_printable(line) for line in out)
+
+
+def _profile_text(name) -> str:
+    """The ``inspect`` line of the model profile a file records (format 4) or, older files, how loading picks it."""
+    if name is None:
+        return "not recorded (format < 4): the one its model class matched when it was saved"
+    return str(name)[:100]
 
 
 def _printable(text: str) -> str:
