@@ -251,8 +251,8 @@ def unet_output(out) -> torch.Tensor:
         v = stacked(out.sample)
     elif isinstance(out, (tuple, list)) and out:
         v = stacked(out[0])
-    elif isinstance(out, dict) and prediction_key(out) is not None:
-        v = stacked(out[prediction_key(out)])
+    elif isinstance(out, dict) and (k := prediction_key(out)) is not None:
+        v = stacked(out[k])
     if torch.is_tensor(v):
         return v
     if isinstance(v, (tuple, list)) and v and all(torch.is_tensor(t) for t in v):

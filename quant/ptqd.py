@@ -243,8 +243,8 @@ class PTQDOutputHook:
             if first is not None:
                 rest = (first,) + tuple(out[1:])
                 return rest if isinstance(out, tuple) else list(rest)
-        if isinstance(out, dict) and prediction_key(out) is not None:  # a plain dict: {"x": pred}, {"sample": ...}
-            k = prediction_key(out)
+        k = prediction_key(out) if isinstance(out, dict) else None
+        if k is not None:  # a plain dict: {"x": pred}, {"sample": ...}
             pred = stacked(out[k])
             corrected = stats.correct(pred, ctx.t, x, cd)
             out[k] = corrected if torch.is_tensor(out[k]) else type(out[k])(corrected.unbind(0))

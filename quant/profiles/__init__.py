@@ -115,6 +115,14 @@ def class_named(*names: str) -> Callable[[nn.Module], bool]:
     return lambda model: any(c.__name__ in wanted for c in type(model).__mro__)
 
 
+def config_value(model: nn.Module, key: str):
+    """``key`` of a model's ``config`` (diffusers' FrozenDict, or an object with attributes), None when absent: what a
+    ``matches`` function reads to tell variants of one class apart (Sana Sprint's guidance embedding, NCSN++'s fourier
+    time embedding)."""
+    cfg = getattr(model, "config", None)
+    return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+
+
 def profile_for(model: nn.Module) -> ModelProfile:
     """The most specific registered profile that matches ``model`` (``generic`` when none does)."""
     for p in sorted(PROFILES.values(), key=lambda p: -p.priority):

@@ -9,7 +9,7 @@ Edges: the input and output projections and the timestep/text/guidance embedders
 tokens ([B, tokens, channels]: channels are the last dimension); SD3, DiT and PixArt unpatchify to NCHW.
 """
 from ..config import LayerRule
-from . import ModelProfile, class_named, register_profile
+from . import ModelProfile, class_named, config_value, register_profile
 
 _EDGES = (
     LayerRule(r"(^|\.)(x_embedder|img_in|pos_embed\.proj|context_embedder|txt_in)$", "w8a8"),
@@ -76,9 +76,7 @@ T2I_DIT = register_profile(ModelProfile(
 def _sana_sprint(model) -> bool:
     """Sana Sprint: the Sana transformer with a guidance embedding, called by SanaSprintPipeline with its SCM timestep
     in [0, 1] (1 = noise); plain Sana pipelines pass 1000 * sigma (``t2i-dit``)."""
-    cfg = getattr(model, "config", None)
-    guidance = cfg.get("guidance_embeds") if hasattr(cfg, "get") else getattr(cfg, "guidance_embeds", None)
-    return class_named("SanaTransformer2DModel")(model) and bool(guidance)
+    return class_named("SanaTransformer2DModel")(model) and bool(config_value(model, "guidance_embeds"))
 
 
 SANA_SPRINT = register_profile(ModelProfile(

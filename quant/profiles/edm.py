@@ -14,10 +14,11 @@ from . import ModelProfile, class_named, register_profile
 from .diffusers_unet import BLOCKS, DIFFUSERS_UNET
 
 
-def log_sigma_map(sigma_min: float, sigma_max: float):
-    """(timestep_scale, timestep_offset) taking ``c = 0.25 ln(sigma)`` over [sigma_min, sigma_max] onto [0, 1000]."""
+def log_sigma_map(sigma_min: float, sigma_max: float, per_ln_sigma: float = 0.25):
+    """(timestep_scale, timestep_offset) taking ``c = per_ln_sigma * ln(sigma)`` over [sigma_min, sigma_max] onto
+    [0, 1000] (EDM's c_noise: 0.25; a profile with ``timestep_log``, whose key is taken of ln(sigma) itself: 1)."""
     span = math.log(sigma_max / sigma_min)
-    return 4000.0 / span, -1000.0 * math.log(sigma_min) / span
+    return 1000.0 / (per_ln_sigma * span), -1000.0 * math.log(sigma_min) / span
 
 
 _SVD_SCALE, _SVD_OFFSET = log_sigma_map(0.002, 700.0)

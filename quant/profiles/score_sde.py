@@ -12,10 +12,9 @@ into a few codes (relative errors about 1 at the low-noise half of a tiny NCSN++
 least 25 timestep bins of its own activation ranges (half an e-fold of sigma each). Edges and blocks: the diffusers
 UNet's.
 """
-import math
-
-from . import ModelProfile, register_profile
+from . import ModelProfile, config_value, register_profile
 from .diffusers_unet import DIFFUSERS_UNET
+from .edm import log_sigma_map
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 2000.0  # around every published VE schedule, so their keys fall inside [0, 1000]
 
@@ -23,17 +22,15 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 2000.0  # around every published VE schedule, so t
 def _is_fourier_unet2d(model) -> bool:
     if not any(c.__name__ == "UNet2DModel" for c in type(model).__mro__):
         return False
-    cfg = getattr(model, "config", None)
-    kind = cfg.get("time_embedding_type") if hasattr(cfg, "get") else getattr(cfg, "time_embedding_type", None)
-    return kind == "fourier"
+    return config_value(model, "time_embedding_type") == "fourier"
 
 
-_SPAN = math.log(SIGMA_MAX / SIGMA_MIN)
+_SCALE, _OFFSET = log_sigma_map(SIGMA_MIN, SIGMA_MAX, per_ln_sigma=1.0)
 
 SCORE_SDE = register_profile(ModelProfile(
     name="score-sde-ve", matches=_is_fourier_unet2d, priority=20,
     edge_rules=DIFFUSERS_UNET.edge_rules, block_types=DIFFUSERS_UNET.block_types,
     timestep_kwargs=("timestep",), sample_kwargs=("sample",),
     timestep_log=True, min_time_bins=25, replaces="diffusers-unet",
-    timestep_scale=1000.0 / _SPAN, timestep_offset=-1000.0 * math.log(SIGMA_MIN) / _SPAN,
+    timestep_scale=_SCALE, timestep_offset=_OFFSET,
     description="score-SDE VE UNet2DModel (fourier time embedding): called with sigma, keyed on ln(sigma)"))
