@@ -143,6 +143,9 @@ def _check_x(x) -> str:
 def _check_w_int(pw: PackedWeight) -> str:
     if pw.device.type != "cpu":
         return f"weight is on {pw.device}"
+    if pw.K < 2:  # (torch 2.13: _int_mm(a [M, 1], b [1, N]) returns garbage, any M, N, thread count; K >= 2 exact)
+        return ("one input feature (K = 1: a Linear(1, n), a 1x1 convolution of one channel): torch._int_mm on CPU "
+                "returns wrong sums for K = 1")
     if pw.group_size is not None and pw.group_size < pw.K:
         return (f"group-wise weight (group_size={pw.group_size}) with integer activations needs per-group int32 "
                 "partial sums; this backend does per-channel only (use group_size=None, or the triton backend)")

@@ -438,3 +438,23 @@ def test_static_codes_of_one_input_are_computed_once_and_never_reused_wrongly():
         q = C.quant_static_fused(w, a)
         w.add_(1)
         assert C.quant_static_fused(w, a) is not q
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_one_input_feature_is_not_given_to_int_mm(clean_env, wbits):
+    """torch._int_mm on CPU returns wrong sums when the inner dimension is 1 (torch 2.13; found when a deployed
+    W4A8 model with a Linear(1, n) time embedding gave outputs 2-3x off, at random): the cpu backend refuses K = 1
+    (a Linear of one input feature, a 1x1 convolution of one channel) and another backend computes it, right."""
+    g = torch.Generator().manual_seed(0)
+    act = ActQuant(8, 0.9 / 255, 0)
+    x = torch.rand(2, 1, generator=g)
+    pw = ops.quantize_weight(torch.randn(16, 1, generator=g), wbits, None)
+    x4 = torch.randn(2, 1, 5, 5, generator=g)
+    pwc = ops.quantize_weight(torch.randn(8, 1, 1, 1, generator=g), wbits, None)
+    actc = ActQuant(8, float(x4.abs().max()) / 127, 128)
+    conv = (x4, pwc, None, (1, 1), (0, 0), (1, 1), 1, actc)
+    for op, args in (("linear", (x, pw, None, act)), ("conv2d", conv)):
+        ok, why = cpu_mod.cpu.check(op, *args)
+        assert not ok and "K = 1" in why
+        for _ in range(3):  # (the wrong sums were not even the same from call to call)
+            assert rel_err(getattr(ops, op)(*args), ops.run_on("eager", op, *args)) < 1e-5
