@@ -458,7 +458,10 @@ def _bf16_buffer(pw: PackedWeight, scratch: bool) -> torch.Tensor:
         return torch.empty(pw.N, pw.K, dtype=torch.bfloat16, device=pw.device)
     buf = getattr(_SCRATCH, "bf16", None)
     if buf is None or buf.numel() < n or buf.device != pw.device:
-        buf = _SCRATCH.bf16 = torch.empty(n, dtype=torch.bfloat16, device=pw.device)
+        # a plain tensor even when first made under torch.inference_mode (hosts sample there): it is written again
+        # at later calls, and an inference tensor may not be written outside that mode
+        with torch.inference_mode(False):
+            buf = _SCRATCH.bf16 = torch.empty(n, dtype=torch.bfloat16, device=pw.device)
     return buf[:n].view(pw.N, pw.K)
 
 

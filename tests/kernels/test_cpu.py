@@ -255,6 +255,22 @@ def test_weight_only_scratch_buffer_is_shared_but_never_kept(clean_env):
     assert not hasattr(cpu_mod._SCRATCH, "bf16")
 
 
+def test_scratch_buffer_made_under_inference_mode_is_written_outside_it(clean_env):
+    """Hosts sample under ``torch.inference_mode()`` (ComfyUI, Forge's generation) and call LowBit outside it too
+    (Forge's tab, a library user after a host-style run): the per-thread scratch buffer, first made inside that
+    mode, is written again at every call. An inference tensor may not be written outside the mode ("Inplace update
+    to inference tensor outside InferenceMode"): the buffer is always a plain tensor."""
+    pw = ops.quantize_weight(torch.randn(16, 8, 3, 3), 4)
+    x = torch.randn(1, 8, 5, 5)
+    cpu_mod._SCRATCH.__dict__.pop("bf16", None)
+    with torch.inference_mode():
+        inside = ops.run_on("cpu", "conv2d", x, pw, None, 1, 1, 1, 1, None)
+    assert not cpu_mod._SCRATCH.bf16.is_inference()
+    assert torch.equal(ops.run_on("cpu", "conv2d", x, pw, None, 1, 1, 1, 1, None), inside)
+    with torch.inference_mode():  # and back
+        assert torch.equal(ops.run_on("cpu", "conv2d", x, pw, None, 1, 1, 1, 1, None), inside)
+
+
 def test_large_planes_go_channels_last_in_channel_blocks(clean_env, monkeypatch):
     """uint8 activations with planes of >= BLOCKED_TRANSPOSE_MIN_HW pixels reach oneDNN's int8 conv channels-last,
     copied in blocks of channels (the values unchanged, any channel count, batch > 1); smaller planes and tensors
