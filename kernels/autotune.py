@@ -41,6 +41,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -363,17 +364,52 @@ def _time_alternating(fns: dict, x):
     return times, outs
 
 
+def _shapes(args) -> str:
+    """The call's input and weight shapes, for a message."""
+    pw = args[1]
+    return f"input {list(args[0].shape)}, weight {list(getattr(pw, 'shape', ()))}"
+
+
 def _impls(op: str, names: List[str], post: Optional[str] = None) -> dict:
     """name -> the backend's implementation of ``op`` with the activation epilogue ``post`` (registry.with_post)."""
     return {n: registry.with_post(registry.get_backend(n).ops[op], post) for n in names}
 
 
 def _measure(op: str, names: List[str], args, post: Optional[str] = None):
-    """-> (times {name: min seconds}, output of the fastest). Candidates alternate round by round."""
+    """-> (times {name: min seconds}, outputs {name: output}). Candidates alternate round by round."""
     impls = _impls(op, names, post)
-    times, outs = _time_alternating({n: (lambda f=impls[n]: f(*args)) for n in names}, args[0])
-    best = min(names, key=lambda n: times[n])
-    return times, outs[best]
+    return _time_alternating({n: (lambda f=impls[n]: f(*args)) for n in names}, args[0])
+
+
+# A candidate whose output is this far from the reference's (relative, in the L2 norm) computes the call wrong: the
+# backends' legitimate differences (summation order, a rounding tie of an activation code, bf16 weights on the
+# weight-only paths) are 1e-7 to 1e-2; the kernel bugs found so far gave 0.8 to 1e8.
+CHECK_TOL = 0.1
+
+
+def _wrong(op: str, args, post: Optional[str], outs: dict) -> Dict[str, float]:
+    """{candidate: relative error} of the candidates whose output disagrees with the eager reference's for this call
+    (checked once per new call shape, when it is measured: a backend library's bug for shapes nobody listed, e.g.
+    torch's oneDNN int8 convolution on a one-pixel-wide strided output, then never serves that shape). Empty when
+    the reference cannot run the call or gives non-finite values (nothing to compare with)."""
+    try:
+        ref = registry.with_post(registry.get_backend("eager").ops[op], post)(*args)
+    except Exception:
+        return {}
+    ref = ref.detach().double()
+    if not bool(torch.isfinite(ref).all()):
+        return {}
+    scale = float(ref.norm())
+    floor = 1e-4 * math.sqrt(max(ref.numel(), 1))  # (an output near zero: an RMS difference below 1e-4 is no error)
+    bad = {}
+    for n, y in outs.items():
+        if not torch.is_tensor(y) or y.shape != ref.shape:
+            bad[n] = float("inf")
+            continue
+        err = float((y.detach().double() - ref).norm())
+        if not (err <= CHECK_TOL * scale or err <= floor):
+            bad[n] = err / scale if scale > 0 else float("inf")
+    return bad
 
 
 def _choices(pw):
@@ -493,22 +529,35 @@ def run(op: str, *args, post: Optional[str] = None):
             default = registry.select(op, *args).name
         except Exception:
             default = None
-        if dec is None or dec["backend"] not in names:
+        if dec is None or dec["backend"] not in names + ["eager"]:
             if len(names) == 1:
-                dec = {"backend": names[0], "times": {}}
+                times, outs = {}, {names[0]: _impls(op, names, post)[names[0]](*args)}
             else:
-                times, out = _measure(op, names, args, post)
-                best = min(times, key=times.get)
-                if default in times and times[default] <= times[best] * (1.0 + MARGIN):
+                times, outs = _measure(op, names, args, post)
+            wrong = _wrong(op, args, post, outs)
+            for n, err in wrong.items():
+                times.pop(n, None)
+                warnings.warn(f"LowBit: the {n} backend computed {op} ({_shapes(args)}) wrong (relative error "
+                              f"{err:.2g} against the reference): not used for this call shape", RuntimeWarning,
+                              stacklevel=3)
+            ok = [n for n in names if n not in wrong]
+            if not ok:  # every kernel wrong: the reference computes this shape
+                best = "eager"
+            else:
+                best = min(ok, key=lambda n: times.get(n, 0.0))
+                if default in ok and (not times or times[default] <= times[best] * (1.0 + MARGIN)):
                     best = default
-                    out = None  # the output kept by _measure is the fastest candidate's
-                dec = {"backend": best, "times": times}
+                out = outs[best]
+            dec = {"backend": best, "times": times}
+            if wrong:
+                dec["wrong"] = sorted(wrong)
             if len(_DECISIONS) < MAX_DECISIONS or key in _DECISIONS:
                 _DECISIONS[key] = dec
             if path is not None:
                 _save_file(path)
         # the integer kernels in registry order: what dispatch picks, or else the first integer candidate
-        int_name = default if default in names else next((n for n in names if n != "dense"), None)
+        names = [n for n in names if n not in dec.get("wrong", ())] or ["eager"]
+        int_name = default if default in names else next((n for n in names if n not in ("dense", "eager")), None)
         ch = Choice(_impls(op, names, post), dec["backend"],
                     "dense" if "dense" in names else None, int_name, dec["times"], _mode(pw))
         pw.cache.setdefault("autotune.fast", {})[fk] = ch

@@ -195,8 +195,8 @@ def fuse_activations_(model: nn.Module) -> List[str]:
                       if _deployed_linear(a) and b is not None and not _hooked(b) and _post_of(b) is not None}
                 at = {i: p for i, p in sorted(at.items()) if i - 1 not in at}  # (a Linear, not a GELU, at i + 1)
                 if at and not _hooked(child):
-                    pairs = {id(mods[i]): (mods[i], mods[i + 1], p) for i, p in at.items()}
-                    setattr(parent, cname, FusedSequential(OrderedDict(child._modules), pairs=pairs))
+                    seq_pairs = {id(mods[i]): (mods[i], mods[i + 1], p) for i, p in at.items()}
+                    setattr(parent, cname, FusedSequential(OrderedDict(child._modules), pairs=seq_pairs))
                     names = list(child._modules)
                     fused += [f"{prefix}{cname}.{names[i]}" for i in at]
                 continue

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels_testutil import rel_err
-from lowbit.kernels import ActQuant, ops
+from lowbit.kernels import ActQuant, ops, registry
 from lowbit.kernels import cpu as cpu_mod
 
 INT_TOL = 1e-5
@@ -36,6 +36,11 @@ def test_conv_int(clean_env, backend, k, stride, pad, dil, act):
     pw = ops.quantize_weight(torch.randn(20, 12, k, k) * 0.05, 8)
     bias = torch.randn(20)
     ref = ops.run_on("eager", "conv2d", x, pw, bias, stride, pad, dil, 1, act)
+    if backend == "onednn" and dil > 1:  # declined (test_onednn_declines_the_convolutions_it_computes_wrong)
+        ok, why = registry.get_backend("onednn").check("conv2d", x, pw, bias, (stride,) * 2, (pad,) * 2, (dil,) * 2,
+                                                          1, act)
+        assert not ok and "dilation" in why
+        return
     out = ops.run_on(backend, "conv2d", x, pw, bias, stride, pad, dil, 1, act)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < INT_TOL
@@ -474,3 +479,41 @@ def test_one_input_feature_is_not_given_to_int_mm(clean_env, wbits):
         assert not ok and "K = 1" in why
         for _ in range(3):  # (the wrong sums were not even the same from call to call)
             assert rel_err(getattr(ops, op)(*args), ops.run_on("eager", op, *args)) < 1e-5
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [((1, 16, 8, 1), 3, 1), ((1, 16, 1, 12), (1, 3), 0),
+                                                  ((1, 8, 1, 9), (1, 5), (0, 2))])
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_im2col_rows_that_overlap_are_copied_before_int_mm(clean_env, shape, kernel, padding, wbits):
+    """A one-pixel-wide (or one-row-high, with a 1 x N kernel: a 1-D signal) output at batch 1: ``reshape`` of the
+    im2col view merges into a view whose rows overlap, and torch's CPU ``_int_mm`` returns wrong sums for it
+    (relative error 1e4 seen through deploy_, where the tuner picked the cpu backend); the rows are copied."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pw = ops.quantize_weight(torch.randn(32, shape[1], kh, kw) * 0.1, wbits)
+    x = torch.randn(*shape)
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    act = ActQuant(8, 0.05, 128)
+    ref = ops.run_on("eager", "conv2d", x, pw, None, (1, 1), pad, (1, 1), 1, act)
+    assert rel_err(ops.run_on("cpu", "conv2d", x, pw, None, (1, 1), pad, (1, 1), 1, act), ref) < 2e-3
+
+
+# (input shape, weight shape, stride, padding, dilation, groups): one case of each kind torch's oneDNN int8
+# convolution computed wrong (or crashed on) in a fuzz against the reference
+ONEDNN_WRONG = [((1, 2, 6, 6), (66, 1, 3, 3), (1, 1), (1, 1), (1, 1), 2),     # grouped, > 32 outputs per group
+                ((1, 16, 16, 2), (16, 16, 3, 3), (2, 2), (1, 1), (1, 1), 1),  # SD downsampler on a width-2 input
+                ((1, 8, 6, 7), (8, 8, 1, 3), (1, 2), (0, 0), (1, 1), 1),      # unequal strides
+                ((1, 8, 16, 16), (8, 8, 3, 1), (1, 1), (1, 0), (1, 1), 1),    # (3, 1) kernel padded along H only
+                ((1, 4, 5, 3), (4, 4, 1, 1), (2, 2), (1, 1), (2, 2), 1)]      # dilation (width 1 crashed)
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", ONEDNN_WRONG)
+def test_onednn_declines_the_convolutions_it_computes_wrong(clean_env, xs, ws, stride, padding, dilation, groups):
+    """Those calls go to another backend (registry order and the tuner alike), whose result is the reference's."""
+    pw = ops.quantize_weight(torch.randn(*ws) * 0.1, 8)
+    x, act = torch.randn(*xs), ActQuant(8, 0.05, 128)
+    args = (x, pw, None, stride, padding, dilation, groups, act)
+    ok, why = registry.get_backend("onednn").check("conv2d", *args)
+    assert not ok and why
+    ref = ops.run_on("eager", "conv2d", *args)
+    assert ops.backend_for("conv2d", *args) != "onednn"
+    assert rel_err(ops.conv2d(*args), ref) < 2e-3

@@ -143,6 +143,20 @@ def test_transformer_feed_forwards_fused_same_function_and_files(name, tmp_path,
         assert ((y2 - y).norm() / y.norm()).item() < 1e-4
 
 
+def test_a_fused_sequential_does_not_hide_the_profiles_block_pairs():
+    """A Sequential(Linear, GELU) met before Flux's single-stream blocks (modules are visited children first, from
+    the last registered) used to overwrite the profile's block pairs with its own, so those blocks' proj_mlp ->
+    act_mlp stayed unfused (the same function, just slower)."""
+    fp = build("flux")
+    d_ = fp.proj_out.in_features
+    fp.norm_out.extra = nn.Sequential(nn.Linear(d_, d_), nn.GELU())  # (registered after the blocks)
+    fp.norm_out.register_forward_hook(lambda m, a, out: out + 0 * m.extra(out))
+    calls = record(fp, "flux")
+    d = deploy_(quantize(fp, QuantConfig.preset("W8A8", w_init="minmax", a_init="minmax"), calls))
+    assert isinstance(d.norm_out.extra, FusedSequential)
+    assert all(isinstance(b.act_mlp, MovedActivation) for b in d.single_transformer_blocks)
+
+
 def test_hooks_and_lora_side_paths_see_the_linear_output_before_the_activation():
     """A LoRA side path adds to the Linear's output, before the GELU; any forward hook on the layer sees the Linear's
     own output. While one watches, the layer leaves the activation to the MovedActivation in its place."""
