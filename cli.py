@@ -332,6 +332,9 @@ def _check_unet(path: str, sampling: bool = True):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UsageError(f"--unet {path} is a diffusers pipeline folder; give its UNet folder, e.g. --unet "
+                             f"{os.path.join(path, 'unet')}") from None
         raise UsageError(f"--unet {path} has no config.json; {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         cfg = None
@@ -342,6 +345,12 @@ def _check_unet(path: str, sampling: bool = True):
                          "(use the library, the ComfyUI nodes or the WebUI for other UNets)")
     weights = os.path.join(path, "diffusion_pytorch_model" + SUFFIX)
     if not os.path.isfile(weights):
+        variants = [n for n in _files_in(path) if re.fullmatch(r"diffusion_pytorch_model\.[^.]+" + re.escape(SUFFIX),
+                                                                os.path.basename(n))]
+        if variants:
+            raise UsageError(f"--unet {path} holds only the variant file {os.path.basename(variants[0])}; the CLI "
+                             f"reads diffusion_pytorch_model{SUFFIX}: load the model with variant=... and "
+                             "save_pretrained it again without variant")
         raise UsageError(f"--unet {path} has no diffusion_pytorch_model{SUFFIX} (pickle .bin checkpoints are not "
                          "read); save the model with safe_serialization=True")
     _check_safetensors(weights, "--unet weights")
@@ -354,7 +363,37 @@ def _check_unet(path: str, sampling: bool = True):
                          "with the embedded model's inputs (use the library for other models)")
 
 
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one file (the same path, or links to it): never the output of a command that reads it."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist)
+        return False
+
+
+def _files_in(folder: str) -> list:
+    try:
+        return [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+    except OSError:  # (not a folder, or unreadable: _check_unet names that)
+        return []
+
+
+def _check_precision(a):
+    """--size-budget bounds the measured plan: with --precision rules it would be ignored without a word."""
+    if a.precision == "rules" and a.size_budget != _arg_spec("size_budget").default:
+        raise UsageError(f"--size-budget {a.size_budget} applies to --precision measured only (the rules plan keeps "
+                         "the layers its name rules say); drop it or use --precision measured")
+
+
 def _check_quantize(a):
+    _check_precision(a)
+    if a.unet:
+        for w in [a.unet] + _files_in(a.unet):
+            if _same_file(a.output, w):
+                raise UsageError(f"output {a.output} is a file of the --unet model being quantized; choose another "
+                                 "output name (--overwrite never replaces the input)")
     _check_output_file(a.output, a.overwrite)
     _check_combinations([a.bits], [a.method])
     if a.unet:
@@ -362,6 +401,7 @@ def _check_quantize(a):
 
 
 def _check_demo(a):
+    _check_precision(a)
     if not a.out.strip():  # (os.makedirs("") failed after the checks)
         raise UsageError("--out is empty; give a folder name, e.g. --out out (the default)")
     grid = os.path.join(a.out, "demo_grid.png")  # (recipes.DEMO_GRID; recipes imports torch)
@@ -396,8 +436,11 @@ def _check_export(a):
                          f"or empty{hint}")
     sthdr = _core("sthdr")
     header = _check_safetensors(a.input, "input")
-    if os.path.abspath(a.input) == os.path.abspath(a.output):
-        raise UsageError(f"output {a.output} is the input file; choose another output name")
+    if _same_file(a.input, a.output):
+        raise UsageError(f"output {a.output} is the input file; choose another output name (--overwrite never "
+                         "replaces the input)")
+    if a.unet and any(_same_file(a.output, w) for w in _files_in(a.unet)):
+        raise UsageError(f"output {a.output} is a file of the --unet model; choose another output name")
     _check_output_file(a.output, a.overwrite)
     meta = header.get("__metadata__")
     raw = meta.get("lowbit") if isinstance(meta, dict) else None

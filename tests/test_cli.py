@@ -67,6 +67,12 @@ def ws(tmp_path):
     _unet_dir(w, "unet_cond", config={"_class_name": "UNet2DConditionModel"}, weights="ok")
     _unet_dir(w, "unet_rgb", config={"in_channels": 4, "out_channels": 4}, weights="ok")
     (w / "unet_noconfig").mkdir()
+    _unet_dir(w, "unet_ok", weights="ok")  # (a UNet the CLI would quantize)
+    (w / "unet_ok" / "link.safetensors").symlink_to(w / "unet_ok" / "diffusion_pytorch_model.safetensors")
+    variant = _unet_dir(w, "unet_variant", weights="ok")
+    (variant / "diffusion_pytorch_model.safetensors").rename(variant / "diffusion_pytorch_model.fp16.safetensors")
+    (w / "pipe").mkdir()
+    (w / "pipe" / "model_index.json").write_text("{}")
     _safetensors(w / "plain.safetensors", metadata={"format": "pt"})
     _safetensors(w / "future.safetensors", metadata={"lowbit": json.dumps({"format_version": 99})})
     _safetensors(w / "twice.safetensors", metadata={"lowbit": '{"format_version": 3, "format_version": 1}'})
@@ -97,6 +103,18 @@ BAD = [
     (["quantize", "q.safetensors", "--unet", "unet_noconfig"], ["config.json"]),
     (["quantize", "q.safetensors", "--unet", "unet_cond"], ["UNet2DConditionModel", "UNet2DModel only"]),
     (["quantize", "q.safetensors", "--unet", "unet_rgb"], ["in_channels=4", "needs 1"]),
+    # the model being read is never the output, --overwrite or not (it wrote over the float checkpoint)
+    (["quantize", "unet_ok/diffusion_pytorch_model.safetensors", "--unet", "unet_ok", "--overwrite"],
+     ["is a file of the --unet model", "--overwrite never replaces the input"]),
+    (["quantize", "unet_ok/link.safetensors", "--unet", "unet_ok", "--overwrite"], ["is a file of the --unet model"]),
+    (["export", "--comfy", "plain.safetensors", "unet_ok/diffusion_pytorch_model.safetensors", "--unet", "unet_ok",
+      "--overwrite"], ["is a file of the --unet model"]),
+    (["quantize", "q.safetensors", "--unet", "unet_variant"],
+     ["only the variant file diffusion_pytorch_model.fp16.safetensors", "without variant"]),
+    (["quantize", "q.safetensors", "--unet", "pipe"], ["pipeline folder", "--unet pipe/unet"]),
+    (["quantize", "q.safetensors", "--precision", "rules", "--size-budget", "0.5"],
+     ["--size-budget 0.5 applies to --precision measured only"]),  # (it was ignored without a word)
+    (["demo", "--precision", "rules", "--size-budget", "0.1"], ["--size-budget 0.1 applies to --precision measured"]),
     (["quantize", "q.safetensors", "--calib-samples", "0"], ["--calib-samples", "0 is out of range", "1..1024"]),
     (["demo", "--samples", "1"], ["--samples", "1 is out of range", "2..100_000"]),  # FID needs two samples
     (["demo", "--out", "outdir"], ["demo_grid.png already exists", "--overwrite"]),  # never replaced silently
