@@ -311,7 +311,7 @@ def check_native_detected(comfy, native: Path, fixture: Path, bits: str, expecte
     fixture_cfg = detect(comfy, fixture)
     assert fixture_cfg[0] == expected_config, fixture_cfg
     native_cfg = detect(comfy, native)
-    print(f"ComfyUI 0.3.64 detection of the {bits} comfyui-native file: {native_cfg[0]} "
+    print(f"ComfyUI's detection of the {bits} comfyui-native file: {native_cfg[0]} "
           f"({'same config as the float model' if native_cfg == fixture_cfg else 'differs: ' + str(native_cfg)})")
     if bits == "W8A8":
         assert native_cfg == fixture_cfg, (native_cfg, fixture_cfg)
