@@ -320,7 +320,17 @@ def build_flux_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict
     ops = comfy.ops.disable_weight_init
     flux = Flux(**flux_params(dataclasses.fields(FluxParams)), dtype=torch.float16, device="cpu", operations=ops)
     _init_module(flux, "", seed, norm_scale_names=("scale",))
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in flux.state_dict().items()}
+    sd = {}
+    for k, v in flux.state_dict().items():
+        if k.endswith("_norm.weight"):
+            # Newer ComfyUI (0.33.0) builds the q/k RMSNorms as torch.nn.RMSNorm ("weight", which _init_module
+            # filled like a bias, ~0) and renames a file's "_norm.scale" on load (supported_models.Flux); Flux
+            # files and 0.3.64 name it "scale". Written as "scale" with the gain 0.3.64's build gives it, so the
+            # fixture is the same file whichever ComfyUI builds it.
+            k = k[:-len("weight")] + "scale"
+            t = torch.empty(v.shape, dtype=torch.float32).normal_(0.0, 0.05, generator=_generator(seed, k))
+            v = (t + 1.0).to(v.dtype)
+        sd[k] = v.detach().to(torch.float16).contiguous()
     del flux
     return sd
 
