@@ -231,6 +231,10 @@ def _fixture_unet_keys(fixture: Path, prefix: str) -> dict:
     return {k[len(prefix):]: v["shape"] for k, v in h.items() if k != "__metadata__" and k.startswith(prefix)}
 
 
+def _norm_key(key: str) -> str:
+    return key[:-len("scale")] + "weight" if key.endswith("_norm.scale") else key
+
+
 def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
     """The comfyui-native file has ComfyUI's quantized layout for this model's own keys: every float key of the
     fixture is there (same shape for float tensors), each quantized layer has its storage tensors, a
@@ -239,6 +243,11 @@ def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
 
     h = _header(path)
     meta = h.pop("__metadata__")
+    # Flux's q/k RMSNorm gains are "<...>_norm.scale" in Flux files (and in 0.3.64's module); newer ComfyUI's module
+    # names them "<...>_norm.weight" and renames a file's ".scale" on load (supported_models.Flux), so a native file
+    # written there carries ".weight": the same tensor.
+    fixture_keys = {_norm_key(k): v for k, v in fixture_keys.items()}
+    h = {_norm_key(k): v for k, v in h.items()}
     qmeta = json.loads(meta["_quantization_metadata"])
     assert qmeta["format_version"] == "1.0"
     layers = qmeta["layers"]
