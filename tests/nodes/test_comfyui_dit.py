@@ -147,8 +147,9 @@ class LowBitTestQuantFormats:
     CATEGORY = "lowbit_test"
 
     def formats(self):
-        import comfy.quant_ops
-        return {"ui": {"formats": sorted(comfy.quant_ops.QUANT_ALGOS)}}
+        import importlib
+        qo = importlib.import_module("comfy.quant_ops")   # (the stand-in above is in sys.modules only)
+        return {"ui": {"formats": sorted(qo.QUANT_ALGOS)}}
 
 
 NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning,
