@@ -51,7 +51,17 @@ SKIP_MESSAGE = ("set COMFYUI_DIR to a ComfyUI checkout (see the README section '
 # What a broken pack import looks like in ComfyUI's log (nodes.py load_custom_node / init_external_custom_nodes)
 # and in LowBit's own __init__.py.
 IMPORT_FAILED_RE = re.compile(r"seconds \(IMPORT FAILED\): (?P<path>.+)$", re.M)
-IMPORT_OK_RE = re.compile(r"^\s*[\d.]+ seconds: (?P<path>.+)$", re.M)
+# Newer ComfyUI (seen in 0.33.0, app/logger.py ColoredFormatter) prefixes every logged line with its level,
+# "[INFO] ", wrapped in ANSI colours; 0.3.64 wrote the bare message. log_text() removes the colours, and the
+# line-anchored patterns accept the optional level tag.
+LEVEL_TAG = r"(?:\[[A-Z]+\] ?)?"
+IMPORT_OK_RE = re.compile(r"^" + LEVEL_TAG + r"\s*[\d.]+ seconds: (?P<path>.+)$", re.M)
+ANSI_ESCAPE_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, bold, reset)."""
+    return ANSI_ESCAPE_RE.sub("", text)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -247,8 +257,9 @@ class ComfyServer:
 
     # -- log
     def log_text(self) -> str:
+        """The server's console log so far, without ANSI colour codes."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return strip_ansi(self.log_path.read_text(errors="replace"))
         except FileNotFoundError:
             return ""
 

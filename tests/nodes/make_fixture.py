@@ -12,7 +12,8 @@ Weights are initialised explicitly (ComfyUI's ``disable_weight_init`` ops leave 
 tensor comes from its own CPU generator seeded by (FIXTURE_VERSION, seed, key), so the bytes depend only on the
 key table and torch's CPU RNG. Linear/conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), norm scales
 1 + N(0, 0.05^2), embeddings ~ N(0, 0.02^2): non-degenerate activations everywhere (no zero-initialised output
-layers), which is what quantization tests need.
+layers), which is what quantization tests need. Buffers that a checkpoint carries are filled too (SD3's
+``pos_embed``: the 2-D sin-cos table real SD3 files hold), and a build with any non-finite tensor is refused.
 
 Variants (UNet only; CLIP-L ~246 MB fp16 dominates the file):
     micro  channel_mult [1],    1 res block, attention at the level and in the middle   (~26 M UNet params)
@@ -81,7 +82,7 @@ EXTRA_VARIANTS = ("sd3", "sdxl", "flux")
 
 def fixture_name(variant: str = DEFAULT_VARIANT, seed: int = 0) -> str:
     if variant == "sd3":
-        return f"lowbit-comfy-sd3-d{SD3_DEPTH}-{FIXTURE_VERSION}-s{seed}.safetensors"
+        return f"lowbit-comfy-sd3-d{SD3_DEPTH}-{SD3_FIXTURE_VERSION}-s{seed}.safetensors"
     if variant == "sdxl":
         return f"lowbit-comfy-sdxl-vega-c111-{FIXTURE_VERSION}-s{seed}.safetensors"
     if variant == "flux":
@@ -193,6 +194,17 @@ def build_state_dict(variant: str = DEFAULT_VARIANT, seed: int = 0, comfyui_dir:
 # sd3_clip.py) and the VAE from the TAESD keys (16 latent channels).
 SD3_DEPTH, SD3_POS_GRID = 2, 16           # hidden 128, 2 heads; latents up to 32x32 (images up to 256 px)
 SD3_TE_PREFIX = "text_encoders.clip_l.transformer."
+# v1 left MMDiT's pos_embed buffer as ComfyUI allocates it (torch.empty): whatever memory held, NaN in some
+# builds (seen with ComfyUI 0.33.0 / torch 2.14.1, where the float model sampled NaN). v2 fills it.
+SD3_FIXTURE_VERSION = "v2"
+
+
+def sd3_pos_embed(hidden: int, grid: int):
+    """SD3's fixed 2-D sin-cos position table, [1, grid * grid, hidden] (ComfyUI's own formula)."""
+    import torch
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+    return torch.from_numpy(get_2d_sincos_pos_embed(hidden, grid)).float().reshape(1, grid * grid, hidden)
 
 
 def build_sd3_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
@@ -208,10 +220,11 @@ def build_sd3_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
         num_patches=SD3_POS_GRID ** 2, pos_embed_max_size=SD3_POS_GRID, pos_embed_scaling_factor=None,
         x_block_self_attn_layers=[], dtype=torch.float32, device="cpu", operations=ops)
     _init_module(mmdit, UNET_PREFIX, seed)
+    if getattr(mmdit, "pos_embed", None) is None:
+        raise SystemExit("ComfyUI's MMDiT has no pos_embed buffer; the SD3 fixture needs one for detection")
+    mmdit.pos_embed.copy_(sd3_pos_embed(hidden, SD3_POS_GRID))   # a buffer: _init_module fills parameters only
     for k, v in mmdit.state_dict().items():
         sd[UNET_PREFIX + k] = v
-    if UNET_PREFIX + "pos_embed" not in sd:
-        raise SystemExit("ComfyUI's MMDiT has no pos_embed buffer; the SD3 fixture needs one for detection")
     del mmdit
 
     cfg_path = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"
@@ -288,14 +301,36 @@ FLUX_PARAMS = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_d
                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
+def flux_params(fields) -> dict:
+    """FLUX_PARAMS for the FluxParams whose dataclass ``fields`` are given. Newer ComfyUI (0.33.0) added a
+    required ``txt_ids_dims``, which its detection sets to [] for Flux.1 (text positions carry no ids); 0.3.64's
+    FluxParams refuses the keyword."""
+    params = dict(FLUX_PARAMS)
+    if "txt_ids_dims" in {f.name for f in fields}:
+        params["txt_ids_dims"] = []
+    return params
+
+
 def build_flux_state_dict(seed: int = 0, comfyui_dir: str | None = None) -> dict:
     import torch
     comfy, _ = _import_comfy(comfyui_dir)
-    from comfy.ldm.flux.model import Flux
+    import dataclasses
+
+    from comfy.ldm.flux.model import Flux, FluxParams
     ops = comfy.ops.disable_weight_init
-    flux = Flux(**FLUX_PARAMS, dtype=torch.float16, device="cpu", operations=ops)
+    flux = Flux(**flux_params(dataclasses.fields(FluxParams)), dtype=torch.float16, device="cpu", operations=ops)
     _init_module(flux, "", seed, norm_scale_names=("scale",))
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in flux.state_dict().items()}
+    sd = {}
+    for k, v in flux.state_dict().items():
+        if k.endswith("_norm.weight"):
+            # Newer ComfyUI (0.33.0) builds the q/k RMSNorms as torch.nn.RMSNorm ("weight", which _init_module
+            # filled like a bias, ~0) and renames a file's "_norm.scale" on load (supported_models.Flux); Flux
+            # files and 0.3.64 name it "scale". Written as "scale" with the gain 0.3.64's build gives it, so the
+            # fixture is the same file whichever ComfyUI builds it.
+            k = k[:-len("weight")] + "scale"
+            t = torch.empty(v.shape, dtype=torch.float32).normal_(0.0, 0.05, generator=_generator(seed, k))
+            v = (t + 1.0).to(v.dtype)
+        sd[k] = v.detach().to(torch.float16).contiguous()
     del flux
     return sd
 
@@ -308,6 +343,16 @@ ARCHITECTURES = {
 }
 
 
+def check_finite(sd: dict, variant: str) -> None:
+    """Refuse a state dict with NaN/Inf (an uninitialised tensor): the float model would sample garbage."""
+    import torch
+
+    bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise SystemExit(f"make_fixture.py --variant {variant}: non-finite values in {len(bad)} tensor(s), "
+                         f"left uninitialised? {', '.join(bad[:5])}")
+
+
 def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, comfyui_dir: str | None = None,
                  force: bool = False) -> Path:
@@ -317,11 +362,13 @@ def make_fixture(variant: str = DEFAULT_VARIANT, seed: int = 0, out: str | os.Pa
         return path
     from safetensors.torch import save_file
     sd = BUILDERS[variant](seed, comfyui_dir) if variant in BUILDERS else build_state_dict(variant, seed, comfyui_dir)
+    check_finite(sd, variant)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # One metadata key: safetensors writes the metadata map in hash order, so several keys would make the
     # header (and the file's bytes) differ from run to run.
-    meta = {"lowbit_fixture": json.dumps({"version": FIXTURE_VERSION, "variant": variant, "seed": seed,
+    version = SD3_FIXTURE_VERSION if variant == "sd3" else FIXTURE_VERSION
+    meta = {"lowbit_fixture": json.dumps({"version": version, "variant": variant, "seed": seed,
             "architecture": ARCHITECTURES.get(variant, "sd15-reduced-random (ComfyUI UNetModel + CLIP-L + TAESD)")},
             sort_keys=True)}
     try:

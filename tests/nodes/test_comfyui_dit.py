@@ -134,9 +134,28 @@ class LowBitTestDetect:
                        "unet_config": [json.dumps(unet, sort_keys=True)]}}
 
 
+class LowBitTestQuantFormats:
+    """The comfy_quant formats this ComfyUI's stock loader reads (comfy.quant_ops.QUANT_ALGOS)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "formats"
+    CATEGORY = "lowbit_test"
+
+    def formats(self):
+        import importlib
+        qo = importlib.import_module("comfy.quant_ops")   # (the stand-in above is in sys.modules only)
+        return {"ui": {"formats": sorted(qo.QUANT_ALGOS)}}
+
+
 NODE_CLASS_MAPPINGS = {"LowBitTestConditioning": LowBitTestConditioning,
                        "LowBitTestScheduleReport": LowBitTestScheduleReport,
-                       "LowBitTestDetect": LowBitTestDetect}
+                       "LowBitTestDetect": LowBitTestDetect,
+                       "LowBitTestQuantFormats": LowBitTestQuantFormats}
 '''
 
 CALIB = dict(calibration_steps=2, calibration_samples=1, seed=0, calibration_width=64, calibration_height=64,
@@ -213,6 +232,10 @@ def _fixture_unet_keys(fixture: Path, prefix: str) -> dict:
     return {k[len(prefix):]: v["shape"] for k, v in h.items() if k != "__metadata__" and k.startswith(prefix)}
 
 
+def _norm_key(key: str) -> str:
+    return key[:-len("scale")] + "weight" if key.endswith("_norm.scale") else key
+
+
 def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
     """The comfyui-native file has ComfyUI's quantized layout for this model's own keys: every float key of the
     fixture is there (same shape for float tensors), each quantized layer has its storage tensors, a
@@ -221,6 +244,11 @@ def check_native_file(path: Path, fixture_keys: dict, bits: str) -> dict:
 
     h = _header(path)
     meta = h.pop("__metadata__")
+    # Flux's q/k RMSNorm gains are "<...>_norm.scale" in Flux files (and in 0.3.64's module); newer ComfyUI's module
+    # names them "<...>_norm.weight" and renames a file's ".scale" on load (supported_models.Flux), so a native file
+    # written there carries ".weight": the same tensor.
+    fixture_keys = {_norm_key(k): v for k, v in fixture_keys.items()}
+    h = {_norm_key(k): v for k, v in h.items()}
     qmeta = json.loads(meta["_quantization_metadata"])
     assert qmeta["format_version"] == "1.0"
     layers = qmeta["layers"]
@@ -264,6 +292,28 @@ def detect(comfy, path: Path) -> tuple:
     return out["config"][0], json.loads(out["unet_config"][0])
 
 
+def native_4bit_readable(comfy) -> bool:
+    """Whether this ComfyUI's stock loader reads awq_w4a16 (LowBit's 4-bit comfyui-native format). ComfyUI 0.33.0's
+    QUANT_ALGOS has no such entry (its 4-bit formats, asym_w4a8_int8 and convrot_w4a4, hold Hadamard-rotated
+    weights), so the Save node must refuse a 4-bit native file there rather than write one read as float."""
+    out = comfy.run({"1": {"class_type": "LowBitTestQuantFormats", "inputs": {}}})["outputs"]["1"]
+    return "awq_w4a16" in out["formats"]
+
+
+def check_native_refused(comfy, lowbit_rel: str, loader: dict, name: str):
+    """On a ComfyUI without awq_w4a16, saving the 4-bit model (reloaded from its lowbit file) in the native
+    layout fails with the error naming the unknown format, and writes no file."""
+    g = {"1": loader, "21": {"class_type": "LowBitLoadQuantizedUNet",
+                               "inputs": {"model": ["1", 0], "unet_name": lowbit_rel}},
+         "14": {"class_type": "LowBitSaveQuantizedUNet",
+                "inputs": {"model": ["21", 0], "filename_prefix": f"native/{name}", "layout": "comfyui-native"}}}
+    with pytest.raises(AssertionError, match=r"does not know the comfy_quant format\(s\) awq_w4a16"):
+        comfy.run(g, timeout=1800)
+    for sub in ("unet", "diffusion_models"):
+        assert not list((comfy.server.base_dir / "models" / sub / "native").glob(f"{name}_*.safetensors"))
+    print(f"{name}: this ComfyUI has no awq_w4a16 loader; the 4-bit comfyui-native save was refused")
+
+
 def check_native_detected(comfy, native: Path, fixture: Path, bits: str, expected_config: str):
     """ComfyUI's detection reads the exported file as the same model as the float fixture. int8_tensorwise keeps
     every weight's shape; awq_w4a16 stores [N, K/2] bytes, which detection reads as a K half as wide where it
@@ -271,7 +321,7 @@ def check_native_detected(comfy, native: Path, fixture: Path, bits: str, expecte
     fixture_cfg = detect(comfy, fixture)
     assert fixture_cfg[0] == expected_config, fixture_cfg
     native_cfg = detect(comfy, native)
-    print(f"ComfyUI 0.3.64 detection of the {bits} comfyui-native file: {native_cfg[0]} "
+    print(f"ComfyUI's detection of the {bits} comfyui-native file: {native_cfg[0]} "
           f"({'same config as the float model' if native_cfg == fixture_cfg else 'differs: ' + str(native_cfg)})")
     if bits == "W8A8":
         assert native_cfg == fixture_cfg, (native_cfg, fixture_cfg)
@@ -337,8 +387,10 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     _flux_sample(g, "11", q)
     g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": f"latents/flux_{bits}"}}
     g["13"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": f"it/flux_{bits}"}}
-    g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
-               "inputs": {"model": q, "filename_prefix": f"native/flux_{bits}", "layout": "comfyui-native"}}
+    native_ok = bits == "W8A8" or native_4bit_readable(comfy)
+    if native_ok:
+        g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
+                   "inputs": {"model": q, "filename_prefix": f"native/flux_{bits}", "layout": "comfyui-native"}}
     g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal",
                                                           "steps": CALIB["calibration_steps"], "denoise": 1.0}}
     g["16"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": ["1", 0], "sigmas": ["15", 0]}}
@@ -367,17 +419,23 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     if "ptqd" in method:
         keys = check_ptqd_keys(lowbit_file, report, scale=1000.0)
         assert max(keys) > 1.0, "keys are on the [0, 1000) scale, not sigma"
-    native = _native_path(comfy, hist, "14")
-    layers = check_native_file(native, _fixture_unet_keys(flux, ""), bits)
-    # ComfyUI's memory estimate of the quantized MODEL counts the packed weights (the native file holds the same
-    # integers, scales and float-kept layers) and is below the float model's
     q_size, fp_size = hist["outputs"]["19"]["model_size"][0], report["model_size"][0]
-    print(f"Flux {bits}: ComfyUI model_size float {fp_size / 2 ** 20:.0f} MiB, quantized {q_size / 2 ** 20:.0f} MiB, "
-          f"native file {native.stat().st_size / 2 ** 20:.0f} MiB")
-    assert 0.8 * native.stat().st_size <= q_size < fp_size, (q_size, native.stat().st_size, fp_size)
-    check_native_detected(comfy, native, flux, bits, "Flux")
-    assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
-                                                                           for k in layers), sorted(layers)
+    if not native_ok:
+        print(f"Flux {bits}: ComfyUI model_size float {fp_size / 2 ** 20:.0f} MiB, quantized "
+              f"{q_size / 2 ** 20:.0f} MiB")
+        assert q_size < fp_size, (q_size, fp_size)
+        check_native_refused(comfy, rel, _flux_graph(flux.name)["1"], f"flux_{bits}")
+    else:
+        native = _native_path(comfy, hist, "14")
+        layers = check_native_file(native, _fixture_unet_keys(flux, ""), bits)
+        # ComfyUI's memory estimate of the quantized MODEL counts the packed weights (the native file holds the
+        # same integers, scales and float-kept layers) and is below the float model's
+        print(f"Flux {bits}: ComfyUI model_size float {fp_size / 2 ** 20:.0f} MiB, quantized "
+              f"{q_size / 2 ** 20:.0f} MiB, native file {native.stat().st_size / 2 ** 20:.0f} MiB")
+        assert 0.8 * native.stat().st_size <= q_size < fp_size, (q_size, native.stat().st_size, fp_size)
+        check_native_detected(comfy, native, flux, bits, "Flux")
+        assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
+                                                                               for k in layers), sorted(layers)
 
     t1 = time.perf_counter()
     g2 = _flux_graph(flux.name)
@@ -422,8 +480,10 @@ def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     lat = _sdxl_sample(g, "11", q, sampler, scheduler)
     g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": lat, "filename_prefix": f"latents/sdxl_{bits}"}}
     g["13"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": f"it/sdxl_{bits}"}}
-    g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
-               "inputs": {"model": q, "filename_prefix": f"native/sdxl_{bits}", "layout": "comfyui-native"}}
+    native_ok = bits == "W8A8" or native_4bit_readable(comfy)
+    if native_ok:
+        g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
+                   "inputs": {"model": q, "filename_prefix": f"native/sdxl_{bits}", "layout": "comfyui-native"}}
     g["15"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal",
                                                           "steps": CALIB["calibration_steps"], "denoise": 1.0}}
     g["16"] = {"class_type": "LowBitTestScheduleReport", "inputs": {"model": ["1", 0], "sigmas": ["15", 0]}}
@@ -452,10 +512,13 @@ def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
     if "ptqd" in method:
         keys = check_ptqd_keys(lowbit_file, report, scale=1.0)
         assert max(keys) > 500, keys  # the first step's discrete timestep (~999), not a sigma
-    native = _native_path(comfy, hist, "14")
-    layers = check_native_file(native, _fixture_unet_keys(ckpt, "model.diffusion_model."), bits)
-    check_native_detected(comfy, native, ckpt, bits, "Segmind_Vega")
-    assert any(".attn2.to_k" in k for k in layers), sorted(layers)[:20]   # cross-attention over the 2048-d context
+    if not native_ok:
+        check_native_refused(comfy, rel, _sdxl_graph(ckpt.name)["1"], f"sdxl_{bits}")
+    else:
+        native = _native_path(comfy, hist, "14")
+        layers = check_native_file(native, _fixture_unet_keys(ckpt, "model.diffusion_model."), bits)
+        check_native_detected(comfy, native, ckpt, bits, "Segmind_Vega")
+        assert any(".attn2.to_k" in k for k in layers), sorted(layers)[:20]  # cross-attention over the 2048-d context
 
     t1 = time.perf_counter()
     g2 = _sdxl_graph(ckpt.name)
