@@ -147,14 +147,12 @@ def _quantize_model(model, positive, negative, settings, schedule, progress):
         if settings.calibration_timesteps:
             calls = timestep_aware_subset(calls, settings.calibration_timesteps)
     adapter.load_model(model)  # quantize the weights the float model runs with (LoRA patches merged)
-    # ComfyUI runs nodes under inference mode. The core's stages keep their inputs restorable (transactions
-    # record tensor versions) and the training stages need autograd: both fail on inference tensors, so the
-    # pipeline runs outside inference mode on plain copies of the calls and of the float UNet (the quantized
-    # copy shares the float UNet's unquantized tensors, norms and embeddings, so they must be plain too).
-    with adapter.training_mode():
-        fp = adapter.plain_copy(fp_unet)
-        res = pipeline.run(fp, adapter.plain_calls(calls), config,
-                           alphas_cumprod=adapter.alphas_cumprod(model), num_train_timesteps=T, progress=progress)
+    # ComfyUI runs nodes under inference mode: the checkpoint's tensors and the recorded calls are inference tensors.
+    # The pipeline takes them as they are (no copy of the float UNet: for SDXL or a DiT that copy was the model's
+    # size again); training stages (bases recon / efficientdm), which need autograd, get plain copies from
+    # pipeline.run itself (quant.calib.for_training).
+    res = pipeline.run(fp_unet, calls, config, alphas_cumprod=adapter.alphas_cumprod(model), num_train_timesteps=T,
+                       progress=progress)
     report = "\n".join(pipeline.describe(res.model))
     summary = (f"LowBit: quantized the UNet to {settings.bits} ({config.method}) with {len(calls)} calibration calls "
                f"in {res.total_seconds:.1f} s")

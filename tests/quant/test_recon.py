@@ -92,6 +92,39 @@ def test_training_stages_run_on_a_hosts_inference_tensors():
     assert calls[0].args[0].is_inference()
 
 
+@pytest.mark.parametrize("method,bits", [("naive+ptqd", "W8A8"), ("naive", "W4A16")])
+def test_post_training_methods_take_a_hosts_inference_tensors_without_copying_the_model(method, bits):
+    """ComfyUI's Quantize node runs the pipeline under the host's ``torch.inference_mode()`` on the checkpoint's own
+    tensors (it used to copy the whole float UNet first: an SDXL / DiT-size copy). Post-training methods work there:
+    the model and calls given stay as they were, the float layers the plan keeps share the model's weight memory
+    (no copy), and the result equals a run on plain copies outside that mode (the route the node took before)."""
+    from lowbit.quant import LayerRule, PipelineConfig, pipeline
+    from lowbit.quant.calib import plain_calls, plain_copy, training_mode
+
+    from qutil import assert_same_state, record, state_copy, tiny_unet
+
+    keep = LayerRule(pattern=r"^time_embedding\.", mode="fp")  # (a float layer, as a measured plan keeps some)
+    cfg = PipelineConfig.for_method(method, bits, precision="rules",
+                                    quant=QuantConfig.preset(bits, rules=(keep,)))
+    with torch.inference_mode():
+        fp = tiny_unet()
+        calls = record(fp, ts=(900, 500, 100))
+        before = state_copy(fp)
+        res = pipeline.run(fp, calls, cfg)
+        assert_same_state(fp, before)
+        err = output_error(fp, res.model, calls)
+    assert all(p.is_inference() for p in fp.parameters()) and calls[0].args[0].is_inference()
+    fp_ptrs = {p.data_ptr() for p in fp.parameters()}
+    kept = [n for n, m in res.model.named_modules()
+            if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and n != "" and m.weight.data_ptr() in fp_ptrs]
+    assert kept == ["time_embedding.linear_1", "time_embedding.linear_2"]
+    with training_mode():
+        ref = pipeline.run(plain_copy(fp), plain_calls(calls), cfg)
+    with torch.inference_mode():
+        ref_err = output_error(fp, ref.model, calls)
+    assert err == pytest.approx(ref_err, rel=0.05)  # (kernel choices may differ in float summation order)
+
+
 class _ToyMoE(torch.nn.Module):
     """Tokens through a top-1 routed mixture of two experts (HiDream, Nucleus-MoE): which rows an expert gets depends
     on the router's input, which quantizing ``proj_in`` changes. ``experts``: the name of the expert list."""
