@@ -86,10 +86,17 @@ class SaveFolderError(SaveError, FileNotFoundError):
 
 # name -> (to_state(qmodel) -> (meta dict, tensors dict) | None, from_state(qmodel, meta, tensors) -> None)
 EXTRAS: Dict[str, tuple] = {}
+# name -> check_meta(meta): raises ValueError/ConfigError/TypeError when an extra's header part is malformed; run by
+# ``check_header`` (so ``lowbit inspect`` and loading refuse the same headers) before anything is built
+EXTRA_CHECKS: Dict[str, Callable] = {}
 
 
-def register_extra(name: str, to_state: Callable, from_state: Callable):
+def register_extra(name: str, to_state: Callable, from_state: Callable, check_meta: Optional[Callable] = None):
     EXTRAS[name] = (to_state, from_state)
+    if check_meta is not None:
+        EXTRA_CHECKS[name] = check_meta
+    else:
+        EXTRA_CHECKS.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------ per-model state
@@ -658,9 +665,7 @@ def _model_out_channels(model: nn.Module) -> Optional[int]:
 
 def _check_ptqd(path, meta, index, model, T):
     """PTQD tables: t [S] (increasing, in [0, T)), k/var/m [S], bias [S, C] with C the model's output channels."""
-    pref = "__extra__.ptqd."
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        _fail(path, "its ptqd metadata is malformed (no config object)", "the file is corrupt; save it again")
+    pref = "__extra__.ptqd."  # (meta, its config included, was checked by check_header)
     shp = {k[len(pref):]: index[k]["shape"] for k in index if k.startswith(pref)}
     for k in ("t", "k", "bias", "var"):
         if k not in shp:
@@ -1021,6 +1026,15 @@ def check_header(path, header: dict, index: dict):
     if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
         _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
+    extras = header.get("extras") or {}
+    if not isinstance(extras, dict):
+        _fail(path, "its extras are not an object", "the file is corrupt")
+    for ename, meta in extras.items():
+        if ename in EXTRAS and ename in EXTRA_CHECKS:  # (unknown extras are ignored: never read, never executed)
+            try:
+                EXTRA_CHECKS[ename](meta)
+            except (ConfigError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                _fail(path, f"its {ename} data is malformed ({str(exc)[:200]})", "the file is corrupt; save it again")
     return cfg, sched, T, splits, fnames
 
 
@@ -1105,9 +1119,7 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
                 _fail(path, f"float tensor {k[:200]!r} is {e['shape']}, this model holds {list(own[k].shape)}",
                       "pick the file made from this architecture")
         fneed = [FLOAT_PREFIX + k for k in sorted(set(own) & set(fnames))]
-    extras = header.get("extras") or {}
-    if not isinstance(extras, dict):
-        _fail(path, "its extras are not an object", "the file is corrupt")
+    extras = header.get("extras") or {}  # (an object, each known extra's header part checked: check_header)
     extra_keys = [k for k in index if k.startswith("__extra__.")]
     if len(extra_keys) > MAX_EXTRA_TENSORS:
         _fail(path, f"it has {len(extra_keys)} extra tensors (at most {MAX_EXTRA_TENSORS})", "the file is corrupt")

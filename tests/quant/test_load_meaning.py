@@ -416,3 +416,13 @@ def test_version_2_header_has_no_arch_and_loads_on_the_float_model(unet, good, t
     p = _craft(good, tmp_path, edit)
     load(unet, p)
     _refused_alone(p, "file format 2")
+
+
+# ---------------------------------------------------------------- audit of the loader (io-fixes)
+def test_ptqd_config_of_another_config_type_is_refused_at_load(unet, good, tmp_path):
+    def edit(ts, h):
+        h["extras"]["ptqd"]["config"] = h["config"]  # an allowlisted QuantConfig where a PTQDConfig belongs
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, "its ptqd data is malformed .*QuantConfig, expected a PTQDConfig")
+    _refused_alone(p, "expected a PTQDConfig")
