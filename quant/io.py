@@ -895,9 +895,13 @@ def build_arch(path, arch) -> nn.Module:
     try:
         with _EmptyTensors():
             model = cls(**arch["config"])
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, IndexError, RuntimeError,
-            NotImplementedError, ZeroDivisionError) as exc:
-        _fail(path, f"its arch config does not build a {arch['class']} ({type(exc).__name__}: {str(exc)[:160]})",
+    except MemoryError:  # (parameters go to the meta device, so only a constructor's own tables can be this big)
+        _fail(path, f"building its {arch['class']} ran out of memory (its arch config asks for sizes this machine "
+                    "cannot hold)", "the file is corrupt; load it onto the float model with load(model, path)")
+    except Exception as exc:  # whatever diffusers raises for a config it rejects (UnboundLocalError for an unknown
+        # time_embedding_type, OverflowError, ImportError of an optional part...): one line, not its traceback
+        why = (str(exc).strip().splitlines() or [""])[0][:160]
+        _fail(path, f"its arch config does not build a {arch['class']} ({type(exc).__name__}: {why})",
               "the file is corrupt or for another diffusers version; load it onto the float model with load(model, "
               "path)")
     return model.eval().requires_grad_(False)

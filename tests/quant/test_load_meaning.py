@@ -294,6 +294,8 @@ def test_arch_that_is_not_an_allowed_class(unet, good, tmp_path, arch, match):
     ("norm_eps", {"a": {"b": {"c": 1}}}, "is not a number, string"),
     ("_class_name", "UNet2DModel", "has the key '_class_name'"),
     ("block_out_channels", [32, 64], "does not build a UNet2DModel"),  # 3 block types, 2 widths
+    # diffusers' own error for a value it does not know, from deep inside its constructor (audit): one line
+    ("time_embedding_type", "nope", r"does not build a UNet2DModel \(UnboundLocalError: "),
 ])
 def test_arch_config_values_are_checked(unet, good, tmp_path, key, value, match):
     def edit(h):
@@ -426,3 +428,21 @@ def test_ptqd_config_of_another_config_type_is_refused_at_load(unet, good, tmp_p
     p = _craft(good, tmp_path, edit)
     _refused(unet, p, "its ptqd data is malformed .*QuantConfig, expected a PTQDConfig")
     _refused_alone(p, "expected a PTQDConfig")
+
+
+@pytest.mark.parametrize("exc, match", [
+    (OverflowError("cannot convert float infinity to integer"), r"\(OverflowError: cannot convert float infinity"),
+    (ImportError("an optional part\nsecond line"), r"\(ImportError: an optional part\)"),
+    (MemoryError(), "building its UNet2DModel ran out of memory"),
+])
+def test_any_error_of_the_arch_constructor_is_one_line(good, monkeypatch, exc, match):
+    from lowbit.quant import io as qio
+
+    class Broken:
+        def __init__(self, **kw):
+            raise exc
+
+    monkeypatch.setattr(qio, "_diffusers_class", lambda name: Broken)
+    with pytest.raises(LoadError, match=match) as info:
+        qio.build_arch(good[0], {"library": "diffusers", "class": "UNet2DModel", "config": {}})
+    assert "\n" not in str(info.value)
