@@ -1109,9 +1109,23 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         fdt = {k: _DTYPES[index[FLOAT_PREFIX + k]["dtype"]] for k, v in own.items() if v.dtype.is_floating_point}
         if len(set(fdt.values())) > 1 and any(dt != own[k].dtype for k, dt in fdt.items()):
             recast = {k: own[k].dtype for k, dt in fdt.items() if dt != own[k].dtype}
-    elif fnames:  # onto a given float model, but the file holds the float tensors it was saved with: those are used
+    elif header.get("_migrated_from", FORMAT_VERSION) >= 3:  # onto a given float model, but the file holds the
+        # float tensors it was saved with (format 3 on; older files list none): those are used
         own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        # the file describes every tensor of the model it was made from (its layers and its float tensors): a
+        # quantizable layer of this model it describes neither way was not in that model (or its entry was moved
+        # or removed), and would silently stay float here
+        listed = set(fnames)
+        undescribed = [n for n, m in mods.items() if n not in plan and not isinstance(m, (QuantLayer,
+                       ChannelSplitConv2d)) and qlayer_class_for(m) is not None
+                       and isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_meta
+                       and f"{n}.weight" not in listed]
+        if undescribed:
+            _fail(path, f"it does not describe {len(undescribed)} of this model's layers, neither as quantized "
+                        f"layers nor as float tensors (e.g. {undescribed[0][:200]!r}): it was made from another model "
+                        "or edited",
+                  "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
         surplus = sorted(set(fnames) - set(own))
         if surplus:  # a tensor the file's model had and this one has not: another architecture (or host's ops)
             _fail(path, f"it holds float tensor {surplus[0][:200]!r} that this model does not have (it was made from "
@@ -1122,6 +1136,12 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
             if tuple(e["shape"]) != tuple(own[k].shape):
                 _fail(path, f"float tensor {k[:200]!r} is {e['shape']}, this model holds {list(own[k].shape)}",
                       "pick the file made from this architecture")
+            dt, v = _DTYPES[e["dtype"]], own[k]
+            if dt.is_floating_point != v.dtype.is_floating_point or (not dt.is_floating_point and dt != v.dtype):
+                # (as loading alone refuses it: an integer, bool or complex tensor would be cast silently)
+                _fail(path, f"float tensor {k[:200]!r} is {e['dtype']}{e['shape']}, this model holds "
+                            f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}", "pick the file made from this "
+                            "architecture")
         fneed = [FLOAT_PREFIX + k for k in sorted(set(own) & set(fnames))]
     extras = header.get("extras") or {}  # (an object, each known extra's header part checked: check_header)
     extra_keys = [k for k in index if k.startswith("__extra__.")]

@@ -446,3 +446,49 @@ def test_any_error_of_the_arch_constructor_is_one_line(good, monkeypatch, exc, m
     with pytest.raises(LoadError, match=match) as info:
         qio.build_arch(good[0], {"library": "diffusers", "class": "UNet2DModel", "config": {}})
     assert "\n" not in str(info.value)
+
+
+def _a_linear(header):
+    return next(n for n, lm in header["layers"].items() if lm["kind"] == "Linear")
+
+
+def test_layer_of_the_model_the_file_does_not_describe_is_refused_onto_the_float_model(unet, good, tmp_path):
+    n = _a_linear(good[2])
+
+    def drop(ts, h):  # its entry and tensors removed: it would silently stay float
+        del h["layers"][n]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            del ts[k]
+
+    _refused(unet, _craft(good, tmp_path, drop), rf"does not describe 1 of this model's layers.*'{n}'")
+    other = next(m for m, lm in good[2]["layers"].items() if lm["kind"] == "Linear" and m != n
+                 and lm["shape"] == good[2]["layers"][n]["shape"])
+
+    def move(ts, h):  # its entry and tensors moved onto another layer of the same shape
+        h["layers"][other] = h["layers"].pop(n)
+        for k in [k for k in ts if k.startswith(other + ".")]:
+            del ts[k]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            ts[other + k[len(n):]] = ts.pop(k)
+
+    _refused(unet, _craft(good, tmp_path, move), rf"does not describe 1 of this model's layers.*'{n}'")
+
+    def as_float(ts, h):  # described as a float-kept layer instead: a file the loader takes (its float weights)
+        del h["layers"][n]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            del ts[k]
+        lin = unet.get_submodule(n)
+        ts[f"__float__.{n}.weight"], ts[f"__float__.{n}.bias"] = lin.weight.detach().clone(), lin.bias.detach().clone()
+        h["float_tensors"] = sorted(h["float_tensors"] + [f"{n}.weight", f"{n}.bias"])
+
+    q = load(unet, _craft(good, tmp_path, as_float))
+    assert type(q.get_submodule(n)) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("cast", [lambda x: (x * 100).int(), lambda x: x > 0, lambda x: x.to(torch.complex64) + 1j])
+def test_float_tensor_of_another_kind_is_refused_onto_the_float_model(unet, good, tmp_path, cast):
+    def edit(ts, h):
+        ts["__float__.conv_norm_out.weight"] = cast(ts["__float__.conv_norm_out.weight"])
+
+    _refused(unet, _craft(good, tmp_path, edit), r"float tensor 'conv_norm_out.weight' is (I32|BOOL|C64)\[32\], this "
+                                                  r"model holds float32\[32\]")
