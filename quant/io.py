@@ -980,24 +980,32 @@ def file_profile(path, header: dict, model: nn.Module) -> str:
     one matching now, unless it is newer than the file (``ModelProfile.replaces``: a class whose own profile came
     later was keyed with the one named there; e.g. NCSN++ files made before ``score-sde-ve`` hold tables keyed on
     sigma itself, which the log map would look up at other keys: found by audit)."""
-    from .profiles import PROFILES, profile_for
+    from .profiles import profile_for
 
     name = header.get("profile")
     if name is None:
         p = profile_for(model)
         return p.replaces or p.name
-    if not isinstance(name, str) or name not in PROFILES:
+    _check_profile_name(path, name)
+    return name
+
+
+def _check_profile_name(path, name) -> None:
+    from .profiles import PROFILES
+
+    if name is not None and (not isinstance(name, str) or name not in PROFILES):
         _fail(path, f"its tables are keyed with the model profile {str(name)[:100]!r}, which this LowBit does not know",
               f"upgrade LowBit (known profiles: {', '.join(sorted(PROFILES))})")
-    return name
 
 
 def check_header(path, header: dict, index: dict):
     """The meaning of a LowBit header's model-independent fields, as loading checks them before building anything:
     ``arch`` (``check_arch``), ``float_tensors``, the configs (rebuilt from the allowlist only, each of its slot's
-    type), ``num_train_timesteps``, a non-empty ``layers`` object, ``splits``. Returns (config, schedule,
-    num_train_timesteps, splits, float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs
-    it too, so it says what loading would say about a crafted header."""
+    type), ``num_train_timesteps``, the ``profile`` name, the ``tensor_sha256`` object (format 2 on), a non-empty
+    ``layers`` object, the schedule's bits against the layers' activation tables, ``splits``, ``extras`` (an object;
+    each registered extra's part through its ``check_meta``). Returns (config, schedule, num_train_timesteps, splits,
+    float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs it too, so it says what
+    loading would say about a crafted header: checks that need no model belong here, in one place."""
     check_arch(path, header.get("arch"))
     fnames = _check_float_tensors(path, header, index)
     cfg = sched = None
@@ -1023,9 +1031,25 @@ def check_header(path, header: dict, index: dict):
     if sched is not None and sched.num_train_timesteps != T:
         _fail(path, f"its schedule is for {sched.num_train_timesteps} timesteps, the model for {T}",
               "the file is corrupt")
+    _check_profile_name(path, header.get("profile"))
+    digests = header.get("tensor_sha256")
+    if digests is not None or header.get("_migrated_from", FORMAT_VERSION) >= 2:
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+            _fail(path, "its tensor checksums (tensor_sha256) are missing or not an object", "the file is corrupt")
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
+    if sched is not None:  # (each layer's fields are checked for meaning against the model when loading; a layer
+        # whose fields are malformed is left to that check, which names the field)
+        want = set(sched.bits_used) - {16}
+        for n, lm in layers.items():
+            bits = lm.get("a_bits_set", []) if isinstance(lm, dict) else None
+            if not (isinstance(bits, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in bits)):
+                continue
+            if lm.get("scheduled", True) is True and lm.get("a_bits") != 16 and lm.get("a_dynamic", False) is False \
+                    and not want <= set(bits):
+                _fail(path, f"its schedule uses activation bits {sorted(want)} but layer {n[:200]!r} has tables for "
+                            f"{list(bits)} only", "the file is corrupt; re-quantize with that schedule")
     splits = header.get("splits") or {}
     if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
@@ -1073,12 +1097,6 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     for n, lm in layers.items():
         plan[n], nd = _plan_layer(path, n, lm, mods[n], kinds)
         need.update(nd)
-    if sched is not None:
-        want = set(sched.bits_used) - {16}
-        for n, st in plan.items():
-            if st["scheduled"] and st["a_bits"] != 16 and not st["a_dynamic"] and not want <= set(st["a_bits_set"]):
-                _fail(path, f"its schedule uses activation bits {sorted(want)} but layer {n!r} has tables for "
-                            f"{list(st['a_bits_set'])} only", "the file is corrupt; re-quantize with that schedule")
     for key, (dt, shp) in need.items():
         _expect(path, index, key, dt, shp)
     fneed, recast = [], {}
@@ -1162,10 +1180,8 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         tensors = _read_tensors(path, index, wanted)  # tensors no one uses are never read
     except (OSError, ValueError, RuntimeError) as exc:
         _fail(path, f"reading tensors failed ({str(exc)[:200]})", "the file is corrupt; save it again")
-    digests = header.get("tensor_sha256")
-    if digests is not None or header.get("_migrated_from", FORMAT_VERSION) >= 2:
-        if not isinstance(digests, dict):
-            _fail(path, "its tensor checksums (tensor_sha256) are missing or not an object", "the file is corrupt")
+    digests = header.get("tensor_sha256")  # (an object of strings from format 2 on: check_header)
+    if digests is not None:
         for k, v in tensors.items():
             if not isinstance(digests.get(k), str) or tensor_digest(v) != digests[k]:
                 _fail(path, f"tensor {k[:200]!r} does not match its checksum (the data changed after saving)",

@@ -492,3 +492,36 @@ def test_float_tensor_of_another_kind_is_refused_onto_the_float_model(unet, good
 
     _refused(unet, _craft(good, tmp_path, edit), r"float tensor 'conv_norm_out.weight' is (I32|BOOL|C64)\[32\], this "
                                                   r"model holds float32\[32\]")
+
+
+def _setx(key, value):
+    def edit(h):
+        h["extras"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.__setitem__("profile", "nope"), "keyed with the model profile 'nope'"),
+    (lambda h: h.__setitem__("profile", 5), "keyed with the model profile '5'"),
+    (lambda h: h.__setitem__("profile", ""), "keyed with the model profile ''"),
+    (lambda h: h.pop("tensor_sha256"), r"tensor checksums \(tensor_sha256\) are missing"),
+    (lambda h: h.__setitem__("extras", [1]), "its extras are not an object"),
+    (_setx("ptqd", [1]), r"its ptqd data is malformed \(no config object\)"),
+    (_setx("ptqd", {}), r"its ptqd data is malformed \(no config object\)"),
+    (lambda h: h["extras"]["ptqd"].__setitem__("config", h["config"]), "expected a PTQDConfig"),
+    (_setx("decisions", {"layers": [1]}), "its decisions data is malformed"),
+    (_setx("decisions", [1]), "its decisions data is malformed"),
+    (_setx("efficientdm", [1, 2]), "its efficientdm data is malformed"),
+    (lambda h: h.__setitem__("schedule", C.to_json_obj(BitwidthSchedule(segments=((0.0, 499.0, 8),
+                                                                                  (500.0, 999.0, 4))))),
+     r"schedule uses activation bits \[4, 8\]"),
+])
+def test_header_faults_refused_by_load_are_refused_by_inspect(unet, good, tmp_path, edit, match):
+    from lowbit.cli import inspect_text
+
+    p = _craft(good, tmp_path, edit_header=edit)
+    _refused(unet, p, match)
+    text = inspect_text(p)
+    assert "loads      yes" not in text
+    line = next(x for x in text.splitlines() if x.startswith("loads "))
+    assert line.startswith("loads      no: cannot load ") and __import__("re").search(match, line), line
