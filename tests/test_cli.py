@@ -510,7 +510,7 @@ def test_inspect_says_what_loading_says_about_a_crafted_header(tmp_path, capsys,
     from lowbit.quant.io import FORMAT
 
     h = {"format": FORMAT, "format_version": 3, "layers": {"conv_in": {"kind": "QuantConv2d"}},
-         "float_tensors": ["x"], "arch": None, "config": None}
+         "float_tensors": ["x"], "arch": None, "config": None, "tensor_sha256": {}}  # (format 2 on: checksums)
     h.update(change)
     p = str(tmp_path / "crafted.safetensors")
     save_file({"__float__.x": torch.zeros(1)}, p, metadata={"lowbit": json.dumps(h)})
