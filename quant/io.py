@@ -61,6 +61,8 @@ MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256
 MAX_FLOAT_TENSORS = 100_000
 FLOAT_PREFIX = "__float__."
+PTQD_MAX_K = 1e3  # PTQD tables' bounds of meaning (see _check_ptqd_values)
+PTQD_MAX_BIAS = 1e4
 # diffusers classes ``load_model`` may build from a file's ``arch`` (nothing else is ever constructed)
 ARCH_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
                 "DiTTransformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel", "HunyuanDiT2DModel",
@@ -697,6 +699,22 @@ def _check_ptqd_values(path, ts, T):
         _fail(path, f"its PTQD timesteps must be distinct values in [0, {T}]", "the file is corrupt")
     if (ts["var"] < 0).any():
         _fail(path, "its PTQD residual variances are negative", "the file is corrupt")
+    # Meaning (quant/ptqd.py's noise model eps_q = (1 + k) eps + m x_t + bias + r, the correction
+    # (eps_q - m x_t - bias) / (1 + k)): the predictions and their quantization errors are of order 1 (a few units at
+    # most, and |x_t| at most the largest noise level, a few hundred), so a fitted bias, input slope m, or error
+    # standard deviation beyond 1e4 is no statistic of a working model: finite but huge values (3e38) would turn
+    # every corrected prediction into inf. k is the slope of the error against the prediction: the fit stores
+    # max(k, -0.5) (ptqd.K_MIN), and k = 1e3 would mean the quantized model predicts a thousand times the float one.
+    from .ptqd import K_MIN
+
+    bounds = {"k": (K_MIN - 1e-6, PTQD_MAX_K), "m": (-PTQD_MAX_BIAS, PTQD_MAX_BIAS),
+              "bias": (-PTQD_MAX_BIAS, PTQD_MAX_BIAS), "var": (0.0, PTQD_MAX_BIAS ** 2)}
+    for k, (lo, hi) in bounds.items():
+        v = ts.get(k)
+        if v is not None and v.numel() and not (float(v.min()) >= lo and float(v.max()) <= hi):
+            _fail(path, f"its PTQD table {k!r} holds {float(v.min()):.3g}..{float(v.max()):.3g}, outside "
+                        f"[{lo:g}, {hi:g}] (no statistic of a working model)",
+                  "the file is corrupt or crafted, or was saved from a diverged run; re-collect the statistics")
 
 
 def _set_float_dtype(qmodel: nn.Module) -> None:

@@ -525,3 +525,20 @@ def test_header_faults_refused_by_load_are_refused_by_inspect(unet, good, tmp_pa
     assert "loads      yes" not in text
     line = next(x for x in text.splitlines() if x.startswith("loads "))
     assert line.startswith("loads      no: cannot load ") and __import__("re").search(match, line), line
+
+
+@pytest.mark.parametrize("table, index, value, match", [
+    ("bias", (0, 0), 3e38, r"PTQD table 'bias' holds .*outside \[-10000, 10000\]"),
+    ("m", 0, 3e38, "PTQD table 'm' holds"),
+    ("m", 0, -2e4, "PTQD table 'm' holds"),
+    ("k", 0, 1e6, r"PTQD table 'k' holds .*outside \[-0.5"),
+    ("k", 0, -0.9, "PTQD table 'k' holds"),
+    ("var", 0, 1e12, "PTQD table 'var' holds"),
+])
+def test_ptqd_tables_far_outside_their_meaning(unet, good, tmp_path, table, index, value, match):
+    def edit(ts, h):
+        ts[f"__extra__.ptqd.{table}"][index] = value
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, match)
+    _refused_alone(p, match)
