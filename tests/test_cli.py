@@ -61,6 +61,7 @@ def ws(tmp_path):
     (w / "text.safetensors").write_text("plain text, named like a tensor file\n")
     (w / "exists.safetensors").write_bytes(b"keep me")
     (w / "adir.safetensors").mkdir()
+    os.symlink("/nonexistent/x.safetensors", w / "dangling.safetensors")  # a link whose target is gone
     (w / "afile").write_text("x")
     _unet_dir(w, "unet_text_weights")
     _unet_dir(w, "unet_pickle", weights="bin")
@@ -134,6 +135,7 @@ BAD = [
     (["ui", "--port", "0"], ["--port", "out of range"]),
     (["inspect", "missing.safetensors"], ["no such file"]),
     (["inspect", "adir.safetensors"], ["is a folder"]),
+    (["inspect", "dangling.safetensors"], ["broken symbolic link", "-> /nonexistent/x.safetensors"]),
     (["export", "--comfy", "missing.safetensors", "out.safetensors"], ["input missing.safetensors: no such file"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors"], ["is the input file"]),

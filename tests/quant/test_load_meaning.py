@@ -542,3 +542,14 @@ def test_ptqd_tables_far_outside_their_meaning(unet, good, tmp_path, table, inde
     p = _craft(good, tmp_path, edit)
     _refused(unet, p, match)
     _refused_alone(p, match)
+
+
+def test_broken_symbolic_link_is_named(unet, tmp_path):
+    import os
+
+    p = tmp_path / "link.safetensors"
+    os.symlink("/nonexistent/target.safetensors", p)
+    with pytest.raises(LoadError, match=r"broken symbolic link .*link.safetensors -> /nonexistent/target.safetensors"):
+        load(unet, str(p))
+    with pytest.raises(LoadError, match="broken symbolic link"):
+        load(str(p))
