@@ -19,10 +19,12 @@ File layout (tensor names; L = qualified layer name):
                                                         quantized layers: norms, embeddings, float-kept layers)
 Header: ``__metadata__["lowbit"]`` = JSON {format, format_version, config, schedule, num_train_timesteps,
 layers{L: {kind, shape, w_format, w_bits, a_bits, group_size, a_dynamic, a_bits_set, time_bins, has_bias, scheduled}},
-model{...}, splits{...}, extras{...}, arch, float_tensors[...]}. ``arch`` (format 3) is null or {library, class,
-config}: the architecture to build without a float model (``load_model``); for ``library="diffusers"`` only the
-classes of ``ARCH_CLASSES`` with their ``__init__`` keywords are accepted, other libraries (``comfyui``) are built
-and checked by their host's node. Older format versions are upgraded on load by ``MIGRATIONS``.
+model{...}, splits{...}, extras{...}, arch, float_tensors[...], profile, tensor_sha256{...}, header_sha256}
+(``header_sha256``, format 5: sha256 of the header's canonical JSON without it, ``sthdr.header_digest``).
+``arch`` (format 3) is null or {library, class, config}: the architecture to build without a float model
+(``load_model``); for ``library="diffusers"`` only the classes of ``ARCH_CLASSES`` with their ``__init__`` keywords
+are accepted, other libraries (``comfyui``) are built and checked by their host's node. Older format versions are
+upgraded on load by ``MIGRATIONS``.
 
 Two ways to load: ``load(model, path)`` applies the file to the full-precision ``model`` (every file version), and
 ``load_model(path)`` (or ``load(path)``) builds the architecture on the meta device and fills it from the file alone,
@@ -149,8 +151,16 @@ def _migrate_3_to_4(header: dict) -> dict:
     return header
 
 
+def _migrate_4_to_5(header: dict) -> dict:
+    """Version 5 records a checksum of the header itself (``header_sha256``, ``sthdr.header_digest``), checked by
+    ``read_header``; older files hold none (their tensors are covered by ``tensor_sha256`` from version 2 on)."""
+    header["format_version"] = 5
+    return header
+
+
 # version n -> function(header) -> header of version n + 1 (tensor names are unchanged so far)
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4,
+                                                 4: _migrate_4_to_5}
 
 
 def migrate(header: dict, path: str = "<header>") -> dict:
@@ -163,7 +173,8 @@ def migrate(header: dict, path: str = "<header>") -> dict:
     layers = header.get("layers")
     found = {2: [k for k in ("tensor_sha256",) if k in header],
              3: [k for k in ("arch", "float_tensors") if k in header],
-             4: [k for k in ("profile",) if k in header]}
+             4: [k for k in ("profile",) if k in header],
+             5: [k for k in ("header_sha256",) if k in header]}
     if isinstance(layers, dict) and any(isinstance(lm, dict) and "w_format" in lm for lm in layers.values()):
         found[2].append("per-layer w_format")
     for since, fields in found.items():
@@ -455,6 +466,8 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
         header["arch"] = arch or None
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
     header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    header = json.loads(json.dumps(header))  # (as it is read back: tuples are lists) for its own checksum
+    header["header_sha256"] = sthdr.header_digest(header)
     write_new_file(path, folder, lambda tmp: save_file(tensors, tmp, metadata={"lowbit": json.dumps(header,
                                                                                        sort_keys=True)}), overwrite)
     return path
@@ -528,6 +541,14 @@ def read_header(path: str):
         _fail(path, "the LowBit metadata is not a JSON object", "the file is corrupt; save it again")
     if header.get("format") != FORMAT:
         _fail(path, f"unknown format {str(header.get('format'))[:80]!r}", "this file was not written by LowBit")
+    v = header.get("format_version")
+    if sthdr.lowbit_version_ok(v) and v >= 5:  # (a checksum in a header that claims an older version: migrate)
+        if not isinstance(header.get("header_sha256"), str):
+            _fail(path, "its header checksum (header_sha256) is missing", "the file is corrupt or was edited; save "
+                        "it again with LowBit")
+        if sthdr.header_digest(header) != header["header_sha256"]:
+            _fail(path, "the header was edited or damaged: its checksum does not match", "the file is corrupt; copy "
+                        "or save it again with LowBit")
     header = migrate(header, path)
     try:
         sthdr.check_index(index, 8 + n, size, dtypes=_DTYPES)

@@ -304,7 +304,7 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     assert "QuantConfig" in out and "w_bits=8" in out and "W8A8" in out
     # the method's name is not in the file: the line says what the file holds, not "method ..." (README)
     assert "holds      quantized (W8A8)" in out and "\nmethod " not in out and "loads      yes" in out
-    assert "format     lowbit.quantized_unet v4\n" in out and "profile    diffusers-unet" in out
+    assert "format     lowbit.quantized_unet v5\n" in out and "profile    diffusers-unet" in out
     assert main(["inspect", p, "--layers"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in header["layers"])
@@ -398,7 +398,7 @@ def test_inspect_json_prints_the_header_as_written(capsys):
     assert h["format_version"] == 1 and "_migrated_from" not in h and "arch" not in h
     assert main(["inspect", p]) == 0  # the summary still reads it through today's reader
     out = capsys.readouterr().out
-    assert "quantized layers" in out and "v1 (read as v4)" in out and "profile    not recorded (format < 4)" in out
+    assert "quantized layers" in out and "v1 (read as v5)" in out and "profile    not recorded (format < 4)" in out
 
 
 def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):

@@ -11,6 +11,7 @@ from lowbit.quant import (BitwidthSchedule, LoadError, QuantConfig, attach_stats
                           quantize, save)
 from lowbit.quant import config as C
 from lowbit.quant.io import tensor_digest
+from lowbit.quant.sthdr import header_digest
 
 from qutil import assert_same_state, state_copy
 
@@ -38,6 +39,8 @@ def _craft(good, tmp_path, edit_tensors=None, edit_header=None):
         edit_header(header)
     if "tensor_sha256" in header:  # checksums guard against corruption, not crafting: a crafter recomputes them
         header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    if "header_sha256" in header:
+        header["header_sha256"] = header_digest(header)
     p = str(tmp_path / "crafted.safetensors")
     save_file(tensors, p, metadata={"lowbit": json.dumps(header)})
     return p
@@ -171,11 +174,11 @@ def test_unused_tensor_is_refused_not_read(unet, good, tmp_path):
 
 def _as_version_1(ts, h):
     """The header a version-1 LowBit wrote: no per-layer w_format (v2), checksums (v2), arch or float list (v3),
-    profile (v4)."""
+    profile (v4), header checksum (v5)."""
     h["format_version"] = 1
     for lm in h["layers"].values():
         del lm["w_format"]
-    for k in ("tensor_sha256", "arch", "float_tensors", "profile"):
+    for k in ("tensor_sha256", "arch", "float_tensors", "profile", "header_sha256"):
         h.pop(k, None)
     for k in [k for k in ts if k.startswith("__float__.")]:
         del ts[k]
@@ -412,7 +415,7 @@ def test_version_2_header_has_no_arch_and_loads_on_the_float_model(unet, good, t
     def edit(ts, h):
         for k in [k for k in ts if k.startswith("__float__.")]:
             del ts[k]
-        del h["arch"], h["float_tensors"], h["profile"]
+        del h["arch"], h["float_tensors"], h["profile"], h["header_sha256"]
         h["format_version"] = 2
 
     p = _craft(good, tmp_path, edit)
@@ -553,3 +556,37 @@ def test_broken_symbolic_link_is_named(unet, tmp_path):
         load(unet, str(p))
     with pytest.raises(LoadError, match="broken symbolic link"):
         load(str(p))
+
+
+def test_edited_header_is_caught_by_its_checksum(unet, good, tmp_path):
+    """The tensor checksums do not cover the header: an edited digit in the arch config (norm_eps=-1) or a layer's
+    entry changed the model silently. Format 5 records header_sha256 over the header's canonical JSON."""
+    _, tensors, header = good
+    assert header["format_version"] == 5 and header["header_sha256"] == header_digest(header)
+
+    def write(h, name):
+        p = str(tmp_path / name)
+        save_file(tensors, p, metadata={"lowbit": json.dumps(h)})
+        return p
+
+    h = json.loads(json.dumps(header))
+    h["arch"]["config"]["norm_eps"] = -1  # the checksum not recomputed: damage or a careless edit
+    p = write(h, "edited.safetensors")
+    _refused(unet, p, "the header was edited or damaged: its checksum does not match")
+    _refused_alone(p, "its checksum does not match")
+    h = json.loads(json.dumps(header))
+    h["splits"] = {}
+    _refused(unet, write(h, "edited2.safetensors"), "its checksum does not match")
+    h = json.loads(json.dumps(header))
+    del h["header_sha256"]
+    _refused(unet, write(h, "nochecksum.safetensors"), r"header checksum \(header_sha256\) is missing")
+    h = json.loads(json.dumps(header))
+    h["format_version"] = 4  # relabelled to the version before the checksum
+    _refused(unet, write(h, "relabelled.safetensors"), "says format version 4 but holds header_sha256")
+    del h["header_sha256"]  # a version-4 file as format 4 wrote it still loads
+    load(unet, write(h, "v4.safetensors"))
+    # key order and whitespace are not part of it (the canonical dump)
+    text = json.dumps(header, indent=3, sort_keys=False)
+    p = str(tmp_path / "spaced.safetensors")
+    save_file(tensors, p, metadata={"lowbit": text})
+    load(unet, p)
