@@ -145,7 +145,7 @@ BAD = [
     (["export", "--comfy", "plain.safetensors", "exists.safetensors"], ["already exists", "--overwrite"]),
     # checked before torch loads (it took 4.5 s to refuse these)
     (["export", "--comfy", "plain.safetensors", "out.safetensors"], ["not a LowBit quantized file", "lowbit quantize"]),
-    (["export", "--comfy", "future.safetensors", "out.safetensors"], ["format version 99", "1..4"]),
+    (["export", "--comfy", "future.safetensors", "out.safetensors"], ["format version 99", "1..5"]),
     (["export", "--comfy", "twice.safetensors", "out.safetensors"], ["'format_version' appears twice", "corrupt"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["frobnicate"], ["invalid choice", "quantize"]),
