@@ -253,6 +253,13 @@ def _check_safetensors(path: str, what: str, with_start: bool = False):
     (header, offset of the data) with ``with_start``."""
     if not os.path.lexists(path):
         raise UsageError(f"{what} {path}: no such file; check the path")
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            target = os.readlink(path)[:500]
+        except OSError:
+            target = "?"
+        raise UsageError(f"{what} {path}: broken symbolic link {path} -> {target}; point the link at the file, or "
+                         "give the file's own path")
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder; give a .safetensors file")
     try:

@@ -792,16 +792,20 @@ def _to_state(qmodel):
     return None if not info else (dict(info), {})
 
 
-def _from_state(qmodel, meta, tensors):
+def _check_meta(meta) -> None:
     if not isinstance(meta, dict):
         raise ValueError("efficientdm metadata must be an object")
+
+
+def _from_state(qmodel, meta, tensors):
+    _check_meta(meta)
     get_context(qmodel).finetune_info = meta
 
 
 def _register():
     from .io import register_extra
 
-    register_extra("efficientdm", _to_state, _from_state)
+    register_extra("efficientdm", _to_state, _from_state, check_meta=_check_meta)
 
 
 _register()

@@ -19,10 +19,12 @@ File layout (tensor names; L = qualified layer name):
                                                         quantized layers: norms, embeddings, float-kept layers)
 Header: ``__metadata__["lowbit"]`` = JSON {format, format_version, config, schedule, num_train_timesteps,
 layers{L: {kind, shape, w_format, w_bits, a_bits, group_size, a_dynamic, a_bits_set, time_bins, has_bias, scheduled}},
-model{...}, splits{...}, extras{...}, arch, float_tensors[...]}. ``arch`` (format 3) is null or {library, class,
-config}: the architecture to build without a float model (``load_model``); for ``library="diffusers"`` only the
-classes of ``ARCH_CLASSES`` with their ``__init__`` keywords are accepted, other libraries (``comfyui``) are built
-and checked by their host's node. Older format versions are upgraded on load by ``MIGRATIONS``.
+model{...}, splits{...}, extras{...}, arch, float_tensors[...], profile, tensor_sha256{...}, header_sha256}
+(``header_sha256``, format 5: sha256 of the header's canonical JSON without it, ``sthdr.header_digest``).
+``arch`` (format 3) is null or {library, class, config}: the architecture to build without a float model
+(``load_model``); for ``library="diffusers"`` only the classes of ``ARCH_CLASSES`` with their ``__init__`` keywords
+are accepted, other libraries (``comfyui``) are built and checked by their host's node. Older format versions are
+upgraded on load by ``MIGRATIONS``.
 
 Two ways to load: ``load(model, path)`` applies the file to the full-precision ``model`` (every file version), and
 ``load_model(path)`` (or ``load(path)``) builds the architecture on the meta device and fills it from the file alone,
@@ -61,6 +63,8 @@ MAX_TIME_BINS = 100_000
 MAX_EXTRA_TENSORS = 256
 MAX_FLOAT_TENSORS = 100_000
 FLOAT_PREFIX = "__float__."
+PTQD_MAX_K = 1e3  # PTQD tables' bounds of meaning (see _check_ptqd_values)
+PTQD_MAX_BIAS = 1e4
 # diffusers classes ``load_model`` may build from a file's ``arch`` (nothing else is ever constructed)
 ARCH_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
                 "DiTTransformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel", "HunyuanDiT2DModel",
@@ -86,10 +90,17 @@ class SaveFolderError(SaveError, FileNotFoundError):
 
 # name -> (to_state(qmodel) -> (meta dict, tensors dict) | None, from_state(qmodel, meta, tensors) -> None)
 EXTRAS: Dict[str, tuple] = {}
+# name -> check_meta(meta): raises ValueError/ConfigError/TypeError when an extra's header part is malformed; run by
+# ``check_header`` (so ``lowbit inspect`` and loading refuse the same headers) before anything is built
+EXTRA_CHECKS: Dict[str, Callable] = {}
 
 
-def register_extra(name: str, to_state: Callable, from_state: Callable):
+def register_extra(name: str, to_state: Callable, from_state: Callable, check_meta: Optional[Callable] = None):
     EXTRAS[name] = (to_state, from_state)
+    if check_meta is not None:
+        EXTRA_CHECKS[name] = check_meta
+    else:
+        EXTRA_CHECKS.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------ per-model state
@@ -140,8 +151,16 @@ def _migrate_3_to_4(header: dict) -> dict:
     return header
 
 
+def _migrate_4_to_5(header: dict) -> dict:
+    """Version 5 records a checksum of the header itself (``header_sha256``, ``sthdr.header_digest``), checked by
+    ``read_header``; older files hold none (their tensors are covered by ``tensor_sha256`` from version 2 on)."""
+    header["format_version"] = 5
+    return header
+
+
 # version n -> function(header) -> header of version n + 1 (tensor names are unchanged so far)
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4,
+                                                 4: _migrate_4_to_5}
 
 
 def migrate(header: dict, path: str = "<header>") -> dict:
@@ -154,7 +173,8 @@ def migrate(header: dict, path: str = "<header>") -> dict:
     layers = header.get("layers")
     found = {2: [k for k in ("tensor_sha256",) if k in header],
              3: [k for k in ("arch", "float_tensors") if k in header],
-             4: [k for k in ("profile",) if k in header]}
+             4: [k for k in ("profile",) if k in header],
+             5: [k for k in ("header_sha256",) if k in header]}
     if isinstance(layers, dict) and any(isinstance(lm, dict) and "w_format" in lm for lm in layers.values()):
         found[2].append("per-layer w_format")
     for since, fields in found.items():
@@ -446,6 +466,8 @@ def save(qmodel: nn.Module, path: str, overwrite: bool = False, make_dirs: bool 
         header["arch"] = arch or None
     # a flipped byte in the data is caught on load (sha256: ~0.8 s per 480 MB, an SD1.5 UNet at W4, on 1 core)
     header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    header = json.loads(json.dumps(header))  # (as it is read back: tuples are lists) for its own checksum
+    header["header_sha256"] = sthdr.header_digest(header)
     write_new_file(path, folder, lambda tmp: save_file(tensors, tmp, metadata={"lowbit": json.dumps(header,
                                                                                        sort_keys=True)}), overwrite)
     return path
@@ -472,6 +494,14 @@ def _parse_json(path, text: str, what: str):
               "the file is corrupt or not safetensors")
 
 
+def broken_link_target(path: str) -> str:
+    """Where the symbolic link ``path`` points (for the message about a link whose target does not exist)."""
+    try:
+        return os.readlink(path)[:500]
+    except OSError:
+        return "?"
+
+
 def read_header(path: str):
     """(lowbit header dict, migrated to the current version; tensor index) after checking the file is a complete
     safetensors file."""
@@ -479,6 +509,9 @@ def read_header(path: str):
     if os.path.isdir(path):
         _fail(path, "it is a folder", "give the .safetensors file saved by LowBit (a file, not its folder)")
     if not os.path.isfile(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            _fail(path, f"broken symbolic link {path} -> {broken_link_target(path)}",
+                  "point the link at the file, or give the file's own path")
         _fail(path, "no such file", "check the path (quantized UNets are .safetensors files saved by LowBit)")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -508,6 +541,14 @@ def read_header(path: str):
         _fail(path, "the LowBit metadata is not a JSON object", "the file is corrupt; save it again")
     if header.get("format") != FORMAT:
         _fail(path, f"unknown format {str(header.get('format'))[:80]!r}", "this file was not written by LowBit")
+    v = header.get("format_version")
+    if sthdr.lowbit_version_ok(v) and v >= 5:  # (a checksum in a header that claims an older version: migrate)
+        if not isinstance(header.get("header_sha256"), str):
+            _fail(path, "its header checksum (header_sha256) is missing", "the file is corrupt or was edited; save "
+                        "it again with LowBit")
+        if sthdr.header_digest(header) != header["header_sha256"]:
+            _fail(path, "the header was edited or damaged: its checksum does not match", "the file is corrupt; copy "
+                        "or save it again with LowBit")
     header = migrate(header, path)
     try:
         sthdr.check_index(index, 8 + n, size, dtypes=_DTYPES)
@@ -658,9 +699,7 @@ def _model_out_channels(model: nn.Module) -> Optional[int]:
 
 def _check_ptqd(path, meta, index, model, T):
     """PTQD tables: t [S] (increasing, in [0, T)), k/var/m [S], bias [S, C] with C the model's output channels."""
-    pref = "__extra__.ptqd."
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        _fail(path, "its ptqd metadata is malformed (no config object)", "the file is corrupt; save it again")
+    pref = "__extra__.ptqd."  # (meta, its config included, was checked by check_header)
     shp = {k[len(pref):]: index[k]["shape"] for k in index if k.startswith(pref)}
     for k in ("t", "k", "bias", "var"):
         if k not in shp:
@@ -692,6 +731,22 @@ def _check_ptqd_values(path, ts, T):
         _fail(path, f"its PTQD timesteps must be distinct values in [0, {T}]", "the file is corrupt")
     if (ts["var"] < 0).any():
         _fail(path, "its PTQD residual variances are negative", "the file is corrupt")
+    # Meaning (quant/ptqd.py's noise model eps_q = (1 + k) eps + m x_t + bias + r, the correction
+    # (eps_q - m x_t - bias) / (1 + k)): the predictions and their quantization errors are of order 1 (a few units at
+    # most, and |x_t| at most the largest noise level, a few hundred), so a fitted bias, input slope m, or error
+    # standard deviation beyond 1e4 is no statistic of a working model: finite but huge values (3e38) would turn
+    # every corrected prediction into inf. k is the slope of the error against the prediction: the fit stores
+    # max(k, -0.5) (ptqd.K_MIN), and k = 1e3 would mean the quantized model predicts a thousand times the float one.
+    from .ptqd import K_MIN
+
+    bounds = {"k": (K_MIN - 1e-6, PTQD_MAX_K), "m": (-PTQD_MAX_BIAS, PTQD_MAX_BIAS),
+              "bias": (-PTQD_MAX_BIAS, PTQD_MAX_BIAS), "var": (0.0, PTQD_MAX_BIAS ** 2)}
+    for k, (lo, hi) in bounds.items():
+        v = ts.get(k)
+        if v is not None and v.numel() and not (float(v.min()) >= lo and float(v.max()) <= hi):
+            _fail(path, f"its PTQD table {k!r} holds {float(v.min()):.3g}..{float(v.max()):.3g}, outside "
+                        f"[{lo:g}, {hi:g}] (no statistic of a working model)",
+                  "the file is corrupt or crafted, or was saved from a diverged run; re-collect the statistics")
 
 
 def _set_float_dtype(qmodel: nn.Module) -> None:
@@ -890,9 +945,13 @@ def build_arch(path, arch) -> nn.Module:
     try:
         with _EmptyTensors():
             model = cls(**arch["config"])
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, IndexError, RuntimeError,
-            NotImplementedError, ZeroDivisionError) as exc:
-        _fail(path, f"its arch config does not build a {arch['class']} ({type(exc).__name__}: {str(exc)[:160]})",
+    except MemoryError:  # (parameters go to the meta device, so only a constructor's own tables can be this big)
+        _fail(path, f"building its {arch['class']} ran out of memory (its arch config asks for sizes this machine "
+                    "cannot hold)", "the file is corrupt; load it onto the float model with load(model, path)")
+    except Exception as exc:  # whatever diffusers raises for a config it rejects (UnboundLocalError for an unknown
+        # time_embedding_type, OverflowError, ImportError of an optional part...): one line, not its traceback
+        why = (str(exc).strip().splitlines() or [""])[0][:160]
+        _fail(path, f"its arch config does not build a {arch['class']} ({type(exc).__name__}: {why})",
               "the file is corrupt or for another diffusers version; load it onto the float model with load(model, "
               "path)")
     return model.eval().requires_grad_(False)
@@ -971,24 +1030,32 @@ def file_profile(path, header: dict, model: nn.Module) -> str:
     one matching now, unless it is newer than the file (``ModelProfile.replaces``: a class whose own profile came
     later was keyed with the one named there; e.g. NCSN++ files made before ``score-sde-ve`` hold tables keyed on
     sigma itself, which the log map would look up at other keys: found by audit)."""
-    from .profiles import PROFILES, profile_for
+    from .profiles import profile_for
 
     name = header.get("profile")
     if name is None:
         p = profile_for(model)
         return p.replaces or p.name
-    if not isinstance(name, str) or name not in PROFILES:
+    _check_profile_name(path, name)
+    return name
+
+
+def _check_profile_name(path, name) -> None:
+    from .profiles import PROFILES
+
+    if name is not None and (not isinstance(name, str) or name not in PROFILES):
         _fail(path, f"its tables are keyed with the model profile {str(name)[:100]!r}, which this LowBit does not know",
               f"upgrade LowBit (known profiles: {', '.join(sorted(PROFILES))})")
-    return name
 
 
 def check_header(path, header: dict, index: dict):
     """The meaning of a LowBit header's model-independent fields, as loading checks them before building anything:
     ``arch`` (``check_arch``), ``float_tensors``, the configs (rebuilt from the allowlist only, each of its slot's
-    type), ``num_train_timesteps``, a non-empty ``layers`` object, ``splits``. Returns (config, schedule,
-    num_train_timesteps, splits, float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs
-    it too, so it says what loading would say about a crafted header."""
+    type), ``num_train_timesteps``, the ``profile`` name, the ``tensor_sha256`` object (format 2 on), a non-empty
+    ``layers`` object, the schedule's bits against the layers' activation tables, ``splits``, ``extras`` (an object;
+    each registered extra's part through its ``check_meta``). Returns (config, schedule, num_train_timesteps, splits,
+    float tensor names); raises ``LoadError`` naming the field. ``lowbit inspect`` runs it too, so it says what
+    loading would say about a crafted header: checks that need no model belong here, in one place."""
     check_arch(path, header.get("arch"))
     fnames = _check_float_tensors(path, header, index)
     cfg = sched = None
@@ -1014,13 +1081,38 @@ def check_header(path, header: dict, index: dict):
     if sched is not None and sched.num_train_timesteps != T:
         _fail(path, f"its schedule is for {sched.num_train_timesteps} timesteps, the model for {T}",
               "the file is corrupt")
+    _check_profile_name(path, header.get("profile"))
+    digests = header.get("tensor_sha256")
+    if digests is not None or header.get("_migrated_from", FORMAT_VERSION) >= 2:
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+            _fail(path, "its tensor checksums (tensor_sha256) are missing or not an object", "the file is corrupt")
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers:
         _fail(path, "it lists no quantized layers", "the file is corrupt")
+    if sched is not None:  # (each layer's fields are checked for meaning against the model when loading; a layer
+        # whose fields are malformed is left to that check, which names the field)
+        want = set(sched.bits_used) - {16}
+        for n, lm in layers.items():
+            bits = lm.get("a_bits_set", []) if isinstance(lm, dict) else None
+            if not (isinstance(bits, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in bits)):
+                continue
+            if lm.get("scheduled", True) is True and lm.get("a_bits") != 16 and lm.get("a_dynamic", False) is False \
+                    and not want <= set(bits):
+                _fail(path, f"its schedule uses activation bits {sorted(want)} but layer {n[:200]!r} has tables for "
+                            f"{list(bits)} only", "the file is corrupt; re-quantize with that schedule")
     splits = header.get("splits") or {}
     if not (isinstance(splits, dict) and all(isinstance(v, list) and v and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) for v in splits.values())):
         _fail(path, "its list of split convolutions is malformed", "the file is corrupt")
+    extras = header.get("extras") or {}
+    if not isinstance(extras, dict):
+        _fail(path, "its extras are not an object", "the file is corrupt")
+    for ename, meta in extras.items():
+        if ename in EXTRAS and ename in EXTRA_CHECKS:  # (unknown extras are ignored: never read, never executed)
+            try:
+                EXTRA_CHECKS[ename](meta)
+            except (ConfigError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                _fail(path, f"its {ename} data is malformed ({str(exc)[:200]})", "the file is corrupt; save it again")
     return cfg, sched, T, splits, fnames
 
 
@@ -1055,12 +1147,6 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
     for n, lm in layers.items():
         plan[n], nd = _plan_layer(path, n, lm, mods[n], kinds)
         need.update(nd)
-    if sched is not None:
-        want = set(sched.bits_used) - {16}
-        for n, st in plan.items():
-            if st["scheduled"] and st["a_bits"] != 16 and not st["a_dynamic"] and not want <= set(st["a_bits_set"]):
-                _fail(path, f"its schedule uses activation bits {sorted(want)} but layer {n!r} has tables for "
-                            f"{list(st['a_bits_set'])} only", "the file is corrupt; re-quantize with that schedule")
     for key, (dt, shp) in need.items():
         _expect(path, index, key, dt, shp)
     fneed, recast = [], {}
@@ -1091,9 +1177,23 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         fdt = {k: _DTYPES[index[FLOAT_PREFIX + k]["dtype"]] for k, v in own.items() if v.dtype.is_floating_point}
         if len(set(fdt.values())) > 1 and any(dt != own[k].dtype for k, dt in fdt.items()):
             recast = {k: own[k].dtype for k, dt in fdt.items() if dt != own[k].dtype}
-    elif fnames:  # onto a given float model, but the file holds the float tensors it was saved with: those are used
+    elif header.get("_migrated_from", FORMAT_VERSION) >= 3:  # onto a given float model, but the file holds the
+        # float tensors it was saved with (format 3 on; older files list none): those are used
         own = {k: v for k, v in model_state(qmodel).items()
                if v is not None and not any(k.startswith(n + ".") for n in plan)}
+        # the file describes every tensor of the model it was made from (its layers and its float tensors): a
+        # quantizable layer of this model it describes neither way was not in that model (or its entry was moved
+        # or removed), and would silently stay float here
+        listed = set(fnames)
+        undescribed = [n for n, m in mods.items() if n not in plan and not isinstance(m, (QuantLayer,
+                       ChannelSplitConv2d)) and qlayer_class_for(m) is not None
+                       and isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_meta
+                       and f"{n}.weight" not in listed]
+        if undescribed:
+            _fail(path, f"it does not describe {len(undescribed)} of this model's layers, neither as quantized "
+                        f"layers nor as float tensors (e.g. {undescribed[0][:200]!r}): it was made from another model "
+                        "or edited",
+                  "pick the quantized file made from this checkpoint's architecture, or re-quantize this model")
         surplus = sorted(set(fnames) - set(own))
         if surplus:  # a tensor the file's model had and this one has not: another architecture (or host's ops)
             _fail(path, f"it holds float tensor {surplus[0][:200]!r} that this model does not have (it was made from "
@@ -1104,10 +1204,14 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
             if tuple(e["shape"]) != tuple(own[k].shape):
                 _fail(path, f"float tensor {k[:200]!r} is {e['shape']}, this model holds {list(own[k].shape)}",
                       "pick the file made from this architecture")
+            dt, v = _DTYPES[e["dtype"]], own[k]
+            if dt.is_floating_point != v.dtype.is_floating_point or (not dt.is_floating_point and dt != v.dtype):
+                # (as loading alone refuses it: an integer, bool or complex tensor would be cast silently)
+                _fail(path, f"float tensor {k[:200]!r} is {e['dtype']}{e['shape']}, this model holds "
+                            f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}", "pick the file made from this "
+                            "architecture")
         fneed = [FLOAT_PREFIX + k for k in sorted(set(own) & set(fnames))]
-    extras = header.get("extras") or {}
-    if not isinstance(extras, dict):
-        _fail(path, "its extras are not an object", "the file is corrupt")
+    extras = header.get("extras") or {}  # (an object, each known extra's header part checked: check_header)
     extra_keys = [k for k in index if k.startswith("__extra__.")]
     if len(extra_keys) > MAX_EXTRA_TENSORS:
         _fail(path, f"it has {len(extra_keys)} extra tensors (at most {MAX_EXTRA_TENSORS})", "the file is corrupt")
@@ -1126,10 +1230,8 @@ def _load(model: nn.Module, path: str, header: dict, index: dict, standalone: bo
         tensors = _read_tensors(path, index, wanted)  # tensors no one uses are never read
     except (OSError, ValueError, RuntimeError) as exc:
         _fail(path, f"reading tensors failed ({str(exc)[:200]})", "the file is corrupt; save it again")
-    digests = header.get("tensor_sha256")
-    if digests is not None or header.get("_migrated_from", FORMAT_VERSION) >= 2:
-        if not isinstance(digests, dict):
-            _fail(path, "its tensor checksums (tensor_sha256) are missing or not an object", "the file is corrupt")
+    digests = header.get("tensor_sha256")  # (an object of strings from format 2 on: check_header)
+    if digests is not None:
         for k, v in tensors.items():
             if not isinstance(digests.get(k), str) or tensor_digest(v) != digests[k]:
                 _fail(path, f"tensor {k[:200]!r} does not match its checksum (the data changed after saving)",

@@ -85,9 +85,8 @@ def _to_state(qmodel):
     return (dict(layers=[dict(r) for r in report]), {}) if report else None
 
 
-def _from_state(qmodel, meta, tensors):
-    from .context import get_context
-
+def _check_meta(meta) -> list:
+    """The decision records of a file's ``extras.decisions`` (checked, copied); ValueError when malformed."""
     rows = meta.get("layers") if isinstance(meta, dict) else None
     if not isinstance(rows, list) or len(rows) > 100_000:
         raise ValueError("decisions must be a list of layer records")
@@ -99,13 +98,19 @@ def _from_state(qmodel, meta, tensors):
         if r["mode"] not in ("quant", "w8a8", "fp") or len(r["reason"]) > 500 or len(r["name"]) > 1000:
             raise ValueError("a decision record holds an unknown mode or an oversized text")
         clean.append(dict(r))
-    get_context(qmodel).report = clean
+    return clean
+
+
+def _from_state(qmodel, meta, tensors):
+    from .context import get_context
+
+    get_context(qmodel).report = _check_meta(meta)
 
 
 def _register():
     from .io import register_extra
 
-    register_extra("decisions", _to_state, _from_state)
+    register_extra("decisions", _to_state, _from_state, check_meta=_check_meta)
 
 
 _register()

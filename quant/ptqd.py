@@ -103,11 +103,22 @@ class PTQDStats:
         return {"config": to_json_obj(self.config)}, {"t": self.t, "k": self.k, "bias": self.bias, "var": self.var,
                                                         "m": self.m}
 
-    @classmethod
-    def from_state(cls, meta, tensors):
+    @staticmethod
+    def check_meta(meta) -> PTQDConfig:
+        """The PTQD config a file's ``extras.ptqd`` holds, rebuilt from the allowlist and of type ``PTQDConfig``
+        (another allowlisted config would load and fail at the first corrected forward); ValueError otherwise."""
         from .config import from_json_obj
 
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise ValueError("no config object")
         cfg = from_json_obj(meta["config"])
+        if not isinstance(cfg, PTQDConfig):
+            raise ValueError(f"its config is a {type(cfg).__name__}, expected a PTQDConfig")
+        return cfg
+
+    @classmethod
+    def from_state(cls, meta, tensors):
+        cfg = cls.check_meta(meta)
         t, k, bias, var = (tensors[n] for n in ("t", "k", "bias", "var"))
         S = t.shape[0]
         m = tensors.get("m", torch.zeros(S))
@@ -371,7 +382,7 @@ def _from_state(qmodel, meta, tensors):
 def _register():
     from .io import register_extra
 
-    register_extra("ptqd", _to_state, _from_state)
+    register_extra("ptqd", _to_state, _from_state, check_meta=PTQDStats.check_meta)
 
 
 _register()

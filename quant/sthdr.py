@@ -7,6 +7,7 @@ index); the caller adds the file and the fix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -19,13 +20,22 @@ class Length(ValueError):
     """The tensor data does not end where the file does (truncated or padded)."""
 
 
-LOWBIT_FORMAT_VERSION = 4  # the newest LowBit file format this code reads (quant/io.py writes it)
+LOWBIT_FORMAT_VERSION = 5  # the newest LowBit file format this code reads (quant/io.py writes it)
 MAX_JSON_DEPTH = 32  # nesting of any JSON value in a header
 MAX_INT_DIGITS = 18  # integers in a header: |n| < 10^18
 
 # bytes per element of every safetensors dtype this reader knows (sub-byte float formats are not among them)
 DSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
          "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def header_digest(header: dict) -> str:
+    """The ``header_sha256`` of a LowBit header (format 5): sha256 of its canonical JSON (sorted keys, no
+    whitespace, ASCII) without the ``header_sha256`` field itself. It covers what the tensor checksums do not: the
+    architecture, layers, splits, extras and configs, whose edited digit changes the model silently."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def lowbit_version_ok(v) -> bool:

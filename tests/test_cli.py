@@ -61,6 +61,7 @@ def ws(tmp_path):
     (w / "text.safetensors").write_text("plain text, named like a tensor file\n")
     (w / "exists.safetensors").write_bytes(b"keep me")
     (w / "adir.safetensors").mkdir()
+    os.symlink("/nonexistent/x.safetensors", w / "dangling.safetensors")  # a link whose target is gone
     (w / "afile").write_text("x")
     _unet_dir(w, "unet_text_weights")
     _unet_dir(w, "unet_pickle", weights="bin")
@@ -152,6 +153,7 @@ BAD = [
     (["ui", "--port", "0"], ["--port", "out of range"]),
     (["inspect", "missing.safetensors"], ["no such file"]),
     (["inspect", "adir.safetensors"], ["is a folder"]),
+    (["inspect", "dangling.safetensors"], ["broken symbolic link", "-> /nonexistent/x.safetensors"]),
     (["export", "--comfy", "missing.safetensors", "out.safetensors"], ["input missing.safetensors: no such file"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors"], ["is the input file"]),
@@ -161,7 +163,7 @@ BAD = [
     (["export", "--comfy", "plain.safetensors", "exists.safetensors"], ["already exists", "--overwrite"]),
     # checked before torch loads (it took 4.5 s to refuse these)
     (["export", "--comfy", "plain.safetensors", "out.safetensors"], ["not a LowBit quantized file", "lowbit quantize"]),
-    (["export", "--comfy", "future.safetensors", "out.safetensors"], ["format version 99", "1..4"]),
+    (["export", "--comfy", "future.safetensors", "out.safetensors"], ["format version 99", "1..5"]),
     (["export", "--comfy", "twice.safetensors", "out.safetensors"], ["'format_version' appears twice", "corrupt"]),
     (["export", "--comfy", "plain.safetensors", "plain.safetensors", "--overwrite"], ["is the input file"]),
     (["frobnicate"], ["invalid choice", "quantize"]),
@@ -320,7 +322,7 @@ def test_quantize_command_saves_reports_stages_refuses_overwrite_and_inspects(tm
     assert "QuantConfig" in out and "w_bits=8" in out and "W8A8" in out
     # the method's name is not in the file: the line says what the file holds, not "method ..." (README)
     assert "holds      quantized (W8A8)" in out and "\nmethod " not in out and "loads      yes" in out
-    assert "format     lowbit.quantized_unet v4\n" in out and "profile    diffusers-unet" in out
+    assert "format     lowbit.quantized_unet v5\n" in out and "profile    diffusers-unet" in out
     assert main(["inspect", p, "--layers"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in header["layers"])
@@ -414,7 +416,7 @@ def test_inspect_json_prints_the_header_as_written(capsys):
     assert h["format_version"] == 1 and "_migrated_from" not in h and "arch" not in h
     assert main(["inspect", p]) == 0  # the summary still reads it through today's reader
     out = capsys.readouterr().out
-    assert "quantized layers" in out and "v1 (read as v4)" in out and "profile    not recorded (format < 4)" in out
+    assert "quantized layers" in out and "v1 (read as v5)" in out and "profile    not recorded (format < 4)" in out
 
 
 def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
@@ -528,7 +530,7 @@ def test_inspect_says_what_loading_says_about_a_crafted_header(tmp_path, capsys,
     from lowbit.quant.io import FORMAT
 
     h = {"format": FORMAT, "format_version": 3, "layers": {"conv_in": {"kind": "QuantConv2d"}},
-         "float_tensors": ["x"], "arch": None, "config": None}
+         "float_tensors": ["x"], "arch": None, "config": None, "tensor_sha256": {}}  # (format 2 on: checksums)
     h.update(change)
     p = str(tmp_path / "crafted.safetensors")
     save_file({"__float__.x": torch.zeros(1)}, p, metadata={"lowbit": json.dumps(h)})

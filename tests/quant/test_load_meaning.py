@@ -11,6 +11,7 @@ from lowbit.quant import (BitwidthSchedule, LoadError, QuantConfig, attach_stats
                           quantize, save)
 from lowbit.quant import config as C
 from lowbit.quant.io import tensor_digest
+from lowbit.quant.sthdr import header_digest
 
 from qutil import assert_same_state, state_copy
 
@@ -38,6 +39,8 @@ def _craft(good, tmp_path, edit_tensors=None, edit_header=None):
         edit_header(header)
     if "tensor_sha256" in header:  # checksums guard against corruption, not crafting: a crafter recomputes them
         header["tensor_sha256"] = {k: tensor_digest(v) for k, v in tensors.items()}
+    if "header_sha256" in header:
+        header["header_sha256"] = header_digest(header)
     p = str(tmp_path / "crafted.safetensors")
     save_file(tensors, p, metadata={"lowbit": json.dumps(header)})
     return p
@@ -171,11 +174,11 @@ def test_unused_tensor_is_refused_not_read(unet, good, tmp_path):
 
 def _as_version_1(ts, h):
     """The header a version-1 LowBit wrote: no per-layer w_format (v2), checksums (v2), arch or float list (v3),
-    profile (v4)."""
+    profile (v4), header checksum (v5)."""
     h["format_version"] = 1
     for lm in h["layers"].values():
         del lm["w_format"]
-    for k in ("tensor_sha256", "arch", "float_tensors", "profile"):
+    for k in ("tensor_sha256", "arch", "float_tensors", "profile", "header_sha256"):
         h.pop(k, None)
     for k in [k for k in ts if k.startswith("__float__.")]:
         del ts[k]
@@ -294,6 +297,8 @@ def test_arch_that_is_not_an_allowed_class(unet, good, tmp_path, arch, match):
     ("norm_eps", {"a": {"b": {"c": 1}}}, "is not a number, string"),
     ("_class_name", "UNet2DModel", "has the key '_class_name'"),
     ("block_out_channels", [32, 64], "does not build a UNet2DModel"),  # 3 block types, 2 widths
+    # diffusers' own error for a value it does not know, from deep inside its constructor (audit): one line
+    ("time_embedding_type", "nope", r"does not build a UNet2DModel \(UnboundLocalError: "),
 ])
 def test_arch_config_values_are_checked(unet, good, tmp_path, key, value, match):
     def edit(h):
@@ -410,9 +415,178 @@ def test_version_2_header_has_no_arch_and_loads_on_the_float_model(unet, good, t
     def edit(ts, h):
         for k in [k for k in ts if k.startswith("__float__.")]:
             del ts[k]
-        del h["arch"], h["float_tensors"], h["profile"]
+        del h["arch"], h["float_tensors"], h["profile"], h["header_sha256"]
         h["format_version"] = 2
 
     p = _craft(good, tmp_path, edit)
     load(unet, p)
     _refused_alone(p, "file format 2")
+
+
+# ---------------------------------------------------------------- audit of the loader (io-fixes)
+def test_ptqd_config_of_another_config_type_is_refused_at_load(unet, good, tmp_path):
+    def edit(ts, h):
+        h["extras"]["ptqd"]["config"] = h["config"]  # an allowlisted QuantConfig where a PTQDConfig belongs
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, "its ptqd data is malformed .*QuantConfig, expected a PTQDConfig")
+    _refused_alone(p, "expected a PTQDConfig")
+
+
+@pytest.mark.parametrize("exc, match", [
+    (OverflowError("cannot convert float infinity to integer"), r"\(OverflowError: cannot convert float infinity"),
+    (ImportError("an optional part\nsecond line"), r"\(ImportError: an optional part\)"),
+    (MemoryError(), "building its UNet2DModel ran out of memory"),
+])
+def test_any_error_of_the_arch_constructor_is_one_line(good, monkeypatch, exc, match):
+    from lowbit.quant import io as qio
+
+    class Broken:
+        def __init__(self, **kw):
+            raise exc
+
+    monkeypatch.setattr(qio, "_diffusers_class", lambda name: Broken)
+    with pytest.raises(LoadError, match=match) as info:
+        qio.build_arch(good[0], {"library": "diffusers", "class": "UNet2DModel", "config": {}})
+    assert "\n" not in str(info.value)
+
+
+def _a_linear(header):
+    return next(n for n, lm in header["layers"].items() if lm["kind"] == "Linear")
+
+
+def test_layer_of_the_model_the_file_does_not_describe_is_refused_onto_the_float_model(unet, good, tmp_path):
+    n = _a_linear(good[2])
+
+    def drop(ts, h):  # its entry and tensors removed: it would silently stay float
+        del h["layers"][n]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            del ts[k]
+
+    _refused(unet, _craft(good, tmp_path, drop), rf"does not describe 1 of this model's layers.*'{n}'")
+    other = next(m for m, lm in good[2]["layers"].items() if lm["kind"] == "Linear" and m != n
+                 and lm["shape"] == good[2]["layers"][n]["shape"])
+
+    def move(ts, h):  # its entry and tensors moved onto another layer of the same shape
+        h["layers"][other] = h["layers"].pop(n)
+        for k in [k for k in ts if k.startswith(other + ".")]:
+            del ts[k]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            ts[other + k[len(n):]] = ts.pop(k)
+
+    _refused(unet, _craft(good, tmp_path, move), rf"does not describe 1 of this model's layers.*'{n}'")
+
+    def as_float(ts, h):  # described as a float-kept layer instead: a file the loader takes (its float weights)
+        del h["layers"][n]
+        for k in [k for k in ts if k.startswith(n + ".")]:
+            del ts[k]
+        lin = unet.get_submodule(n)
+        ts[f"__float__.{n}.weight"], ts[f"__float__.{n}.bias"] = lin.weight.detach().clone(), lin.bias.detach().clone()
+        h["float_tensors"] = sorted(h["float_tensors"] + [f"{n}.weight", f"{n}.bias"])
+
+    q = load(unet, _craft(good, tmp_path, as_float))
+    assert type(q.get_submodule(n)) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("cast", [lambda x: (x * 100).int(), lambda x: x > 0, lambda x: x.to(torch.complex64) + 1j])
+def test_float_tensor_of_another_kind_is_refused_onto_the_float_model(unet, good, tmp_path, cast):
+    def edit(ts, h):
+        ts["__float__.conv_norm_out.weight"] = cast(ts["__float__.conv_norm_out.weight"])
+
+    _refused(unet, _craft(good, tmp_path, edit), r"float tensor 'conv_norm_out.weight' is (I32|BOOL|C64)\[32\], this "
+                                                  r"model holds float32\[32\]")
+
+
+def _setx(key, value):
+    def edit(h):
+        h["extras"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.__setitem__("profile", "nope"), "keyed with the model profile 'nope'"),
+    (lambda h: h.__setitem__("profile", 5), "keyed with the model profile '5'"),
+    (lambda h: h.__setitem__("profile", ""), "keyed with the model profile ''"),
+    (lambda h: h.pop("tensor_sha256"), r"tensor checksums \(tensor_sha256\) are missing"),
+    (lambda h: h.__setitem__("extras", [1]), "its extras are not an object"),
+    (_setx("ptqd", [1]), r"its ptqd data is malformed \(no config object\)"),
+    (_setx("ptqd", {}), r"its ptqd data is malformed \(no config object\)"),
+    (lambda h: h["extras"]["ptqd"].__setitem__("config", h["config"]), "expected a PTQDConfig"),
+    (_setx("decisions", {"layers": [1]}), "its decisions data is malformed"),
+    (_setx("decisions", [1]), "its decisions data is malformed"),
+    (_setx("efficientdm", [1, 2]), "its efficientdm data is malformed"),
+    (lambda h: h.__setitem__("schedule", C.to_json_obj(BitwidthSchedule(segments=((0.0, 499.0, 8),
+                                                                                  (500.0, 999.0, 4))))),
+     r"schedule uses activation bits \[4, 8\]"),
+])
+def test_header_faults_refused_by_load_are_refused_by_inspect(unet, good, tmp_path, edit, match):
+    from lowbit.cli import inspect_text
+
+    p = _craft(good, tmp_path, edit_header=edit)
+    _refused(unet, p, match)
+    text = inspect_text(p)
+    assert "loads      yes" not in text
+    line = next(x for x in text.splitlines() if x.startswith("loads "))
+    assert line.startswith("loads      no: cannot load ") and __import__("re").search(match, line), line
+
+
+@pytest.mark.parametrize("table, index, value, match", [
+    ("bias", (0, 0), 3e38, r"PTQD table 'bias' holds .*outside \[-10000, 10000\]"),
+    ("m", 0, 3e38, "PTQD table 'm' holds"),
+    ("m", 0, -2e4, "PTQD table 'm' holds"),
+    ("k", 0, 1e6, r"PTQD table 'k' holds .*outside \[-0.5"),
+    ("k", 0, -0.9, "PTQD table 'k' holds"),
+    ("var", 0, 1e12, "PTQD table 'var' holds"),
+])
+def test_ptqd_tables_far_outside_their_meaning(unet, good, tmp_path, table, index, value, match):
+    def edit(ts, h):
+        ts[f"__extra__.ptqd.{table}"][index] = value
+
+    p = _craft(good, tmp_path, edit)
+    _refused(unet, p, match)
+    _refused_alone(p, match)
+
+
+def test_broken_symbolic_link_is_named(unet, tmp_path):
+    import os
+
+    p = tmp_path / "link.safetensors"
+    os.symlink("/nonexistent/target.safetensors", p)
+    with pytest.raises(LoadError, match=r"broken symbolic link .*link.safetensors -> /nonexistent/target.safetensors"):
+        load(unet, str(p))
+    with pytest.raises(LoadError, match="broken symbolic link"):
+        load(str(p))
+
+
+def test_edited_header_is_caught_by_its_checksum(unet, good, tmp_path):
+    """The tensor checksums do not cover the header: an edited digit in the arch config (norm_eps=-1) or a layer's
+    entry changed the model silently. Format 5 records header_sha256 over the header's canonical JSON."""
+    _, tensors, header = good
+    assert header["format_version"] == 5 and header["header_sha256"] == header_digest(header)
+
+    def write(h, name):
+        p = str(tmp_path / name)
+        save_file(tensors, p, metadata={"lowbit": json.dumps(h)})
+        return p
+
+    h = json.loads(json.dumps(header))
+    h["arch"]["config"]["norm_eps"] = -1  # the checksum not recomputed: damage or a careless edit
+    p = write(h, "edited.safetensors")
+    _refused(unet, p, "the header was edited or damaged: its checksum does not match")
+    _refused_alone(p, "its checksum does not match")
+    h = json.loads(json.dumps(header))
+    h["splits"] = {}
+    _refused(unet, write(h, "edited2.safetensors"), "its checksum does not match")
+    h = json.loads(json.dumps(header))
+    del h["header_sha256"]
+    _refused(unet, write(h, "nochecksum.safetensors"), r"header checksum \(header_sha256\) is missing")
+    h = json.loads(json.dumps(header))
+    h["format_version"] = 4  # relabelled to the version before the checksum
+    _refused(unet, write(h, "relabelled.safetensors"), "says format version 4 but holds header_sha256")
+    del h["header_sha256"]  # a version-4 file as format 4 wrote it still loads
+    load(unet, write(h, "v4.safetensors"))
+    # key order and whitespace are not part of it (the canonical dump)
+    text = json.dumps(header, indent=3, sort_keys=False)
+    p = str(tmp_path / "spaced.safetensors")
+    save_file(tensors, p, metadata={"lowbit": text})
+    load(unet, p)

@@ -14,6 +14,7 @@ from lowbit.kernels.registry import forced_backend
 from lowbit.quant import (CallRecorder, ConfigError, LoadError, QuantConfig, attach_stats, collect_stats, deploy_,
                           get_stats, load, load_model, quant_layers, quantize, save)
 from lowbit.quant.io import FLOAT_PREFIX, tensor_digest
+from lowbit.quant.sthdr import header_digest
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 
@@ -164,6 +165,7 @@ def test_comfyui_file_is_sent_to_the_node(digits_files, tmp_path):
         h = json.loads(f.metadata()["lowbit"])
     h["arch"] = {"library": "comfyui", "class": "SD15", "config": {"unet_config.model_channels": 320}}
     h["tensor_sha256"] = {k: tensor_digest(v) for k, v in ts.items()}
+    h["header_sha256"] = header_digest(h)
     q = str(tmp_path / "comfy.safetensors")
     save_file(ts, q, metadata={"lowbit": json.dumps(h)})
     _one_line_refusal(q, "comfyui", "Load Quantized UNet")
@@ -216,7 +218,7 @@ def test_file_holds_exactly_the_state_outside_the_quantized_layers(digits, digit
     assert not any(k.startswith(n + ".") for k in keys for n in qnames)
     assert set(keys) | {k for k in unet.state_dict() if any(k.startswith(n + ".") for n in qnames)} \
         == set(unet.state_dict())
-    assert h["format_version"] == 4 and h["arch"]["class"] == "UNet2DModel" and h["profile"] == "diffusers-unet"
+    assert h["format_version"] == 5 and h["arch"]["class"] == "UNet2DModel" and h["profile"] == "diffusers-unet"
 
 
 def test_inspect_says_whether_a_file_loads_alone(digits_files):
