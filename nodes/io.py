@@ -226,9 +226,10 @@ class LowBitSaveQuantizedUNet:
             "layout": (list(LAYOUTS), {"default": "lowbit", "tooltip":
                        "lowbit: LowBit's file (everything: activation tables, PTQD statistics); load it with Load "
                        "Quantized UNet. comfyui-native: ComfyUI's own quantized layout (int8_tensorwise for 8-bit, "
-                       "awq_w4a16 for 4-bit Linear weights; convolutions as float), loaded by the stock Load "
-                       "Diffusion Model with no custom node; drops static activation scales, per-timestep tables, "
-                       "PTQD correction and schedules (listed after saving)."}),
+                       "awq_w4a16 for 4-bit Linear weights where this ComfyUI reads it, e.g. not 0.33.0: 4-bit "
+                       "is refused there; convolutions as float), loaded by the stock Load Diffusion Model with no "
+                       "custom node; drops static activation scales, per-timestep tables, PTQD correction and "
+                       "schedules (listed after saving)."}),
         }}
 
     @classmethod

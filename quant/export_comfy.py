@@ -336,9 +336,11 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
         if unknown:
             raise ConfigError(f"the ComfyUI that reads this file does not know the comfy_quant format(s) "
                               f"{', '.join(unknown)} (it knows: {', '.join(sorted(reader_formats)) or 'none'}) and "
-                              "would load those integers as float weights; update ComfyUI"
-                              + (", or pass w4_layout='int8_tensorwise'" if "awq_w4a16" in unknown
-                                 and "int8_tensorwise" in reader_formats else ""))
+                              "would load those integers as float weights; "
+                              + ("it reads no 4-bit layout LowBit can write exactly (asym_w4a8_int8 and convrot_w4a4 "
+                                 "hold rotated weights): keep LowBit's own file for 4 bits (layout=lowbit, Load "
+                                 "Quantized UNet), or quantize to W8A8 for a native file"
+                                 if "awq_w4a16" in unknown else "update ComfyUI"))
     clean_stale_temps(folder)  # (an interrupted export's or save's temporary file)
     write_new_file(path, folder, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
     result.path = path

@@ -141,6 +141,23 @@ def test_refusals_are_one_line_config_errors(toy, calls, tmp_path):
         export_comfy(q, str(tmp_path / "nope" / "x.safetensors"))
 
 
+
+def test_a_file_the_reading_comfyui_would_load_as_float_is_refused_before_writing(toy, calls, tmp_path):
+    """``reader_formats``: the formats the reading ComfyUI's QUANT_ALGOS lists (the Save node passes its host's).
+    ComfyUI 0.33.0 lists int8_tensorwise, asym_w4a8_int8 and convrot_w4a4, no awq_w4a16: a 4-bit file is refused
+    naming what to do instead (its 4-bit layouts hold rotated weights, LowBit's grid cannot be written into them),
+    an 8-bit one is written; a ComfyUI without int8_tensorwise is told to update."""
+    comfy_033 = {"float8_e4m3fn", "float8_e5m2", "nvfp4", "int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8"}
+    path = tmp_path / "w4.safetensors"
+    with pytest.raises(ConfigError, match=r"does not know the comfy_quant format\(s\) awq_w4a16 .*layout=lowbit.*W8A8"):
+        export_comfy(_q(toy, calls, w_bits=4, a_bits=8), str(path), reader_formats=comfy_033)
+    assert not path.exists()
+    export_comfy(_q(toy, calls, w_bits=8, a_bits=8), str(tmp_path / "w8.safetensors"), reader_formats=comfy_033)
+    with pytest.raises(ConfigError, match="int8_tensorwise .*update ComfyUI"):
+        export_comfy(_q(toy, calls, w_bits=8, a_bits=8), str(tmp_path / "old.safetensors"),
+                     reader_formats={"float8_e4m3fn"})
+
+
 # ---------------------------------------------------------------------------------------------- against comfy-kitchen
 def _kitchen():
     return pytest.importorskip("comfy_kitchen", reason="comfy-kitchen is not installed (pip install comfy-kitchen): "
