@@ -276,7 +276,7 @@ def test_comfyui_native_save_refuses_a_comfyui_that_cannot_load_it(tmp_path, mon
     with pytest.raises(NodeInputError, match=r"ComfyUI \(0\.3\.64\) has no comfy_quant loader.*layout=lowbit"):
         cls().save(object(), "sd/unet", layout="comfyui-native")
     monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: frozenset({"int8_tensorwise"}))
-    with pytest.raises(ConfigError, match="awq_w4a16.*update ComfyUI"):
+    with pytest.raises(ConfigError, match="awq_w4a16.*keep LowBit's own file for 4 bits .*layout=lowbit"):
         cls().save(object(), "sd/unet", layout="comfyui-native")
     assert not any(folder.rglob("*.safetensors")), "nothing may be written when the reader cannot load it"
 
