@@ -11,6 +11,9 @@ backend that was **measured** fastest for the call's shape on this machine:
   float copy), then ``rounds`` rounds in which the candidates alternate (so the load of a shared machine hits
   all alike); the minimum per candidate counts. The registry's own choice stays unless another candidate is
   faster by more than ``MARGIN`` (10 %). The call that tuned returns the winner's output;
+* check: at that first call each candidate's output is compared once with the eager reference's (:func:`_wrong`);
+  one off by more than ``CHECK_TOL`` is never served for that shape (a ``RuntimeWarning`` names it; the decision
+  lists it under ``wrong``), and a shape every kernel gets wrong runs on the reference;
 * cache: in memory, keyed by (candidate backends, format, shapes, dtype, threads, device); optionally also a JSON
   file (``LOWBIT_AUTOTUNE_CACHE=1`` for ``$XDG_CACHE_HOME/lowbit/autotune.json``, or a path), keyed in addition
   by the CPU model and torch version, so a second process skips the measurements;
