@@ -497,8 +497,9 @@ def _is_ip(text: str, ipaddress) -> bool:
 # ---------------------------------------------------------------------------------------------- progress
 
 class Progress:
-    """The core's ``progress=`` callback for a terminal: one line per stage (its name, count, elapsed time) on
-    stderr; redrawn in place on a terminal, printed at start, every 30 s and at the end otherwise."""
+    """The core's ``progress=`` callback for a terminal: one line per stage (its name, count, elapsed time and,
+    after two seconds, the time left at the stage's rate so far) on stderr; redrawn in place on a terminal, printed
+    at start, every 30 s and at the end otherwise."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -529,7 +530,9 @@ class Progress:
             self.stage, self.t_stage, self.t_print = stage, now, 0.0
         extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}"
                         for k, v in info.items() if k != "stage")
-        line = f"  {stage}: {done}/{total} ({now - self.t_stage:.1f} s){extra}"
+        spent = now - self.t_stage
+        left = f", about {spent / done * (total - done):.0f} s left" if 0 < done < total and spent > 2 else ""
+        line = f"  {stage}: {done}/{total} ({spent:.1f} s{left}){extra}"
         if done >= total:
             self._write(line)
             self.open, self.stage = False, None

@@ -542,3 +542,25 @@ def test_inspect_says_what_loading_says_about_a_crafted_header(tmp_path, capsys,
             assert w in out, (w, out)
     else:
         assert "loads      yes" in out
+
+
+def test_progress_lines_name_the_stage_and_the_time_left(monkeypatch):
+    """A long stage's line says how long it has run and, from two seconds on, about how long is left at its rate so
+    far (the default quantize spends minutes in AdaRound: a line every 30 s with no end in sight, found by audit)."""
+    import io
+
+    from lowbit import cli
+
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    p = cli.Progress(out)
+    p(0, 100, {"stage": "reconstruct (AdaRound)"})
+    clock[0] += 40.0
+    p(20, 100, {"stage": "reconstruct (AdaRound)", "loss": 0.5})
+    clock[0] += 120.0
+    p(100, 100, {"stage": "reconstruct (AdaRound)"})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  reconstruct (AdaRound): 0/100 (0.0 s)"
+    assert lines[1] == "  reconstruct (AdaRound): 20/100 (40.0 s, about 160 s left) loss=0.5"
+    assert lines[2] == "  reconstruct (AdaRound): 100/100 (160.0 s)"
