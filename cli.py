@@ -254,12 +254,8 @@ def _check_safetensors(path: str, what: str, with_start: bool = False):
     if not os.path.lexists(path):
         raise UsageError(f"{what} {path}: no such file; check the path")
     if os.path.islink(path) and not os.path.exists(path):
-        try:
-            target = os.readlink(path)[:500]
-        except OSError:
-            target = "?"
-        raise UsageError(f"{what} {path}: broken symbolic link {path} -> {target}; point the link at the file, or "
-                         "give the file's own path")
+        raise UsageError(f"{what} {path}: broken symbolic link {path} -> {_core('sthdr').link_target(path)}; point "
+                         "the link at the file, or give the file's own path")
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder; give a .safetensors file")
     try:
@@ -387,6 +383,13 @@ def _files_in(folder: str) -> list:
         return []
 
 
+def _check_not_unet_file(a):
+    """The output is none of the --unet model's files (quantize and export read that model)."""
+    if a.unet and any(_same_file(a.output, w) for w in _files_in(a.unet)):
+        raise UsageError(f"output {a.output} is a file of the --unet model; choose another output name (--overwrite "
+                         "never replaces the input)")
+
+
 def _check_precision(a):
     """--size-budget bounds the measured plan: with --precision rules it would be ignored without a word."""
     if a.precision == "rules" and a.size_budget != _arg_spec("size_budget").default:
@@ -396,11 +399,7 @@ def _check_precision(a):
 
 def _check_quantize(a):
     _check_precision(a)
-    if a.unet:
-        for w in [a.unet] + _files_in(a.unet):
-            if _same_file(a.output, w):
-                raise UsageError(f"output {a.output} is a file of the --unet model being quantized; choose another "
-                                 "output name (--overwrite never replaces the input)")
+    _check_not_unet_file(a)
     _check_output_file(a.output, a.overwrite)
     _check_combinations([a.bits], [a.method])
     if a.unet:
@@ -446,8 +445,7 @@ def _check_export(a):
     if _same_file(a.input, a.output):
         raise UsageError(f"output {a.output} is the input file; choose another output name (--overwrite never "
                          "replaces the input)")
-    if a.unet and any(_same_file(a.output, w) for w in _files_in(a.unet)):
-        raise UsageError(f"output {a.output} is a file of the --unet model; choose another output name")
+    _check_not_unet_file(a)
     _check_output_file(a.output, a.overwrite)
     meta = header.get("__metadata__")
     raw = meta.get("lowbit") if isinstance(meta, dict) else None

@@ -494,14 +494,6 @@ def _parse_json(path, text: str, what: str):
               "the file is corrupt or not safetensors")
 
 
-def broken_link_target(path: str) -> str:
-    """Where the symbolic link ``path`` points (for the message about a link whose target does not exist)."""
-    try:
-        return os.readlink(path)[:500]
-    except OSError:
-        return "?"
-
-
 def read_header(path: str):
     """(lowbit header dict, migrated to the current version; tensor index) after checking the file is a complete
     safetensors file."""
@@ -510,7 +502,7 @@ def read_header(path: str):
         _fail(path, "it is a folder", "give the .safetensors file saved by LowBit (a file, not its folder)")
     if not os.path.isfile(path):
         if os.path.islink(path) and not os.path.exists(path):
-            _fail(path, f"broken symbolic link {path} -> {broken_link_target(path)}",
+            _fail(path, f"broken symbolic link {path} -> {sthdr.link_target(path)}",
                   "point the link at the file, or give the file's own path")
         _fail(path, "no such file", "check the path (quantized UNets are .safetensors files saved by LowBit)")
     size = os.path.getsize(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 
@@ -36,6 +37,15 @@ def header_digest(header: dict) -> str:
     body = {k: v for k, v in header.items() if k != "header_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def link_target(path: str) -> str:
+    """Where the symbolic link ``path`` points (for the message about a link whose target does not exist: the
+    loader's and the command line's)."""
+    try:
+        return os.readlink(path)[:500]
+    except OSError:
+        return "?"
 
 
 def lowbit_version_ok(v) -> bool:
