@@ -21,7 +21,8 @@ E[(g_l . delta_l)^2] = ||J_l delta_l||^2, the linearised output error of quantiz
 ``SHORTLIST`` units with the largest estimated error and the ``SHORTLIST`` with the largest error per byte are then
 measured exactly as above (at the target and at 8 bits); the rest keep their estimate and the target bits. Cost:
 about (3 + 2 x probes) runs per call plus 2 x 2 x shortlist runs per call, whatever the number of layers. If the
-model cannot be differentiated (an in-place op on a layer output), every unit is measured exactly.
+model cannot be differentiated (an in-place op on a layer output), every unit is measured exactly. A model or
+calls a host made under ``torch.inference_mode()`` are screened on plain copies (``_screen_plain``).
 
 The result is a tuple of exact-name ``LayerRule`` s (one per layer, so a saved file records every decision) and a
 report with the measured numbers. The user's own rules still come first (they override measurement).
@@ -144,6 +145,19 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
     return est
 
 
+def _screen_plain(q, calls, fp_outs, probes: int, progress, what) -> Dict[str, float]:
+    """``_screen`` where autograd works. Hosts load checkpoints and sample under ``torch.inference_mode()`` (Forge,
+    ComfyUI): inside that mode no graph is recorded even with grad enabled, and outside it autograd may not save
+    the inference tensors made there (``q``'s float weights are the host model's, the calls the host's). So the
+    screen runs with inference mode off, on plain copies of ``q`` and of the calls where they hold inference
+    tensors (made only then, freed on return; the host's model and calls are not changed)."""
+    from .calib import for_training, training_mode
+
+    with training_mode():
+        q_plain, calls_plain = for_training(q, calls)
+        return _screen(q_plain, calls_plain, fp_outs, probes, progress, what)
+
+
 def _measure(fp_model, q, calls, fp_outs, progress, what, only=None) -> Dict[str, float]:
     from .context import get_context
 
@@ -210,7 +224,7 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     only, screened = None, {}
     if len(measured) > screen_above:
         try:
-            screened = _screen(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
+            screened = _screen_plain(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
         except RuntimeError as exc:  # e.g. an in-place op on a layer output: measure every unit instead
             warnings.warn(f"LowBit: sensitivity screening not possible ({str(exc).splitlines()[0][:120]}); "
                           f"measuring each of {len(measured)} layers", RuntimeWarning, stacklevel=2)

@@ -72,6 +72,33 @@ def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortli
     assert len(screened.rules) == len(exact.rules)
 
 
+def test_screening_works_on_a_hosts_inference_tensors(unet, calls):
+    """Forge and ComfyUI load checkpoints and sample under ``torch.inference_mode()``. There the screen recorded no
+    graph ("element 0 of tensors does not require grad") and every layer of an SD1.5 UNet was measured exactly
+    instead: a W8A8 generation with LowBit on in a real Forge (2 cores) did not finish within the test's 15 minutes.
+    Now it screens on plain copies: the same estimates and rules as a plain model, no warning, and the model and
+    calls given stay the host's inference tensors."""
+    import warnings
+
+    import torch
+
+    from qutil import record, tiny_unet
+
+    cfg = QuantConfig.preset("W4A8")
+    ref = plan_precision(unet, calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
+    with torch.inference_mode():
+        fp = tiny_unet()
+        host_calls = record(fp)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            plan = plan_precision(fp, host_calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
+    assert not [w for w in seen if "screening not possible" in str(w.message)], [str(w.message) for w in seen]
+    assert ref.estimates and set(plan.estimates) == set(ref.estimates)
+    assert plan.estimates == pytest.approx(ref.estimates, rel=1e-4)
+    assert plan.rules == ref.rules
+    assert all(p.is_inference() for p in fp.parameters()) and host_calls[0].args[0].is_inference()
+
+
 def test_a_second_prediction_is_measured_too():
     """A model that returns two predictions (LTX-2: video, then audio) has the second's layers measured against the
     second output, each relative to its own energy: a small audio head was quantized unmeasured before (found by
