@@ -9,6 +9,7 @@ import contextlib
 import copy
 from typing import List, Optional
 
+import torch
 import torch.nn as nn
 
 from .calib import Call, run_calls
@@ -28,11 +29,15 @@ def structural_copy(model: nn.Module) -> nn.Module:
     layers replace anyway; everything else (norms, embeddings, buffers) is copied. The copy's weights are its own
     Parameter objects over that memory: a layer the plan keeps in float is not the user's layer, so casting or
     moving the quantized model (``.to(torch.bfloat16)``, ``.cuda()``, which swap a parameter's data) leaves the
-    user's model as it was."""
+    user's model as it was. A weight a host made under ``torch.inference_mode()`` (Forge loads checkpoints there,
+    with ``requires_grad`` left on) gets its Parameter made in that mode too, as the host's was: outside it torch
+    refuses ``requires_grad=True`` on an inference tensor (Forge's LowBit tab quantizes from a gradio thread)."""
     memo = {}
     for m in model.modules():
         if qlayer_class_for(m) is not None and not isinstance(m, QuantLayer):
-            memo[id(m.weight)] = nn.Parameter(m.weight.detach(), requires_grad=m.weight.requires_grad)
+            w = m.weight
+            with torch.inference_mode(True) if w.is_inference() else contextlib.nullcontext():
+                memo[id(w)] = nn.Parameter(w.detach(), requires_grad=w.requires_grad)
     return copy.deepcopy(model, memo)
 
 

@@ -20,8 +20,10 @@ float output) and, by ``SCREEN_PROBES`` backward passes of random output directi
 E[(g_l . delta_l)^2] = ||J_l delta_l||^2, the linearised output error of quantizing that layer alone. The
 ``SHORTLIST`` units with the largest estimated error and the ``SHORTLIST`` with the largest error per byte are then
 measured exactly as above (at the target and at 8 bits); the rest keep their estimate and the target bits. Cost:
-about (3 + 2 x probes) runs per call plus 2 x 2 x shortlist runs per call, whatever the number of layers. If the
-model cannot be differentiated (an in-place op on a layer output), every unit is measured exactly.
+about (3 + 2 x probes) runs per call plus 2 x 2 x shortlist runs per call, whatever the number of layers. The
+screen saves the activations autograd needs as copies, so a model that adds residuals in place (Forge's UNet) is
+screened too; a model or calls a host made under ``torch.inference_mode()`` are screened on plain copies
+(``_screen_plain``). If the model still cannot be differentiated, every unit is measured exactly.
 
 The result is a tuple of exact-name ``LayerRule`` s (one per layer, so a saved file records every decision) and a
 report with the measured numbers. The user's own rules still come first (they override measurement).
@@ -78,6 +80,17 @@ def _units(q) -> Dict[str, List[str]]:
     return units
 
 
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """Saved-tensor pack hook of the screen: a tensor on the gradient path is saved as a copy, so an in-place op of
+    the model on it later (a residual ``x += n``) changes neither what backward reads nor its version check. Weights
+    and inputs (no gradient) are saved as they are."""
+    return t.clone() if t.requires_grad else t
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Dict[str, float]:
     """Linearised output error of quantizing each unit alone (module docstring): one forward with every layer in
     float, the quantized layer recomputed on each float input, ``probes`` backward passes of random directions."""
@@ -119,7 +132,9 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
             try:
                 dev, dt = model_device_dtype(q)
                 a, kw = c.to(dev, dt)
-                with torch.enable_grad():
+                # (saved activations are kept as copies: hosts' UNets add residuals in place, Forge's transformer
+                # block `x += n` after norm1 saved x, which autograd refuses at backward)
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_own_copy, _same):
                     outs = [o.float() for o in prediction_outputs(q(*a, **kw))][:len(den)]
                 names = list(zs)
                 for k in range(probes):
@@ -142,6 +157,19 @@ def _screen(q, calls, fp_outs, probes: int, progress, what, seed: int = 0) -> Di
             zs, deltas = {}, {}
             st.step()
     return est
+
+
+def _screen_plain(q, calls, fp_outs, probes: int, progress, what) -> Dict[str, float]:
+    """``_screen`` where autograd works. Hosts load checkpoints and sample under ``torch.inference_mode()`` (Forge,
+    ComfyUI): inside that mode no graph is recorded even with grad enabled, and outside it autograd may not save
+    the inference tensors made there (``q``'s float weights are the host model's, the calls the host's). So the
+    screen runs with inference mode off, on plain copies of ``q`` and of the calls where they hold inference
+    tensors (made only then, freed on return; the host's model and calls are not changed)."""
+    from .calib import for_training, training_mode
+
+    with training_mode():
+        q_plain, calls_plain = for_training(q, calls)
+        return _screen(q_plain, calls_plain, fp_outs, probes, progress, what)
 
 
 def _measure(fp_model, q, calls, fp_outs, progress, what, only=None) -> Dict[str, float]:
@@ -210,8 +238,8 @@ def plan_precision(fp_model: nn.Module, calls: Sequence[Call], config: QuantConf
     only, screened = None, {}
     if len(measured) > screen_above:
         try:
-            screened = _screen(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
-        except RuntimeError as exc:  # e.g. an in-place op on a layer output: measure every unit instead
+            screened = _screen_plain(q, sub, fp_outs, probes, progress, f"screen layers at {config.name}")
+        except RuntimeError as exc:  # the model cannot be differentiated: measure every unit instead
             warnings.warn(f"LowBit: sensitivity screening not possible ({str(exc).splitlines()[0][:120]}); "
                           f"measuring each of {len(measured)} layers", RuntimeWarning, stacklevel=2)
             screened = {}

@@ -125,6 +125,32 @@ def test_post_training_methods_take_a_hosts_inference_tensors_without_copying_th
     assert err == pytest.approx(ref_err, rel=0.05)  # (kernel choices may differ in float summation order)
 
 
+@pytest.mark.parametrize("method,bits", [("naive+ptqd", "W8A8"), ("lp", "W4A8")])
+def test_quantizing_outside_inference_mode_a_model_a_host_loaded_inside_it(method, bits):
+    """Forge loads checkpoints under ``torch.inference_mode()`` with ``requires_grad`` left on, and its LowBit tab
+    quantizes from a gradio thread, outside that mode: the quantized copy's Parameter for a float-kept layer was made
+    there with ``requires_grad=True`` and torch refused it ("Setting requires_grad=True on inference tensor outside
+    InferenceMode is not allowed"; found in a real Forge). The run works, the host's model keeps its tensors and flags."""
+    from lowbit.quant import PipelineConfig, pipeline
+    from lowbit.quant.calib import plain_calls, plain_copy, training_mode
+
+    from qutil import assert_same_state, record, state_copy, tiny_unet
+
+    cfg = PipelineConfig.for_method(method, bits)
+    with torch.inference_mode():
+        fp = tiny_unet().requires_grad_(True)  # (as Forge's: made under inference mode, requires_grad left on)
+        calls = record(fp, ts=(900, 500, 100))
+        before = state_copy(fp)
+    res = pipeline.run(fp, calls, cfg)
+    assert all(p.is_inference() and p.requires_grad for p in fp.parameters())
+    with training_mode():
+        ref = pipeline.run(plain_copy(fp).requires_grad_(False), plain_calls(calls), cfg)
+    with torch.inference_mode():
+        assert_same_state(fp, before)
+        err, ref_err = output_error(fp, res.model, calls), output_error(fp, ref.model, calls)
+    assert err == pytest.approx(ref_err, rel=0.05)  # (as on plain copies; kernel choices may differ in summation order)
+
+
 class _ToyMoE(torch.nn.Module):
     """Tokens through a top-1 routed mixture of two experts (HiDream, Nucleus-MoE): which rows an expert gets depends
     on the router's input, which quantizing ``proj_in`` changes. ``experts``: the name of the expert list."""

@@ -72,6 +72,80 @@ def test_screened_plan_ranks_layers_as_measurement_does_and_measures_the_shortli
     assert len(screened.rules) == len(exact.rules)
 
 
+def test_screening_works_on_a_hosts_inference_tensors(unet, calls):
+    """Forge and ComfyUI load checkpoints and sample under ``torch.inference_mode()``. There the screen recorded no
+    graph ("element 0 of tensors does not require grad") and every layer of an SD1.5 UNet was measured exactly
+    instead: a W8A8 generation with LowBit on in a real Forge (2 cores) did not finish within the test's 15 minutes.
+    Now it screens on plain copies: the same estimates and rules as a plain model, no warning, and the model and
+    calls given stay the host's inference tensors."""
+    import warnings
+
+    import torch
+
+    from qutil import record, tiny_unet
+
+    cfg = QuantConfig.preset("W4A8")
+    ref = plan_precision(unet, calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
+    with torch.inference_mode():
+        fp = tiny_unet()
+        host_calls = record(fp)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            plan = plan_precision(fp, host_calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
+    assert not [w for w in seen if "screening not possible" in str(w.message)], [str(w.message) for w in seen]
+    assert ref.estimates and set(plan.estimates) == set(ref.estimates)
+    assert plan.estimates == pytest.approx(ref.estimates, rel=1e-4)
+    assert plan.rules == ref.rules
+    assert all(p.is_inference() for p in fp.parameters()) and host_calls[0].args[0].is_inference()
+
+
+def test_screening_works_through_in_place_residuals():
+    """Forge's transformer block adds its residuals in place (``x += n`` after ``norm1`` saved ``x``, as ComfyUI's did):
+    autograd refused the screen's backward ("modified by an inplace operation") and every layer was measured
+    exactly. The screen saves activations as copies: the same estimates as the model written out of place."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from lowbit.quant import CallRecorder
+
+    class Block(nn.Module):
+        def __init__(self, in_place):
+            super().__init__()
+            torch.manual_seed(0)
+            self.in_place = in_place
+            self.proj_in, self.temb = nn.Linear(16, 32), nn.Linear(1, 32)
+            self.norm1, self.norm2 = nn.LayerNorm(32), nn.LayerNorm(32)
+            self.ff1, self.ff2, self.proj_out = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+
+        def forward(self, x, timestep):
+            x = self.proj_in(x) + self.temb(timestep.view(-1, 1, 1).float() / 1000)
+            for norm, ff in ((self.norm1, self.ff1), (self.norm2, self.ff2)):
+                n = ff(torch.relu(norm(x)))
+                if self.in_place:
+                    x += n
+                else:
+                    x = x + n
+            return self.proj_out(x)
+
+    plans = []
+    for in_place in (False, True):
+        m = Block(in_place).eval().requires_grad_(False)
+        with CallRecorder(m) as rec, torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for t in (900, 600, 300, 100):
+                m(torch.randn(2, 6, 16, generator=g), torch.full((2,), float(t)))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            plans.append(plan_precision(m, rec.calls, QuantConfig.preset("W4A8"), budget=0.2, n_calls=4,
+                                        screen_above=0, shortlist=2))
+        assert not [w for w in seen if "screening not possible" in str(w.message)], [str(w.message) for w in seen]
+    out_of_place, in_place = plans
+    assert out_of_place.estimates and in_place.estimates == pytest.approx(out_of_place.estimates, rel=1e-5)
+    assert in_place.rules == out_of_place.rules
+
+
 def test_a_second_prediction_is_measured_too():
     """A model that returns two predictions (LTX-2: video, then audio) has the second's layers measured against the
     second output, each relative to its own energy: a small audio head was quantized unmeasured before (found by
