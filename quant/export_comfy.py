@@ -9,9 +9,12 @@ equivalently, an entry in the header's ``__metadata__["_quantization_metadata"]`
 
 ``int8_tensorwise``  (``TensorWiseINT8Layout``): ``<layer>.weight`` int8 [N, K], ``<layer>.weight_scale`` fp32
     [N, 1]; ComfyUI dequantizes ``q * scale`` (scale broadcast per output row). LowBit's ``int8_channel`` weights
-    (5..8 bits, symmetric, one fp32 scale per output channel) are exactly that. Activations: comfy-kitchen's
-    int8 GEMM quantizes them *dynamically per row, symmetric int8* where ComfyUI enables int8 compute, and
-    ComfyUI runs the layer in float elsewhere; LowBit's static per-tensor asymmetric scales are not written.
+    (5..8 bits, symmetric, one fp32 scale per output channel) are exactly that. Activations: ComfyUI runs these
+    layers through comfy-kitchen's ``int8_linear``, which quantizes the input *dynamically per row, symmetric int8*
+    (absmax / 127) for an int8 matmul: measured in ComfyUI 0.33.0 on a CPU, where ``full_precision_matrix_mult``
+    does not change it (``tests/nodes/test_comfyui_integration.py``); its code dequantizes the weight instead where a
+    LoRA is patched on the layer. LowBit's static per-tensor asymmetric scales are not written, and a layer LowBit
+    runs with float activations (W8A16) gets ComfyUI's int8 activations (listed in ``dropped``).
 ``awq_w4a16``  (``TensorCoreAWQW4A16Layout``): ``<layer>.weight`` int8 [N, K/2] holding unsigned nibbles
     (even column in the low nibble), ``<layer>.weight_scale`` and ``<layer>.weight_zeros`` [K/G, N];
     ``W = (u - 8) * scale + zeros``. LowBit's ``int4_group`` / ``int4_channel`` weights (signed q in [-8, 7],
@@ -234,7 +237,7 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
             if t is not None:
                 put(full(f"{mname}.{pname}" if mname else pname), t)
 
-    static_act = dynamic_act = time_tables = 0
+    static_act = dynamic_act = time_tables = float_act_int8 = 0
     for name, m in special.items():
         bias = _bias_of(m)
         fmt, why = (None, "a split convolution (shortcut split) is one Conv2d in ComfyUI") \
@@ -258,6 +261,8 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
                 put(full(f"{name}.{suffix}"), t)
             put(full(f"{name}.comfy_quant"), _conf_tensor(conf))
             result.layers[full(name)] = conf
+            if fmt == "int8_tensorwise" and getattr(m, "act", None) is None and not getattr(m, "a_dynamic", False):
+                float_act_int8 += 1
         if bias is not None:
             put(full(f"{name}.bias"), bias.detach().float().to(float_dtype))
 
@@ -267,12 +272,14 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
     n_awq = len(result.layers) - n_int8
     if static_act:
         d.append(f"static activation quantization of {static_act} layers (LowBit's per-tensor asymmetric scales): "
-                 f"int8_tensorwise layers ({n_int8}) quantize activations dynamically per row, symmetric int8, where "
-                 f"ComfyUI enables int8 compute (float elsewhere); awq_w4a16 ({n_awq}) and float layers "
-                 f"({len(result.float_layers)}) run activations in float")
+                 f"int8_tensorwise layers ({n_int8}) get ComfyUI's own, dynamic per row, symmetric int8, for its int8 "
+                 f"matmul; awq_w4a16 ({n_awq}) and float layers ({len(result.float_layers)}) run activations in float")
     if dynamic_act:
         d.append(f"dynamic per-token asymmetric activation quantization of {dynamic_act} layers: ComfyUI's is "
                  "symmetric per row (int8_tensorwise) or absent (awq_w4a16, float layers)")
+    if float_act_int8:
+        d.append(f"float activations of {float_act_int8} int8_tensorwise layers: ComfyUI runs int8_tensorwise layers "
+                 "through its int8 matmul and quantizes their inputs itself, dynamically per row, symmetric int8")
     if time_tables:
         d.append(f"per-timestep activation tables of {time_tables} layers (TALSQ / time bins)")
     convs = [n for n, why in result.float_layers.items() if "Linear layers only" in why or "split" in why]

@@ -328,6 +328,61 @@ def check_native_detected(comfy, native: Path, fixture: Path, bits: str, expecte
     return native_cfg == fixture_cfg
 
 
+def check_stock_sampling(comfy, comfyui_dir, comfyui_python, native: Path, lowbit_file: Path, graph, sample,
+                         stem: str, lat: dict, config: str, record_property) -> dict:
+    """ComfyUI's stock Load Diffusion Model (UNETLoader) on the 8-bit native file (tests/nodes/native_check.py):
+    every int8_tensorwise layer ComfyUI builds dequantizes to LowBit's own weights bit for bit (decoded from the
+    layout=lowbit file), with no missing or unexpected key, and a per-tensor-scale copy does not; then the native
+    file, a float file of LowBit's weights (``dequant``) and the per-tensor copy are sampled with stock nodes only
+    (``graph()``'s conditioning; no node of the pack) and compared with ``lat`` (LowBit's quantized sample and the
+    float model's, same seed). Returns the relative L2 distances."""
+    import native_check as nc
+
+    root = next(comfy.server.base_dir / "models" / sub for sub in ("unet", "diffusion_models")
+                if native.is_relative_to(comfy.server.base_dir / "models" / sub))
+    files = nc.write_variants(native, lowbit_file, root / "stock_check", stem)
+    names = {"native": native.relative_to(root).as_posix(),
+             **{v: files[v].relative_to(root).as_posix() for v in nc.VARIANTS}}
+    listed = _combo(comfy.object_info("UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"])
+    assert all(n in listed for n in names.values()), (names, listed)
+    rep = nc.comfy_weights(comfyui_dir, comfyui_python, files["dequant"],
+                           {"native": native, "per_tensor": files["per_tensor"]})
+    print(f"{stem}: ComfyUI's load of the native file: {rep['native']}; per-tensor control: {rep['per_tensor']}")
+    n_layers, r = len(files["layers"]), rep["native"]
+    assert r["config"] == config and r["formats"] == ["int8_tensorwise"], r
+    assert r["quantized_layers"] == r["identical"] == n_layers and r["max_weight_diff"] == 0.0, r
+    assert not r["warnings"], r
+    assert rep["per_tensor"]["identical"] < n_layers, rep["per_tensor"]
+
+    g = graph()
+    for i, (v, name) in enumerate(names.items()):
+        g[f"7{i}"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+        g[f"8{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": sample(g, f"9{i}", [f"7{i}", 0]),
+                                                            "filename_prefix": f"latents/{stem}_stock_{v}"}}
+    # (LowBitTest*: this file's test-only conditioning for Flux, not the pack's)
+    assert not [n for n in g.values() if n["class_type"].startswith("LowBit")
+                and not n["class_type"].startswith("LowBitTest")], "a LowBit node in the stock-loader graph"
+    t0 = time.perf_counter()
+    log_start = len(comfy.server.log_text())
+    hist = comfy.run(g, timeout=1800)
+    log = comfy.server.log_text()[log_start:]
+    lat = dict(lat, **{v: _latent(comfy, hist, f"8{i}") for i, v in enumerate(names)})
+    assert "Using mixed precision operations" in log, "ComfyUI did not load the native file as a quantized model"
+    assert not re.search(r"unet (missing|unexpected)|left over keys", log), log[-3000:]
+    q = next(k for k in lat if k.startswith("lowbit"))
+    d = {f"{a} vs {b}": nc.rel(lat[a], lat[b]) for a, b in (
+        ("native", "dequant"), ("native", q), ("per_tensor", "dequant"), (q, "dequant"),
+        ("native", "float"), (q, "float"), ("dequant", "float"))}
+    report = ", ".join(f"{k} {v:.3g}" for k, v in d.items())
+    print(f"{stem}: stock-loader sampling ({time.perf_counter() - t0:.0f}s), {n_layers} int8_tensorwise layers, "
+          f"relative L2 distance of the latents: {report}")
+    record_property(f"{stem}_native_stock_distances", report)
+    assert d["per_tensor vs dequant"] >= 4 * d["native vs dequant"], report
+    assert d["dequant vs float"] > 0, "the weights were not quantized"
+    comfy.free()
+    return d
+
+
 def check_ptqd_keys(lowbit_file: Path, report: dict, scale: float, T: int = 1000):
     """The saved PTQD tables are keyed by scale * model_sampling.timestep(sigma) for the sigmas of the
     calibration schedule (every step's call; the last sigma, 0, is not a model call)."""
@@ -377,7 +432,8 @@ def _flux_sample(g, node_id, model):
 
 
 @pytest.mark.parametrize("bits,method,precision", FLUX_SETTINGS)
-def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits, method, precision, record_property):
+def test_flux_architecture_quantize_sample_save_reload(comfy, comfyui_dir, comfyui_python, dit_fixtures, bits, method,
+                                                       precision, record_property):
     """A diffusion model ComfyUI detects as Flux (dev, guidance embedding) through Quantize UNet, euler +
     FluxGuidance, Save (both layouts) and Load; PTQD keys are 1000 * sigma (comfy-flux profile)."""
     flux = dit_fixtures["flux"]
@@ -436,6 +492,9 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
         check_native_detected(comfy, native, flux, bits, "Flux")
         assert any(k.startswith("double_blocks.0.") for k in layers) and any(k.startswith("single_blocks.0.")
                                                                                for k in layers), sorted(layers)
+        check_stock_sampling(comfy, comfyui_dir, comfyui_python, native, lowbit_file, lambda: _flux_graph(flux.name),
+                             _flux_sample, f"flux_{bits}", {"float": fp, f"lowbit_{bits}_{method}": fresh}, "Flux",
+                             record_property)
 
     t1 = time.perf_counter()
     g2 = _flux_graph(flux.name)
@@ -469,8 +528,8 @@ def _sdxl_sample(g, node_id, model, sampler, scheduler):
 
 
 @pytest.mark.parametrize("bits,method,precision,sampler,scheduler", SDXL_SETTINGS)
-def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits, method, precision, sampler,
-                                                       scheduler, record_property):
+def test_sdxl_architecture_quantize_sample_save_reload(comfy, comfyui_dir, comfyui_python, dit_fixtures, bits, method,
+                                                       precision, sampler, scheduler, record_property):
     """A checkpoint ComfyUI detects as an SDXL-family model (Segmind Vega's block depths) through Quantize UNet,
     a stock sampler and VAE decode, Save (both layouts) and Load; PTQD keys are the discrete timesteps."""
     ckpt = dit_fixtures["sdxl"]
@@ -519,6 +578,9 @@ def test_sdxl_architecture_quantize_sample_save_reload(comfy, dit_fixtures, bits
         layers = check_native_file(native, _fixture_unet_keys(ckpt, "model.diffusion_model."), bits)
         check_native_detected(comfy, native, ckpt, bits, "Segmind_Vega")
         assert any(".attn2.to_k" in k for k in layers), sorted(layers)[:20]  # cross-attention over the 2048-d context
+        check_stock_sampling(comfy, comfyui_dir, comfyui_python, native, lowbit_file, lambda: _sdxl_graph(ckpt.name),
+                             lambda g, i, m: _sdxl_sample(g, i, m, sampler, scheduler), f"sdxl_{bits}",
+                             {"float": fp, f"lowbit_{bits}_{method}": fresh}, "Segmind_Vega", record_property)
 
     t1 = time.perf_counter()
     g2 = _sdxl_graph(ckpt.name)

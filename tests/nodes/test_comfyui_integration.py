@@ -482,6 +482,87 @@ def test_save_and_load_quantized_unet_round_trip(comfy):
     assert len(comfy.images(comfy.run(g2, timeout=1800), "94")) == 1
 
 
+def _ksampler(graph, node_id, model, seed=7):
+    graph[node_id] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+        "steps": SMALL["steps"], "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    return [node_id, 0]
+
+
+def test_stock_loader_samples_the_native_file_like_lowbit(comfy, comfyui_dir, comfyui_python, record_property):
+    """A W8A8 model saved with layout=comfyui-native, loaded by ComfyUI's stock Load Diffusion Model (UNETLoader)
+    in a graph with no LowBit node, is LowBit's quantized model (files and checks: tests/nodes/native_check.py):
+
+    - ComfyUI's loader reads the scales as LowBit meant them: every int8_tensorwise layer ComfyUI builds
+      dequantizes to LowBit's own weights bit for bit (decoded from the layout=lowbit file of the same model), and
+      no key is missing or unexpected; the same file with one scale per tensor (a wrong convention) does not;
+    - sampling (stock KSampler, same seed and prompts): the native file is close to a float file holding LowBit's
+      weights (ComfyUI quantizes the activations of these layers itself, dynamically per row) and to LowBit's own
+      W8A8 sample (whose static activation scales the file does not carry), both far closer than the wrong scale
+      convention; the distances to the float model are recorded."""
+    import native_check as nc
+
+    g = _text_graph(comfy.checkpoint)
+    q = _quantize(g, bits="W8A8", method="naive")
+    g["60"] = {"class_type": "SaveLatent", "inputs": {"samples": _ksampler(g, "50", ["1", 0]),
+                                                      "filename_prefix": "latents/native_float"}}
+    g["61"] = {"class_type": "SaveLatent", "inputs": {"samples": _ksampler(g, "51", q),
+                                                      "filename_prefix": "latents/native_lowbit_q"}}
+    g["62"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/stock_native",
+                                                                    "layout": "comfyui-native"}}
+    g["63"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/stock_lowbit"}}
+    hist = comfy.run(g, timeout=1800)
+    lat = {"float": _latent(comfy, hist, "60"), "lowbit_w8a8": _latent(comfy, hist, "61")}
+    text = hist["outputs"]["62"]["text"][0]
+    m = re.match(r"saved models/(unet|diffusion_models)/(.+\.safetensors) \(ComfyUI-native\)$", text)
+    assert m, text
+    root = comfy.server.base_dir / "models" / m.group(1)
+    native = root / m.group(2)
+    lowbit_file = comfy.server.base_dir / "models" / "lowbit" / hist["outputs"]["63"]["lowbit_files"][0]
+    assert native.is_file() and lowbit_file.is_file()
+
+    files = nc.write_variants(native, lowbit_file, root / "stock_check", "sd15")
+    names = {"native": m.group(2), **{v: files[v].relative_to(root).as_posix() for v in nc.VARIANTS}}
+    listed = _combo_options(comfy.object_info("UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"])
+    assert all(n in listed for n in names.values()), (names, listed)
+
+    # the weights ComfyUI's loader builds
+    rep = nc.comfy_weights(comfyui_dir, comfyui_python, files["dequant"],
+                           {"native": native, "per_tensor": files["per_tensor"]})
+    print(f"\nComfyUI's load of the native file: {rep['native']}\nper-tensor control: {rep['per_tensor']}")
+    n_layers = len(files["layers"])
+    r = rep["native"]
+    assert r["config"] == "SD15" and r["formats"] == ["int8_tensorwise"], r
+    assert r["quantized_layers"] == n_layers and r["identical"] == n_layers, r
+    assert r["max_weight_diff"] == 0.0 and not r["warnings"], r
+    assert rep["per_tensor"]["identical"] < n_layers and rep["per_tensor"]["max_weight_diff"] > 0, rep["per_tensor"]
+
+    # sampling with the stock loader only
+    g2 = _text_graph(comfy.checkpoint)
+    for i, (v, name) in enumerate(names.items()):
+        g2[f"7{i}"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+        g2[f"8{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": _ksampler(g2, f"9{i}", [f"7{i}", 0]),
+                                                             "filename_prefix": f"latents/native_{v}"}}
+    assert not any(n["class_type"].startswith("LowBit") for n in g2.values())
+    log_start = len(comfy.server.log_text())
+    hist2 = comfy.run(g2, timeout=1800)
+    for i, v in enumerate(names):
+        lat[v] = _latent(comfy, hist2, f"8{i}")
+    log = comfy.server.log_text()[log_start:]
+    assert "Using mixed precision operations" in log, "ComfyUI did not load the native file as a quantized model"
+    assert not re.search(r"unet (missing|unexpected)|left over keys", log), log[-3000:]
+
+    d = {f"{a} vs {b}": nc.rel(lat[a], lat[b]) for a, b in (
+        ("native", "dequant"), ("native", "lowbit_w8a8"), ("per_tensor", "dequant"), ("lowbit_w8a8", "dequant"),
+        ("native", "float"), ("lowbit_w8a8", "float"), ("dequant", "float"))}
+    report = ", ".join(f"{k} {v:.3g}" for k, v in d.items())
+    print(f"stock-loader sampling, {n_layers} int8_tensorwise layers, relative L2 distance of the latents: {report}")
+    record_property("native_stock_distances", report)
+    assert d["per_tensor vs dequant"] >= 4 * d["native vs dequant"], report
+    assert d["per_tensor vs dequant"] >= 2 * d["native vs lowbit_w8a8"], report
+    assert d["dequant vs float"] > 0, "the weights were not quantized"
+
+
 def _server_rss_mb(comfy) -> float:
     import os as _os
 

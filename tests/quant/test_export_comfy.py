@@ -290,6 +290,42 @@ def test_w8a8_model_output_difference_from_dropped_features_is_measured(toy, cal
     assert 0 < drop < 0.1
 
 
+def _float_act_line(res) -> list:
+    return [d for d in res.dropped if d.startswith("float activations")]
+
+
+@pytest.mark.parametrize("cfg,kw", [(dict(w_bits=8, a_bits=ACT_BITS_NONE), {}),
+                                    (dict(w_bits=4, a_bits=ACT_BITS_NONE), dict(w4_layout="int8_tensorwise"))])
+def test_int8_layers_with_float_activations_say_comfyui_quantizes_their_inputs(toy, calls, cfg, kw):
+    """W8A16 (or per-channel W4A16 written as int8): LowBit runs these layers with float activations, but ComfyUI
+    runs every int8_tensorwise layer through its int8 matmul, quantizing the input per row (measured in ComfyUI
+    0.33.0: tests/nodes/test_comfyui_integration.py), so the export lists the float activations as not kept."""
+    _, _, res = comfy_state_dict(_q(toy, calls, **cfg), **kw)
+    n = sum(c["format"] == "int8_tensorwise" for c in res.layers.values())
+    assert n == 3
+    line = _float_act_line(res)
+    assert len(line) == 1 and f"of {n} int8_tensorwise layers" in line[0] and "per row" in line[0], res.dropped
+    _, _, res8 = comfy_state_dict(_q(toy, calls, w_bits=8, a_bits=8))
+    assert not _float_act_line(res8), res8.dropped  # (W8A8: the static scales' line says it)
+
+
+def test_w8a16_model_output_on_kitchen_eager_differs_by_comfyuis_activation_quantization(toy, calls, tmp_path):
+    """What that line costs on the toy model: ComfyUI's model (comfy-kitchen eager) against LowBit's W8A16."""
+    ck = _kitchen()
+    q = deploy_(_q(toy, calls, w_bits=8, a_bits=ACT_BITS_NONE))
+    path = str(tmp_path / "w8a16.safetensors")
+    res = export_comfy(q, path, float_dtype=torch.float32)
+    assert _float_act_line(res)
+    sd, meta = _read(path)
+    m, _ = _comfy_model(toy, sd, meta)
+    x, t = _x()
+    with torch.no_grad(), ck.registry.use_backend("eager"), forced_backend("eager"):
+        y_c, y_l = m(x, t), q(x, t)
+    drop = float((y_c - y_l).norm() / y_l.norm())
+    print(f"W8A16 toy model: relative L2 ComfyUI-native vs LowBit {drop:.4f}")
+    assert 0 < drop < 0.05
+
+
 def test_export_is_written_like_a_save(toy, calls, tmp_path):
     """An export gets the umask's mode as any new file (safetensors alone writes 0600: a ComfyUI running as
     another user could not read it), and the temporary file of an interrupted export is cleaned up by the next one."""
