@@ -500,13 +500,14 @@ def _check_quantize(a):
                              "--pipeline DIR or drop it")
     a.method = a.method or (PIPELINE_METHOD if a.pipeline else _arg_spec("method").default)
     _check_not_unet_file(a)
+    if a.pipeline:
+        _check_not_pipeline_file(a.output, a.pipeline)
     _check_output_file(a.output, a.overwrite)
     _check_combinations([a.bits], [a.method])
     if a.unet:
         _check_unet(a.unet)
     if a.pipeline:
         a.pipe_info = _check_pipeline(a.pipeline)
-        _check_not_pipeline_file(a.output, a.pipeline)
         a.prompts = _prompts(a.prompt, a.prompts_file)
         if a.pipe_info["text"] and not a.prompts:
             raise UsageError(f"--pipeline {a.pipeline} is text-conditioned ({a.pipe_info['cls']}): give calibration "
