@@ -34,7 +34,10 @@ import time
 
 _PKG = __package__ or "lowbit"
 SUFFIX = ".safetensors"
-PIPELINE_METHOD = "lp+ptqd"  # quantize --pipeline's default method (the ComfyUI node's): no reconstruction on a CPU
+# quantize --pipeline's defaults, sized for a CPU: the ComfyUI node's method (no reconstruction) and the model
+# profile's name rules (the measured plan runs the model once per call and shortlisted layer; on the tiny test SD
+# pipeline, 2 prompts x 10 steps, it made the default run 10 min 41 s instead of 59 s on the shared 2-core machine)
+PIPELINE_METHOD, PIPELINE_PRECISION = "lp+ptqd", "rules"
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 MAX_ST_HEADER = 100 * 1024 * 1024  # a safetensors header above this is refused when checking an input file
 
@@ -181,9 +184,10 @@ def _add_guidance(p, when=""):
                         f"{spec.range_text()}, default: the pipeline's own (7.5 for Stable Diffusion)")
 
 
-def _add_precision(p):
-    """--precision and --size-budget: the pipeline's per-layer precision plan (PipelineConfig fields)."""
-    _add(p, "--precision", "precision", choices=_arg_spec("precision").choices)
+def _add_precision(p, shown=None):
+    """--precision and --size-budget: the pipeline's per-layer precision plan (PipelineConfig fields); ``shown``:
+    --precision's default as --help says it, where it depends on other options (None until resolved)."""
+    _add(p, "--precision", "precision", choices=_arg_spec("precision").choices, shown=shown)
     _add(p, "--size-budget", "size_budget")
 
 
@@ -223,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file to write; its folder must exist and be writable")
     _add(q, "--bits", "bits", type=_bits_type)
     _add(q, "--method", "method", type=_method_type,
-         shown=f"{_arg_spec('method').default} (with --pipeline: {PIPELINE_METHOD}, since reconstruction takes hours "
-               "on a CPU for an SD-size model)")
+         shown=f"{_arg_spec('method').default} (with --pipeline: {PIPELINE_METHOD}, the ComfyUI node's: "
+               "reconstruction trains every block, slow on a CPU at SD size)")
     q.add_argument("--pipeline", default=None, metavar="DIR",
                    help="a local diffusers pipeline folder (model_index.json, weights as safetensors; nothing is "
                         "downloaded) whose denoiser (pipe.unet or pipe.transformer) is quantized, calibrated by "
@@ -251,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "a full-precision sampling run (with --pipeline: one run per "
                                                      "prompt instead)")
     _add(q, "--calib-steps", "calib_steps")
-    _add_precision(q)
+    _add_precision(q, shown=f"{_arg_spec('precision').default} (with --pipeline: {PIPELINE_PRECISION}: the measured "
+                            "plan runs the model again per shortlisted layer and call, slow on a CPU at SD size)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists; default: refuse")
     q.set_defaults(fn=_cmd_quantize, check=_check_quantize)
 
@@ -483,6 +488,7 @@ def _check_precision(a):
 
 
 def _check_quantize(a):
+    a.precision = a.precision or (PIPELINE_PRECISION if a.pipeline else _arg_spec("precision").default)
     _check_precision(a)
     if a.pipeline and a.unet:
         raise UsageError(f"--pipeline and --unet together: give one (--pipeline {a.pipeline} quantizes the pipeline's "
