@@ -85,12 +85,23 @@ def _tiny_dit(folder):
         str(folder), safe_serialization=True)
 
 
+def _tiny_ddpm(folder):
+    """An unconditional DDPMPipeline (UNet2DModel): no prompt or class to calibrate with."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(block_out_channels=(32,), layers_per_block=1, down_block_types=("DownBlock2D",),
+                       up_block_types=("UpBlock2D",), sample_size=8, in_channels=3, out_channels=3,
+                       norm_num_groups=32)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(folder), safe_serialization=True)
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, checkout_off_path):
     """Pipelines (tiny SD and DiT, and broken copies of SD for the refusals) and a file quantized from SD."""
     w = tmp_path_factory.mktemp("pipes")
     _tiny_sd(w / "sd")
     _tiny_dit(w / "dit")
+    _tiny_ddpm(w / "ddpm")
     unet_w = "unet/diffusion_pytorch_model.safetensors"
     for name, change in (("sd_pickle", "bin"), ("sd_variant", "fp16"), ("sd_other", "config")):
         shutil.copytree(w / "sd", w / name)
@@ -221,6 +232,7 @@ def test_bad_pipeline_input_one_line_exit_2_before_any_work(ws, q_sd, tmp_path, 
 
 LATE = [  # found from the pipeline's class (diffusers and torch imported, no weights loaded) or its class table
     (["quantize", "o.safetensors", "--pipeline", "dit"], ["class-conditional", "--prompt"]),
+    (["quantize", "o.safetensors", "--pipeline", "ddpm"], ["DDPMPipeline is unconditional", "CallRecorder"]),
     (["quantize", "o.safetensors", "--pipeline", "dit", "--prompt", "1", "--size", "64"],
      ["--size: DiTPipeline takes no height/width"]),
     (["quantize", "o.safetensors", "--pipeline", "dit", "--prompt", "cat"],
