@@ -613,9 +613,9 @@ def _check_pipeline(path: str) -> dict:
         weights = sorted(n for n in names if n.endswith(_WEIGHT_EXTS))
         st = [n for n in weights if n.endswith(SUFFIX)]
         if weights and not st:
-            raise UsageError(f"--pipeline {path}: {name}/ holds only pickle-format weights ({weights[0]}); LowBit "
-                             "never loads pickle: load the pipeline in Python and save it again with "
-                             "save_pretrained(folder, safe_serialization=True)")
+            raise UsageError(f"--pipeline {path}: {name}/ holds no safetensors weights, only {weights[0]} (LowBit "
+                             "never loads pickle .bin/.pt/.ckpt files): load the pipeline in Python and save it again "
+                             "with save_pretrained(folder, safe_serialization=True)")
         if st and not any(b + SUFFIX in names or b + SUFFIX + ".index.json" in names for b in _PLAIN_WEIGHTS):
             raise UsageError(f"--pipeline {path}: {name}/ holds only the variant file {st[0]}; the CLI reads the plain "
                              "weights: load the pipeline with variant=... and save_pretrained it again without "
