@@ -632,7 +632,8 @@ def _check_pipeline(path: str) -> dict:
     single = os.path.join(den_dir, "diffusion_pytorch_model" + SUFFIX)
     if os.path.lexists(single):
         _check_safetensors(single, f"--pipeline {den} weights")
-    return dict(cls=cls, denoiser=den, den_cls=comps[den][1], den_config=den_cfg,
+    absent = [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
+    return dict(cls=cls, denoiser=den, den_cls=comps[den][1], den_config=den_cfg, absent=absent,
                 text=any(n.startswith(("text_encoder", "tokenizer")) for n in comps))
 
 
@@ -973,7 +974,10 @@ def _load_pipeline(a, cls):
     except ImportError:  # (a pipeline without transformers models)
         pass
     try:
-        pipe = cls.from_pretrained(a.pipeline, use_safetensors=True, local_files_only=True)
+        # components saved as absent ([null, null]: SD3 without its T5) passed as None, as a user would: diffusers
+        # refuses to build a pipeline without them otherwise (only its optional components may be left out)
+        pipe = cls.from_pretrained(a.pipeline, use_safetensors=True, local_files_only=True,
+                                   **{k: None for k in a.pipe_info["absent"]})
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, OSError, ImportError) as exc:
         raise _core("errors").LoadError(f"--pipeline {a.pipeline}: diffusers cannot load it "
                                         f"({_one_line(exc)[:300]}); give a complete pipeline folder saved by "

@@ -85,6 +85,35 @@ def _tiny_dit(folder):
         str(folder), safe_serialization=True)
 
 
+def _tiny_sd3(folder, vocab_dir):
+    """A StableDiffusion3Pipeline of random weights without its T5 (text_encoder_3=None, saved as absent): a
+    text-conditioned transformer with a flow-matching scheduler (no alphas_cumprod)."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+
+    def text_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8))
+
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                               pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8)
+    vae = AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=32, sample_size=16, shift_factor=0.0, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                             text_encoder=text_encoder(), tokenizer=tok, text_encoder_2=text_encoder(), tokenizer_2=tok,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder),
+                                                                                   safe_serialization=True)
+
+
 def _tiny_ddpm(folder):
     """An unconditional DDPMPipeline (UNet2DModel): no prompt or class to calibrate with."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -102,6 +131,7 @@ def ws(tmp_path_factory, checkout_off_path):
     _tiny_sd(w / "sd")
     _tiny_dit(w / "dit")
     _tiny_ddpm(w / "ddpm")
+    _tiny_sd3(w / "sd3", w / "sd_vocab")
     unet_w = "unet/diffusion_pytorch_model.safetensors"
     for name, change in (("sd_pickle", "bin"), ("sd_variant", "fp16"), ("sd_other", "config")):
         shutil.copytree(w / "sd", w / name)
@@ -340,6 +370,25 @@ def test_class_conditional_transformer_pipeline_quantizes_and_generates(ws, tmp_
     assert main(["generate", "--pipeline", str(ws / "dit"), "--quantized", p, "--prompt", "3", "--steps", "3",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 50 and not (tmp_path / "dit_compare.png").exists()
+
+
+def test_flow_matching_transformer_pipeline_with_the_defaults(ws, tmp_path, capsys):
+    """SD3 (text-conditioned transformer, flow-matching scheduler) with quantize's --pipeline defaults (W4A8,
+    lp+ptqd, precision rules): PTQD statistics keyed by the SD3 profile; generate --compare."""
+    from lowbit.quant import read_header
+
+    p = str(tmp_path / "q_sd3.safetensors")
+    assert main(["quantize", p, "--pipeline", str(ws / "sd3"), "--prompt", "a red cat", "--steps", "4",
+                 "--calib-steps", "3", "--size", SIZE]) == 0
+    cap = capsys.readouterr()
+    assert "quantizing to W4A8 with lp+ptqd" in cap.err and "PTQD statistics" in cap.err
+    header = read_header(p)[0]
+    assert header["model"]["cls"] == "SD3Transformer2DModel" and header["profile"] == "sd3"
+    assert "ptqd" in header["extras"] and {m["w_bits"] for m in header["layers"].values()} == {4, 8}
+    out = tmp_path / "sd3.png"
+    assert main(["generate", "--pipeline", str(ws / "sd3"), "--quantized", p, "--prompt", "a blue dog", "--steps",
+                 "4", "--size", SIZE, "--out", str(out), "--compare"]) == 0
+    assert "PSNR" in capsys.readouterr().out and (tmp_path / "sd3_compare.png").exists()
 
 
 def test_help_of_the_pipeline_options_is_fast_and_says_defaults(tmp_path):
