@@ -1,7 +1,10 @@
 """The ``lowbit`` command line (also ``python -m lowbit``).
 
   lowbit demo            quantize the embedded default model (W8A8, W4A8), compare with full precision
-  lowbit quantize OUT    quantize the default model (or a diffusers UNet folder) and save it to OUT
+  lowbit quantize OUT    quantize a diffusers pipeline's denoiser (--pipeline DIR --prompt ...), the default model
+                         or a diffusers UNet folder, and save it to OUT
+  lowbit generate        generate a PNG with a diffusers pipeline and its quantized denoiser (--compare: beside
+                         the full-precision one)
   lowbit inspect FILE    what a saved file holds: format, layers and their precision, bytes, configs, PTQD data
                          (also a ComfyUI-layout file from export --comfy: its formats and what it dropped)
   lowbit export --comfy IN OUT   a saved file in ComfyUI's own quantized layout (stock Load Diffusion Model)
@@ -13,6 +16,7 @@ with status 2. Failures during the work print one line and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -30,6 +34,10 @@ import time
 
 _PKG = __package__ or "lowbit"
 SUFFIX = ".safetensors"
+# quantize --pipeline's defaults, sized for a CPU: the ComfyUI node's method (no reconstruction) and the model
+# profile's name rules (the measured plan runs the model once per call and shortlisted layer; on the tiny test SD
+# pipeline, 2 prompts x 10 steps, it made the default run 10 min 41 s instead of 59 s on the shared 2-core machine)
+PIPELINE_METHOD, PIPELINE_PRECISION = "lp+ptqd", "rules"
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 MAX_ST_HEADER = 100 * 1024 * 1024  # a safetensors header above this is refused when checking an input file
 
@@ -134,10 +142,11 @@ def _float_type(spec, flag):
     return parse
 
 
-def _add(p, flag, spec_name, *, default=None, help=None, **kw):
-    """An option whose limits, default and help come from ``quant.config`` (``ARGS``)."""
+def _add(p, flag, spec_name, *, default=None, help=None, shown=None, **kw):
+    """An option whose limits, default and help come from ``quant.config`` (``ARGS``); ``shown``: the default as
+    --help says it, where it depends on other options (the option's value is then None unless given)."""
     spec = _arg_spec(spec_name)
-    default = spec.default if default is None else default
+    default = spec.default if default is None and shown is None else default
     if spec.kind == "int":
         kw.setdefault("type", _int_type(spec, flag))
         kw.setdefault("metavar", "N")
@@ -149,13 +158,36 @@ def _add(p, flag, spec_name, *, default=None, help=None, **kw):
     else:
         limits = "one of " + ", ".join(spec.choices)
         kw.setdefault("metavar", spec.name.upper())
-    shown = " ".join(default) if isinstance(default, (list, tuple)) else default
+    if shown is None:
+        shown = " ".join(default) if isinstance(default, (list, tuple)) else default
     p.add_argument(flag, default=default, help=f"{help or spec.help}; {limits}, default: {shown}", **kw)
 
 
-def _add_precision(p):
-    """--precision and --size-budget: the pipeline's per-layer precision plan (PipelineConfig fields)."""
-    _add(p, "--precision", "precision", choices=_arg_spec("precision").choices)
+def _size_type(text):
+    """--size: WxH or N (a square), each a multiple of 8 in 16..16384 -> (width, height)."""
+    m = re.fullmatch(r"\s*(\d{1,6})\s*(?:[xX]\s*(\d{1,6})\s*)?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use WxH (e.g. 512x768) or N (e.g. 512)")
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.group(2) else w
+    for v in (w, h):
+        if not 16 <= v <= 16384 or v % 8:
+            raise argparse.ArgumentTypeError(f"{v} in {text.strip()!r} must be a multiple of 8 in 16..16384 (latents "
+                                             "are 1/8 of the image size), e.g. 512")
+    return w, h
+
+
+def _add_guidance(p, when=""):
+    spec = _arg_spec("guidance")
+    p.add_argument("--guidance", default=None, type=_float_type(spec, "--guidance"), metavar="X",
+                   help=f"{when}classifier-free guidance scale (the pipeline's guidance_scale); "
+                        f"{spec.range_text()}, default: the pipeline's own (7.5 for Stable Diffusion)")
+
+
+def _add_precision(p, shown=None):
+    """--precision and --size-budget: the pipeline's per-layer precision plan (PipelineConfig fields); ``shown``:
+    --precision's default as --help says it, where it depends on other options (None until resolved)."""
+    _add(p, "--precision", "precision", choices=_arg_spec("precision").choices, shown=shown)
     _add(p, "--size-budget", "size_budget")
 
 
@@ -166,7 +198,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,inspect,export,ui}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,generate,inspect,export,ui}")
 
     d = sub.add_parser("demo", help="quantize the embedded default model and compare it with full precision",
                        description="Quantize the embedded default model, sample the same seeds with full "
@@ -182,21 +214,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision(d)
     d.set_defaults(fn=_cmd_demo, check=_check_demo)
 
-    q = sub.add_parser("quantize", help="quantize the default model (or a diffusers UNet folder) and save it",
-                       description="Quantize the embedded default model (or --unet) and save it as one "
-                                   ".safetensors file (packed integers, scales, configs).")
+    q = sub.add_parser("quantize", help="quantize a diffusers pipeline's denoiser (--pipeline), the default model "
+                                        "or a diffusers UNet folder, and save it",
+                       description="Quantize the denoiser (pipe.unet or pipe.transformer) of a local diffusers "
+                                   "pipeline folder (--pipeline, calibrated by generating your --prompt's), or the "
+                                   "embedded default model (or --unet), and save it as one .safetensors file "
+                                   "(packed integers, scales, configs). Calibration quality depends on the "
+                                   "prompts (use ones like those you will generate with; a few different ones are "
+                                   "better than one), on --steps and --size matching how you generate, and on "
+                                   "--calib-steps (timesteps kept); the cost grows with prompts x steps.")
     q.add_argument("output", metavar="OUTPUT.safetensors",
                    help="file to write; its folder must exist and be writable")
     _add(q, "--bits", "bits", type=_bits_type)
-    _add(q, "--method", "method", type=_method_type)
+    _add(q, "--method", "method", type=_method_type,
+         shown=f"{_arg_spec('method').default} (with --pipeline: {PIPELINE_METHOD}, the ComfyUI node's: "
+               "reconstruction trains every block, slow on a CPU at SD size)")
+    q.add_argument("--pipeline", default=None, metavar="DIR",
+                   help="a local diffusers pipeline folder (model_index.json, weights as safetensors; nothing is "
+                        "downloaded) whose denoiser (pipe.unet or pipe.transformer) is quantized, calibrated by "
+                        "generating each --prompt on the CPU in float32; default: none (the embedded model)")
+    q.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="with --pipeline: a calibration prompt (repeat for more; a class name or number for a "
+                        "class-conditional pipeline such as DiT); needed for a text-conditioned pipeline; "
+                        "default: none")
+    q.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="with --pipeline: more calibration prompts, one per line (blank lines and lines starting "
+                        "with # skipped); default: none")
+    _add(q, "--steps", "steps", help="sampling steps of each calibration run (with --pipeline: use the steps you "
+                                     "will generate with)")
+    q.add_argument("--size", default=None, type=_size_type, metavar="WxH",
+                   help="with --pipeline: image size of the calibration runs, WxH or N (square), multiples of 8 in "
+                        "16..16384 (smaller is faster on a CPU; use the size you will generate at); default: the "
+                        "pipeline's own (e.g. 512 for SD 1.5)")
+    _add_guidance(q, "with --pipeline: ")
+    _add(q, "--seed", "seed", help="with --pipeline: seed of the first calibration run (prompt i uses seed + i)")
     q.add_argument("--unet", default=None, metavar="DIR",
                    help="a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) with "
                         "the embedded model's inputs (1x16x16, 11 class embeddings); default: the embedded model")
-    _add(q, "--calib-samples", "calib_samples")
+    _add(q, "--calib-samples", "calib_samples", help="calibration images of the embedded model (or --unet), each "
+                                                     "a full-precision sampling run (with --pipeline: one run per "
+                                                     "prompt instead)")
     _add(q, "--calib-steps", "calib_steps")
-    _add_precision(q)
+    _add_precision(q, shown=f"{_arg_spec('precision').default} (with --pipeline: {PIPELINE_PRECISION}: the measured "
+                            "plan runs the model again per shortlisted layer and call, slow on a CPU at SD size)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists; default: refuse")
     q.set_defaults(fn=_cmd_quantize, check=_check_quantize)
+
+    g = sub.add_parser("generate", help="generate an image with a diffusers pipeline and its quantized denoiser",
+                       description="Load a local diffusers pipeline folder, put the quantized denoiser saved by "
+                                   "`lowbit quantize --pipeline` in place of its own (the file is checked against "
+                                   "the pipeline's model first) and generate one image as a PNG; --compare also "
+                                   "generates with the full-precision denoiser from the same seed and writes both "
+                                   "side by side with their difference (PSNR, SSIM, mean absolute difference). "
+                                   "Runs on the CPU in float32 with the pipeline's own scheduler (+vsc, PTQD's "
+                                   "variance calibration in LowBit's samplers, does not apply here).")
+    g.add_argument("--pipeline", required=True, metavar="DIR",
+                   help="the local diffusers pipeline folder the file was quantized from (required; no default)")
+    g.add_argument("--quantized", required=True, metavar="FILE.safetensors",
+                   help="the quantized denoiser, from lowbit quantize --pipeline (required; no default)")
+    g.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="what to generate (a class name or number for a class-conditional pipeline); needed for a "
+                        "text- or class-conditioned pipeline; default: none")
+    g.add_argument("--out", required=True, metavar="IMAGE.png",
+                   help="the PNG to write (its folder must exist; required; no default)")
+    _add(g, "--steps", "steps")
+    _add(g, "--seed", "seed")
+    g.add_argument("--size", default=None, type=_size_type, metavar="WxH",
+                   help="image size, WxH or N (square), multiples of 8 in 16..16384; default: the pipeline's own")
+    _add_guidance(g)
+    g.add_argument("--compare", action="store_true",
+                   help="also generate with the full-precision denoiser (same seed) and write "
+                        "IMAGE_compare.png (full precision | quantized) and print their difference; default: off")
+    g.add_argument("--overwrite", action="store_true", help="replace the PNG(s) if they exist; default: refuse")
+    g.set_defaults(fn=_cmd_generate, check=_check_generate)
 
     i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout one from "
                                        "export --comfy (no model needed)",
@@ -398,12 +488,241 @@ def _check_precision(a):
 
 
 def _check_quantize(a):
+    a.precision = a.precision or (PIPELINE_PRECISION if a.pipeline else _arg_spec("precision").default)
     _check_precision(a)
+    if a.pipeline and a.unet:
+        raise UsageError(f"--pipeline and --unet together: give one (--pipeline {a.pipeline} quantizes the pipeline's "
+                         "denoiser, --unet a UNet2DModel folder shaped like the embedded model)")
+    defaults = {"calib_samples": _arg_spec("calib_samples").default, "seed": _arg_spec("seed").default}
+    if a.pipeline and a.calib_samples != defaults["calib_samples"]:
+        raise UsageError(f"--calib-samples {a.calib_samples} applies to the embedded model and --unet; with "
+                         "--pipeline each prompt is one calibration run: give more --prompt's (or --prompts-file)")
+    if not a.pipeline:
+        given = [flag for flag, v in (("--prompt", a.prompt), ("--prompts-file", a.prompts_file), ("--size", a.size),
+                                      ("--guidance", a.guidance)) if v is not None]
+        given += ["--seed"] if a.seed != defaults["seed"] else []
+        if given:
+            raise UsageError(f"{given[0]} applies to --pipeline only (calibration runs of a diffusers pipeline); add "
+                             "--pipeline DIR or drop it")
+    a.method = a.method or (PIPELINE_METHOD if a.pipeline else _arg_spec("method").default)
     _check_not_unet_file(a)
+    if a.pipeline:
+        _check_not_pipeline_file(a.output, a.pipeline)
     _check_output_file(a.output, a.overwrite)
     _check_combinations([a.bits], [a.method])
     if a.unet:
         _check_unet(a.unet)
+    if a.pipeline:
+        a.pipe_info = _check_pipeline(a.pipeline)
+        a.prompts = _prompts(a.prompt, a.prompts_file)
+        if a.pipe_info["text"] and not a.prompts:
+            raise UsageError(f"--pipeline {a.pipeline} is text-conditioned ({a.pipe_info['cls']}): give calibration "
+                             "prompts with --prompt TEXT (repeat it) or --prompts-file FILE, like the ones you will "
+                             "generate with")
+
+
+def _prompts(given, path) -> list:
+    """--prompt's and the lines of --prompts-file (blank lines and # comments skipped)."""
+    out = []
+    for p in given or []:
+        if not p.strip():
+            raise UsageError("--prompt is empty; give the text to generate, e.g. --prompt 'a red fox in snow'")
+        out.append(p.strip())
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UsageError(f"--prompts-file {path}: " + ("is a folder" if os.path.isdir(path) else "no such file")
+                             + "; give a text file with one prompt per line")
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f.read().splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--prompts-file {path} cannot be read as UTF-8 text ({exc.__class__.__name__}); give a "
+                             "text file with one prompt per line") from None
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not lines:
+            raise UsageError(f"--prompts-file {path} holds no prompts (only blank or # lines); write one prompt per "
+                             "line")
+        out += lines
+    return out
+
+
+_WEIGHT_EXTS = (SUFFIX, ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+_PLAIN_WEIGHTS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
+
+
+def _read_json(path):
+    """The JSON value in ``path``; None when it is unreadable or not JSON (FileNotFoundError propagates)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _check_pipeline(path: str) -> dict:
+    """A local diffusers pipeline folder the CLI can load without pickle: model_index.json, a unet or transformer
+    component, every component's folder, safetensors weights (no variant-only folders). Returns what the CLI needs
+    from it: the pipeline class name, the denoiser's attribute, class and config.json, whether it is
+    text-conditioned. No torch."""
+    fix = "give a diffusers pipeline folder (model_index.json and one folder per component, as save_pretrained writes)"
+    if not os.path.exists(path):
+        raise UsageError(f"--pipeline {path}: no such folder; {fix}")
+    if not os.path.isdir(path):
+        raise UsageError(f"--pipeline {path} is a file; {fix}")
+    index_path = os.path.join(path, "model_index.json")
+    try:
+        index = _read_json(index_path)
+    except FileNotFoundError:
+        try:
+            cfg = _read_json(os.path.join(path, "config.json"))
+        except FileNotFoundError:
+            cfg = None
+        cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+        if cls == "UNet2DModel":
+            raise UsageError(f"--pipeline {path} is a UNet folder (config.json, no model_index.json); give it with "
+                             f"--unet {path}, or give the pipeline folder that holds it") from None
+        if isinstance(cls, str):
+            parent = os.path.dirname(os.path.abspath(path))
+            where = (f"--pipeline {os.path.dirname(os.path.normpath(path)) or '.'}"
+                     if os.path.isfile(os.path.join(parent, "model_index.json")) else
+                     "the pipeline folder that holds it (with model_index.json)")
+            raise UsageError(f"--pipeline {path} is a model folder ({_printable(cls[:80])}), not a pipeline (no "
+                             f"model_index.json); give {where}") from None
+        raise UsageError(f"--pipeline {path} has no model_index.json; {fix}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise UsageError(f"--pipeline {index_path} is not a pipeline index (a JSON object naming its _class_name); "
+                         f"{fix}")
+    cls = _printable(index["_class_name"][:100])
+    comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+             and all(isinstance(x, str) for x in v)}
+    den = next((n for n in ("transformer", "unet") if n in comps), None)
+    if den is None:
+        raise UsageError(f"--pipeline {path}: its {cls} has no unet or transformer component; the CLI quantizes the "
+                         "denoiser at pipe.unet or pipe.transformer (for another module, record its calls with "
+                         "lowbit.quant.CallRecorder in Python)")
+    for name, (_lib, ccls) in comps.items():
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            raise UsageError(f"--pipeline {path}: its model_index.json lists {_printable(name[:80])} "
+                             f"({_printable(ccls[:80])}) but the folder {_printable(name[:80])}/ is missing; give a "
+                             "complete pipeline folder (save_pretrained writes one)")
+        files = [n for n in _files_in(folder)]
+        names = {os.path.basename(n) for n in files}
+        weights = sorted(n for n in names if n.endswith(_WEIGHT_EXTS))
+        st = [n for n in weights if n.endswith(SUFFIX)]
+        if weights and not st:
+            raise UsageError(f"--pipeline {path}: {name}/ holds no safetensors weights, only {weights[0]} (LowBit "
+                             "never loads pickle .bin/.pt/.ckpt files): load the pipeline in Python and save it again "
+                             "with save_pretrained(folder, safe_serialization=True)")
+        if st and not any(b + SUFFIX in names or b + SUFFIX + ".index.json" in names for b in _PLAIN_WEIGHTS):
+            raise UsageError(f"--pipeline {path}: {name}/ holds only the variant file {st[0]}; the CLI reads the plain "
+                             "weights: load the pipeline with variant=... and save_pretrained it again without "
+                             "variant")
+    den_dir = os.path.join(path, den)
+    try:
+        den_cfg = _read_json(os.path.join(den_dir, "config.json"))
+    except FileNotFoundError:
+        den_cfg = None
+    if not isinstance(den_cfg, dict):
+        raise UsageError(f"--pipeline {path}: {den}/config.json is missing or not a JSON object; {fix}")
+    if not any(n.endswith(SUFFIX) for n in _files_in(den_dir)):
+        raise UsageError(f"--pipeline {path}: {den}/ holds no weights (diffusion_pytorch_model{SUFFIX}); {fix}")
+    single = os.path.join(den_dir, "diffusion_pytorch_model" + SUFFIX)
+    if os.path.lexists(single):
+        _check_safetensors(single, f"--pipeline {den} weights")
+    absent = [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
+    return dict(cls=cls, denoiser=den, den_cls=comps[den][1], den_config=den_cfg, absent=absent,
+                text=any(n.startswith(("text_encoder", "tokenizer")) for n in comps))
+
+
+def _check_not_pipeline_file(output: str, folder: str):
+    """The output is none of the pipeline's files (its folder and the components' folders)."""
+    files = _files_in(folder)
+    for d in list(files):
+        files += _files_in(d) if os.path.isdir(d) else []
+    if any(_same_file(output, f) for f in files):
+        raise UsageError(f"output {output} is a file of the --pipeline folder; choose another output name "
+                         "(--overwrite never replaces the input)")
+
+
+def _check_png_out(path: str, overwrite: bool, what: str = "--out"):
+    if not path.lower().endswith(".png"):
+        raise UsageError(f"{what} {path!r} must end in .png (the image is written as PNG), e.g. "
+                         f"{os.path.splitext(path)[0] or 'image'}.png")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder; give a file name such as {os.path.join(path, 'image.png')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path}: folder {parent} does not exist; create it first (mkdir -p {parent}) or "
+                         "choose another path")
+    if os.path.lexists(path) and not overwrite:
+        raise UsageError(f"{path} already exists; choose another {what} or pass --overwrite")
+    if not _writable_dir(parent):
+        raise UsageError(f"{what} {path}: cannot write to folder {parent} (permission denied or read-only); choose a "
+                         "writable folder")
+
+
+def compare_path(out: str) -> str:
+    """Where ``generate --compare`` writes the side-by-side image: IMAGE_compare.png beside IMAGE.png."""
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_compare{ext}"
+
+
+def _json_same(x, y) -> bool:
+    return json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
+
+
+def _check_quantized_fits(path: str, info: dict, folder: str):
+    """--quantized is a LowBit file made from this pipeline's denoiser, as far as its header says (its model class
+    and, where recorded, the architecture's config against the denoiser's config.json): no torch, no weights read.
+    Loading checks every layer against the model again."""
+    header = _check_safetensors(path, "--quantized")
+    meta = header.get("__metadata__")
+    raw = meta.get("lowbit") if isinstance(meta, dict) else None
+    redo = f"quantize this pipeline with lowbit quantize OUT{SUFFIX} --pipeline {folder} --prompt ..."
+    if not isinstance(raw, str):
+        raise UsageError(f"--quantized {path} is not a LowBit quantized file (its header has no LowBit metadata); "
+                         f"{redo}")
+    sthdr = _core("sthdr")
+    try:
+        lb = sthdr.parse_json(raw, "its LowBit metadata")
+    except ValueError as exc:
+        raise UsageError(f"--quantized {path}: {exc}; the file is corrupt: {redo}") from None
+    v = lb.get("format_version") if isinstance(lb, dict) else None
+    if not sthdr.lowbit_version_ok(v):
+        raise UsageError(f"--quantized {path}: LowBit format version {v!r} is not supported (this LowBit reads "
+                         f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or {redo}")
+    den, den_cls = info["denoiser"], info["den_cls"]
+    model = lb.get("model") if isinstance(lb.get("model"), dict) else {}
+    cls = model.get("cls")
+    if isinstance(cls, str) and cls != den_cls:
+        raise UsageError(f"--quantized {path} was made from a {_printable(cls[:80])}, but this pipeline's {den} is a "
+                         f"{_printable(den_cls[:80])}; give the file quantized from this pipeline, or {redo}")
+    arch = lb.get("arch") if isinstance(lb.get("arch"), dict) else {}
+    cfg = arch.get("config") if isinstance(arch.get("config"), dict) else {}
+    diff = [k for k, val in cfg.items() if k in info["den_config"] and not _json_same(val, info["den_config"][k])]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more settings)" if len(diff) > 1 else ""
+        raise UsageError(f"--quantized {path} does not fit this pipeline's {den}: its {_printable(k[:80])} is "
+                         f"{_printable(json.dumps(cfg[k])[:80])}, the pipeline's "
+                         f"{_printable(json.dumps(info['den_config'][k])[:80])}{more}; give the file quantized from "
+                         f"this pipeline, or {redo}")
+
+
+def _check_generate(a):
+    _check_png_out(a.out, a.overwrite)
+    if a.compare:
+        _check_png_out(compare_path(a.out), a.overwrite, "--out (its _compare.png)")
+    if a.prompt is not None and not a.prompt.strip():
+        raise UsageError("--prompt is empty; give the text to generate, e.g. --prompt 'a red fox in snow'")
+    a.pipe_info = _check_pipeline(a.pipeline)
+    _check_quantized_fits(a.quantized, a.pipe_info, a.pipeline)
+    a.prompts = [a.prompt.strip()] if a.prompt else []
+    if a.pipe_info["text"] and not a.prompts:
+        raise UsageError(f"--pipeline {a.pipeline} is text-conditioned ({a.pipe_info['cls']}): give --prompt TEXT")
 
 
 def _check_demo(a):
@@ -589,6 +908,8 @@ def _load_unet(path: str):
 
 
 def _cmd_quantize(a, prog: Progress):
+    if a.pipeline:
+        return _quantize_pipeline(a, prog)
     prog.banner("loading torch and the model")
     q = _quant()
     from . import recipes
@@ -597,7 +918,7 @@ def _cmd_quantize(a, prog: Progress):
     if a.unet:
         setup.unet = _load_unet(a.unet)
     prog.banner(f"recording calibration: {a.calib_samples} full-precision sampling runs")
-    calls = recipes.record_calibration(setup, n_samples=a.calib_samples, progress=prog)
+    calls = recipes.record_calibration(setup, n_samples=a.calib_samples, steps=a.steps, progress=prog)
     calls = q.timestep_aware_subset(calls, a.calib_steps)
     prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
     # (saved, not run here: no kernel tuning, whose choices are measured again where the file is loaded)
@@ -608,6 +929,181 @@ def _cmd_quantize(a, prog: Progress):
     q.save(b.model, a.output, overwrite=a.overwrite)
     print(f"saved {a.bits} ({a.method}) to {a.output} in {time.time() - prog.t0:.1f} s")
     return 0
+
+
+# ------------------------------------------------------------------------------------- diffusers pipelines
+
+def _pipeline_class(a):
+    """The diffusers pipeline class of --pipeline (imports diffusers and torch, reads no weights), and the checks
+    its signature allows before the weights are loaded: a prompt or class to calibrate with, a size and guidance it
+    takes. Refusals are UsageErrors (one line, exit 2)."""
+    import diffusers
+
+    info, D = a.pipe_info, _quant().diffusers_pipeline
+    cls = getattr(diffusers, info["cls"], None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise UsageError(f"--pipeline {a.pipeline}: diffusers {diffusers.__version__} has no pipeline class "
+                         f"{info['cls']}; update diffusers, or give a diffusers pipeline folder")
+    how = D.conditioning(cls)
+    if how is None:
+        raise UsageError(f"--pipeline {a.pipeline}: {info['cls']} is unconditional (it takes no prompt or class), and "
+                         "the CLI calibrates with prompts; record its denoiser's calls in Python "
+                         "(lowbit.quant.CallRecorder around pipe(...))")
+    if not a.prompts:
+        raise UsageError(f"--pipeline {a.pipeline} is class-conditional ({info['cls']}): give classes with --prompt "
+                         "(a class number or a label name)")
+    if a.size is not None and not D.takes(cls, "height", "width"):
+        raise UsageError(f"--size: {info['cls']} takes no height/width (its image size is fixed by its model); drop "
+                         "--size")
+    if a.guidance is not None and not D.takes(cls, "guidance_scale"):
+        raise UsageError(f"--guidance: {info['cls']} takes no guidance_scale; drop --guidance")
+    return cls
+
+
+def _load_pipeline(a, cls):
+    """The pipeline of --pipeline from its local folder (safetensors only, nothing downloaded) on the CPU in
+    float32, its progress bars off (the CLI prints its own stages); a folder diffusers cannot load is one LoadError."""
+    import torch
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except ImportError:  # (a pipeline without transformers models)
+        pass
+    try:
+        # components saved as absent ([null, null]: SD3 without its T5) passed as None, as a user would: diffusers
+        # refuses to build a pipeline without them otherwise (only its optional components may be left out)
+        pipe = cls.from_pretrained(a.pipeline, use_safetensors=True, local_files_only=True,
+                                   **{k: None for k in a.pipe_info["absent"]})
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, OSError, ImportError) as exc:
+        raise _core("errors").LoadError(f"--pipeline {a.pipeline}: diffusers cannot load it "
+                                        f"({_one_line(exc)[:300]}); give a complete pipeline folder saved by "
+                                        "save_pretrained(folder, safe_serialization=True)") from None
+    w, h = a.size or (None, None)
+    for prompt in a.prompts:  # (a class name or number the pipeline has no class for: before any work)
+        try:
+            _quant().diffusers_pipeline.pipeline_call_kwargs(pipe, prompt, steps=1, height=h, width=w,
+                                                             guidance=a.guidance)
+        except _core("errors").ConfigError as exc:
+            raise UsageError(f"--prompt {prompt[:80]!r}: {exc}") from None
+    den = getattr(pipe, a.pipe_info["denoiser"])
+    if any(p.dtype != torch.float32 for p in den.parameters() if p.is_floating_point()):
+        pipe = pipe.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def _pipeline_errors(a):
+    """An error of the pipeline itself while it generates (a size it cannot take, ...) as one line, exit 1."""
+    errors = _core("errors")
+    try:
+        yield
+    except errors.LowBitError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise errors.LowBitError(f"the {a.pipe_info['cls']} failed while generating ({_one_line(exc)[:300]}); "
+                                 "check that --size, --steps and --guidance suit this pipeline") from None
+
+
+def _size_text(a) -> str:
+    return f"{a.size[0]}x{a.size[1]}" if a.size else "the pipeline's size"
+
+
+def _quantize_pipeline(a, prog: Progress):
+    prog.banner("loading torch and the pipeline")
+    cls = _pipeline_class(a)
+    q = _quant()
+    from . import recipes
+
+    info, D = a.pipe_info, q.diffusers_pipeline
+    try:  # the whole configuration checked before any work (as the pipeline verb checks it)
+        cfg = recipes.pipeline_config(a.method, a.bits, precision=a.precision, size_budget=a.size_budget,
+                                      tune_kernels=False)
+    except q.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    pipe = _load_pipeline(a, cls)
+    den = getattr(pipe, info["denoiser"])
+    sched = D.noise_schedule(pipe)
+    try:
+        q.pipeline.check(den, None, cfg, alphas_cumprod=sched["alphas_cumprod"])
+    except q.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    w, h = a.size or (None, None)
+    prog.banner(f"recording calibration: {len(a.prompts)} prompt(s) x {a.steps} steps at {_size_text(a)} with the "
+                f"full-precision {info['denoiser']} ({info['den_cls']})")
+    with _pipeline_errors(a):
+        calls = D.record_pipeline_calls(pipe, a.prompts, steps=a.steps, seed=a.seed, height=h, width=w,
+                                        guidance=a.guidance, progress=prog)
+    del pipe  # (the text encoders and the VAE are not needed any more)
+    calls = q.timestep_aware_subset(calls, a.calib_steps)
+    prog.banner(f"quantizing to {a.bits} with {a.method} on {len(calls)} calibration calls")
+    b = recipes.build_model(den, a.method, a.bits, calls, **sched, progress=prog, precision=a.precision,
+                            size_budget=a.size_budget, tune_kernels=False)
+    print("\n".join(q.pipeline.describe(b.model)))
+    prog.banner(f"saving {a.output}")
+    q.save(b.model, a.output, overwrite=a.overwrite)
+    print(f"saved {a.bits} ({a.method}) of {info['denoiser']} ({info['den_cls']}) to {a.output} in "
+          f"{time.time() - prog.t0:.1f} s")
+    return 0
+
+
+def _cmd_generate(a, prog: Progress):
+    prog.banner("loading torch and the pipeline")
+    cls = _pipeline_class(a)
+    q = _quant()
+    from . import recipes
+
+    info, D = a.pipe_info, q.diffusers_pipeline
+    pipe = _load_pipeline(a, cls)
+    den = getattr(pipe, info["denoiser"])
+    prog.banner(f"loading {a.quantized} onto the pipeline's {info['denoiser']}")
+    qden = q.load(den, a.quantized)
+    w, h = a.size or (None, None)
+    kw = dict(steps=a.steps, seed=a.seed, height=h, width=w, guidance=a.guidance, progress=prog)
+    prompt = a.prompts[0] if a.prompts else None
+    fp_img = None
+    if a.compare:
+        prog.banner(f"generating with the full-precision {info['denoiser']}: {a.steps} steps at {_size_text(a)}")
+        with _pipeline_errors(a):
+            fp_img = D.generate(pipe, prompt, stage="full precision: generate", **kw)
+    prog.banner(f"generating with the quantized {info['denoiser']}: {a.steps} steps at {_size_text(a)}")
+    with _pipeline_errors(a), D.swapped_denoiser(pipe, qden):
+        img = D.generate(pipe, prompt, stage="quantized: generate", **kw)
+    recipes.write_grid(img, a.out, overwrite=a.overwrite)
+    print(f"wrote {a.out} ({img.width}x{img.height}) in {time.time() - prog.t0:.1f} s")
+    if fp_img is not None:
+        side = compare_path(a.out)
+        recipes.write_grid(_side_by_side(fp_img, img), side, overwrite=a.overwrite)
+        print(f"full precision | quantized: {side}; {_difference_text(fp_img, img)}")
+    return 0
+
+
+def _side_by_side(left, right):
+    """One PIL image: ``left`` and ``right`` next to each other (a 4-pixel white gap between)."""
+    from PIL import Image
+
+    gap = 4
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    out.paste(left.convert("RGB"), (0, 0))
+    out.paste(right.convert("RGB"), (left.width + gap, 0))
+    return out
+
+
+def _difference_text(a_img, b_img) -> str:
+    """PSNR, SSIM (quant.compare) and the mean absolute pixel difference of two PIL images."""
+    import numpy as np
+    import torch
+
+    from .quant.compare import psnr, ssim
+
+    t = [torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0)[None] for i in (a_img, b_img)]
+    mad = float((t[0] - t[1]).abs().mean()) * 255
+    p, s = psnr(*t)[0], ssim(*t)[0]
+    return f"PSNR {p:.2f} dB, SSIM {s:.4f}, mean |difference| {mad:.2f} of 255"
 
 
 def _cmd_export(a, prog: Progress):
@@ -886,6 +1382,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         return a.fn(a, Progress())
+    except UsageError as exc:  # found once the pipeline's class is imported (before its weights are loaded)
+        print(f"{prog_name}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and closed: not an error of the job
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -81,11 +81,30 @@ def build(setup: Setup, method: str, bits: str, calls, deploy: bool = True, reco
     vocabulary, e.g. ``"recon+ptqd+vsc"``) at ``bits`` (e.g. ``"W4A8"``); ``precision`` / ``size_budget``: the
     per-layer precision plan (None: PipelineConfig's defaults); ``tune_kernels=False`` for a model that is only
     saved (the kernel choice is measured where the model runs: loading arms it again)."""
-    cfg = PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
-                                    deploy=deploy, tune_kernels=tune_kernels, **_plan(precision, size_budget))
-    r = pipeline.run(setup.unet, calls, cfg, alphas_cumprod=setup.alphas_cumprod, stat_calls=stat_calls,
-                     progress=progress)
+    return build_model(setup.unet, method, bits, calls, alphas_cumprod=setup.alphas_cumprod, deploy=deploy,
+                       recon=recon, finetune=finetune, stat_calls=stat_calls, progress=progress, precision=precision,
+                       size_budget=size_budget, tune_kernels=tune_kernels)
+
+
+def build_model(model, method: str, bits: str, calls, alphas_cumprod=None, num_train_timesteps: Optional[int] = None,
+                deploy: bool = True, recon: Optional[ReconConfig] = None, finetune: Optional[FinetuneConfig] = None,
+                stat_calls=None, progress=None, precision: Optional[str] = None, size_budget: Optional[float] = None,
+                tune_kernels: bool = True) -> Built:
+    """:func:`build` for any float denoiser ``model`` (e.g. a diffusers pipeline's, ``lowbit quantize --pipeline``)
+    with its scheduler's ``alphas_cumprod`` / ``num_train_timesteps`` (None where it has none)."""
+    cfg = pipeline_config(method, bits, deploy=deploy, recon=recon, finetune=finetune, precision=precision,
+                          size_budget=size_budget, tune_kernels=tune_kernels)
+    r = pipeline.run(model, calls, cfg, alphas_cumprod=alphas_cumprod, num_train_timesteps=num_train_timesteps,
+                     stat_calls=stat_calls, progress=progress)
     return Built(r.model, r.var_fn, r.total_seconds, dict(r.info, seconds=r.seconds))
+
+
+def pipeline_config(method: str, bits: str, deploy: bool = True, recon: Optional[ReconConfig] = None,
+                    finetune: Optional[FinetuneConfig] = None, precision: Optional[str] = None,
+                    size_budget: Optional[float] = None, tune_kernels: bool = True) -> PipelineConfig:
+    """The ``PipelineConfig`` of :func:`build` / :func:`build_model` (checked when built, before any work)."""
+    return PipelineConfig.for_method(method, bits, recon=recon or ReconConfig(), finetune=finetune or FinetuneConfig(),
+                                     deploy=deploy, tune_kernels=tune_kernels, **_plan(precision, size_budget))
 
 
 def evaluate(setup: Setup, model, n: int = 1000, steps: int = 25, eta: float = 0.0, var_fn=None, seed: int = 7,

@@ -8,6 +8,7 @@ Verbs (everything else is private):
   tune_kernels_(qmodel, copy_budget_mb)      arm the kernel autotuner again (another budget; None: no bound)
   save(qmodel, path) / load(model, path)     safetensors + versioned JSON header (load_model(path): no float model)
   CallRecorder, timestep_aware_subset        calibration data along full-precision trajectories
+  record_pipeline_calls(pipe, prompts)       the same on a diffusers pipeline (diffusers_pipeline.py)
   pipeline.run(model, calls, PipelineConfig) the whole method (quantize, reconstruct, fine-tune, PTQD, deploy)
 """
 from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, QuantConfig, ReconConfig,
@@ -15,6 +16,8 @@ from .config import (BitwidthSchedule, FinetuneConfig, LayerRule, PTQDConfig, Qu
 from .config import Spec, arg_spec, check_verb_args, field_spec, specs
 from .errors import ConfigError, Interrupted, LoadError, LowBitError, NumericalError
 from .calib import Call, CallRecorder, run_calls, timestep_aware_subset, unet_output
+from . import diffusers_pipeline
+from .diffusers_pipeline import denoiser_of, record_pipeline_calls
 from .context import QuantContext, get_context
 from .layers import QuantConv2d, QuantLayer, QuantLinear, quant_layers
 from .api import (calibrate_activations, deploy_, kernel_copy_bytes, quantize, quantize_, structural_copy,

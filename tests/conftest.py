@@ -16,19 +16,31 @@ import pytest  # noqa: E402
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item):
-    """pytest sets up the checkout as a package (it has an ``__init__.py``: it is the lowbit package) and, when the
-    folder's name is not a Python identifier (``lowbit-main``, ``ci-clone``), puts the folder itself on sys.path; then
-    ``import kernels`` (transformers does it when Hugging Face's ``kernels`` package is installed) found LowBit's
-    ``kernels/`` folder, and every diffusers model failed to import. Undone after each setup."""
-    yield
+def _drop_checkout_from_path():
     if _ROOT in sys.path:
         while _ROOT in sys.path:
             sys.path.remove(_ROOT)
         mod = sys.modules.get("kernels")
         if mod is not None and str(getattr(mod, "__file__", "") or "").startswith(_ROOT + os.sep):
             del sys.modules["kernels"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """pytest sets up the checkout as a package (it has an ``__init__.py``: it is the lowbit package) and, when the
+    folder's name is not a Python identifier (``lowbit-main``, ``ci-clone``), puts the folder itself on sys.path; then
+    ``import kernels`` (transformers does it when Hugging Face's ``kernels`` package is installed) found LowBit's
+    ``kernels/`` folder, and every diffusers model failed to import. Undone after each setup (a fixture that imports
+    diffusers during the setup asks for ``checkout_off_path``)."""
+    yield
+    _drop_checkout_from_path()
+
+
+@pytest.fixture(scope="module")
+def checkout_off_path():
+    """For a fixture that imports diffusers or transformers while it is set up (the setup puts the checkout on
+    sys.path again, see ``pytest_runtest_setup``): the checkout off sys.path from here on."""
+    _drop_checkout_from_path()
 
 
 @pytest.fixture
