@@ -17,7 +17,9 @@ key names; the saved PTQD tables are keyed by ``profile scale * model_sampling.t
 the calibration run used (Flux: 1000 * sigma; SDXL: the discrete timestep), read from the server itself;
 ComfyUI's own detection reads the native file as the same model (asserted at 8 bits; an awq_w4a16 file stores
 [N, K/2] bytes per 4-bit weight, and ComfyUI 0.3.64 reads SDXL's context width from attn2.to_k's second
-dimension, so it finds 1024 and matches no config: printed, not asserted).
+dimension, so it finds 1024 and matches no config: printed, not asserted); at 8 bits, ComfyUI's stock Load
+Diffusion Model loads the native file with LowBit's weights bit for bit and samples it close to a float file of
+those weights, far closer than a copy with one scale per tensor (``check_stock_sampling``, native_check.py).
 """
 from __future__ import annotations
 
