@@ -249,8 +249,13 @@ def attach_model(model, cache_int4: bool = True, budget_bytes: Optional[int] = N
     """:func:`attach` every packed weight of a deployed model to one :class:`Budget` of ``budget_bytes`` (None: no
     bound); returns the model."""
     budget = Budget(budget_bytes)
-    for _, pw in _packed_weights(model):
+    pws = _packed_weights(model)
+    for _, pw in pws:
         attach(pw, cache_int4, budget)
+    rep = _SETTLED.get(_fingerprint([pw for _, pw in pws]))
+    if rep is not None:  # a model of this structure was settled in this process: the same mode (see settle)
+        set_mode(model, rep["mode"], _drop=False)
+        budget.state["autotune.settled"] = {k: v for k, v in dict(rep, reused=True).items() if k != "call"}
     return model
 
 
@@ -629,6 +634,31 @@ def choose_path(pw, key, options: dict, args, default: str, float_name: Optional
 SETTLE_ROUNDS = 5
 SETTLE_MARGIN = 0.03  # the per-layer choice stays unless a whole-model mode is faster by more than this fraction
 _SETTLE_SLOW_S = 2.0  # a forward slower than this: one timed round per mode
+# what settle chose in this process, per model structure (see _fingerprint): a model of the same structure deployed
+# or loaded later takes the same mode, so that two copies of one model in one process (a quantized model and its
+# saved-and-reloaded twin) run the same kernels and give the same numbers bit for bit; with a 3 % margin a
+# second measurement on a busy machine could choose another mode (found in a real ComfyUI, Save + Load)
+_SETTLED: Dict[tuple, dict] = {}
+_MAX_SETTLED = 256
+
+
+def _fingerprint(pws) -> tuple:
+    """A model's structure as the kernel choice sees it: every tuned weight's format, bits, group size, shape and
+    device, in order, and the thread count."""
+    return (torch.get_num_threads(),) + tuple((getattr(pw, "format", ""), pw.bits, pw.group_size, tuple(pw.shape),
+                                               str(getattr(pw, "device", ""))) for pw in pws)
+
+
+def _call_sig(call):
+    """The shapes and dtypes of a call's tensors (recorded call or (args, kwargs) pair), or None (a function)."""
+    if hasattr(call, "args") and hasattr(call, "kwargs"):
+        a, kw = call.args, call.kwargs
+    elif isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+        a, kw = call
+    else:
+        return None
+    leaves = list(a) + [kw[k] for k in sorted(kw)]
+    return tuple((tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in leaves)
 
 
 def set_mode(model, mode: str = "tuned", _drop: bool = True):
@@ -691,12 +721,27 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     ``progress``: ``progress(done, total, info)`` after each forward, the core's protocol (quant/progress.py;
     ``info["stage"]`` is "deploy: kernel check"): a host's progress bar, and its Cancel, which raises from it.
 
+    Once per model structure and call shape in a process: a model of the same structure (formats, bits, shapes of
+    its tuned weights) settled before on a call of the same shapes takes that mode without measuring again
+    (``reused: True`` in the report), and :func:`attach_model` gives it to a model of that structure deployed or
+    loaded later, so two copies of one model in one process compute the same numbers. :func:`clear` forgets it.
+
     Returns dict(mode, rounds, cpu_ms={mode: ms}, wall_ms={mode: ms}), also kept with the model's weights and
     reported by :func:`summary` / :func:`format_summary`; None if no weight of ``model`` is tuned (or tuning is off).
     """
     pws = [pw for _, pw in _packed_weights(model) if is_attached(pw)]
     if not pws or not active():
         return None
+    fp, sig = _fingerprint([pw for _, pw in _packed_weights(model)]), _call_sig(call)
+    with _LOCK:
+        seen = _SETTLED.get(fp)
+    if seen is not None and sig is not None and seen.get("call") == sig:
+        report = dict(seen, reused=True)
+        report.pop("call", None)
+        set_mode(model, report["mode"])
+        for pw in pws:
+            _state(pw)["autotune.settled"] = report
+        return report
     fwd = _forward_of(model, call)
     x = next((t for t in model.buffers() if t.is_floating_point()), torch.zeros(()))
     cpu = {m: [] for m in _MODES}
@@ -741,6 +786,9 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     for pw in pws:
         _state(pw)["autotune.settled"] = report
         _drop_loser_caches(pw)
+    with _LOCK:
+        if len(_SETTLED) < _MAX_SETTLED or fp in _SETTLED:
+            _SETTLED[fp] = dict(report, call=sig)
     return report
 
 
@@ -749,6 +797,7 @@ def clear():
     with _LOCK:
         _DECISIONS.clear()
         _FILE_LOADED.clear()
+        _SETTLED.clear()
 
 
 def decisions() -> Dict[str, dict]:
@@ -817,7 +866,9 @@ def format_summary(s: dict, max_rows: int = 0) -> str:
     st = s.get("settled")
     if st:
         ts = ", ".join(f"{m} {t:.1f}" for m, t in st["cpu_ms"].items())
-        lines.append(f"  whole-model check ({st['rounds']} rounds, CPU ms per forward: {ts}): {st['mode']}")
+        lines.append(f"  whole-model check ({st['rounds']} rounds, CPU ms per forward: {ts}): {st['mode']}"
+                     + (" (as measured earlier in this process for a model of this structure)"
+                        if st.get("reused") else ""))
     lines.append(f"  memory: packed weights {s['packed_bytes'] / 1e6:.2f} MB, backend caches "
                  f"{s['cache_bytes'] / 1e6:.2f} MB (of which float copies for the float path "
                  f"{s['dense_bytes'] / 1e6:.2f} MB)")

@@ -368,6 +368,51 @@ def test_settle_keeps_the_fastest_whole_model_mode(tune_env, monkeypatch, costs,
     assert "whole-model check" in autotune.format_summary(s)
 
 
+def test_a_model_of_the_same_structure_takes_the_settled_mode(tune_env, monkeypatch):
+    """settle's choice is kept per model structure in the process: a second model of that structure (a quantized
+    model's saved-and-reloaded twin) gets the same mode when it is deployed, settle on a call of the same shapes
+    reuses it without measuring (a busy machine could choose otherwise within the 3 % margin: in a real ComfyUI the
+    reloaded model then sampled a different latent), a call of other shapes measures again, clear() forgets."""
+    import types
+
+    costs = {"tuned": 1.0, "float": 0.5, "integer": 2.0}
+    q1 = _tiny_deployed(True)
+    x, t = torch.randn(3, 4, 6, 6), torch.tensor([900.0] * 3)
+    clock = {}
+
+    def clock_of(unit):
+        def now():
+            clock[unit] = clock.get(unit, 0.0) + 1.0 * unit
+            return clock[unit]
+        return now
+
+    def timed(q):
+        def now_cpu():
+            clock["cpu"] = clock.get("cpu", 0.0) + costs[autotune._mode(q.c.packed)]
+            return clock["cpu"]
+        monkeypatch.setattr(autotune, "time", types.SimpleNamespace(process_time=now_cpu, perf_counter=clock_of(1e-3)))
+
+    with torch.no_grad():
+        timed(q1)
+        assert autotune.settle(q1, ((x, t), {}), rounds=2)["mode"] == "float"
+        y1 = q1(x, t)
+        q2 = _tiny_deployed(True)  # the same structure and weights, deployed anew
+        assert autotune._mode(q2.c.packed) == "float" and autotune.summary(q2)["settled"]["reused"] is True
+        assert "call" not in autotune.summary(q2)["settled"]
+        assert torch.equal(q2(x, t), y1)  # the same kernels: the same numbers bit for bit
+        costs.update(float=3.0, integer=0.5)  # the machine now says otherwise: not asked again for these shapes
+        timed(q2)
+        before = dict(clock)
+        rep = autotune.settle(q2, ((x, t), {}), rounds=2)
+        assert rep["mode"] == "float" and rep["reused"] is True and clock.get("cpu") == before.get("cpu")
+        assert "as measured earlier in this process" in autotune.format_summary(autotune.summary(q2))
+        x2 = torch.randn(5, 4, 6, 6)  # other shapes: measured again
+        rep2 = autotune.settle(q2, ((x2, t), {}), rounds=2)
+        assert rep2["mode"] == "integer" and not rep2.get("reused")
+        autotune.clear()
+        assert autotune._mode(_tiny_deployed(True).c.packed) == "tuned"
+
+
 def test_settle_modes_compute_the_same_function(tune_env):
     q, ref = _tiny_deployed(True), _tiny_deployed(False)
     x, t = torch.randn(3, 4, 6, 6), torch.tensor([100.0] * 3)
