@@ -164,12 +164,21 @@ def _screen_plain(q, calls, fp_outs, probes: int, progress, what) -> Dict[str, f
     ComfyUI): inside that mode no graph is recorded even with grad enabled, and outside it autograd may not save
     the inference tensors made there (``q``'s float weights are the host model's, the calls the host's). So the
     screen runs with inference mode off, on plain copies of ``q`` and of the calls where they hold inference
-    tensors (made only then, freed on return; the host's model and calls are not changed)."""
+    tensors (made only then, freed on return; the host's model and calls are not changed). Gradients are taken for
+    the layer outputs only: parameters that require them (Forge's do) are switched off meanwhile, so autograd saves
+    neither a copy of every weight nor every layer's input for weight gradients."""
     from .calib import for_training, training_mode
 
     with training_mode():
         q_plain, calls_plain = for_training(q, calls)
-        return _screen(q_plain, calls_plain, fp_outs, probes, progress, what)
+        params = [p for p in q_plain.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return _screen(q_plain, calls_plain, fp_outs, probes, progress, what)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def _measure(fp_model, q, calls, fp_outs, progress, what, only=None) -> Dict[str, float]:

@@ -130,7 +130,8 @@ def test_quantizing_outside_inference_mode_a_model_a_host_loaded_inside_it(metho
     """Forge loads checkpoints under ``torch.inference_mode()`` with ``requires_grad`` left on, and its LowBit tab
     quantizes from a gradio thread, outside that mode: the quantized copy's Parameter for a float-kept layer was made
     there with ``requires_grad=True`` and torch refused it ("Setting requires_grad=True on inference tensor outside
-    InferenceMode is not allowed"; found in a real Forge). The run works, the host's model keeps its tensors and flags."""
+    InferenceMode is not allowed"; found in a real Forge). The run works, and the host's model keeps its tensors and
+    flags."""
     from lowbit.quant import PipelineConfig, pipeline
     from lowbit.quant.calib import plain_calls, plain_copy, training_mode
 

@@ -87,7 +87,7 @@ def test_screening_works_on_a_hosts_inference_tensors(unet, calls):
     cfg = QuantConfig.preset("W4A8")
     ref = plan_precision(unet, calls, cfg, budget=0.05, n_calls=N_CALLS, screen_above=0, shortlist=4)
     with torch.inference_mode():
-        fp = tiny_unet()
+        fp = tiny_unet().requires_grad_(True)  # (as Forge's: made under inference mode, requires_grad left on)
         host_calls = record(fp)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -96,7 +96,7 @@ def test_screening_works_on_a_hosts_inference_tensors(unet, calls):
     assert ref.estimates and set(plan.estimates) == set(ref.estimates)
     assert plan.estimates == pytest.approx(ref.estimates, rel=1e-4)
     assert plan.rules == ref.rules
-    assert all(p.is_inference() for p in fp.parameters()) and host_calls[0].args[0].is_inference()
+    assert all(p.is_inference() and p.requires_grad for p in fp.parameters()) and host_calls[0].args[0].is_inference()
 
 
 def test_screening_works_through_in_place_residuals():

@@ -222,6 +222,10 @@ def test_webui_script_imports_the_package(tmp_path, mode):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     path = [str(tmp_path)]
+    if mode == "installed":  # (this checkout as `lowbit`, whichever one the environment has installed: a worktree)
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "lowbit").symlink_to(repo, target_is_directory=True)
+        path.insert(0, str(tmp_path / "site"))
     if mode == "other":
         (tmp_path / "other" / "lowbit").mkdir(parents=True)
         (tmp_path / "other" / "lowbit" / "__init__.py").write_text("OTHER = True\n")
