@@ -367,21 +367,46 @@ def _check_safetensors(path: str, what: str, with_start: bool = False):
     return (header, 8 + n) if with_start else header
 
 
-def _check_output_file(path: str, overwrite: bool):
-    if not path.endswith(SUFFIX):
-        raise UsageError(f"output {path!r} must end in {SUFFIX} (LowBit saves safetensors only), e.g. "
-                         f"{os.path.splitext(path)[0] or 'model'}{SUFFIX}")
+def _lowbit_meta(header: dict, what: str, redo: str, corrupt: str, old_version: str) -> dict:
+    """The LowBit metadata of a safetensors header, checked before any work: present (else ``what`` is not a LowBit
+    file: ``redo``), valid JSON (else ``corrupt``), a format version this LowBit reads (else ``old_version``)."""
+    meta = header.get("__metadata__")
+    raw = meta.get("lowbit") if isinstance(meta, dict) else None
+    if not isinstance(raw, str):
+        raise UsageError(f"{what} is not a LowBit quantized file (its header has no LowBit metadata); {redo}")
+    sthdr = _core("sthdr")
+    try:
+        lb = sthdr.parse_json(raw, "its LowBit metadata")
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}; the file is corrupt{corrupt}") from None
+    v = lb.get("format_version") if isinstance(lb, dict) else None
+    if not sthdr.lowbit_version_ok(v):
+        raise UsageError(f"{what}: LowBit format version {v!r} is not supported (this LowBit reads "
+                         f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or {old_version}")
+    return lb
+
+
+def _check_out_path(path: str, overwrite: bool, suffix: str, what: str, why: str, example: str):
+    """The checks every output file gets before any work: its suffix (``why``: what it is written as), not a
+    folder, its folder exists and is writable, nothing replaced without --overwrite."""
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"{what} {path!r} must end in {suffix} ({why}), e.g. "
+                         f"{os.path.splitext(path)[0] or example}{suffix}")
     if os.path.isdir(path):
-        raise UsageError(f"output {path} is a folder; give a file name such as {os.path.join(path, 'model' + SUFFIX)}")
+        raise UsageError(f"{what} {path} is a folder; give a file name such as {os.path.join(path, example + suffix)}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise UsageError(f"folder {parent} does not exist; create it first (mkdir -p {parent}) or choose another "
-                         "output path")
+        raise UsageError(f"{what} {path}: folder {parent} does not exist; create it first (mkdir -p {parent}) or "
+                         "choose another path")
     if os.path.lexists(path) and not overwrite:
         raise UsageError(f"{path} already exists; choose another name or pass --overwrite")
     if not _writable_dir(parent):
-        raise UsageError(f"cannot write to folder {parent} (permission denied or read-only); choose a writable "
-                         "output path")
+        raise UsageError(f"{what} {path}: cannot write to folder {parent} (permission denied or read-only); choose a "
+                         "writable folder")
+
+
+def _check_output_file(path: str, overwrite: bool):
+    _check_out_path(path, overwrite, SUFFIX, "output", "LowBit saves safetensors only", "model")
 
 
 def _check_out_dir(path: str):
@@ -648,20 +673,7 @@ def _check_not_pipeline_file(output: str, folder: str):
 
 
 def _check_png_out(path: str, overwrite: bool, what: str = "--out"):
-    if not path.lower().endswith(".png"):
-        raise UsageError(f"{what} {path!r} must end in .png (the image is written as PNG), e.g. "
-                         f"{os.path.splitext(path)[0] or 'image'}.png")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a folder; give a file name such as {os.path.join(path, 'image.png')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{what} {path}: folder {parent} does not exist; create it first (mkdir -p {parent}) or "
-                         "choose another path")
-    if os.path.lexists(path) and not overwrite:
-        raise UsageError(f"{path} already exists; choose another {what} or pass --overwrite")
-    if not _writable_dir(parent):
-        raise UsageError(f"{what} {path}: cannot write to folder {parent} (permission denied or read-only); choose a "
-                         "writable folder")
+    _check_out_path(path, overwrite, ".png", what, "the image is written as PNG", "image")
 
 
 def compare_path(out: str) -> str:
@@ -679,21 +691,8 @@ def _check_quantized_fits(path: str, info: dict, folder: str):
     and, where recorded, the architecture's config against the denoiser's config.json): no torch, no weights read.
     Loading checks every layer against the model again."""
     header = _check_safetensors(path, "--quantized")
-    meta = header.get("__metadata__")
-    raw = meta.get("lowbit") if isinstance(meta, dict) else None
     redo = f"quantize this pipeline with lowbit quantize OUT{SUFFIX} --pipeline {folder} --prompt ..."
-    if not isinstance(raw, str):
-        raise UsageError(f"--quantized {path} is not a LowBit quantized file (its header has no LowBit metadata); "
-                         f"{redo}")
-    sthdr = _core("sthdr")
-    try:
-        lb = sthdr.parse_json(raw, "its LowBit metadata")
-    except ValueError as exc:
-        raise UsageError(f"--quantized {path}: {exc}; the file is corrupt: {redo}") from None
-    v = lb.get("format_version") if isinstance(lb, dict) else None
-    if not sthdr.lowbit_version_ok(v):
-        raise UsageError(f"--quantized {path}: LowBit format version {v!r} is not supported (this LowBit reads "
-                         f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or {redo}")
+    lb = _lowbit_meta(header, f"--quantized {path}", redo, f": {redo}", redo)
     den, den_cls = info["denoiser"], info["den_cls"]
     model = lb.get("model") if isinstance(lb.get("model"), dict) else {}
     cls = model.get("cls")
@@ -759,26 +758,14 @@ def _check_export(a):
         hint = f"; did you mean {a.prefix}.?" if _PREFIX_RE.match(a.prefix + ".") else ""
         raise UsageError(f"--prefix {a.prefix!r} is not a dotted key path ending in '.' (e.g. model.diffusion_model.) "
                          f"or empty{hint}")
-    sthdr = _core("sthdr")
     header = _check_safetensors(a.input, "input")
     if _same_file(a.input, a.output):
         raise UsageError(f"output {a.output} is the input file; choose another output name (--overwrite never "
                          "replaces the input)")
     _check_not_unet_file(a)
     _check_output_file(a.output, a.overwrite)
-    meta = header.get("__metadata__")
-    raw = meta.get("lowbit") if isinstance(meta, dict) else None
-    if not isinstance(raw, str):
-        raise UsageError(f"input {a.input} is not a LowBit quantized file (its header has no LowBit metadata); "
-                         "export reads files written by `lowbit quantize` or lowbit.quant.save")
-    try:
-        lb = sthdr.parse_json(raw, "its LowBit metadata")
-    except ValueError as exc:
-        raise UsageError(f"input {a.input}: {exc}; the file is corrupt") from None
-    v = lb.get("format_version") if isinstance(lb, dict) else None
-    if not sthdr.lowbit_version_ok(v):
-        raise UsageError(f"input {a.input}: LowBit format version {v!r} is not supported (this LowBit reads "
-                         f"1..{sthdr.LOWBIT_FORMAT_VERSION}); update LowBit, or re-save the file with this version")
+    lb = _lowbit_meta(header, f"input {a.input}", "export reads files written by `lowbit quantize` or "
+                      "lowbit.quant.save", "", "re-save the file with this version")
     # a file that records its architecture is exported from the model it builds (lowbit.quant.load_model), unless
     # --unet names the float model; others are loaded onto the embedded model or --unet
     a.standalone = bool(lb.get("arch"))

@@ -7,29 +7,14 @@ stays close to it."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 
 from lowbit.cli import main
+from test_cli import FAST_S, _run, _snapshot  # (a child run reporting whether torch was imported; the time bound)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-CHILD = r"""
-import json, os, sys
-from lowbit.cli import main
-rc = 0
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as e:
-    rc = e.code if isinstance(e.code, int) else 1
-with open(os.environ["LOWBIT_TEST_REPORT"], "w") as f:
-    json.dump({"torch": "torch" in sys.modules}, f)
-sys.exit(rc)
-"""
-FAST_S = 15.0  # a refusal before any work takes ~0.3 s (tests/test_cli.py)
 SIZE = "16"  # image size of the tiny pipelines' runs (their VAE does not downsample: 16x16 latents)
 QUICK = ["--bits", "W8A8", "--method", "naive", "--precision", "rules", "--steps", "3", "--calib-steps", "2",
          "--size", SIZE]
@@ -174,28 +159,6 @@ def q_sd(ws):
                    str(ws / "prompts.txt"), *QUICK])
     assert rc == 0, err.getvalue()
     return p, err.getvalue(), out.getvalue()
-
-
-def _run(argv, cwd, tmp_path):
-    report = tmp_path / "report.json"
-    env = dict(os.environ, LOWBIT_TEST_REPORT=str(report))
-    t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    dt = time.monotonic() - t0
-    rep = json.loads(report.read_text())
-    report.unlink()
-    return r, dt, rep
-
-
-def _snapshot(root):
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for n in dirs + files:
-            p = os.path.join(d, n)
-            st = os.lstat(p)
-            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def _one_line_exit_2(r, words):
