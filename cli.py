@@ -437,6 +437,17 @@ def _embedded_unet_config() -> dict:
         return {}
 
 
+def _read_json(path):
+    """The JSON value in ``path``; None when it is unreadable or not JSON (FileNotFoundError propagates)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def _check_unet(path: str, sampling: bool = True):
     """A diffusers UNet2DModel folder the CLI can read; ``sampling``: also one whose inputs fit the CLI's
     calibration sampling (``quantize``; ``export`` only loads a file onto it)."""
@@ -447,15 +458,12 @@ def _check_unet(path: str, sampling: bool = True):
         raise UsageError(f"--unet {path} is a file; {fix}")
     cfg_path = os.path.join(path, "config.json")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = _read_json(cfg_path)
     except FileNotFoundError:
         if os.path.isfile(os.path.join(path, "model_index.json")):
             raise UsageError(f"--unet {path} is a diffusers pipeline folder; give its UNet folder, e.g. --unet "
                              f"{os.path.join(path, 'unet')}") from None
         raise UsageError(f"--unet {path} has no config.json; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        cfg = None
     if not isinstance(cfg, dict):
         raise UsageError(f"--unet {cfg_path} is not a JSON object; {fix}")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -498,11 +506,17 @@ def _files_in(folder: str) -> list:
         return []
 
 
+def _refuse_input_file(output: str, files, what: str):
+    """The output is none of ``files`` (an input's, ``what``: e.g. "the --unet model")."""
+    if any(_same_file(output, f) for f in files):
+        raise UsageError(f"output {output} is a file of {what}; choose another output name (--overwrite never "
+                         "replaces the input)")
+
+
 def _check_not_unet_file(a):
     """The output is none of the --unet model's files (quantize and export read that model)."""
-    if a.unet and any(_same_file(a.output, w) for w in _files_in(a.unet)):
-        raise UsageError(f"output {a.output} is a file of the --unet model; choose another output name (--overwrite "
-                         "never replaces the input)")
+    if a.unet:
+        _refuse_input_file(a.output, _files_in(a.unet), "the --unet model")
 
 
 def _check_precision(a):
@@ -573,17 +587,6 @@ def _prompts(given, path) -> list:
 
 _WEIGHT_EXTS = (SUFFIX, ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 _PLAIN_WEIGHTS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
-
-
-def _read_json(path):
-    """The JSON value in ``path``; None when it is unreadable or not JSON (FileNotFoundError propagates)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
 
 
 def _check_pipeline(path: str) -> dict:
@@ -667,9 +670,7 @@ def _check_not_pipeline_file(output: str, folder: str):
     files = _files_in(folder)
     for d in list(files):
         files += _files_in(d) if os.path.isdir(d) else []
-    if any(_same_file(output, f) for f in files):
-        raise UsageError(f"output {output} is a file of the --pipeline folder; choose another output name "
-                         "(--overwrite never replaces the input)")
+    _refuse_input_file(output, files, "the --pipeline folder")
 
 
 def _check_png_out(path: str, overwrite: bool, what: str = "--out"):

@@ -252,10 +252,10 @@ def attach_model(model, cache_int4: bool = True, budget_bytes: Optional[int] = N
     pws = _packed_weights(model)
     for _, pw in pws:
         attach(pw, cache_int4, budget)
-    rep = _SETTLED.get(_fingerprint([pw for _, pw in pws]))
-    if rep is not None:  # a model of this structure was settled in this process: the same mode (see settle)
-        set_mode(model, rep["mode"], _drop=False)
-        budget.state["autotune.settled"] = {k: v for k, v in dict(rep, reused=True).items() if k != "call"}
+    seen = _SETTLED.get(_fingerprint([pw for _, pw in pws]))
+    if seen is not None:  # a model of this structure was settled in this process: the same mode (see settle)
+        set_mode(model, seen[1]["mode"], _drop=False)
+        budget.state["autotune.settled"] = dict(seen[1], reused=True)
     return model
 
 
@@ -638,7 +638,7 @@ _SETTLE_SLOW_S = 2.0  # a forward slower than this: one timed round per mode
 # or loaded later takes the same mode, so that two copies of one model in one process (a quantized model and its
 # saved-and-reloaded twin) run the same kernels and give the same numbers bit for bit; with a 3 % margin a
 # second measurement on a busy machine could choose another mode (found in a real ComfyUI, Save + Load)
-_SETTLED: Dict[tuple, dict] = {}
+_SETTLED: Dict[tuple, tuple] = {}  # fingerprint -> (the call's signature, settle's report)
 _MAX_SETTLED = 256
 
 
@@ -729,15 +729,15 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
     Returns dict(mode, rounds, cpu_ms={mode: ms}, wall_ms={mode: ms}), also kept with the model's weights and
     reported by :func:`summary` / :func:`format_summary`; None if no weight of ``model`` is tuned (or tuning is off).
     """
-    pws = [pw for _, pw in _packed_weights(model) if is_attached(pw)]
+    every = [pw for _, pw in _packed_weights(model)]
+    pws = [pw for pw in every if is_attached(pw)]
     if not pws or not active():
         return None
-    fp, sig = _fingerprint([pw for _, pw in _packed_weights(model)]), _call_sig(call)
+    fp, sig = _fingerprint(every), _call_sig(call)
     with _LOCK:
         seen = _SETTLED.get(fp)
-    if seen is not None and sig is not None and seen.get("call") == sig:
-        report = dict(seen, reused=True)
-        report.pop("call", None)
+    if seen is not None and sig is not None and seen[0] == sig:
+        report = dict(seen[1], reused=True)
         set_mode(model, report["mode"])
         for pw in pws:
             _state(pw)["autotune.settled"] = report
@@ -788,7 +788,7 @@ def settle(model, call, rounds: int = SETTLE_ROUNDS, margin: float = SETTLE_MARG
         _drop_loser_caches(pw)
     with _LOCK:
         if len(_SETTLED) < _MAX_SETTLED or fp in _SETTLED:
-            _SETTLED[fp] = dict(report, call=sig)
+            _SETTLED[fp] = (sig, report)
     return report
 
 
