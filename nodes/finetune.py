@@ -158,8 +158,9 @@ def _finetune(fp_model, quantized_model, positive, negative, teacher, q, config,
     # ComfyUI runs nodes under torch.inference_mode(), so the checkpoint's tensors and the recorded calls are
     # inference tensors, which autograd may not save for backward. Train on a plain copy of the (small,
     # deployed) quantized UNet and of the calls; the shared input UNet is not touched. The teacher is copied
-    # too: the core's transactions record the version counter of every tensor they may restore or read,
-    # which inference tensors do not have.
+    # too (its weights as plain views of the host's memory, not duplicated: calib.plain_copy): the core's
+    # transactions record the version counter of every tensor they may restore or read, which inference
+    # tensors do not have.
     with adapter.training_mode():
         q_train = adapter.copy_quantized(q)
         lora_side.clear_side_paths(q_train)  # a user LoRA side path must not be trained into the student

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from .context import timestep_of_call
 from .errors import NumericalError
@@ -328,7 +329,8 @@ def sanitize_calls(calls: List[Call], key: str = "transformer_options") -> List[
 # ---------------------------------------------------------------------------------------- hosts' inference mode
 # Hosts load checkpoints and sample under ``torch.inference_mode()`` (ComfyUI runs every node there, Forge loads
 # models and generates there). Tensors made there (the checkpoint, the recorded calls) cannot be saved for
-# backward, so training stages (reconstruction, EfficientDM) run inside ``training_mode`` on plain copies.
+# backward, so training stages (reconstruction, EfficientDM) and the precision plan's screen run inside
+# ``training_mode`` on plain copies of the calls and plain views of the model (its weights not duplicated).
 
 def plain_calls(calls):
     """Copies of recorded calls made outside inference mode (see ``training_mode``)."""
@@ -354,16 +356,40 @@ class training_mode:
         return False
 
 
+def plain_view(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor over ``t``'s memory (no copy; call outside inference mode): an inference tensor seen as one
+    autograd may save for backward. Writing it writes ``t``: only for tensors the caller reads."""
+    v = torch.empty(0, dtype=t.dtype, device=t.device)
+    return v.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _viewable(t: torch.Tensor) -> bool:
+    return t.is_inference() and t.layout == torch.strided and type(t) in (torch.Tensor, nn.Parameter)
+
+
 def plain_copy(unet):
-    """A copy of a float UNet whose tensors are plain (call inside ``training_mode``)."""
+    """A copy of a float UNet whose tensors are plain (call inside ``training_mode``). Parameters and buffers a host
+    made under ``torch.inference_mode()`` are not duplicated: the copy's are plain tensors over the same memory
+    (:func:`plain_view`; the copy of an SDXL UNet or a DiT was the model's size again, on the host's device). The
+    stages that take such a copy read its float weights and never write them (training writes the quantized
+    model's own tensors: rounding variables, LoRA factors, scales; the transactions check that the rest is
+    unchanged); other tensors are copied as before."""
     import copy
 
-    return copy.deepcopy(unet)
+    memo = {}
+    with torch.inference_mode(False):
+        for m in unet.modules():
+            for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+                if t is not None and id(t) not in memo and _viewable(t):
+                    v = plain_view(t.detach())
+                    memo[id(t)] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else v
+    return copy.deepcopy(unet, memo)
 
 
 def plain_module(module):
-    """``module``, or a plain copy of it if it holds inference tensors (call inside ``training_mode``; no copy where
-    none is needed: a UNet's copy is its size again)."""
+    """``module``, or a plain copy of it (:func:`plain_copy`: its inference weights seen, not copied) if it holds
+    inference tensors (call inside ``training_mode``; the module itself where none is needed)."""
     if any(t.is_inference() for t in itertools.chain(module.parameters(), module.buffers())):
         return plain_copy(module)
     return module
@@ -371,7 +397,8 @@ def plain_module(module):
 
 def for_training(unet, calls):
     """``(unet, calls)`` that training stages can use (call inside ``training_mode``): plain copies of whichever
-    holds inference tensors, the objects themselves otherwise."""
+    holds inference tensors (the model's weights as plain views of the same memory), the objects themselves
+    otherwise."""
     if any(_has_tensor((c.args, c.kwargs), torch.Tensor.is_inference) for c in calls):
         calls = plain_calls(calls)
     return plain_module(unet), calls

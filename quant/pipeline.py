@@ -253,7 +253,8 @@ def run(fp_model: nn.Module, calls, config: PipelineConfig = PipelineConfig(), *
 
     Training stages (bases ``recon`` and ``efficientdm``) run with autograd on, on plain copies of a float model or
     calls a host made under ``torch.inference_mode()`` (Forge and ComfyUI load checkpoints and sample there; autograd
-    may not save such tensors); the other bases use them as they are (no copy)."""
+    may not save such tensors; the model's weights become plain views of the same memory, not duplicated); the other
+    bases use them as they are (no copy)."""
     m = check(fp_model, list(calls or []), config, alphas_cumprod, profile)
     from .calib import keyed
 

@@ -23,7 +23,8 @@ measured exactly as above (at the target and at 8 bits); the rest keep their est
 about (3 + 2 x probes) runs per call plus 2 x 2 x shortlist runs per call, whatever the number of layers. The
 screen saves the activations autograd needs as copies, so a model that adds residuals in place (Forge's UNet) is
 screened too; a model or calls a host made under ``torch.inference_mode()`` are screened on plain copies
-(``_screen_plain``). If the model still cannot be differentiated, every unit is measured exactly.
+(``_screen_plain``: plain views of the weights, no second float model). If the model still cannot be differentiated,
+every unit is measured exactly.
 
 The result is a tuple of exact-name ``LayerRule`` s (one per layer, so a saved file records every decision) and a
 report with the measured numbers. The user's own rules still come first (they override measurement).
@@ -163,8 +164,10 @@ def _screen_plain(q, calls, fp_outs, probes: int, progress, what) -> Dict[str, f
     """``_screen`` where autograd works. Hosts load checkpoints and sample under ``torch.inference_mode()`` (Forge,
     ComfyUI): inside that mode no graph is recorded even with grad enabled, and outside it autograd may not save
     the inference tensors made there (``q``'s float weights are the host model's, the calls the host's). So the
-    screen runs with inference mode off, on plain copies of ``q`` and of the calls where they hold inference
-    tensors (made only then, freed on return; the host's model and calls are not changed). Gradients are taken for
+    screen runs with inference mode off, on a plain copy of ``q`` whose inference weights are plain views of the
+    same memory (``calib.plain_copy``: no second float model; the screen only reads them) and plain copies of the
+    calls where they hold inference tensors (made only then, freed on return; the host's model and calls are not
+    changed). Gradients are taken for
     the layer outputs only: parameters that require them (Forge's do) are switched off meanwhile, so autograd saves
     neither a copy of every weight nor every layer's input for weight gradients."""
     from .calib import for_training, training_mode

@@ -74,22 +74,53 @@ def test_activation_pass_restores_step_sizes_that_do_not_help(unet, calls):
     assert output_error(unet, q, calls) <= err0 * 1.05
 
 
-def test_training_stages_run_on_a_hosts_inference_tensors():
-    """Hosts (Forge, ComfyUI) load checkpoints and sample under ``torch.inference_mode()``: reconstruction, called
-    there on such a model and calls, gets plain copies from the pipeline (autograd may not save inference tensors);
-    the model and calls given are left as they are."""
-    from lowbit.quant import PipelineConfig, pipeline
+@pytest.mark.parametrize("method", ["recon", "efficientdm"])
+def test_training_stages_run_on_a_hosts_inference_tensors(method):
+    """Hosts (Forge, ComfyUI) load checkpoints and sample under ``torch.inference_mode()``: reconstruction and
+    EfficientDM, called there on such a model and calls, get plain views of the model and copies of the calls from
+    the pipeline (autograd may not save inference tensors; the views share the host's weight memory, so the float
+    model is not duplicated); the model and calls given are left as they were, values included."""
+    from lowbit.quant import FinetuneConfig, PipelineConfig, pipeline
 
-    from qutil import record, tiny_unet
+    from qutil import assert_same_state, record, state_copy, tiny_unet
 
     with torch.inference_mode():
         fp = tiny_unet()
         calls = record(fp, ts=(900, 300))
-        cfg = PipelineConfig.for_method("recon", "W8A8", recon=ReconConfig(weight_iters=2, act_iters=0),
-                                         precision="rules")
+        before, x_before = state_copy(fp), calls[0].args[0].clone()
+        cfg = PipelineConfig.for_method(method, "W8A8", recon=ReconConfig(weight_iters=2, act_iters=0),
+                                         finetune=FinetuneConfig(steps=2, batch_size=2), precision="rules")
         res = pipeline.run(fp, calls, cfg)
+        assert_same_state(fp, before)
+        assert torch.equal(calls[0].args[0], x_before)
     assert res.model is not None and all(p.is_inference() for p in fp.parameters())
     assert calls[0].args[0].is_inference()
+
+
+def test_plain_copy_of_a_hosts_model_shares_its_weight_memory():
+    """``plain_copy`` (the training stages' and the precision screen's view of a host's model) makes plain
+    Parameters over the inference tensors' memory instead of copying them: an SDXL UNet's copy was its size again
+    (Forge's peak RSS rose by the float UNet when the screen came). Autograd works through the view, and the host's
+    module keeps its own tensors and flags."""
+    from lowbit.quant.calib import plain_copy, training_mode
+
+    from qutil import tiny_unet
+
+    with torch.inference_mode():
+        fp = tiny_unet().requires_grad_(True)
+        x = torch.randn(2, 1, 16, 16)
+    with training_mode():
+        view = plain_copy(fp)
+        pairs = list(zip(fp.parameters(), view.parameters()))
+        assert pairs and all(a.data_ptr() == b.data_ptr() and a is not b for a, b in pairs)
+        assert not any(p.is_inference() for p in view.parameters())
+        assert not any(b.is_inference() for b in view.buffers())
+        xi = x.clone().requires_grad_(True)
+        out = view(xi, torch.tensor([500, 500]), class_labels=torch.tensor([1, 10])).sample
+        out.sum().backward()  # (refused for inference tensors: "Inference tensors cannot be saved for backward")
+        assert xi.grad is not None and xi.grad.abs().sum() > 0
+    assert all(p.is_inference() and p.requires_grad for p in fp.parameters())
+    assert all(p.grad is None for p in fp.parameters())
 
 
 @pytest.mark.parametrize("method,bits", [("naive+ptqd", "W8A8"), ("naive", "W4A16")])
