@@ -32,4 +32,5 @@ from . import efficientdm
 from .efficientdm import finetune, merge_, save_adapters, load_adapters
 from . import pipeline
 from .export_comfy import export_comfy
+from .export_gguf import export_gguf
 from .pipeline import PipelineConfig, Result

@@ -65,13 +65,15 @@ class ExportResult:
     float_layers: Dict[str, str] = field(default_factory=dict)
     dropped: List[str] = field(default_factory=list)
     tensors: int = 0
+    kind: str = "ComfyUI-native export"
+    scale_rounding: float = 0.0  # (GGUF: largest relative change of a weight scale rounded to fp16)
 
     def summary(self) -> str:
         counts: Dict[str, int] = {}
         for conf in self.layers.values():
             counts[conf["format"]] = counts.get(conf["format"], 0) + 1
         fmt = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no quantized layers"
-        lines = [f"ComfyUI-native export{'' if self.path is None else ' ' + self.path}: {fmt}, "
+        lines = [f"{self.kind}{'' if self.path is None else ' ' + self.path}: {fmt}, "
                  f"{len(self.float_layers)} layers as float"]
         lines += [f"  dropped: {d}" for d in self.dropped]
         return "\n".join(lines)
