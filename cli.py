@@ -301,14 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "quantization metadata) as JSON; default: off")
     i.set_defaults(fn=_cmd_inspect, check=_check_inspect)
 
-    e = sub.add_parser("export", help="rewrite a LowBit file in ComfyUI's native quantized layout",
-                       description="Write a LowBit file as ComfyUI's own quantized checkpoint (int8_tensorwise / "
-                                   "awq_w4a16 per layer + _quantization_metadata), loadable by ComfyUI's stock "
-                                   "Load Diffusion Model node. Prints what the layout cannot hold (dropped).")
+    e = sub.add_parser("export", help="rewrite a LowBit file in ComfyUI's native quantized layout or as GGUF",
+                       description="Write a LowBit file as ComfyUI's own quantized checkpoint (--comfy: "
+                                   "int8_tensorwise / awq_w4a16 per layer + _quantization_metadata, loadable by "
+                                   "ComfyUI's stock Load Diffusion Model node) or as a GGUF file (--gguf ARCH: "
+                                   "Q8_0 / Q4_0 blocks, for ComfyUI-GGUF's Unet Loader (GGUF)). Keys are the "
+                                   "model's own parameter names. Prints what the layout cannot hold (dropped).")
     e.add_argument("input", metavar="IN.safetensors", help="a file saved by LowBit")
-    e.add_argument("output", metavar="OUT.safetensors", help="file to write; its folder must exist")
-    e.add_argument("--comfy", action="store_true", required=True,
-                   help="write ComfyUI's native layout (required: the only target so far; default: off)")
+    e.add_argument("output", metavar="OUT", help="file to write (.safetensors, or .gguf with --gguf); its folder "
+                                                 "must exist")
+    target = e.add_mutually_exclusive_group(required=True)
+    target.add_argument("--comfy", action="store_true", help="write ComfyUI's native layout")
+    target.add_argument("--gguf", choices=GGUF_ARCHS, metavar="ARCH",
+                        help="write a GGUF file whose general.architecture is ARCH (what ComfyUI-GGUF's loader "
+                             f"checks): one of {', '.join(GGUF_ARCHS)}")
     e.add_argument("--unet", default=None, metavar="DIR", help="the diffusers UNet2DModel folder IN was made from; "
                                                                  "default: the embedded model")
     e.add_argument("--prefix", default="", help="key prefix, e.g. model.diffusion_model.; default: none")
@@ -752,6 +758,9 @@ def _check_combinations(bits_list, methods):
 
 
 _PREFIX_RE = re.compile(r"^(?:[A-Za-z0-9_]+\.)*$")  # a dotted key path ending in ".", or nothing
+# quant.export_gguf.GGUF_ARCHS (written out here: the checks run before torch is imported; a test keeps them equal)
+GGUF_ARCHS = ("sd1", "sdxl", "sd3", "flux", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
+              "qwen_image")
 
 
 def _check_export(a):
@@ -759,12 +768,17 @@ def _check_export(a):
         hint = f"; did you mean {a.prefix}.?" if _PREFIX_RE.match(a.prefix + ".") else ""
         raise UsageError(f"--prefix {a.prefix!r} is not a dotted key path ending in '.' (e.g. model.diffusion_model.) "
                          f"or empty{hint}")
+    if a.gguf and a.w4_layout != "awq_w4a16":
+        raise UsageError("--w4-layout is a ComfyUI-layout option (--comfy); GGUF writes 4-bit weights as Q4_0")
     header = _check_safetensors(a.input, "input")
     if _same_file(a.input, a.output):
         raise UsageError(f"output {a.output} is the input file; choose another output name (--overwrite never "
                          "replaces the input)")
     _check_not_unet_file(a)
-    _check_output_file(a.output, a.overwrite)
+    if a.gguf:
+        _check_out_path(a.output, a.overwrite, ".gguf", "output", "GGUF loaders list only .gguf files", "model")
+    else:
+        _check_output_file(a.output, a.overwrite)
     lb = _lowbit_meta(header, f"input {a.input}", "export reads files written by `lowbit quantize` or "
                       "lowbit.quant.save", "", "re-save the file with this version")
     # a file that records its architecture is exported from the model it builds (lowbit.quant.load_model), unless
@@ -1106,8 +1120,12 @@ def _cmd_export(a, prog: Progress):
         fp = recipes.default_setup().unet
     prog.banner(f"loading {a.input}")
     qmodel = q.load_model(a.input) if standalone else q.load(fp, a.input)
-    prog.banner(f"writing {a.output} (ComfyUI-native)")
-    q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
+    if a.gguf:
+        prog.banner(f"writing {a.output} (GGUF, architecture {a.gguf})")
+        q.export_gguf(qmodel, a.output, arch=a.gguf, prefix=a.prefix, overwrite=a.overwrite, log=print)
+    else:
+        prog.banner(f"writing {a.output} (ComfyUI-native)")
+        q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
     print(f"wrote {a.output} in {time.time() - prog.t0:.1f} s")
     return 0
 

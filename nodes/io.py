@@ -35,22 +35,27 @@ def split_prefix(prefix: str) -> Tuple[str, str]:
     return "/".join(parts[:-1]), parts[-1]
 
 
-def next_free_path(folder: str, prefix: str) -> str:
-    """``<folder>/<subdir>/<name>_NNNNN.safetensors`` with NNNNN one above the highest existing counter."""
+def next_free_path(folder: str, prefix: str, ext: str = ".safetensors") -> str:
+    """``<folder>/<subdir>/<name>_NNNNN<ext>`` with NNNNN one above the highest existing counter."""
     sub, name = split_prefix(prefix)
     d = os.path.join(folder, sub) if sub else folder
     os.makedirs(d, exist_ok=True)
-    pat = re.compile(re.escape(name) + r"_(\d{%d,})\.safetensors$" % COUNTER_DIGITS)
+    pat = re.compile(re.escape(name) + r"_(\d{%d,})%s$" % (COUNTER_DIGITS, re.escape(ext)))
     used = [int(m.group(1)) for f in os.listdir(d) if (m := pat.match(f))]
     n = max(used, default=0) + 1
     while True:
-        path = os.path.join(d, f"{name}_{n:0{COUNTER_DIGITS}d}.safetensors")
+        path = os.path.join(d, f"{name}_{n:0{COUNTER_DIGITS}d}{ext}")
         if not os.path.exists(path):
             return path
         n += 1
 
 
-LAYOUTS = ("lowbit", "comfyui-native")
+LAYOUTS = ("lowbit", "comfyui-native", "gguf")
+# ComfyUI model config classes (or a base class of theirs) -> the GGUF architecture ComfyUI-GGUF's loader accepts
+GGUF_ARCH_OF = {"SD15": "sd1", "SDXL": "sdxl", "SDXLRefiner": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+                "KOALA_700M": "sdxl", "KOALA_1B": "sdxl", "SD3": "sd3", "Flux": "flux", "AuraFlow": "aura",
+                "HiDream": "hidream", "LTXV": "ltxv", "HunyuanVideo": "hyvid", "WAN21_T2V": "wan",
+                "Lumina2": "lumina2", "QwenImage": "qwen_image", "CosmosT2V": "cosmos"}
 
 
 UNRECORDED = "this file needs the float MODEL connected to load: its architecture could not be recorded"
@@ -168,9 +173,9 @@ def load_standalone(path: str):
     return patcher
 
 
-def _save_free(write, filename_prefix: str, folder: str):
+def _save_free(write, filename_prefix: str, folder: str, ext: str = ".safetensors"):
     for _ in range(100):  # never overwrite: another save may take the name between the scan and the write
-        path = next_free_path(folder, filename_prefix)
+        path = next_free_path(folder, filename_prefix, ext)
         try:
             return write(path)
         except FileExistsError:
@@ -195,6 +200,33 @@ def export_native(model, filename_prefix: str, folder: str):
                       filename_prefix, folder)
 
 
+def gguf_arch(model) -> str:
+    """The ``general.architecture`` of a GGUF file of ``model``'s UNet (ComfyUI-GGUF checks it against its list and
+    then detects the model from the keys, as the stock loader does); a one-line NodeInputError for model families
+    that list does not have."""
+    try:
+        mc = model.model.model_config
+    except AttributeError:
+        raise NodeInputError("layout gguf: this MODEL has no ComfyUI model config; save with layout=lowbit") from None
+    for cls in type(mc).__mro__:
+        if cls.__name__ in GGUF_ARCH_OF:
+            return GGUF_ARCH_OF[cls.__name__]
+    raise NodeInputError(f"layout gguf: ComfyUI-GGUF's loader has no architecture for {type(mc).__name__} models "
+                         f"(it reads {', '.join(sorted(set(GGUF_ARCH_OF.values())))}); save with layout=lowbit or "
+                         "comfyui-native")
+
+
+def export_gguf_file(model, filename_prefix: str, folder: str):
+    """Write the quantized UNet of ``model`` as a GGUF file (quant/export_gguf.py) to
+    ``<folder>/<prefix>_NNNNN.gguf`` (ComfyUI-GGUF's "Unet Loader (GGUF)" lists .gguf files in the diffusion-model
+    folders); returns the ExportResult. Keys are ComfyUI's diffusion-model keys, as for comfyui-native."""
+    from ..quant.export_gguf import export_gguf
+
+    q = adapter.require_quantized_unet(model)
+    arch = gguf_arch(model)
+    return _save_free(lambda path: export_gguf(q, path, arch=arch, overwrite=False), filename_prefix, folder, ".gguf")
+
+
 def native_folder() -> str:
     """models/diffusion_models (where ComfyUI's "Load Diffusion Model" looks) when the adapter can name it, else
     models/lowbit."""
@@ -209,7 +241,8 @@ class LowBitSaveQuantizedUNet:
                    "saved. Load it later with Load Quantized UNet on the same checkpoint. layout=comfyui-native "
                    "writes ComfyUI's own quantized layout instead (into the folder the stock Load Diffusion Model "
                    "reads: models/diffusion_models/ or models/unet/; no custom node needed to load it; needs a "
-                   "ComfyUI with the comfy_quant loader) and lists what that layout cannot hold.")
+                   "ComfyUI with the comfy_quant loader) and lists what that layout cannot hold. layout=gguf writes a "
+                   "GGUF file there (Q8_0 / Q4_0 blocks; loaded by ComfyUI-GGUF's Unet Loader (GGUF)).")
     CATEGORY = f"{CATEGORY}/io"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -229,7 +262,9 @@ class LowBitSaveQuantizedUNet:
                        "awq_w4a16 for 4-bit Linear weights where this ComfyUI reads it, e.g. not 0.33.0: 4-bit "
                        "is refused there; convolutions as float), loaded by the stock Load Diffusion Model with no "
                        "custom node; drops static activation scales, per-timestep tables, PTQD correction and "
-                       "schedules (listed after saving)."}),
+                       "schedules (listed after saving). gguf: a .gguf file (8-bit weights as Q8_0, 4-bit as Q4_0, "
+                       "convolutions included, scales in fp16) for ComfyUI-GGUF's Unet Loader (GGUF); activations "
+                       "run in float there; drops the same features."}),
         }}
 
     @classmethod
@@ -244,13 +279,14 @@ class LowBitSaveQuantizedUNet:
 
     def save(self, model, filename_prefix, layout="lowbit"):
         if layout not in LAYOUTS:
-            raise NodeInputError(f"layout {layout!r} is not one of {list(LAYOUTS)}; pick lowbit or comfyui-native")
-        if layout == "comfyui-native":
+            raise NodeInputError(f"layout {layout!r} is not one of {list(LAYOUTS)}; pick one of those")
+        if layout in ("comfyui-native", "gguf"):
             folder = native_folder()
-            res = export_native(model, filename_prefix, folder)
+            res = (export_native if layout == "comfyui-native" else export_gguf_file)(model, filename_prefix, folder)
             where = os.path.join(os.path.basename(folder), os.path.relpath(res.path, folder)).replace(os.sep, "/")
             print(f"[LowBit] {res.summary()}")
-            return {"ui": {"text": [f"saved models/{where} (ComfyUI-native)"] + [f"dropped: {d}" for d in res.dropped]},
+            kind = "ComfyUI-native" if layout == "comfyui-native" else "GGUF"
+            return {"ui": {"text": [f"saved models/{where} ({kind})"] + [f"dropped: {d}" for d in res.dropped]},
                     "result": ()}
         folder = adapter.lowbit_folder()
         arch = comfy_arch(model)

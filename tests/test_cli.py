@@ -441,6 +441,46 @@ def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
     assert os.path.getsize(c) > 0 and "wrote" in capsys.readouterr().out
 
 
+def test_export_gguf_writes_a_gguf_file_and_refuses_bad_targets_before_work(tmp_path, capsys):
+    """``export --gguf ARCH IN OUT.gguf``: the file's architecture field is ARCH and its quantized layers are GGML
+    blocks; a name without .gguf, an unknown ARCH, --w4-layout (a ComfyUI-layout option) and no target at all are
+    refused in one line, nothing written. The CLI's list of architectures is the exporter's."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from lowbit.cli import GGUF_ARCHS
+    from lowbit.quant import QuantConfig, quantize, save
+    from lowbit.quant.export_gguf import GGUF_ARCHS as EXPORTER_ARCHS, read_gguf
+
+    assert GGUF_ARCHS == EXPORTER_ARCHS
+    torch.manual_seed(0)
+    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                     norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    folder = tmp_path / "myunet"
+    fp.save_pretrained(folder, safe_serialization=True)
+    p, g = str(tmp_path / "q.safetensors"), str(tmp_path / "q.gguf")
+    save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
+    before = sorted(os.listdir(tmp_path))
+    for argv, msg in ((["export", "--gguf", "sd1", p, str(tmp_path / "q.safetensors2")], "must end in .gguf"),
+                      (["export", "--gguf", "sd15", p, g], "invalid choice"),
+                      (["export", "--gguf", "sd1", "--w4-layout", "int8_tensorwise", p, g], "--w4-layout"),
+                      (["export", p, g], "one of the arguments --comfy --gguf is required")):
+        try:
+            code = main(argv + ["--unet", str(folder)])
+        except SystemExit as exc:  # (argparse's own refusals)
+            code = exc.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) <= 2, err
+    assert sorted(os.listdir(tmp_path)) == before
+    assert main(["export", "--gguf", "sd1", p, g, "--unet", str(folder)]) == 0
+    assert "GGUF export" in capsys.readouterr().out
+    fields, tensors = read_gguf(g)
+    assert fields["general.architecture"] == "sd1"
+    assert {t[0] for t in tensors.values()} >= {"Q8_0", "F32"}
+
+
 def test_write_grid_is_atomic_never_clobbers_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """The demo grid is written like LowBit's safetensors files: a failed write leaves no (0-byte) PNG that would
     block the next run, and a file that appeared during the run is kept."""

@@ -230,7 +230,7 @@ def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
 
     cls = MAPPINGS["LowBitSaveQuantizedUNet"]
     choices, opts = cls.INPUT_TYPES()["optional"]["layout"]
-    assert choices == ["lowbit", "comfyui-native"] and opts["default"] == "lowbit" and opts["tooltip"]
+    assert choices == ["lowbit", "comfyui-native", "gguf"] and opts["default"] == "lowbit" and opts["tooltip"]
     assert inspect.signature(cls().save).parameters["layout"].default == "lowbit"
 
     torch.manual_seed(0)
@@ -253,7 +253,41 @@ def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
     from lowbit.nodes.common import NodeInputError
 
     with pytest.raises(NodeInputError, match="layout"):
-        cls().save(object(), "sd/unet", layout="gguf")
+        cls().save(object(), "sd/unet", layout="ggml")
+
+
+def test_gguf_layout_writes_a_gguf_file_for_comfyui_gguf(tmp_path, monkeypatch):
+    """layout=gguf: a .gguf file under models/diffusion_models/ (never overwriting), whose general.architecture is
+    the one ComfyUI-GGUF's loader expects for the MODEL's family (found through the config's base classes); a
+    family that loader does not read is refused in one line before anything is written."""
+    import types
+
+    from lowbit.nodes.common import NodeInputError
+    from lowbit.quant import QuantConfig, quantize
+    from lowbit.quant.export_gguf import read_gguf
+
+    cls = MAPPINGS["LowBitSaveQuantizedUNet"]
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
+    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=32, w_init="minmax", rules=()))
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
+    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(folder), raising=False)
+    Flux = type("Flux", (), {})
+    FluxSchnell = type("FluxSchnell", (Flux,), {})  # (ComfyUI's Flux variants subclass Flux)
+    model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=FluxSchnell()))
+    out = cls().save(model, "flux/q", layout="gguf")
+    assert out["ui"]["text"][0] == "saved models/diffusion_models/flux/q_00001.gguf (GGUF)"
+    fields, tensors = read_gguf(str(folder / "flux" / "q_00001.gguf"))
+    assert fields["general.architecture"] == "flux"
+    assert {k: t[0] for k, t in tensors.items()} == {"0.weight": "Q4_0", "0.bias": "F32", "2.weight": "Q4_0",
+                                                    "2.bias": "F32"}
+    assert cls().save(model, "flux/q", layout="gguf")["ui"]["text"][0].endswith("q_00002.gguf (GGUF)")
+    odd = types.SimpleNamespace(model=types.SimpleNamespace(model_config=type("SD20", (), {})()))
+    with pytest.raises(NodeInputError, match="no architecture for SD20 models"):
+        cls().save(odd, "sd2/q", layout="gguf")
+    assert sorted(p.name for p in folder.rglob("*.gguf")) == ["q_00001.gguf", "q_00002.gguf"]
 
 
 def test_comfyui_native_save_refuses_a_comfyui_that_cannot_load_it(tmp_path, monkeypatch):
