@@ -34,6 +34,12 @@ MARK = "@@NATIVE_CHECK@@"
 def lowbit_linear_weights(lowbit_path) -> dict:
     """{layer name: (LowBit weight format, fp32 weight)} of every quantized Linear layer of a LowBit file, decoded
     by LowBit's own weight formats."""
+    return lowbit_weights(lowbit_path, kinds=("Linear",))
+
+
+def lowbit_weights(lowbit_path, kinds=None) -> dict:
+    """{layer name: (LowBit weight format, fp32 weight)} of every quantized layer of a LowBit file whose kind is in
+    ``kinds`` (all: None), decoded by LowBit's own weight formats (split convolutions' parts as saved)."""
     from safetensors import safe_open
 
     from lowbit.kernels import ops
@@ -44,7 +50,7 @@ def lowbit_linear_weights(lowbit_path) -> dict:
     out = {}
     with safe_open(str(lowbit_path), "pt") as f:
         for name, lm in header["layers"].items():
-            if lm["kind"] != "Linear":
+            if kinds is not None and lm["kind"] not in kinds:
                 continue
             shape, bits, g = tuple(lm["shape"]), lm["w_bits"], lm["group_size"]
             fmt = get_format(lm["w_format"])
