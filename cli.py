@@ -49,8 +49,9 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------ light imports
 
 def _core(name: str):
-    """``lowbit.quant.<name>`` for a module that needs no torch (``config``, ``errors``, ``sthdr``), without running
-    ``quant/__init__.py`` (which imports torch, about 2 s): ``lowbit --help`` and the input checks stay fast.
+    """``lowbit.quant.<name>`` for a module that needs no torch (``config``, ``errors``, ``sthdr``, ``gguf_hdr``),
+    without running ``quant/__init__.py`` (which imports torch, about 2 s): ``lowbit --help`` and the input checks
+    stay fast.
 
     The submodule is imported under a temporary bare ``lowbit.quant`` package that is removed again, so a later
     ``import lowbit.quant`` runs the real ``__init__`` and reuses the same submodule (same classes)."""
@@ -70,7 +71,7 @@ def _core(name: str):
 def _quant():
     """The real ``lowbit.quant`` (imports torch); re-attaches submodules loaded early by :func:`_core`."""
     q = importlib.import_module(f"{_PKG}.quant")
-    for sub in ("config", "errors", "sthdr"):
+    for sub in ("config", "errors", "sthdr", "gguf_hdr"):
         m = sys.modules.get(f"{_PKG}.quant.{sub}")
         if m is not None and getattr(q, sub, None) is not m:
             setattr(q, sub, m)
@@ -288,14 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace the PNG(s) if they exist; default: refuse")
     g.set_defaults(fn=_cmd_generate, check=_check_generate)
 
-    i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout one from "
-                                       "export --comfy (no model needed)",
+    i = sub.add_parser("inspect", help="show what a saved LowBit file holds, or a ComfyUI-layout / GGUF one from "
+                                       "export (no model needed)",
                        description="Format, model, configs, what it holds (PTQD statistics, schedule, split "
                                    "convolutions; the method's name is not recorded), and every layer's precision "
                                    "and bytes of a file saved by LowBit; for a file in ComfyUI's quantized layout "
                                    "(lowbit export --comfy), its layers per comfy_quant format and what the export "
-                                   "dropped. Reads only the header.")
-    i.add_argument("file", metavar="FILE.safetensors", help="a file saved by LowBit (or exported with --comfy)")
+                                   "dropped; for a GGUF file (lowbit export --gguf, or any GGUF), its architecture, "
+                                   "tensors per GGML type and what a LowBit export dropped. Reads only the header.")
+    i.add_argument("file", metavar="FILE", help="a file saved by LowBit (or exported with --comfy or --gguf)")
     i.add_argument("--layers", action="store_true", help="list every layer; default: a summary by precision")
     i.add_argument("--json", action="store_true", help="print the raw LowBit header (ComfyUI layout: its "
                                                        "quantization metadata) as JSON; default: off")
@@ -312,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "must exist")
     target = e.add_mutually_exclusive_group(required=True)
     target.add_argument("--comfy", action="store_true", help="write ComfyUI's native layout")
-    target.add_argument("--gguf", choices=GGUF_ARCHS, metavar="ARCH",
+    archs = _core("gguf_hdr").GGUF_ARCHS
+    target.add_argument("--gguf", choices=archs, metavar="ARCH",
                         help="write a GGUF file whose general.architecture is ARCH (what ComfyUI-GGUF's loader "
-                             f"checks): one of {', '.join(GGUF_ARCHS)}")
+                             f"checks): one of {', '.join(archs)}")
     e.add_argument("--unet", default=None, metavar="DIR", help="the diffusers UNet2DModel folder IN was made from; "
                                                                  "default: the embedded model")
     e.add_argument("--prefix", default="", help="key prefix, e.g. model.diffusion_model.; default: none")
@@ -758,9 +761,6 @@ def _check_combinations(bits_list, methods):
 
 
 _PREFIX_RE = re.compile(r"^(?:[A-Za-z0-9_]+\.)*$")  # a dotted key path ending in ".", or nothing
-# quant.export_gguf.GGUF_ARCHS (written out here: the checks run before torch is imported; a test keeps them equal)
-GGUF_ARCHS = ("sd1", "sdxl", "sd3", "flux", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
-              "qwen_image")
 
 
 def _check_export(a):
@@ -790,7 +790,48 @@ def _check_export(a):
 
 def _check_inspect(a):
     # (a missing file, a folder, not safetensors, malformed ComfyUI quantization metadata: one line each)
+    if os.path.isfile(a.file) and _core("gguf_hdr").is_gguf(a.file):
+        a.gguf_header = _gguf_header(a.file)
+        return
     _comfy_layout(a.file, *_check_safetensors(a.file, "file", with_start=True))
+
+
+def _gguf_header(path: str):
+    """A GGUF file's checked header (quant/gguf_hdr.py) and its LowBit export record, if any (checked)."""
+    gh = _core("gguf_hdr")
+    try:
+        fields, tensors, _ = gh.read_header(path)
+    except gh.GGUFError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"file {path}: cannot read it ({exc.strerror})") from None
+    rec = fields.get("lowbit.export")
+    if rec is not None:
+        try:
+            rec = _core("sthdr").parse_json(rec, "its lowbit.export record") if isinstance(rec, str) else None
+        except ValueError:
+            rec = None
+        ok = (isinstance(rec, dict) and isinstance(rec.get("layers"), dict) and isinstance(rec.get("dropped"), list)
+              and all(isinstance(d, str) for d in rec["dropped"]))
+        if not ok:
+            raise UsageError(f"file {path}: its lowbit.export record is malformed; export the file again")
+    return fields, tensors, rec
+
+
+def gguf_inspect_text(path: str, fields: dict, tensors: list, rec) -> str:
+    counts, nbytes = {}, {}
+    for _, typ, _, _, nb in tensors:
+        counts[typ] = counts.get(typ, 0) + 1
+        nbytes[typ] = nbytes.get(typ, 0) + nb
+    arch = fields.get("general.architecture")
+    lines = [f"file       {path}",
+             "format     GGUF" + (f" (written by lowbit export: {len(rec['layers'])} quantized layers)" if rec
+                                  else " (not written by LowBit)"),
+             f"arch       {arch if isinstance(arch, str) else 'not recorded'}",
+             "tensors    " + ", ".join(f"{counts[t]} {t} ({nbytes[t] / 2**20:.1f} MiB)" for t in sorted(counts))]
+    if rec:
+        lines += [f"dropped    {d}" for d in rec["dropped"]]
+    return "\n".join(_printable(s) for s in lines)
 
 
 def _check_ui(a):
@@ -1345,6 +1386,17 @@ def comfy_inspect_text(path: str, header: dict, layout, layers: bool = False) ->
 
 
 def _cmd_inspect(a, prog: Progress):
+    gg = getattr(a, "gguf_header", None)
+    if gg is not None:  # (checked in _check_inspect; no torch)
+        fields, tensors, rec = gg
+        if a.json:
+            fields = dict(fields, **({"lowbit.export": rec} if rec else {}))  # (the record as an object)
+            print(json.dumps({"fields": {k: v for k, v in fields.items() if not k.startswith("comfy.gguf.")},
+                              "tensors": {n: {"type": t, "shape": list(s)} for n, t, s, _, _ in tensors}},
+                             indent=2, sort_keys=True))
+        else:
+            print(gguf_inspect_text(a.file, fields, tensors, rec))
+        return 0
     st_header, start = _check_safetensors(a.file, "file", with_start=True)
     comfy = _comfy_layout(a.file, st_header, start)
     if comfy is not None:  # ComfyUI's own layout (lowbit export --comfy): its metadata, checked, no torch

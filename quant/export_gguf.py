@@ -40,22 +40,12 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight
+from .gguf_hdr import ALIGN, ARR as _ARR, BLOCK as _BLOCK, GGML_TYPES, GGUF_ARCHS, I32 as _I32, MAGIC as _MAGIC
+from .gguf_hdr import STR as _STR, U32 as _U32, VERSION as _VERSION, GGUFError, read_header
 
-__all__ = ["export_gguf", "gguf_tensors", "read_gguf", "dequantize_gguf", "GGUF_ARCHS", "GGML_TYPES"]
+__all__ = ["export_gguf", "gguf_tensors", "read_gguf", "dequantize_gguf", "GGUF_ARCHS", "GGML_TYPES", "GGUFError"]
 
-# ComfyUI-GGUF's IMG_ARCH_LIST (loader.py): the image-model architectures its loader accepts
-GGUF_ARCHS = ("sd1", "sdxl", "sd3", "flux", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
-              "qwen_image")
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "BF16": 30}
-_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
-# (values per block, bytes per block) of each type
-_BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2)}
-QK = 32
-ALIGN = 32
-_MAGIC, _VERSION = b"GGUF", 3
-# GGUF value types
-_U32, _I32, _STR, _ARR = 4, 5, 8, 9
-FP16_MIN_NORMAL = 2.0 ** -14
+QK = 32  # values per Q8_0 / Q4_0 block
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -329,81 +319,15 @@ def export_gguf(qmodel: nn.Module, path: str, *, arch: str, prefix: str = "", ke
 
 
 # ------------------------------------------------------------------------------------------------ reading
-class GGUFError(ValueError):
-    """A file that is not a GGUF file this module can read."""
-
-
 def read_gguf(path: str) -> Tuple[dict, Dict[str, tuple]]:
-    """``(fields, tensors)`` of a GGUF v2/v3 file: ``fields`` {key: value} (strings, integers, lists),
-    ``tensors`` {name: (type name, torch shape, uint8 data)}; every length and offset checked against the file."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if n < 0 or pos + n > len(buf):
-            raise GGUFError(f"{path}: truncated at byte {pos} (needs {n} more)")
-        pos += n
-        return buf[pos - n:pos]
-
-    def num(fmt: str):
-        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
-
-    def string() -> str:
-        return take(num("Q")).decode("utf-8")
-
-    scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def value(typ: int):
-        if typ in scalars:
-            return num(scalars[typ])
-        if typ == _STR:
-            return string()
-        if typ == _ARR:
-            et, n = num("I"), num("Q")
-            if n > len(buf):
-                raise GGUFError(f"{path}: array of {n} values in a {len(buf)}-byte file")
-            return [value(et) for _ in range(n)]
-        raise GGUFError(f"{path}: unknown value type {typ}")
-
-    if take(4) != _MAGIC:
-        raise GGUFError(f"{path} is not a GGUF file (no GGUF magic)")
-    version = num("I")
-    if version not in (2, 3):
-        raise GGUFError(f"{path}: GGUF version {version} (read here: 2, 3)")
-    n_tensors, n_fields = num("Q"), num("Q")
-    if n_tensors > len(buf) or n_fields > len(buf):
-        raise GGUFError(f"{path}: {n_tensors} tensors / {n_fields} fields in a {len(buf)}-byte file")
-    fields = {}
-    for _ in range(n_fields):
-        key = string()
-        fields[key] = value(num("I"))
-    align = int(fields.get("general.alignment", ALIGN))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        nd = num("I")
-        if nd > 8:
-            raise GGUFError(f"{path}: tensor {name!r} has {nd} dimensions")
-        dims = [num("Q") for _ in range(nd)]
-        typ, off = num("I"), num("Q")
-        if typ not in _BLOCK:
-            raise GGUFError(f"{path}: tensor {name!r} has GGML type {typ} (read here: "
-                            f"{', '.join(sorted(GGML_TYPES))})")
-        infos.append((name, typ, tuple(reversed(dims)), off))
-    start = pos + (-pos % align)
+    """``(fields, tensors)`` of a GGUF v2/v3 file: ``fields`` {key: value}, ``tensors`` {name: (type name, torch
+    shape, uint8 data)} (the header checked by :func:`.gguf_hdr.read_header`; each tensor read from its offset)."""
+    fields, infos, start = read_header(path)
     tensors = {}
-    for name, typ, shape, off in infos:
-        per, size = _BLOCK[typ]
-        numel = torch.Size(shape).numel()
-        if shape and shape[-1] % per:
-            raise GGUFError(f"{path}: tensor {name!r} rows of {shape[-1]} are not whole {_TYPE_NAMES[typ]} blocks")
-        nbytes = numel // per * size
-        if start + off + nbytes > len(buf) or off % align:
-            raise GGUFError(f"{path}: tensor {name!r} lies outside the file or off the alignment")
-        data = torch.frombuffer(bytearray(buf[start + off:start + off + nbytes]), dtype=torch.uint8)
-        tensors[name] = (_TYPE_NAMES[typ], shape, data)
+    with open(path, "rb") as f:
+        for name, typ, shape, off, nbytes in infos:
+            f.seek(start + off)
+            tensors[name] = (typ, shape, torch.frombuffer(bytearray(f.read(nbytes)), dtype=torch.uint8))
     return fields, tensors
 
 

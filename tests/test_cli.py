@@ -444,15 +444,13 @@ def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
 def test_export_gguf_writes_a_gguf_file_and_refuses_bad_targets_before_work(tmp_path, capsys):
     """``export --gguf ARCH IN OUT.gguf``: the file's architecture field is ARCH and its quantized layers are GGML
     blocks; a name without .gguf, an unknown ARCH, --w4-layout (a ComfyUI-layout option) and no target at all are
-    refused in one line, nothing written. The CLI's list of architectures is the exporter's."""
+    refused in one line, nothing written. ``inspect`` reads the file's header without torch."""
     import torch
     from diffusers import UNet2DModel
 
-    from lowbit.cli import GGUF_ARCHS
     from lowbit.quant import QuantConfig, quantize, save
-    from lowbit.quant.export_gguf import GGUF_ARCHS as EXPORTER_ARCHS, read_gguf
+    from lowbit.quant.export_gguf import read_gguf
 
-    assert GGUF_ARCHS == EXPORTER_ARCHS
     torch.manual_seed(0)
     fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                      norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -479,6 +477,17 @@ def test_export_gguf_writes_a_gguf_file_and_refuses_bad_targets_before_work(tmp_
     fields, tensors = read_gguf(g)
     assert fields["general.architecture"] == "sd1"
     assert {t[0] for t in tensors.values()} >= {"Q8_0", "F32"}
+    # inspect reads its header without torch; a cut copy is refused in one line
+    r, dt, rep = _run(["inspect", g], str(tmp_path), tmp_path)
+    assert r.returncode == 0 and not rep["torch"], r.stderr
+    n_q = sum(t[0] == "Q8_0" for t in tensors.values())
+    assert "format     GGUF (written by lowbit export" in r.stdout and "arch       sd1" in r.stdout
+    assert f"{n_q} Q8_0" in r.stdout and "dropped    activation quantization" in r.stdout
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(g, "rb").read()[:2000])
+    r, dt, rep = _run(["inspect", str(cut)], str(tmp_path), tmp_path)
+    assert r.returncode == 2 and not rep["torch"] and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cut" in r.stderr or "truncated" in r.stderr
 
 
 def test_write_grid_is_atomic_never_clobbers_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
