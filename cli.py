@@ -313,11 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("output", metavar="OUT", help="file to write (.safetensors, or .gguf with --gguf); its folder "
                                                  "must exist")
     target = e.add_mutually_exclusive_group(required=True)
-    target.add_argument("--comfy", action="store_true", help="write ComfyUI's native layout")
+    target.add_argument("--comfy", action="store_true", help="write ComfyUI's native layout (this or --gguf is "
+                                                             "required; default: neither)")
     archs = _core("gguf_hdr").GGUF_ARCHS
     target.add_argument("--gguf", choices=archs, metavar="ARCH",
                         help="write a GGUF file whose general.architecture is ARCH (what ComfyUI-GGUF's loader "
-                             f"checks): one of {', '.join(archs)}")
+                             f"checks): one of {', '.join(archs)}; default: none (this or --comfy is required)")
     e.add_argument("--unet", default=None, metavar="DIR", help="the diffusers UNet2DModel folder IN was made from; "
                                                                  "default: the embedded model")
     e.add_argument("--prefix", default="", help="key prefix, e.g. model.diffusion_model.; default: none")
