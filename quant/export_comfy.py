@@ -169,6 +169,30 @@ def _default_float_dtype(model: nn.Module, skip) -> torch.dtype:
     return torch.float32
 
 
+def _units(qmodel: nn.Module) -> Dict[str, nn.Module]:
+    """Module name -> module written as one unit: each quantized layer and split convolution (its parts inside)."""
+    from .layers import QuantLayer
+    from .split import ChannelSplitConv2d
+
+    special: Dict[str, nn.Module] = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (QuantLayer, ChannelSplitConv2d)) and not any(name.startswith(s + ".") for s in special):
+            special[name] = m
+    return special
+
+
+def _plain_tensors(qmodel: nn.Module, special):
+    """(name, tensor) of every parameter and persistent buffer outside the ``special`` units."""
+    for mname, m in qmodel.named_modules():
+        if any(mname == s or mname.startswith(s + ".") for s in special):
+            continue
+        local = dict(m._parameters)
+        local.update({k: v for k, v in m._buffers.items() if k not in m._non_persistent_buffers_set})
+        for pname, t in local.items():
+            if t is not None:
+                yield (f"{mname}.{pname}" if mname else pname), t
+
+
 def _as_key_fn(key_map) -> Callable[[str], str]:
     if key_map is None:
         return lambda k: k
@@ -193,7 +217,7 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
     (float32: exact, and comfy-kitchen computes those layers in fp32; float16/bfloat16 round the scales).
     """
     from .context import get_context
-    from .layers import QuantLayer, quant_layers
+    from .layers import quant_layers
     from .split import ChannelSplitConv2d
 
     if w4_layout not in W4_LAYOUTS:
@@ -214,10 +238,7 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
     def full(name: str) -> str:
         return prefix + key_of(name)
 
-    special = {}  # module name -> module handled as one unit (quantized layer or split convolution)
-    for name, m in qmodel.named_modules():
-        if isinstance(m, (QuantLayer, ChannelSplitConv2d)) and not any(name.startswith(s + ".") for s in special):
-            special[name] = m
+    special = _units(qmodel)
     if float_dtype is None:
         float_dtype = _default_float_dtype(qmodel, special)
 
@@ -230,14 +251,8 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
         tensors[key] = t.detach().cpu().contiguous().clone()
 
     # plain parameters and persistent buffers of every other module, under their own names and dtypes
-    for mname, m in qmodel.named_modules():
-        if any(mname == s or mname.startswith(s + ".") for s in special):
-            continue
-        local = dict(m._parameters)
-        local.update({k: v for k, v in m._buffers.items() if k not in m._non_persistent_buffers_set})
-        for pname, t in local.items():
-            if t is not None:
-                put(full(f"{mname}.{pname}" if mname else pname), t)
+    for pname, t in _plain_tensors(qmodel, special):
+        put(full(pname), t)
 
     static_act = dynamic_act = time_tables = float_act_int8 = 0
     for name, m in special.items():

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight
+from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight, _plain_tensors, _units
 from .gguf_hdr import ALIGN, ARR as _ARR, BLOCK as _BLOCK, GGML_TYPES, GGUF_ARCHS, I32 as _I32, MAGIC as _MAGIC
 from .gguf_hdr import STR as _STR, U32 as _U32, VERSION as _VERSION, GGUFError, read_header
 
@@ -117,7 +117,7 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
     torch shape, uint8 data, original shape or None)``, ``fields`` the header's key/value fields, ``result`` an
     :class:`ExportResult` (path None; ``layers`` maps each quantized layer's key to its block type)."""
     from .context import get_context
-    from .layers import QuantLayer, quant_layers
+    from .layers import quant_layers
     from .split import ChannelSplitConv2d
 
     if arch not in GGUF_ARCHS:
@@ -129,10 +129,7 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
     if not quant_layers(qmodel):
         raise ConfigError("this model has no LowBit quantized layers; quantize it before exporting")
     key_of = _as_key_fn(key_map)
-    special = {}
-    for name, m in qmodel.named_modules():
-        if isinstance(m, (QuantLayer, ChannelSplitConv2d)) and not any(name.startswith(s + ".") for s in special):
-            special[name] = m
+    special = _units(qmodel)
     tensors: Dict[str, tuple] = {}
     result = ExportResult(path=None, kind="GGUF export")
     worst = 0.0
@@ -142,14 +139,8 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
             raise ConfigError(f"two tensors map to the key {key!r}; check key_map")
         tensors[key] = entry
 
-    for mname, m in qmodel.named_modules():
-        if any(mname == s or mname.startswith(s + ".") for s in special):
-            continue
-        local = dict(m._parameters)
-        local.update({k: v for k, v in m._buffers.items() if k not in m._non_persistent_buffers_set})
-        for pname, t in local.items():
-            if t is not None:
-                put(prefix + key_of(f"{mname}.{pname}" if mname else pname), (*_float_entry(t, float_dtype), None))
+    for pname, t in _plain_tensors(qmodel, special):
+        put(prefix + key_of(pname), (*_float_entry(t, float_dtype), None))
 
     act_layers = time_tables = 0
     for name, m in special.items():
