@@ -327,6 +327,28 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def check_export_path(path, overwrite: bool, suffix: str):
+    """(path, its folder) for an export, checked before any work: the folder exists and is writable, the path is
+    not a folder, nothing is replaced unless ``overwrite``; GGUF files must end in ``.gguf`` (loaders list only
+    those)."""
+    from .io import SaveError, SaveExistsError, SaveFolderError
+
+    path = os.fspath(path)
+    if suffix == ".gguf" and not path.endswith(suffix):
+        raise SaveError(f"cannot export to {path}: give a file name ending in .gguf (GGUF loaders list only those)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SaveFolderError(f"cannot export to {path}: folder {folder} does not exist; create it first")
+    if os.path.isdir(path):
+        raise SaveError(f"cannot export to {path}: it is a folder; give a file name ending in {suffix}")
+    if not os.access(folder, os.W_OK):
+        raise SaveFolderError(f"cannot export to {path}: folder {folder} is not writable (permission or a "
+                              "read-only file system); choose a writable folder")
+    if not overwrite and os.path.lexists(path):
+        raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    return path, folder
+
+
 def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype: Optional[torch.dtype] = None,
                  w4_layout: str = "awq_w4a16", scale_dtype: Union[str, torch.dtype] = "float32", key_map=None,
                  overwrite: bool = False, log: Optional[Callable[[str], None]] = None,
@@ -340,19 +362,9 @@ def export_comfy(qmodel: nn.Module, path: str, *, prefix: str = "", float_dtype:
     Options: :func:`comfy_state_dict`."""
     from safetensors.torch import save_file
 
-    from .io import SaveError, SaveExistsError, SaveFolderError, clean_stale_temps, write_new_file
+    from .io import clean_stale_temps, write_new_file
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SaveFolderError(f"cannot export to {path}: folder {folder} does not exist; create it first")
-    if os.path.isdir(path):
-        raise SaveError(f"cannot export to {path}: it is a folder; give a file name ending in .safetensors")
-    if not os.access(folder, os.W_OK):
-        raise SaveFolderError(f"cannot export to {path}: folder {folder} is not writable (permission or a "
-                              "read-only file system); choose a writable folder")
-    if not overwrite and os.path.lexists(path):
-        raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    path, folder = check_export_path(path, overwrite, ".safetensors")
     tensors, metadata, result = comfy_state_dict(qmodel, prefix=prefix, float_dtype=float_dtype, w4_layout=w4_layout,
                                                  scale_dtype=scale_dtype, key_map=key_map)
     if reader_formats is not None:

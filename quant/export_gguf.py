@@ -31,7 +31,6 @@ expects. ``arch`` is written to ``general.architecture``, which that loader chec
 from __future__ import annotations
 
 import json
-import os
 import struct
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight, _plain_tensors, _units
+from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight, _plain_tensors, _units, check_export_path
 from .gguf_hdr import ALIGN, ARR as _ARR, BLOCK as _BLOCK, GGML_TYPES, GGUF_ARCHS, I32 as _I32, MAGIC as _MAGIC
 from .gguf_hdr import STR as _STR, U32 as _U32, VERSION as _VERSION, GGUFError, read_header
 
@@ -286,19 +285,9 @@ def export_gguf(qmodel: nn.Module, path: str, *, arch: str, prefix: str = "", ke
     dtype of the weights written as float (default: each layer's own). Returns an :class:`ExportResult` whose
     ``dropped`` lines (also in the file's ``lowbit.export`` field and passed to ``log``) say what GGUF does not
     carry."""
-    from .io import SaveError, SaveExistsError, SaveFolderError, clean_stale_temps, write_new_file
+    from .io import clean_stale_temps, write_new_file
 
-    path = os.fspath(path)
-    if not path.endswith(".gguf"):
-        raise SaveError(f"cannot export to {path}: give a file name ending in .gguf (GGUF loaders list only those)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SaveFolderError(f"cannot export to {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise SaveFolderError(f"cannot export to {path}: folder {folder} is not writable (permission or a "
-                              "read-only file system); choose a writable folder")
-    if not overwrite and os.path.lexists(path):
-        raise SaveExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    path, folder = check_export_path(path, overwrite, ".gguf")
     tensors, fields, result = gguf_tensors(qmodel, arch=arch, prefix=prefix, key_map=key_map,
                                            float_dtype=float_dtype)
     clean_stale_temps(folder)
