@@ -24,6 +24,7 @@ those weights, far closer than a copy with one scale per tensor (``check_stock_s
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import time
@@ -186,6 +187,10 @@ def comfy(comfyui_dir, comfyui_python, dit_fixtures):
     dm.mkdir(parents=True, exist_ok=True)
     (dm / dit_fixtures["flux"].name).symlink_to(dit_fixtures["flux"])
     (server.base_dir / "custom_nodes" / "lowbit_test_nodes.py").write_text(TEST_NODES)
+    gguf_dir = os.environ.get("COMFYUI_GGUF_DIR")  # (ComfyUI-GGUF, for the GGUF test; see test_comfyui_gguf.py)
+    if gguf_dir and (Path(gguf_dir) / "loader.py").is_file():
+        (server.base_dir / "custom_nodes" / "ComfyUI-GGUF").symlink_to(Path(gguf_dir).resolve(),
+                                                                       target_is_directory=True)
     try:
         yield server.launch()
     finally:
@@ -507,6 +512,56 @@ def test_flux_architecture_quantize_sample_save_reload(comfy, comfyui_dir, comfy
     reloaded = _latent(comfy, comfy.run(g2, timeout=1800), "23")
     print(f"Flux {bits}: load+sample {time.perf_counter() - t1:.0f}s")
     assert torch_equal(fresh, reloaded), "the reloaded Flux model samples differently from the one saved"
+    comfy.free()
+
+
+def test_flux_gguf_file_runs_in_comfyui_gguf(comfy, dit_fixtures, record_property):
+    """Flux W4A8 (lp, name rules) saved with layout=gguf: ComfyUI-GGUF's Unet Loader (GGUF) loads it as Flux and,
+    with stock nodes only, samples within fp16-scale rounding of a float file of LowBit's own weights (decoded from
+    the layout=lowbit file); every other block scale 5 % off lands at least 4x farther. Needs COMFYUI_GGUF_DIR
+    (test_comfyui_gguf.py)."""
+    if "UnetLoaderGGUF" not in comfy.object_info():
+        pytest.skip("ComfyUI-GGUF is not loaded: set COMFYUI_GGUF_DIR to a ComfyUI-GGUF checkout "
+                    f"(COMFYUI_GGUF_DIR={os.environ.get('COMFYUI_GGUF_DIR')!r})")
+    from test_comfyui_gguf import _reference_files
+
+    flux = dit_fixtures["flux"]
+    g = _flux_graph(flux.name)
+    q = _quantize(g, "10", ["1", 0], ["3", 0], ["3", 0], bits="W4A8", method="lp", cfg=1.0, precision="rules")
+    g["13"] = {"class_type": "LowBitSaveQuantizedUNet", "inputs": {"model": q, "filename_prefix": "it/flux_gg"}}
+    g["14"] = {"class_type": "LowBitSaveQuantizedUNet",
+               "inputs": {"model": q, "filename_prefix": "gg/flux", "layout": "gguf"}}
+    hist = comfy.run(g, timeout=3000)
+    m = re.match(r"saved models/((?:unet|diffusion_models))/(.+\.gguf) \(GGUF\)$", hist["outputs"]["14"]["text"][0])
+    assert m, hist["outputs"]["14"]["text"]
+    root = comfy.server.base_dir / "models" / m.group(1)
+    lowbit_file = comfy.server.base_dir / "models" / "lowbit" / hist["outputs"]["13"]["lowbit_files"][0]
+    _reference_files(root / m.group(2), lowbit_file, root / "gguf_check")
+    from lowbit.quant.export_gguf import read_gguf
+
+    fields, tensors = read_gguf(str(root / m.group(2)))
+    assert fields["general.architecture"] == "flux"
+    types = {}
+    for t in tensors.values():
+        types[t[0]] = types.get(t[0], 0) + 1
+    assert types.get("Q4_0", 0) > 10, types
+    g2 = _flux_graph(flux.name)
+    del g2["1"]
+    for i, (cls, name) in enumerate((("UnetLoaderGGUF", m.group(2)), ("UnetLoaderGGUF", "gguf_check/gguf_control.gguf"),
+                                     ("UNETLoader", "gguf_check/gguf_ref.safetensors"))):
+        g2[f"7{i}"] = {"class_type": cls, "inputs": {"unet_name": name, **({"weight_dtype": "default"}
+                                                                           if cls == "UNETLoader" else {})}}
+        _flux_sample(g2, f"9{i}", [f"7{i}", 0])
+        g2[f"8{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"9{i}", 0],
+                                                             "filename_prefix": f"latents/flux_gguf_{i}"}}
+    assert not any(n["class_type"].startswith("LowBit") and n["class_type"] != "LowBitTestConditioning"
+                   for n in g2.values())
+    hist2 = comfy.run(g2, timeout=3000)
+    gg, control, ref = (_latent(comfy, hist2, f"8{i}") for i in range(3))
+    near, far = float((gg - ref).norm() / ref.norm()), float((control - ref).norm() / ref.norm())
+    print(f"\nFlux GGUF ({types}): sample vs LowBit's weights (float file) {near:.4g}; control {far:.4g}")
+    record_property("flux_gguf_vs_lowbit_weights", near)
+    assert near < 0.02 and far > 4 * near
     comfy.free()
 
 
