@@ -977,9 +977,14 @@ def _load_pipeline(a, cls):
                                                              guidance=a.guidance)
         except _core("errors").ConfigError as exc:
             raise UsageError(f"--prompt {prompt[:80]!r}: {exc}") from None
-    den = getattr(pipe, a.pipe_info["denoiser"])
-    if any(p.dtype != torch.float32 for p in den.parameters() if p.is_floating_point()):
-        pipe = pipe.to(torch.float32)
+    # every component in float32, not only the denoiser: diffusers loads its own models in float32 whatever they were
+    # saved in, transformers 5 keeps a text encoder saved in fp16 in fp16 (its dtype="auto"), and a float32 UNet fed
+    # fp16 text embeddings fails ("mat1 and mat2 must have the same dtype"); cast per component (pipe.to(dtype)
+    # warns about every diffusers model)
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module) and any(p.dtype != torch.float32 for p in comp.parameters()
+                                                     if p.is_floating_point()):
+            comp.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

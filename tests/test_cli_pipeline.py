@@ -335,6 +335,27 @@ def test_class_conditional_transformer_pipeline_quantizes_and_generates(ws, tmp_
     assert out.stat().st_size > 50 and not (tmp_path / "dit_compare.png").exists()
 
 
+def test_pipeline_saved_in_fp16_quantizes_and_generates(ws, tmp_path, capsys):
+    """A pipeline saved in half precision (save_pretrained after from_pretrained(torch_dtype=torch.float16), as most
+    published checkpoints are): diffusers loads the UNet in float32 but transformers keeps the text encoder in fp16;
+    every component must run in float32 (was: 'mat1 and mat2 must have the same dtype, but got Half and Float'
+    while recording, exit 1)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "sd_fp16"
+    StableDiffusionPipeline.from_pretrained(str(ws / "sd"), torch_dtype=torch.float16, use_safetensors=True,
+                                            local_files_only=True).save_pretrained(str(folder),
+                                                                                   safe_serialization=True)
+    p = str(tmp_path / "q.safetensors")
+    assert main(["quantize", p, "--pipeline", str(folder), "--prompt", "a red cat", *QUICK]) == 0, \
+        capsys.readouterr().err
+    out = tmp_path / "fp16.png"
+    assert main(["generate", "--pipeline", str(folder), "--quantized", p, "--prompt", "a cat", "--steps", "2",
+                 "--size", SIZE, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 50
+
+
 def test_flow_matching_transformer_pipeline_with_the_defaults(ws, tmp_path, capsys):
     """SD3 (text-conditioned transformer, flow-matching scheduler) with quantize's --pipeline defaults (W4A8,
     lp+ptqd, precision rules): PTQD statistics keyed by the SD3 profile; generate --compare."""
