@@ -125,18 +125,22 @@ def _method_type(text):
     return text
 
 
-def _float_type(spec, flag):
+def _float_type(spec, flag, shown=None):
+    """``shown``: the default as the refusal says it, where the option's default is not the spec's (--guidance:
+    the pipeline's own)."""
+    default = spec.default if shown is None else shown
+
     def parse(text):
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number: use {_range_hint(spec)} "
-                                             f"(default {spec.default})") from None
+                                             f"(default {default})") from None
         try:
             return spec.check(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{v} is out of range: use {_range_hint(spec)} "
-                                             f"(default {spec.default})") from None
+                                             f"(default {default})") from None
 
     parse.__name__ = flag
     return parse
@@ -179,7 +183,7 @@ def _size_type(text):
 
 def _add_guidance(p, when=""):
     spec = _arg_spec("guidance")
-    p.add_argument("--guidance", default=None, type=_float_type(spec, "--guidance"), metavar="X",
+    p.add_argument("--guidance", default=None, type=_float_type(spec, "--guidance", "the pipeline's own"), metavar="X",
                    help=f"{when}classifier-free guidance scale (the pipeline's guidance_scale); "
                         f"{spec.range_text()}, default: the pipeline's own (7.5 for Stable Diffusion)")
 

@@ -193,6 +193,10 @@ BAD = [  # refused before torch is imported: (argv, words of the one line)
     (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--size", "20"],
      ["--size", "multiple of 8"]),
     (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--size", "big"], ["--size", "WxH"]),
+    (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--guidance", "-1"],
+     ["--guidance", "use [0, 100] (default the pipeline's own)"]),  # (was: "default 1.0", the library's)
+    (["generate", "--pipeline", "sd", "--quantized", Q, "--prompt", "a", "--out", "x.png", "--guidance", "x"],
+     ["--guidance", "'x' is not a number", "(default the pipeline's own)"]),
     (["quantize", "exists.safetensors", "--pipeline", "sd", "--prompt", "a"], ["already exists", "--overwrite"]),
     (["quantize", "sd/unet/diffusion_pytorch_model.safetensors", "--pipeline", "sd", "--prompt", "a", "--overwrite"],
      ["is a file of the --pipeline folder", "never replaces the input"]),
