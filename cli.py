@@ -945,11 +945,16 @@ def _pipeline_class(a):
         raise UsageError(f"--pipeline {a.pipeline} is class-conditional ({info['cls']}): give classes with --prompt "
                          "(a class number or a label name)")
     if a.size is not None and not D.takes(cls, "height", "width"):
-        raise UsageError(f"--size: {info['cls']} takes no height/width (its image size is fixed by its model); drop "
-                         "--size")
+        raise UsageError(f"--size: {info['cls']} takes no height/width (its image size is fixed by its model or by "
+                         "its input image); drop --size")
     if a.guidance is not None and not D.takes(cls, "guidance_scale"):
         raise UsageError(f"--guidance: {info['cls']} takes no guidance_scale; drop --guidance")
+    a.image_input = next((n for n in _IMAGE_INPUTS if D.takes(cls, n)), None)
     return cls
+
+
+# the inputs of image-conditioned pipelines (img2img, inpainting, ControlNet, ...), which the CLI does not give
+_IMAGE_INPUTS = ("image", "control_image", "mask_image")
 
 
 def _load_pipeline(a, cls):
@@ -995,15 +1000,21 @@ def _load_pipeline(a, cls):
 
 @contextlib.contextmanager
 def _pipeline_errors(a):
-    """An error of the pipeline itself while it generates (a size it cannot take, ...) as one line, exit 1."""
+    """An error of the pipeline itself while it generates (a size it cannot take, ...) as one line, exit 1; exit 2
+    (a UsageError) where the pipeline takes an input image the CLI does not give (img2img, inpainting, ...)."""
     errors = _core("errors")
     try:
         yield
     except errors.LowBitError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as exc:
-        raise errors.LowBitError(f"the {a.pipe_info['cls']} failed while generating ({_one_line(exc)[:300]}); "
-                                 "check that --size, --steps and --guidance suit this pipeline") from None
+        what = f"the {a.pipe_info['cls']} failed while generating ({_one_line(exc)[:300]})"
+        if getattr(a, "image_input", None):  # (img2img, inpainting, ControlNet...: it failed at its first step)
+            raise UsageError(f"--pipeline {a.pipeline}: {what}; it takes an input image ({a.image_input}=...), "
+                             "which the CLI does not give (it generates from prompts only): give the text-to-image "
+                             "pipeline folder of this model, or record its denoiser's calls in Python "
+                             "(lowbit.quant.CallRecorder around pipe(...))") from None
+        raise errors.LowBitError(f"{what}; check that --size, --steps and --guidance suit this pipeline") from None
 
 
 def _size_text(a) -> str:

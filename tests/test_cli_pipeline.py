@@ -360,6 +360,31 @@ def test_pipeline_saved_in_fp16_quantizes_and_generates(ws, tmp_path, capsys):
     assert out.stat().st_size > 50
 
 
+def test_image_conditioned_pipeline_is_refused_in_one_line_naming_its_image_input(ws, tmp_path, capsys):
+    """An img2img pipeline folder (an inpainting, ControlNet or refiner checkpoint is saved the same way): it takes
+    prompts, but generates nothing without its input image. Refused (exit 2) at its first step, naming the image
+    input and the way out (was: exit 1, 'check that --size, --steps and --guidance suit this pipeline'); its --size
+    refusal no longer says the size is fixed by its model."""
+    folder = tmp_path / "sd_img2img"
+    shutil.copytree(ws / "sd", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionImg2ImgPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    before = _snapshot(tmp_path)
+    assert main(["quantize", str(tmp_path / "q.safetensors"), "--pipeline", str(folder), "--prompt", "a cat",
+                 "--steps", "2"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lowbit")]
+    assert len(err) == 1, err
+    for w in ("StableDiffusionImg2ImgPipeline failed while generating", "takes an input image (image=...)",
+              "text-to-image pipeline folder", "CallRecorder"):
+        assert w in err[0], (w, err[0])
+    assert main(["quantize", str(tmp_path / "q.safetensors"), "--pipeline", str(folder), "--prompt", "a cat",
+                 "--size", SIZE]) == 2
+    assert "takes no height/width (its image size is fixed by its model or by its input image)" in \
+        capsys.readouterr().err
+    assert _snapshot(tmp_path) == before, "something was written"
+
+
 def test_flow_matching_transformer_pipeline_with_the_defaults(ws, tmp_path, capsys):
     """SD3 (text-conditioned transformer, flow-matching scheduler) with quantize's --pipeline defaults (W4A8,
     lp+ptqd, precision rules): PTQD statistics keyed by the SD3 profile; generate --compare."""
