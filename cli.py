@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "will generate with)")
     q.add_argument("--size", default=None, type=_size_type, metavar="WxH",
                    help="with --pipeline: image size of the calibration runs, WxH or N (square), multiples of 8 in "
-                        "16..16384 (smaller is faster on a CPU; use the size you will generate at); default: the "
-                        "pipeline's own (e.g. 512 for SD 1.5)")
+                        "16..16384 (smaller is faster on a CPU; use the size you will generate at; PixArt and Sana "
+                        "pipelines run the nearest size of their resolution bins); default: the pipeline's own (e.g. "
+                        "512 for SD 1.5)")
     _add_guidance(q, "with --pipeline: ")
     _add(q, "--seed", "seed", help="with --pipeline: seed of the first calibration run (prompt i uses seed + i)")
     q.add_argument("--unet", default=None, metavar="DIR",
@@ -950,6 +951,7 @@ def _pipeline_class(a):
     if a.guidance is not None and not D.takes(cls, "guidance_scale"):
         raise UsageError(f"--guidance: {info['cls']} takes no guidance_scale; drop --guidance")
     a.image_input = next((n for n in _IMAGE_INPUTS if D.takes(cls, n)), None)
+    a.binning = D.takes(cls, "use_resolution_binning")  # (on by default in the pipelines that take it)
     return cls
 
 
@@ -1018,7 +1020,13 @@ def _pipeline_errors(a):
 
 
 def _size_text(a) -> str:
-    return f"{a.size[0]}x{a.size[1]}" if a.size else "the pipeline's size"
+    if not a.size:
+        return "the pipeline's size"
+    text = f"{a.size[0]}x{a.size[1]}"
+    if getattr(a, "binning", False):  # (PixArt, Sana: --size 512 on a 1024 model runs at 1024x1024)
+        text += (f" (asked: the {a.pipe_info['cls']} runs at the nearest size of its resolution bins and resizes the "
+                 "image)")
+    return text
 
 
 def _quantize_pipeline(a, prog: Progress):
