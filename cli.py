@@ -126,18 +126,22 @@ def _method_type(text):
     return text
 
 
-def _float_type(spec, flag):
+def _float_type(spec, flag, shown=None):
+    """``shown``: the default as the refusal says it, where the option's default is not the spec's (--guidance:
+    the pipeline's own)."""
+    default = spec.default if shown is None else shown
+
     def parse(text):
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number: use {_range_hint(spec)} "
-                                             f"(default {spec.default})") from None
+                                             f"(default {default})") from None
         try:
             return spec.check(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{v} is out of range: use {_range_hint(spec)} "
-                                             f"(default {spec.default})") from None
+                                             f"(default {default})") from None
 
     parse.__name__ = flag
     return parse
@@ -180,7 +184,7 @@ def _size_type(text):
 
 def _add_guidance(p, when=""):
     spec = _arg_spec("guidance")
-    p.add_argument("--guidance", default=None, type=_float_type(spec, "--guidance"), metavar="X",
+    p.add_argument("--guidance", default=None, type=_float_type(spec, "--guidance", "the pipeline's own"), metavar="X",
                    help=f"{when}classifier-free guidance scale (the pipeline's guidance_scale); "
                         f"{spec.range_text()}, default: the pipeline's own (7.5 for Stable Diffusion)")
 
@@ -245,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "will generate with)")
     q.add_argument("--size", default=None, type=_size_type, metavar="WxH",
                    help="with --pipeline: image size of the calibration runs, WxH or N (square), multiples of 8 in "
-                        "16..16384 (smaller is faster on a CPU; use the size you will generate at); default: the "
-                        "pipeline's own (e.g. 512 for SD 1.5)")
+                        "16..16384 (smaller is faster on a CPU; use the size you will generate at; PixArt and Sana "
+                        "pipelines run the nearest size of their resolution bins); default: the pipeline's own (e.g. "
+                        "512 for SD 1.5)")
     _add_guidance(q, "with --pipeline: ")
     _add(q, "--seed", "seed", help="with --pipeline: seed of the first calibration run (prompt i uses seed + i)")
     q.add_argument("--unet", default=None, metavar="DIR",
@@ -997,11 +1002,17 @@ def _pipeline_class(a):
         raise UsageError(f"--pipeline {a.pipeline} is class-conditional ({info['cls']}): give classes with --prompt "
                          "(a class number or a label name)")
     if a.size is not None and not D.takes(cls, "height", "width"):
-        raise UsageError(f"--size: {info['cls']} takes no height/width (its image size is fixed by its model); drop "
-                         "--size")
+        raise UsageError(f"--size: {info['cls']} takes no height/width (its image size is fixed by its model or by "
+                         "its input image); drop --size")
     if a.guidance is not None and not D.takes(cls, "guidance_scale"):
         raise UsageError(f"--guidance: {info['cls']} takes no guidance_scale; drop --guidance")
+    a.image_input = next((n for n in _IMAGE_INPUTS if D.takes(cls, n)), None)
+    a.binning = D.takes(cls, "use_resolution_binning")  # (on by default in the pipelines that take it)
     return cls
+
+
+# the inputs of image-conditioned pipelines (img2img, inpainting, ControlNet, ...), which the CLI does not give
+_IMAGE_INPUTS = ("image", "control_image", "mask_image")
 
 
 def _load_pipeline(a, cls):
@@ -1033,28 +1044,45 @@ def _load_pipeline(a, cls):
                                                              guidance=a.guidance)
         except _core("errors").ConfigError as exc:
             raise UsageError(f"--prompt {prompt[:80]!r}: {exc}") from None
-    den = getattr(pipe, a.pipe_info["denoiser"])
-    if any(p.dtype != torch.float32 for p in den.parameters() if p.is_floating_point()):
-        pipe = pipe.to(torch.float32)
+    # every component in float32, not only the denoiser: diffusers loads its own models in float32 whatever they were
+    # saved in, transformers 5 keeps a text encoder saved in fp16 in fp16 (its dtype="auto"), and a float32 UNet fed
+    # fp16 text embeddings fails ("mat1 and mat2 must have the same dtype"); cast per component (pipe.to(dtype)
+    # warns about every diffusers model)
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module) and any(p.dtype != torch.float32 for p in comp.parameters()
+                                                     if p.is_floating_point()):
+            comp.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @contextlib.contextmanager
 def _pipeline_errors(a):
-    """An error of the pipeline itself while it generates (a size it cannot take, ...) as one line, exit 1."""
+    """An error of the pipeline itself while it generates (a size it cannot take, ...) as one line, exit 1; exit 2
+    (a UsageError) where the pipeline takes an input image the CLI does not give (img2img, inpainting, ...)."""
     errors = _core("errors")
     try:
         yield
     except errors.LowBitError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as exc:
-        raise errors.LowBitError(f"the {a.pipe_info['cls']} failed while generating ({_one_line(exc)[:300]}); "
-                                 "check that --size, --steps and --guidance suit this pipeline") from None
+        what = f"the {a.pipe_info['cls']} failed while generating ({_one_line(exc)[:300]})"
+        if getattr(a, "image_input", None):  # (img2img, inpainting, ControlNet...: it failed at its first step)
+            raise UsageError(f"--pipeline {a.pipeline}: {what}; it takes an input image ({a.image_input}=...), "
+                             "which the CLI does not give (it generates from prompts only): give the text-to-image "
+                             "pipeline folder of this model, or record its denoiser's calls in Python "
+                             "(lowbit.quant.CallRecorder around pipe(...))") from None
+        raise errors.LowBitError(f"{what}; check that --size, --steps and --guidance suit this pipeline") from None
 
 
 def _size_text(a) -> str:
-    return f"{a.size[0]}x{a.size[1]}" if a.size else "the pipeline's size"
+    if not a.size:
+        return "the pipeline's size"
+    text = f"{a.size[0]}x{a.size[1]}"
+    if getattr(a, "binning", False):  # (PixArt, Sana: --size 512 on a 1024 model runs at 1024x1024)
+        text += (f" (asked: the {a.pipe_info['cls']} runs at the nearest size of its resolution bins and resizes the "
+                 "image)")
+    return text
 
 
 def _quantize_pipeline(a, prog: Progress):

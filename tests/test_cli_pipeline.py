@@ -193,6 +193,10 @@ BAD = [  # refused before torch is imported: (argv, words of the one line)
     (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--size", "20"],
      ["--size", "multiple of 8"]),
     (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--size", "big"], ["--size", "WxH"]),
+    (["quantize", "o.safetensors", "--pipeline", "sd", "--prompt", "a", "--guidance", "-1"],
+     ["--guidance", "use [0, 100] (default the pipeline's own)"]),  # (was: "default 1.0", the library's)
+    (["generate", "--pipeline", "sd", "--quantized", Q, "--prompt", "a", "--out", "x.png", "--guidance", "x"],
+     ["--guidance", "'x' is not a number", "(default the pipeline's own)"]),
     (["quantize", "exists.safetensors", "--pipeline", "sd", "--prompt", "a"], ["already exists", "--overwrite"]),
     (["quantize", "sd/unet/diffusion_pytorch_model.safetensors", "--pipeline", "sd", "--prompt", "a", "--overwrite"],
      ["is a file of the --pipeline folder", "never replaces the input"]),
@@ -333,6 +337,96 @@ def test_class_conditional_transformer_pipeline_quantizes_and_generates(ws, tmp_
     assert main(["generate", "--pipeline", str(ws / "dit"), "--quantized", p, "--prompt", "3", "--steps", "3",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 50 and not (tmp_path / "dit_compare.png").exists()
+
+
+def test_pipeline_saved_in_fp16_quantizes_and_generates(ws, tmp_path, capsys):
+    """A pipeline saved in half precision (save_pretrained after from_pretrained(torch_dtype=torch.float16), as most
+    published checkpoints are): diffusers loads the UNet in float32 but transformers keeps the text encoder in fp16;
+    every component must run in float32 (was: 'mat1 and mat2 must have the same dtype, but got Half and Float'
+    while recording, exit 1)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "sd_fp16"
+    StableDiffusionPipeline.from_pretrained(str(ws / "sd"), torch_dtype=torch.float16, use_safetensors=True,
+                                            local_files_only=True).save_pretrained(str(folder),
+                                                                                   safe_serialization=True)
+    p = str(tmp_path / "q.safetensors")
+    assert main(["quantize", p, "--pipeline", str(folder), "--prompt", "a red cat", *QUICK]) == 0, \
+        capsys.readouterr().err
+    out = tmp_path / "fp16.png"
+    assert main(["generate", "--pipeline", str(folder), "--quantized", p, "--prompt", "a cat", "--steps", "2",
+                 "--size", SIZE, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 50
+
+
+def test_image_conditioned_pipeline_is_refused_in_one_line_naming_its_image_input(ws, tmp_path, capsys):
+    """An img2img pipeline folder (an inpainting, ControlNet or refiner checkpoint is saved the same way): it takes
+    prompts, but generates nothing without its input image. Refused (exit 2) at its first step, naming the image
+    input and the way out (was: exit 1, 'check that --size, --steps and --guidance suit this pipeline'); its --size
+    refusal no longer says the size is fixed by its model."""
+    folder = tmp_path / "sd_img2img"
+    shutil.copytree(ws / "sd", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionImg2ImgPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    before = _snapshot(tmp_path)
+    assert main(["quantize", str(tmp_path / "q.safetensors"), "--pipeline", str(folder), "--prompt", "a cat",
+                 "--steps", "2"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lowbit")]
+    assert len(err) == 1, err
+    for w in ("StableDiffusionImg2ImgPipeline failed while generating", "takes an input image (image=...)",
+              "text-to-image pipeline folder", "CallRecorder"):
+        assert w in err[0], (w, err[0])
+    assert main(["quantize", str(tmp_path / "q.safetensors"), "--pipeline", str(folder), "--prompt", "a cat",
+                 "--size", SIZE]) == 2
+    assert "takes no height/width (its image size is fixed by its model or by its input image)" in \
+        capsys.readouterr().err
+    assert _snapshot(tmp_path) == before, "something was written"
+
+
+def _tiny_pixart(folder):
+    """A PixArtSigmaPipeline of random weights with a T5 encoder (its tokenizer a word-level Unigram written here:
+    no sentencepiece) and sample_size 32, the smallest its resolution binning accepts (the 256 bins; an 8x VAE:
+    256x256 images, 32x32 latents)."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>"] + ["\u2581" + w for w in ("a", "red", "cat", "blue", "dog")]
+    tk = Tokenizer(models.Unigram([(w, 0.0 if i < 3 else -1.0) for i, w in enumerate(pieces)], unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok_file = folder.parent / (folder.name + "_tokenizer.json")
+    tk.save(str(tok_file))
+    tok = T5TokenizerFast(tokenizer_file=str(tok_file), pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                          model_max_length=16, extra_ids=0)
+    torch.manual_seed(0)
+    te = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=16))
+    tr = PixArtTransformer2DModel(sample_size=32, num_layers=1, patch_size=2, attention_head_dim=8,
+                                  num_attention_heads=2, caption_channels=16, in_channels=4, cross_attention_dim=16,
+                                  out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+                                  num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                                  norm_elementwise_affine=False, norm_eps=1e-6)
+    vae = AutoencoderKL(block_out_channels=(8,) * 4, in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, sample_size=256, layers_per_block=1)
+    PixArtSigmaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(str(folder), safe_serialization=True)
+
+
+def test_resolution_binning_pipeline_says_it_does_not_run_at_the_asked_size(tmp_path, capsys, checkout_off_path):
+    """PixArt (and Sana) pipelines bin height/width to their native sizes and resize the image afterwards: --size 16
+    of this one runs at 256x256, as --size 512 of PixArt-Sigma-1024 runs at 1024x1024. The stages say so (they said
+    'at 16x16'), and the calibration runs are those of the binned size."""
+    _tiny_pixart(tmp_path / "pixart")
+    p = str(tmp_path / "q.safetensors")
+    assert main(["quantize", p, "--pipeline", str(tmp_path / "pixart"), "--prompt", "a red cat", *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert ("at 16x16 (asked: the PixArtSigmaPipeline runs at the nearest size of its resolution bins and resizes "
+            "the image)") in err, err
 
 
 def test_flow_matching_transformer_pipeline_with_the_defaults(ws, tmp_path, capsys):

@@ -13,7 +13,8 @@ from . import ModelProfile, class_named, config_value, register_profile
 
 _EDGES = (
     LayerRule(r"(^|\.)(x_embedder|img_in|pos_embed\.proj|context_embedder|txt_in)$", "w8a8"),
-    LayerRule(r"(^|\.)(proj_out|final_layer\.linear|norm_out\.linear|final_layer\.adaLN_modulation\.\d+)$",
+    # (diffusers' DiT: proj_out_1 is the final adaLN modulation, proj_out_2 the output projection)
+    LayerRule(r"(^|\.)(proj_out(_[12])?|final_layer\.linear|norm_out\.linear|final_layer\.adaLN_modulation\.\d+)$",
               "w8a8"),
     LayerRule(r"(^|\.)(time_text_embed|time_in|vector_in|guidance_in|t_embedder|y_embedder|timestep_embedder)"
               r"(\.|$)", "w8a8"),

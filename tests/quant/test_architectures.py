@@ -115,6 +115,17 @@ def test_layers_whose_weight_is_read_directly_stay_float():
     assert torch.isfinite(_out(q, "hunyuan")).all()
 
 
+def test_dit_output_layers_are_edges():
+    """diffusers' DiT ends in proj_out_1 (the final adaLN modulation) and proj_out_2 (the output projection), the
+    counterparts of the other transformers' norm_out.linear and proj_out: the name rules keep them at W8A8 (found by
+    audit: the rule named proj_out only, so at W4A8 DiT's output layers had 4-bit weights)."""
+    fp, calls = _model_and_calls("dit")
+    q = quantize(fp, QuantConfig.preset("W4A8"), calls[:1])
+    bits = {n: (m.w_bits, m.a_bits) for n, m in quant_layers(q)}
+    assert bits["proj_out_1"] == bits["proj_out_2"] == (8, 8)
+    assert bits["transformer_blocks.0.attn1.to_q"] == (4, 8)
+
+
 def test_layers_whose_parameters_the_model_reads_stay_float_whatever_the_plan():
     """diffusers' Wan reads ``next(iter(time_embedder.parameters())).dtype``: a deployed layer has no parameters,
     so a quantized time embedder made the deployed model's first forward raise StopIteration (found by audit). The
