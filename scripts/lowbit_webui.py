@@ -87,9 +87,10 @@ def on_ui_settings():
     shared.opts.add_option("lowbit_calib_steps", shared.OptionInfo(
         8, "Calibration steps (sampling steps of each calibration run)", gr.Slider,
         {"minimum": STEPS.lo, "maximum": STEPS.hi, "step": 1}, section=SECTION))
-    shared.opts.add_option("lowbit_calib_size", shared.OptionInfo(
-        512, "Image size of the LowBit tab's calibration runs", gr.Slider,
-        {"minimum": 64, "maximum": 2048, "step": 64}, section=SECTION))
+    if IS_FORGE:  # (A1111 has no LowBit tab)
+        shared.opts.add_option("lowbit_calib_size", shared.OptionInfo(
+            512, "Image size of the LowBit tab's calibration runs", gr.Slider,
+            {"minimum": 64, "maximum": 2048, "step": 64}, section=SECTION))
 
 
 # ------------------------------------------------------------------------------------------------- the tab

@@ -268,14 +268,20 @@ def _rng_restore(p, state):
         p.rng.is_first = is_first
 
 
+def check_calibratable(p, kwargs):
+    """The built-in calibration records txt2img generations only."""
+    # (img2img's processing object holds init_images; txt2img_image_conditioning is defined for both)
+    if getattr(p, "init_images", None) is not None or "x" not in kwargs or "c" not in kwargs:
+        first = ("quantize in the LowBit tab (or run one txt2img with LowBit enabled)" if is_forge() else
+                 "run one txt2img with LowBit enabled and these same settings")
+        raise SettingError(f"LowBit calibrates during txt2img only; {first} before using it in img2img")
+
+
 def calibrate_in_generation(p, samples: int, steps: int, kwargs):
     """Built-in calibration: ``samples`` full-precision runs of this txt2img generation's own prompt and size
     with ``steps`` steps (Forge's sampler), recording every UNet call. The generation's RNG is restored, so the
     image itself is the one a full-precision run would start from."""
-    # (img2img's processing object holds init_images; txt2img_image_conditioning is defined for both)
-    if getattr(p, "init_images", None) is not None or "x" not in kwargs or "c" not in kwargs:
-        raise SettingError("LowBit calibrates during txt2img only; quantize in the LowBit tab (or run one txt2img "
-                           "with LowBit enabled) before using it in img2img")
+    check_calibratable(p, kwargs)
     fp = generation_unet(p)
     x = kwargs["x"]
     state = _rng_state(p)
@@ -338,6 +344,7 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
     key = (checkpoint_key(p.sd_model), generation_loras(p), bits, method, samples, steps)
     with SHARED.lock:
         if SHARED.key != key:
+            check_calibratable(p, kwargs)  # (before the cached UNet is dropped: an img2img request keeps it)
             SHARED.key, SHARED.qmodel = None, None  # free the old one before building the next
             calls = calibrate_in_generation(p, samples, steps, kwargs)
             SHARED.qmodel, SHARED.key = build_for(p, calls, bits, method), key

@@ -104,12 +104,13 @@ def test_a1111_generation_builds_once_per_setting_and_names_the_loras(a1111, mon
     p = types.SimpleNamespace(sd_model=types.SimpleNamespace(sd_checkpoint_info=types.SimpleNamespace(filename="a"),
                                                              model=types.SimpleNamespace(diffusion_model=fp)),
                               extra_network_data={"lora": [lora]})
-    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2)
-    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2)  # cached
+    kw = {"x": torch.zeros(1, 4, 8, 8), "c": None}
+    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2, **kw)
+    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2, **kw)  # cached
     assert built == [("W8A8", "naive")] and installed == ["W8A8 naive"] * 2
     assert "lora:style:0.8" in webui.SHARED.key[1]
     p.extra_network_data = {}
-    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2)  # the LoRA is gone: built anew
+    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2, **kw)  # the LoRA is gone: built anew
     assert len(built) == 2
     with pytest.raises(SettingError, match="needs Forge"):
         webui.process_before_every_sampling(p, True, webui.FROM_TAB, "naive", 1, 2)
@@ -187,3 +188,24 @@ def test_section_says_not_applied_on_a_webui_without_the_sampling_hook(tmp_path,
         assert out["True"] is None
     else:
         assert out["True"].startswith("not applied") and "SD Unet" in out["True"], out
+
+
+def test_img2img_with_other_settings_is_refused_and_keeps_the_cached_unet(a1111, monkeypatch):
+    """img2img reuses the UNet a txt2img built with the same settings; one with other settings is refused (the
+    calibration records txt2img only) -- and no longer drops the cached UNet on the way (it was freed before the
+    refusal, so the next img2img with the right settings failed too). On A1111 the message names no LowBit tab."""
+    fp, q = _UNet(a1111, 1.0), object()
+    installed = []
+    monkeypatch.setattr(webui, "install_a1111", lambda p, model, label: installed.append(model))
+    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(sd_checkpoint_info=types.SimpleNamespace(filename="a"),
+                                                             model=types.SimpleNamespace(diffusion_model=fp)),
+                              init_images=["an image"])
+    monkeypatch.setattr(webui.SHARED, "key", ("a", (), "W8A8", "naive", 1, 2))
+    monkeypatch.setattr(webui.SHARED, "qmodel", q)
+    kwargs = {"x": torch.zeros(1, 4, 8, 8), "c": None}
+    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2, **kwargs)
+    with pytest.raises(SettingError, match="txt2img only") as ei:
+        webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 3, **kwargs)
+    assert "tab" not in str(ei.value)
+    webui.process_before_every_sampling(p, True, "W8A8", "naive", 1, 2, **kwargs)
+    assert installed == [q, q] and webui.SHARED.qmodel is q
