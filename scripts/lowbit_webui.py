@@ -1,5 +1,5 @@
-"""LowBit for Stable-Diffusion-WebUI Forge (and A1111): the "LowBit" tab, settings, and an always-visible
-txt2img/img2img section that samples with a quantized UNet.
+"""LowBit for Stable-Diffusion-WebUI Forge and A1111: the "LowBit" tab (Forge), settings, an always-visible
+txt2img/img2img section that samples with a quantized UNet (Forge, A1111 >= 1.10), and A1111's SD Unet options.
 
 How this file finds the LowBit package
 --------------------------------------
@@ -66,6 +66,9 @@ _config = importlib.import_module(f"{_pkg}.quant.config")
 METHODS = list(_config.METHODS)  # the one method vocabulary
 SAMPLES, STEPS = _config.arg_spec("calib_samples"), _config.arg_spec("calib_steps")  # the one set of limits
 IS_FORGE = webui.is_forge()
+HAS_SAMPLING_HOOK = webui.has_sampling_hook()  # A1111 < 1.10 never calls process_before_every_sampling
+NOT_APPLIED = ("not applied: this WebUI has no per-sampling script hook (A1111 1.10 or Forge needed); "
+               "use Settings -> Stable Diffusion -> SD Unet")
 SECTION = ("lowbit", "LowBit")
 
 
@@ -84,9 +87,10 @@ def on_ui_settings():
     shared.opts.add_option("lowbit_calib_steps", shared.OptionInfo(
         8, "Calibration steps (sampling steps of each calibration run)", gr.Slider,
         {"minimum": STEPS.lo, "maximum": STEPS.hi, "step": 1}, section=SECTION))
-    shared.opts.add_option("lowbit_calib_size", shared.OptionInfo(
-        512, "Image size of the LowBit tab's calibration runs", gr.Slider,
-        {"minimum": 64, "maximum": 2048, "step": 64}, section=SECTION))
+    if IS_FORGE:  # (A1111 has no LowBit tab)
+        shared.opts.add_option("lowbit_calib_size", shared.OptionInfo(
+            512, "Image size of the LowBit tab's calibration runs", gr.Slider,
+            {"minimum": 64, "maximum": 2048, "step": 64}, section=SECTION))
 
 
 # ------------------------------------------------------------------------------------------------- the tab
@@ -122,7 +126,8 @@ class LowBitScript(scripts.Script):
         method0 = webui.opt("lowbit_default_method", webui.DEFAULT_METHOD)
         with gr.Accordion("LowBit: quantized UNet", open=False, elem_id=self.elem_id("lowbit")):
             if not IS_FORGE:
-                gr.Markdown("On A1111 choose a *LowBit* entry in Settings -> Stable Diffusion -> SD Unet.")
+                gr.Markdown("A1111: this section needs A1111 1.10 or later; without it, or to skip calibration, "
+                            "choose a *LowBit* entry in Settings -> Stable Diffusion -> SD Unet.")
             enabled = gr.Checkbox(False, label="Enable (sample with a quantized UNet)", elem_id=self.elem_id("enable"))
             with gr.Row():
                 bits = gr.Dropdown(list(webui.SCRIPT_BITS), value=bits0 if bits0 in webui.SCRIPT_BITS else "W8A8",
@@ -138,10 +143,21 @@ class LowBitScript(scripts.Script):
                         "(txt2img), then quantizes; later ones reuse the quantized UNet.")
         return [enabled, bits, method, samples, steps]
 
+    def process(self, p, enabled=False, *args, **kwargs):
+        if enabled and not HAS_SAMPLING_HOOK:  # say so instead of sampling in full precision silently
+            log.warning("LowBit: %s", NOT_APPLIED)
+            p.extra_generation_params["LowBit"] = NOT_APPLIED
+
+    def process_batch(self, p, *args, **kwargs):
+        # A1111 has applied the SD Unet setting by now; its infotext does not name the UNet, ours does
+        label = None if IS_FORGE else webui.sd_unet_label()
+        if label is not None and "LowBit" not in p.extra_generation_params:
+            p.extra_generation_params["LowBit"] = f"{label.removeprefix('LowBit ')} (SD Unet)"
+
     def process_before_every_sampling(self, p, enabled=False, bits="W8A8", method=webui.DEFAULT_METHOD,
                                       calib_samples=2, calib_steps=8, *args, **kwargs):
-        # Forge only (A1111 has no such hook). Errors here are reported by Forge, which then samples in full
-        # precision; say so loudly in the log and the infotext rather than silently.
+        # Forge, A1111 >= 1.10. Errors here are reported by the WebUI, which then samples in full precision;
+        # say so loudly in the log and the infotext rather than silently.
         try:
             webui.process_before_every_sampling(p, enabled, bits, method, calib_samples, calib_steps, **kwargs)
         except Exception as exc:

@@ -1,6 +1,6 @@
-"""Stable-Diffusion-WebUI glue: the Forge backend of the LowBit tab, the per-generation UNet patch, A1111's
-``SdUnet`` option. Only ``scripts/lowbit_webui.py`` imports this module, and only inside the WebUI; every
-``modules.*`` (WebUI) and ``backend.*`` (Forge) import is inside a function.
+"""Stable-Diffusion-WebUI glue: the Forge backend of the LowBit tab, the per-generation UNet patch (Forge and
+A1111 >= 1.10), A1111's ``SdUnet`` options. Only ``scripts/lowbit_webui.py`` imports this module, and only inside
+the WebUI; every ``modules.*`` (WebUI) and ``backend.*`` (Forge) import is inside a function.
 
 Facts used here (read in Forge's source, checked by tests/webui/test_forge_integration.py on a real Forge):
 
@@ -17,6 +17,23 @@ Facts used here (read in Forge's source, checked by tests/webui/test_forge_integ
   NF4/FP4/GGUF/scaled-fp8 loads ("Diffusion in Low Bits") with the fix in the message.
 * Loading a clone unloads the other patchers of the same model (``unload_model_clones``), which removes
   their object patches: after a LowBit generation the float UNet is back in place for the next one.
+
+A1111 (read in its 1.10.1 source, run on it with tests/webui/test_a1111_integration.py):
+
+* ``p.sd_model`` is ldm's ``LatentDiffusion``; the float UNet is ``p.sd_model.model.diffusion_model``, an ldm
+  ``UNetModel`` whose class ``forward`` ``modules/sd_hijack.py`` replaced: while ``sd_unet.current_unet`` is set,
+  every ``UNetModel`` call goes to ``current_unet.forward(x, timesteps, context, ...)`` instead (the "SD Unet"
+  setting's mechanism). The per-generation patch sets ``current_unet`` only while this generation's sampler
+  samples (``install_a1111`` wraps that sampler's ``sample``/``sample_img2img``, a new object per generation), so
+  nothing is left behind by an error or an interruption; it takes precedence over an SD Unet option. Calibration
+  runs with ``current_unet`` cleared: the checkpoint's own float UNet, whatever SD Unet is selected.
+* ``Script.process_before_every_sampling(p, x, noise, c, uc)`` exists since A1111 1.10 (commit 17e8461) with
+  Forge's arguments; older A1111 never calls it, so the section says it was not applied (``process``).
+* The quantized copies of ``UNetModel`` keep its class, so calling one re-enters the patched ``forward``:
+  ``_call_own`` clears ``current_unet`` around it.
+* LoRAs (``extensions-builtin/Lora``) are merged into the float Linear/Conv weights at their first forward after
+  activation, i.e. during the calibration runs, so the quantized UNet is built with them; the cache key names
+  them (``p.extra_network_data``). Not run with a LoRA here.
 """
 from __future__ import annotations
 
@@ -50,6 +67,13 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
+def has_sampling_hook() -> bool:
+    """Whether this WebUI calls ``Script.process_before_every_sampling`` (Forge; A1111 since 1.10)."""
+    from modules import scripts
+
+    return hasattr(getattr(scripts, "ScriptRunner", None), "process_before_every_sampling")
+
+
 def opt(name: str, default):
     from modules import shared
 
@@ -67,9 +91,15 @@ def check_float_weights(unet: nn.Module) -> nn.Module:
             raise ConfigError(f"layer {name} holds a {type(w).__name__} weight ({getattr(w, 'dtype', '?')}): "
                               "LowBit quantizes fp16/bf16/fp32 checkpoints. Set 'Diffusion in Low Bits' to "
                               "Automatic (not NF4/FP4/GGUF) and reload the model")
+        if w.dtype not in FLOAT_WEIGHT_DTYPES:  # A1111's "FP8 weight" stores Linear weights as float8
+            raise ConfigError(f"layer {name} holds a {w.dtype} weight: LowBit quantizes fp16/bf16/fp32 checkpoints. "
+                              "Turn off Settings -> Optimizations -> FP8 weight (A1111) and reload the model")
         if getattr(m, "scale_weight", None) is not None:
             raise ConfigError(f"layer {name} is a scaled-fp8 weight; LowBit needs an fp16/bf16/fp32 checkpoint")
     return unet
+
+
+FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def is_lowbit(unet) -> bool:
@@ -104,6 +134,87 @@ def install(p, qunet, label: str):
     unet.add_object_patch("diffusion_model", qunet)
     p.sd_model.forge_objects.unet = unet
     p.extra_generation_params["LowBit"] = label
+
+
+# ----------------------------------------------------------------------------------------------- A1111 side
+def _call_own(unet, *args, **kwargs):
+    """Call one of LowBit's copies of A1111's ``UNetModel``: its class ``forward`` is A1111's patched one, which
+    would hand the call to ``sd_unet.current_unet`` (i.e. back to us) while that is set: clear it around the call."""
+    from modules import sd_unet
+
+    saved = sd_unet.current_unet
+    sd_unet.current_unet = None
+    try:
+        return unet(*args, **kwargs)
+    finally:
+        sd_unet.current_unet = saved
+
+
+class _A1111Step:
+    """What ``sd_unet.current_unet`` dispatches to while LowBit's per-generation UNet samples."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def forward(self, x, timesteps, context, *args, **kwargs):
+        return _call_own(self.unet, x, timesteps, context, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def a1111_unet(unet: Optional[nn.Module]):
+    """While inside, A1111 samples with ``unet`` (None: the checkpoint's own float UNet, even when an SD Unet
+    option is selected); the previous ``sd_unet.current_unet`` is put back on the way out, error or not."""
+    from modules import sd_unet
+
+    saved = sd_unet.current_unet
+    sd_unet.current_unet = None if unet is None else _A1111Step(unet)
+    try:
+        yield
+    finally:
+        sd_unet.current_unet = saved
+
+
+def install_a1111(p, qunet, label: str):
+    """A1111: make this generation's sampler (a new object per generation and per hires pass) sample with ``qunet``.
+    Each sampling entry point is wrapped on the instance, from the class's own method, so installing twice on one
+    sampler wraps once."""
+    sampler = p.sampler
+    for name in ("sample", "sample_img2img"):
+        own = getattr(type(sampler), name, None)
+        if own is None:
+            continue
+
+        def wrapped(*args, _own=own.__get__(sampler), **kwargs):
+            with a1111_unet(qunet):
+                return _own(*args, **kwargs)
+
+        setattr(sampler, name, wrapped)
+    p.extra_generation_params["LowBit"] = label
+
+
+def generation_unet(p) -> nn.Module:
+    """The float UNet this generation samples with (Forge: of its UnetPatcher; A1111: the checkpoint's)."""
+    if is_forge():
+        return fp_unet_of(p.sd_model.forge_objects.unet)
+    unet = p.sd_model.model.diffusion_model
+    if is_lowbit(unet):
+        raise ConfigError("the loaded model's UNet is a LowBit quantized one; reload the checkpoint")
+    return unet
+
+
+def generation_alphas(p) -> torch.Tensor:
+    if is_forge():
+        return alphas_cumprod_of(p.sd_model.forge_objects.unet)
+    return p.sd_model.alphas_cumprod.detach().float().cpu()
+
+
+def generation_loras(p) -> tuple:
+    """What LoRAs act on this generation's float UNet (part of the cache key)."""
+    if is_forge():
+        return lora_key(p.sd_model.forge_objects.unet)
+    data = getattr(p, "extra_network_data", None) or {}
+    return tuple(sorted(f"{kind}:{':'.join(map(str, getattr(x, 'items', x)))}"
+                        for kind, params in data.items() for x in (params or ())))
 
 
 def checkpoint_key(sd_model) -> str:
@@ -157,21 +268,26 @@ def _rng_restore(p, state):
         p.rng.is_first = is_first
 
 
+def check_calibratable(p, kwargs):
+    """The built-in calibration records txt2img generations only."""
+    # (img2img's processing object holds init_images; txt2img_image_conditioning is defined for both)
+    if getattr(p, "init_images", None) is not None or "x" not in kwargs or "c" not in kwargs:
+        first = ("quantize in the LowBit tab (or run one txt2img with LowBit enabled)" if is_forge() else
+                 "run one txt2img with LowBit enabled and these same settings")
+        raise SettingError(f"LowBit calibrates during txt2img only; {first} before using it in img2img")
+
+
 def calibrate_in_generation(p, samples: int, steps: int, kwargs):
     """Built-in calibration: ``samples`` full-precision runs of this txt2img generation's own prompt and size
     with ``steps`` steps (Forge's sampler), recording every UNet call. The generation's RNG is restored, so the
     image itself is the one a full-precision run would start from."""
-    # (img2img's processing object holds init_images; txt2img_image_conditioning is defined for both)
-    if getattr(p, "init_images", None) is not None or "x" not in kwargs or "c" not in kwargs:
-        raise SettingError("LowBit calibrates during txt2img only; quantize in the LowBit tab (or run one txt2img "
-                           "with LowBit enabled) before using it in img2img")
-    patcher = p.sd_model.forge_objects.unet
-    fp = fp_unet_of(patcher)
+    check_calibratable(p, kwargs)
+    fp = generation_unet(p)
     x = kwargs["x"]
     state = _rng_state(p)
     rec = CallRecorder(fp)
     try:
-        with rec:
+        with rec, (contextlib.nullcontext() if is_forge() else a1111_unet(None)):
             for i in range(samples):
                 rec.new_trajectory()
                 g = torch.Generator().manual_seed(int(p.seeds[0] if getattr(p, "seeds", None) else 0) + 7919 * (i + 1))
@@ -185,21 +301,24 @@ def calibrate_in_generation(p, samples: int, steps: int, kwargs):
     return sanitize_calls(rec.calls)
 
 
-def build_for(patcher, calls, bits: str, method: str):
+def build_for(p, calls, bits: str, method: str):
     from ..recipes import Setup, build
 
     # (Forge loads and samples under inference mode: the pipeline gives training methods plain copies)
-    setup = Setup(check_float_weights(fp_unet_of(patcher)), alphas_cumprod_of(patcher), None, None)
+    setup = Setup(check_float_weights(generation_unet(p)), generation_alphas(p), None, None)
     return build(setup, method, bits, calls).model
 
 
 def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib_steps, **kwargs):
-    """The AlwaysVisible script's hook (Forge): install the quantized UNet for this sampling pass."""
+    """The AlwaysVisible script's hook (Forge, A1111 >= 1.10): install the quantized UNet for this sampling pass."""
     if not enabled:
         return
     from ..quant.config import METHODS
     from .backend import check_int, check_plan
 
+    if bits == FROM_TAB and not is_forge():
+        raise SettingError("LowBit: 'from LowBit tab' needs Forge (A1111 has no LowBit tab); pick bits here, or a "
+                           "LowBit entry in Settings -> Stable Diffusion -> SD Unet")
     if bits == FROM_TAB:
         tab = SHARED.tab_backend
         if tab is None or tab.qmodel is None:
@@ -222,15 +341,24 @@ def process_before_every_sampling(p, enabled, bits, method, calib_samples, calib
         check_plan(bits, method)  # (before the calibration runs, not after them)
     except SettingError as exc:
         raise SettingError(f"LowBit {exc}") from None
-    patcher = p.sd_model.forge_objects.unet
-    key = (checkpoint_key(p.sd_model), lora_key(patcher), bits, method, samples, steps)
+    key = (checkpoint_key(p.sd_model), generation_loras(p), bits, method, samples, steps)
     with SHARED.lock:
         if SHARED.key != key:
+            check_calibratable(p, kwargs)  # (before the cached UNet is dropped: an img2img request keeps it)
             SHARED.key, SHARED.qmodel = None, None  # free the old one before building the next
             calls = calibrate_in_generation(p, samples, steps, kwargs)
-            SHARED.qmodel, SHARED.key = build_for(patcher, calls, bits, method), key
+            SHARED.qmodel, SHARED.key = build_for(p, calls, bits, method), key
         q = SHARED.qmodel
-    install(p, q, f"{bits} {method}")
+    (install if is_forge() else install_a1111)(p, q, f"{bits} {method}")
+
+
+def sd_unet_label() -> Optional[str]:
+    """A1111: the label of the LowBit SD Unet option sampling now, else None (A1111's infotext does not name it)."""
+    from modules import sd_unet
+
+    unet = getattr(sd_unet, "current_unet", None)
+    option = getattr(unet, "option", None)
+    return option.label if isinstance(unet, LowBitSdUnetBase) and option is not None else None
 
 
 # ------------------------------------------------------------------------------------------ the tab backend
@@ -363,13 +491,19 @@ def tab_backend() -> ForgeBackend:
 
 
 # ------------------------------------------------------------------------------------- A1111: SD Unet option
+class LowBitSdUnetBase:
+    """Marks LowBit's ``sd_unet.SdUnet`` (that class only exists inside A1111)."""
+
+
 def a1111_unet_options():
     """``sd_unet.SdUnetOption``s for A1111's "SD Unet" setting: calibration-free W8A8 (dynamic activations),
     weight-only W4A16, and every saved file in models/lowbit. Written against A1111's ``modules/sd_unet.py``
-    API; not run here (A1111 does not install offline, docs/HOST_INTERNALS.md 6.2)."""
+    API; run on A1111 1.10.1 by tests/webui/test_a1111_integration.py. Each activation quantizes anew (W8A8 about
+    a minute for SD1.5 on 2 CPU cores); a new file in models/lowbit is listed after the setting's refresh button
+    or a restart."""
     from modules import paths, sd_unet
 
-    class LowBitSdUnet(sd_unet.SdUnet):
+    class LowBitSdUnet(sd_unet.SdUnet, LowBitSdUnetBase):
         def __init__(self, option):
             super().__init__()
             self.option, self.q = option, None
@@ -389,12 +523,7 @@ def a1111_unet_options():
 
         def forward(self, x, timesteps, context, *args, **kwargs):
             # A1111 routes every UNetModel.forward to the current SdUnet -- including our copy's: step aside.
-            saved = sd_unet.current_unet
-            sd_unet.current_unet = None
-            try:
-                return self.q(x, timesteps, context, *args, **kwargs)
-            finally:
-                sd_unet.current_unet = saved
+            return _call_own(self.q, x, timesteps, context, *args, **kwargs)
 
         def deactivate(self):
             self.q = None

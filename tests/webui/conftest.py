@@ -1,4 +1,4 @@
-"""Fixtures for the WebUI (Forge) integration tests. See forge_harness.py."""
+"""Fixtures for the WebUI integration tests (Forge: forge_harness.py; A1111: a1111_harness.py)."""
 from __future__ import annotations
 
 import os
@@ -37,11 +37,36 @@ def forge(forge_server):
     return forge_server.client
 
 
+@pytest.fixture(scope="session")
+def a1111_server(tmp_path_factory):
+    """A running headless A1111 with this repo as its `lowbit` extension (skips without A1111_DIR)."""
+    from a1111_harness import SKIP_REASON as A1111_SKIP, A1111Server, a1111_paths
+
+    paths = a1111_paths()
+    if paths is None:
+        pytest.skip(A1111_SKIP)
+    log_path = Path(os.environ.get("A1111_LOG") or tmp_path_factory.mktemp("a1111") / "a1111.log")
+    server = A1111Server(*paths, checkpoint=ensure_fixture(), log_path=log_path,
+                         startup_timeout=float(os.environ.get("A1111_STARTUP_TIMEOUT", "600")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def a1111(a1111_server):
+    """The client of the session's A1111 (the same /sdapi/v1 client as Forge's)."""
+    return a1111_server.client
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    if rep.failed and "forge_server" in getattr(item, "fixturenames", ()):
-        server = item.funcargs.get("forge_server")
-        if server is not None:
-            rep.sections.append((f"Forge log tail ({server.log_path})", server.log_tail(120)))
+    for name in ("forge_server", "a1111_server"):
+        if rep.failed and name in getattr(item, "fixturenames", ()):
+            server = item.funcargs.get(name)
+            if server is not None:
+                rep.sections.append((f"{name} log tail ({server.log_path})", server.log_tail(120)))

@@ -311,6 +311,7 @@ def test_from_tab_with_the_prompts_loras_is_refused(monkeypatch):
     from lowbit.ui import webui
 
     installed = []
+    monkeypatch.setattr(webui, "is_forge", lambda: True)  # (the tab exists on Forge only)
     monkeypatch.setattr(webui, "install", lambda *a: installed.append(a))
     monkeypatch.setattr(webui.SHARED, "tab_backend", types.SimpleNamespace(qmodel=object(), info={}))
     patcher = types.SimpleNamespace(lora_patches={"style_lora.safetensors": []})
