@@ -24,6 +24,11 @@ def forge_server(tmp_path_factory):
     log_path = Path(os.environ.get("FORGE_LOG") or tmp_path_factory.mktemp("forge") / "forge.log")
     server = ForgeServer(forge_dir, python, checkpoint=checkpoint, log_path=log_path,
                          startup_timeout=float(os.environ.get("FORGE_STARTUP_TIMEOUT", "600")))
+    yield from _serving(server)
+
+
+def _serving(server):
+    """The started ``server`` for a fixture's lifetime, stopped (its process group killed) at the end."""
     server.start()
     try:
         yield server
@@ -48,11 +53,7 @@ def a1111_server(tmp_path_factory):
     log_path = Path(os.environ.get("A1111_LOG") or tmp_path_factory.mktemp("a1111") / "a1111.log")
     server = A1111Server(*paths, checkpoint=ensure_fixture(), log_path=log_path,
                          startup_timeout=float(os.environ.get("A1111_STARTUP_TIMEOUT", "600")))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(server)
 
 
 @pytest.fixture(scope="session")
