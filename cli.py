@@ -870,7 +870,7 @@ class Progress:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.time()
+        self.t0 = self.t_last = time.time()
         self.stage, self.t_stage, self.t_print, self.open = None, 0.0, 0.0, False
 
     def _write(self, text, end="\n"):
@@ -886,14 +886,18 @@ class Progress:
         """A stage of the job (a line of its own)."""
         self._close_line()
         self.stage = None
-        self._write(f"[{time.time() - self.t0:6.1f} s] {text}")
+        self.t_last = time.time()
+        self._write(f"[{self.t_last - self.t0:6.1f} s] {text}")
 
     def __call__(self, done, total, info):
         now = time.time()
         stage = info.get("stage") or "working"
         if stage != self.stage:
             self._close_line()
-            self.stage, self.t_stage, self.t_print = stage, now, 0.0
+            # a stage whose first report is a finished step (a sampler's 1/N) began when the last event ended: its
+            # first step is counted (generate's first quantized step includes the kernel autotuning)
+            self.stage, self.t_stage, self.t_print = stage, (now if done == 0 else self.t_last), 0.0
+        self.t_last = now
         extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}"
                         for k, v in info.items() if k != "stage")
         spent = now - self.t_stage

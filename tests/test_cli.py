@@ -613,3 +613,24 @@ def test_progress_lines_name_the_stage_and_the_time_left(monkeypatch):
     assert lines[0] == "  reconstruct (AdaRound): 0/100 (0.0 s)"
     assert lines[1] == "  reconstruct (AdaRound): 20/100 (40.0 s, about 160 s left) loss=0.5"
     assert lines[2] == "  reconstruct (AdaRound): 100/100 (160.0 s)"
+
+
+def test_progress_counts_a_stages_first_step_when_it_reports_finished_steps_only(monkeypatch):
+    """A sampler reports 1/N after its first step (no 0/N): the stage's clock starts when the previous event ended,
+    so the first step's time (generate's first quantized step includes the kernel autotuning) is counted; it showed
+    '1/4 (0.0 s)' (found by audit)."""
+    import io
+
+    from lowbit import cli
+
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    p = cli.Progress(out)
+    p.banner("sampling")
+    clock[0] += 15.0  # (the first step, with tuning)
+    p(1, 4, {"stage": "sample quantized"})
+    clock[0] += 3.0
+    p(4, 4, {"stage": "sample quantized"})
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "  sample quantized: 4/4 (18.0 s)"
