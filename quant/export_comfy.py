@@ -216,7 +216,6 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
     activations; group-wise 4-bit still goes to awq_w4a16). ``scale_dtype``: dtype of the AWQ scales/zeros
     (float32: exact, and comfy-kitchen computes those layers in fp32; float16/bfloat16 round the scales).
     """
-    from .context import get_context
     from .layers import quant_layers
     from .split import ChannelSplitConv2d
 
@@ -310,17 +309,27 @@ def comfy_state_dict(qmodel: nn.Module, *, prefix: str = "", float_dtype: Option
                  + "; ".join(sorted({why for why in other.values()})))
     if n_awq and scale_dtype != torch.float32:
         d.append(f"awq_w4a16 scales rounded to {_dt(scale_dtype)} (float32 keeps them exact)")
-    ctx = get_context(qmodel)
-    if ctx is not None and ctx.ptqd is not None:
-        d.append("PTQD statistics: no bias / correlated-noise correction and no variance-schedule calibration")
-    if ctx is not None and ctx.schedule is not None:
-        d.append("step-aware bitwidth schedule (ComfyUI's layouts have one precision for every step)")
+    d += context_dropped(qmodel, "ComfyUI's layouts have one precision for every step")
 
     quant_meta = {"format_version": "1.0", "layers": result.layers}
     metadata = {"_quantization_metadata": json.dumps(quant_meta, sort_keys=True),
                 "lowbit_export": json.dumps({"dropped": d, "float_layers": result.float_layers}, sort_keys=True)}
     result.tensors = len(tensors)
     return tensors, metadata, result
+
+
+def context_dropped(qmodel: nn.Module, one_precision: str) -> List[str]:
+    """The dropped lines of the model's LowBit state no export layout carries: PTQD statistics and a step-aware
+    schedule (``one_precision``: why the layout cannot hold one)."""
+    from .context import get_context
+
+    ctx = get_context(qmodel)
+    out = []
+    if ctx is not None and ctx.ptqd is not None:
+        out.append("PTQD statistics: no bias / correlated-noise correction and no variance-schedule calibration")
+    if ctx is not None and ctx.schedule is not None:
+        out.append(f"step-aware bitwidth schedule ({one_precision})")
+    return out
 
 
 def _dt(dtype: torch.dtype) -> str:

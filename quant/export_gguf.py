@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .export_comfy import ExportResult, _as_key_fn, _bias_of, _float_weight, _plain_tensors, _units, check_export_path
+from .export_comfy import (ExportResult, _as_key_fn, _bias_of, _float_weight, _plain_tensors, _units, check_export_path,
+                           context_dropped)
 from .gguf_hdr import ALIGN, ARR as _ARR, BLOCK as _BLOCK, GGML_TYPES, GGUF_ARCHS, I32 as _I32, MAGIC as _MAGIC
 from .gguf_hdr import STR as _STR, U32 as _U32, VERSION as _VERSION, GGUFError, read_header
 
@@ -115,7 +116,6 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
     """``(tensors, fields, result)`` of a GGUF file for ``qmodel``: ``tensors`` maps each key to ``(type name,
     torch shape, uint8 data, original shape or None)``, ``fields`` the header's key/value fields, ``result`` an
     :class:`ExportResult` (path None; ``layers`` maps each quantized layer's key to its block type)."""
-    from .context import get_context
     from .layers import quant_layers
     from .split import ChannelSplitConv2d
 
@@ -150,16 +150,17 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
                 act_layers += 1
                 if getattr(lay, "act", None) is not None and len(lay.act.tgrid) > 1:
                     time_tables += 1
-        typ, why, shape, q, d = _blocks_of(m)
-        if d is not None:
-            worst = max(worst, why)
+        blocks = _blocks_of(m)
+        if not isinstance(blocks, str):
+            typ, shape, q, d, rounding = blocks
+            worst = max(worst, rounding)
             data = (_q8_0 if typ == "Q8_0" else _q4_0)(q, d)
             put(key, (typ, tuple(q.shape), data.reshape(-1), shape if len(shape) != 2 else None))
             result.layers[prefix + key_of(name)] = {"format": typ}
         else:
             w = _float_weight(m, torch.float32)
             put(key, (*_float_entry(w, float_dtype if float_dtype is not None else _weight_dtype(m)), None))
-            result.float_layers[name] = why
+            result.float_layers[name] = blocks
         bias = _bias_of(m)
         if bias is not None:
             put(prefix + key_of(f"{name}.bias"), (*_float_entry(bias.float(), None), None))
@@ -175,11 +176,7 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
                   + "; ".join(sorted({w for w in result.float_layers.values()})))
     if worst > 0:
         dr.append(f"weight scales rounded to fp16 (GGUF's block scales): largest relative change {worst:.2g}")
-    ctx = get_context(qmodel)
-    if ctx is not None and ctx.ptqd is not None:
-        dr.append("PTQD statistics: no bias / correlated-noise correction and no variance-schedule calibration")
-    if ctx is not None and ctx.schedule is not None:
-        dr.append("step-aware bitwidth schedule (one precision for every step)")
+    dr += context_dropped(qmodel, "one precision for every step")
     result.scale_rounding = worst
     fields = [("general.architecture", _STR, arch),
               ("general.quantization_version", _U32, 2),
@@ -194,38 +191,38 @@ def gguf_tensors(qmodel: nn.Module, *, arch: str, prefix: str = "", key_map=None
 
 
 def _blocks_of(m):
-    """``(type, largest scale rounding, torch shape, q [N, K], fp16 block scales [N, K/32])`` of a quantized layer
+    """``(type, torch shape, q [N, K], fp16 block scales [N, K/32], largest scale rounding)`` of a quantized layer
     or split convolution (its parts' integers side by side along K: the parts split the input channels, so each
-    part's rows are a contiguous stretch of the whole convolution's rows), or ``(None, why, ...)``."""
+    part's rows are a contiguous stretch of the whole convolution's rows), or why it cannot be blocks (a str)."""
     from ..kernels import ops
     from .layers import QuantLayer
     from .split import ChannelSplitConv2d
 
     parts = list(m.parts) if isinstance(m, ChannelSplitConv2d) else [m]
     if not all(isinstance(p, QuantLayer) for p in parts):
-        return None, "a split convolution with a part kept in float", None, None, None
+        return "a split convolution with a part kept in float"
     typs = set()
     qs, ds, worst = [], [], 0.0
     for p in parts:
         k = int(torch.Size(p.weight_shape[1:]).numel())
         typ, why = _plan(p, k)
         if typ is None:
-            return None, why, None, None, None
+            return why
         typs.add(typ)
         with torch.no_grad():
             pw = p.packed_weight()
             qs.append(ops.unpack_weight(pw).reshape(pw.N, pw.K).cpu())
             d, rel, why = _fp16_scales(_block_scales(pw, pw.K).cpu())
         if d is None:
-            return None, why, None, None, None
+            return why
         ds.append(d)
         worst = max(worst, rel)
     if len(typs) > 1:
-        return None, "a split convolution whose parts have different bit widths", None, None, None
+        return "a split convolution whose parts have different bit widths"
     shape = tuple(parts[0].weight_shape)
     if len(parts) > 1:
         shape = (shape[0], sum(p.weight_shape[1] for p in parts), *shape[2:])
-    return typs.pop(), worst, shape, torch.cat(qs, dim=1), torch.cat(ds, dim=1)
+    return typs.pop(), shape, torch.cat(qs, dim=1), torch.cat(ds, dim=1), worst
 
 
 def _weight_dtype(m) -> torch.dtype:
