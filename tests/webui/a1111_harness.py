@@ -15,7 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from forge_harness import HOST, ForgeError, ForgeServer
+from forge_harness import HOST, ForgeError, ForgeServer, env_paths
 from make_sd15_fixture import default_cache_dir
 
 SKIP_REASON = ("set A1111_DIR to an AUTOMATIC1111 stable-diffusion-webui checkout (see the README section "
@@ -29,11 +29,10 @@ REPOSITORIES = ("stable-diffusion-stability-ai", "generative-models", "k-diffusi
 
 def a1111_paths() -> tuple[Path, Path] | None:
     """(A1111 dir, python of its venv) from A1111_DIR / A1111_PYTHON, or None when A1111_DIR is unset."""
-    d = os.environ.get("A1111_DIR")
-    if not d:
+    paths = env_paths("A1111", "a1111-venv")
+    if paths is None:
         return None
-    webui_dir = Path(d).resolve()
-    py = Path(os.environ.get("A1111_PYTHON") or webui_dir.parent / "a1111-venv" / "bin" / "python")
+    webui_dir, py = paths
     if not (webui_dir / "launch.py").is_file() or (webui_dir / "modules_forge").exists():
         raise ForgeError(f"A1111_DIR={webui_dir} is not an A1111 checkout (no launch.py, or it is Forge)")
     missing = [r for r in REPOSITORIES if not (webui_dir / "repositories" / r).is_dir()]

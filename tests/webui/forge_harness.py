@@ -39,13 +39,22 @@ class ForgeError(RuntimeError):
     pass
 
 
-def forge_paths() -> tuple[Path, Path] | None:
-    """(forge dir, python of its venv) from FORGE_DIR / FORGE_PYTHON, or None when FORGE_DIR is unset."""
-    d = os.environ.get("FORGE_DIR")
+def env_paths(var: str, venv: str) -> tuple[Path, Path] | None:
+    """(host dir, its python) from ``<var>_DIR`` and ``<var>_PYTHON`` (default: ``<dir>/../<venv>/bin/python``), or
+    None when ``<var>_DIR`` is unset; the callers check what they hold."""
+    d = os.environ.get(f"{var}_DIR")
     if not d:
         return None
-    forge_dir = Path(d).resolve()
-    py = Path(os.environ.get("FORGE_PYTHON") or forge_dir.parent / "forge-venv" / "bin" / "python")
+    host_dir = Path(d).resolve()
+    return host_dir, Path(os.environ.get(f"{var}_PYTHON") or host_dir.parent / venv / "bin" / "python")
+
+
+def forge_paths() -> tuple[Path, Path] | None:
+    """(forge dir, python of its venv) from FORGE_DIR / FORGE_PYTHON, or None when FORGE_DIR is unset."""
+    paths = env_paths("FORGE", "forge-venv")
+    if paths is None:
+        return None
+    forge_dir, py = paths
     if not (forge_dir / "launch.py").is_file():
         raise ForgeError(f"FORGE_DIR={forge_dir} has no launch.py; "
                          "set it up as in the README section 'Testing inside real hosts'")
