@@ -63,11 +63,7 @@ class A1111Server(ForgeServer):
         super().__init__(webui_dir, python, **kw)
         self.hf_home = clip_cache(self.python)
 
-    def command(self) -> list[str]:
-        args = [str(self.python), "launch.py", *LAUNCH_ARGS, "--port", str(self.port)]
-        if self.checkpoint is not None:
-            args += ["--ckpt", str(self.forge_dir / "models" / "Stable-diffusion" / self.checkpoint.name)]
-        return args + self.extra_args
+    launch_args = LAUNCH_ARGS
 
     def environment(self) -> dict:
         env = super().environment()

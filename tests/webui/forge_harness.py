@@ -184,8 +184,10 @@ class ForgeServer:
         dest.symlink_to(self.checkpoint.resolve())   # a 2 GB copy is not needed: Forge reads through links
         self._created.append(dest)
 
+    launch_args = LAUNCH_ARGS  # (A1111Server: A1111's CPU flags)
+
     def command(self) -> list[str]:
-        args = [str(self.python), "launch.py", *LAUNCH_ARGS, "--port", str(self.port)]
+        args = [str(self.python), "launch.py", *self.launch_args, "--port", str(self.port)]
         if self.checkpoint is not None:
             # Select the fixture even when other checkpoints sit in models/Stable-diffusion.
             args += ["--ckpt", str(self.forge_dir / "models" / "Stable-diffusion" / self.checkpoint.name)]
