@@ -5,7 +5,8 @@
 Weight formats are registered objects, one file each in ``formats/`` (``register_format``; see formats/__init__.py).
 
 Backends (highest priority first): ``triton`` (CUDA; CPU only under TRITON_INTERPRET=1), ``onednn`` (CPU int8 conv /
-static-activation linear), ``cpu`` (torch._int_mm, int4pack weight-only), ``eager`` (reference, everything).
+static-activation linear), ``vnni`` (CPU fused int8 Linear, AVX512-VNNI, compiled here once), ``cpu``
+(torch._int_mm, int4pack weight-only), ``eager`` (reference, everything).
 ``LOWBIT_BACKEND=name`` forces one, ``LOWBIT_DISABLE_BACKENDS=a,b`` disables some. See kernels/README.md.
 """
 import importlib.util
@@ -13,6 +14,7 @@ import logging
 
 from . import eager  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the cpu and onednn backends)
+from . import vnni  # noqa: F401  (registers the fused AVX512-VNNI Linear, built at its first use)
 from . import ops
 from .formats import FORMATS, ActQuant, PackedWeight, WeightFormat, get_format, register_format
 from .registry import NoBackendError

@@ -1,0 +1,194 @@
+"""``vnni`` backend (CPU, priority 25): a fused int8 Linear for x86 CPUs with AVX512-VNNI, built once on this machine.
+
+The other CPU paths make several passes per quantized Linear: the activation quantizer writes uint8 codes, the GEMM
+reads them, and (``cpu``) an int32 accumulator is written and read again by the dequantize epilogue. Where K is small
+(the zoo's DiT and text-conditioned UNets: K = 32-256) a layer is memory-bound and those passes cost more than the
+int8 arithmetic saves (bench/README "Session 19"). This backend does it in one pass (``csrc/vnni_linear.cpp``): a
+block of 32 rows is quantized into a small buffer with exactly the codes of the fused quantizer
+(``torch.quantize_per_tensor``: ``clamp(nearbyint(x * (1/scale) + zp), 0, qmax)``, one fused multiply-add; with
+``LOWBIT_CPU_EXACT_ACT_QUANT=1`` the reference's, ``clamp(nearbyint(x / scale) + zp, 0, qmax)``, as every CPU path), the
+``vpdpbusd`` sums stay in registers, and the epilogue ``sx * sw[n] * (acc - zp * rowsum[n]) + bias[n]`` writes fp32.
+
+Takes: Linear, fp32 inputs, static per-tensor activations (8 bits or fewer), per-channel int8 weights, and int4
+weights when int8 copies are kept (as oneDNN: ``LOWBIT_CPU_CACHE_INT4=1`` or the autotuner's per-weight copy). Keeps
+one int8 copy of each weight in VNNI order (``pw.cache["vnni.w"]``, +1 byte per weight, dropped when another backend
+wins the weight's shapes) and its row sums.
+
+Built with the local C++ compiler through ``torch.utils.cpp_extension`` at the first call that could use it (about
+30 s on a 2-core machine, logged; then cached under torch's extension folder, keyed by a digest of the source and
+flags). It declines, with the reason, where the CPU lacks AVX512-VNNI (``/proc/cpuinfo``), where no compiler or ninja
+is found, or where the build fails; ``LOWBIT_DISABLE_BACKENDS=vnni`` skips it and its build.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .formats import PackedWeight
+from .registry import register_backend
+
+backend = register_backend("vnni", priority=25,
+                           description="fused AVX512-VNNI int8 Linear: quantize + GEMM + epilogue in one pass (CPU, "
+                                       "built once with the local compiler)")
+
+_log = logging.getLogger("lowbit.kernels")
+SOURCE = Path(__file__).resolve().parent / "csrc" / "vnni_linear.cpp"
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ext": the loaded module, or "why": the reason it is not available
+
+
+def _cpu_lacks() -> str:
+    """Why this CPU cannot run the kernel ("" if it can)."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"built for Linux x86-64 with AVX512-VNNI; this is {platform.system()} {platform.machine()}"
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError as exc:
+        return f"cannot read /proc/cpuinfo ({exc})"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    missing = [f for f in _CPU_FLAGS if f not in flags]
+    return f"this CPU lacks {', '.join(missing)} (needs AVX512-VNNI)" if missing else ""
+
+
+def _toolchain_lacks() -> str:
+    try:
+        from torch.utils import cpp_extension
+    except Exception as exc:  # pragma: no cover - torch always has it
+        return f"torch.utils.cpp_extension unavailable ({exc})"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH) to build it"
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (torch builds C++ extensions with it: pip install ninja)"
+    return ""
+
+
+def extension():
+    """The built module (``pack``, ``linear``, ``codes``), or None; built at the first call in a process, once."""
+    if "ext" in _state or "why" in _state:
+        return _state.get("ext")
+    with _lock:
+        if "ext" in _state or "why" in _state:
+            return _state.get("ext")
+        why = _cpu_lacks() or _toolchain_lacks()
+        if not why:
+            try:
+                _state["ext"] = _build()
+                return _state["ext"]
+            except Exception as exc:  # a failed build is a declined backend, never a failed call
+                first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                why = f"building csrc/vnni_linear.cpp failed: {first[:200]}"
+                _log.warning("lowbit.kernels: vnni backend off: %s", why)
+        _state["why"] = why
+        return None
+
+
+def unavailable() -> str:
+    """Why the backend is off on this machine ("" once it is built and loaded)."""
+    return "" if extension() is not None else _state.get("why", "")
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+    name = f"lowbit_vnni_{digest}"
+    t0 = time.perf_counter()
+    _log.warning("lowbit.kernels: loading the AVX512-VNNI int8 Linear (%s); the first time on a machine it is "
+                 "compiled, about 30 s (LOWBIT_DISABLE_BACKENDS=vnni skips it)", name)
+    # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is torch's own libgomp, already loaded
+    ext = load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
+    _log.info("lowbit.kernels: vnni ready in %.1f s", time.perf_counter() - t0)
+    return ext
+
+
+_CPU = []
+
+
+def _cpu():
+    """kernels.cpu (imported at first use: an import statement at every call costs microseconds per layer)."""
+    if not _CPU:
+        from . import cpu
+
+        _CPU.append(cpu)
+    return _CPU[0]
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def packed(pw: PackedWeight):
+    """(VNNI-ordered int8 weight, int32 row sums, fp32 per-channel scale), cached in ``pw.cache``."""
+    hit = pw.cache.get("vnni.w")
+    if hit is None:
+        from .cpu import _int8_weight, _per_channel_scale
+
+        w8 = _int8_weight(pw, keep=False).reshape(pw.N, pw.K)
+        hit = pw.cache["vnni.w"] = (extension().pack(w8), w8.sum(1, dtype=torch.int32),
+                                    _per_channel_scale(pw).float().contiguous())
+    return hit
+
+
+def _check_weight(pw: PackedWeight) -> str:
+    if pw.device.type != "cpu":
+        return f"weight is on {pw.device}"
+    if pw.fmt.backends is not None:
+        return f"weight format {pw.format!r} is not a kernel layout"
+    if pw.group_size is not None and pw.group_size < pw.K:
+        return (f"group-wise weight (group_size={pw.group_size}): the fused kernel scales per channel "
+                "(use group_size=None, or the triton backend)")
+    if pw.bits > 8:
+        return f"{pw.bits}-bit weight (8 or fewer)"
+    return ""
+
+
+def _supports(x, pw, bias, act):
+    from .cpu import cache_int4
+
+    why = ""
+    if x.device.type != "cpu":
+        why = f"x is on {x.device}; this backend runs on CPU tensors"
+    elif x.dtype != torch.float32:
+        why = f"x dtype {x.dtype}: the fused kernel reads fp32 (bf16 inputs take the onednn / cpu / dense paths)"
+    elif x.numel() == 0:
+        why = "empty input"
+    elif act is None:
+        why = "weight-only call (the fused kernel quantizes activations)"
+    elif act.dynamic:
+        why = "dynamic activations: the fused kernel takes one static per-tensor scale"
+    elif bias is not None and bias.dtype != torch.float32:
+        why = f"bias dtype {bias.dtype} (fp32)"
+    else:
+        why = _check_weight(pw)
+        if not why and pw.bits <= 4 and not cache_int4(pw):
+            why = ("int4 weight: the fused kernel runs on an int8 copy, kept only with LOWBIT_CPU_CACHE_INT4=1 or the "
+                   "autotuner's copy")
+        if not why:
+            why = unavailable()
+    return (False, why) if why else (True, "")
+
+
+@backend.op("linear", supports=_supports)
+def linear(x, pw, bias=None, act=None):
+    wp, rowsum, sw = packed(pw)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    out = extension().linear(x2, wp, rowsum, sw, bias, pw.N, float(act.scale), int(act.zero_point), int(act.qmax),
+                             _cpu().exact_act_quant())
+    return out.reshape(*lead, pw.N)

@@ -1,0 +1,138 @@
+"""kernels/vnni.py: the fused AVX512-VNNI int8 Linear (built here with the local compiler, once per machine)."""
+import logging
+
+import pytest
+import torch
+
+from kernels_testutil import rel_err
+from lowbit.kernels import ActQuant, autotune, ops, registry, vnni
+from lowbit.kernels import cpu as C
+
+WHY = vnni.unavailable()
+needs_vnni = pytest.mark.skipif(bool(WHY), reason=f"vnni backend unavailable here: {WHY}")
+
+
+def _act_for(x, bits=8, zp=None):
+    qmax = (1 << bits) - 1
+    return ActQuant(bits=bits, scale=float(x.abs().max()) * 2 / qmax, zero_point=(qmax + 1) // 2 if zp is None else zp)
+
+
+@needs_vnni
+@pytest.mark.parametrize("K", [1, 3, 15, 16, 17, 64, 100, 4100])
+@pytest.mark.parametrize("bits,zp", [(8, 128), (8, 0), (8, 255), (4, 7)])
+@pytest.mark.parametrize("exact", [False, True])
+def test_codes_are_the_other_cpu_paths_bit_for_bit(K, bits, zp, exact, monkeypatch):
+    """The kernel's activation codes equal kernels/cpu.py's quantizer's, by default the fused one
+    (torch.quantize_per_tensor), with ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` the reference's, so every CPU path of a
+    deployed model (onednn, cpu, dense, vnni) computes with the same integers: random values, values on rounding
+    ties, values past the clamp and infinities."""
+    monkeypatch.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", "1" if exact else "0")
+    x = torch.randn(9, K) * 4
+    act = _act_for(x, bits, zp)
+    ties = (torch.randint(-300, 300, (9, K)).float() + 0.5) * act.scale  # (k + 1/2) steps: ties before the zp shift
+    for t in (x, ties, x * 1e3):
+        t = t.clone()
+        t[0, 0] = float("inf")
+        t[-1, -1] = float("-inf")
+        want = C.quant_static(t, act).clone()
+        got = vnni.extension().codes(t.contiguous(), act.scale, act.zero_point, act.qmax, exact)
+        assert torch.equal(got, want), (got != want).sum()
+
+
+@needs_vnni
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 17), (33, 64, 64), (70, 33, 40), (129, 320, 48), (5, 4100, 16)])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("exact", ["0", "1"])
+def test_linear_is_the_float_path_of_the_same_codes(M, K, N, bits, with_bias, exact, clean_env):
+    """Rows not a multiple of the 4-row tile or the 32-row block, columns not a multiple of 16, K not a multiple of 4
+    or 16, a K beyond a small buffer: the fused kernel equals the dense backend (the same codes, fused or exact, and
+    weights in fp32) to float rounding, and the eager reference to its own codes' difference (none when exact)."""
+    clean_env.setenv("LOWBIT_CPU_CACHE_INT4", "1")
+    clean_env.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", exact)
+    x = torch.randn(M, K) * 2
+    pw = ops.quantize_weight(torch.randn(N, K) * 0.2, bits)
+    bias = torch.randn(N) if with_bias else None
+    act = _act_for(x)
+    out = ops.run_on("vnni", "linear", x, pw, bias, act)
+    assert out.dtype == torch.float32 and out.shape == (M, N)
+    assert rel_err(out, ops.run_on("dense", "linear", x, pw, bias, act)) < 1e-5
+    assert rel_err(out, ops.run_on("eager", "linear", x, pw, bias, act)) < (1e-5 if exact == "1" else 2e-2)
+
+
+@needs_vnni
+def test_leading_dims_and_strided_input(clean_env):
+    x = torch.randn(2, 7, 96)[..., ::2]  # [2, 7, 48], not contiguous
+    pw = ops.quantize_weight(torch.randn(20, 48) * 0.1, 8)
+    act = ActQuant(8, 0.03, 128)
+    out = ops.run_on("vnni", "linear", x, pw, None, act)
+    assert out.shape == (2, 7, 20)
+    assert rel_err(out, ops.run_on("dense", "linear", x.contiguous(), pw, None, act)) < 1e-5
+    assert "vnni.w" in pw.cache  # the VNNI-ordered copy is kept (dropped with the loser's caches when tuned)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("bf16", "reads fp32"), ("dynamic", "dynamic activations"), ("weight_only", "weight-only"),
+    ("group", "group-wise"), ("int4_no_copy", "int4 weight"), ("bf16_bias", "bias dtype")])
+def test_declines_what_it_does_not_compute_with_the_reason(case, expected, clean_env):
+    x, pw, act = torch.randn(4, 64), ops.quantize_weight(torch.randn(8, 64), 8), ActQuant(8, 0.05, 128)
+    if case == "bf16":
+        x = x.bfloat16()
+    elif case == "dynamic":
+        act = ActQuant(8, dynamic=True)
+    elif case == "weight_only":
+        act = None
+    elif case == "group":
+        pw = ops.quantize_weight(torch.randn(8, 64), 8, group_size=32)
+    elif case == "int4_no_copy":
+        pw = ops.quantize_weight(torch.randn(8, 64), 4)
+    bias = torch.randn(8, dtype=torch.bfloat16) if case == "bf16_bias" else None
+    ok, why = registry.get_backend("vnni").check("linear", x, pw, bias, act)
+    assert not ok and expected in why, why
+
+
+def test_an_unusable_machine_or_a_failed_build_declines_with_the_reason(monkeypatch, caplog):
+    """No VNNI, no compiler, a compile error: the backend declines every call with one reason and never raises;
+    the other backends run the layer."""
+    x, pw, act = torch.randn(4, 64), ops.quantize_weight(torch.randn(8, 64), 8), ActQuant(8, 0.05, 128)
+    monkeypatch.setattr(vnni, "_state", {})
+    monkeypatch.setattr(vnni, "_cpu_lacks", lambda: "this CPU lacks avx512_vnni (needs AVX512-VNNI)")
+    ok, why = registry.get_backend("vnni").check("linear", x, pw, None, act)
+    assert not ok and "lacks avx512_vnni" in why
+    assert registry.select("linear", x, pw, None, act).name != "vnni"
+
+    def broken():
+        raise RuntimeError("Error building extension 'lowbit_vnni_x'\nmore lines")
+
+    monkeypatch.setattr(vnni, "_state", {})
+    monkeypatch.setattr(vnni, "_cpu_lacks", lambda: "")
+    monkeypatch.setattr(vnni, "_toolchain_lacks", lambda: "")
+    monkeypatch.setattr(vnni, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="lowbit.kernels"):
+        ok, why = registry.get_backend("vnni").check("linear", x, pw, None, act)
+        registry.get_backend("vnni").check("linear", x, pw, None, act)  # decided once: no second build, no 2nd log
+    assert not ok and why == "building csrc/vnni_linear.cpp failed: Error building extension 'lowbit_vnni_x'"
+    assert sum("vnni backend off" in r.getMessage() for r in caplog.records) == 1
+    assert rel_err(ops.linear(x, pw, None, act), ops.run_on("eager", "linear", x, pw, None, act)) < 2e-2
+
+
+def test_no_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-lowbit")
+    assert "no C++ compiler ('no-such-compiler-lowbit'" in vnni._toolchain_lacks()
+
+
+@needs_vnni
+def test_the_tuner_measures_it_and_a_deployed_layer_serves_it(clean_env):
+    """A tuned weight's candidates include vnni for a static fp32 Linear; when it is measured fastest the deployed
+    call runs it (the decision names it); when it loses its copy is dropped."""
+    autotune.clear()
+    try:
+        pw = autotune.attach(ops.quantize_weight(torch.randn(64, 32) * 0.1, 8))
+        x, act = torch.randn(512, 32), ActQuant(8, 0.02, 128)
+        out = ops.linear(x, pw, None, act)
+        (dec,) = pw.cache["autotune.calls"].values()
+        assert "vnni" in dec["times"], dec
+        assert rel_err(out, ops.run_on("dense", "linear", x, pw, None, act)) < 1e-5
+        assert ("vnni.w" in pw.cache) == (dec["backend"] == "vnni")
+    finally:
+        autotune.clear()
