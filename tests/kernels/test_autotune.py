@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from kernels_testutil import rel_err
-from lowbit.kernels import ActQuant, ops, autotune, registry
+from lowbit.kernels import ActQuant, ops, autotune, registry, vnni
 
 
 @pytest.fixture
@@ -98,7 +98,11 @@ def test_picks_the_measured_faster_and_caches_the_choice(fake_backend, slow):
             registry.get_backend("dense").ops["linear"].impl = orig
 
 
-@pytest.mark.parametrize("wrong", [("fake",), ("fake", "cpu", "onednn", "dense")])
+# every CPU candidate of a static fp32 Linear (vnni where it builds and runs here)
+_ALL_CPU = ("fake", "cpu", "onednn", "dense") + (() if vnni.unavailable() else ("vnni",))
+
+
+@pytest.mark.parametrize("wrong", [("fake",), _ALL_CPU])
 def test_a_kernel_that_computes_a_shape_wrong_is_never_chosen_for_it(fake_backend, wrong, monkeypatch):
     """A new call shape is checked once against the eager reference when it is measured: a kernel whose output is
     off (here the fastest one; a backend library's bug for shapes nobody listed, as torch's oneDNN int8 convolution
