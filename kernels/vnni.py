@@ -3,11 +3,19 @@
 The other CPU paths make several passes per quantized Linear: the activation quantizer writes uint8 codes, the GEMM
 reads them, and (``cpu``) an int32 accumulator is written and read again by the dequantize epilogue. Where K is small
 (the zoo's DiT and text-conditioned UNets: K = 32-256) a layer is memory-bound and those passes cost more than the
-int8 arithmetic saves (bench/README "Session 19"). This backend does it in one pass (``csrc/vnni_linear.cpp``): a
-block of 32 rows is quantized into a small buffer with exactly the codes of the fused quantizer
-(``torch.quantize_per_tensor``: ``clamp(nearbyint(x * (1/scale) + zp), 0, qmax)``, one fused multiply-add; with
-``LOWBIT_CPU_EXACT_ACT_QUANT=1`` the reference's, ``clamp(nearbyint(x / scale) + zp, 0, qmax)``, as every CPU path), the
-``vpdpbusd`` sums stay in registers, and the epilogue ``sx * sw[n] * (acc - zp * rowsum[n]) + bias[n]`` writes fp32.
+int8 arithmetic saves (bench/README "Session 19"). This backend does it in one pass (``csrc/vnni_linear.cpp``):
+
+* a block of 32 rows is quantized into a small buffer with exactly the codes of the other CPU paths: the fused
+  quantizer's (``torch.quantize_per_tensor``: ``clamp(nearbyint(x * (1/scale) + zp), 0, qmax)``, one fused
+  multiply-add), or with ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` the reference's (``clamp(nearbyint(x / scale) + zp, 0,
+  qmax)``);
+* the ``vpdpbusd`` sums stay in registers;
+* the epilogue ``sx * sw[n] * (acc - zp * rowsum[n]) + bias[n]`` writes fp32, with a feed-forward's GELU (erf or
+  tanh) applied there, or GEGLU's ``a * gelu(g)`` over the halves of the row block's output (kernels/post.py; erf by
+  Abramowitz & Stegun 7.1.26, absolute error < 1.5e-7, e^x by a degree-6 polynomial: within 2e-6 of torch's GELU,
+  far inside the quantization error).
+
+No AMX: at K >= 128 oneDNN's int8 GEMM (AMX tiles on CPUs that have them) is faster, and the autotuner keeps it.
 
 Takes: Linear, fp32 inputs, static per-tensor activations (8 bits or fewer), per-channel int8 weights, and int4
 weights when int8 copies are kept (as oneDNN: ``LOWBIT_CPU_CACHE_INT4=1`` or the autotuner's per-weight copy). Keeps
@@ -182,13 +190,16 @@ def _supports(x, pw, bias, act):
     return (False, why) if why else (True, "")
 
 
-@backend.op("linear", supports=_supports)
-def linear(x, pw, bias=None, act=None):
+_POSTS = {None: 0, "gelu": 1, "gelu_tanh": 2, "geglu": 3}  # csrc/vnni_linear.cpp's epilogue codes
+
+
+@backend.op("linear", supports=_supports, posts=("gelu", "gelu_tanh", "geglu"))
+def linear(x, pw, bias=None, act=None, post=None):
     wp, rowsum, sw = packed(pw)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     out = extension().linear(x2, wp, rowsum, sw, bias, pw.N, float(act.scale), int(act.zero_point), int(act.qmax),
-                             _cpu().exact_act_quant())
-    return out.reshape(*lead, pw.N)
+                             _cpu().exact_act_quant(), _POSTS[post])
+    return out.reshape(*lead, out.shape[-1])

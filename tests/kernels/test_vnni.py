@@ -136,3 +136,35 @@ def test_the_tuner_measures_it_and_a_deployed_layer_serves_it(clean_env):
         assert ("vnni.w" in pw.cache) == (dec["backend"] == "vnni")
     finally:
         autotune.clear()
+
+
+@needs_vnni
+@pytest.mark.parametrize("name,code", [("gelu", 1), ("gelu_tanh", 2)])
+def test_epilogue_activation_is_torchs_within_float_error(name, code):
+    """The epilogue's own GELU (erf by Abramowitz & Stegun, e^x by a polynomial) against torch's over the whole
+    range, tails, signed zeros and huge values: within 1e-6 absolute and 1e-6 of |y|, never NaN."""
+    from lowbit.kernels import post
+
+    y = torch.cat([torch.linspace(-40, 40, 100001), torch.randn(20000) * 3,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 88.0, -88.0])])
+    out, ref = vnni.extension().post(y, code), post.POSTS[name](y)
+    err = (out - ref).abs()
+    assert not out.isnan().any() and err.max() < 2e-6 and (err / y.abs().clamp_min(1e-30)).max() < 1e-6
+
+
+@needs_vnni
+@pytest.mark.parametrize("M,K,N", [(70, 33, 40), (5, 64, 34), (33, 17, 96)])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "geglu"])
+def test_fused_epilogues_are_the_activation_of_the_plain_output(M, K, N, name, clean_env):
+    """Fused in the kernel: GELU / GELU-tanh on each output, GEGLU over the halves of the row block (halves that do
+    not fall on the 16-column blocks, rows past the 32-row block): the activation of the plain output."""
+    from lowbit.kernels import post
+
+    x, pw, b, act = torch.randn(M, K) * 2, ops.quantize_weight(torch.randn(N, K) * 0.3, 8), torch.randn(N), None
+    act = _act_for(x)
+    entry = registry.get_backend("vnni").ops["linear"]
+    assert name in entry.posts
+    out = entry.impl(x, pw, b, act, post=name)
+    ref = post.POSTS[name](entry.impl(x, pw, b, act))
+    assert out.shape == ref.shape == (M, N // 2 if name == "geglu" else N)
+    assert rel_err(out, ref) < 1e-5
