@@ -1,6 +1,10 @@
 """Single-layer benchmark at SD1.5 shapes: fp32, bf16 and our W8A8 / W4A8 / W4A16 kernels.
 
-    python -m lowbit.bench.bench_kernels [--threads N] [--budget 1.5] [--out bench/results/kernels.json]
+    python -m lowbit.bench.bench_kernels [--threads N] [--budget 1.5] [--shapes sd15|small] [--out ...]
+
+``--shapes small``: the Linear shapes of the zoo's small-layer models (K = 32-64, and one SD1.5 shape for contrast),
+Linear only. Static W8A8 is also timed on every CPU backend that accepts it (``W8A8 static (<backend>)``: onednn,
+vnni, the ``_int_mm`` path, the float path ``dense``), so the table shows what the autotuner chooses between.
 
 Prints time ratios to fp32 (median over repeats; < 1 is faster) and writes JSON. Each quantized row names the
 backend that ran it. Weight bytes are resident bytes (qdata + scales + backend caches, after the first call).
@@ -19,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 if __package__:
-    from ..kernels import ActQuant, ops
+    from ..kernels import ActQuant, ops, registry
 else:  # python bench/bench_kernels.py
-    from lowbit.kernels import ActQuant, ops
+    from lowbit.kernels import ActQuant, ops, registry
 
 LINEAR_SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (4096, 320, 1280)]  # M, K, N
+SMALL_LINEAR_SHAPES = [(512, 64, 64), (2048, 64, 64), (8192, 32, 256), (4096, 64, 320), (4096, 320, 320)]
 CONV_SHAPES = [(320, 64), (640, 32)]  # channels, spatial; 3x3, stride 1, pad 1, batch 1
 
 
@@ -60,6 +65,10 @@ def _quant_variants(x, w, conv: bool):
         v["W8A8 static (im2col+_int_mm)"] = (ops.quantize_weight(w, 8), static, {}, "cpu")
     else:
         v["W8A8 static (_int_mm)"] = (ops.quantize_weight(w, 8), static, {}, "cpu")
+        for be in ("onednn", "vnni", "dense"):
+            pw = ops.quantize_weight(w, 8)
+            if be in ops.available_backends() and registry.get_backend(be).check("linear", x, pw, None, static)[0]:
+                v[f"W8A8 static ({be})"] = (pw, static, {}, be)
     return v
 
 
@@ -114,12 +123,16 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per variant (min 5 repeats)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels.json"))
     p.add_argument("--only", choices=["linear", "conv"], default=None)
+    p.add_argument("--shapes", choices=["sd15", "small"], default="sd15",
+                   help="sd15: SD1.5 Linear and conv shapes; small: the zoo's small Linear shapes (Linear only)")
     a = p.parse_args(argv)
+    if a.shapes == "small":
+        a.only = "linear"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rows = []
     if a.only != "conv":
-        for m, k, n in LINEAR_SHAPES:
+        for m, k, n in (SMALL_LINEAR_SHAPES if a.shapes == "small" else LINEAR_SHAPES):
             x = torch.randn(m, k)
             w = torch.randn(n, k) * k ** -0.5
             rows += _run_case(f"linear {m}x{k}->{n}", x, w, torch.randn(n) * 0.1, False, a.budget)
@@ -130,7 +143,8 @@ def main(argv=None):
             w = torch.randn(c, c, 3, 3) * (9 * c) ** -0.5
             rows += _run_case(f"conv3x3 {c}ch@{s}x{s}", x, w, torch.randn(c) * 0.1, True, a.budget)
             _print(rows, f"conv3x3 {c}ch@{s}x{s}")
-    meta = dict(threads=a.threads, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+    meta = dict(threads=a.threads, shapes=a.shapes, torch=torch.__version__,
+                cpu=platform.processor() or platform.machine(),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"), budget_s=a.budget)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

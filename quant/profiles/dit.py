@@ -13,9 +13,11 @@ from . import ModelProfile, class_named, config_value, register_profile
 
 _EDGES = (
     LayerRule(r"(^|\.)(x_embedder|img_in|pos_embed\.proj|context_embedder|txt_in)$", "w8a8"),
-    # (diffusers' DiT: proj_out_1 is the final adaLN modulation, proj_out_2 the output projection)
-    LayerRule(r"(^|\.)(proj_out(_[12])?|final_layer\.linear|norm_out\.linear|final_layer\.adaLN_modulation\.\d+)$",
-              "w8a8"),
+    # (diffusers' DiT: proj_out_1 is the final adaLN modulation, proj_out_2 the output projection.) The model's own
+    # output layers only, not a numbered block's: diffusers' Flux names each single block's output Linear
+    # ``single_transformer_blocks.N.proj_out`` (ComfyUI's ``linear2``), which is a block layer at the target bits.
+    LayerRule(r"(^|\.)(?<!\d\.)(proj_out(_[12])?|final_layer\.linear|norm_out\.linear|"
+              r"final_layer\.adaLN_modulation\.\d+)$", "w8a8"),
     LayerRule(r"(^|\.)(time_text_embed|time_in|vector_in|guidance_in|t_embedder|y_embedder|timestep_embedder)"
               r"(\.|$)", "w8a8"),
 )

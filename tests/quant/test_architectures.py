@@ -126,6 +126,25 @@ def test_dit_output_layers_are_edges():
     assert bits["transformer_blocks.0.attn1.to_q"] == (4, 8)
 
 
+def test_flux_single_blocks_output_layers_are_not_edges():
+    """diffusers' Flux names each single block's output Linear ``single_transformer_blocks.N.proj_out``: a block
+    layer (ComfyUI's ``linear2``), at the target bits under the name rules; the model's own ``proj_out`` stays an
+    edge, also under a wrapper's prefix (found by audit: every single block's proj_out was kept at W8A8)."""
+    import re
+
+    from lowbit.quant.profiles import get_profile
+
+    fp, calls = _model_and_calls("flux")
+    q = quantize(fp, QuantConfig.preset("W4A8"), calls[:1])
+    bits = {n: (m.w_bits, m.a_bits) for n, m in quant_layers(q)}
+    singles = [n for n in bits if n.startswith("single_transformer_blocks.") and n.endswith(".proj_out")]
+    assert singles and all(bits[n] == (4, 8) for n in singles)
+    assert bits["proj_out"] == bits["norm_out.linear"] == (8, 8)
+    edge = [r.pattern for r in get_profile("flux").edge_rules]
+    hit = lambda name: any(re.search(p, name) for p in edge)  # noqa: E731
+    assert hit("diffusion_model.proj_out") and hit("proj_out_2") and not hit("diffusion_model.single_blocks.3.proj_out")
+
+
 def test_layers_whose_parameters_the_model_reads_stay_float_whatever_the_plan():
     """diffusers' Wan reads ``next(iter(time_embedder.parameters())).dtype``: a deployed layer has no parameters,
     so a quantized time embedder made the deployed model's first forward raise StopIteration (found by audit). The
