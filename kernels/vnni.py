@@ -111,17 +111,43 @@ def unavailable() -> str:
     return "" if extension() is not None else _state.get("why", "")
 
 
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock file this old was left by a process killed while building
+
+
+def clear_stale_lock(build_dir, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build folder's ``lock`` file when it is older than ``max_age_s``: torch's builder waits for that
+    file to go away, forever, so a process killed during the first build (a closed ComfyUI window) would make every
+    later process hang at its first quantized layer. True if one was removed."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < max_age_s:
+        return False
+    try:
+        lock.unlink()
+    except OSError:
+        return False
+    _log.warning("lowbit.kernels: removed a stale build lock (%.0f s old, left by an interrupted build): %s", age, lock)
+    return True
+
+
 def _build():
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
     src = SOURCE.read_bytes()
     digest = hashlib.sha256(src + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"lowbit_vnni_{digest}"
+    try:
+        clear_stale_lock(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # (a private helper of torch's; without it the check is skipped, the build unchanged)
+        pass
     t0 = time.perf_counter()
     _log.warning("lowbit.kernels: loading the AVX512-VNNI int8 Linear (%s); the first time on a machine it is "
                  "compiled, about 30 s (LOWBIT_DISABLE_BACKENDS=vnni skips it)", name)
     # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is torch's own libgomp, already loaded
-    ext = load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
+    ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
     _log.info("lowbit.kernels: vnni ready in %.1f s", time.perf_counter() - t0)
     return ext
 

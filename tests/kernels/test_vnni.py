@@ -116,6 +116,21 @@ def test_an_unusable_machine_or_a_failed_build_declines_with_the_reason(monkeypa
     assert rel_err(ops.linear(x, pw, None, act), ops.run_on("eager", "linear", x, pw, None, act)) < 2e-2
 
 
+def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path):
+    """torch's builder waits forever for its ``lock`` file: one left by a process killed mid-build (older than any
+    build takes) is removed; one a running build holds now is not."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not vnni.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - vnni.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert vnni.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not vnni.clear_stale_lock(tmp_path / "missing")
+
+
 def test_no_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-lowbit")
     assert "no C++ compiler ('no-such-compiler-lowbit'" in vnni._toolchain_lacks()
