@@ -203,7 +203,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,generate,inspect,export,ui}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,quantize,generate,inspect,export,kernels,ui}")
 
     d = sub.add_parser("demo", help="quantize the embedded default model and compare it with full precision",
                        description="Quantize the embedded default model, sample the same seeds with full "
@@ -331,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ComfyUI format for 4-bit weights; default: awq_w4a16")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; default: refuse")
     e.set_defaults(fn=_cmd_export, check=_check_export)
+
+    k = sub.add_parser("kernels", help="which kernel backends run on this machine, and why not",
+                       description="List LowBit's kernel backends (highest priority first) and whether each can run "
+                                   "here: ready, disabled (LOWBIT_DISABLE_BACKENDS) or unavailable, with the reason. "
+                                   "Builds the vnni backend's fused CPU kernel where it can (once per machine, about "
+                                   "30 s), so the first quantized generation does not wait for it.")
+    k.add_argument("--json", action="store_true", help="print the list as JSON; default: a table")
+    k.set_defaults(fn=_cmd_kernels, check=lambda a: None)
 
     u = sub.add_parser("ui", help="serve the gradio app on localhost",
                        description="Serve the LowBit gradio app (needs: pip install 'lowbit[ui]').")
@@ -1201,6 +1209,22 @@ def _cmd_export(a, prog: Progress):
         prog.banner(f"writing {a.output} (ComfyUI-native)")
         q.export_comfy(qmodel, a.output, prefix=a.prefix, w4_layout=a.w4_layout, overwrite=a.overwrite, log=print)
     print(f"wrote {a.output} in {time.time() - prog.t0:.1f} s")
+    return 0
+
+
+def _cmd_kernels(a, prog: Progress):
+    from .kernels import registry
+
+    rows = registry.status()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'backend':{width}s}  priority  state        what / why not")
+    for r in rows:
+        print(f"{r['name']:{width}s}  {r['priority']:8d}  {r['state']:11s}  {r['why'] or r['description']}")
+    print("Each quantized layer runs on the backend measured fastest for its shape among those that accept it "
+          "(kernels/README.md).")
     return 0
 
 

@@ -41,6 +41,10 @@ def _kitchen():
     return sys.modules.get("comfy_kitchen")
 
 
+backend.unavailable = lambda: "" if _kitchen() is not None else (
+    "comfy_kitchen is installed but not imported (ComfyUI imports it; LowBit does not)")
+
+
 def _linear_supports(x, pw, bias=None, act=None):
     if _kitchen() is None:
         return False, "comfy_kitchen is installed but not imported (import comfy_kitchen first; ComfyUI does)"

@@ -69,6 +69,8 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecat
 
 _HAS_ONEDNN = (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
                and torch.backends.mkldnn.is_available())
+onednn.unavailable = lambda: "" if _HAS_ONEDNN else (
+    "this torch build has no oneDNN int8 ops (torch.ops.onednn.qconv2d_pointwise, mkldnn)")
 _HAS_QPT = hasattr(torch, "quantize_per_tensor")
 
 # With OMP_WAIT_POLICY=PASSIVE the OpenMP threads sleep between parallel regions, and waking the second one cost

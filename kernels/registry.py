@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "backends", "dispatch", "run_on",
+__all__ = ["Backend", "NoBackendError", "register_backend", "get_backend", "backends", "status", "dispatch", "run_on",
            "select", "forced_backend", "with_post", "dispatch_post"]
 
 Verdict = Tuple[bool, str]
@@ -69,6 +69,8 @@ class Backend:
     priority: int
     description: str = ""
     ops: Dict[str, _OpEntry] = field(default_factory=dict)
+    # why the backend can run nothing on this machine ("" when it can), for status(); None: it always can
+    unavailable: Optional[Callable[[], str]] = None
 
     def op(self, op_name: str, supports: Optional[Callable[..., Verdict]] = None, posts=()):
         """Decorator registering ``fn`` as this backend's implementation of ``op_name``.
@@ -104,9 +106,11 @@ _BACKENDS: Dict[str, Backend] = {}
 _forced_stack: List[str] = []
 
 
-def register_backend(name: str, priority: int, description: str = "") -> Backend:
-    """Create and register a backend (re-registering a name replaces it, which keeps module reloads harmless)."""
-    b = Backend(name, priority, description)
+def register_backend(name: str, priority: int, description: str = "",
+                     unavailable: Optional[Callable[[], str]] = None) -> Backend:
+    """Create and register a backend (re-registering a name replaces it, which keeps module reloads harmless).
+    ``unavailable``: returns why the backend can run nothing on this machine, or "" (see :func:`status`)."""
+    b = Backend(name, priority, description, unavailable=unavailable)
     _BACKENDS[name] = b
     return b
 
@@ -120,6 +124,22 @@ def get_backend(name: str) -> Backend:
 def backends() -> List[Backend]:
     """Registered backends, highest priority first."""
     return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def status() -> List[dict]:
+    """Every registered backend, highest priority first: ``name``, ``priority``, ``description``, ``state``
+    ("ready", "disabled" by ``LOWBIT_DISABLE_BACKENDS``, or "unavailable" here) and ``why`` (the reason, or "").
+    A backend that builds itself on first use (``vnni``) is built by this call where it can be."""
+    disabled = _disabled()
+    rows = []
+    for b in backends():
+        if b.name in disabled:
+            state, why = "disabled", "LOWBIT_DISABLE_BACKENDS names it"
+        else:
+            why = "" if b.unavailable is None else b.unavailable()
+            state = "unavailable" if why else "ready"
+        rows.append(dict(name=b.name, priority=b.priority, description=b.description, state=state, why=why))
+    return rows
 
 
 _POSIX = os.name == "posix"

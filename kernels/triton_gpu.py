@@ -49,7 +49,9 @@ from .formats import PackedWeight, pack_int4
 from .registry import register_backend
 
 backend = register_backend("triton", priority=40,
-                           description="Triton int8-MMA kernels (CUDA; CPU under TRITON_INTERPRET=1)")
+                           description="Triton int8-MMA kernels (CUDA; CPU under TRITON_INTERPRET=1)",
+                           unavailable=lambda: "" if torch.cuda.is_available() or _interpret() else
+                           "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, for tests)")
 
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |y| < 2**22 half to even
 

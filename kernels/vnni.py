@@ -111,6 +111,9 @@ def unavailable() -> str:
     return "" if extension() is not None else _state.get("why", "")
 
 
+backend.unavailable = unavailable
+
+
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock file this old was left by a process killed while building
 
 

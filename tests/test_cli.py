@@ -634,3 +634,25 @@ def test_progress_counts_a_stages_first_step_when_it_reports_finished_steps_only
     p(4, 4, {"stage": "sample quantized"})
     lines = out.getvalue().splitlines()
     assert lines[-1] == "  sample quantized: 4/4 (18.0 s)"
+
+
+def test_kernels_lists_every_backend_with_its_state(capsys, monkeypatch):
+    """`lowbit kernels`: every registered backend, highest priority first, ready / disabled / unavailable with the
+    reason (a disabled one is not built or probed); --json gives the same rows."""
+    from lowbit.kernels import registry
+
+    monkeypatch.setenv("LOWBIT_DISABLE_BACKENDS", "cpu")
+    assert main(["kernels", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == [b.name for b in registry.backends()]
+    by = {r["name"]: r for r in rows}
+    assert by["cpu"]["state"] == "disabled" and "LOWBIT_DISABLE_BACKENDS" in by["cpu"]["why"]
+    assert by["eager"]["state"] == by["dense"]["state"] == "ready"
+    import torch
+
+    assert (by["triton"]["state"] == "ready") == torch.cuda.is_available() if "triton" in by else True
+    assert all(r["state"] in ("ready", "disabled", "unavailable") and (r["state"] == "ready") == (not r["why"])
+               for r in rows)
+    assert main(["kernels"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("backend") and any(ln.startswith("cpu ") and "disabled" in ln for ln in out)
