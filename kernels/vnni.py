@@ -51,6 +51,7 @@ _log = logging.getLogger("lowbit.kernels")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "vnni_linear.cpp"
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+MAX_K = 65536  # |sum of K products u8 x s8| < 255 * 128 * K stays below 2^31
 
 _lock = threading.Lock()
 _state: dict = {}  # "ext": the loaded module, or "why": the reason it is not available
@@ -190,6 +191,8 @@ def _check_weight(pw: PackedWeight) -> str:
                 "(use group_size=None, or the triton backend)")
     if pw.bits > 8:
         return f"{pw.bits}-bit weight (8 or fewer)"
+    if pw.K > MAX_K:
+        return f"K = {pw.K} input features: the int32 sums could overflow beyond {MAX_K}"
     return ""
 
 

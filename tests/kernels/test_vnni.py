@@ -73,7 +73,7 @@ def test_leading_dims_and_strided_input(clean_env):
 
 @pytest.mark.parametrize("case,expected", [
     ("bf16", "reads fp32"), ("dynamic", "dynamic activations"), ("weight_only", "weight-only"),
-    ("group", "group-wise"), ("int4_no_copy", "int4 weight"), ("bf16_bias", "bias dtype")])
+    ("group", "group-wise"), ("int4_no_copy", "int4 weight"), ("bf16_bias", "bias dtype"), ("huge_k", "overflow")])
 def test_declines_what_it_does_not_compute_with_the_reason(case, expected, clean_env):
     x, pw, act = torch.randn(4, 64), ops.quantize_weight(torch.randn(8, 64), 8), ActQuant(8, 0.05, 128)
     if case == "bf16":
@@ -86,6 +86,8 @@ def test_declines_what_it_does_not_compute_with_the_reason(case, expected, clean
         pw = ops.quantize_weight(torch.randn(8, 64), 8, group_size=32)
     elif case == "int4_no_copy":
         pw = ops.quantize_weight(torch.randn(8, 64), 4)
+    elif case == "huge_k":
+        x, pw = torch.randn(1, vnni.MAX_K + 4), ops.quantize_weight(torch.randn(1, vnni.MAX_K + 4), 8)
     bias = torch.randn(8, dtype=torch.bfloat16) if case == "bf16_bias" else None
     ok, why = registry.get_backend("vnni").check("linear", x, pw, bias, act)
     assert not ok and expected in why, why
