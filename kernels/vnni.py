@@ -1,4 +1,4 @@
-"""``vnni`` backend (CPU, priority 25): a fused int8 Linear for x86 CPUs with AVX512-VNNI, built once on this machine.
+"""``vnni`` backend (CPU, priority 25): a fused int8 Linear for x86 CPUs with VNNI, built once on this machine.
 
 The other CPU paths make several passes per quantized Linear: the activation quantizer writes uint8 codes, the GEMM
 reads them, and (``cpu``) an int32 accumulator is written and read again by the dequantize epilogue. Where K is small
@@ -24,7 +24,9 @@ wins the weight's shapes) and its row sums.
 
 Built with the local C++ compiler through ``torch.utils.cpp_extension`` at the first call that could use it (about
 30 s on a 2-core machine, logged; then cached under torch's extension folder, keyed by a digest of the source and
-flags). It declines, with the reason, where the CPU lacks AVX512-VNNI (``/proc/cpuinfo``), where no compiler or ninja
+flags). Two builds of the one source: AVX512-VNNI (16 lanes: Intel server CPUs from Cascade Lake, AMD from Zen 4) and
+AVX2 + AVX-VNNI (8 lanes: Intel client CPUs from Alder Lake, which have no AVX512); the best one the CPU runs is
+used (``/proc/cpuinfo``). It declines, with the reason, where the CPU has neither, where no compiler or ninja
 is found, or where the build fails; ``LOWBIT_DISABLE_BACKENDS=vnni`` skips it and its build.
 """
 from __future__ import annotations
@@ -44,34 +46,46 @@ from .formats import PackedWeight
 from .registry import register_backend
 
 backend = register_backend("vnni", priority=25,
-                           description="fused AVX512-VNNI int8 Linear: quantize + GEMM + epilogue in one pass (CPU, "
-                                       "built once with the local compiler)")
+                           description="fused VNNI int8 Linear: quantize + GEMM + epilogue in one pass (CPU with "
+                                       "AVX512-VNNI or AVX-VNNI, built once with the local compiler)")
 
 _log = logging.getLogger("lowbit.kernels")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "vnni_linear.cpp"
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+# the two builds of the source, best first: (CPU flags it needs, as /proc/cpuinfo names them; compiler flags)
+VARIANTS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+               ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp")),
+    "avx2": (("avx2", "fma", "avx_vnni"), ("-O3", "-mavx2", "-mfma", "-mavxvnni", "-DLOWBIT_V256", "-fopenmp")),
+}
 MAX_K = 65536  # |sum of K products u8 x s8| < 255 * 128 * K stays below 2^31
 
 _lock = threading.Lock()
-_state: dict = {}  # "ext": the loaded module, or "why": the reason it is not available
+_state: dict = {}  # variant -> the loaded module, or the reason (str) it is not available
 
 
-def _cpu_lacks() -> str:
-    """Why this CPU cannot run the kernel ("" if it can)."""
+def _cpu_flags():
+    """This CPU's feature flags, or the reason they cannot be known / the kernel cannot run here (str)."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"built for Linux x86-64 with AVX512-VNNI; this is {platform.system()} {platform.machine()}"
+        return f"built for Linux x86-64 with VNNI; this is {platform.system()} {platform.machine()}"
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError as exc:
         return f"cannot read /proc/cpuinfo ({exc})"
-    flags = set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    missing = [f for f in _CPU_FLAGS if f not in flags]
-    return f"this CPU lacks {', '.join(missing)} (needs AVX512-VNNI)" if missing else ""
+            return set(line.split(":", 1)[1].split())
+    return "no CPU flags in /proc/cpuinfo"
+
+
+def cpu_variant():
+    """(the best build this CPU runs, "") or (None, why none)."""
+    flags = _cpu_flags()
+    if isinstance(flags, str):
+        return None, flags
+    for name, (need, _) in VARIANTS.items():
+        if all(f in flags for f in need):
+            return name, ""
+    return None, "this CPU has neither AVX512-VNNI nor AVX-VNNI (avx512_vnni / avx_vnni in /proc/cpuinfo)"
 
 
 def _toolchain_lacks() -> str:
@@ -87,29 +101,40 @@ def _toolchain_lacks() -> str:
     return ""
 
 
-def extension():
-    """The built module (``pack``, ``linear``, ``codes``), or None; built at the first call in a process, once."""
-    if "ext" in _state or "why" in _state:
-        return _state.get("ext")
+def extension(variant=None):
+    """The built module (``lanes``, ``pack``, ``linear``, ``codes``, ``post``) of ``variant`` (default: the best
+    this CPU runs), or None; built at the first call in a process, once per variant. Building a variant the CPU
+    cannot run is allowed (tests compile both), running it is not."""
+    if variant is None:
+        variant, why = cpu_variant()
+        if variant is None:
+            _state.setdefault(None, why)
+    hit = _state.get(variant)
+    if hit is not None:
+        return None if isinstance(hit, str) else hit
     with _lock:
-        if "ext" in _state or "why" in _state:
-            return _state.get("ext")
-        why = _cpu_lacks() or _toolchain_lacks()
+        hit = _state.get(variant)
+        if hit is not None:
+            return None if isinstance(hit, str) else hit
+        why = _toolchain_lacks()
         if not why:
             try:
-                _state["ext"] = _build()
-                return _state["ext"]
+                _state[variant] = _build(variant)
+                return _state[variant]
             except Exception as exc:  # a failed build is a declined backend, never a failed call
                 first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-                why = f"building csrc/vnni_linear.cpp failed: {first[:200]}"
+                why = f"building csrc/vnni_linear.cpp ({variant}) failed: {first[:200]}"
                 _log.warning("lowbit.kernels: vnni backend off: %s", why)
-        _state["why"] = why
+        _state[variant] = why
         return None
 
 
 def unavailable() -> str:
     """Why the backend is off on this machine ("" once it is built and loaded)."""
-    return "" if extension() is not None else _state.get("why", "")
+    if extension() is not None:
+        return ""
+    variant, why = cpu_variant()
+    return why or _state.get(variant, "")
 
 
 backend.unavailable = unavailable
@@ -137,21 +162,22 @@ def clear_stale_lock(build_dir, max_age_s: float = STALE_LOCK_S) -> bool:
     return True
 
 
-def _build():
+def _build(variant: str):
     from torch.utils import cpp_extension
 
+    cflags = VARIANTS[variant][1]
     src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
-    name = f"lowbit_vnni_{digest}"
+    digest = hashlib.sha256(src + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
+    name = f"lowbit_vnni_{variant}_{digest}"
     try:
         clear_stale_lock(cpp_extension._get_build_directory(name, verbose=False))
     except Exception:  # (a private helper of torch's; without it the check is skipped, the build unchanged)
         pass
     t0 = time.perf_counter()
-    _log.warning("lowbit.kernels: loading the AVX512-VNNI int8 Linear (%s); the first time on a machine it is "
+    _log.warning("lowbit.kernels: loading the fused VNNI int8 Linear (%s); the first time on a machine it is "
                  "compiled, about 30 s (LOWBIT_DISABLE_BACKENDS=vnni skips it)", name)
     # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is torch's own libgomp, already loaded
-    ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
+    ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(cflags), verbose=False)
     _log.info("lowbit.kernels: vnni ready in %.1f s", time.perf_counter() - t0)
     return ext
 

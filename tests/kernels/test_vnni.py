@@ -10,6 +10,24 @@ from lowbit.kernels import cpu as C
 
 WHY = vnni.unavailable()
 needs_vnni = pytest.mark.skipif(bool(WHY), reason=f"vnni backend unavailable here: {WHY}")
+_FLAGS = vnni._cpu_flags()
+# the builds this CPU runs (both on a CPU with AVX512-VNNI and AVX-VNNI: each is compiled and checked here)
+HERE = [v for v, (need, _) in vnni.VARIANTS.items() if not isinstance(_FLAGS, str) and all(f in _FLAGS for f in need)]
+each_build = pytest.mark.parametrize("variant", HERE or [pytest.param(None, marks=pytest.mark.skip(
+    reason=f"no VNNI build runs on this CPU: {vnni.cpu_variant()[1]}"))])
+
+
+def _direct(variant, x, pw, bias, act, post=None):
+    """The ``variant`` build's Linear, called as the backend calls the default one."""
+    from lowbit.kernels import post as P
+
+    ext = vnni.extension(variant)
+    w8 = C._int8_weight(pw, keep=False).reshape(pw.N, pw.K)
+    out = ext.linear(x.reshape(-1, pw.K).contiguous(), ext.pack(w8), w8.sum(1, dtype=torch.int32),
+                     C._per_channel_scale(pw).float().contiguous(), bias, pw.N, float(act.scale),
+                     int(act.zero_point), int(act.qmax), C.exact_act_quant(), vnni._POSTS[post])
+    assert P.check(post, pw.N) == post
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _act_for(x, bits=8, zp=None):
@@ -17,11 +35,11 @@ def _act_for(x, bits=8, zp=None):
     return ActQuant(bits=bits, scale=float(x.abs().max()) * 2 / qmax, zero_point=(qmax + 1) // 2 if zp is None else zp)
 
 
-@needs_vnni
-@pytest.mark.parametrize("K", [1, 3, 15, 16, 17, 64, 100, 4100])
+@each_build
+@pytest.mark.parametrize("K", [1, 3, 7, 8, 9, 15, 16, 17, 64, 100, 4100])
 @pytest.mark.parametrize("bits,zp", [(8, 128), (8, 0), (8, 255), (4, 7)])
 @pytest.mark.parametrize("exact", [False, True])
-def test_codes_are_the_other_cpu_paths_bit_for_bit(K, bits, zp, exact, monkeypatch):
+def test_codes_are_the_other_cpu_paths_bit_for_bit(variant, K, bits, zp, exact, monkeypatch):
     """The kernel's activation codes equal kernels/cpu.py's quantizer's, by default the fused one
     (torch.quantize_per_tensor), with ``LOWBIT_CPU_EXACT_ACT_QUANT=1`` the reference's, so every CPU path of a
     deployed model (onednn, cpu, dense, vnni) computes with the same integers: random values, values on rounding
@@ -35,7 +53,7 @@ def test_codes_are_the_other_cpu_paths_bit_for_bit(K, bits, zp, exact, monkeypat
         t[0, 0] = float("inf")
         t[-1, -1] = float("-inf")
         want = C.quant_static(t, act).clone()
-        got = vnni.extension().codes(t.contiguous(), act.scale, act.zero_point, act.qmax, exact)
+        got = vnni.extension(variant).codes(t.contiguous(), act.scale, act.zero_point, act.qmax, exact)
         assert torch.equal(got, want), (got != want).sum()
 
 
@@ -58,6 +76,20 @@ def test_linear_is_the_float_path_of_the_same_codes(M, K, N, bits, with_bias, ex
     assert out.dtype == torch.float32 and out.shape == (M, N)
     assert rel_err(out, ops.run_on("dense", "linear", x, pw, bias, act)) < 1e-5
     assert rel_err(out, ops.run_on("eager", "linear", x, pw, bias, act)) < (1e-5 if exact == "1" else 2e-2)
+
+
+@each_build
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 9), (70, 33, 40), (129, 96, 24)])
+@pytest.mark.parametrize("exact", ["0", "1"])
+def test_each_build_is_the_float_path_of_the_same_codes(variant, M, K, N, exact, clean_env):
+    """Each build this CPU runs (the 8-lane AVX-VNNI one included, whatever the backend picks), called directly:
+    columns not a multiple of its lanes, short rows, K not a multiple of 4: the dense backend's result."""
+    clean_env.setenv("LOWBIT_CPU_EXACT_ACT_QUANT", exact)
+    x, bias = torch.randn(M, K) * 2, torch.randn(N)
+    pw = ops.quantize_weight(torch.randn(N, K) * 0.2, 8)
+    act = _act_for(x)
+    assert vnni.extension(variant).lanes == {"avx512": 16, "avx2": 8}[variant]
+    assert rel_err(_direct(variant, x, pw, bias, act), ops.run_on("dense", "linear", x, pw, bias, act)) < 1e-5
 
 
 @needs_vnni
@@ -98,22 +130,22 @@ def test_an_unusable_machine_or_a_failed_build_declines_with_the_reason(monkeypa
     the other backends run the layer."""
     x, pw, act = torch.randn(4, 64), ops.quantize_weight(torch.randn(8, 64), 8), ActQuant(8, 0.05, 128)
     monkeypatch.setattr(vnni, "_state", {})
-    monkeypatch.setattr(vnni, "_cpu_lacks", lambda: "this CPU lacks avx512_vnni (needs AVX512-VNNI)")
+    monkeypatch.setattr(vnni, "_cpu_flags", lambda: {"sse2", "avx2", "fma"})
     ok, why = registry.get_backend("vnni").check("linear", x, pw, None, act)
-    assert not ok and "lacks avx512_vnni" in why
+    assert not ok and why.startswith("this CPU has neither AVX512-VNNI nor AVX-VNNI")
     assert registry.select("linear", x, pw, None, act).name != "vnni"
 
     def broken():
         raise RuntimeError("Error building extension 'lowbit_vnni_x'\nmore lines")
 
     monkeypatch.setattr(vnni, "_state", {})
-    monkeypatch.setattr(vnni, "_cpu_lacks", lambda: "")
+    monkeypatch.setattr(vnni, "_cpu_flags", lambda: set(vnni.VARIANTS["avx2"][0]))
     monkeypatch.setattr(vnni, "_toolchain_lacks", lambda: "")
-    monkeypatch.setattr(vnni, "_build", broken)
+    monkeypatch.setattr(vnni, "_build", lambda variant: broken())
     with caplog.at_level(logging.WARNING, logger="lowbit.kernels"):
         ok, why = registry.get_backend("vnni").check("linear", x, pw, None, act)
         registry.get_backend("vnni").check("linear", x, pw, None, act)  # decided once: no second build, no 2nd log
-    assert not ok and why == "building csrc/vnni_linear.cpp failed: Error building extension 'lowbit_vnni_x'"
+    assert not ok and why == "building csrc/vnni_linear.cpp (avx2) failed: Error building extension 'lowbit_vnni_x'"
     assert sum("vnni backend off" in r.getMessage() for r in caplog.records) == 1
     assert rel_err(ops.linear(x, pw, None, act), ops.run_on("eager", "linear", x, pw, None, act)) < 2e-2
 
@@ -155,33 +187,32 @@ def test_the_tuner_measures_it_and_a_deployed_layer_serves_it(clean_env):
         autotune.clear()
 
 
-@needs_vnni
+@each_build
 @pytest.mark.parametrize("name,code", [("gelu", 1), ("gelu_tanh", 2)])
-def test_epilogue_activation_is_torchs_within_float_error(name, code):
+def test_epilogue_activation_is_torchs_within_float_error(variant, name, code):
     """The epilogue's own GELU (erf by Abramowitz & Stegun, e^x by a polynomial) against torch's over the whole
     range, tails, signed zeros and huge values: within 1e-6 absolute and 1e-6 of |y|, never NaN."""
     from lowbit.kernels import post
 
     y = torch.cat([torch.linspace(-40, 40, 100001), torch.randn(20000) * 3,
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 88.0, -88.0])])
-    out, ref = vnni.extension().post(y, code), post.POSTS[name](y)
+    out, ref = vnni.extension(variant).post(y, code), post.POSTS[name](y)
     err = (out - ref).abs()
     assert not out.isnan().any() and err.max() < 2e-6 and (err / y.abs().clamp_min(1e-30)).max() < 1e-6
 
 
-@needs_vnni
-@pytest.mark.parametrize("M,K,N", [(70, 33, 40), (5, 64, 34), (33, 17, 96)])
+@each_build
+@pytest.mark.parametrize("M,K,N", [(70, 33, 40), (5, 64, 34), (33, 17, 96), (3, 9, 10)])
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "geglu"])
-def test_fused_epilogues_are_the_activation_of_the_plain_output(M, K, N, name, clean_env):
+def test_fused_epilogues_are_the_activation_of_the_plain_output(variant, M, K, N, name, clean_env):
     """Fused in the kernel: GELU / GELU-tanh on each output, GEGLU over the halves of the row block (halves that do
     not fall on the 16-column blocks, rows past the 32-row block): the activation of the plain output."""
     from lowbit.kernels import post
 
     x, pw, b, act = torch.randn(M, K) * 2, ops.quantize_weight(torch.randn(N, K) * 0.3, 8), torch.randn(N), None
     act = _act_for(x)
-    entry = registry.get_backend("vnni").ops["linear"]
-    assert name in entry.posts
-    out = entry.impl(x, pw, b, act, post=name)
-    ref = post.POSTS[name](entry.impl(x, pw, b, act))
+    assert name in registry.get_backend("vnni").ops["linear"].posts
+    out = _direct(variant, x, pw, b, act, post=name)
+    ref = post.POSTS[name](_direct(variant, x, pw, b, act))
     assert out.shape == ref.shape == (M, N // 2 if name == "geglu" else N)
     assert rel_err(out, ref) < 1e-5
