@@ -60,7 +60,7 @@ VARIANTS = {
 MAX_K = 65536  # |sum of K products u8 x s8| < 255 * 128 * K stays below 2^31
 
 _lock = threading.Lock()
-_state: dict = {}  # variant -> the loaded module, or the reason (str) it is not available
+_state: dict = {}  # variant -> the loaded module, or the reason (str) it is not available; "best": cpu_variant()
 
 
 def _cpu_flags():
@@ -78,14 +78,18 @@ def _cpu_flags():
 
 
 def cpu_variant():
-    """(the best build this CPU runs, "") or (None, why none)."""
-    flags = _cpu_flags()
-    if isinstance(flags, str):
-        return None, flags
-    for name, (need, _) in VARIANTS.items():
-        if all(f in flags for f in need):
-            return name, ""
-    return None, "this CPU has neither AVX512-VNNI nor AVX-VNNI (avx512_vnni / avx_vnni in /proc/cpuinfo)"
+    """(the best build this CPU runs, "") or (None, why none); read once per process (kept in ``_state``)."""
+    best = _state.get("best")
+    if best is None:
+        flags = _cpu_flags()
+        if isinstance(flags, str):
+            best = (None, flags)
+        else:
+            best = next(((name, "") for name, (need, _) in VARIANTS.items() if all(f in flags for f in need)),
+                        (None, "this CPU has neither AVX512-VNNI nor AVX-VNNI (avx512_vnni / avx_vnni in "
+                               "/proc/cpuinfo)"))
+        _state["best"] = best
+    return best
 
 
 def _toolchain_lacks() -> str:

@@ -69,6 +69,7 @@ inline F scale2n(F p, F n) {  // p * 2^n, n integral in [-127, 127] (the exponen
 inline I toi(F a) { return _mm256_cvtps_epi32(a); }
 inline F tof(I a) { return _mm256_cvtepi32_ps(a); }
 inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
+inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
 inline I mulloi(I a, I b) { return _mm256_mullo_epi32(a, b); }
 inline I dot(I acc, I a, I b) { return _mm256_dpbusd_avx_epi32(acc, a, b); }
 inline void store_codes(uint8_t* q, I c, int n) {  // n <= L uint8 codes (values already in 0..255)
@@ -117,6 +118,7 @@ inline F scale2n(F p, F n) { return _mm512_scalef_ps(p, n); }
 inline I toi(F a) { return _mm512_cvtps_epi32(a); }
 inline F tof(I a) { return _mm512_cvtepi32_ps(a); }
 inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
+inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
 inline I mulloi(I a, I b) { return _mm512_mullo_epi32(a, b); }
 inline I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
 inline void store_codes(uint8_t* q, I c, int n) {
@@ -214,22 +216,37 @@ inline void quantize_row(const float* x, uint8_t* q, int64_t K, int64_t Kp, cons
   for (; k < Kp; ++k) q[k] = 0;  // padding: zero codes meet zero weights
 }
 
-// rows [r, r + MR) x one column block: the int32 sums, then the epilogue
-template <int MR>
+// rows [r, r + MR) x one column block: the int32 sums, then the epilogue. KU independent sums per row over
+// interleaved k steps (one row alone would otherwise wait on each vpdpbusd's latency), added at the end.
+template <int MR, int KU>
 inline void tile(const uint8_t* q, int64_t Kp, const int8_t* wb, int64_t K4, v::I zws, v::F scale, v::F bias,
                  float* out, int64_t ldo, const v::Tail& cols, int post) {
-  v::I acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = v::zeroi();
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
+  v::I acc[MR][KU];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < KU; ++u) acc[r][u] = v::zeroi();
+  int64_t k4 = 0;
+  for (; k4 + KU <= K4; k4 += KU) {
+    for (int u = 0; u < KU; ++u) {
+      const v::I b = v::loadw(wb + (k4 + u) * 4 * v::L);
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, q + r * Kp + (k4 + u) * 4, 4);
+        acc[r][u] = v::dot(acc[r][u], v::set1i(a4), b);
+      }
+    }
+  }
+  for (; k4 < K4; ++k4) {
     const v::I b = v::loadw(wb + k4 * 4 * v::L);
     for (int r = 0; r < MR; ++r) {
       int32_t a4;
       std::memcpy(&a4, q + r * Kp + k4 * 4, 4);
-      acc[r] = v::dot(acc[r], v::set1i(a4), b);
+      acc[r][0] = v::dot(acc[r][0], v::set1i(a4), b);
     }
   }
   for (int r = 0; r < MR; ++r) {
-    const v::F f = v::tof(v::subi(acc[r], zws));
+    v::I sum = acc[r][0];
+    for (int u = 1; u < KU; ++u) sum = v::addi(sum, acc[r][u]);
+    const v::F f = v::tof(v::subi(sum, zws));
     v::store(out + r * ldo, apply_post(v::fmadd(f, scale, bias), post), cols);
   }
 }
@@ -266,39 +283,52 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, const torc
   const float fsx = static_cast<float>(sx);
   // (fused: as torch.quantize_per_tensor, the reciprocal of the fp32 step, then one fma per value)
   const Quant quant(fsx, static_cast<float>(zp), static_cast<float>(qmax), exact);
+  const int post_in_tile = geglu ? static_cast<int>(kNone) : static_cast<int>(post);
+  // column blocks [nb0, nb1) of the rows [m0, m0 + rows), whose codes are at q (rows x Kp); GEGLU's y block at ybuf
+  auto columns = [&](const uint8_t* q, int64_t m0, int64_t rows, int64_t nb0, int64_t nb1, float* ybuf) {
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t n0 = nb * v::L;
+      const v::Tail cols = v::tail(static_cast<int>(std::min<int64_t>(v::L, N - n0)));
+      const v::I zws = v::mulloi(v::loadi(RS + n0, cols), v::set1i(static_cast<int32_t>(zp)));
+      const v::F scale = v::mul(v::load(SW + n0, cols), v::set1(fsx));
+      const v::F bv = B ? v::load(B + n0, cols) : v::zero();
+      const int8_t* wb = W + nb * K4 * 4 * v::L;
+      float* ob = geglu ? ybuf + n0 : O + m0 * N + n0;
+      int64_t r = 0;
+      for (; r + kMR <= rows; r += kMR)
+        tile<kMR, 1>(q + r * Kp, Kp, wb, K4, zws, scale, bv, ob + r * N, N, cols, post_in_tile);
+      for (; r < rows; ++r) tile<1, 4>(q + r * Kp, Kp, wb, K4, zws, scale, bv, ob + r * N, N, cols, post_in_tile);
+    }
+  };
+  auto geglu_rows = [&](const float* ybuf, int64_t m0, int64_t rows) {  // out = a * gelu(g) over y's halves
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* y = ybuf + r * N;
+      float* o = O + (m0 + r) * No;
+      for (int64_t j = 0; j < No; j += v::L) {
+        const v::Tail t = v::tail(static_cast<int>(std::min<int64_t>(v::L, No - j)));
+        v::store(o + j, v::mul(v::load(y + j, t), gelu_ps(v::load(y + No + j, t))), t);
+      }
+    }
+  };
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  if (blocks == 1 && !geglu && at::get_num_threads() > 1) {
+    // few rows (a batch of vectors): quantize them once, split the columns between the threads instead
+    std::vector<uint8_t> qbuf(static_cast<size_t>(M * Kp) + 64);
+    for (int64_t r = 0; r < M; ++r) quantize_row(X + r * K, qbuf.data() + r * Kp, K, Kp, quant);
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (std::max<int64_t>(K, 1) * v::L * M));
+    at::parallel_for(0, NB, grain, [&](int64_t nb0, int64_t nb1) { columns(qbuf.data(), 0, M, nb0, nb1, nullptr); });
+    return out;
+  }
   const int64_t work = kRowBlock * std::max<int64_t>(N, 1) * std::max<int64_t>(K, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / work);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> qbuf(static_cast<size_t>(kRowBlock * Kp) + 64);
-    uint8_t* q = qbuf.data();
     std::vector<float> ybuf(geglu ? static_cast<size_t>(kRowBlock * N) : 0);  // GEGLU: the block's full y
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * kRowBlock, rows = std::min(kRowBlock, M - m0);
-      for (int64_t r = 0; r < rows; ++r) quantize_row(X + (m0 + r) * K, q + r * Kp, K, Kp, quant);
-      for (int64_t nb = 0; nb < NB; ++nb) {
-        const int64_t n0 = nb * v::L;
-        const v::Tail cols = v::tail(static_cast<int>(std::min<int64_t>(v::L, N - n0)));
-        const v::I zws = v::mulloi(v::loadi(RS + n0, cols), v::set1i(static_cast<int32_t>(zp)));
-        const v::F scale = v::mul(v::load(SW + n0, cols), v::set1(fsx));
-        const v::F bv = B ? v::load(B + n0, cols) : v::zero();
-        const int8_t* wb = W + nb * K4 * 4 * v::L;
-        float* ob = geglu ? ybuf.data() + n0 : O + m0 * N + n0;
-        const int p = geglu ? static_cast<int>(kNone) : static_cast<int>(post);
-        int64_t r = 0;
-        for (; r + kMR <= rows; r += kMR) tile<kMR>(q + r * Kp, Kp, wb, K4, zws, scale, bv, ob + r * N, N, cols, p);
-        for (; r < rows; ++r) tile<1>(q + r * Kp, Kp, wb, K4, zws, scale, bv, ob + r * N, N, cols, p);
-      }
-      if (geglu) {  // out = a * gelu(g), a and g the halves of the block's y (still in cache)
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* y = ybuf.data() + r * N;
-          float* o = O + (m0 + r) * No;
-          for (int64_t j = 0; j < No; j += v::L) {
-            const v::Tail t = v::tail(static_cast<int>(std::min<int64_t>(v::L, No - j)));
-            v::store(o + j, v::mul(v::load(y + j, t), gelu_ps(v::load(y + No + j, t))), t);
-          }
-        }
-      }
+      for (int64_t r = 0; r < rows; ++r) quantize_row(X + (m0 + r) * K, qbuf.data() + r * Kp, K, Kp, quant);
+      columns(qbuf.data(), m0, rows, 0, NB, ybuf.data());
+      if (geglu) geglu_rows(ybuf.data(), m0, rows);
     }
   });
   return out;

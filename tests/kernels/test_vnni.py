@@ -92,6 +92,26 @@ def test_each_build_is_the_float_path_of_the_same_codes(variant, M, K, N, exact,
     assert rel_err(_direct(variant, x, pw, bias, act), ops.run_on("dense", "linear", x, pw, bias, act)) < 1e-5
 
 
+@each_build
+@pytest.mark.parametrize("M", [1, 5, 32, 33])
+@pytest.mark.parametrize("post", [None, "gelu"])
+def test_few_rows_split_the_columns_between_threads(variant, M, post, clean_env):
+    """Up to one 32-row block with two threads: the rows are quantized once and the threads take column blocks
+    (N = 72: a partial last block); one row more takes the row-block path. Both the dense backend's result."""
+    from lowbit.kernels import post as P
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, bias = torch.randn(M, 300), torch.randn(72)
+        pw = ops.quantize_weight(torch.randn(72, 300) * 0.1, 8)
+        act = _act_for(x)
+        want = P.apply(ops.run_on("dense", "linear", x, pw, bias, act), post)
+        assert rel_err(_direct(variant, x, pw, bias, act, post), want) < 1e-5
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_vnni
 def test_leading_dims_and_strided_input(clean_env):
     x = torch.randn(2, 7, 96)[..., ::2]  # [2, 7, 48], not contiguous
