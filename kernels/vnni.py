@@ -144,26 +144,29 @@ def unavailable() -> str:
 backend.unavailable = unavailable
 
 
-STALE_LOCK_S = 600  # a build takes ~30 s; a lock file this old was left by a process killed while building
+STALE_LOCK_S = 300  # a build takes ~30 s; a lock file this old was left by a process killed while building
 
 
-def clear_stale_lock(build_dir, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove the build folder's ``lock`` file when it is older than ``max_age_s``: torch's builder waits for that
-    file to go away, forever, so a process killed during the first build (a closed ComfyUI window) would make every
-    later process hang at its first quantized layer. True if one was removed."""
+def wait_for_lock(build_dir, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> bool:
+    """Return once the build folder has no ``lock`` file: another process's build finishing, or, once the lock is
+    older than ``stale_s``, removing it. torch's builder waits for that file to go away, forever, so a process killed
+    during a build (a ComfyUI window closed at its first quantized generation) would make every later process hang
+    at its first quantized layer. True if a stale lock was removed."""
     lock = Path(build_dir) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
-        return False
-    if age < max_age_s:
-        return False
-    try:
-        lock.unlink()
-    except OSError:
-        return False
-    _log.warning("lowbit.kernels: removed a stale build lock (%.0f s old, left by an interrupted build): %s", age, lock)
-    return True
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return False  # no lock (or none any more)
+        if age >= stale_s:
+            try:
+                lock.unlink()
+            except OSError:
+                return False
+            _log.warning("lowbit.kernels: removed a stale build lock (%.0f s old, left by an interrupted build): %s",
+                         age, lock)
+            return True
+        time.sleep(poll_s)
 
 
 def _build(variant: str):
@@ -173,13 +176,19 @@ def _build(variant: str):
     src = SOURCE.read_bytes()
     digest = hashlib.sha256(src + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"lowbit_vnni_{variant}_{digest}"
-    try:
-        clear_stale_lock(cpp_extension._get_build_directory(name, verbose=False))
-    except Exception:  # (a private helper of torch's; without it the check is skipped, the build unchanged)
+    built = False
+    try:  # (a private helper of torch's; without it the lock check is skipped and the message always says "built")
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        wait_for_lock(build_dir)
+        built = (build_dir / f"{name}.so").is_file()
+    except Exception:
         pass
     t0 = time.perf_counter()
-    _log.warning("lowbit.kernels: loading the fused VNNI int8 Linear (%s); the first time on a machine it is "
-                 "compiled, about 30 s (LOWBIT_DISABLE_BACKENDS=vnni skips it)", name)
+    if built:
+        _log.info("lowbit.kernels: loading the fused VNNI int8 Linear (%s)", name)
+    else:
+        _log.warning("lowbit.kernels: compiling the fused VNNI int8 Linear (%s), once per machine, about 30 s "
+                     "(LOWBIT_DISABLE_BACKENDS=vnni skips it)", name)
     # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is torch's own libgomp, already loaded
     ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(cflags), verbose=False)
     _log.info("lowbit.kernels: vnni ready in %.1f s", time.perf_counter() - t0)

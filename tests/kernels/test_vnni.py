@@ -170,19 +170,28 @@ def test_an_unusable_machine_or_a_failed_build_declines_with_the_reason(monkeypa
     assert rel_err(ops.linear(x, pw, None, act), ops.run_on("eager", "linear", x, pw, None, act)) < 2e-2
 
 
-def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path):
-    """torch's builder waits forever for its ``lock`` file: one left by a process killed mid-build (older than any
-    build takes) is removed; one a running build holds now is not."""
+def test_a_build_lock_is_waited_for_and_removed_once_stale(tmp_path):
+    """torch's builder waits forever for its ``lock`` file: a fresh one (another process building) is waited for
+    until it goes or turns stale; one left by a process killed mid-build (older than any build takes) is removed at
+    once."""
     import os
+    import threading
     import time
 
     lock = tmp_path / "lock"
+    assert not vnni.wait_for_lock(tmp_path / "missing")
     lock.write_text("")
-    assert not vnni.clear_stale_lock(tmp_path) and lock.exists()
     old = time.time() - vnni.STALE_LOCK_S - 5
     os.utime(lock, (old, old))
-    assert vnni.clear_stale_lock(tmp_path) and not lock.exists()
-    assert not vnni.clear_stale_lock(tmp_path / "missing")
+    assert vnni.wait_for_lock(tmp_path) and not lock.exists()
+    lock.write_text("")  # fresh: another build that ends after 0.3 s
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.perf_counter()
+    assert not vnni.wait_for_lock(tmp_path, poll_s=0.05) and 0.25 < time.perf_counter() - t0 < 5
+    lock.write_text("")  # fresh and never released: removed once it is stale_s old
+    t0 = time.perf_counter()
+    assert vnni.wait_for_lock(tmp_path, stale_s=0.4, poll_s=0.05) and not lock.exists()
+    assert 0.3 < time.perf_counter() - t0 < 5
 
 
 def test_no_compiler_is_named(monkeypatch):
