@@ -3,11 +3,13 @@ import json
 
 import torch
 
-from lowbit.bench import bench_kernels as bk
-from lowbit.kernels import vnni
-
 
 def test_small_shapes_time_every_cpu_backend(tmp_path, monkeypatch):
+    # (imported here, not at collection: lowbit.kernels imports triton, which tests/kernels/conftest.py must import
+    # first, under TRITON_INTERPRET=1)
+    from lowbit.bench import bench_kernels as bk
+    from lowbit.kernels import vnni
+
     monkeypatch.setattr(bk, "SMALL_LINEAR_SHAPES", [(8, 16, 24)])
     threads = torch.get_num_threads()
     out = tmp_path / "k.json"
