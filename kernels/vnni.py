@@ -149,9 +149,10 @@ STALE_LOCK_S = 300  # a build takes ~30 s; a lock file this old was left by a pr
 
 def wait_for_lock(build_dir, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> bool:
     """Return once the build folder has no ``lock`` file: another process's build finishing, or, once the lock is
-    older than ``stale_s``, removing it. torch's builder waits for that file to go away, forever, so a process killed
-    during a build (a ComfyUI window closed at its first quantized generation) would make every later process hang
-    at its first quantized layer. True if a stale lock was removed."""
+    older than ``stale_s``, removing it. torch's builder (where it locks by the file's existence, :func:`baton_lock`)
+    waits for that file to go away, forever, so a process killed during a build (a ComfyUI window closed at its
+    first quantized generation) would make every later process hang at its first quantized layer. True if a stale
+    lock was removed."""
     lock = Path(build_dir) / "lock"
     while True:
         try:
@@ -169,6 +170,13 @@ def wait_for_lock(build_dir, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5)
         time.sleep(poll_s)
 
 
+def baton_lock(cpp_extension) -> bool:
+    """torch's builder locks its build folder by the ``lock`` file's existence (``FileBaton``, torch <= 2.13: a file
+    left by a killed build blocks forever, see :func:`wait_for_lock`), not by an OS lock on it (``FileLock``, torch
+    2.14: released when its process dies; the file stays, and must not be touched)."""
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
 def _build(variant: str):
     from torch.utils import cpp_extension
 
@@ -179,7 +187,8 @@ def _build(variant: str):
     built = False
     try:  # (a private helper of torch's; without it the lock check is skipped and the message always says "built")
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        wait_for_lock(build_dir)
+        if baton_lock(cpp_extension):
+            wait_for_lock(build_dir)
         built = (build_dir / f"{name}.so").is_file()
     except Exception:
         pass

@@ -194,6 +194,32 @@ def test_a_build_lock_is_waited_for_and_removed_once_stale(tmp_path):
     assert 0.3 < time.perf_counter() - t0 < 5
 
 
+def test_the_lock_file_is_left_alone_where_torch_locks_it_by_the_os(monkeypatch, tmp_path):
+    """torch 2.14 builds under a ``filelock.FileLock``: its ``lock`` file stays after every build (an OS lock, freed
+    with its process), so waiting for the file to go would stall every new process for minutes and removing it
+    would break torch's own exclusion (found in a real ComfyUI on torch 2.14.1). Only torch's ``FileBaton``, which
+    locks by the file's existence, gets the wait-and-clear; the builder of the torch here is recognised."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    assert vnni.baton_lock(types.SimpleNamespace(FileBaton=object)) is True
+    assert vnni.baton_lock(types.SimpleNamespace(FileLock=object)) is False
+    assert vnni.baton_lock(types.SimpleNamespace(FileLock=object, FileBaton=object)) is False
+    assert vnni.baton_lock(cpp_extension) == (hasattr(cpp_extension, "FileBaton")
+                                             and not hasattr(cpp_extension, "FileLock"))
+    # the build path on an OS-locked torch never waits on or removes the file
+    waited = []
+    monkeypatch.setattr(vnni, "wait_for_lock", lambda d: waited.append(d))
+    monkeypatch.setattr(cpp_extension, "FileLock", object, raising=False)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert vnni._build("avx512") == "module" and waited == []
+    monkeypatch.delattr(cpp_extension, "FileLock")  # a FileBaton torch: the build waits for (or clears) the file
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
+    assert vnni._build("avx512") == "module" and len(waited) == 1 and str(waited[0]).startswith(str(tmp_path))
+
+
 def test_no_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-lowbit")
     assert "no C++ compiler ('no-such-compiler-lowbit'" in vnni._toolchain_lacks()
