@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from . import cpu as _cpu  # (the CPU paths' int8 weights, scales, codes rule; cpu does not import this module)
 from .formats import PackedWeight
 from .registry import register_backend
 
@@ -204,28 +205,14 @@ def _build(variant: str):
     return ext
 
 
-_CPU = []
-
-
-def _cpu():
-    """kernels.cpu (imported at first use: an import statement at every call costs microseconds per layer)."""
-    if not _CPU:
-        from . import cpu
-
-        _CPU.append(cpu)
-    return _CPU[0]
-
-
 # ----------------------------------------------------------------------------------------------- weights
 def packed(pw: PackedWeight):
     """(VNNI-ordered int8 weight, int32 row sums, fp32 per-channel scale), cached in ``pw.cache``."""
     hit = pw.cache.get("vnni.w")
     if hit is None:
-        from .cpu import _int8_weight, _per_channel_scale
-
-        w8 = _int8_weight(pw, keep=False).reshape(pw.N, pw.K)
+        w8 = _cpu._int8_weight(pw, keep=False).reshape(pw.N, pw.K)
         hit = pw.cache["vnni.w"] = (extension().pack(w8), w8.sum(1, dtype=torch.int32),
-                                    _per_channel_scale(pw).float().contiguous())
+                                    _cpu._per_channel_scale(pw).float().contiguous())
     return hit
 
 
@@ -245,8 +232,6 @@ def _check_weight(pw: PackedWeight) -> str:
 
 
 def _supports(x, pw, bias, act):
-    from .cpu import cache_int4
-
     why = ""
     if x.device.type != "cpu":
         why = f"x is on {x.device}; this backend runs on CPU tensors"
@@ -262,7 +247,7 @@ def _supports(x, pw, bias, act):
         why = f"bias dtype {bias.dtype} (fp32)"
     else:
         why = _check_weight(pw)
-        if not why and pw.bits <= 4 and not cache_int4(pw):
+        if not why and pw.bits <= 4 and not _cpu.cache_int4(pw):
             why = ("int4 weight: the fused kernel runs on an int8 copy, kept only with LOWBIT_CPU_CACHE_INT4=1 or the "
                    "autotuner's copy")
         if not why:
@@ -281,5 +266,5 @@ def linear(x, pw, bias=None, act=None, post=None):
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     out = extension().linear(x2, wp, rowsum, sw, bias, pw.N, float(act.scale), int(act.zero_point), int(act.qmax),
-                             _cpu().exact_act_quant(), _POSTS[post])
+                             _cpu.exact_act_quant(), _POSTS[post])
     return out.reshape(*lead, out.shape[-1])
