@@ -419,24 +419,33 @@ def test_inspect_json_prints_the_header_as_written(capsys):
     assert "quantized layers" in out and "v1 (read as v5)" in out and "profile    not recorded (format < 4)" in out
 
 
-def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
-    """``export --unet`` only loads the file onto the named float UNet: it no longer asks for the embedded model's
-    sample size and class embeddings (which ``quantize`` needs for its calibration sampling), so a file quantized
-    from the user's own UNet through the library exports; a file without a recorded architecture is loaded onto
-    --unet."""
+def _users_unet_and_file(tmp_path, widths):
+    """A user's own small diffusers UNet2DModel (RGB, 8x8; ``widths``: its block_out_channels) saved to
+    ``tmp_path/myunet``, and its W8A8 quantization (dynamic activations) saved without a recorded architecture to
+    ``tmp_path/q.safetensors``: (folder, file)."""
     import torch
     from diffusers import UNet2DModel
 
     from lowbit.quant import QuantConfig, quantize, save
 
     torch.manual_seed(0)
-    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
                      norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "UpBlock2D")).eval()
     folder = tmp_path / "myunet"
     fp.save_pretrained(folder, safe_serialization=True)
-    p, c = str(tmp_path / "q.safetensors"), str(tmp_path / "c.safetensors")
+    p = str(tmp_path / "q.safetensors")
     save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
+    return folder, p
+
+
+def test_export_takes_a_users_unet_of_any_size(tmp_path, capsys):
+    """``export --unet`` only loads the file onto the named float UNet: it no longer asks for the embedded model's
+    sample size and class embeddings (which ``quantize`` needs for its calibration sampling), so a file quantized
+    from the user's own UNet through the library exports; a file without a recorded architecture is loaded onto
+    --unet."""
+    folder, p = _users_unet_and_file(tmp_path, (8, 16))
+    c = str(tmp_path / "c.safetensors")
     assert main(["export", "--comfy", p, c, "--unet", str(folder)]) == 0
     assert os.path.getsize(c) > 0 and "wrote" in capsys.readouterr().out
 
@@ -445,20 +454,10 @@ def test_export_gguf_writes_a_gguf_file_and_refuses_bad_targets_before_work(tmp_
     """``export --gguf ARCH IN OUT.gguf``: the file's architecture field is ARCH and its quantized layers are GGML
     blocks; a name without .gguf, an unknown ARCH, --w4-layout (a ComfyUI-layout option) and no target at all are
     refused in one line, nothing written. ``inspect`` reads the file's header without torch."""
-    import torch
-    from diffusers import UNet2DModel
-
-    from lowbit.quant import QuantConfig, quantize, save
     from lowbit.quant.export_gguf import read_gguf
 
-    torch.manual_seed(0)
-    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                     norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "UpBlock2D")).eval()
-    folder = tmp_path / "myunet"
-    fp.save_pretrained(folder, safe_serialization=True)
-    p, g = str(tmp_path / "q.safetensors"), str(tmp_path / "q.gguf")
-    save(quantize(fp, QuantConfig.preset("W8A8", a_dynamic=True)), p, arch=False)
+    folder, p = _users_unet_and_file(tmp_path, (32, 64))
+    g = str(tmp_path / "q.gguf")
     before = sorted(os.listdir(tmp_path))
     for argv, msg in ((["export", "--gguf", "sd1", p, str(tmp_path / "q.safetensors2")], "must end in .gguf"),
                       (["export", "--gguf", "sd15", p, g], "invalid choice"),

@@ -219,6 +219,21 @@ def test_save_prefix_rules(tmp_path):
     assert nio.next_free_path(str(tmp_path), "sd/unet").endswith("unet_00008.safetensors")  # never overwrites
 
 
+def _save_node_on_w4a16(tmp_path, monkeypatch, group_size):
+    """The Save node's host calls patched: its MODEL is a small W4A16 model (two Linears, ``group_size``), its
+    diffusion_models folder ``tmp_path/diffusion_models`` (made here, returned)."""
+    from lowbit.quant import QuantConfig, quantize
+
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
+    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=group_size, w_init="minmax", rules=()))
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
+    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(folder), raising=False)
+    return folder
+
+
 def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
     """The Save node's optional `layout`: lowbit (default, old workflows unchanged) or comfyui-native, which writes
     ComfyUI's quantized layout under models/diffusion_models/ and lists what it drops."""
@@ -226,20 +241,12 @@ def test_save_layout_input_and_comfyui_native_export(tmp_path, monkeypatch):
 
     from safetensors import safe_open
 
-    from lowbit.quant import QuantConfig, quantize
-
     cls = MAPPINGS["LowBitSaveQuantizedUNet"]
     choices, opts = cls.INPUT_TYPES()["optional"]["layout"]
     assert choices == ["lowbit", "comfyui-native", "gguf"] and opts["default"] == "lowbit" and opts["tooltip"]
     assert inspect.signature(cls().save).parameters["layout"].default == "lowbit"
 
-    torch.manual_seed(0)
-    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
-    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=16, w_init="minmax", rules=()))
-    (tmp_path / "diffusion_models").mkdir()
-    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
-    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(tmp_path / "diffusion_models"),
-                        raising=False)
+    _save_node_on_w4a16(tmp_path, monkeypatch, group_size=16)
     # a ComfyUI whose loader knows the layouts (2026's comfy.quant_ops.QUANT_ALGOS)
     monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: frozenset({"int8_tensorwise", "awq_w4a16"}))
     out = cls().save(object(), "sd/unet", layout="comfyui-native")
@@ -263,17 +270,10 @@ def test_gguf_layout_writes_a_gguf_file_for_comfyui_gguf(tmp_path, monkeypatch):
     import types
 
     from lowbit.nodes.common import NodeInputError
-    from lowbit.quant import QuantConfig, quantize
     from lowbit.quant.export_gguf import read_gguf
 
     cls = MAPPINGS["LowBitSaveQuantizedUNet"]
-    torch.manual_seed(0)
-    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
-    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=32, w_init="minmax", rules=()))
-    folder = tmp_path / "diffusion_models"
-    folder.mkdir()
-    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
-    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(folder), raising=False)
+    folder = _save_node_on_w4a16(tmp_path, monkeypatch, group_size=32)
     Flux = type("Flux", (), {})
     FluxSchnell = type("FluxSchnell", (Flux,), {})  # (ComfyUI's Flux variants subclass Flux)
     model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=FluxSchnell()))
@@ -295,16 +295,10 @@ def test_comfyui_native_save_refuses_a_comfyui_that_cannot_load_it(tmp_path, mon
     node refuses before writing, naming the fix; one that lacks a format the file needs (awq_w4a16 for 4-bit
     weights) is refused by export_comfy before writing too."""
     from lowbit.nodes.common import NodeInputError
-    from lowbit.quant import ConfigError, QuantConfig, quantize
+    from lowbit.quant import ConfigError
 
     cls = MAPPINGS["LowBitSaveQuantizedUNet"]
-    torch.manual_seed(0)
-    fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16)).eval()
-    q = quantize(fp, QuantConfig(w_bits=4, a_bits=16, w_group_size=16, w_init="minmax", rules=()))
-    folder = tmp_path / "diffusion_models"
-    folder.mkdir()
-    monkeypatch.setattr(nio.adapter, "require_quantized_unet", lambda model, what="model": q)
-    monkeypatch.setattr(nio.adapter, "diffusion_models_folder", lambda: str(folder), raising=False)
+    folder = _save_node_on_w4a16(tmp_path, monkeypatch, group_size=16)
     monkeypatch.setattr(nio.adapter, "comfyui_version", lambda: "0.3.64")
     monkeypatch.setattr(nio.adapter, "native_quant_formats", lambda: None)
     with pytest.raises(NodeInputError, match=r"ComfyUI \(0\.3\.64\) has no comfy_quant loader.*layout=lowbit"):
